@@ -1,0 +1,89 @@
+//! The monitor: every check interval it asks each server for its status,
+//! all servers in parallel, and sends what it saw to the dispatcher, which
+//! owns the health state and logs the changes.
+
+use super::dispatch::Event;
+use crate::health::Observation;
+use crate::proto::{self, Connection, Reply, Request};
+use crossbeam_channel::Sender;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy)]
+pub struct MonitorSettings {
+    pub interval: Duration,
+    /// Connect and read timeout of one probe.
+    pub timeout: Duration,
+    pub max_frame: usize,
+}
+
+pub fn spawn(
+    servers: Vec<SocketAddr>,
+    events: Sender<Event>,
+    settings: MonitorSettings,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("monitor".into())
+        .spawn(move || {
+            let mut probe_id = 0u64;
+            loop {
+                let round_started = Instant::now();
+                probe_id += 1;
+                let observations = probe_all(&servers, probe_id, settings);
+                for (server, observation) in observations.into_iter().enumerate() {
+                    if events
+                        .send(Event::Probe {
+                            server,
+                            observation,
+                        })
+                        .is_err()
+                    {
+                        return; // dispatcher gone: shutting down
+                    }
+                }
+                if let Some(rest) = settings.interval.checked_sub(round_started.elapsed()) {
+                    thread::sleep(rest);
+                }
+            }
+        })
+}
+
+fn probe_all(servers: &[SocketAddr], id: u64, settings: MonitorSettings) -> Vec<Observation> {
+    thread::scope(|scope| {
+        let handles: Vec<_> = servers
+            .iter()
+            .map(|addr| {
+                thread::Builder::new()
+                    .name(format!("probe-{}", addr.port()))
+                    .stack_size(128 * 1024)
+                    .spawn_scoped(scope, move || probe(addr, id, settings))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Observation::ProbeFailed("probe panicked".into())),
+                Err(e) => Observation::ProbeFailed(format!("cannot start probe: {e}")),
+            })
+            .collect()
+    })
+}
+
+/// Asks one server for its status.
+pub fn probe(addr: &SocketAddr, id: u64, settings: MonitorSettings) -> Observation {
+    let stream = match proto::connect(addr, settings.timeout, settings.timeout) {
+        Ok(s) => s,
+        Err(e) => return Observation::ProbeFailed(format!("cannot connect: {e}")),
+    };
+    let mut conn = Connection::new(stream, settings.max_frame);
+    match conn.call(&Request::Status { id }) {
+        Ok(Reply::Status(report)) => Observation::ProbeOk {
+            overloaded: report.overloaded,
+        },
+        Ok(other) => Observation::ProbeFailed(format!("unexpected status reply: {other:?}")),
+        Err(e) => Observation::ProbeFailed(format!("status probe failed: {e}")),
+    }
+}

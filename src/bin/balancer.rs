@@ -1,0 +1,125 @@
+use clap::Parser;
+use lbft::balancer::{Backend, Balancer, Config};
+use lbft::cli::{parse_duration, parse_size};
+use lbft::server;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Load balancer: accepts documents from clients, queues them and spreads
+/// them round robin over the storage servers that are up and not
+/// overloaded. Writes every event to the log file.
+#[derive(Parser, Debug)]
+#[command(version, after_help = "Example: balancer --local-servers 3   (balancer plus three servers in one process)")]
+struct Args {
+    /// Address to accept clients on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:60002")]
+    listen: SocketAddr,
+    /// Storage servers to use, comma separated. Ignored with --local-servers.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003")]
+    servers: Vec<SocketAddr>,
+    /// Start this many storage servers inside this process instead.
+    #[arg(long, value_name = "N")]
+    local_servers: Option<u16>,
+    /// First port of the local servers (they take consecutive ports); 0 picks free ports.
+    #[arg(long, default_value_t = 5001, value_name = "PORT")]
+    local_base_port: u16,
+    /// Local servers store into <DIR>/<port>.
+    #[arg(long, default_value = "json_files", value_name = "DIR")]
+    storage_dir: PathBuf,
+    /// Local servers sleep this long per character counted, to simulate load.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    char_delay_ms: u64,
+    /// How often each server is asked for its status.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    check_interval: Duration,
+    /// Connect and read timeout of a status probe.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    probe_timeout: Duration,
+    /// How long a document may wait for a server before the client gets `no_server`.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    queue_timeout: Duration,
+    /// How long a server may take to store one document.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    server_timeout: Duration,
+    /// A client silent (or stalled mid-frame) this long is disconnected.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    client_timeout: Duration,
+    /// Forwards of one document that may reach a server before giving up.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Documents in flight to one server at most; more wait in the queue.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Largest frame accepted (e.g. 8MiB).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    max_frame: usize,
+    /// Log file, appended to.
+    #[arg(long, default_value = "loadbalancer.log")]
+    log_file: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("balancer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), lbft::Error> {
+    lbft::logging::init(Some(&args.log_file))?;
+    let servers = match args.local_servers {
+        Some(n) => start_local_servers(&args, n)?,
+        None => args.servers.iter().copied().map(Backend::new).collect(),
+    };
+    let balancer = Balancer::bind(Config {
+        listen: args.listen,
+        servers,
+        check_interval: args.check_interval,
+        probe_timeout: args.probe_timeout,
+        queue_timeout: args.queue_timeout,
+        server_timeout: args.server_timeout,
+        client_timeout: args.client_timeout,
+        max_attempts: args.max_attempts,
+        max_in_flight: args.max_in_flight,
+        max_frame: args.max_frame,
+    })?;
+    println!("listening on {}", balancer.local_addr()?);
+    balancer.run()
+}
+
+fn start_local_servers(args: &Args, n: u16) -> Result<Vec<Backend>, lbft::Error> {
+    if n == 0 {
+        return Err(lbft::Error::Config("--local-servers needs at least 1".into()));
+    }
+    let mut backends = Vec::new();
+    for i in 0..n {
+        let port = match args.local_base_port {
+            0 => 0,
+            base => base.checked_add(i).ok_or_else(|| {
+                lbft::Error::Config(format!("--local-base-port {base} leaves no room for {n} servers"))
+            })?,
+        };
+        let listen = SocketAddr::new(args.listen.ip(), port);
+        let server = server::Server::bind(server::Config {
+            listen,
+            storage_root: args.storage_dir.clone(),
+            char_delay: Duration::from_millis(args.char_delay_ms),
+            max_frame: args.max_frame,
+            ..server::Config::default()
+        })?;
+        let addr = server.local_addr();
+        println!(
+            "storage server listening on {addr}, storing into {}",
+            server.storage_dir().display()
+        );
+        server.spawn()?;
+        backends.push(Backend::new(addr));
+    }
+    Ok(backends)
+}

@@ -1,0 +1,66 @@
+use clap::{Parser, Subcommand};
+use lbft::cli::parse_duration;
+use lbft::client::{self, Config};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Client: sends documents to the balancer and shows where each one was
+/// stored. Without a command it starts an interactive prompt (commands FTP
+/// and exit). Exits 0 only when every document sent was stored.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Balancer address.
+    #[arg(long, global = true, default_value = "127.0.0.1:60002")]
+    balancer: SocketAddr,
+    /// Folder of sample documents picked by `ftp`.
+    #[arg(long, global = true, default_value = "file", value_name = "DIR")]
+    documents: PathBuf,
+    /// How long to wait for each reply.
+    #[arg(long, global = true, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send N documents picked at random from the documents folder.
+    Ftp {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
+    },
+    /// Send the given JSON documents ({"titolo": ..., "contenuto": ...}).
+    Send {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = Config {
+        balancer: args.balancer,
+        documents: args.documents,
+        reply_timeout: args.timeout,
+        ..Config::default()
+    };
+    let mut out = io::stdout().lock();
+    let result = match args.command {
+        None => client::interactive(&config, &mut io::stdin().lock(), &mut out),
+        Some(Command::Ftp { count }) => client::ftp(&config, count as usize, &mut out),
+        Some(Command::Send { paths }) => client::send_files(&config, &paths, &mut out),
+    };
+    let _ = out.flush();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("client: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

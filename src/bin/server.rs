@@ -1,0 +1,83 @@
+use clap::Parser;
+use lbft::cli::{parse_duration, parse_size};
+use lbft::server::{Config, Server};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Storage server: stores the documents the balancer forwards, one JSON file
+/// each, and reports its load to the balancer's status probes. Never deletes
+/// stored documents unless asked with --clean.
+#[derive(Parser, Debug)]
+#[command(version, after_help = "Example: server --port 5001   (stores into json_files/5001)")]
+struct Args {
+    /// Port to listen on, on 127.0.0.1.
+    #[arg(long, conflicts_with = "listen")]
+    port: Option<u16>,
+    /// Address to listen on (port 0 picks a free port). Default 127.0.0.1:5001.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Storage folder. Default: json_files/<port>.
+    #[arg(long, value_name = "PATH")]
+    dir: Option<PathBuf>,
+    /// Delete the documents already in the storage folder before starting.
+    #[arg(long)]
+    clean: bool,
+    /// Sleep this long per character counted, to simulate a slow server.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    char_delay_ms: u64,
+    /// Report overloaded when this many documents are being stored at once.
+    #[arg(long, default_value_t = 16)]
+    max_active: u64,
+    /// Report overloaded when the process uses more memory than this.
+    #[arg(long, default_value_t = 1024, value_name = "MB")]
+    max_memory_mb: u64,
+    /// Largest frame accepted (e.g. 8MiB).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    max_frame: usize,
+    /// Close a connection that sends nothing for this long.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Also append log lines to this file.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), lbft::Error> {
+    lbft::logging::init(args.log_file.as_deref())?;
+    let defaults = Config::default();
+    let listen = match (args.listen, args.port) {
+        (Some(addr), _) => addr,
+        (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
+        (None, None) => defaults.listen,
+    };
+    let server = Server::bind(Config {
+        listen,
+        dir: args.dir,
+        clean: args.clean,
+        char_delay: Duration::from_millis(args.char_delay_ms),
+        max_active: args.max_active,
+        max_memory_mb: args.max_memory_mb,
+        max_frame: args.max_frame,
+        idle_timeout: args.idle_timeout,
+        ..defaults
+    })?;
+    println!(
+        "listening on {}, storing into {}",
+        server.local_addr(),
+        server.storage_dir().display()
+    );
+    server.run()
+}

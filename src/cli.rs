@@ -1,0 +1,68 @@
+//! Helpers shared by the binaries' command lines.
+
+use std::time::Duration;
+
+/// Parses a duration with a unit: `250ms`, `10s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{s}` needs a unit: ms, s or m (e.g. 500ms, 10s)"))?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("unknown unit `{unit}` in `{s}`: use ms, s or m")),
+    }
+}
+
+/// Parses a size in bytes with an optional unit: `4096`, `64KiB`, `8MiB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+    let factor = match unit {
+        "" | "B" => 1,
+        "KiB" | "K" => 1024,
+        "MiB" | "M" => 1024 * 1024,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}`: use B, KiB or MiB")),
+    };
+    let bytes = n
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes == 0 || bytes > u32::MAX as usize {
+        return Err(format!("`{s}` must be between 1 byte and 4 GiB"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10").unwrap_err().contains("unit"));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5GiB").is_err());
+    }
+}

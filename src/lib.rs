@@ -1,0 +1,28 @@
+//! A load-balanced file transfer system.
+//!
+//! Data flows: client -> balancer connection thread (`balancer::conn`) ->
+//! request queue -> dispatcher (`balancer::dispatch`, choosing a server with
+//! a `policy`) -> server link (`balancer::link`) -> storage server
+//! (`server`) -> acknowledgement back the same way to the client.
+//!
+//! - `proto`: the wire — frames, message types, size caps. Nobody else
+//!   touches protocol bytes.
+//! - `balancer`: accept loop, dispatcher, server links, health monitor.
+//! - `health`: pure state machine of one server's health.
+//! - `policy`: pure balancing policies behind one trait.
+//! - `server`: storage server — connections, storage folder, own load.
+//! - `client`: sending documents and reporting what happened to them.
+//! - `logging`: the logger the binaries install.
+//! - `error`: errors that stop a component from starting.
+
+pub mod balancer;
+pub mod client;
+pub mod cli;
+pub mod error;
+pub mod health;
+pub mod logging;
+pub mod policy;
+pub mod proto;
+pub mod server;
+
+pub use error::Error;
