@@ -54,10 +54,9 @@ impl Job {
 /// What links and the monitor tell the dispatcher.
 #[derive(Debug)]
 pub enum Event {
-    Probe {
-        server: usize,
-        observation: Observation,
-    },
+    /// One round of status probes, one observation per server, applied
+    /// together so that no server gets a head start.
+    Probes(Vec<Observation>),
     /// A link is done with a job (stored, or failed for good).
     Done { server: usize },
     /// A link could not complete a job; it goes back to the queue.
@@ -229,11 +228,10 @@ impl Dispatcher {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Probe {
-                server,
-                observation,
-            } => {
-                self.observe(server, &observation);
+            Event::Probes(observations) => {
+                for (server, observation) in observations.iter().enumerate() {
+                    self.observe(server, observation);
+                }
                 self.drain();
             }
             Event::Done { server } => {

@@ -31,16 +31,8 @@ pub fn spawn(
                 let round_started = Instant::now();
                 probe_id += 1;
                 let observations = probe_all(&servers, probe_id, settings);
-                for (server, observation) in observations.into_iter().enumerate() {
-                    if events
-                        .send(Event::Probe {
-                            server,
-                            observation,
-                        })
-                        .is_err()
-                    {
-                        return; // dispatcher gone: shutting down
-                    }
+                if events.send(Event::Probes(observations)).is_err() {
+                    return; // dispatcher gone: shutting down
                 }
                 if let Some(rest) = settings.interval.checked_sub(round_started.elapsed()) {
                     thread::sleep(rest);

@@ -1,0 +1,245 @@
+//! Test helpers: start the real binaries on port 0, wait for their
+//! "listening on ADDR" line, talk the protocol with raw frames, and clean
+//! up every child process on drop.
+#![allow(dead_code)]
+
+use lbft::proto::{self, Reply};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+/// How long a child may take to print its readiness line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Read timeout for replies in tests.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A child process that is killed and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Lines printed before the readiness line (embedded servers...).
+    pub banner: Vec<String>,
+    pub stdout: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Kills the process (if still running) and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn forward_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Spawns `bin` with `args` in `cwd` and waits for its "listening on ADDR"
+/// line.
+pub fn start(bin: &str, args: &[String], cwd: &Path) -> Proc {
+    let mut child = Command::new(bin)
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let stdout = forward_lines(child.stdout.take().expect("piped stdout"));
+    let mut banner = Vec::new();
+    loop {
+        match stdout.recv_timeout(READY_TIMEOUT) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    let addr = rest.split([',', ' ']).next().unwrap().parse().unwrap();
+                    return Proc {
+                        child,
+                        addr,
+                        banner,
+                        stdout,
+                    };
+                }
+                banner.push(line);
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("{bin} never said it was listening ({e}); exit: {status:?}; output: {banner:?}");
+            }
+        }
+    }
+}
+
+pub fn server_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_server")
+}
+pub fn balancer_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_balancer")
+}
+pub fn client_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_client")
+}
+
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Starts a storage server on port 0 storing into `dir`.
+pub fn start_server(dir: &Path, extra: &[&str]) -> Proc {
+    let mut args = strings(&["--listen", "127.0.0.1:0", "--dir"]);
+    args.push(dir.display().to_string());
+    args.extend(strings(extra));
+    start(server_bin(), &args, dir.parent().unwrap_or(dir))
+}
+
+/// Starts a balancer on port 0 in `workdir` (its log goes to
+/// `workdir/loadbalancer.log`) in front of `servers`.
+pub fn start_balancer(workdir: &Path, servers: &[SocketAddr], extra: &[&str]) -> Proc {
+    let list: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
+    let mut args = strings(&["--listen", "127.0.0.1:0", "--check-interval", "100ms", "--servers"]);
+    args.push(list.join(","));
+    args.extend(strings(extra));
+    start(balancer_bin(), &args, workdir)
+}
+
+/// A temporary work folder with `count` servers and a balancer in front.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub servers: Vec<Proc>,
+    pub server_dirs: Vec<PathBuf>,
+    pub balancer: Proc,
+}
+
+impl Cluster {
+    pub fn start(count: usize, server_args: &[&str], balancer_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut servers = Vec::new();
+        let mut server_dirs = Vec::new();
+        for i in 0..count {
+            let sdir = dir.path().join(format!("server{i}"));
+            servers.push(start_server(&sdir, server_args));
+            server_dirs.push(sdir);
+        }
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+        let balancer = start_balancer(dir.path(), &addrs, balancer_args);
+        Cluster {
+            dir,
+            servers,
+            server_dirs,
+            balancer,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("loadbalancer.log")).unwrap_or_default()
+    }
+}
+
+/// The stored documents of a folder, parsed, keyed by file name.
+pub fn stored_files(dir: &Path) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".json") {
+            let value = serde_json::from_slice(&std::fs::read(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"));
+            out.push((name, value));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Every file below `dir`, recursively.
+pub fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A raw protocol connection for tests.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        Raw { stream }
+    }
+
+    /// Sends raw bytes as they are.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends one frame with `payload`.
+    pub fn send_frame(&mut self, payload: &[u8]) {
+        proto::write_frame(&mut self.stream, payload).unwrap();
+    }
+
+    pub fn send_json(&mut self, value: &Value) {
+        self.send_frame(value.to_string().as_bytes());
+    }
+
+    pub fn store(&mut self, id: u64, title: &str, content: &str) {
+        self.send_json(&serde_json::json!({
+            "type": "store", "id": id, "titolo": title, "contenuto": content
+        }));
+    }
+
+    /// Reads one reply; panics on timeout or a closed connection.
+    pub fn reply(&mut self) -> Reply {
+        self.try_reply().expect("connection closed before a reply")
+    }
+
+    /// Reads one reply; `None` when the peer closed the connection.
+    pub fn try_reply(&mut self) -> Option<Reply> {
+        let payload = proto::read_frame(&mut self.stream, proto::DEFAULT_MAX_FRAME)
+            .unwrap_or_else(|e| panic!("reading a reply: {e}"))?;
+        Some(proto::decode(&payload).unwrap_or_else(|e| panic!("bad reply: {e}")))
+    }
+
+    /// True when the peer has closed the connection (reads end of stream).
+    pub fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+    }
+}
