@@ -138,9 +138,16 @@ impl Link {
     fn exchange(&mut self, request: &Request) -> Result<Reply, LinkError> {
         let reused = self.conn.is_some();
         match self.exchange_once(request) {
-            Err(e) if reused && !matches!(e.1, CallError::Frame(proto::FrameError::Timeout { .. })) => {
-                log::debug!("link to {}: stale connection ({}), reconnecting", self.addr, e.1);
-                self.exchange_once(request).map_err(|e| e.0)
+            Err((first, cause))
+                if reused && !matches!(cause, CallError::Frame(proto::FrameError::Timeout { .. })) =>
+            {
+                log::debug!("link to {}: stale connection ({cause}), reconnecting", self.addr);
+                self.exchange_once(request).map_err(|(mut e, _)| {
+                    // The first try may have reached the server even if the
+                    // second could not connect.
+                    e.delivered |= first.delivered;
+                    e
+                })
             }
             other => other.map_err(|e| e.0),
         }
