@@ -2,7 +2,9 @@
 //! connection (all requests written ahead, replies read as they come) and
 //! reports where each one landed.
 
-use crate::proto::{self, Document, ErrorReply, FrameReader, FrameWriter, Reply, Request, StoreRequest};
+use crate::proto::{
+    self, Document, ErrorReply, FrameReader, FrameWriter, Reply, Request, StoreRequest,
+};
 use rand::seq::SliceRandom;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -46,10 +48,16 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::NoDocuments(dir) => write!(f, "the folder {} has no .json documents in it", dir.display()),
+            Error::NoDocuments(dir) => write!(
+                f,
+                "the folder {} has no .json documents in it",
+                dir.display()
+            ),
             Error::ReadDir(dir, e) => write!(f, "cannot list {}: {e}", dir.display()),
             Error::ReadFile(path, e) => write!(f, "cannot read {}: {e}", path.display()),
-            Error::BadDocument(path, why) => write!(f, "{} is not a document: {why}", path.display()),
+            Error::BadDocument(path, why) => {
+                write!(f, "{} is not a document: {why}", path.display())
+            }
             Error::Connect(addr, e) => write!(f, "cannot connect to the balancer at {addr}: {e}"),
             Error::Io(e) => e.fmt(f),
         }
@@ -69,7 +77,9 @@ pub fn list_documents(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::ReadDir(dir.to_path_buf(), e))?;
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| Error::ReadDir(dir.to_path_buf(), e))?.path();
+        let path = entry
+            .map_err(|e| Error::ReadDir(dir.to_path_buf(), e))?
+            .path();
         if path.is_file() && path.extension().is_some_and(|e| e == "json") {
             files.push(path);
         }
@@ -85,13 +95,16 @@ pub fn list_documents(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// `contenuto` (other fields are ignored).
 pub fn load_document(path: &Path) -> Result<Document, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::BadDocument(path.to_path_buf(), e.to_string()))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::BadDocument(path.to_path_buf(), e.to_string()))
 }
 
 /// Picks `n` documents at random (with repetition) from `files`.
 pub fn pick_random(files: &[PathBuf], n: usize) -> Vec<PathBuf> {
     let mut rng = rand::thread_rng();
-    (0..n).filter_map(|_| files.choose(&mut rng).cloned()).collect()
+    (0..n)
+        .filter_map(|_| files.choose(&mut rng).cloned())
+        .collect()
 }
 
 /// What happened to one document.
@@ -106,8 +119,12 @@ pub fn send_documents(
     mut on_outcome: impl FnMut(usize, &Outcome),
 ) -> Result<Vec<Outcome>, Error> {
     let count = docs.len();
-    let stream = proto::connect(&config.balancer, config.connect_timeout, config.reply_timeout)
-        .map_err(|e| Error::Connect(config.balancer, e))?;
+    let stream = proto::connect(
+        &config.balancer,
+        config.connect_timeout,
+        config.reply_timeout,
+    )
+    .map_err(|e| Error::Connect(config.balancer, e))?;
     let write_half = stream.try_clone()?;
     // Writing on its own thread: a long batch must not fill the socket
     // buffers while nobody reads the replies.
@@ -138,13 +155,19 @@ pub fn send_documents(
                 Some(id) => (id, Err(e)),
                 None => {
                     // An error not tied to a request ends the connection.
-                    end_reason = Some(format!("balancer closed the connection: {}: {}", e.code, e.message));
+                    end_reason = Some(format!(
+                        "balancer closed the connection: {}: {}",
+                        e.code, e.message
+                    ));
                     break;
                 }
             },
             Reply::Status(s) => (s.id, Err(unexpected("status reply"))),
         };
-        let Some(slot) = index.checked_sub(1).and_then(|i| outcomes.get_mut(i as usize)) else {
+        let Some(slot) = index
+            .checked_sub(1)
+            .and_then(|i| outcomes.get_mut(i as usize))
+        else {
             continue; // not one of ours
         };
         if slot.is_none() {
@@ -227,7 +250,10 @@ pub fn summary(outcomes: &[Outcome]) -> String {
         outcomes.len() - stored
     );
     if !per_server.is_empty() {
-        let spread: Vec<String> = per_server.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        let spread: Vec<String> = per_server
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect();
         text.push_str(&format!(" (per server: {})", spread.join(", ")));
     }
     text
@@ -269,11 +295,22 @@ const HELP: &str = "commands:
 commands are case-insensitive";
 
 /// The interactive prompt. Returns whether every batch sent was stored.
-pub fn interactive(config: &Config, input: &mut impl BufRead, out: &mut impl Write) -> Result<bool, Error> {
+pub fn interactive(
+    config: &Config,
+    input: &mut impl BufRead,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
     let files = list_documents(&config.documents)?;
-    writeln!(out, "documents available in {}:", config.documents.display())?;
+    writeln!(
+        out,
+        "documents available in {}:",
+        config.documents.display()
+    )?;
     for f in &files {
-        let name = f.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
         writeln!(out, "  {name}")?;
     }
     writeln!(out, "{HELP}")?;
@@ -295,7 +332,10 @@ pub fn interactive(config: &Config, input: &mut impl BufRead, out: &mut impl Wri
                             writeln!(out, "error: {e}")?;
                         }
                     },
-                    _ => writeln!(out, "please type a whole number greater than 0, not `{answer}`")?,
+                    _ => writeln!(
+                        out,
+                        "please type a whole number greater than 0, not `{answer}`"
+                    )?,
                 }
             }
             other => writeln!(out, "unknown command `{other}`\n{HELP}")?,
@@ -306,7 +346,11 @@ pub fn interactive(config: &Config, input: &mut impl BufRead, out: &mut impl Wri
 }
 
 /// Prints a prompt and reads one trimmed line; `None` at end of input.
-fn prompt(input: &mut impl BufRead, out: &mut impl Write, text: &str) -> io::Result<Option<String>> {
+fn prompt(
+    input: &mut impl BufRead,
+    out: &mut impl Write,
+    text: &str,
+) -> io::Result<Option<String>> {
     write!(out, "{text}")?;
     out.flush()?;
     let mut line = String::new();
@@ -369,7 +413,11 @@ mod tests {
     #[test]
     fn prompt_handles_unknown_commands_and_eof() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.json"), r#"{"titolo":"t","contenuto":"c"}"#).unwrap();
+        std::fs::write(
+            dir.path().join("a.json"),
+            r#"{"titolo":"t","contenuto":"c"}"#,
+        )
+        .unwrap();
         let config = Config {
             documents: dir.path().to_path_buf(),
             ..Config::default()

@@ -39,9 +39,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Bind { source, .. } | Error::Storage { source, .. } | Error::Log { source, .. } => {
-                Some(source)
-            }
+            Error::Bind { source, .. }
+            | Error::Storage { source, .. }
+            | Error::Log { source, .. } => Some(source),
             Error::Io(e) => Some(e),
             Error::Config(_) => None,
         }

@@ -112,21 +112,31 @@ mod tests {
     #[test]
     fn transitions_are_reported_once() {
         let mut h = Health::default();
-        let t = h.observe(&Observation::ProbeOk { overloaded: false }).unwrap();
+        let t = h
+            .observe(&Observation::ProbeOk { overloaded: false })
+            .unwrap();
         assert_eq!((t.from, t.to), (State::Unknown, State::Up));
         assert!(h.accepts_requests());
         assert_eq!(h.observe(&Observation::ProbeOk { overloaded: false }), None);
 
-        let t = h.observe(&Observation::ProbeOk { overloaded: true }).unwrap();
+        let t = h
+            .observe(&Observation::ProbeOk { overloaded: true })
+            .unwrap();
         assert_eq!(t.describe(), "overloaded");
         assert!(!h.accepts_requests());
-        let t = h.observe(&Observation::ProbeOk { overloaded: false }).unwrap();
+        let t = h
+            .observe(&Observation::ProbeOk { overloaded: false })
+            .unwrap();
         assert_eq!(t.describe(), "recovered");
 
-        let t = h.observe(&Observation::LinkFailed("refused".into())).unwrap();
+        let t = h
+            .observe(&Observation::LinkFailed("refused".into()))
+            .unwrap();
         assert_eq!(t.describe(), "down (refused)");
         assert_eq!(h.observe(&Observation::ProbeFailed("refused".into())), None);
-        let t = h.observe(&Observation::ProbeOk { overloaded: false }).unwrap();
+        let t = h
+            .observe(&Observation::ProbeOk { overloaded: false })
+            .unwrap();
         assert_eq!(t.describe(), "up");
     }
 }

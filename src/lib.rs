@@ -16,8 +16,8 @@
 //! - `error`: errors that stop a component from starting.
 
 pub mod balancer;
-pub mod client;
 pub mod cli;
+pub mod client;
 pub mod error;
 pub mod health;
 pub mod logging;

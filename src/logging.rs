@@ -57,9 +57,10 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
         }
         None => None,
     };
-    let stderr = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .build();
+    let stderr =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format_timestamp_millis()
+            .build();
     let max = file
         .as_ref()
         .map_or(LevelFilter::Off, |f| f.filter())

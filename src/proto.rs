@@ -30,12 +30,20 @@ pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 #[derive(Debug)]
 pub enum FrameError {
     /// The length prefix is larger than the reader's maximum.
-    TooLarge { len: u64, max: usize },
+    TooLarge {
+        len: u64,
+        max: usize,
+    },
     /// The peer closed the stream in the middle of a frame.
-    Truncated { expected: usize, got: usize },
+    Truncated {
+        expected: usize,
+        got: usize,
+    },
     /// No byte arrived within the read timeout. `mid_frame` tells a stalled
     /// peer (part of a frame sent) from an idle one.
-    Timeout { mid_frame: bool },
+    Timeout {
+        mid_frame: bool,
+    },
     Io(io::Error),
 }
 
@@ -240,7 +248,13 @@ pub fn decode<T: Message>(payload: &[u8]) -> Result<T, DecodeError> {
                 "field `type` must be a string".into(),
             ))
         }
-        None => return Err(err(id, ErrorCode::BadRequest, "missing field `type`".into())),
+        None => {
+            return Err(err(
+                id,
+                ErrorCode::BadRequest,
+                "missing field `type`".into(),
+            ))
+        }
     };
     if !T::TYPES.contains(&kind.as_str()) {
         return Err(err(

@@ -90,7 +90,10 @@ impl Server {
         let storage = Storage::open(&dir).map_err(storage_err)?;
         if config.clean {
             let removed = storage.clean().map_err(storage_err)?;
-            log::info!("server {addr}: --clean removed {removed} files from {}", dir.display());
+            log::info!(
+                "server {addr}: --clean removed {removed} files from {}",
+                dir.display()
+            );
         }
         let files_stored = storage.count().map_err(storage_err)?;
         let load = Arc::new(Load::new(Limits {
@@ -146,7 +149,10 @@ impl Server {
                 .stack_size(256 * 1024)
                 .spawn(move || serve_connection(stream, &shared))
             {
-                log::error!("server {}: cannot spawn connection thread: {e}", self.shared.addr);
+                log::error!(
+                    "server {}: cannot spawn connection thread: {e}",
+                    self.shared.addr
+                );
             }
         }
         Ok(())
@@ -175,7 +181,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     let read_half = match setup {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("server {}: cannot set up connection from {peer}: {e}", shared.addr);
+            log::warn!(
+                "server {}: cannot set up connection from {peer}: {e}",
+                shared.addr
+            );
             return;
         }
     };

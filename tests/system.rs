@@ -63,18 +63,33 @@ fn thirty_documents_from_three_clients_spread_ten_per_server() {
     for child in clients {
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "client failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("10 documents: 10 stored, 0 failed"), "{stdout}");
+        assert!(
+            out.status.success(),
+            "client failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("10 documents: 10 stored, 0 failed"),
+            "{stdout}"
+        );
     }
 
     let mut numbers = BTreeSet::new();
     let mut seen = BTreeSet::new();
     for dir in &cluster.server_dirs {
         let files = stored_files(dir);
-        assert_eq!(files.len(), 10, "server {} holds {:?}", dir.display(), files);
+        assert_eq!(
+            files.len(),
+            10,
+            "server {} holds {:?}",
+            dir.display(),
+            files
+        );
         for (name, stored) in files {
             let content = stored["contenuto"].as_str().unwrap();
-            let original = sent.get(content).unwrap_or_else(|| panic!("{name} was never sent"));
+            let original = sent
+                .get(content)
+                .unwrap_or_else(|| panic!("{name} was never sent"));
             assert_eq!(stored["titolo"], original["titolo"]);
             assert_eq!(stored["a_count"], count_a(content));
             let number = stored["numero_richiesta"].as_u64().unwrap();
@@ -84,7 +99,11 @@ fn thirty_documents_from_three_clients_spread_ten_per_server() {
             seen.insert(content.to_string());
         }
     }
-    assert_eq!(numbers, (1..=30).collect(), "request numbers are unique and global");
+    assert_eq!(
+        numbers,
+        (1..=30).collect(),
+        "request numbers are unique and global"
+    );
     assert_eq!(seen.len(), 30, "every document stored exactly once");
 
     let log = cluster.log();
@@ -109,7 +128,11 @@ fn a_server_stopped_mid_run_loses_nothing() {
     let mut conn = Raw::connect(cluster.balancer.addr);
     let total = 30u64;
     for id in 1..=total {
-        conn.store(id, &format!("doc {id}"), &format!("{id}:{}", "a".repeat(150)));
+        conn.store(
+            id,
+            &format!("doc {id}"),
+            &format!("{id}:{}", "a".repeat(150)),
+        );
     }
     let mut replies = Vec::new();
     // Stop the first server as soon as some documents are acknowledged.
@@ -130,13 +153,20 @@ fn a_server_stopped_mid_run_loses_nothing() {
         };
         ids.insert(s.id);
         *per_server.entry(s.server.clone()).or_default() += 1;
-        let index = cluster.servers.iter().position(|p| p.addr.to_string() == s.server).unwrap();
+        let index = cluster
+            .servers
+            .iter()
+            .position(|p| p.addr.to_string() == s.server)
+            .unwrap();
         let path = cluster.server_dirs[index].join(&s.file);
         let stored: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(stored["titolo"], format!("doc {}", s.id));
     }
     assert_eq!(ids, (1..=total).collect());
-    assert!(per_server.get(&killed).copied().unwrap_or(0) < 10, "{per_server:?}");
+    assert!(
+        per_server.get(&killed).copied().unwrap_or(0) < 10,
+        "{per_server:?}"
+    );
     let log = cluster.log();
     assert!(log.contains(&format!("server {killed} is down")), "{log}");
 }
@@ -169,7 +199,10 @@ fn embedded_servers_and_ftp_command() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("20 documents: 20 stored, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("20 documents: 20 stored, 0 failed"),
+        "{stdout}"
+    );
 
     let mut counts: Vec<usize> = std::fs::read_dir(&storage)
         .unwrap()
@@ -201,10 +234,20 @@ fn interactive_prompt_sends_and_exits() {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("doc_0.json"), "lists the documents: {stdout}");
-    assert!(stdout.contains("4 documents: 4 stored, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("doc_0.json"),
+        "lists the documents: {stdout}"
+    );
+    assert!(
+        stdout.contains("4 documents: 4 stored, 0 failed"),
+        "{stdout}"
+    );
     assert!(stdout.contains("unknown command `list`"), "{stdout}");
-    let stored: usize = cluster.server_dirs.iter().map(|d| stored_files(d).len()).sum();
+    let stored: usize = cluster
+        .server_dirs
+        .iter()
+        .map(|d| stored_files(d).len())
+        .sum();
     assert_eq!(stored, 4);
 }
 
@@ -221,8 +264,17 @@ fn server_keeps_documents_across_restarts_unless_cleaned() {
             "type": "store", "id": round, "titolo": "same", "contenuto": format!("round {round}"),
             "numero_richiesta": 1
         }));
-        let Reply::Stored(s) = conn.reply() else { panic!() };
-        assert_eq!(s.file, if round == 1 { "1_same.json" } else { "1_same~1.json" });
+        let Reply::Stored(s) = conn.reply() else {
+            panic!()
+        };
+        assert_eq!(
+            s.file,
+            if round == 1 {
+                "1_same.json"
+            } else {
+                "1_same~1.json"
+            }
+        );
     }
     assert_eq!(stored_files(&dir).len(), 2);
     let _server = start_server(&dir, &["--clean"]);
@@ -235,7 +287,9 @@ fn status_reports_load() {
     let server = start_server(&work.path().join("s"), &["--max-active", "5"]);
     let mut conn = Raw::connect(server.addr);
     conn.send_json(&json!({"type": "status", "id": 42}));
-    let Reply::Status(status) = conn.reply() else { panic!() };
+    let Reply::Status(status) = conn.reply() else {
+        panic!()
+    };
     assert_eq!(status.id, 42);
     assert_eq!(status.max_active, 5);
     assert_eq!(status.active, 0);

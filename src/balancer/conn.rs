@@ -69,7 +69,10 @@ fn read_requests(
         let request = match reader.message::<Request>() {
             Ok(None) => return received,
             Err(FrameError::Timeout { mid_frame: false }) => {
-                log::info!("connection from {peer}: idle for {:?}, closing", settings.idle_timeout);
+                log::info!(
+                    "connection from {peer}: idle for {:?}, closing",
+                    settings.idle_timeout
+                );
                 return received;
             }
             Err(e) => {

@@ -94,7 +94,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(backends: Vec<(Backend, Sender<Job>)>, policy: Box<dyn Policy>, settings: Settings) -> Self {
+    pub fn new(
+        backends: Vec<(Backend, Sender<Job>)>,
+        policy: Box<dyn Policy>,
+        settings: Settings,
+    ) -> Self {
         let slots = backends
             .into_iter()
             .map(|(b, link)| Slot {

@@ -139,9 +139,13 @@ impl Link {
         let reused = self.conn.is_some();
         match self.exchange_once(request) {
             Err((first, cause))
-                if reused && !matches!(cause, CallError::Frame(proto::FrameError::Timeout { .. })) =>
+                if reused
+                    && !matches!(cause, CallError::Frame(proto::FrameError::Timeout { .. })) =>
             {
-                log::debug!("link to {}: stale connection ({cause}), reconnecting", self.addr);
+                log::debug!(
+                    "link to {}: stale connection ({cause}), reconnecting",
+                    self.addr
+                );
                 self.exchange_once(request).map_err(|(mut e, _)| {
                     // The first try may have reached the server even if the
                     // second could not connect.

@@ -11,13 +11,20 @@ use std::time::Duration;
 /// them round robin over the storage servers that are up and not
 /// overloaded. Writes every event to the log file.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Example: balancer --local-servers 3   (balancer plus three servers in one process)")]
+#[command(
+    version,
+    after_help = "Example: balancer --local-servers 3   (balancer plus three servers in one process)"
+)]
 struct Args {
     /// Address to accept clients on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:60002")]
     listen: SocketAddr,
     /// Storage servers to use, comma separated. Ignored with --local-servers.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003"
+    )]
     servers: Vec<SocketAddr>,
     /// Start this many storage servers inside this process instead.
     #[arg(long, value_name = "N")]
@@ -95,14 +102,18 @@ fn run(args: Args) -> Result<(), lbft::Error> {
 
 fn start_local_servers(args: &Args, n: u16) -> Result<Vec<Backend>, lbft::Error> {
     if n == 0 {
-        return Err(lbft::Error::Config("--local-servers needs at least 1".into()));
+        return Err(lbft::Error::Config(
+            "--local-servers needs at least 1".into(),
+        ));
     }
     let mut backends = Vec::new();
     for i in 0..n {
         let port = match args.local_base_port {
             0 => 0,
             base => base.checked_add(i).ok_or_else(|| {
-                lbft::Error::Config(format!("--local-base-port {base} leaves no room for {n} servers"))
+                lbft::Error::Config(format!(
+                    "--local-base-port {base} leaves no room for {n} servers"
+                ))
             })?,
         };
         let listen = SocketAddr::new(args.listen.ip(), port);

@@ -10,7 +10,10 @@ use std::time::Duration;
 /// each, and reports its load to the balancer's status probes. Never deletes
 /// stored documents unless asked with --clean.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Example: server --port 5001   (stores into json_files/5001)")]
+#[command(
+    version,
+    after_help = "Example: server --port 5001   (stores into json_files/5001)"
+)]
 struct Args {
     /// Port to listen on, on 127.0.0.1.
     #[arg(long, conflicts_with = "listen")]

@@ -87,9 +87,7 @@ impl Storage {
         let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
 
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let temp = self
-            .dir
-            .join(format!(".tmp-{}-{seq}", std::process::id()));
+        let temp = self.dir.join(format!(".tmp-{}-{seq}", std::process::id()));
         let result = self.write_then_link(&temp, &bytes, request_number, &doc.title);
         // The temporary name is only a staging area; whatever happened, it
         // must not linger.

@@ -85,7 +85,9 @@ pub fn start(bin: &str, args: &[String], cwd: &Path) -> Proc {
             Err(e) => {
                 let _ = child.kill();
                 let status = child.wait();
-                panic!("{bin} never said it was listening ({e}); exit: {status:?}; output: {banner:?}");
+                panic!(
+                    "{bin} never said it was listening ({e}); exit: {status:?}; output: {banner:?}"
+                );
             }
         }
     }
@@ -117,7 +119,13 @@ pub fn start_server(dir: &Path, extra: &[&str]) -> Proc {
 /// `workdir/loadbalancer.log`) in front of `servers`.
 pub fn start_balancer(workdir: &Path, servers: &[SocketAddr], extra: &[&str]) -> Proc {
     let list: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
-    let mut args = strings(&["--listen", "127.0.0.1:0", "--check-interval", "100ms", "--servers"]);
+    let mut args = strings(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--check-interval",
+        "100ms",
+        "--servers",
+    ]);
     args.push(list.join(","));
     args.extend(strings(extra));
     start(balancer_bin(), &args, workdir)
