@@ -19,6 +19,17 @@ use std::net::{SocketAddr, TcpListener};
 use std::thread;
 use std::time::Duration;
 
+/// The protocol spoken to storage servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendWire {
+    /// Framed JSON with acknowledgements (PROTOCOL.md).
+    #[default]
+    Framed,
+    /// The original system's format: one connection per document and no
+    /// acknowledgement, status by a one-byte probe.
+    Legacy,
+}
+
 /// A storage server as the balancer knows it.
 #[derive(Debug, Clone)]
 pub struct Backend {
@@ -40,11 +51,15 @@ impl Backend {
 pub struct Config {
     pub listen: SocketAddr,
     pub servers: Vec<Backend>,
+    pub backend_wire: BackendWire,
     pub check_interval: Duration,
     pub probe_timeout: Duration,
     pub queue_timeout: Duration,
     pub server_timeout: Duration,
     pub client_timeout: Duration,
+    /// Idle limit for clients of the original format, which keep one
+    /// connection open for a whole interactive session.
+    pub legacy_client_timeout: Duration,
     pub max_attempts: u32,
     pub max_in_flight: usize,
     pub max_frame: usize,
@@ -57,11 +72,13 @@ impl Default for Config {
             servers: (5001..=5003)
                 .map(|p| Backend::new(SocketAddr::from(([127, 0, 0, 1], p))))
                 .collect(),
+            backend_wire: BackendWire::Framed,
             check_interval: Duration::from_millis(500),
             probe_timeout: Duration::from_secs(1),
             queue_timeout: Duration::from_secs(10),
             server_timeout: Duration::from_secs(30),
             client_timeout: Duration::from_secs(60),
+            legacy_client_timeout: Duration::from_secs(3600),
             max_attempts: 3,
             max_in_flight: 64,
             max_frame: proto::DEFAULT_MAX_FRAME,
@@ -116,6 +133,7 @@ impl Balancer {
             connect_timeout: config.probe_timeout,
             io_timeout: config.server_timeout,
             max_frame: config.max_frame,
+            wire: config.backend_wire,
         };
         let mut backends = Vec::new();
         for (index, backend) in config.servers.iter().enumerate() {
@@ -148,11 +166,13 @@ impl Balancer {
                 interval: config.check_interval,
                 timeout: config.probe_timeout,
                 max_frame: config.max_frame,
+                wire: config.backend_wire,
             },
         )?;
 
         let conn_settings = conn::ConnSettings {
             idle_timeout: config.client_timeout,
+            legacy_idle_timeout: config.legacy_client_timeout,
             queue_timeout: config.queue_timeout,
             max_frame: config.max_frame,
         };

@@ -7,7 +7,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{s}` needs a unit: ms, s or m (e.g. 500ms, 10s)"))?;
+        .ok_or_else(|| format!("`{s}` needs a unit: ms, s, m or h (e.g. 500ms, 10s)"))?;
     let (number, unit) = s.split_at(split);
     let n: u64 = number
         .parse()
@@ -16,7 +16,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit `{unit}` in `{s}`: use ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("unknown unit `{unit}` in `{s}`: use ms, s, m or h")),
     }
 }
 
@@ -53,7 +54,8 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("10").unwrap_err().contains("unit"));
-        assert!(parse_duration("1h").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1d").is_err());
         assert!(parse_duration("ms").is_err());
     }
 

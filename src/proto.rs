@@ -14,6 +14,8 @@
 //! Italian field names (`titolo`, `contenuto`, `numero_richiesta`) exist only
 //! on the wire, for continuity with the original system.
 
+pub mod legacy;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;

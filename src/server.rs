@@ -7,9 +7,11 @@ pub mod load;
 pub mod storage;
 
 use crate::error::Error;
+use crate::proto::legacy::{self, LegacyReader, LegacyRequest};
 use crate::proto::{self, ErrorCode, FrameReader, FrameWriter, Reply, Request, StoreRequest};
 use crossbeam_channel::Sender;
 use load::{Limits, Load};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,6 +190,21 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             return;
         }
     };
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first) {
+        Ok(0) => return,
+        Ok(_) if legacy::is_legacy(first[0]) => {
+            return serve_legacy(read_half, stream, &peer, shared)
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log::info!(
+                "server {}: connection from {peer} sent nothing: {e}",
+                shared.addr
+            );
+            return;
+        }
+    }
     let mut reader = FrameReader::new(read_half, shared.config.max_frame);
     let mut writer = FrameWriter::new(stream);
     loop {
@@ -209,6 +226,47 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         if let Err(e) = writer.message(&reply) {
             log::warn!("server {}: cannot reply to {peer}: {e}", shared.addr);
             break;
+        }
+    }
+}
+
+/// A connection from the original balancer: documents (no reply) and status
+/// probes (one byte), as unframed JSON objects.
+fn serve_legacy(read_half: TcpStream, mut write_half: TcpStream, peer: &str, shared: &Shared) {
+    let reader = LegacyReader::new(BufReader::new(read_half), shared.config.max_frame);
+    for request in reader {
+        match request {
+            Ok(LegacyRequest::Status) => {
+                let byte = u8::from(shared.load.overloaded());
+                if let Err(e) = write_half.write_all(&[byte]) {
+                    log::warn!(
+                        "server {}: cannot answer probe from {peer}: {e}",
+                        shared.addr
+                    );
+                    return;
+                }
+            }
+            Ok(LegacyRequest::Document {
+                doc,
+                request_number,
+            }) => {
+                // The original balancer reads no reply; the outcome is logged.
+                let store = StoreRequest {
+                    id: 0,
+                    doc,
+                    request_number,
+                };
+                handle_store(store, shared);
+            }
+            Err(e) => {
+                log::warn!(
+                    "server {}: original-format connection from {peer}: {e}",
+                    shared.addr
+                );
+                if !e.is_recoverable() {
+                    return;
+                }
+            }
         }
     }
 }

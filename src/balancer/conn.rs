@@ -5,8 +5,10 @@
 //! dropped their reply senders, so no reply is cut off.
 
 use super::dispatch::Job;
-use crate::proto::{ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request};
+use crate::proto::legacy::{self, LegacyReader, LegacyRequest};
+use crate::proto::{Document, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request};
 use crossbeam_channel::{Receiver, Sender};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ pub struct ConnSettings {
     /// A client silent for this long (or stalled mid-frame) is disconnected
     /// once its pending replies are sent.
     pub idle_timeout: Duration,
+    /// The same for clients of the original format.
+    pub legacy_idle_timeout: Duration,
     /// How long a document may wait for a server.
     pub queue_timeout: Duration,
     pub max_frame: usize,
@@ -35,6 +39,27 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, jobs: Sender<Job>, settings: C
             return;
         }
     };
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first) {
+        Ok(0) => {
+            log::info!("connection from {peer} closed without sending anything");
+            return;
+        }
+        Ok(_) if legacy::is_legacy(first[0]) => {
+            if let Err(e) = read_half.set_read_timeout(Some(settings.legacy_idle_timeout)) {
+                log::warn!("connection from {peer}: cannot set up: {e}");
+                return;
+            }
+            let received = read_legacy_documents(read_half, peer, &jobs, settings);
+            log::info!("original-format connection from {peer} closed ({received} documents)");
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log::info!("connection from {peer} sent nothing: {e}");
+            return;
+        }
+    }
     let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
     let writer = thread::Builder::new()
         .name(format!("{}-w", thread::current().name().unwrap_or("conn")))
@@ -92,25 +117,7 @@ fn read_requests(
         received += 1;
         match request {
             Request::Store(store) => {
-                log::info!(
-                    "document received from {peer}: \"{}\" (id {}, {} bytes)",
-                    crate::proto::truncate(&store.doc.title, 80),
-                    store.id,
-                    store.doc.content.len()
-                );
-                let job = Job {
-                    id: store.id,
-                    doc: store.doc,
-                    client: peer,
-                    reply: replies.clone(),
-                    deadline: Instant::now() + settings.queue_timeout,
-                    request_number: None,
-                    attempts: 0,
-                    tried: Vec::new(),
-                };
-                if let Err(e) = jobs.send(job) {
-                    e.into_inner()
-                        .fail(ErrorCode::Internal, "balancer is shutting down".into());
+                if !enqueue(jobs, store.id, store.doc, peer, replies.clone(), settings) {
                     return received;
                 }
             }
@@ -123,6 +130,76 @@ fn read_requests(
             }
         }
     }
+}
+
+/// Logs a received document and puts it on the request queue. False when
+/// the balancer is shutting down.
+fn enqueue(
+    jobs: &Sender<Job>,
+    id: u64,
+    doc: Document,
+    peer: SocketAddr,
+    reply: Sender<Reply>,
+    settings: ConnSettings,
+) -> bool {
+    log::info!(
+        "document received from {peer}: \"{}\" (id {id}, {} bytes)",
+        crate::proto::truncate(&doc.title, 80),
+        doc.content.len()
+    );
+    let job = Job {
+        id,
+        doc,
+        client: peer,
+        reply,
+        deadline: Instant::now() + settings.queue_timeout,
+        request_number: None,
+        attempts: 0,
+        tried: Vec::new(),
+    };
+    match jobs.send(job) {
+        Ok(()) => true,
+        Err(e) => {
+            e.into_inner()
+                .fail(ErrorCode::Internal, "balancer is shutting down".into());
+            false
+        }
+    }
+}
+
+/// A client of the original system: unframed JSON documents, no replies
+/// expected. Outcomes are only logged (by the dispatcher and the links).
+fn read_legacy_documents(
+    stream: TcpStream,
+    peer: SocketAddr,
+    jobs: &Sender<Job>,
+    settings: ConnSettings,
+) -> u64 {
+    // Replies have nowhere to go: the original client never reads.
+    let (discard, _) = crossbeam_channel::bounded(0);
+    let mut received = 0;
+    for (index, request) in
+        LegacyReader::new(BufReader::new(stream), settings.max_frame).enumerate()
+    {
+        match request {
+            Ok(LegacyRequest::Document { doc, .. }) => {
+                received += 1;
+                if !enqueue(jobs, index as u64 + 1, doc, peer, discard.clone(), settings) {
+                    break;
+                }
+            }
+            Ok(LegacyRequest::Status) => {
+                log::warn!("original-format connection from {peer}: ignoring a request that is not a document");
+            }
+            Err(e) => {
+                log::warn!("original-format connection from {peer}: {e}");
+                if !e.is_recoverable() {
+                    break;
+                }
+            }
+        }
+    }
+    received
 }
 
 fn write_replies(stream: TcpStream, peer: SocketAddr, replies: Receiver<Reply>) -> u64 {

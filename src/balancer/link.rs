@@ -3,8 +3,10 @@
 //! connection that sent the document.
 
 use super::dispatch::{Event, Job};
-use crate::proto::{self, CallError, Connection, Reply, Request, StoreRequest};
+use super::BackendWire;
+use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StoreRequest};
 use crossbeam_channel::{Receiver, Sender};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
@@ -15,6 +17,7 @@ pub struct LinkSettings {
     /// How long a server may take to store one document.
     pub io_timeout: Duration,
     pub max_frame: usize,
+    pub wire: BackendWire,
 }
 
 /// Why a forward failed on the connection itself.
@@ -114,6 +117,9 @@ impl Link {
     /// restarted) is replaced once before giving up.
     fn forward(&mut self, job: &mut Job) -> Result<Reply, LinkError> {
         let number = job.request_number.unwrap_or_default();
+        if self.settings.wire == BackendWire::Legacy {
+            return self.forward_legacy(job, number);
+        }
         let request = Request::Store(StoreRequest {
             id: number,
             doc: std::mem::take(&mut job.doc),
@@ -133,6 +139,33 @@ impl Link {
             });
         }
         Ok(reply)
+    }
+
+    /// Sends a document the way the original balancer did: a new connection,
+    /// one `json.dumps` text, close. The original server never acknowledges,
+    /// so a complete write is the best evidence of success there is.
+    fn forward_legacy(&self, job: &Job, number: u64) -> Result<Reply, LinkError> {
+        let s = self.settings;
+        let mut stream =
+            proto::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
+                reason: format!("cannot connect: {e}"),
+                delivered: false,
+            })?;
+        let text = legacy::dumps_document(&job.doc, Some(number));
+        stream
+            .write_all(text.as_bytes())
+            .and_then(|()| stream.flush())
+            .map_err(|e| LinkError {
+                reason: format!("cannot send: {e}"),
+                delivered: false,
+            })?;
+        Ok(Reply::Stored(proto::Stored {
+            id: number,
+            server: self.addr.to_string(),
+            request_number: number,
+            file: legacy::original_file_name(number, &job.doc.title),
+            a_count: crate::server::storage::count_a(&job.doc.content),
+        }))
     }
 
     fn exchange(&mut self, request: &Request) -> Result<Reply, LinkError> {

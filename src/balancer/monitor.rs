@@ -3,9 +3,11 @@
 //! owns the health state and logs the changes.
 
 use super::dispatch::Event;
+use super::BackendWire;
 use crate::health::Observation;
-use crate::proto::{self, Connection, Reply, Request};
+use crate::proto::{self, legacy, Connection, Reply, Request};
 use crossbeam_channel::Sender;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ pub struct MonitorSettings {
     /// Connect and read timeout of one probe.
     pub timeout: Duration,
     pub max_frame: usize,
+    pub wire: BackendWire,
 }
 
 pub fn spawn(
@@ -70,6 +73,9 @@ pub fn probe(addr: &SocketAddr, id: u64, settings: MonitorSettings) -> Observati
         Ok(s) => s,
         Err(e) => return Observation::ProbeFailed(format!("cannot connect: {e}")),
     };
+    if settings.wire == BackendWire::Legacy {
+        return probe_legacy(stream);
+    }
     let mut conn = Connection::new(stream, settings.max_frame);
     match conn.call(&Request::Status { id }) {
         Ok(Reply::Status(report)) => Observation::ProbeOk {
@@ -77,5 +83,21 @@ pub fn probe(addr: &SocketAddr, id: u64, settings: MonitorSettings) -> Observati
         },
         Ok(other) => Observation::ProbeFailed(format!("unexpected status reply: {other:?}")),
         Err(e) => Observation::ProbeFailed(format!("status probe failed: {e}")),
+    }
+}
+
+/// The original probe: send the status request, read exactly one byte.
+fn probe_legacy(mut stream: std::net::TcpStream) -> Observation {
+    let mut byte = [0u8; 1];
+    let result = stream
+        .write_all(legacy::STATUS_PROBE)
+        .and_then(|()| stream.read_exact(&mut byte));
+    match (result, byte[0]) {
+        (Err(e), _) => Observation::ProbeFailed(format!("status probe failed: {e}")),
+        (Ok(()), 0) => Observation::ProbeOk { overloaded: false },
+        (Ok(()), 1) => Observation::ProbeOk { overloaded: true },
+        (Ok(()), other) => {
+            Observation::ProbeFailed(format!("status byte {other:#04x} is neither 0 nor 1"))
+        }
     }
 }

@@ -1,5 +1,5 @@
 use clap::Parser;
-use lbft::balancer::{Backend, Balancer, Config};
+use lbft::balancer::{Backend, BackendWire, Balancer, Config};
 use lbft::cli::{parse_duration, parse_size};
 use lbft::server;
 use std::net::SocketAddr;
@@ -26,6 +26,11 @@ struct Args {
         default_value = "127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003"
     )]
     servers: Vec<SocketAddr>,
+    /// Protocol spoken to the servers: `framed` (ours, acknowledged) or
+    /// `legacy` (the original Python servers: no acknowledgement, one-byte
+    /// status probe).
+    #[arg(long, value_enum, default_value_t = Wire::Framed)]
+    backend_wire: Wire,
     /// Start this many storage servers inside this process instead.
     #[arg(long, value_name = "N")]
     local_servers: Option<u16>,
@@ -53,6 +58,10 @@ struct Args {
     /// A client silent (or stalled mid-frame) this long is disconnected.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     client_timeout: Duration,
+    /// Idle limit for clients of the original format, which keep one
+    /// connection open for a whole session.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    legacy_client_timeout: Duration,
     /// Forwards of one document that may reach a server before giving up.
     #[arg(long, default_value_t = 3)]
     max_attempts: u32,
@@ -65,6 +74,12 @@ struct Args {
     /// Log file, appended to.
     #[arg(long, default_value = "loadbalancer.log")]
     log_file: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Wire {
+    Framed,
+    Legacy,
 }
 
 fn main() -> ExitCode {
@@ -87,11 +102,16 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     let balancer = Balancer::bind(Config {
         listen: args.listen,
         servers,
+        backend_wire: match args.backend_wire {
+            Wire::Framed => BackendWire::Framed,
+            Wire::Legacy => BackendWire::Legacy,
+        },
         check_interval: args.check_interval,
         probe_timeout: args.probe_timeout,
         queue_timeout: args.queue_timeout,
         server_timeout: args.server_timeout,
         client_timeout: args.client_timeout,
+        legacy_client_timeout: args.legacy_client_timeout,
         max_attempts: args.max_attempts,
         max_in_flight: args.max_in_flight,
         max_frame: args.max_frame,

@@ -183,6 +183,20 @@ pub fn stored_files(dir: &Path) -> Vec<(String, Value)> {
     out
 }
 
+/// Bounded poll, for the original wire format only: it has no
+/// acknowledgement to wait on, so the disk is checked until `condition`
+/// holds or the deadline passes.
+pub fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
 /// Every file below `dir`, recursively.
 pub fn all_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
