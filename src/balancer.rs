@@ -3,19 +3,24 @@
 //!
 //! Threads: the accept loop (the caller's), one per client connection plus
 //! its reply writer (`conn`), the dispatcher (`dispatch`), one link per
-//! server (`link`) and the monitor (`monitor`). They talk only through
-//! crossbeam channels; shutting down is dropping senders.
+//! server (`link`), the monitor (`monitor`) and, with `--metrics`, the
+//! Prometheus responder (`metrics`). They talk through crossbeam channels;
+//! shutting down is dropping senders. Counters for `servers` requests and
+//! metrics live in `stats`.
 
 pub mod conn;
 pub mod dispatch;
 pub mod link;
+pub mod metrics;
 pub mod monitor;
+pub mod stats;
 
 use crate::error::Error;
 use crate::policy::RoundRobin;
 use crate::proto;
 use dispatch::{Dispatcher, Settings};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -63,6 +68,8 @@ pub struct Config {
     pub max_attempts: u32,
     pub max_in_flight: usize,
     pub max_frame: usize,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -82,12 +89,14 @@ impl Default for Config {
             max_attempts: 3,
             max_in_flight: 64,
             max_frame: proto::DEFAULT_MAX_FRAME,
+            metrics: None,
         }
     }
 }
 
 pub struct Balancer {
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     config: Config,
 }
 
@@ -101,15 +110,25 @@ impl Balancer {
                 "--max-attempts and --max-in-flight must be at least 1".into(),
             ));
         }
-        let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        Ok(Balancer { listener, config })
+        let bind = |addr: SocketAddr| {
+            TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
+        };
+        let listener = bind(config.listen)?;
+        let metrics = config.metrics.map(bind).transpose()?;
+        Ok(Balancer {
+            listener,
+            metrics,
+            config,
+        })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// Where metrics are served, when enabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, Error> {
+        Ok(self.metrics.as_ref().map(|l| l.local_addr()).transpose()?)
     }
 
     /// Starts the dispatcher, links and monitor, then accepts clients until
@@ -126,6 +145,16 @@ impl Balancer {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let stats = Arc::new(stats::Stats::new(
+            config.servers.iter().map(|b| b.name.clone()),
+        ));
+        if let Some(listener) = self.metrics {
+            log::info!(
+                "metrics served on http://{}/metrics",
+                listener.local_addr()?
+            );
+            metrics::spawn(listener, stats.clone())?;
+        }
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(1024);
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
 
@@ -145,6 +174,7 @@ impl Balancer {
                 rx,
                 events_tx.clone(),
                 link_settings,
+                stats.clone(),
             )?;
             backends.push((backend.clone(), tx));
         }
@@ -155,6 +185,7 @@ impl Balancer {
                 max_attempts: config.max_attempts,
                 max_in_flight: config.max_in_flight,
             },
+            stats.clone(),
         );
         thread::Builder::new()
             .name("dispatcher".into())
@@ -168,6 +199,7 @@ impl Balancer {
                 max_frame: config.max_frame,
                 wire: config.backend_wire,
             },
+            stats.clone(),
         )?;
 
         let conn_settings = conn::ConnSettings {
@@ -189,11 +221,16 @@ impl Balancer {
                 continue; // already gone
             };
             conn_seq += 1;
-            let jobs = jobs_tx.clone();
+            let conn = conn::Conn {
+                peer,
+                jobs: jobs_tx.clone(),
+                settings: conn_settings,
+                stats: stats.clone(),
+            };
+            // Default stack size: parsing deeply nested JSON recurses.
             let spawned = thread::Builder::new()
                 .name(format!("conn{conn_seq}"))
-                .stack_size(256 * 1024)
-                .spawn(move || conn::serve(stream, peer, jobs, conn_settings));
+                .spawn(move || conn.serve(stream));
             if let Err(e) = spawned {
                 log::error!("cannot start a thread for {peer}: {e}");
             }

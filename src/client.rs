@@ -107,18 +107,22 @@ pub fn pick_random(files: &[PathBuf], n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The answer to one request: its reply, or the error that took its place.
+pub type Answer = Result<Reply, ErrorReply>;
+
 /// What happened to one document.
 pub type Outcome = Result<proto::Stored, ErrorReply>;
 
-/// Sends documents on one connection and calls `on_outcome(index, outcome)`
-/// as each reply arrives. Documents left unanswered when the connection
-/// ends get an error outcome too, so every index is reported exactly once.
-pub fn send_documents(
+/// Sends requests on one connection, all written ahead by a writer thread,
+/// and calls `on_answer(index, answer)` as each reply arrives. Request `i`
+/// must carry id `i + 1`. Requests left unanswered when the connection ends
+/// get an error answer too, so every index is reported exactly once.
+pub fn pipeline(
     config: &Config,
-    docs: Vec<Document>,
-    mut on_outcome: impl FnMut(usize, &Outcome),
-) -> Result<Vec<Outcome>, Error> {
-    let count = docs.len();
+    requests: Vec<Request>,
+    mut on_answer: impl FnMut(usize, &Answer),
+) -> Result<Vec<Answer>, Error> {
+    let count = requests.len();
     let stream = proto::connect(
         &config.balancer,
         config.connect_timeout,
@@ -130,9 +134,9 @@ pub fn send_documents(
     // buffers while nobody reads the replies.
     let writer = thread::Builder::new()
         .name("client-writer".into())
-        .spawn(move || write_requests(write_half, docs))?;
+        .spawn(move || write_requests(write_half, requests))?;
 
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; count];
+    let mut answers: Vec<Option<Answer>> = vec![None; count];
     let mut answered = 0;
     let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
     let mut end_reason = None;
@@ -149,47 +153,77 @@ pub fn send_documents(
                 break;
             }
         };
-        let (index, outcome) = match reply {
-            Reply::Stored(s) => (s.id, Ok(s)),
-            Reply::Error(e) => match e.id {
-                Some(id) => (id, Err(e)),
-                None => {
-                    // An error not tied to a request ends the connection.
-                    end_reason = Some(format!(
-                        "balancer closed the connection: {}: {}",
-                        e.code, e.message
-                    ));
-                    break;
-                }
-            },
-            Reply::Status(s) => (s.id, Err(unexpected("status reply"))),
+        let answer = match reply {
+            Reply::Error(e) if e.id.is_none() => {
+                // An error not tied to a request ends the connection.
+                end_reason = Some(format!(
+                    "balancer closed the connection: {}: {}",
+                    e.code, e.message
+                ));
+                break;
+            }
+            Reply::Error(e) => Err(e),
+            other => Ok(other),
         };
-        let Some(slot) = index
-            .checked_sub(1)
-            .and_then(|i| outcomes.get_mut(i as usize))
-        else {
+        let id = match &answer {
+            Ok(reply) => reply.id(),
+            Err(e) => e.id,
+        };
+        let Some(index) = id.and_then(|id| id.checked_sub(1)).map(|i| i as usize) else {
+            continue;
+        };
+        let Some(slot) = answers.get_mut(index) else {
             continue; // not one of ours
         };
         if slot.is_none() {
-            on_outcome((index - 1) as usize, &outcome);
-            *slot = Some(outcome);
+            on_answer(index, &answer);
+            *slot = Some(answer);
             answered += 1;
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = writer.join();
     let reason = end_reason.unwrap_or_else(|| "connection closed before a reply arrived".into());
-    Ok(outcomes
+    Ok(answers
         .into_iter()
         .enumerate()
-        .map(|(i, o)| {
-            o.unwrap_or_else(|| {
+        .map(|(i, a)| {
+            a.unwrap_or_else(|| {
                 let failed = Err(unexpected(&reason));
-                on_outcome(i, &failed);
+                on_answer(i, &failed);
                 failed
             })
         })
         .collect())
+}
+
+/// Sends documents on one connection and calls `on_outcome(index, outcome)`
+/// as each one is acknowledged or fails.
+pub fn send_documents(
+    config: &Config,
+    docs: Vec<Document>,
+    mut on_outcome: impl FnMut(usize, &Outcome),
+) -> Result<Vec<Outcome>, Error> {
+    let requests = docs
+        .into_iter()
+        .enumerate()
+        .map(|(i, doc)| {
+            Request::Store(StoreRequest {
+                id: i as u64 + 1,
+                doc,
+                request_number: None,
+            })
+        })
+        .collect();
+    let to_outcome = |answer: &Answer| match answer {
+        Ok(Reply::Stored(s)) => Ok(s.clone()),
+        Ok(other) => Err(unexpected(&format!("unexpected reply {other:?}"))),
+        Err(e) => Err(e.clone()),
+    };
+    let answers = pipeline(config, requests, |i, answer| {
+        on_outcome(i, &to_outcome(answer))
+    })?;
+    Ok(answers.iter().map(to_outcome).collect())
 }
 
 fn unexpected(message: &str) -> ErrorReply {
@@ -200,14 +234,9 @@ fn unexpected(message: &str) -> ErrorReply {
     }
 }
 
-fn write_requests(stream: TcpStream, docs: Vec<Document>) {
+fn write_requests(stream: TcpStream, requests: Vec<Request>) {
     let mut writer = FrameWriter::new(stream);
-    for (i, doc) in docs.into_iter().enumerate() {
-        let request = Request::Store(StoreRequest {
-            id: i as u64 + 1,
-            doc,
-            request_number: None,
-        });
+    for request in requests {
         // A failed write shows up on the reading side.
         if writer.message(&request).is_err() {
             return;

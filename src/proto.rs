@@ -314,21 +314,31 @@ pub struct StoreRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
+    /// Store a document (balanced over the servers).
     Store(StoreRequest),
+    /// Compute an operation on two random numbers (balanced like `store`).
+    Calc {
+        id: u64,
+        #[serde(rename = "operazione")]
+        operation: Operation,
+    },
+    /// A server's status (servers only).
     Status { id: u64 },
+    /// Every server with its health and last status (balancer only).
+    Servers { id: u64 },
 }
 
 impl Request {
     pub fn id(&self) -> u64 {
         match self {
             Request::Store(r) => r.id,
-            Request::Status { id } => *id,
+            Request::Calc { id, .. } | Request::Status { id } | Request::Servers { id } => *id,
         }
     }
 }
 
 impl Message for Request {
-    const TYPES: &'static [&'static str] = &["store", "status"];
+    const TYPES: &'static [&'static str] = &["store", "calc", "status", "servers"];
 }
 
 /// A document has been written to disk on a server.
@@ -345,20 +355,117 @@ pub struct Stored {
     pub a_count: u64,
 }
 
-/// A server's view of its own load.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A server's view of itself: load, resources, storage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub id: u64,
     pub overloaded: bool,
-    /// Requests being processed right now.
+    /// Documents being stored right now (active transfers).
     pub active: u64,
     pub max_active: u64,
     /// Resident memory of the server process, in bytes.
     pub memory_bytes: u64,
     pub max_memory_bytes: u64,
-    /// CPU use of the server process, in percent of one core.
+    /// CPU use of the whole machine, in percent.
     pub cpu_percent: f32,
+    /// Memory of the whole machine, in bytes.
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// The disk holding the storage folder, in bytes.
+    pub disk_used_bytes: u64,
+    pub disk_free_bytes: u64,
+    /// Bytes received and sent on all network interfaces since the server
+    /// started.
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub uptime_secs: u64,
     pub files_stored: u64,
+}
+
+/// The four operations of the compute service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Somma,
+    Sottrazione,
+    Moltiplicazione,
+    Divisione,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::Somma,
+        Operation::Sottrazione,
+        Operation::Moltiplicazione,
+        Operation::Divisione,
+    ];
+
+    /// Applies the operation; division gives a decimal.
+    pub fn apply(self, a: i64, b: i64) -> f64 {
+        let (a, b) = (a as f64, b as f64);
+        match self {
+            Operation::Somma => a + b,
+            Operation::Sottrazione => a - b,
+            Operation::Moltiplicazione => a * b,
+            Operation::Divisione => a / b,
+        }
+    }
+
+    pub fn symbol(self) -> char {
+        match self {
+            Operation::Somma => '+',
+            Operation::Sottrazione => '-',
+            Operation::Moltiplicazione => '×',
+            Operation::Divisione => '÷',
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&name)
+    }
+}
+
+/// The answer of the compute service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Computed {
+    pub id: u64,
+    /// Address of the server that computed it.
+    pub server: String,
+    #[serde(rename = "A")]
+    pub a: i64,
+    #[serde(rename = "B")]
+    pub b: i64,
+    #[serde(rename = "operazione")]
+    pub operation: Operation,
+    #[serde(rename = "risultato")]
+    pub result: f64,
+}
+
+/// One server as the balancer sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerView {
+    pub name: String,
+    /// `unknown`, `up`, `overloaded` or `down`.
+    pub state: String,
+    /// Requests sent to it and not yet answered.
+    pub in_flight: u64,
+    /// Its last status report, if a probe has ever succeeded.
+    pub status: Option<StatusReport>,
+    /// How long the last status probe took, in milliseconds.
+    pub check_ms: Option<f64>,
+}
+
+/// The balancer's list of servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerList {
+    pub id: u64,
+    pub servers: Vec<ServerView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -412,7 +519,9 @@ pub struct ErrorReply {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     Stored(Stored),
+    Calc(Computed),
     Status(StatusReport),
+    Servers(ServerList),
     Error(ErrorReply),
 }
 
@@ -420,7 +529,9 @@ impl Reply {
     pub fn id(&self) -> Option<u64> {
         match self {
             Reply::Stored(r) => Some(r.id),
+            Reply::Calc(r) => Some(r.id),
             Reply::Status(r) => Some(r.id),
+            Reply::Servers(r) => Some(r.id),
             Reply::Error(r) => r.id,
         }
     }
@@ -435,7 +546,7 @@ impl Reply {
 }
 
 impl Message for Reply {
-    const TYPES: &'static [&'static str] = &["stored", "status", "error"];
+    const TYPES: &'static [&'static str] = &["stored", "calc", "status", "servers", "error"];
 }
 
 /// Why a request/response exchange failed.
@@ -649,6 +760,48 @@ mod tests {
         assert!(e.message.contains("contenuto"), "{}", e.message);
         let e = decode::<Request>(br#"{"id":5}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(5)));
+    }
+
+    #[test]
+    fn calc_wire_shape() {
+        let req = decode::<Request>(br#"{"type":"calc","id":2,"operazione":"divisione"}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::Calc {
+                id: 2,
+                operation: Operation::Divisione
+            }
+        );
+        let e = decode::<Request>(br#"{"type":"calc","id":3,"operazione":"potenza"}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(3)));
+        assert!(
+            e.message.contains("potenza") && e.message.contains("somma"),
+            "{}",
+            e.message
+        );
+        let reply = Reply::Calc(Computed {
+            id: 2,
+            server: "s".into(),
+            a: 7,
+            b: 2,
+            operation: Operation::Divisione,
+            result: Operation::Divisione.apply(7, 2),
+        });
+        let json: serde_json::Value = serde_json::from_slice(&encode(&reply)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "calc", "id": 2, "server": "s", "A": 7, "B": 2,
+                               "operazione": "divisione", "risultato": 3.5})
+        );
+    }
+
+    #[test]
+    fn operations() {
+        assert_eq!(Operation::Somma.apply(3, 4), 7.0);
+        assert_eq!(Operation::Sottrazione.apply(3, 4), -1.0);
+        assert_eq!(Operation::Moltiplicazione.apply(3, 4), 12.0);
+        assert_eq!(Operation::Divisione.apply(3, 4), 0.75);
+        assert_eq!(Operation::Moltiplicazione.to_string(), "moltiplicazione");
     }
 
     #[test]

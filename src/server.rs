@@ -11,6 +11,7 @@ use crate::proto::legacy::{self, LegacyReader, LegacyRequest};
 use crate::proto::{self, ErrorCode, FrameReader, FrameWriter, Reply, Request, StoreRequest};
 use crossbeam_channel::Sender;
 use load::{Limits, Load};
+use rand::Rng;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -103,7 +104,12 @@ impl Server {
             max_memory_bytes: config.max_memory_mb.saturating_mul(1024 * 1024),
         }));
         let (stop, stopped) = crossbeam_channel::bounded(0);
-        load::spawn_sampler(load.clone(), Duration::from_millis(500), stopped)?;
+        load::spawn_sampler(
+            load.clone(),
+            dir.clone(),
+            Duration::from_millis(500),
+            stopped,
+        )?;
         log::info!(
             "server {addr}: storing into {} ({files_stored} documents already there)",
             dir.display()
@@ -274,19 +280,46 @@ fn serve_legacy(read_half: TcpStream, mut write_half: TcpStream, peer: &str, sha
 fn handle(request: Request, shared: &Shared) -> Reply {
     match request {
         Request::Store(store) => handle_store(store, shared),
-        Request::Status { id } => {
-            let sample = shared.load.sample();
-            Reply::Status(proto::StatusReport {
+        Request::Status { id } => Reply::Status(status_report(id, shared)),
+        Request::Calc { id, operation } => {
+            let _active = shared.load.begin();
+            let mut rng = rand::thread_rng();
+            let (a, b) = (rng.gen_range(1..=50), rng.gen_range(1..=50));
+            Reply::Calc(proto::Computed {
                 id,
-                overloaded: shared.load.overloaded(),
-                active: shared.load.active(),
-                max_active: shared.load.limits.max_active,
-                memory_bytes: sample.memory_bytes,
-                max_memory_bytes: shared.load.limits.max_memory_bytes,
-                cpu_percent: sample.cpu_percent,
-                files_stored: shared.files_stored.load(Ordering::Relaxed),
+                server: shared.addr.to_string(),
+                a,
+                b,
+                operation,
+                result: operation.apply(a, b),
             })
         }
+        Request::Servers { id } => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "`servers` is answered by the balancer, not by storage servers",
+        ),
+    }
+}
+
+fn status_report(id: u64, shared: &Shared) -> proto::StatusReport {
+    let sample = shared.load.sample();
+    proto::StatusReport {
+        id,
+        overloaded: shared.load.overloaded(),
+        active: shared.load.active(),
+        max_active: shared.load.limits.max_active,
+        memory_bytes: sample.memory_bytes,
+        max_memory_bytes: shared.load.limits.max_memory_bytes,
+        cpu_percent: sample.cpu_percent,
+        memory_used_bytes: sample.memory_used_bytes,
+        memory_total_bytes: sample.memory_total_bytes,
+        disk_used_bytes: sample.disk_used_bytes,
+        disk_free_bytes: sample.disk_free_bytes,
+        net_rx_bytes: sample.net_rx_bytes,
+        net_tx_bytes: sample.net_tx_bytes,
+        uptime_secs: shared.load.uptime().as_secs(),
+        files_stored: shared.files_stored.load(Ordering::Relaxed),
     }
 }
 

@@ -4,13 +4,16 @@
 //! the link of the chosen server, holds jobs while no server can take them
 //! (without polling), and retries a job on another server when one fails.
 
+use super::stats::Stats;
 use super::Backend;
 use crate::health::{Health, Observation, State};
 use crate::policy::{Candidate, Policy};
-use crate::proto::{self, Document, ErrorCode, Reply};
+use crate::proto::{self, Document, ErrorCode, Operation, Reply};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Most jobs held waiting for a server; past this the dispatcher stops
@@ -18,13 +21,33 @@ use std::time::Instant;
 /// by TCP instead of the balancer growing without bound.
 const MAX_WAITING: usize = 10_000;
 
-/// One document on its way to a server.
+/// What a job asks of a server.
+#[derive(Debug)]
+pub enum Work {
+    Store(Document),
+    Calc(Operation),
+}
+
+impl Work {
+    /// How logs name it.
+    pub fn describe(&self) -> String {
+        match self {
+            Work::Store(doc) => format!("\"{}\"", proto::truncate(&doc.title, 80)),
+            Work::Calc(op) => format!("calc {op}"),
+        }
+    }
+}
+
+/// One request (a document to store, an operation to compute) on its way
+/// to a server.
 #[derive(Debug)]
 pub struct Job {
     /// The client's request id, echoed in the reply.
     pub id: u64,
-    pub doc: Document,
+    pub work: Work,
     pub client: SocketAddr,
+    /// When the balancer received it.
+    pub received: Instant,
     pub reply: Sender<Reply>,
     /// When waiting for a server gives up with `no_server`.
     pub deadline: Instant,
@@ -38,7 +61,8 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn fail(self, code: ErrorCode, message: String) {
+    pub fn fail(self, code: ErrorCode, message: String, stats: &Stats) {
+        stats.failed.fetch_add(1, Relaxed);
         // The client may have gone; its reply has nowhere to go then.
         let _ = self.reply.send(Reply::error(Some(self.id), code, message));
     }
@@ -59,6 +83,8 @@ pub enum Event {
     Probes(Vec<Observation>),
     /// A link is done with a job (stored, or failed for good).
     Done { server: usize },
+    /// A link is done with a job that failed for good.
+    Failed { server: usize },
     /// A link could not complete a job; it goes back to the queue.
     Retry {
         server: usize,
@@ -91,6 +117,7 @@ pub struct Dispatcher {
     waiting: VecDeque<Job>,
     last_request_number: u64,
     settings: Settings,
+    stats: Arc<Stats>,
 }
 
 impl Dispatcher {
@@ -98,6 +125,7 @@ impl Dispatcher {
         backends: Vec<(Backend, Sender<Job>)>,
         policy: Box<dyn Policy>,
         settings: Settings,
+        stats: Arc<Stats>,
     ) -> Self {
         let slots = backends
             .into_iter()
@@ -114,6 +142,7 @@ impl Dispatcher {
             waiting: VecDeque::new(),
             last_request_number: 0,
             settings,
+            stats,
         }
     }
 
@@ -147,9 +176,16 @@ impl Dispatcher {
                 }
                 recv(timer) -> _ => self.expire(Instant::now()),
             }
+            self.stats
+                .queue_depth
+                .store(self.waiting.len() as u64, Relaxed);
         }
         for job in self.waiting.drain(..) {
-            job.fail(ErrorCode::Internal, "balancer is shutting down".into());
+            job.fail(
+                ErrorCode::Internal,
+                "balancer is shutting down".into(),
+                &self.stats,
+            );
         }
     }
 
@@ -206,8 +242,8 @@ impl Dispatcher {
         });
         let slot = &mut self.slots[index];
         log::info!(
-            "request {number}: \"{}\" from {} -> server {}{}",
-            proto::truncate(&job.doc.title, 80),
+            "request {number}: {} from {} -> server {}{}",
+            job.work.describe(),
             job.client,
             slot.name,
             if job.tried.is_empty() {
@@ -218,10 +254,16 @@ impl Dispatcher {
         );
         job.tried.push(index);
         slot.in_flight += 1;
+        self.stats.servers[index]
+            .in_flight
+            .store(slot.in_flight as u64, Relaxed);
         if let Err(returned) = slot.link.send(job) {
             // The link thread is gone, which only a bug can cause; keep the
             // job and stop using that server.
             slot.in_flight -= 1;
+            self.stats.servers[index]
+                .in_flight
+                .store(slot.in_flight as u64, Relaxed);
             log::error!("server {}: link thread has stopped", slot.name);
             slot.health
                 .observe(&Observation::LinkFailed("link thread stopped".into()));
@@ -239,7 +281,12 @@ impl Dispatcher {
                 self.drain();
             }
             Event::Done { server } => {
-                self.slots[server].in_flight -= 1;
+                self.finished(server);
+                self.drain();
+            }
+            Event::Failed { server } => {
+                self.stats.failed.fetch_add(1, Relaxed);
+                self.finished(server);
                 self.drain();
             }
             Event::Retry {
@@ -249,7 +296,7 @@ impl Dispatcher {
                 link_failed,
                 delivered,
             } => {
-                self.slots[server].in_flight -= 1;
+                self.finished(server);
                 if link_failed {
                     self.observe(server, &Observation::LinkFailed(reason.clone()));
                 }
@@ -264,11 +311,12 @@ impl Dispatcher {
                         job.attempts
                     );
                     let msg = format!(
-                        "document could not be stored after {} attempts; last error from server {name}: {reason}",
+                        "request failed after {} attempts; last error from server {name}: {reason}",
                         job.attempts
                     );
-                    job.fail(ErrorCode::ServerFailed, msg);
+                    job.fail(ErrorCode::ServerFailed, msg, &self.stats);
                 } else {
+                    self.stats.servers[server].retries.fetch_add(1, Relaxed);
                     log::warn!(
                         "{}: failed on server {name} ({reason}); trying another server",
                         job.label()
@@ -283,9 +331,18 @@ impl Dispatcher {
         }
     }
 
+    fn finished(&mut self, server: usize) {
+        let slot = &mut self.slots[server];
+        slot.in_flight -= 1;
+        self.stats.servers[server]
+            .in_flight
+            .store(slot.in_flight as u64, Relaxed);
+    }
+
     fn observe(&mut self, server: usize, observation: &Observation) {
         let slot = &mut self.slots[server];
         if let Some(t) = slot.health.observe(observation) {
+            self.stats.servers[server].set_state(t.to);
             let line = format!("server {} is {}", slot.name, t.describe());
             match t.to {
                 State::Up => log::info!("{line}"),
@@ -306,7 +363,7 @@ impl Dispatcher {
                 .collect();
             let msg = format!("no server available ({})", states.join(", "));
             log::error!("{}: {msg}; giving up", job.label());
-            job.fail(ErrorCode::NoServer, msg);
+            job.fail(ErrorCode::NoServer, msg, &self.stats);
         }
     }
 }

@@ -2,12 +2,15 @@
 //! persistent connection and routes each acknowledgement back to the client
 //! connection that sent the document.
 
-use super::dispatch::{Event, Job};
+use super::dispatch::{Event, Job, Work};
+use super::stats::ServerStats;
 use super::BackendWire;
 use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StoreRequest};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -34,6 +37,7 @@ pub fn spawn(
     jobs: Receiver<Job>,
     events: Sender<Event>,
     settings: LinkSettings,
+    stats: Arc<super::stats::Stats>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name(format!("link-{}", addr.port()))
@@ -43,56 +47,83 @@ pub fn spawn(
                 settings,
                 conn: None,
             };
+            let server_stats = &stats.servers[index];
             for mut job in jobs {
-                let number = job.request_number.unwrap_or_default();
-                let event = match link.forward(&mut job) {
-                    Ok(Reply::Stored(mut stored)) => {
-                        log::info!(
-                            "request {number}: stored on server {name} as {} ({} letters A)",
-                            stored.file,
-                            stored.a_count
-                        );
-                        stored.id = job.id;
-                        stored.server = name.clone();
-                        let _ = job.reply.send(Reply::Stored(stored));
-                        Event::Done { server: index }
-                    }
-                    Ok(Reply::Error(e)) if e.code.is_retryable() => Event::Retry {
-                        server: index,
-                        job,
-                        reason: format!("{}: {}", e.code, e.message),
-                        link_failed: false,
-                        delivered: true,
-                    },
-                    Ok(Reply::Error(mut e)) => {
-                        log::warn!("request {number}: refused by server {name}: {}", e.message);
-                        e.id = Some(job.id);
-                        let _ = job.reply.send(Reply::Error(e));
-                        Event::Done { server: index }
-                    }
-                    Ok(other) => {
-                        link.conn = None;
-                        Event::Retry {
-                            server: index,
-                            job,
-                            reason: format!("unexpected reply {other:?}"),
-                            link_failed: true,
-                            delivered: true,
-                        }
-                    }
-                    Err(e) => Event::Retry {
-                        server: index,
-                        job,
-                        reason: e.reason,
-                        link_failed: true,
-                        delivered: e.delivered,
-                    },
-                };
+                server_stats.requests.fetch_add(1, Relaxed);
+                let result = link.forward(&mut job);
+                let event = settle(index, &name, job, result, server_stats, &stats);
+                if matches!(event, Event::Retry { .. }) {
+                    server_stats.failures.fetch_add(1, Relaxed);
+                }
                 if events.send(event).is_err() {
                     return; // dispatcher gone: shutting down
                 }
             }
         })
+}
+
+/// Turns the outcome of a forward into the client's reply (when final) and
+/// the event for the dispatcher.
+fn settle(
+    index: usize,
+    name: &str,
+    job: Job,
+    result: Result<Reply, LinkError>,
+    server_stats: &ServerStats,
+    stats: &super::stats::Stats,
+) -> Event {
+    let number = job.request_number.unwrap_or_default();
+    let retry = |job, reason, link_failed, delivered| Event::Retry {
+        server: index,
+        job,
+        reason,
+        link_failed,
+        delivered,
+    };
+    let reply = match result {
+        Ok(Reply::Stored(mut stored)) => {
+            log::info!(
+                "request {number}: stored on server {name} as {} ({} letters A)",
+                stored.file,
+                stored.a_count
+            );
+            if let Work::Store(doc) = &job.work {
+                server_stats
+                    .bytes
+                    .fetch_add(doc.content.len() as u64, Relaxed);
+            }
+            stored.id = job.id;
+            stored.server = name.to_string();
+            Reply::Stored(stored)
+        }
+        Ok(Reply::Calc(mut computed)) => {
+            log::info!(
+                "request {number}: computed on server {name}: {} {} {} = {}",
+                computed.a,
+                computed.operation.symbol(),
+                computed.b,
+                computed.result
+            );
+            computed.id = job.id;
+            computed.server = name.to_string();
+            Reply::Calc(computed)
+        }
+        Ok(Reply::Error(e)) if e.code.is_retryable() => {
+            return retry(job, format!("{}: {}", e.code, e.message), false, true);
+        }
+        Ok(Reply::Error(mut e)) => {
+            log::warn!("request {number}: refused by server {name}: {}", e.message);
+            server_stats.failures.fetch_add(1, Relaxed);
+            e.id = Some(job.id);
+            let _ = job.reply.send(Reply::Error(e));
+            return Event::Failed { server: index };
+        }
+        Ok(other) => return retry(job, format!("unexpected reply {other:?}"), true, true),
+        Err(e) => return retry(job, e.reason, true, e.delivered),
+    };
+    stats.latency.observe(job.received.elapsed());
+    let _ = job.reply.send(reply);
+    Event::Done { server: index }
 }
 
 struct Link {
@@ -120,16 +151,22 @@ impl Link {
         if self.settings.wire == BackendWire::Legacy {
             return self.forward_legacy(job, number);
         }
-        let request = Request::Store(StoreRequest {
-            id: number,
-            doc: std::mem::take(&mut job.doc),
-            request_number: Some(number),
-        });
-        let result = self.exchange(&request);
-        let Request::Store(store) = request else {
-            unreachable!()
+        // The document moves into the request and back, not copied.
+        let request = match &mut job.work {
+            Work::Store(doc) => Request::Store(StoreRequest {
+                id: number,
+                doc: std::mem::take(doc),
+                request_number: Some(number),
+            }),
+            Work::Calc(operation) => Request::Calc {
+                id: number,
+                operation: *operation,
+            },
         };
-        job.doc = store.doc;
+        let result = self.exchange(&request);
+        if let (Request::Store(store), Work::Store(doc)) = (request, &mut job.work) {
+            *doc = store.doc;
+        }
         let reply = result?;
         if reply.id() != Some(number) && reply.id().is_some() {
             self.conn = None;
@@ -145,13 +182,23 @@ impl Link {
     /// one `json.dumps` text, close. The original server never acknowledges,
     /// so a complete write is the best evidence of success there is.
     fn forward_legacy(&self, job: &Job, number: u64) -> Result<Reply, LinkError> {
+        let doc = match &job.work {
+            Work::Store(doc) => doc,
+            Work::Calc(_) => {
+                return Ok(Reply::error(
+                    Some(number),
+                    proto::ErrorCode::BadRequest,
+                    "servers of the original format do not compute",
+                ))
+            }
+        };
         let s = self.settings;
         let mut stream =
             proto::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
                 reason: format!("cannot connect: {e}"),
                 delivered: false,
             })?;
-        let text = legacy::dumps_document(&job.doc, Some(number));
+        let text = legacy::dumps_document(doc, Some(number));
         stream
             .write_all(text.as_bytes())
             .and_then(|()| stream.flush())
@@ -163,8 +210,8 @@ impl Link {
             id: number,
             server: self.addr.to_string(),
             request_number: number,
-            file: legacy::original_file_name(number, &job.doc.title),
-            a_count: crate::server::storage::count_a(&job.doc.content),
+            file: legacy::original_file_name(number, &doc.title),
+            a_count: crate::server::storage::count_a(&doc.content),
         }))
     }
 

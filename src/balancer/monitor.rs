@@ -3,12 +3,14 @@
 //! owns the health state and logs the changes.
 
 use super::dispatch::Event;
+use super::stats::Stats;
 use super::BackendWire;
 use crate::health::Observation;
-use crate::proto::{self, legacy, Connection, Reply, Request};
+use crate::proto::{self, legacy, Connection, Reply, Request, StatusReport};
 use crossbeam_channel::Sender;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ pub fn spawn(
     servers: Vec<SocketAddr>,
     events: Sender<Event>,
     settings: MonitorSettings,
+    stats: Arc<Stats>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("monitor".into())
@@ -33,7 +36,13 @@ pub fn spawn(
             loop {
                 let round_started = Instant::now();
                 probe_id += 1;
-                let observations = probe_all(&servers, probe_id, settings);
+                let results = probe_all(&servers, probe_id, settings);
+                let mut observations = Vec::with_capacity(results.len());
+                for (server_stats, (observation, report, took)) in stats.servers.iter().zip(results)
+                {
+                    server_stats.record_check(took, report);
+                    observations.push(observation);
+                }
                 if events.send(Event::Probes(observations)).is_err() {
                     return; // dispatcher gone: shutting down
                 }
@@ -44,7 +53,10 @@ pub fn spawn(
         })
 }
 
-fn probe_all(servers: &[SocketAddr], id: u64, settings: MonitorSettings) -> Vec<Observation> {
+/// What one probe found, with the server's report and how long it took.
+type ProbeResult = (Observation, Option<StatusReport>, Duration);
+
+fn probe_all(servers: &[SocketAddr], id: u64, settings: MonitorSettings) -> Vec<ProbeResult> {
     thread::scope(|scope| {
         let handles: Vec<_> = servers
             .iter()
@@ -52,37 +64,67 @@ fn probe_all(servers: &[SocketAddr], id: u64, settings: MonitorSettings) -> Vec<
                 thread::Builder::new()
                     .name(format!("probe-{}", addr.port()))
                     .stack_size(128 * 1024)
-                    .spawn_scoped(scope, move || probe(addr, id, settings))
+                    .spawn_scoped(scope, move || {
+                        let started = Instant::now();
+                        let (observation, report) = probe(addr, id, settings);
+                        (observation, report, started.elapsed())
+                    })
             })
             .collect();
         handles
             .into_iter()
             .map(|h| match h {
-                Ok(h) => h
-                    .join()
-                    .unwrap_or_else(|_| Observation::ProbeFailed("probe panicked".into())),
-                Err(e) => Observation::ProbeFailed(format!("cannot start probe: {e}")),
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    (
+                        Observation::ProbeFailed("probe panicked".into()),
+                        None,
+                        Duration::ZERO,
+                    )
+                }),
+                Err(e) => (
+                    Observation::ProbeFailed(format!("cannot start probe: {e}")),
+                    None,
+                    Duration::ZERO,
+                ),
             })
             .collect()
     })
 }
 
 /// Asks one server for its status.
-pub fn probe(addr: &SocketAddr, id: u64, settings: MonitorSettings) -> Observation {
+pub fn probe(
+    addr: &SocketAddr,
+    id: u64,
+    settings: MonitorSettings,
+) -> (Observation, Option<StatusReport>) {
     let stream = match proto::connect(addr, settings.timeout, settings.timeout) {
         Ok(s) => s,
-        Err(e) => return Observation::ProbeFailed(format!("cannot connect: {e}")),
+        Err(e) => {
+            return (
+                Observation::ProbeFailed(format!("cannot connect: {e}")),
+                None,
+            )
+        }
     };
     if settings.wire == BackendWire::Legacy {
-        return probe_legacy(stream);
+        return (probe_legacy(stream), None);
     }
     let mut conn = Connection::new(stream, settings.max_frame);
     match conn.call(&Request::Status { id }) {
-        Ok(Reply::Status(report)) => Observation::ProbeOk {
-            overloaded: report.overloaded,
-        },
-        Ok(other) => Observation::ProbeFailed(format!("unexpected status reply: {other:?}")),
-        Err(e) => Observation::ProbeFailed(format!("status probe failed: {e}")),
+        Ok(Reply::Status(report)) => (
+            Observation::ProbeOk {
+                overloaded: report.overloaded,
+            },
+            Some(report),
+        ),
+        Ok(other) => (
+            Observation::ProbeFailed(format!("unexpected status reply: {other:?}")),
+            None,
+        ),
+        Err(e) => (
+            Observation::ProbeFailed(format!("status probe failed: {e}")),
+            None,
+        ),
     }
 }
 

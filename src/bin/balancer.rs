@@ -71,6 +71,9 @@ struct Args {
     /// Largest frame accepted (e.g. 8MiB).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Log file, appended to.
     #[arg(long, default_value = "loadbalancer.log")]
     log_file: PathBuf,
@@ -115,7 +118,11 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_attempts: args.max_attempts,
         max_in_flight: args.max_in_flight,
         max_frame: args.max_frame,
+        metrics: args.metrics,
     })?;
+    if let Some(addr) = balancer.metrics_addr()? {
+        println!("metrics listening on {addr}");
+    }
     println!("listening on {}", balancer.local_addr()?);
     balancer.run()
 }

@@ -1,0 +1,88 @@
+//! A minimal HTTP responder for Prometheus: `GET /metrics` returns the
+//! balancer's numbers in the text exposition format. One request per
+//! connection, served in turn on one thread; every socket has timeouts so a
+//! stalled scraper cannot hold it for long.
+
+use super::stats::Stats;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest request head read; the rest is ignored.
+const MAX_HEAD: usize = 8 * 1024;
+
+pub fn spawn(listener: TcpListener, stats: Arc<Stats>) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(e) = respond(stream, &stats) {
+                            log::debug!("metrics request failed: {e}");
+                        }
+                    }
+                    Err(e) => log::warn!("metrics: accept failed: {e}"),
+                }
+            }
+        })
+}
+
+fn respond(mut stream: TcpStream, stats: &Stats) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let head = read_head(&mut stream)?;
+    let (status, body) = route(&head, stats);
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())?;
+    stream.flush()
+}
+
+fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The status line and body for a request head.
+fn route(head: &str, stats: &Stats) -> (&'static str, String) {
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => ("200 OK", stats.render()),
+        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".into()),
+        _ => ("405 Method Not Allowed", "only GET is served\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let stats = Stats::new(["s".to_string()]);
+        assert_eq!(route("GET /metrics HTTP/1.1\r\n", &stats).0, "200 OK");
+        assert_eq!(route("GET /metrics?x=1 HTTP/1.0\r\n", &stats).0, "200 OK");
+        assert_eq!(route("GET / HTTP/1.1\r\n", &stats).0, "404 Not Found");
+        assert_eq!(
+            route("POST /metrics HTTP/1.1\r\n", &stats).0,
+            "405 Method Not Allowed"
+        );
+        assert_eq!(route("", &stats).0, "405 Method Not Allowed");
+    }
+}
