@@ -27,6 +27,12 @@ use std::time::Duration;
 /// hostile length prefix cannot make a peer allocate gigabytes.
 pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 
+/// How much larger a request may grow when the balancer forwards it (it adds
+/// `numero_richiesta` and replaces the id). Servers accept frames this much
+/// larger than clients may send, so whatever the balancer takes, a server
+/// with the same `--max-frame` takes too.
+pub const FORWARD_HEADROOM: usize = 1024;
+
 /// Why a frame could not be read. Everything here means the stream can no
 /// longer be trusted (or is gone), so the caller closes the connection.
 #[derive(Debug)]

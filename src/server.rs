@@ -48,7 +48,7 @@ impl Default for Config {
             char_delay: Duration::ZERO,
             max_active: 16,
             max_memory_mb: 1024,
-            max_frame: proto::DEFAULT_MAX_FRAME,
+            max_frame: proto::DEFAULT_MAX_FRAME + proto::FORWARD_HEADROOM,
             idle_timeout: Duration::from_secs(300),
         }
     }
@@ -154,7 +154,7 @@ impl Server {
             let name = format!("srv{}-conn{conn_seq}", self.shared.addr.port());
             if let Err(e) = thread::Builder::new()
                 .name(name)
-                .stack_size(256 * 1024)
+                // Default stack size: parsing deeply nested JSON recurses.
                 .spawn(move || serve_connection(stream, &shared))
             {
                 log::error!(

@@ -715,7 +715,7 @@ fn server_rejects_garbage_and_keeps_serving() {
     assert_eq!(titles, ["direct", "fresh connection", "same connection"]);
 }
 
-// ------------------------------------------- product bugs (ignored tests)
+// ------------------------------------------- limits at the edges
 
 /// Frames of nested objects at serde_json's recursion limit (128 levels).
 fn nested_payloads() -> Vec<(&'static str, String)> {
@@ -759,8 +759,6 @@ fn deeply_nested_json_does_not_crash_the_server() {
 
 /// The same frames sent to the balancer.
 #[test]
-#[ignore = "product bug: the debug balancer aborts (stack overflow in a 256 KiB connection thread) \
-            on ~1 KB of nested JSON objects"]
 fn deeply_nested_json_does_not_crash_the_balancer() {
     let c = Cluster::start(1, &[], &[]);
     for (what, payload) in nested_payloads() {
@@ -782,8 +780,6 @@ fn deeply_nested_json_does_not_crash_the_balancer() {
 /// A title of letters outside the Basic Multilingual Plane (4 bytes each in
 /// UTF-8) must still get a file name the file system accepts (255 bytes).
 #[test]
-#[ignore = "product bug: safe_title bounds the file name in characters, not bytes; \
-            80 four-byte letters exceed NAME_MAX and the store fails with ENAMETOOLONG"]
 fn title_of_four_byte_letters_is_stored() {
     let c = Cluster::start(2, &[], &[]);
     let mut raw = Raw::connect(c.balancer.addr);
@@ -798,9 +794,6 @@ fn title_of_four_byte_letters_is_stored() {
 /// limit the balancer advertises (and accepts) must be stored, not refused by
 /// the balancer's own server because forwarding made the frame larger.
 #[test]
-#[ignore = "product bug: the balancer accepts a frame up to --max-frame but forwards it with \
-            numero_richiesta added; servers with the same limit (the default, and always \
-            with --local-servers) refuse it with frame_too_large"]
 fn frame_at_the_limit_is_stored_by_servers_with_the_same_limit() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("json_files");

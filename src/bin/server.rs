@@ -36,7 +36,8 @@ struct Args {
     /// Report overloaded when the process uses more memory than this.
     #[arg(long, default_value_t = 1024, value_name = "MB")]
     max_memory_mb: u64,
-    /// Largest frame accepted (e.g. 8MiB).
+    /// Largest frame a client of the balancer may send (e.g. 8MiB); the
+    /// server accepts 1 KiB more, the room a forwarded request needs.
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
     /// Close a connection that sends nothing for this long.
@@ -73,7 +74,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         char_delay: Duration::from_millis(args.char_delay_ms),
         max_active: args.max_active,
         max_memory_mb: args.max_memory_mb,
-        max_frame: args.max_frame,
+        max_frame: args.max_frame + lbft::proto::FORWARD_HEADROOM,
         idle_timeout: args.idle_timeout,
         ..defaults
     })?;

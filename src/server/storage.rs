@@ -11,6 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest title part of a stored file name, in characters.
 pub const MAX_TITLE_CHARS: usize = 80;
+/// And in bytes: with the number prefix and a `~N.json` suffix the name
+/// stays well under the 255-byte limit of common file systems.
+pub const MAX_TITLE_BYTES: usize = 200;
 
 /// The JSON written for each stored document.
 #[derive(Debug, Serialize)]
@@ -146,11 +149,17 @@ pub fn safe_title(title: &str) -> String {
         }
         out.push(c);
     }
-    let trimmed: String = out
+    let mut trimmed = String::new();
+    for c in out
         .trim_matches(|c| c == '_' || c == '.')
         .chars()
         .take(MAX_TITLE_CHARS)
-        .collect();
+    {
+        if trimmed.len() + c.len_utf8() > MAX_TITLE_BYTES {
+            break;
+        }
+        trimmed.push(c);
+    }
     let trimmed = trimmed.trim_end_matches(['_', '.']);
     if trimmed.is_empty() {
         "untitled".to_string()
@@ -218,6 +227,11 @@ mod tests {
         }
         let long = "x".repeat(10_000);
         assert_eq!(safe_title(&long).chars().count(), MAX_TITLE_CHARS);
+        let wide = safe_title(&"𝐀".repeat(100));
+        assert!(
+            wide.len() <= MAX_TITLE_BYTES && wide.starts_with("𝐀𝐀"),
+            "{wide}"
+        );
     }
 
     #[test]
