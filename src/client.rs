@@ -1,6 +1,9 @@
 //! The client: picks documents, sends them to the balancer on one
 //! connection (all requests written ahead, replies read as they come) and
-//! reports where each one landed.
+//! reports where each one landed. Also the compute service (`calc`) and the
+//! servers' status (`status`).
+
+pub mod status;
 
 use crate::proto::{
     self, Document, ErrorReply, FrameReader, FrameWriter, Reply, Request, StoreRequest,
@@ -311,6 +314,68 @@ pub fn send_files(config: &Config, files: &[PathBuf], out: &mut impl Write) -> R
     Ok(outcomes.iter().all(|o| o.is_ok()))
 }
 
+/// One line per computation, as printed to the user.
+pub fn describe_calc(index: usize, total: usize, answer: &Answer) -> String {
+    let width = total.to_string().len();
+    let n = index + 1;
+    match answer {
+        Ok(Reply::Calc(c)) => format!(
+            "  ok    [{n:>width$}/{total}] {} {} {} = {} ({}) computed by server {}",
+            c.a,
+            c.operation.symbol(),
+            c.b,
+            c.result,
+            c.operation,
+            c.server
+        ),
+        Ok(other) => format!("  FAIL  [{n:>width$}/{total}] unexpected reply {other:?}"),
+        Err(e) => format!("  FAIL  [{n:>width$}/{total}] {}: {}", e.code, e.message),
+    }
+}
+
+/// Sends `n` compute requests with operations drawn at random and prints
+/// each result with the server that computed it. Returns whether all
+/// succeeded.
+pub fn calc(config: &Config, n: usize, out: &mut impl Write) -> Result<bool, Error> {
+    let mut rng = rand::thread_rng();
+    let requests = (0..n)
+        .map(|i| Request::Calc {
+            id: i as u64 + 1,
+            operation: *proto::Operation::ALL
+                .choose(&mut rng)
+                .expect("four operations"),
+        })
+        .collect();
+    writeln!(out, "sending {n} compute requests to {}", config.balancer)?;
+    let mut write_err = None;
+    let answers = pipeline(config, requests, |i, answer| {
+        if let Err(e) = writeln!(out, "{}", describe_calc(i, n, answer)) {
+            write_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    let mut per_server: BTreeMap<&str, usize> = BTreeMap::new();
+    for answer in &answers {
+        if let Ok(Reply::Calc(c)) = answer {
+            *per_server.entry(c.server.as_str()).or_default() += 1;
+        }
+    }
+    let done: usize = per_server.values().sum();
+    let spread: Vec<String> = per_server
+        .iter()
+        .map(|(s, n)| format!("{s}: {n}"))
+        .collect();
+    writeln!(
+        out,
+        "{n} requests: {done} computed, {} failed (per server: {})",
+        n - done,
+        spread.join(", ")
+    )?;
+    Ok(done == n)
+}
+
 /// Sends `n` documents picked at random from the documents folder.
 pub fn ftp(config: &Config, n: usize, out: &mut impl Write) -> Result<bool, Error> {
     let files = list_documents(&config.documents)?;
@@ -319,6 +384,7 @@ pub fn ftp(config: &Config, n: usize, out: &mut impl Write) -> Result<bool, Erro
 
 const HELP: &str = "commands:
   FTP    send documents picked at random from the documents folder
+  CALC   send compute requests with random operations
   help   show this help
   exit   quit (end of input quits too)
 commands are case-insensitive";
@@ -349,22 +415,36 @@ pub fn interactive(
             "" => {}
             "exit" | "quit" => break,
             "help" | "?" => writeln!(out, "{HELP}")?,
-            "ftp" => {
-                let Some(answer) = prompt(input, out, "how many documents? ")? else {
+            command @ ("ftp" | "calc") => {
+                let question = if command == "ftp" {
+                    "how many documents? "
+                } else {
+                    "how many requests? "
+                };
+                let Some(answer) = prompt(input, out, question)? else {
                     break;
                 };
-                match answer.parse::<usize>() {
-                    Ok(n) if n > 0 => match send_files(config, &pick_random(&files, n), out) {
-                        Ok(ok) => all_ok &= ok,
-                        Err(e) => {
-                            all_ok = false;
-                            writeln!(out, "error: {e}")?;
-                        }
-                    },
-                    _ => writeln!(
-                        out,
-                        "please type a whole number greater than 0, not `{answer}`"
-                    )?,
+                let n = match answer.parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        writeln!(
+                            out,
+                            "please type a whole number greater than 0, not `{answer}`"
+                        )?;
+                        continue;
+                    }
+                };
+                let result = if command == "ftp" {
+                    send_files(config, &pick_random(&files, n), out)
+                } else {
+                    calc(config, n, out)
+                };
+                match result {
+                    Ok(ok) => all_ok &= ok,
+                    Err(e) => {
+                        all_ok = false;
+                        writeln!(out, "error: {e}")?;
+                    }
                 }
             }
             other => writeln!(out, "unknown command `{other}`\n{HELP}")?,

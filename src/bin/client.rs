@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 use lbft::cli::parse_duration;
+use lbft::client::status::StatusOptions;
 use lbft::client::{self, Config};
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -38,6 +39,28 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Send N compute requests, each with an operation drawn at random
+    /// (somma, sottrazione, moltiplicazione, divisione).
+    Calc {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
+    },
+    /// Show every server known to the balancer: health, CPU, memory, disk,
+    /// network, uptime, active transfers, files stored.
+    Status {
+        /// Refresh the table every --interval; averages every 10 samples.
+        #[arg(long)]
+        watch: bool,
+        /// Time between samples with --watch.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Stop after this many samples (default: once, or forever with --watch).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Append every sample to this file, one JSON object per line.
+        #[arg(long, default_value = "historico.json")]
+        history: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +76,21 @@ fn main() -> ExitCode {
         None => client::interactive(&config, &mut io::stdin().lock(), &mut out),
         Some(Command::Ftp { count }) => client::ftp(&config, count as usize, &mut out),
         Some(Command::Send { paths }) => client::send_files(&config, &paths, &mut out),
+        Some(Command::Calc { count }) => client::calc(&config, count as usize, &mut out),
+        Some(Command::Status {
+            watch,
+            interval,
+            count,
+            history,
+        }) => {
+            let options = StatusOptions {
+                watch,
+                interval,
+                count,
+                history,
+            };
+            client::status::run(&config, &options, &mut out)
+        }
     };
     let _ = out.flush();
     match result {

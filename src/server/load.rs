@@ -65,6 +65,10 @@ impl Load {
         *self.sample.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn store(&self, sample: Sample) {
+        *self.sample.lock().unwrap_or_else(|p| p.into_inner()) = sample;
+    }
+
     /// Marks one request as in progress until the guard drops.
     pub fn begin(&self) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -97,17 +101,16 @@ pub fn spawn_sampler(
     interval: Duration,
     stop: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
+    // The first sample is taken before returning, so no status report ever
+    // shows the zeros of "not sampled yet".
+    let mut sampler = Sampler::new(&storage);
+    load.store(sampler.sample());
     thread::Builder::new()
         .name("server-load".into())
-        .spawn(move || {
-            let mut sampler = Sampler::new(&storage);
-            loop {
-                let sample = sampler.sample();
-                *load.sample.lock().unwrap_or_else(|p| p.into_inner()) = sample;
-                match stop.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
+        .spawn(move || loop {
+            match stop.recv_timeout(interval) {
+                Err(RecvTimeoutError::Timeout) => load.store(sampler.sample()),
+                _ => return,
             }
         })
 }
