@@ -192,7 +192,12 @@ impl Dispatcher {
     fn submit(&mut self, job: Job) {
         if self.waiting.is_empty() {
             if let Some(job) = self.try_dispatch(job) {
-                log::info!("{}: no server available, waiting", job.label());
+                // Logged once per wait, not once per request: under load every
+                // request would say the same.
+                log::info!(
+                    "{}: no server can take it now (down, overloaded or at --max-in-flight); queueing",
+                    job.label()
+                );
                 self.waiting.push_back(job);
             }
         } else {
