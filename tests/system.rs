@@ -296,3 +296,54 @@ fn status_reports_load() {
     assert!(!status.overloaded);
     assert_eq!(status.files_stored, 0);
 }
+
+#[test]
+fn an_overloaded_server_gets_nothing() {
+    // A memory limit of 1 MB is always exceeded: the first server reports
+    // itself overloaded on every probe.
+    let dir = tempfile::tempdir().unwrap();
+    let busy = start_server(&dir.path().join("busy"), &["--max-memory-mb", "1"]);
+    let idle = start_server(&dir.path().join("idle"), &[]);
+    let balancer = start_balancer(dir.path(), &[busy.addr, idle.addr], &[]);
+    let mut conn = Raw::connect(balancer.addr);
+    for id in 1..=6 {
+        conn.store(id, &format!("doc {id}"), "abc");
+    }
+    for _ in 1..=6 {
+        let Reply::Stored(s) = conn.reply() else {
+            panic!("not stored")
+        };
+        assert_eq!(s.server, idle.addr.to_string());
+    }
+    assert_eq!(stored_files(&dir.path().join("busy")).len(), 0);
+    assert_eq!(stored_files(&dir.path().join("idle")).len(), 6);
+    let log = std::fs::read_to_string(dir.path().join("loadbalancer.log")).unwrap();
+    assert!(
+        log.contains(&format!("server {} is overloaded", busy.addr)),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_storage_error_moves_the_document_to_another_server() {
+    let cluster = Cluster::start(2, &[], &[]);
+    // Pull the first server's folder from under it: writing fails there.
+    let broken = &cluster.server_dirs[0];
+    std::fs::rename(broken, broken.with_extension("moved")).unwrap();
+    std::fs::write(broken, b"not a folder").unwrap();
+
+    let mut conn = Raw::connect(cluster.balancer.addr);
+    for id in 1..=4 {
+        conn.store(id, &format!("doc {id}"), "abc");
+    }
+    for _ in 1..=4 {
+        let Reply::Stored(s) = conn.reply() else {
+            panic!("not stored")
+        };
+        assert_eq!(s.server, cluster.servers[1].addr.to_string());
+    }
+    assert_eq!(stored_files(&cluster.server_dirs[1]).len(), 4);
+    let log = cluster.log();
+    assert!(log.contains("storage: server"), "{log}");
+    assert!(log.contains("trying another server"), "{log}");
+}
