@@ -366,7 +366,15 @@ impl Dispatcher {
                 .iter()
                 .map(|s| format!("{} {}", s.name, s.health.state()))
                 .collect();
-            let msg = format!("no server available ({})", states.join(", "));
+            let busy = self.slots.iter().any(|s| s.health.accepts_requests());
+            let msg = if busy {
+                format!(
+                    "no server available: every server that is up has --max-in-flight requests in progress ({})",
+                    states.join(", ")
+                )
+            } else {
+                format!("no server available ({})", states.join(", "))
+            };
             log::error!("{}: {msg}; giving up", job.label());
             job.fail(ErrorCode::NoServer, msg, &self.stats);
         }
