@@ -802,6 +802,21 @@ mod tests {
     }
 
     #[test]
+    fn decimal_results_survive_the_wire_exactly() {
+        for (a, b) in [(6, 26), (1, 3), (49, 47), (22, 7)] {
+            let reply = Reply::Calc(Computed {
+                id: 1,
+                server: "s".into(),
+                a,
+                b,
+                operation: Operation::Divisione,
+                result: Operation::Divisione.apply(a, b),
+            });
+            assert_eq!(decode::<Reply>(&encode(&reply)).unwrap(), reply);
+        }
+    }
+
+    #[test]
     fn operations() {
         assert_eq!(Operation::Somma.apply(3, 4), 7.0);
         assert_eq!(Operation::Sottrazione.apply(3, 4), -1.0);
