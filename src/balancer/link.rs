@@ -52,9 +52,6 @@ pub fn spawn(
                 server_stats.requests.fetch_add(1, Relaxed);
                 let result = link.forward(&mut job);
                 let event = settle(index, &name, job, result, server_stats, &stats);
-                if matches!(event, Event::Retry { .. }) {
-                    server_stats.failures.fetch_add(1, Relaxed);
-                }
                 if events.send(event).is_err() {
                     return; // dispatcher gone: shutting down
                 }
@@ -73,12 +70,15 @@ fn settle(
     stats: &super::stats::Stats,
 ) -> Event {
     let number = job.request_number.unwrap_or_default();
-    let retry = |job, reason, link_failed, delivered| Event::Retry {
-        server: index,
-        job,
-        reason,
-        link_failed,
-        delivered,
+    let retry = |job, reason, link_failed, delivered| {
+        server_stats.failures.fetch_add(1, Relaxed);
+        Event::Retry {
+            server: index,
+            job,
+            reason,
+            link_failed,
+            delivered,
+        }
     };
     let reply = match result {
         Ok(Reply::Stored(mut stored)) => {
