@@ -33,6 +33,9 @@ pub struct Config {
     pub char_delay: Duration,
     pub max_active: u64,
     pub max_memory_mb: u64,
+    /// Largest frame a client of the balancer may send; the server reads
+    /// frames up to `proto::FORWARD_HEADROOM` larger, the room a forwarded
+    /// request needs.
     pub max_frame: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
@@ -48,7 +51,7 @@ impl Default for Config {
             char_delay: Duration::ZERO,
             max_active: 16,
             max_memory_mb: 1024,
-            max_frame: proto::DEFAULT_MAX_FRAME + proto::FORWARD_HEADROOM,
+            max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
         }
     }
@@ -64,6 +67,12 @@ struct Shared {
     /// rather than through the balancer).
     local_numbers: AtomicU64,
     config: Config,
+}
+
+impl Shared {
+    fn frame_limit(&self) -> usize {
+        self.config.max_frame + proto::FORWARD_HEADROOM
+    }
 }
 
 /// A bound server, ready to run.
@@ -211,7 +220,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             return;
         }
     }
-    let mut reader = FrameReader::new(read_half, shared.config.max_frame);
+    let mut reader = FrameReader::new(read_half, shared.frame_limit());
     let mut writer = FrameWriter::new(stream);
     loop {
         let reply = match reader.message::<Request>() {
@@ -239,7 +248,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
 /// A connection from the original balancer: documents (no reply) and status
 /// probes (one byte), as unframed JSON objects.
 fn serve_legacy(read_half: TcpStream, mut write_half: TcpStream, peer: &str, shared: &Shared) {
-    let reader = LegacyReader::new(BufReader::new(read_half), shared.config.max_frame);
+    let reader = LegacyReader::new(BufReader::new(read_half), shared.frame_limit());
     for request in reader {
         match request {
             Ok(LegacyRequest::Status) => {

@@ -148,7 +148,7 @@ fn start_local_servers(args: &Args, n: u16) -> Result<Vec<Backend>, lbft::Error>
             listen,
             storage_root: args.storage_dir.clone(),
             char_delay: Duration::from_millis(args.char_delay_ms),
-            max_frame: args.max_frame + lbft::proto::FORWARD_HEADROOM,
+            max_frame: args.max_frame,
             ..server::Config::default()
         })?;
         let addr = server.local_addr();

@@ -74,7 +74,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         char_delay: Duration::from_millis(args.char_delay_ms),
         max_active: args.max_active,
         max_memory_mb: args.max_memory_mb,
-        max_frame: args.max_frame + lbft::proto::FORWARD_HEADROOM,
+        max_frame: args.max_frame,
         idle_timeout: args.idle_timeout,
         ..defaults
     })?;
