@@ -203,8 +203,11 @@ class OriginalServer:
                 conn.sendall(b"\x00")
                 return
             name = f"{message['numero_richiesta']}_{message['titolo']}".replace("/", "_")
-            with open(os.path.join(self.folder, name), "w", encoding="utf-8") as f:
+            # Write then rename, so a reader never sees a half-written file.
+            temp = os.path.join(self.folder, "." + name + ".tmp")
+            with open(temp, "w", encoding="utf-8") as f:
                 f.write(message["contenuto"])
+            os.replace(temp, os.path.join(self.folder, name))
 
     def close(self):
         self.sock.close()
@@ -230,11 +233,12 @@ def scenario_legacy_backends(balancer_bin, client_bin, work):
                                 capture_output=True, text=True, timeout=60)
         check("client through a legacy-backend balancer succeeds", result.returncode == 0,
               result.stdout + result.stderr)
-        files = lambda: sorted(n for f in folders for n in os.listdir(f))
+        files = lambda: sorted(n for f in folders for n in os.listdir(f) if not n.startswith("."))
         check("original servers received every document", eventually(lambda: len(files()) == 4), files())
-        counts = sorted(len(os.listdir(f)) for f in folders)
+        counts = sorted(len([n for n in os.listdir(f) if not n.startswith(".")]) for f in folders)
         check("legacy backends share the documents 2/2", counts == [2, 2], counts)
-        texts = sorted(open(os.path.join(f, n), encoding="utf-8").read() for f in folders for n in os.listdir(f))
+        texts = sorted(open(os.path.join(f, n), encoding="utf-8").read()
+                       for f in folders for n in os.listdir(f) if not n.startswith("."))
         check("original servers got the contents intact", texts == sorted(d["contenuto"] for d in documents()[:4]))
         check("balancer probed the original servers", all(o.probes > 0 for o in originals),
               [o.probes for o in originals])
