@@ -100,7 +100,7 @@ fn count_files(dir: &Path) -> usize {
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    proto::connect(&addr, CONNECT_TIMEOUT, REPLY_TIMEOUT)
+    lbft::net::connect(&addr, CONNECT_TIMEOUT, REPLY_TIMEOUT)
         .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
 }
 
@@ -127,6 +127,7 @@ fn warm_up(addr: SocketAddr, title: &str) {
             content: "warm-up".into(),
         },
         request_number: None,
+        not_after_ms: None,
     });
     writer
         .message(&request)
@@ -158,6 +159,7 @@ fn send_pipelined(
                     id,
                     doc,
                     request_number: None,
+                    not_after_ms: None,
                 });
                 sent_tx
                     .send((id, Instant::now()))

@@ -126,7 +126,7 @@ pub fn pipeline(
     mut on_answer: impl FnMut(usize, &Answer),
 ) -> Result<Vec<Answer>, Error> {
     let count = requests.len();
-    let stream = proto::connect(
+    let stream = crate::net::connect(
         &config.balancer,
         config.connect_timeout,
         config.reply_timeout,
@@ -215,6 +215,7 @@ pub fn send_documents(
                 id: i as u64 + 1,
                 doc,
                 request_number: None,
+                not_after_ms: None,
             })
         })
         .collect();
@@ -482,6 +483,7 @@ mod tests {
             request_number: n,
             file: format!("{n}_x.json"),
             a_count: 2,
+            existing: false,
         })
     }
 

@@ -270,6 +270,7 @@ fn serve_legacy(read_half: TcpStream, mut write_half: TcpStream, peer: &str, sha
                     id: 0,
                     doc,
                     request_number,
+                    not_after_ms: None,
                 };
                 handle_store(store, shared);
             }
@@ -303,6 +304,11 @@ fn handle(request: Request, shared: &Shared) -> Reply {
                 result: operation.apply(a, b),
             })
         }
+        Request::Forget { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "`forget` is not supported yet",
+        ),
         Request::Servers { id } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,
@@ -352,6 +358,7 @@ fn handle_store(store: StoreRequest, shared: &Shared) -> Reply {
                 request_number: number,
                 file,
                 a_count,
+                existing: false,
             })
         }
         Err(e) => {

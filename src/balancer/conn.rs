@@ -153,6 +153,14 @@ impl Conn {
                     let _ = replies.send(Reply::Servers(list));
                     continue;
                 }
+                Request::Forget { id, .. } => {
+                    let _ = replies.send(Reply::error(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        "`forget` is sent by the balancer to storage servers, not to the balancer",
+                    ));
+                    continue;
+                }
                 Request::Status { id } => {
                     let _ = replies.send(Reply::error(
                         Some(id),

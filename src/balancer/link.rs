@@ -135,7 +135,7 @@ struct Link {
 impl Link {
     fn connect(&self) -> Result<Connection<TcpStream>, LinkError> {
         let s = self.settings;
-        proto::connect(&self.addr, s.connect_timeout, s.io_timeout)
+        crate::net::connect(&self.addr, s.connect_timeout, s.io_timeout)
             .map(|stream| Connection::new(stream, s.max_frame))
             .map_err(|e| LinkError {
                 reason: format!("cannot connect: {e}"),
@@ -157,6 +157,7 @@ impl Link {
                 id: number,
                 doc: std::mem::take(doc),
                 request_number: Some(number),
+                not_after_ms: None,
             }),
             Work::Calc(operation) => Request::Calc {
                 id: number,
@@ -194,9 +195,11 @@ impl Link {
         };
         let s = self.settings;
         let mut stream =
-            proto::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
-                reason: format!("cannot connect: {e}"),
-                delivered: false,
+            crate::net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| {
+                LinkError {
+                    reason: format!("cannot connect: {e}"),
+                    delivered: false,
+                }
             })?;
         let text = legacy::dumps_document(doc, Some(number));
         stream
@@ -212,6 +215,7 @@ impl Link {
             request_number: number,
             file: legacy::original_file_name(number, &doc.title),
             a_count: crate::server::storage::count_a(&doc.content),
+            existing: false,
         }))
     }
 

@@ -6,7 +6,7 @@ use super::dispatch::Event;
 use super::stats::Stats;
 use super::BackendWire;
 use crate::health::Observation;
-use crate::proto::{self, legacy, Connection, Reply, Request, StatusReport};
+use crate::proto::{legacy, Connection, Reply, Request, StatusReport};
 use crossbeam_channel::Sender;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -97,7 +97,7 @@ pub fn probe(
     id: u64,
     settings: MonitorSettings,
 ) -> (Observation, Option<StatusReport>) {
-    let stream = match proto::connect(addr, settings.timeout, settings.timeout) {
+    let stream = match crate::net::connect(addr, settings.timeout, settings.timeout) {
         Ok(s) => s,
         Err(e) => {
             return (

@@ -86,7 +86,7 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
 /// one each time, so a watch survives a balancer restart).
 fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
     let addr = config.balancer;
-    let stream = proto::connect(&addr, config.connect_timeout, config.reply_timeout)
+    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
         .map_err(|e| Error::Connect(addr, e))?;
     let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
     let failed =

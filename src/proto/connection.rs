@@ -1,0 +1,74 @@
+//! A request/response connection: frames and messages over one stream.
+
+use super::frame::{FrameError, FrameReader};
+use super::message::{encode, DecodeError, Message, Reply, Request};
+use super::write_frame;
+use serde::Serialize;
+use std::fmt;
+use std::io::{self, Read, Write};
+
+/// Why a request/response exchange failed.
+#[derive(Debug)]
+pub enum CallError {
+    Frame(FrameError),
+    /// The peer closed the connection before replying.
+    Closed,
+    /// The reply could not be decoded.
+    Decode(DecodeError),
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Frame(e) => e.fmt(f),
+            CallError::Closed => f.write_str("connection closed by peer"),
+            CallError::Decode(e) => write!(f, "unreadable reply: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl From<io::Error> for CallError {
+    fn from(e: io::Error) -> Self {
+        CallError::Frame(FrameError::Io(e))
+    }
+}
+
+/// A request/response connection over any byte stream (TCP now, TLS later).
+pub struct Connection<S: Read + Write> {
+    reader: FrameReader<S>,
+}
+
+impl<S: Read + Write> Connection<S> {
+    pub fn new(stream: S, max: usize) -> Self {
+        Connection {
+            reader: FrameReader::new(stream, max),
+        }
+    }
+
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        // Frames are written whole and flushed, so writing straight to the
+        // stream under the reader's buffer is safe.
+        write_frame(self.reader.get_mut(), &encode(msg))
+    }
+
+    pub fn recv<T: Message>(&mut self) -> Result<T, CallError> {
+        match self.reader.message::<T>() {
+            Ok(Some(Ok(msg))) => Ok(msg),
+            Ok(Some(Err(e))) => Err(CallError::Decode(e)),
+            Ok(None) => Err(CallError::Closed),
+            Err(e) => Err(CallError::Frame(e)),
+        }
+    }
+
+    /// Sends a request and waits for its reply.
+    pub fn call(&mut self, request: &Request) -> Result<Reply, CallError> {
+        self.send(request)?;
+        self.recv()
+    }
+
+    pub fn get_ref(&self) -> &S {
+        self.reader.get_ref()
+    }
+}

@@ -1,0 +1,249 @@
+//! Frames: a `u32` big-endian length, then that many bytes. The length is
+//! checked against a maximum before reading, and the buffer grows as bytes
+//! arrive, so a peer that announces a large frame and stalls costs nothing.
+
+use super::message::{decode, encode, DecodeError, ErrorCode, ErrorReply, Message};
+use serde::Serialize;
+use std::fmt;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+/// Default cap on one frame: generous for text documents, small enough that a
+/// hostile length prefix cannot make a peer allocate gigabytes.
+pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
+
+/// How much larger a request may grow when the balancer forwards it (it adds
+/// `numero_richiesta` and replaces the id). Servers accept frames this much
+/// larger than clients may send, so whatever the balancer takes, a server
+/// with the same `--max-frame` takes too.
+pub const FORWARD_HEADROOM: usize = 1024;
+
+/// Why a frame could not be read. Everything here means the stream can no
+/// longer be trusted (or is gone), so the caller closes the connection.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The length prefix is larger than the reader's maximum.
+    TooLarge {
+        len: u64,
+        max: usize,
+    },
+    /// The peer closed the stream in the middle of a frame.
+    Truncated {
+        expected: usize,
+        got: usize,
+    },
+    /// No byte arrived within the read timeout. `mid_frame` tells a stalled
+    /// peer (part of a frame sent) from an idle one.
+    Timeout {
+        mid_frame: bool,
+    },
+    Io(io::Error),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the maximum of {max} bytes")
+            }
+            FrameError::Truncated { expected, got } => write!(
+                f,
+                "connection closed mid-frame ({got} of {expected} bytes received)"
+            ),
+            FrameError::Timeout { mid_frame: true } => {
+                write!(f, "peer stalled in the middle of a frame")
+            }
+            FrameError::Timeout { mid_frame: false } => write!(f, "peer idle for too long"),
+            FrameError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl FrameError {
+    /// The error reply worth sending to the peer before closing, if any.
+    pub fn reply(&self) -> Option<ErrorReply> {
+        let (code, message) = match self {
+            FrameError::TooLarge { .. } => (ErrorCode::FrameTooLarge, self.to_string()),
+            FrameError::Timeout { .. } => (ErrorCode::Timeout, self.to_string()),
+            FrameError::Truncated { .. } | FrameError::Io(_) => return None,
+        };
+        Some(ErrorReply {
+            id: None,
+            code,
+            message,
+        })
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads into `buf` until full. Returns how many bytes arrived before a
+/// clean end of stream (== `buf.len()` when complete).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // Keep the count so the caller can tell idle from stalled.
+                return Err(io::Error::new(e.kind(), PartialRead(got, e)));
+            }
+        }
+    }
+    Ok(got)
+}
+
+#[derive(Debug)]
+struct PartialRead(usize, io::Error);
+impl fmt::Display for PartialRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.1.fmt(f)
+    }
+}
+impl std::error::Error for PartialRead {}
+
+fn partial_count(e: &io::Error) -> usize {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<PartialRead>())
+        .map_or(0, |p| p.0)
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream between frames.
+pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    match read_header(r, max)? {
+        None => Ok(None),
+        Some(len) => read_payload(r, len).map(Some),
+    }
+}
+
+/// Reads a frame's length prefix and checks it against `max`. `Ok(None)` is
+/// a clean end of stream between frames.
+pub fn read_header(r: &mut impl Read, max: usize) -> Result<Option<usize>, FrameError> {
+    let mut header = [0u8; 4];
+    let got = read_full(r, &mut header).map_err(|e| {
+        if is_timeout(&e) {
+            FrameError::Timeout {
+                mid_frame: partial_count(&e) > 0,
+            }
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    match got {
+        0 => return Ok(None),
+        4 => {}
+        got => return Err(FrameError::Truncated { expected: 4, got }),
+    }
+    let len = u32::from_be_bytes(header) as u64;
+    if len > max as u64 {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(Some(len as usize))
+}
+
+/// First allocation for a payload; the buffer grows as bytes arrive, so a
+/// declared length costs memory only once it is really sent.
+const INITIAL_PAYLOAD_CAPACITY: usize = 64 * 1024;
+
+/// Reads the `len` bytes of a payload whose header has been read.
+pub fn read_payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut payload = Vec::with_capacity(len.min(INITIAL_PAYLOAD_CAPACITY));
+    let mut limited = r.take(len as u64);
+    loop {
+        // `read_to_end` keeps what arrived before an error, so a timeout
+        // still tells how far the frame got.
+        match limited.read_to_end(&mut payload) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Err(FrameError::Timeout { mid_frame: true }),
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    if payload.len() < len {
+        return Err(FrameError::Truncated {
+            expected: len + 4,
+            got: payload.len() + 4,
+        });
+    }
+    Ok(payload)
+}
+
+/// Writes one frame and flushes it.
+pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame longer than 4 GiB"))?;
+    w.write_all(&len.to_be_bytes())?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+/// Reads frames from one half of a stream.
+pub struct FrameReader<R: Read> {
+    inner: BufReader<R>,
+    max: usize,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R, max: usize) -> Self {
+        FrameReader {
+            inner: BufReader::new(inner),
+            max,
+        }
+    }
+
+    /// Next frame; `Ok(None)` at a clean end of stream.
+    pub fn frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        read_frame(&mut self.inner, self.max)
+    }
+
+    /// The next frame's length, checked against the maximum; `Ok(None)` at a
+    /// clean end of stream. Follow with `payload(len)`.
+    pub fn header(&mut self) -> Result<Option<usize>, FrameError> {
+        read_header(&mut self.inner, self.max)
+    }
+
+    pub fn payload(&mut self, len: usize) -> Result<Vec<u8>, FrameError> {
+        read_payload(&mut self.inner, len)
+    }
+
+    /// Next message of family `T`. The outer error closes the stream; the
+    /// inner one is a bad message on a stream that is still in step.
+    pub fn message<T: Message>(&mut self) -> Result<Option<Result<T, DecodeError>>, FrameError> {
+        Ok(self.frame()?.map(|payload| decode(&payload)))
+    }
+
+    pub fn get_ref(&self) -> &R {
+        self.inner.get_ref()
+    }
+
+    /// The stream under the read buffer, for writes on a connection that
+    /// both reads and writes through this reader.
+    pub(super) fn get_mut(&mut self) -> &mut R {
+        self.inner.get_mut()
+    }
+}
+
+/// Writes frames to one half of a stream.
+pub struct FrameWriter<W: Write> {
+    inner: BufWriter<W>,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(inner: W) -> Self {
+        FrameWriter {
+            inner: BufWriter::new(inner),
+        }
+    }
+
+    pub fn message<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        write_frame(&mut self.inner, &encode(msg))
+    }
+}

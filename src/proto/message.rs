@@ -1,0 +1,445 @@
+//! Messages: the JSON requests and replies carried in frames, and how a
+//! payload is decoded into one with a precise error.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Serialises a message to its frame payload.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising our own types to a Vec cannot fail: no maps with non-string
+    // keys, no custom Serialize impls that error.
+    serde_json::to_vec(msg).expect("protocol messages always serialise")
+}
+
+/// A message family that can be decoded from a frame: requests or replies.
+pub trait Message: DeserializeOwned + Serialize {
+    /// The `"type"` values of this family, to tell an unknown type apart from
+    /// a malformed known one.
+    const TYPES: &'static [&'static str];
+}
+
+/// Why a well-framed payload is not a valid message. The stream is still in
+/// step, so the connection stays open and this becomes an error reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    /// The request id, when the payload got far enough to show one.
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl From<DecodeError> for ErrorReply {
+    fn from(e: DecodeError) -> Self {
+        ErrorReply {
+            id: e.id,
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// Decodes a frame payload into a message of family `T`.
+pub fn decode<T: Message>(payload: &[u8]) -> Result<T, DecodeError> {
+    let err = |id, code, message: String| DecodeError { id, code, message };
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        err(
+            None,
+            ErrorCode::InvalidUtf8,
+            format!("payload is not valid UTF-8 ({e})"),
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        err(
+            None,
+            ErrorCode::InvalidJson,
+            format!("payload is not valid JSON ({e})"),
+        )
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(err(
+            None,
+            ErrorCode::InvalidJson,
+            "payload is JSON but not an object".into(),
+        ));
+    };
+    let id = object.get("id").and_then(|v| v.as_u64());
+    let kind = match object.get("type") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(err(
+                id,
+                ErrorCode::BadRequest,
+                "field `type` must be a string".into(),
+            ))
+        }
+        None => {
+            return Err(err(
+                id,
+                ErrorCode::BadRequest,
+                "missing field `type`".into(),
+            ))
+        }
+    };
+    if !T::TYPES.contains(&kind.as_str()) {
+        return Err(err(
+            id,
+            ErrorCode::UnknownType,
+            format!(
+                "unknown message type `{}` (expected one of: {})",
+                truncate(&kind, 64),
+                T::TYPES.join(", ")
+            ),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        err(
+            id,
+            ErrorCode::BadRequest,
+            format!("malformed `{kind}` message: {e}"),
+        )
+    })
+}
+
+/// Shortens untrusted text for error messages and logs.
+pub fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// The name a unit enum variant has on the wire, so that logs and messages
+/// match what peers see.
+fn wire_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A document as it travels: title and content.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    #[serde(rename = "titolo")]
+    pub title: String,
+    #[serde(rename = "contenuto")]
+    pub content: String,
+}
+
+/// Store a document. The balancer fills `request_number` before forwarding;
+/// a client leaves it out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreRequest {
+    pub id: u64,
+    #[serde(flatten)]
+    pub doc: Document,
+    #[serde(
+        rename = "numero_richiesta",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub request_number: Option<u64>,
+    /// Unix time in milliseconds after which a server must not store this
+    /// document any more: the balancer has given up on it by then and may
+    /// have stored it elsewhere. Set by the balancer only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<u64>,
+}
+
+/// Requests: client -> balancer, and balancer -> server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Store a document (balanced over the servers).
+    Store(StoreRequest),
+    /// Compute an operation on two random numbers (balanced like `store`).
+    Calc {
+        id: u64,
+        #[serde(rename = "operazione")]
+        operation: Operation,
+    },
+    /// A server's status (servers only).
+    Status { id: u64 },
+    /// Every server with its health and last status (balancer only).
+    Servers { id: u64 },
+    /// Tells a server that these request numbers are stored on another
+    /// server (the balancer retried them after losing track of this one).
+    /// The server moves its copies aside and never stores them again.
+    Forget { id: u64, numbers: Vec<u64> },
+}
+
+impl Request {
+    pub fn id(&self) -> u64 {
+        match self {
+            Request::Store(r) => r.id,
+            Request::Calc { id, .. }
+            | Request::Status { id }
+            | Request::Servers { id }
+            | Request::Forget { id, .. } => *id,
+        }
+    }
+}
+
+impl Message for Request {
+    const TYPES: &'static [&'static str] = &["store", "calc", "status", "servers", "forget"];
+}
+
+/// A document has been written to disk on a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stored {
+    pub id: u64,
+    /// Address of the server that holds the document.
+    pub server: String,
+    #[serde(rename = "numero_richiesta")]
+    pub request_number: u64,
+    /// File name inside the server's storage folder.
+    pub file: String,
+    /// Count of letters `a` and `A` in the content.
+    pub a_count: u64,
+    /// The server already held this request number and did not store it
+    /// again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub existing: bool,
+}
+
+/// A server's view of itself: load, resources, storage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub id: u64,
+    pub overloaded: bool,
+    /// Documents being stored right now (active transfers).
+    pub active: u64,
+    pub max_active: u64,
+    /// Resident memory of the server process, in bytes.
+    pub memory_bytes: u64,
+    pub max_memory_bytes: u64,
+    /// CPU use of the whole machine, in percent.
+    pub cpu_percent: f32,
+    /// Memory of the whole machine, in bytes.
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// The disk holding the storage folder, in bytes.
+    pub disk_used_bytes: u64,
+    pub disk_free_bytes: u64,
+    /// Bytes received and sent on all network interfaces since the server
+    /// started.
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub uptime_secs: u64,
+    pub files_stored: u64,
+}
+
+/// The four operations of the compute service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Somma,
+    Sottrazione,
+    Moltiplicazione,
+    Divisione,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::Somma,
+        Operation::Sottrazione,
+        Operation::Moltiplicazione,
+        Operation::Divisione,
+    ];
+
+    /// Applies the operation; division gives a decimal.
+    pub fn apply(self, a: i64, b: i64) -> f64 {
+        let (a, b) = (a as f64, b as f64);
+        match self {
+            Operation::Somma => a + b,
+            Operation::Sottrazione => a - b,
+            Operation::Moltiplicazione => a * b,
+            Operation::Divisione => a / b,
+        }
+    }
+
+    pub fn symbol(self) -> char {
+        match self {
+            Operation::Somma => '+',
+            Operation::Sottrazione => '-',
+            Operation::Moltiplicazione => '×',
+            Operation::Divisione => '÷',
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&wire_name(self))
+    }
+}
+
+/// The answer of the compute service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Computed {
+    pub id: u64,
+    /// Address of the server that computed it.
+    pub server: String,
+    #[serde(rename = "A")]
+    pub a: i64,
+    #[serde(rename = "B")]
+    pub b: i64,
+    #[serde(rename = "operazione")]
+    pub operation: Operation,
+    #[serde(rename = "risultato")]
+    pub result: f64,
+}
+
+/// One server as the balancer sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerView {
+    pub name: String,
+    /// `unknown`, `up`, `overloaded` or `down`.
+    pub state: String,
+    /// Requests sent to it and not yet answered.
+    pub in_flight: u64,
+    /// Its last status report, if a probe has ever succeeded.
+    pub status: Option<StatusReport>,
+    /// How long the last status probe took, in milliseconds.
+    pub check_ms: Option<f64>,
+}
+
+/// The balancer's list of servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerList {
+    pub id: u64,
+    pub servers: Vec<ServerView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    FrameTooLarge,
+    InvalidUtf8,
+    InvalidJson,
+    UnknownType,
+    BadRequest,
+    Timeout,
+    NoServer,
+    ServerFailed,
+    Storage,
+    Internal,
+    /// The balancer is stopping; the request was not (or may not have been)
+    /// carried out, as the message says.
+    ShuttingDown,
+    /// A server refused a document past its `not_after_ms`.
+    Expired,
+    /// A server is storing the same request number right now.
+    InProgress,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed on another server: true for
+    /// failures of the server, false for faults in the request itself.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Storage
+                | ErrorCode::ServerFailed
+                | ErrorCode::Internal
+                | ErrorCode::Timeout
+                | ErrorCode::Expired
+                | ErrorCode::InProgress
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&wire_name(self))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The id of the failed request; absent when the request could not be
+    /// read far enough to know it.
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Replies: server -> balancer, and balancer -> client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Stored(Stored),
+    Calc(Computed),
+    Status(StatusReport),
+    Servers(ServerList),
+    /// Answer to `forget`: how many stored copies were moved aside.
+    Forgotten {
+        id: u64,
+        moved: u64,
+    },
+    Error(ErrorReply),
+}
+
+impl Reply {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Reply::Stored(r) => Some(r.id),
+            Reply::Calc(r) => Some(r.id),
+            Reply::Status(r) => Some(r.id),
+            Reply::Servers(r) => Some(r.id),
+            Reply::Forgotten { id, .. } => Some(*id),
+            Reply::Error(r) => r.id,
+        }
+    }
+
+    pub fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply::Error(ErrorReply {
+            id,
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl Message for Reply {
+    const TYPES: &'static [&'static str] =
+        &["stored", "calc", "status", "servers", "forgotten", "error"];
+}
+
+/// A document's fields as JSON object members (`"titolo":…,"contenuto":…`),
+/// encoded once when the balancer receives it and spliced into every
+/// forward, however many attempts it takes.
+pub fn encode_document_fields(doc: &Document) -> Vec<u8> {
+    let mut bytes = encode(doc);
+    // `{` ... `}` around the members.
+    bytes.pop();
+    bytes.remove(0);
+    bytes
+}
+
+/// A `store` request built around fields from `encode_document_fields`.
+pub fn encode_forward(
+    id: u64,
+    request_number: u64,
+    not_after_ms: Option<u64>,
+    fields: &[u8],
+) -> Vec<u8> {
+    let mut head = format!(r#"{{"type":"store","id":{id},"numero_richiesta":{request_number},"#);
+    if let Some(t) = not_after_ms {
+        head.push_str(&format!(r#""not_after_ms":{t},"#));
+    }
+    let mut bytes = Vec::with_capacity(head.len() + fields.len() + 1);
+    bytes.extend_from_slice(head.as_bytes());
+    bytes.extend_from_slice(fields);
+    bytes.push(b'}');
+    bytes
+}
