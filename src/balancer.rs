@@ -8,21 +8,33 @@
 //! shutting down is dropping senders. Counters for `servers` requests and
 //! metrics live in `stats`.
 
+pub mod backend;
 pub mod conn;
 pub mod dispatch;
+pub mod flow;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
 pub mod stats;
 
 use crate::error::Error;
+use crate::ids;
+use crate::net;
 use crate::policy::RoundRobin;
 use crate::proto;
+use backend::BackendSettings;
+use crossbeam_channel::{Receiver, Sender};
 use dispatch::{Dispatcher, Settings};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::thread;
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// A server's stable id inside one balancer: logs and counters follow it,
+/// whatever servers come and go around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServerId(pub u32);
 
 /// The protocol spoken to storage servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,8 +78,17 @@ pub struct Config {
     /// connection open for a whole interactive session.
     pub legacy_client_timeout: Duration,
     pub max_attempts: u32,
+    /// Requests on the wire to one server at once (its link's connections).
     pub max_in_flight: usize,
     pub max_frame: usize,
+    /// Payload bytes all connections together may have queued or in flight.
+    pub max_queued_bytes: usize,
+    /// Requests one client connection may have queued or in flight.
+    pub client_window: usize,
+    /// On shutdown, how long queued and in-flight requests may take.
+    pub drain_timeout: Duration,
+    /// The node part of request numbers (see `ids`); random when `None`.
+    pub balancer_id: Option<u16>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
 }
@@ -87,13 +108,18 @@ impl Default for Config {
             client_timeout: Duration::from_secs(60),
             legacy_client_timeout: Duration::from_secs(3600),
             max_attempts: 3,
-            max_in_flight: 64,
+            max_in_flight: 16,
             max_frame: proto::DEFAULT_MAX_FRAME,
+            max_queued_bytes: 256 * 1024 * 1024,
+            client_window: 1024,
+            drain_timeout: Duration::from_secs(30),
+            balancer_id: None,
             metrics: None,
         }
     }
 }
 
+/// A bound balancer, ready to start.
 pub struct Balancer {
     listener: TcpListener,
     metrics: Option<TcpListener>,
@@ -105,10 +131,22 @@ impl Balancer {
         if config.servers.is_empty() {
             return Err(Error::Config("no storage servers configured".into()));
         }
-        if config.max_attempts == 0 || config.max_in_flight == 0 {
+        if config.max_attempts == 0 || config.max_in_flight == 0 || config.client_window == 0 {
             return Err(Error::Config(
-                "--max-attempts and --max-in-flight must be at least 1".into(),
+                "--max-attempts, --max-in-flight and --client-window must be at least 1".into(),
             ));
+        }
+        if config.max_queued_bytes < config.max_frame {
+            return Err(Error::Config(format!(
+                "--max-queued-bytes ({}) must be at least --max-frame ({})",
+                config.max_queued_bytes, config.max_frame
+            )));
+        }
+        if config.balancer_id.is_some_and(|id| id > ids::MAX_NODE) {
+            return Err(Error::Config(format!(
+                "--balancer-id must be between 0 and {}",
+                ids::MAX_NODE
+            )));
         }
         let bind = |addr: SocketAddr| {
             TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
@@ -131,13 +169,15 @@ impl Balancer {
         Ok(self.metrics.as_ref().map(|l| l.local_addr()).transpose()?)
     }
 
-    /// Starts the dispatcher, links and monitor, then accepts clients until
-    /// the listener fails.
-    pub fn run(self) -> Result<(), Error> {
-        let config = &self.config;
-        let addr = self.local_addr()?;
+    /// Starts every thread: accept loop, dispatcher, links, monitor and
+    /// metrics. Returns at once; the handle stops and joins them.
+    pub fn start(self) -> Result<Handle, Error> {
+        let config = self.config;
+        let addr = self.listener.local_addr()?;
+        let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
+        let node = config.balancer_id.unwrap_or_else(ids::random_node);
         log::info!(
-            "balancer listening on {addr}, servers: {}",
+            "balancer listening on {addr} (balancer id {node}), servers: {}",
             config
                 .servers
                 .iter()
@@ -148,93 +188,228 @@ impl Balancer {
         let stats = Arc::new(stats::Stats::new(
             config.servers.iter().map(|b| b.name.clone()),
         ));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut threads = Vec::new();
         if let Some(listener) = self.metrics {
             log::info!(
                 "metrics served on http://{}/metrics",
                 listener.local_addr()?
             );
-            metrics::spawn(listener, stats.clone())?;
+            threads.push(metrics::spawn(listener, stats.clone(), stop_rx.clone())?);
         }
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(1024);
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
 
-        let link_settings = link::LinkSettings {
+        let backend_settings = BackendSettings {
             connect_timeout: config.probe_timeout,
             io_timeout: config.server_timeout,
+            probe_timeout: config.probe_timeout,
             max_frame: config.max_frame,
             wire: config.backend_wire,
         };
-        let mut backends = Vec::new();
+        let mut links = Vec::new();
+        let mut servers = Vec::new();
         for (index, backend) in config.servers.iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            link::spawn(
-                index,
-                backend.name.clone(),
+            let id = ServerId(index as u32);
+            let (link, workers) = link::spawn(
+                id,
                 backend.addr,
-                rx,
+                config.max_in_flight,
                 events_tx.clone(),
-                link_settings,
+                backend_settings,
                 stats.clone(),
             )?;
-            backends.push((backend.clone(), tx));
+            threads.extend(workers);
+            links.push((id, backend.name.clone(), link));
+            servers.push((id, backend.addr));
         }
         let dispatcher = Dispatcher::new(
-            backends,
+            links,
             Box::<RoundRobin>::default(),
+            ids::Generator::new(ids::Source::Balancer, node),
             Settings {
                 max_attempts: config.max_attempts,
                 max_in_flight: config.max_in_flight,
+                queue_timeout: config.queue_timeout,
+                drain_timeout: config.drain_timeout,
+                forget: config.backend_wire == BackendWire::Framed,
             },
             stats.clone(),
         );
-        thread::Builder::new()
-            .name("dispatcher".into())
-            .spawn(move || dispatcher.run(jobs_rx, events_rx))?;
-        monitor::spawn(
-            config.servers.iter().map(|b| b.addr).collect(),
+        // The monitor runs as long as the dispatcher: it needs health news
+        // while draining, and stops when this sender drops with it.
+        let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
+        let dispatcher_stop = stop_rx.clone();
+        threads.push(net::spawn_named("dispatcher".into(), None, move || {
+            let _alive = alive_tx;
+            dispatcher.run(jobs_rx, events_rx, dispatcher_stop)
+        })?);
+        threads.push(monitor::spawn(
+            servers,
             events_tx,
-            monitor::MonitorSettings {
-                interval: config.check_interval,
-                timeout: config.probe_timeout,
-                max_frame: config.max_frame,
-                wire: config.backend_wire,
-            },
+            config.check_interval,
+            backend_settings,
             stats.clone(),
-        )?;
+            alive_rx,
+        )?);
 
-        let conn_settings = conn::ConnSettings {
-            idle_timeout: config.client_timeout,
-            legacy_idle_timeout: config.legacy_client_timeout,
-            queue_timeout: config.queue_timeout,
-            max_frame: config.max_frame,
+        let accept = Acceptor {
+            listener: self.listener,
+            jobs: jobs_tx,
+            stats,
+            budget: flow::Budget::new(config.max_queued_bytes),
+            settings: conn::ConnSettings {
+                idle_timeout: config.client_timeout,
+                legacy_idle_timeout: config.legacy_client_timeout,
+                max_frame: config.max_frame,
+                window: config.client_window,
+            },
+            stop: stop_rx,
         };
-        let mut conn_seq = 0u64;
-        for stream in self.listener.incoming() {
-            let stream = match stream {
-                Ok(s) => s,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    continue;
-                }
-            };
-            let Ok(peer) = stream.peer_addr() else {
-                continue; // already gone
-            };
-            conn_seq += 1;
-            let conn = conn::Conn {
-                peer,
-                jobs: jobs_tx.clone(),
-                settings: conn_settings,
-                stats: stats.clone(),
-            };
-            // Default stack size: parsing deeply nested JSON recurses.
-            let spawned = thread::Builder::new()
-                .name(format!("conn{conn_seq}"))
-                .spawn(move || conn.serve(stream));
-            if let Err(e) = spawned {
-                log::error!("cannot start a thread for {peer}: {e}");
-            }
-        }
+        threads.insert(
+            0,
+            net::spawn_named("accept".into(), None, move || accept.run())?,
+        );
+        Ok(Handle {
+            addr,
+            stopper: Stopper::new(addr, metrics_addr, stop_tx),
+            threads,
+        })
+    }
+
+    /// Starts and waits until shut down by a `Stopper` from another thread
+    /// (see `Handle::stopper`); for callers that need no handle.
+    pub fn run(self) -> Result<(), Error> {
+        self.start()?.join();
         Ok(())
     }
+}
+
+/// Tells a running balancer to shut down; cheap to clone, for signal
+/// handlers and tests.
+#[derive(Clone)]
+pub struct Stopper {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    stop: Arc<Mutex<Option<Sender<()>>>>,
+}
+
+impl Stopper {
+    fn new(addr: SocketAddr, metrics_addr: Option<SocketAddr>, stop: Sender<()>) -> Stopper {
+        Stopper {
+            addr,
+            metrics_addr,
+            stop: Arc::new(Mutex::new(Some(stop))),
+        }
+    }
+
+    /// Stops accepting, finishes what was received (up to
+    /// `--drain-timeout`) and lets every thread end. Idempotent.
+    pub fn shutdown(&self) {
+        let sender = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if sender.is_some() {
+            log::info!("balancer on {}: shutting down", self.addr);
+            drop(sender);
+            net::wake(self.addr);
+            if let Some(m) = self.metrics_addr {
+                net::wake(m);
+            }
+        }
+    }
+}
+
+/// A running balancer.
+pub struct Handle {
+    addr: SocketAddr,
+    stopper: Stopper,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    pub fn shutdown(&self) {
+        self.stopper.shutdown();
+    }
+
+    /// Waits for every thread of the balancer to end (after a shutdown).
+    pub fn join(self) {
+        for thread in self.threads {
+            let name = thread.thread().name().unwrap_or("?").to_string();
+            if thread.join().is_err() {
+                log::error!("balancer thread {name} panicked");
+            }
+        }
+        log::info!("balancer on {} stopped", self.addr);
+    }
+}
+
+/// The accept loop and the client connections it started.
+struct Acceptor {
+    listener: TcpListener,
+    jobs: Sender<dispatch::Job>,
+    stats: Arc<stats::Stats>,
+    budget: Arc<flow::Budget>,
+    settings: conn::ConnSettings,
+    stop: Receiver<()>,
+}
+
+impl Acceptor {
+    fn run(self) {
+        let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut seq = 0u64;
+        net::accept_loop(&self.listener, &self.stop, |stream, peer| {
+            seq += 1;
+            let id = seq;
+            threads.retain(|t| !t.is_finished());
+            if let Ok(clone) = stream.try_clone() {
+                lock(&open).insert(id, clone);
+            }
+            let conn = conn::Conn {
+                peer,
+                jobs: self.jobs.clone(),
+                settings: self.settings,
+                stats: self.stats.clone(),
+                budget: self.budget.clone(),
+                stop: self.stop.clone(),
+            };
+            let registry = open.clone();
+            // Default stack size: parsing deeply nested JSON recurses.
+            let spawned = net::spawn_named(format!("conn{id}"), None, move || {
+                conn.serve(stream);
+                lock(&registry).remove(&id);
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    lock(&open).remove(&id);
+                    log::error!("connection from {peer}: {e}");
+                }
+            }
+        });
+        drop(self.jobs);
+        // Readers see the end of their stream and stop; writers finish the
+        // replies still due.
+        for stream in lock(&open).values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        log::info!(
+            "stopped accepting; waiting for {} connections to finish",
+            threads.iter().filter(|t| !t.is_finished()).count()
+        );
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

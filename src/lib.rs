@@ -26,5 +26,6 @@ pub mod net;
 pub mod policy;
 pub mod proto;
 pub mod server;
+pub mod text;
 
 pub use error::Error;

@@ -1,22 +1,31 @@
 //! One client connection: a reader loop that turns frames into jobs on the
 //! request queue, and a writer thread that sends replies back as servers
 //! answer them (in any order; each reply carries its request id).
+//!
+//! Flow control: before reading a request the reader takes a slot of the
+//! connection's window and, once the frame header tells its size, that
+//! many bytes of the balancer-wide budget. At either limit it waits, and
+//! TCP slows the client down. Both are given back when the job is done.
+//!
 //! The writer stops when the reader and every job of this connection have
-//! dropped their reply senders, so no reply is cut off.
+//! dropped their reply senders, so no reply is cut off. When the balancer
+//! is shutting down it then sends one last `shutting_down` error without an
+//! id: every request the client sent after the ones answered was not read.
 
 use super::dispatch::{Job, Work};
+use super::flow::{Budget, Hold, Window};
 use super::stats::Stats;
-use crate::proto::legacy::{self, LegacyReader, LegacyRequest};
+use crate::net::{self, Wire};
+use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
     self, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList,
 };
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnSettings {
@@ -25,9 +34,9 @@ pub struct ConnSettings {
     pub idle_timeout: Duration,
     /// The same for clients of the original format.
     pub legacy_idle_timeout: Duration,
-    /// How long a request may wait for a server.
-    pub queue_timeout: Duration,
     pub max_frame: usize,
+    /// Requests one connection may have queued or in flight.
+    pub window: usize,
 }
 
 /// What a connection thread works with.
@@ -36,9 +45,16 @@ pub struct Conn {
     pub jobs: Sender<Job>,
     pub settings: ConnSettings,
     pub stats: Arc<Stats>,
+    pub budget: Arc<Budget>,
+    /// Disconnected when the balancer shuts down.
+    pub stop: Receiver<()>,
 }
 
 impl Conn {
+    fn shutting_down(&self) -> bool {
+        matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
     pub fn serve(self, stream: TcpStream) {
         let peer = self.peer;
         log::info!("connection accepted from {peer}");
@@ -49,48 +65,43 @@ impl Conn {
 
     fn serve_stream(&self, stream: TcpStream) {
         let (peer, settings) = (self.peer, self.settings);
-        let setup = stream
-            .set_read_timeout(Some(settings.idle_timeout))
-            .and_then(|()| stream.set_write_timeout(Some(settings.idle_timeout)))
-            .and_then(|()| stream.set_nodelay(true))
-            .and_then(|()| stream.try_clone());
-        let read_half = match setup {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("connection from {peer}: cannot set up: {e}");
-                return;
+        let read_half =
+            match net::prepare(&stream, settings.idle_timeout).and_then(|()| stream.try_clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("connection from {peer}: cannot set up: {e}");
+                    return;
+                }
+            };
+        match net::detect_wire(&stream) {
+            Ok(Wire::Closed) => {
+                log::debug!("connection from {peer} closed without sending anything");
             }
-        };
-        let mut first = [0u8; 1];
-        match stream.peek(&mut first) {
-            Ok(0) => {
-                log::info!("connection from {peer} closed without sending anything");
-                return;
-            }
-            Ok(_) if legacy::is_legacy(first[0]) => {
+            Ok(Wire::Legacy) => {
                 if let Err(e) = read_half.set_read_timeout(Some(settings.legacy_idle_timeout)) {
                     log::warn!("connection from {peer}: cannot set up: {e}");
                     return;
                 }
                 let received = self.read_legacy_documents(read_half);
                 log::info!("original-format connection from {peer} closed ({received} documents)");
-                return;
             }
-            Ok(_) => {}
-            Err(e) => {
-                log::info!("connection from {peer} sent nothing: {e}");
-                return;
-            }
+            Ok(Wire::Framed) => self.serve_framed(stream, read_half),
+            Err(e) => log::info!("connection from {peer} sent nothing: {e}"),
         }
+    }
+
+    fn serve_framed(&self, stream: TcpStream, read_half: TcpStream) {
+        let peer = self.peer;
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
-        let writer = thread::Builder::new()
-            .name(format!("{}-w", thread::current().name().unwrap_or("conn")))
-            .stack_size(256 * 1024)
-            .spawn(move || write_replies(stream, peer, reply_rx));
+        let stop = self.stop.clone();
+        let name = format!("{}-w", std::thread::current().name().unwrap_or("conn"));
+        let writer = net::spawn_named(name, Some(256 * 1024), move || {
+            write_replies(stream, peer, reply_rx, stop)
+        });
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {
-                log::error!("connection from {peer}: cannot start writer: {e}");
+                log::error!("connection from {peer}: {e}");
                 return;
             }
         };
@@ -100,49 +111,58 @@ impl Conn {
         log::info!("connection from {peer} closed ({received} requests, {sent} replies)");
     }
 
-    /// Reads requests until the client closes, stalls or breaks framing.
-    /// Returns how many requests arrived.
+    /// Reads requests until the client closes, stalls or breaks framing, or
+    /// the balancer shuts down. Returns how many requests arrived.
     fn read_requests(&self, stream: TcpStream, replies: &Sender<Reply>) -> u64 {
         let peer = self.peer;
         let mut reader = FrameReader::new(stream, self.settings.max_frame);
+        let window = Window::new(self.settings.window);
         let mut received = 0;
         loop {
-            let request = match reader.message::<Request>() {
+            let permit = window.acquire();
+            let len = match reader.header() {
+                Ok(Some(len)) => len,
                 Ok(None) => return received,
-                Err(FrameError::Timeout { mid_frame: false }) => {
-                    log::info!(
-                        "connection from {peer}: idle for {:?}, closing",
-                        self.settings.idle_timeout
-                    );
-                    return received;
-                }
                 Err(e) => {
-                    log::warn!("connection from {peer}: {e}; closing");
-                    if let Some(r) = e.reply() {
-                        let _ = replies.send(Reply::Error(r));
-                    }
+                    self.read_failed(e, replies);
                     return received;
                 }
-                Ok(Some(Err(bad))) => {
+            };
+            let bytes = self.budget.acquire(len);
+            let payload = match reader.payload(len) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.read_failed(e, replies);
+                    return received;
+                }
+            };
+            // Whatever was read after the shutdown began is left unanswered:
+            // the final `shutting_down` reply says so.
+            if self.shutting_down() {
+                return received;
+            }
+            let request = match proto::decode::<Request>(&payload) {
+                Ok(request) => request,
+                Err(bad) => {
                     log::warn!("connection from {peer}: bad request: {bad}");
                     let _ = replies.send(Reply::Error(bad.into()));
                     continue;
                 }
-                Ok(Some(Ok(request))) => request,
             };
+            drop(payload);
             received += 1;
-            let work = match request {
+            let (id, work) = match request {
                 Request::Store(store) => {
-                    log::info!(
+                    log::debug!(
                         "document received from {peer}: \"{}\" (id {}, {} bytes)",
                         proto::truncate(&store.doc.title, 80),
                         store.id,
                         store.doc.content.len()
                     );
-                    (store.id, Work::Store(store.doc))
+                    (store.id, Work::store(&store.doc))
                 }
                 Request::Calc { id, operation } => {
-                    log::info!("calc request received from {peer}: {operation} (id {id})");
+                    log::debug!("calc request received from {peer}: {operation} (id {id})");
                     (id, Work::Calc(operation))
                 }
                 Request::Servers { id } => {
@@ -170,33 +190,42 @@ impl Conn {
                     continue;
                 }
             };
-            if !self.enqueue(work.0, work.1, replies.clone()) {
+            let hold = Hold {
+                permit: Some(permit),
+                bytes: Some(bytes),
+            };
+            if !self.enqueue(id, work, replies.clone(), hold) {
                 return received;
             }
         }
     }
 
+    fn read_failed(&self, e: FrameError, replies: &Sender<Reply>) {
+        let peer = self.peer;
+        match e {
+            FrameError::Timeout { mid_frame: false } => log::info!(
+                "connection from {peer}: idle for {:?}, closing",
+                self.settings.idle_timeout
+            ),
+            e => {
+                log::warn!("connection from {peer}: {e}; closing");
+                if let Some(r) = e.reply() {
+                    let _ = replies.send(Reply::Error(r));
+                }
+            }
+        }
+    }
+
     /// Puts a request on the queue. False when the balancer is shutting down.
-    fn enqueue(&self, id: u64, work: Work, reply: Sender<Reply>) -> bool {
+    fn enqueue(&self, id: u64, work: Work, reply: Sender<Reply>, hold: Hold) -> bool {
         self.stats.received.fetch_add(1, Relaxed);
-        let now = Instant::now();
-        let job = Job {
-            id,
-            work,
-            client: self.peer,
-            received: now,
-            reply,
-            deadline: now + self.settings.queue_timeout,
-            request_number: None,
-            attempts: 0,
-            tried: Vec::new(),
-        };
+        let job = Job::new(id, work, self.peer, reply, hold);
         match self.jobs.send(job) {
             Ok(()) => true,
             Err(e) => {
                 e.into_inner().fail(
-                    ErrorCode::Internal,
-                    "balancer is shutting down".into(),
+                    ErrorCode::ShuttingDown,
+                    "the balancer is shutting down; the request was not stored".into(),
                     &self.stats,
                 );
                 false
@@ -210,9 +239,13 @@ impl Conn {
         let peer = self.peer;
         // Replies have nowhere to go: the original client never reads.
         let (discard, _) = crossbeam_channel::bounded(0);
+        let window = Window::new(self.settings.window);
         let mut received = 0;
         let reader = LegacyReader::new(BufReader::new(stream), self.settings.max_frame);
         for (index, request) in reader.enumerate() {
+            if self.shutting_down() {
+                break;
+            }
             match request {
                 Ok(LegacyRequest::Document { doc, .. }) => {
                     received += 1;
@@ -221,7 +254,12 @@ impl Conn {
                         proto::truncate(&doc.title, 80),
                         doc.content.len()
                     );
-                    if !self.enqueue(index as u64 + 1, Work::Store(doc), discard.clone()) {
+                    let hold = Hold {
+                        permit: Some(window.acquire()),
+                        bytes: Some(self.budget.acquire(doc.content.len())),
+                    };
+                    let work = Work::store(&doc);
+                    if !self.enqueue(index as u64 + 1, work, discard.clone(), hold) {
                         break;
                     }
                 }
@@ -242,7 +280,12 @@ impl Conn {
     }
 }
 
-fn write_replies(stream: TcpStream, peer: SocketAddr, replies: Receiver<Reply>) -> u64 {
+fn write_replies(
+    stream: TcpStream,
+    peer: SocketAddr,
+    replies: Receiver<Reply>,
+    stop: Receiver<()>,
+) -> u64 {
     let mut writer = FrameWriter::new(stream);
     let mut sent = 0;
     let mut broken = false;
@@ -259,6 +302,15 @@ fn write_replies(stream: TcpStream, peer: SocketAddr, replies: Receiver<Reply>) 
                 broken = true;
             }
         }
+    }
+    if !broken && matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+        let last = Reply::error(
+            None,
+            ErrorCode::ShuttingDown,
+            "the balancer is shutting down: every request answered above was handled; \
+             any request sent after them was not read",
+        );
+        let _ = writer.message(&last);
     }
     sent
 }

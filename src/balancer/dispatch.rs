@@ -1,40 +1,84 @@
 //! The dispatcher: one thread that owns the request queue, the health of
 //! every server and the balancing policy. Connection threads send it jobs;
-//! the monitor and the server links send it events. It hands each job to
-//! the link of the chosen server, holds jobs while no server can take them
-//! (without polling), and retries a job on another server when one fails.
+//! the monitor and the server links send it events.
+//!
+//! A job stays in the queue until a server can take it: one that is up and
+//! has fewer than `--max-in-flight` requests on the wire. Waiting for a
+//! busy server is not a failure; `--queue-timeout` runs only while no
+//! server can take work at all (every one down or overloaded). A job that
+//! fails on a server is retried ahead of newer ones, on a server it has not
+//! tried while there is one. When a server goes down, the jobs handed to
+//! its link but not yet sent come straight back.
+//!
+//! Exactly once: a job keeps its request number across retries, and
+//! remembers the servers that may have stored it without answering. Once
+//! it is stored on another one, each of those is told to `forget` it as
+//! soon as it is up again.
+//!
+//! Shutting down: when `stop` disconnects (or every job sender is gone),
+//! the queue and the requests on the wire are finished until
+//! `--drain-timeout`; what is left then gets a `shutting_down` reply.
 
+use super::flow::Hold;
+use super::link::LinkHandle;
 use super::stats::Stats;
-use super::Backend;
+use super::ServerId;
 use crate::health::{Health, Observation, State};
+use crate::ids;
 use crate::policy::{Candidate, Policy};
-use crate::proto::{self, Document, ErrorCode, Operation, Reply};
+use crate::proto::{self, ErrorCode, Operation, Reply};
 use crossbeam_channel::{select, Receiver, Sender};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Most jobs held waiting for a server; past this the dispatcher stops
-/// taking new jobs, the queue fills and client connections are slowed down
-/// by TCP instead of the balancer growing without bound.
-const MAX_WAITING: usize = 10_000;
+/// taking new jobs and connection threads wait (the byte budget and the
+/// per-connection windows usually bind first).
+const MAX_WAITING: usize = 100_000;
+/// Request numbers sent to a server in one `forget`.
+const FORGET_BATCH: usize = 1024;
+/// After the drain deadline, how long requests cut off on the wire may take
+/// to come back before the dispatcher stops anyway.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// A document as the balancer keeps it: encoded once, forwarded as is.
+#[derive(Debug)]
+pub struct StoreWork {
+    /// For logs only, shortened.
+    pub title: String,
+    /// `"titolo":…,"contenuto":…` (see `proto::encode_document_fields`).
+    pub fields: Vec<u8>,
+    pub content_len: usize,
+}
 
 /// What a job asks of a server.
 #[derive(Debug)]
 pub enum Work {
-    Store(Document),
+    Store(StoreWork),
     Calc(Operation),
+    /// Request numbers the server should drop: stored elsewhere.
+    Forget(Vec<u64>),
 }
 
 impl Work {
     /// How logs name it.
     pub fn describe(&self) -> String {
         match self {
-            Work::Store(doc) => format!("\"{}\"", proto::truncate(&doc.title, 80)),
+            Work::Store(doc) => format!("\"{}\"", doc.title),
             Work::Calc(op) => format!("calc {op}"),
+            Work::Forget(numbers) => format!("forget {} request numbers", numbers.len()),
         }
+    }
+
+    pub fn store(doc: &proto::Document) -> Work {
+        Work::Store(StoreWork {
+            title: proto::truncate(&doc.title, 80),
+            fields: proto::encode_document_fields(doc),
+            content_len: doc.content.len(),
+        })
     }
 }
 
@@ -49,25 +93,46 @@ pub struct Job {
     /// When the balancer received it.
     pub received: Instant,
     pub reply: Sender<Reply>,
-    /// When waiting for a server gives up with `no_server`.
-    pub deadline: Instant,
-    /// Assigned at the first forward and kept across retries, so a server can
-    /// tell a retried document from a new one.
+    /// Assigned when first sent and kept across retries, so that a server
+    /// can tell a retried document from a new one.
     pub request_number: Option<u64>,
     /// Forwards that may have reached a server.
     pub attempts: u32,
     /// Servers already tried, avoided while others are available.
-    pub tried: Vec<usize>,
+    pub tried: Vec<ServerId>,
+    /// Servers that may hold it: the request reached them, no answer came.
+    pub uncertain: Vec<ServerId>,
+    /// When it last started waiting in the queue.
+    pub queued_at: Instant,
+    /// The connection's window slot and byte budget, given back on drop.
+    pub hold: Hold,
 }
 
 impl Job {
+    pub fn new(id: u64, work: Work, client: SocketAddr, reply: Sender<Reply>, hold: Hold) -> Job {
+        let now = Instant::now();
+        Job {
+            id,
+            work,
+            client,
+            received: now,
+            reply,
+            request_number: None,
+            attempts: 0,
+            tried: Vec::new(),
+            uncertain: Vec::new(),
+            queued_at: now,
+            hold,
+        }
+    }
+
     pub fn fail(self, code: ErrorCode, message: String, stats: &Stats) {
         stats.failed.fetch_add(1, Relaxed);
         // The client may have gone; its reply has nowhere to go then.
         let _ = self.reply.send(Reply::error(Some(self.id), code, message));
     }
 
-    fn label(&self) -> String {
+    pub fn label(&self) -> String {
         match self.request_number {
             Some(n) => format!("request {n}"),
             None => format!("request from {} (id {})", self.client, self.id),
@@ -78,17 +143,28 @@ impl Job {
 /// What links and the monitor tell the dispatcher.
 #[derive(Debug)]
 pub enum Event {
-    /// One round of status probes, one observation per server, applied
-    /// together so that no server gets a head start.
-    Probes(Vec<Observation>),
-    /// A link is done with a job (stored, or failed for good).
-    Done { server: usize },
-    /// A link is done with a job that failed for good.
-    Failed { server: usize },
+    /// One round of status probes, applied together so that no server gets
+    /// a head start.
+    Probes(Vec<(ServerId, Observation)>),
+    /// A link answered the client (stored or computed).
+    Done {
+        server: ServerId,
+        number: u64,
+        /// Other servers that may hold the same request number.
+        uncertain: Vec<ServerId>,
+    },
+    /// A link answered the client with an error that retrying cannot fix.
+    Failed { server: ServerId },
+    /// A `forget` came back; `ok` when the server carried it out.
+    Forgotten {
+        server: ServerId,
+        numbers: Vec<u64>,
+        ok: bool,
+    },
     /// A link could not complete a job; it goes back to the queue.
     Retry {
-        server: usize,
-        job: Job,
+        server: ServerId,
+        job: Box<Job>,
         reason: String,
         /// The connection to the server failed (as opposed to an error
         /// reply): the server is marked down until a probe says otherwise.
@@ -102,111 +178,238 @@ pub enum Event {
 struct Slot {
     name: String,
     health: Health,
+    /// Jobs handed to its link and not yet answered.
     in_flight: usize,
-    link: Sender<Job>,
+    link: LinkHandle,
+    /// Request numbers it may hold that are stored on another server.
+    forget: BTreeSet<u64>,
+    forget_in_flight: bool,
 }
 
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub max_attempts: u32,
     pub max_in_flight: usize,
+    pub queue_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Servers can be told to forget numbers (not so the original format).
+    pub forget: bool,
 }
 
 pub struct Dispatcher {
-    slots: Vec<Slot>,
+    slots: BTreeMap<ServerId, Slot>,
     policy: Box<dyn Policy>,
     waiting: VecDeque<Job>,
-    last_request_number: u64,
+    numbers: ids::Generator,
     settings: Settings,
     stats: Arc<Stats>,
+    /// Since when no server can take work, if that is the case now.
+    outage_since: Option<Instant>,
+    /// When the first waiting job expires, while in an outage.
+    next_expiry: Option<Instant>,
+    /// Set once shutting down: when the remaining work is cut off.
+    drain_deadline: Option<Instant>,
+    aborted: bool,
 }
 
 impl Dispatcher {
     pub fn new(
-        backends: Vec<(Backend, Sender<Job>)>,
+        links: Vec<(ServerId, String, LinkHandle)>,
         policy: Box<dyn Policy>,
+        numbers: ids::Generator,
         settings: Settings,
         stats: Arc<Stats>,
     ) -> Self {
-        let slots = backends
+        let slots = links
             .into_iter()
-            .map(|(b, link)| Slot {
-                name: b.name,
-                health: Health::default(),
-                in_flight: 0,
-                link,
+            .map(|(id, name, link)| {
+                let slot = Slot {
+                    name,
+                    health: Health::default(),
+                    in_flight: 0,
+                    link,
+                    forget: BTreeSet::new(),
+                    forget_in_flight: false,
+                };
+                (id, slot)
             })
             .collect();
         Dispatcher {
             slots,
             policy,
             waiting: VecDeque::new(),
-            last_request_number: 0,
+            numbers,
             settings,
             stats,
+            outage_since: Some(Instant::now()),
+            next_expiry: None,
+            drain_deadline: None,
+            aborted: false,
         }
     }
 
-    /// Runs until every sender of `jobs` is gone.
-    pub fn run(mut self, jobs: Receiver<Job>, events: Receiver<Event>) {
+    /// Runs until shut down (`stop` disconnected, or every job sender gone)
+    /// and drained.
+    pub fn run(mut self, jobs: Receiver<Job>, events: Receiver<Event>, stop: Receiver<()>) {
         log::info!(
             "dispatcher: {} policy over {} servers",
             self.policy.name(),
             self.slots.len()
         );
         let never = crossbeam_channel::never();
+        let mut jobs_open = true;
         loop {
-            let timer = match self.waiting.iter().map(|j| j.deadline).min() {
-                Some(deadline) => crossbeam_channel::at(deadline),
+            if self.drain_deadline.is_some() && self.is_idle() {
+                break;
+            }
+            let timer = match self.next_timer() {
+                Some(at) => crossbeam_channel::at(at),
                 None => crossbeam_channel::never(),
             };
-            let jobs_in = if self.waiting.len() >= MAX_WAITING {
-                &never
-            } else {
+            let jobs_in = if jobs_open && self.waiting.len() < MAX_WAITING {
                 &jobs
+            } else {
+                &never
+            };
+            let stop_in = if self.drain_deadline.is_none() {
+                stop.clone()
+            } else {
+                crossbeam_channel::never()
             };
             select! {
                 recv(jobs_in) -> job => match job {
                     Ok(job) => self.submit(job),
-                    Err(_) => break,
+                    Err(_) => {
+                        jobs_open = false;
+                        self.begin_drain(Instant::now());
+                    }
                 },
                 recv(events) -> event => {
                     if let Ok(event) = event {
                         self.on_event(event);
                     }
                 }
-                recv(timer) -> _ => self.expire(Instant::now()),
+                recv(stop_in) -> _ => self.begin_drain(Instant::now()),
+                recv(timer) -> _ => {
+                    if self.on_timer(Instant::now()) {
+                        break;
+                    }
+                }
             }
             self.stats
                 .queue_depth
                 .store(self.waiting.len() as u64, Relaxed);
         }
-        for job in self.waiting.drain(..) {
-            job.fail(
-                ErrorCode::Internal,
-                "balancer is shutting down".into(),
-                &self.stats,
+        let forgets: usize = self.slots.values().map(|s| s.forget.len()).sum();
+        if forgets > 0 {
+            log::warn!("shutting down with {forgets} duplicate copies not yet removed from servers that were away");
+        }
+        log::info!("dispatcher stopped");
+    }
+
+    fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.slots.values().all(|s| s.in_flight == 0)
+    }
+
+    pub(crate) fn begin_drain(&mut self, now: Instant) {
+        if self.drain_deadline.is_none() {
+            log::info!(
+                "shutting down: finishing {} queued and {} in-flight requests (at most {:?})",
+                self.waiting.len(),
+                self.slots.values().map(|s| s.in_flight).sum::<usize>(),
+                self.settings.drain_timeout
             );
+            self.drain_deadline = Some(now + self.settings.drain_timeout);
         }
     }
 
-    fn submit(&mut self, job: Job) {
+    fn next_timer(&self) -> Option<Instant> {
+        match self.drain_deadline {
+            Some(deadline) if self.aborted => Some(deadline + ABORT_GRACE),
+            Some(deadline) => Some(self.next_expiry.map_or(deadline, |e| e.min(deadline))),
+            None => self.next_expiry,
+        }
+    }
+
+    /// Expires jobs and cuts off a drain that took too long. True when the
+    /// dispatcher must stop now.
+    pub(crate) fn on_timer(&mut self, now: Instant) -> bool {
+        if self.next_expiry.is_some_and(|at| at <= now) {
+            self.expire(now);
+        }
+        match self.drain_deadline {
+            Some(deadline) if self.aborted && now >= deadline + ABORT_GRACE => {
+                log::warn!("shutting down without answers from servers still busy");
+                true
+            }
+            Some(deadline) if !self.aborted && now >= deadline => {
+                self.abort();
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// The drain deadline has passed: queued jobs are refused, requests on
+    /// the wire are cut off (their links answer them as failed).
+    fn abort(&mut self) {
+        self.aborted = true;
+        let queued = self.waiting.len();
+        for job in self.waiting.drain(..) {
+            job.fail(
+                ErrorCode::ShuttingDown,
+                "the balancer shut down before a server took this request; it was not stored"
+                    .into(),
+                &self.stats,
+            );
+        }
+        let on_wire: usize = self.slots.values().map(|s| s.in_flight).sum();
+        log::warn!("--drain-timeout reached: refused {queued} queued requests, cutting off {on_wire} in flight");
+        for slot in self.slots.values() {
+            slot.link.abort();
+        }
+    }
+
+    pub(crate) fn submit(&mut self, mut job: Job) {
+        job.queued_at = Instant::now();
+        if self.aborted {
+            job.fail(
+                ErrorCode::ShuttingDown,
+                "the balancer is shutting down; the request was not stored".into(),
+                &self.stats,
+            );
+            return;
+        }
         if self.waiting.is_empty() {
             if let Some(job) = self.try_dispatch(job) {
-                // Logged once per wait, not once per request: under load every
-                // request would say the same.
+                // Logged once per wait, not once per request.
                 log::info!(
                     "{}: no server can take it now (down, overloaded or at --max-in-flight); queueing",
                     job.label()
                 );
-                self.waiting.push_back(job);
+                self.enqueue(job, false);
             }
         } else {
-            self.waiting.push_back(job);
+            self.enqueue(job, false);
             self.drain();
         }
     }
 
-    /// Dispatches waiting jobs in arrival order while servers can take them.
+    /// Puts a job in the queue: at the front for a retry, which keeps its
+    /// place ahead of newer jobs.
+    fn enqueue(&mut self, job: Job, front: bool) {
+        if let Some(since) = self.outage_since {
+            let expiry = since.max(job.queued_at) + self.settings.queue_timeout;
+            self.next_expiry = Some(self.next_expiry.map_or(expiry, |e| e.min(expiry)));
+        }
+        if front {
+            self.waiting.push_front(job);
+        } else {
+            self.waiting.push_back(job);
+        }
+    }
+
+    /// Dispatches waiting jobs in order while servers can take them.
     fn drain(&mut self) {
         while let Some(job) = self.waiting.pop_front() {
             if let Some(job) = self.try_dispatch(job) {
@@ -216,14 +419,13 @@ impl Dispatcher {
         }
     }
 
-    fn candidates(&self, avoid: &[usize]) -> Vec<Candidate> {
+    fn candidates(&self, avoid: &[ServerId]) -> Vec<Candidate> {
         self.slots
             .iter()
-            .enumerate()
-            .map(|(i, s)| Candidate {
+            .map(|(id, s)| Candidate {
                 eligible: s.health.accepts_requests()
                     && s.in_flight < self.settings.max_in_flight
-                    && !avoid.contains(&i),
+                    && !avoid.contains(id),
                 in_flight: s.in_flight,
             })
             .collect()
@@ -233,20 +435,27 @@ impl Dispatcher {
     /// take it now.
     fn try_dispatch(&mut self, mut job: Job) -> Option<Job> {
         let mut candidates = self.candidates(&job.tried);
-        if !candidates.iter().any(|c| c.eligible) {
-            // Every server not yet tried is unavailable: trying one again
-            // beats waiting.
+        let untried_up = self
+            .slots
+            .iter()
+            .any(|(id, s)| s.health.accepts_requests() && !job.tried.contains(id));
+        if !untried_up {
+            // Every server not yet tried is down or overloaded: trying one
+            // again beats waiting. (One that is up but busy is worth the
+            // wait: it is soon free.)
             candidates = self.candidates(&[]);
         }
         let Some(index) = self.policy.pick(&candidates) else {
             return Some(job);
         };
-        let number = *job.request_number.get_or_insert_with(|| {
-            self.last_request_number += 1;
-            self.last_request_number
-        });
-        let slot = &mut self.slots[index];
-        log::info!(
+        let Some(&id) = self.slots.keys().nth(index) else {
+            return Some(job);
+        };
+        let number = *job
+            .request_number
+            .get_or_insert_with(|| self.numbers.next());
+        let slot = self.slots.get_mut(&id).expect("picked from the slots");
+        log::debug!(
             "request {number}: {} from {} -> server {}{}",
             job.work.describe(),
             job.client,
@@ -257,46 +466,78 @@ impl Dispatcher {
                 format!(" (retry {})", job.tried.len())
             }
         );
-        job.tried.push(index);
-        slot.in_flight += 1;
-        self.stats.servers[index]
-            .in_flight
-            .store(slot.in_flight as u64, Relaxed);
-        if let Err(returned) = slot.link.send(job) {
-            // The link thread is gone, which only a bug can cause; keep the
-            // job and stop using that server.
-            slot.in_flight -= 1;
-            self.stats.servers[index]
-                .in_flight
-                .store(slot.in_flight as u64, Relaxed);
-            log::error!("server {}: link thread has stopped", slot.name);
-            slot.health
-                .observe(&Observation::LinkFailed("link thread stopped".into()));
-            return Some(returned.into_inner());
-        }
-        None
+        job.tried.push(id);
+        self.send(id, job)
     }
 
-    fn on_event(&mut self, event: Event) {
+    /// Gives a job to a server's link and counts it in flight.
+    fn send(&mut self, id: ServerId, job: Job) -> Option<Job> {
+        let slot = self.slots.get_mut(&id).expect("known server");
+        slot.in_flight += 1;
+        self.stats
+            .server(id)
+            .in_flight
+            .store(slot.in_flight as u64, Relaxed);
+        match slot.link.jobs.send(job) {
+            Ok(()) => None,
+            Err(returned) => {
+                // The link's threads are gone, which only a bug can cause;
+                // keep the job and stop using that server.
+                log::error!("server {}: link has stopped", slot.name);
+                self.finished(id);
+                self.observe(id, &Observation::LinkFailed("link stopped".into()));
+                Some(returned.into_inner())
+            }
+        }
+    }
+
+    pub(crate) fn on_event(&mut self, event: Event) {
         match event {
             Event::Probes(observations) => {
-                for (server, observation) in observations.iter().enumerate() {
-                    self.observe(server, observation);
+                for (server, observation) in &observations {
+                    self.observe(*server, observation);
                 }
-                self.drain();
+                self.send_forgets();
             }
-            Event::Done { server } => {
+            Event::Done {
+                server,
+                number,
+                uncertain,
+            } => {
                 self.finished(server);
-                self.drain();
+                for other in uncertain.into_iter().filter(|s| *s != server) {
+                    if let Some(slot) = self.slots.get_mut(&other) {
+                        log::warn!(
+                            "request {number}: stored on server {}, may also be on server {}; it will be told to forget it",
+                            self.stats.server(server).name,
+                            slot.name
+                        );
+                        slot.forget.insert(number);
+                    }
+                }
             }
             Event::Failed { server } => {
                 self.stats.failed.fetch_add(1, Relaxed);
                 self.finished(server);
-                self.drain();
+            }
+            Event::Forgotten {
+                server,
+                numbers,
+                ok,
+            } => {
+                self.finished(server);
+                if let Some(slot) = self.slots.get_mut(&server) {
+                    slot.forget_in_flight = false;
+                    if ok {
+                        for n in &numbers {
+                            slot.forget.remove(n);
+                        }
+                    }
+                }
             }
             Event::Retry {
                 server,
-                mut job,
+                job,
                 reason,
                 link_failed,
                 delivered,
@@ -305,78 +546,509 @@ impl Dispatcher {
                 if link_failed {
                     self.observe(server, &Observation::LinkFailed(reason.clone()));
                 }
+                self.retry(server, *job, reason, delivered);
+            }
+        }
+        self.drain();
+    }
+
+    fn retry(&mut self, server: ServerId, mut job: Job, reason: String, delivered: bool) {
+        if delivered {
+            job.attempts += 1;
+            if !job.uncertain.contains(&server) {
+                job.uncertain.push(server);
+            }
+        }
+        let name = self.stats.server(server).name.clone();
+        if self.aborted {
+            let msg = format!(
+                "the balancer shut down while server {name} was handling this request; {}",
                 if delivered {
-                    job.attempts += 1;
-                }
-                let name = &self.slots[server].name;
-                if job.attempts >= self.settings.max_attempts {
-                    log::error!(
-                        "{}: failed on server {name} ({reason}); giving up after {} attempts",
-                        job.label(),
-                        job.attempts
-                    );
-                    let msg = format!(
-                        "request failed after {} attempts; last error from server {name}: {reason}",
-                        job.attempts
-                    );
-                    job.fail(ErrorCode::ServerFailed, msg, &self.stats);
+                    "it may have been stored"
                 } else {
-                    self.stats.servers[server].retries.fetch_add(1, Relaxed);
-                    log::warn!(
-                        "{}: failed on server {name} ({reason}); trying another server",
-                        job.label()
-                    );
-                    // A retried job keeps its place ahead of newer ones.
-                    if let Some(job) = self.try_dispatch(job) {
-                        self.waiting.push_front(job);
-                    }
+                    "it was not stored"
                 }
-                self.drain();
+            );
+            job.fail(ErrorCode::ShuttingDown, msg, &self.stats);
+        } else if job.attempts >= self.settings.max_attempts {
+            log::error!(
+                "{}: failed on server {name} ({reason}); giving up after {} attempts",
+                job.label(),
+                job.attempts
+            );
+            let msg = format!(
+                "request failed after {} attempts; last error from server {name}: {reason}",
+                job.attempts
+            );
+            job.fail(ErrorCode::ServerFailed, msg, &self.stats);
+        } else {
+            self.stats.server(server).retries.fetch_add(1, Relaxed);
+            log::warn!(
+                "{}: failed on server {name} ({reason}); trying another server",
+                job.label()
+            );
+            job.queued_at = Instant::now();
+            if let Some(job) = self.try_dispatch(job) {
+                self.enqueue(job, true);
             }
         }
     }
 
-    fn finished(&mut self, server: usize) {
-        let slot = &mut self.slots[server];
-        slot.in_flight -= 1;
-        self.stats.servers[server]
-            .in_flight
-            .store(slot.in_flight as u64, Relaxed);
+    fn finished(&mut self, server: ServerId) {
+        if let Some(slot) = self.slots.get_mut(&server) {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+            self.stats
+                .server(server)
+                .in_flight
+                .store(slot.in_flight as u64, Relaxed);
+        }
     }
 
-    fn observe(&mut self, server: usize, observation: &Observation) {
-        let slot = &mut self.slots[server];
-        if let Some(t) = slot.health.observe(observation) {
-            self.stats.servers[server].set_state(t.to);
-            let line = format!("server {} is {}", slot.name, t.describe());
-            match t.to {
-                State::Up => log::info!("{line}"),
-                _ => log::warn!("{line}"),
+    fn observe(&mut self, server: ServerId, observation: &Observation) {
+        let Some(slot) = self.slots.get_mut(&server) else {
+            return;
+        };
+        let Some(t) = slot.health.observe(observation) else {
+            return;
+        };
+        self.stats.server(server).set_state(t.to);
+        let line = format!("server {} is {}", slot.name, t.describe());
+        match t.to {
+            State::Up => log::info!("{line}"),
+            _ => log::warn!("{line}"),
+        }
+        if t.to == State::Down {
+            self.reclaim_unsent(server);
+        }
+        self.update_outage();
+    }
+
+    /// Takes back the jobs a down server's link has not started sending, so
+    /// they go to another server now rather than wait for this one.
+    fn reclaim_unsent(&mut self, server: ServerId) {
+        let mut reclaimed = Vec::new();
+        if let Some(slot) = self.slots.get(&server) {
+            while let Ok(job) = slot.link.unsent.try_recv() {
+                reclaimed.push(job);
             }
         }
+        if reclaimed.is_empty() {
+            return;
+        }
+        log::warn!(
+            "server {} is down: {} requests not yet sent to it go to other servers",
+            self.stats.server(server).name,
+            reclaimed.len()
+        );
+        for job in reclaimed.into_iter().rev() {
+            self.finished(server);
+            if let Work::Forget(_) = job.work {
+                if let Some(slot) = self.slots.get_mut(&server) {
+                    slot.forget_in_flight = false;
+                }
+                continue;
+            }
+            self.enqueue(job, true);
+        }
+    }
+
+    fn update_outage(&mut self) {
+        let available = self.slots.values().any(|s| s.health.accepts_requests());
+        match (available, self.outage_since) {
+            (true, Some(_)) => {
+                self.outage_since = None;
+                self.next_expiry = None;
+            }
+            (false, None) => {
+                let now = Instant::now();
+                log::error!("no server can take work: {}", self.describe_servers());
+                self.outage_since = Some(now);
+                self.next_expiry = self
+                    .waiting
+                    .iter()
+                    .map(|j| now.max(j.queued_at))
+                    .min()
+                    .map(|t| t + self.settings.queue_timeout);
+            }
+            _ => {}
+        }
+    }
+
+    fn describe_servers(&self) -> String {
+        self.slots
+            .values()
+            .map(|s| format!("{} {}", s.name, s.health.state()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Why no server can take work, for the clients whose requests expire.
+    fn outage_reason(&self) -> String {
+        let states: BTreeSet<State> = self.slots.values().map(|s| s.health.state()).collect();
+        let what = match states.iter().copied().collect::<Vec<_>>()[..] {
+            [State::Down] => "every server is down",
+            [State::Overloaded] => "every server is overloaded",
+            [State::Unknown] => "no server has answered a status check yet",
+            _ => "every server is down or overloaded",
+        };
+        format!(
+            "no server available for --queue-timeout ({:?}): {what} ({})",
+            self.settings.queue_timeout,
+            self.describe_servers()
+        )
     }
 
     fn expire(&mut self, now: Instant) {
+        let Some(since) = self.outage_since else {
+            self.next_expiry = None;
+            return;
+        };
+        let timeout = self.settings.queue_timeout;
+        let expires = |j: &Job| since.max(j.queued_at) + timeout;
         let (expired, kept): (Vec<Job>, Vec<Job>) =
-            self.waiting.drain(..).partition(|j| j.deadline <= now);
+            self.waiting.drain(..).partition(|j| expires(j) <= now);
         self.waiting = kept.into();
-        for job in expired {
-            let states: Vec<String> = self
-                .slots
-                .iter()
-                .map(|s| format!("{} {}", s.name, s.health.state()))
-                .collect();
-            let busy = self.slots.iter().any(|s| s.health.accepts_requests());
-            let msg = if busy {
-                format!(
-                    "no server available: every server that is up has --max-in-flight requests in progress ({})",
-                    states.join(", ")
-                )
-            } else {
-                format!("no server available ({})", states.join(", "))
-            };
-            log::error!("{}: {msg}; giving up", job.label());
-            job.fail(ErrorCode::NoServer, msg, &self.stats);
+        self.next_expiry = self.waiting.iter().map(expires).min();
+        if expired.is_empty() {
+            return;
         }
+        let msg = self.outage_reason();
+        log::error!("{} requests: {msg}; giving up", expired.len());
+        for job in expired {
+            job.fail(ErrorCode::NoServer, msg.clone(), &self.stats);
+        }
+    }
+
+    /// Tells servers that are up which of their request numbers are stored
+    /// elsewhere, one batch per server at a time.
+    fn send_forgets(&mut self) {
+        if !self.settings.forget || self.drain_deadline.is_some() {
+            return;
+        }
+        let ready: Vec<ServerId> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| {
+                s.health.accepts_requests() && !s.forget.is_empty() && !s.forget_in_flight
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let slot = self.slots.get_mut(&id).expect("listed above");
+            let numbers: Vec<u64> = slot.forget.iter().take(FORGET_BATCH).copied().collect();
+            slot.forget_in_flight = true;
+            log::info!(
+                "server {}: telling it to forget {} request numbers stored elsewhere",
+                slot.name,
+                numbers.len()
+            );
+            // Nobody waits for the answer but the dispatcher (an event).
+            let (reply, _) = crossbeam_channel::bounded(1);
+            let job = Job::new(
+                0,
+                Work::Forget(numbers),
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+                reply,
+                Hold::default(),
+            );
+            if self.send(id, job).is_some() {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.forget_in_flight = false;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::RoundRobin;
+
+    struct FakeLink {
+        jobs: Receiver<Job>,
+    }
+
+    fn setup(servers: usize, settings: Settings) -> (Dispatcher, Vec<FakeLink>) {
+        let stats = Arc::new(Stats::new((0..servers).map(|i| format!("s{i}"))));
+        let mut links = Vec::new();
+        let mut fakes = Vec::new();
+        for i in 0..servers {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            links.push((
+                ServerId(i as u32),
+                format!("s{i}"),
+                LinkHandle::detached(tx, rx.clone()),
+            ));
+            fakes.push(FakeLink { jobs: rx });
+        }
+        let d = Dispatcher::new(
+            links,
+            Box::<RoundRobin>::default(),
+            ids::Generator::new(ids::Source::Balancer, 1),
+            settings,
+            stats,
+        );
+        (d, fakes)
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            max_attempts: 3,
+            max_in_flight: 2,
+            queue_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            forget: true,
+        }
+    }
+
+    fn job(id: u64) -> (Job, Receiver<Reply>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let job = Job::new(
+            id,
+            Work::Calc(Operation::Somma),
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+            tx,
+            Hold::default(),
+        );
+        (job, rx)
+    }
+
+    fn all_up(d: &mut Dispatcher, n: usize) {
+        let obs = (0..n)
+            .map(|i| {
+                (
+                    ServerId(i as u32),
+                    Observation::ProbeOk { overloaded: false },
+                )
+            })
+            .collect();
+        d.on_event(Event::Probes(obs));
+    }
+
+    fn probe(d: &mut Dispatcher, server: u32, obs: Observation) {
+        d.on_event(Event::Probes(vec![(ServerId(server), obs)]));
+    }
+
+    fn done(d: &mut Dispatcher, server: u32, job: &Job) {
+        d.on_event(Event::Done {
+            server: ServerId(server),
+            number: job.request_number.unwrap(),
+            uncertain: job.uncertain.clone(),
+        });
+    }
+
+    #[test]
+    fn waits_at_max_in_flight_without_failing_while_servers_are_up() {
+        let (mut d, links) = setup(1, settings());
+        all_up(&mut d, 1);
+        let mut replies = Vec::new();
+        for i in 0..5 {
+            let (j, rx) = job(i);
+            replies.push(rx);
+            d.submit(j);
+        }
+        assert_eq!(links[0].jobs.len(), 2, "only --max-in-flight on the wire");
+        assert_eq!(d.waiting.len(), 3);
+        // Long past the queue timeout: a busy server is no outage.
+        assert!(!d.on_timer(Instant::now() + Duration::from_secs(60)));
+        assert_eq!(d.waiting.len(), 3);
+        assert!(replies.iter().all(|r| r.is_empty()));
+        let first = links[0].jobs.recv().unwrap();
+        done(&mut d, 0, &first);
+        assert_eq!(links[0].jobs.len(), 2);
+        assert_eq!(d.waiting.len(), 2);
+    }
+
+    #[test]
+    fn queue_timeout_runs_only_while_no_server_can_take_work() {
+        let (mut d, _links) = setup(2, settings());
+        all_up(&mut d, 2);
+        probe(&mut d, 0, Observation::ProbeFailed("refused".into()));
+        probe(&mut d, 1, Observation::ProbeFailed("refused".into()));
+        let (j, rx) = job(1);
+        d.submit(j);
+        let expiry = d.next_expiry.expect("an outage arms the timer");
+        d.on_timer(expiry - Duration::from_millis(1));
+        assert!(rx.is_empty());
+        d.on_timer(expiry);
+        match rx.try_recv().unwrap() {
+            Reply::Error(e) => {
+                assert_eq!(e.code, ErrorCode::NoServer);
+                assert!(e.message.contains("every server is down"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_server_coming_back_ends_the_outage_clock() {
+        let (mut d, links) = setup(1, settings());
+        let (j, rx) = job(1);
+        d.submit(j);
+        assert!(d.next_expiry.is_some());
+        all_up(&mut d, 1);
+        assert!(d.next_expiry.is_none());
+        assert_eq!(links[0].jobs.len(), 1);
+        assert!(rx.is_empty());
+    }
+
+    #[test]
+    fn retry_goes_first_and_to_another_server() {
+        let (mut d, links) = setup(
+            2,
+            Settings {
+                max_in_flight: 1,
+                ..settings()
+            },
+        );
+        all_up(&mut d, 2);
+        let (a, _ra) = job(1);
+        let (b, _rb) = job(2);
+        let (c, _rc) = job(3);
+        d.submit(a);
+        d.submit(b);
+        d.submit(c);
+        let a = links[0].jobs.recv().unwrap();
+        assert_eq!(a.id, 1);
+        let number = a.request_number;
+        // Server 0 answers with an error: job 1 goes before job 3, to the
+        // other server once that one is free.
+        d.on_event(Event::Retry {
+            server: ServerId(0),
+            job: Box::new(a),
+            reason: "storage: disk full".into(),
+            link_failed: false,
+            delivered: true,
+        });
+        let b = links[1].jobs.recv().unwrap();
+        assert_eq!(b.id, 2);
+        done(&mut d, 1, &b);
+        let again = links[1].jobs.recv().unwrap();
+        assert_eq!((again.id, again.request_number), (1, number));
+        assert_eq!(again.tried, [ServerId(0), ServerId(1)]);
+        assert_eq!(links[0].jobs.recv().unwrap().id, 3);
+    }
+
+    #[test]
+    fn the_same_server_again_only_when_no_other_can_take_it() {
+        let (mut d, links) = setup(2, settings());
+        all_up(&mut d, 2);
+        probe(&mut d, 1, Observation::ProbeOk { overloaded: true });
+        let (a, _ra) = job(1);
+        d.submit(a);
+        let a = links[0].jobs.recv().unwrap();
+        d.on_event(Event::Retry {
+            server: ServerId(0),
+            job: Box::new(a),
+            reason: "timeout".into(),
+            link_failed: false,
+            delivered: true,
+        });
+        let a = links[0].jobs.recv().unwrap();
+        assert_eq!(a.tried, [ServerId(0), ServerId(0)]);
+        assert_eq!(a.attempts, 1);
+    }
+
+    #[test]
+    fn a_down_server_gives_back_what_it_has_not_sent() {
+        let (mut d, links) = setup(
+            2,
+            Settings {
+                max_in_flight: 4,
+                ..settings()
+            },
+        );
+        probe(&mut d, 0, Observation::ProbeOk { overloaded: false });
+        let mut replies = Vec::new();
+        for i in 0..3 {
+            let (j, rx) = job(i);
+            replies.push(rx);
+            d.submit(j);
+        }
+        assert_eq!(links[0].jobs.len(), 3);
+        probe(&mut d, 1, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 0, Observation::ProbeFailed("hung".into()));
+        assert_eq!(links[0].jobs.len(), 0);
+        let moved: Vec<u64> = links[1].jobs.try_iter().map(|j| j.id).collect();
+        assert_eq!(moved, [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_server_that_may_hold_a_copy_is_told_to_forget_it() {
+        let (mut d, links) = setup(2, settings());
+        all_up(&mut d, 2);
+        let (a, _ra) = job(1);
+        d.submit(a);
+        let a = links[0].jobs.recv().unwrap();
+        let number = a.request_number.unwrap();
+        d.on_event(Event::Retry {
+            server: ServerId(0),
+            job: Box::new(a),
+            reason: "no reply: connection reset".into(),
+            link_failed: true,
+            delivered: true,
+        });
+        let a = links[1].jobs.recv().unwrap();
+        assert_eq!(a.uncertain, [ServerId(0)]);
+        done(&mut d, 1, &a);
+        // Server 0 is down: nothing is sent until it is back.
+        assert!(links[0].jobs.is_empty());
+        all_up(&mut d, 2);
+        let forget = links[0].jobs.recv().unwrap();
+        match &forget.work {
+            Work::Forget(numbers) => assert_eq!(numbers, &[number]),
+            other => panic!("{other:?}"),
+        }
+        d.on_event(Event::Forgotten {
+            server: ServerId(0),
+            numbers: vec![number],
+            ok: true,
+        });
+        all_up(&mut d, 2);
+        assert!(links[0].jobs.is_empty(), "forgotten once only");
+    }
+
+    #[test]
+    fn drain_refuses_what_is_left_at_the_deadline() {
+        let (mut d, links) = setup(
+            1,
+            Settings {
+                max_in_flight: 1,
+                ..settings()
+            },
+        );
+        all_up(&mut d, 1);
+        let (a, _ra) = job(1);
+        let (b, rb) = job(2);
+        d.submit(a);
+        d.submit(b);
+        let now = Instant::now();
+        d.begin_drain(now);
+        assert!(!d.is_idle());
+        assert!(!d.on_timer(now + Duration::from_secs(30)));
+        match rb.try_recv().unwrap() {
+            Reply::Error(e) => assert_eq!(e.code, ErrorCode::ShuttingDown),
+            other => panic!("{other:?}"),
+        }
+        // The request on the wire comes back cut off.
+        let a = links[0].jobs.recv().unwrap();
+        let (tx, ra) = crossbeam_channel::unbounded();
+        let a = Job { reply: tx, ..a };
+        d.on_event(Event::Retry {
+            server: ServerId(0),
+            job: Box::new(a),
+            reason: "aborted".into(),
+            link_failed: true,
+            delivered: true,
+        });
+        match ra.try_recv().unwrap() {
+            Reply::Error(e) => {
+                assert_eq!(e.code, ErrorCode::ShuttingDown);
+                assert!(e.message.contains("may have been stored"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(d.is_idle());
     }
 }

@@ -4,6 +4,7 @@
 //! stalled scraper cannot hold it for long.
 
 use super::stats::Stats;
+use crossbeam_channel::Receiver;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -14,21 +15,20 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request head read; the rest is ignored.
 const MAX_HEAD: usize = 8 * 1024;
 
-pub fn spawn(listener: TcpListener, stats: Arc<Stats>) -> std::io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        if let Err(e) = respond(stream, &stats) {
-                            log::debug!("metrics request failed: {e}");
-                        }
-                    }
-                    Err(e) => log::warn!("metrics: accept failed: {e}"),
-                }
+/// Serves until `stop` is disconnected (and the loop woken, see
+/// `net::wake`).
+pub fn spawn(
+    listener: TcpListener,
+    stats: Arc<Stats>,
+    stop: Receiver<()>,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    crate::net::spawn_named("metrics".into(), None, move || {
+        crate::net::accept_loop(&listener, &stop, |stream, _| {
+            if let Err(e) = respond(stream, &stats) {
+                log::debug!("metrics request failed: {e}");
             }
         })
+    })
 }
 
 fn respond(mut stream: TcpStream, stats: &Stats) -> std::io::Result<()> {

@@ -1,72 +1,69 @@
 //! The monitor: every check interval it asks each server for its status,
 //! all servers in parallel, and sends what it saw to the dispatcher, which
-//! owns the health state and logs the changes.
+//! owns the health state and logs the changes. It stops when the
+//! dispatcher does (the `until` channel disconnects).
 
+use super::backend::{self, BackendSettings};
 use super::dispatch::Event;
 use super::stats::Stats;
-use super::BackendWire;
+use super::ServerId;
 use crate::health::Observation;
-use crate::proto::{legacy, Connection, Reply, Request, StatusReport};
-use crossbeam_channel::Sender;
-use std::io::{Read, Write};
+use crate::net;
+use crate::proto::StatusReport;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy)]
-pub struct MonitorSettings {
-    pub interval: Duration,
-    /// Connect and read timeout of one probe.
-    pub timeout: Duration,
-    pub max_frame: usize,
-    pub wire: BackendWire,
-}
-
 pub fn spawn(
-    servers: Vec<SocketAddr>,
+    servers: Vec<(ServerId, SocketAddr)>,
     events: Sender<Event>,
-    settings: MonitorSettings,
+    interval: Duration,
+    settings: BackendSettings,
     stats: Arc<Stats>,
+    until: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("monitor".into())
-        .spawn(move || {
-            let mut probe_id = 0u64;
-            loop {
-                let round_started = Instant::now();
-                probe_id += 1;
-                let results = probe_all(&servers, probe_id, settings);
-                let mut observations = Vec::with_capacity(results.len());
-                for (server_stats, (observation, report, took)) in stats.servers.iter().zip(results)
-                {
-                    server_stats.record_check(took, report);
-                    observations.push(observation);
-                }
-                if events.send(Event::Probes(observations)).is_err() {
-                    return; // dispatcher gone: shutting down
-                }
-                if let Some(rest) = settings.interval.checked_sub(round_started.elapsed()) {
-                    thread::sleep(rest);
-                }
+    net::spawn_named("monitor".into(), None, move || {
+        let mut probe_id = 0u64;
+        loop {
+            let round_started = Instant::now();
+            probe_id += 1;
+            let results = probe_all(&servers, probe_id, settings);
+            let mut observations = Vec::with_capacity(results.len());
+            for ((id, _), (observation, report, took)) in servers.iter().zip(results) {
+                stats.server(*id).record_check(took, report);
+                observations.push((*id, observation));
             }
-        })
+            if events.send(Event::Probes(observations)).is_err() {
+                return; // dispatcher gone: shutting down
+            }
+            let rest = interval.saturating_sub(round_started.elapsed());
+            if let Err(RecvTimeoutError::Disconnected) | Ok(()) = until.recv_timeout(rest) {
+                return;
+            }
+        }
+    })
 }
 
 /// What one probe found, with the server's report and how long it took.
 type ProbeResult = (Observation, Option<StatusReport>, Duration);
 
-fn probe_all(servers: &[SocketAddr], id: u64, settings: MonitorSettings) -> Vec<ProbeResult> {
+fn probe_all(
+    servers: &[(ServerId, SocketAddr)],
+    id: u64,
+    settings: BackendSettings,
+) -> Vec<ProbeResult> {
     thread::scope(|scope| {
         let handles: Vec<_> = servers
             .iter()
-            .map(|addr| {
+            .map(|(_, addr)| {
                 thread::Builder::new()
                     .name(format!("probe-{}", addr.port()))
                     .stack_size(128 * 1024)
                     .spawn_scoped(scope, move || {
                         let started = Instant::now();
-                        let (observation, report) = probe(addr, id, settings);
+                        let (observation, report) = backend::probe(addr, id, settings);
                         (observation, report, started.elapsed())
                     })
             })
@@ -89,57 +86,4 @@ fn probe_all(servers: &[SocketAddr], id: u64, settings: MonitorSettings) -> Vec<
             })
             .collect()
     })
-}
-
-/// Asks one server for its status.
-pub fn probe(
-    addr: &SocketAddr,
-    id: u64,
-    settings: MonitorSettings,
-) -> (Observation, Option<StatusReport>) {
-    let stream = match crate::net::connect(addr, settings.timeout, settings.timeout) {
-        Ok(s) => s,
-        Err(e) => {
-            return (
-                Observation::ProbeFailed(format!("cannot connect: {e}")),
-                None,
-            )
-        }
-    };
-    if settings.wire == BackendWire::Legacy {
-        return (probe_legacy(stream), None);
-    }
-    let mut conn = Connection::new(stream, settings.max_frame);
-    match conn.call(&Request::Status { id }) {
-        Ok(Reply::Status(report)) => (
-            Observation::ProbeOk {
-                overloaded: report.overloaded,
-            },
-            Some(report),
-        ),
-        Ok(other) => (
-            Observation::ProbeFailed(format!("unexpected status reply: {other:?}")),
-            None,
-        ),
-        Err(e) => (
-            Observation::ProbeFailed(format!("status probe failed: {e}")),
-            None,
-        ),
-    }
-}
-
-/// The original probe: send the status request, read exactly one byte.
-fn probe_legacy(mut stream: std::net::TcpStream) -> Observation {
-    let mut byte = [0u8; 1];
-    let result = stream
-        .write_all(legacy::STATUS_PROBE)
-        .and_then(|()| stream.read_exact(&mut byte));
-    match (result, byte[0]) {
-        (Err(e), _) => Observation::ProbeFailed(format!("status probe failed: {e}")),
-        (Ok(()), 0) => Observation::ProbeOk { overloaded: false },
-        (Ok(()), 1) => Observation::ProbeOk { overloaded: true },
-        (Ok(()), other) => {
-            Observation::ProbeFailed(format!("status byte {other:#04x} is neither 0 nor 1"))
-        }
-    }
 }

@@ -126,6 +126,12 @@ impl Stats {
         }
     }
 
+    /// The counters of one server. Ids are given in order at start, one
+    /// per configured server.
+    pub fn server(&self, id: super::ServerId) -> &ServerStats {
+        &self.servers[id.0 as usize]
+    }
+
     pub fn views(&self) -> Vec<ServerView> {
         self.servers.iter().map(ServerStats::view).collect()
     }

@@ -1,7 +1,9 @@
 use clap::Parser;
-use lbft::balancer::{Backend, BackendWire, Balancer, Config};
+use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
 use lbft::cli::{parse_duration, parse_size};
 use lbft::server;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,10 +51,13 @@ struct Args {
     /// Connect and read timeout of a status probe.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     probe_timeout: Duration,
-    /// How long a document may wait for a server before the client gets `no_server`.
+    /// How long a request may wait while NO server can take work (all down
+    /// or overloaded) before the client gets `no_server`. Waiting for busy
+    /// servers that are up never fails.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     queue_timeout: Duration,
-    /// How long a server may take to store one document.
+    /// How long a server may take to answer one request; a server must not
+    /// store a document later than half of this after it was sent.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     server_timeout: Duration,
     /// A client silent (or stalled mid-frame) this long is disconnected.
@@ -65,12 +70,31 @@ struct Args {
     /// Forwards of one document that may reach a server before giving up.
     #[arg(long, default_value_t = 3)]
     max_attempts: u32,
-    /// Documents in flight to one server at most; more wait in the queue.
-    #[arg(long, default_value_t = 64)]
+    /// Requests on the wire to one server at once (one persistent
+    /// connection each); more wait in the queue.
+    #[arg(long, default_value_t = 16)]
     max_in_flight: usize,
     /// Largest frame accepted (e.g. 8MiB).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
+    /// Payload bytes all clients together may have queued or in flight; at
+    /// the limit the balancer stops reading from clients until some are done.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    max_queued_bytes: usize,
+    /// Requests one client connection may have queued or in flight; at the
+    /// limit the balancer stops reading that connection (TCP slows the
+    /// client down; nothing fails).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    client_window: usize,
+    /// On SIGINT/SIGTERM, how long to finish queued and in-flight requests
+    /// before answering the rest `shutting_down`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// This balancer's id (0-511) inside request numbers, so that several
+    /// balancers in front of the same servers never give the same number.
+    /// Default: random, logged at start.
+    #[arg(long, value_name = "ID")]
+    balancer_id: Option<u16>,
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -118,13 +142,44 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_attempts: args.max_attempts,
         max_in_flight: args.max_in_flight,
         max_frame: args.max_frame,
+        max_queued_bytes: args.max_queued_bytes,
+        client_window: args.client_window,
+        drain_timeout: args.drain_timeout,
+        balancer_id: args.balancer_id,
         metrics: args.metrics,
     })?;
-    if let Some(addr) = balancer.metrics_addr()? {
+    let metrics = balancer.metrics_addr()?;
+    let handle = balancer.start()?;
+    let signals = on_signal(handle.stopper())?;
+    if let Some(addr) = metrics {
         println!("metrics listening on {addr}");
     }
-    println!("listening on {}", balancer.local_addr()?);
-    balancer.run()
+    println!("listening on {}", handle.addr());
+    handle.join();
+    signals.close();
+    Ok(())
+}
+
+/// SIGINT or SIGTERM starts a clean shutdown; a second one ends the process
+/// at once.
+fn on_signal(stopper: Stopper) -> Result<signal_hook::iterator::Handle, lbft::Error> {
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen > 1 {
+                    log::warn!("second signal {signal}: exiting without draining");
+                    std::process::exit(130);
+                }
+                log::info!("signal {signal}: shutting down (again to exit at once)");
+                stopper.shutdown();
+            }
+        })?;
+    Ok(handle)
 }
 
 fn start_local_servers(args: &Args, n: u16) -> Result<Vec<Backend>, lbft::Error> {

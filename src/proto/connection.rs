@@ -53,6 +53,11 @@ impl<S: Read + Write> Connection<S> {
         write_frame(self.reader.get_mut(), &encode(msg))
     }
 
+    /// Sends a payload already encoded (see `encode_forward`).
+    pub fn send_payload(&mut self, payload: &[u8]) -> io::Result<()> {
+        write_frame(self.reader.get_mut(), payload)
+    }
+
     pub fn recv<T: Message>(&mut self) -> Result<T, CallError> {
         match self.reader.message::<T>() {
             Ok(Some(Ok(msg))) => Ok(msg),

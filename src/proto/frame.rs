@@ -180,10 +180,21 @@ pub fn read_payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, FrameError
 pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame longer than 4 GiB"))?;
-    w.write_all(&len.to_be_bytes())?;
-    w.write_all(payload)?;
+    if payload.len() <= SMALL_FRAME {
+        // One write, so an unbuffered socket sends one segment, not two.
+        let mut frame = Vec::with_capacity(4 + payload.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(payload);
+        w.write_all(&frame)?;
+    } else {
+        w.write_all(&len.to_be_bytes())?;
+        w.write_all(payload)?;
+    }
     w.flush()
 }
+
+/// Frames up to this size are copied behind their header and written at once.
+const SMALL_FRAME: usize = 64 * 1024;
 
 /// Reads frames from one half of a stream.
 pub struct FrameReader<R: Read> {

@@ -443,3 +443,12 @@ pub fn encode_forward(
     bytes.push(b'}');
     bytes
 }
+
+/// The document inside fields from `encode_document_fields`.
+pub fn decode_document_fields(fields: &[u8]) -> Result<Document, serde_json::Error> {
+    let mut object = Vec::with_capacity(fields.len() + 2);
+    object.push(b'{');
+    object.extend_from_slice(fields);
+    object.push(b'}');
+    serde_json::from_slice(&object)
+}

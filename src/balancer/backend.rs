@@ -1,0 +1,316 @@
+//! The seam between the balancer and one kind of storage server: a
+//! `Backend` carries out requests and answers status probes over one wire.
+//! `Framed` speaks our protocol (acknowledged, persistent connection);
+//! `Legacy` speaks the original system's (one connection per document, no
+//! acknowledgement, a one-byte status). A new wire (TLS...) is one more
+//! implementation here.
+
+use super::dispatch::Work;
+use super::BackendWire;
+use crate::health::Observation;
+use crate::net;
+use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StatusReport};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BackendSettings {
+    pub connect_timeout: Duration,
+    /// How long a server may take to answer one request.
+    pub io_timeout: Duration,
+    /// Connect and read timeout of a status probe.
+    pub probe_timeout: Duration,
+    pub max_frame: usize,
+    pub wire: BackendWire,
+}
+
+/// Why a forward failed on the connection itself.
+#[derive(Debug)]
+pub struct LinkError {
+    pub reason: String,
+    /// The request was written, so the server may have carried it out.
+    pub delivered: bool,
+}
+
+/// One connection's worth of talking to a server.
+pub trait Backend: Send {
+    /// Carries out one request and returns the server's reply. `number` is
+    /// the request number (and the id on this connection).
+    fn forward(&mut self, number: u64, work: &Work) -> Result<Reply, LinkError>;
+}
+
+/// Asks a server for its status, on a fresh connection.
+pub fn probe(
+    addr: &SocketAddr,
+    id: u64,
+    settings: BackendSettings,
+) -> (Observation, Option<StatusReport>) {
+    let t = settings.probe_timeout;
+    let stream = match net::connect(addr, t, t) {
+        Ok(s) => s,
+        Err(e) => {
+            return (
+                Observation::ProbeFailed(format!("cannot connect: {e}")),
+                None,
+            )
+        }
+    };
+    match settings.wire {
+        BackendWire::Framed => probe_framed(stream, id, settings.max_frame),
+        BackendWire::Legacy => (probe_legacy(stream), None),
+    }
+}
+
+/// Open connections of one server's link, so that they can be cut off at
+/// once (shutting down past `--drain-timeout`).
+#[derive(Debug, Default)]
+pub struct Connections(Mutex<HashMap<usize, TcpStream>>);
+
+impl Connections {
+    fn set(&self, slot: usize, stream: Option<TcpStream>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match stream {
+            Some(s) => map.insert(slot, s),
+            None => map.remove(&slot),
+        };
+    }
+
+    /// Shuts every open connection down; blocked reads and writes fail.
+    pub fn cut_all(&self) {
+        for stream in self.0.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A backend for one worker of a link.
+pub fn open(
+    addr: SocketAddr,
+    settings: BackendSettings,
+    connections: Arc<Connections>,
+    slot: usize,
+) -> Box<dyn Backend> {
+    match settings.wire {
+        BackendWire::Framed => Box::new(Framed {
+            addr,
+            settings,
+            conn: None,
+            connections,
+            slot,
+        }),
+        BackendWire::Legacy => Box::new(Legacy { addr, settings }),
+    }
+}
+
+/// Unix time in milliseconds.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+struct Framed {
+    addr: SocketAddr,
+    settings: BackendSettings,
+    conn: Option<Connection<TcpStream>>,
+    connections: Arc<Connections>,
+    slot: usize,
+}
+
+impl Backend for Framed {
+    /// A reused connection that turns out dead (the server closed it while
+    /// idle, or restarted) is replaced once before giving up.
+    fn forward(&mut self, number: u64, work: &Work) -> Result<Reply, LinkError> {
+        let payload = match work {
+            // A server must not store it past half the time the balancer
+            // waits for its answer: after that the balancer may retry it
+            // elsewhere, and a late copy would be a duplicate.
+            Work::Store(doc) => proto::encode_forward(
+                number,
+                number,
+                Some(unix_ms() + self.settings.io_timeout.as_millis() as u64 / 2),
+                &doc.fields,
+            ),
+            Work::Calc(operation) => proto::encode(&Request::Calc {
+                id: number,
+                operation: *operation,
+            }),
+            Work::Forget(numbers) => proto::encode(&Request::Forget {
+                id: number,
+                numbers: numbers.clone(),
+            }),
+        };
+        let reused = self.conn.is_some();
+        let reply = match self.exchange(&payload) {
+            Err((first, cause)) if reused && !cause_is_timeout(&cause) => {
+                log::debug!(
+                    "link to {}: stale connection ({cause}), reconnecting",
+                    self.addr
+                );
+                self.exchange(&payload).map_err(|(mut e, _)| {
+                    // The first try may have reached the server even if the
+                    // second could not connect.
+                    e.delivered |= first.delivered;
+                    e
+                })
+            }
+            other => other.map_err(|e| e.0),
+        }?;
+        if reply.id().is_some_and(|id| id != number) {
+            self.close();
+            return Err(LinkError {
+                reason: format!("reply for id {:?} while waiting for {number}", reply.id()),
+                delivered: true,
+            });
+        }
+        Ok(reply)
+    }
+}
+
+fn cause_is_timeout(cause: &CallError) -> bool {
+    matches!(cause, CallError::Frame(proto::FrameError::Timeout { .. }))
+}
+
+impl Framed {
+    fn close(&mut self) {
+        self.conn = None;
+        self.connections.set(self.slot, None);
+    }
+
+    fn connect(&mut self) -> Result<Connection<TcpStream>, LinkError> {
+        let s = self.settings;
+        let stream =
+            net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
+                reason: format!("cannot connect: {e}"),
+                delivered: false,
+            })?;
+        self.connections.set(self.slot, stream.try_clone().ok());
+        // Replies are small; requests may be forwarded with headroom.
+        Ok(Connection::new(
+            stream,
+            s.max_frame + proto::FORWARD_HEADROOM,
+        ))
+    }
+
+    fn exchange(&mut self, payload: &[u8]) -> Result<Reply, (LinkError, CallError)> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.connect().map_err(|e| (e, CallError::Closed))?,
+        };
+        if let Err(e) = conn.send_payload(payload) {
+            self.close();
+            let err = LinkError {
+                reason: format!("cannot send: {e}"),
+                delivered: false,
+            };
+            return Err((err, e.into()));
+        }
+        match conn.recv::<Reply>() {
+            Ok(reply) => {
+                self.conn = Some(conn);
+                Ok(reply)
+            }
+            Err(e) => {
+                self.close();
+                let err = LinkError {
+                    reason: format!("no reply: {e}"),
+                    delivered: true,
+                };
+                Err((err, e))
+            }
+        }
+    }
+}
+
+fn probe_framed(
+    stream: TcpStream,
+    id: u64,
+    max_frame: usize,
+) -> (Observation, Option<StatusReport>) {
+    let mut conn = Connection::new(stream, max_frame);
+    match conn.call(&Request::Status { id }) {
+        Ok(Reply::Status(report)) => (
+            Observation::ProbeOk {
+                overloaded: report.overloaded,
+            },
+            Some(report),
+        ),
+        Ok(other) => (
+            Observation::ProbeFailed(format!("unexpected status reply: {other:?}")),
+            None,
+        ),
+        Err(e) => (
+            Observation::ProbeFailed(format!("status probe failed: {e}")),
+            None,
+        ),
+    }
+}
+
+struct Legacy {
+    addr: SocketAddr,
+    settings: BackendSettings,
+}
+
+impl Backend for Legacy {
+    /// Sends a document the way the original balancer did: a new connection,
+    /// one `json.dumps` text, close. The original server never acknowledges,
+    /// so a complete write is the best evidence of success there is.
+    fn forward(&mut self, number: u64, work: &Work) -> Result<Reply, LinkError> {
+        let fields = match work {
+            Work::Store(doc) => &doc.fields,
+            Work::Calc(_) | Work::Forget(_) => {
+                return Ok(Reply::error(
+                    Some(number),
+                    proto::ErrorCode::BadRequest,
+                    "servers of the original format only store documents",
+                ))
+            }
+        };
+        let doc = proto::decode_document_fields(fields).map_err(|e| LinkError {
+            reason: format!("cannot re-read the document: {e}"),
+            delivered: false,
+        })?;
+        let s = self.settings;
+        let mut stream =
+            net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
+                reason: format!("cannot connect: {e}"),
+                delivered: false,
+            })?;
+        let text = legacy::dumps_document(&doc, Some(number));
+        stream
+            .write_all(text.as_bytes())
+            .and_then(|()| stream.flush())
+            .map_err(|e| LinkError {
+                reason: format!("cannot send: {e}"),
+                delivered: false,
+            })?;
+        Ok(Reply::Stored(proto::Stored {
+            id: number,
+            server: self.addr.to_string(),
+            request_number: number,
+            file: legacy::original_file_name(number, &doc.title),
+            a_count: crate::text::count_a(&doc.content),
+            existing: false,
+        }))
+    }
+}
+
+/// The original probe: send the status request, read exactly one byte.
+fn probe_legacy(mut stream: TcpStream) -> Observation {
+    let mut byte = [0u8; 1];
+    let result = stream
+        .write_all(legacy::STATUS_PROBE)
+        .and_then(|()| stream.read_exact(&mut byte));
+    match (result, byte[0]) {
+        (Err(e), _) => Observation::ProbeFailed(format!("status probe failed: {e}")),
+        (Ok(()), 0) => Observation::ProbeOk { overloaded: false },
+        (Ok(()), 1) => Observation::ProbeOk { overloaded: true },
+        (Ok(()), other) => {
+            Observation::ProbeFailed(format!("status byte {other:#04x} is neither 0 nor 1"))
+        }
+    }
+}
