@@ -352,6 +352,8 @@ fn main() {
     let temp = tempfile::tempdir().expect("cannot create a temporary folder");
     let mut servers = Vec::new();
     let mut dirs = Vec::new();
+    // The servers run for as long as their handles live.
+    let mut handles = Vec::new();
     for i in 0..3 {
         let dir = temp.path().join(format!("server{i}"));
         let server = Server::bind(server::Config {
@@ -362,9 +364,11 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot start storage server {i}: {e}"));
         servers.push(server.local_addr());
         dirs.push(dir);
-        server
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run storage server {i}: {e}"));
+        handles.push(
+            server
+                .start()
+                .unwrap_or_else(|e| panic!("cannot run storage server {i}: {e}")),
+        );
     }
     let balancer_all = start_balancer(&servers, "balancer-3");
     let balancer_one = start_balancer(&servers[..1], "balancer-1");

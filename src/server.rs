@@ -2,24 +2,36 @@
 //! speaking the protocol), stores documents in its folder and answers status
 //! probes. One named thread per connection; requests on a connection are
 //! handled in order.
+//!
+//! Lifecycle: `Server::bind` opens the listener and the folder;
+//! `Server::start` runs the accept loop, the connections and the load
+//! sampler on named threads and returns a `ServerHandle`. `shutdown` stops
+//! accepting and ends every connection's reading (a request being handled
+//! still gets its reply); `join` waits for every thread.
+//!
+//! Framed stores are carried out at most once per request number (see
+//! `storage::Storage::claim`); documents in the original format are always
+//! stored, because the original balancer reuses numbers across runs.
 
 pub mod load;
 pub mod storage;
 
 use crate::error::Error;
-use crate::proto::legacy::{self, LegacyReader, LegacyRequest};
-use crate::proto::{self, ErrorCode, FrameReader, FrameWriter, Reply, Request, StoreRequest};
-use crossbeam_channel::Sender;
+use crate::ids::{self, Generator, Source};
+use crate::net::{self, Wire};
+use crate::proto::legacy::{LegacyReader, LegacyRequest};
+use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, Request};
+use crossbeam_channel::{Receiver, Sender};
 use load::{Limits, Load};
 use rand::Rng;
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::HashMap;
+use std::io::{self, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
-use storage::Storage;
+use storage::{Claim, Storage, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -39,6 +51,9 @@ pub struct Config {
     pub max_frame: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
+    /// Node id (0..=511) in the request numbers this server gives documents
+    /// that arrive without one; `None` picks one at random.
+    pub server_id: Option<u16>,
 }
 
 impl Default for Config {
@@ -53,6 +68,7 @@ impl Default for Config {
             max_memory_mb: 1024,
             max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
+            server_id: None,
         }
     }
 }
@@ -62,10 +78,9 @@ struct Shared {
     addr: SocketAddr,
     storage: Storage,
     load: Arc<Load>,
-    files_stored: AtomicU64,
     /// Numbers documents that arrive without one (sent straight to a server
-    /// rather than through the balancer).
-    local_numbers: AtomicU64,
+    /// rather than through the balancer), apart from every balancer's.
+    numbers: Generator,
     config: Config,
 }
 
@@ -75,17 +90,25 @@ impl Shared {
     }
 }
 
-/// A bound server, ready to run.
+/// A bound server, ready to start.
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
-    // Dropping this stops the load sampler.
-    _stop_sampler: Sender<()>,
 }
 
 impl Server {
-    /// Binds the listener, opens the storage folder and starts the sampler.
+    /// Binds the listener and opens the storage folder.
     pub fn bind(config: Config) -> Result<Server, Error> {
+        let node = match config.server_id {
+            Some(id) if id > ids::MAX_NODE => {
+                return Err(Error::Config(format!(
+                    "server id {id} is out of range (0..={})",
+                    ids::MAX_NODE
+                )))
+            }
+            Some(id) => id,
+            None => ids::random_node(),
+        };
         let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
@@ -107,33 +130,29 @@ impl Server {
                 dir.display()
             );
         }
-        let files_stored = storage.count().map_err(storage_err)?;
+        log::info!(
+            "server {addr}: storing into {} ({} documents already there); server id {node}{}",
+            dir.display(),
+            storage.count(),
+            if config.server_id.is_none() {
+                " (random; set --server-id to choose it)"
+            } else {
+                ""
+            }
+        );
         let load = Arc::new(Load::new(Limits {
             max_active: config.max_active,
             max_memory_bytes: config.max_memory_mb.saturating_mul(1024 * 1024),
         }));
-        let (stop, stopped) = crossbeam_channel::bounded(0);
-        load::spawn_sampler(
-            load.clone(),
-            dir.clone(),
-            Duration::from_millis(500),
-            stopped,
-        )?;
-        log::info!(
-            "server {addr}: storing into {} ({files_stored} documents already there)",
-            dir.display()
-        );
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
                 addr,
                 storage,
                 load,
-                files_stored: AtomicU64::new(files_stored),
-                local_numbers: AtomicU64::new(0),
+                numbers: Generator::new(Source::Server, node),
                 config,
             }),
-            _stop_sampler: stop,
         })
     }
 
@@ -145,101 +164,259 @@ impl Server {
         self.shared.storage.dir()
     }
 
-    /// Accepts connections until the listener fails.
-    pub fn run(self) -> Result<(), Error> {
-        let mut conn_seq = 0u64;
-        for stream in self.listener.incoming() {
-            let stream = match stream {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of descriptors or a connection reset before accept:
-                    // the listener itself is fine, keep going.
-                    log::warn!("server {}: accept failed: {e}", self.shared.addr);
-                    continue;
-                }
-            };
-            conn_seq += 1;
-            let shared = self.shared.clone();
-            let name = format!("srv{}-conn{conn_seq}", self.shared.addr.port());
-            if let Err(e) = thread::Builder::new()
-                .name(name)
-                // Default stack size: parsing deeply nested JSON recurses.
-                .spawn(move || serve_connection(stream, &shared))
-            {
-                log::error!(
-                    "server {}: cannot spawn connection thread: {e}",
-                    self.shared.addr
-                );
+    /// Takes a first load sample, then starts the sampler and the accept
+    /// loop on their own threads.
+    pub fn start(self) -> Result<ServerHandle, Error> {
+        let Server { listener, shared } = self;
+        let addr = shared.addr;
+        let port = addr.port();
+        // One channel stops everything: dropping `stop` disconnects it for
+        // the sampler and the accept loop alike.
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let sampler = load::spawn_sampler(
+            format!("srv{port}-load"),
+            shared.load.clone(),
+            shared.storage.dir().to_path_buf(),
+            Duration::from_millis(500),
+            stopped.clone(),
+        )?;
+        let dir = shared.storage.dir().to_path_buf();
+        let accept = net::spawn_named(format!("srv{port}-accept"), None, move || {
+            accept_connections(&listener, &stopped, &shared)
+        });
+        let accept = match accept {
+            Ok(handle) => handle,
+            Err(e) => {
+                drop(stop);
+                let _ = sampler.join();
+                return Err(e.into());
             }
-        }
-        Ok(())
-    }
-
-    /// Runs the accept loop on its own named thread.
-    pub fn spawn(self) -> Result<thread::JoinHandle<()>, Error> {
-        let name = format!("srv{}-accept", self.shared.addr.port());
-        Ok(thread::Builder::new().name(name).spawn(move || {
-            if let Err(e) = self.run() {
-                log::error!("server stopped: {e}");
-            }
-        })?)
+        };
+        Ok(ServerHandle {
+            addr,
+            dir,
+            stop: Mutex::new(Some(stop)),
+            accept: Some(accept),
+            sampler: Some(sampler),
+        })
     }
 }
 
-fn serve_connection(stream: TcpStream, shared: &Shared) {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
-    let setup = stream
-        .set_read_timeout(Some(shared.config.idle_timeout))
-        .and_then(|()| stream.set_write_timeout(Some(shared.config.idle_timeout)))
-        .and_then(|()| stream.set_nodelay(true))
-        .and_then(|()| stream.try_clone());
-    let read_half = match setup {
+/// A running server.
+///
+/// Dropping the handle shuts the server down without waiting for it; keep
+/// the handle for as long as the server should run.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    dir: PathBuf,
+    /// Taken (and so dropped) by the first `shutdown`.
+    stop: Mutex<Option<Sender<()>>>,
+    /// Returns how many connection threads panicked.
+    accept: Option<JoinHandle<usize>>,
+    sampler: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn storage_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops accepting connections and ends reading on every open one:
+    /// idle connections close, a request being handled still gets its
+    /// reply. Returns at once; `join` waits. Idempotent.
+    pub fn shutdown(&self) {
+        let stop = lock(&self.stop).take();
+        if let Some(stop) = stop {
+            log::info!("server {}: shutting down", self.addr);
+            drop(stop);
+            // The accept loop sees the disconnected channel only once an
+            // accept returns.
+            net::wake(self.addr);
+        }
+    }
+
+    /// Waits until every thread of the server has ended: the accept loop,
+    /// each connection and the load sampler. Only returns after `shutdown`.
+    pub fn join(mut self) -> Result<(), Error> {
+        let mut failed = Vec::new();
+        if let Some(accept) = self.accept.take() {
+            match accept.join() {
+                Ok(0) => {}
+                Ok(n) => failed.push(format!("{n} connection threads")),
+                Err(_) => failed.push("the accept thread".to_string()),
+            }
+        }
+        if let Some(sampler) = self.sampler.take() {
+            if sampler.join().is_err() {
+                failed.push("the load sampler".to_string());
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Io(io::Error::other(format!(
+                "server {}: {} panicked",
+                self.addr,
+                failed.join(" and ")
+            ))))
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Open connections, so that a shutdown can end their reading.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<HashMap<u64, TcpStream>>,
+}
+
+impl Connections {
+    fn register(&self, id: u64, stream: &TcpStream) -> io::Result<()> {
+        let clone = stream.try_clone()?;
+        lock(&self.open).insert(id, clone);
+        Ok(())
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.open).remove(&id);
+    }
+
+    /// Shuts down the read half of every open connection: a blocked read
+    /// returns end of stream, while replies can still be written.
+    fn end_reading(&self) {
+        let open: Vec<(u64, TcpStream)> = lock(&self.open).drain().collect();
+        for (_, stream) in open {
+            // Fails only if the peer is already gone, which ends it too.
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// Removes a connection from the registry when its thread ends, even by
+/// a panic.
+struct Registration {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.connections.remove(self.id);
+    }
+}
+
+/// The accept thread: accepts until stopped, then ends every connection's
+/// reading and joins the connection threads. Returns how many panicked.
+fn accept_connections(
+    listener: &TcpListener,
+    stopped: &Receiver<()>,
+    shared: &Arc<Shared>,
+) -> usize {
+    let addr = shared.addr;
+    let connections = Arc::new(Connections::default());
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    let mut panicked = 0;
+    let mut seq = 0u64;
+    net::accept_loop(listener, stopped, |stream, peer| {
+        // Finished threads are joined as we go, so the list holds only
+        // open connections.
+        panicked += join_finished(&mut workers);
+        seq += 1;
+        // Registered here, not in the connection thread, so that once the
+        // loop has stopped every accepted connection is in the registry.
+        if let Err(e) = connections.register(seq, &stream) {
+            log::warn!("server {addr}: dropping connection from {peer}: {e}");
+            return;
+        }
+        let registration = Registration {
+            connections: connections.clone(),
+            id: seq,
+        };
+        let shared = shared.clone();
+        // Default stack size: parsing deeply nested JSON recurses.
+        let spawned = net::spawn_named(format!("srv{}-conn{seq}", addr.port()), None, move || {
+            let _registration = registration;
+            serve_connection(stream, peer, &shared);
+        });
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(e) => log::error!("server {addr}: dropping connection from {peer}: {e}"),
+        }
+    });
+    connections.end_reading();
+    for worker in workers {
+        if worker.join().is_err() {
+            panicked += 1;
+        }
+    }
+    if panicked > 0 {
+        log::error!("server {addr}: {panicked} connection threads panicked");
+    }
+    panicked
+}
+
+/// Joins the threads that have ended; returns how many panicked.
+fn join_finished(workers: &mut Vec<JoinHandle<()>>) -> usize {
+    let (done, running): (Vec<_>, Vec<_>) = std::mem::take(workers)
+        .into_iter()
+        .partition(|w| w.is_finished());
+    *workers = running;
+    done.into_iter()
+        .map(JoinHandle::join)
+        .filter(Result::is_err)
+        .count()
+}
+
+fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let addr = shared.addr;
+    let halves =
+        net::prepare(&stream, shared.config.idle_timeout).and_then(|()| stream.try_clone());
+    let read_half = match halves {
         Ok(s) => s,
         Err(e) => {
-            log::warn!(
-                "server {}: cannot set up connection from {peer}: {e}",
-                shared.addr
-            );
+            log::warn!("server {addr}: cannot set up connection from {peer}: {e}");
             return;
         }
     };
-    let mut first = [0u8; 1];
-    match stream.peek(&mut first) {
-        Ok(0) => return,
-        Ok(_) if legacy::is_legacy(first[0]) => {
-            return serve_legacy(read_half, stream, &peer, shared)
-        }
-        Ok(_) => {}
-        Err(e) => {
-            log::info!(
-                "server {}: connection from {peer} sent nothing: {e}",
-                shared.addr
-            );
-            return;
-        }
+    match net::detect_wire(&stream) {
+        Ok(Wire::Closed) => {}
+        Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, shared),
+        Ok(Wire::Framed) => serve_framed(read_half, stream, peer, shared),
+        Err(e) => log::info!("server {addr}: connection from {peer} sent nothing: {e}"),
     }
+}
+
+fn serve_framed(read_half: TcpStream, write_half: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let addr = shared.addr;
     let mut reader = FrameReader::new(read_half, shared.frame_limit());
-    let mut writer = FrameWriter::new(stream);
+    let mut writer = FrameWriter::new(write_half);
     loop {
         let reply = match reader.message::<Request>() {
             Ok(None) => break,
             Err(e) => {
-                log::warn!("server {}: connection from {peer}: {e}", shared.addr);
+                log::warn!("server {addr}: connection from {peer}: {e}");
                 if let Some(r) = e.reply() {
                     let _ = writer.message(&Reply::Error(r));
                 }
                 break;
             }
             Ok(Some(Err(bad))) => {
-                log::warn!("server {}: bad request from {peer}: {bad}", shared.addr);
+                log::warn!("server {addr}: bad request from {peer}: {bad}");
                 Reply::Error(bad.into())
             }
             Ok(Some(Ok(request))) => handle(request, shared),
         };
         if let Err(e) = writer.message(&reply) {
-            log::warn!("server {}: cannot reply to {peer}: {e}", shared.addr);
+            log::warn!("server {addr}: cannot reply to {peer}: {e}");
             break;
         }
     }
@@ -247,17 +424,20 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
 
 /// A connection from the original balancer: documents (no reply) and status
 /// probes (one byte), as unframed JSON objects.
-fn serve_legacy(read_half: TcpStream, mut write_half: TcpStream, peer: &str, shared: &Shared) {
+fn serve_legacy(
+    read_half: TcpStream,
+    mut write_half: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) {
+    let addr = shared.addr;
     let reader = LegacyReader::new(BufReader::new(read_half), shared.frame_limit());
     for request in reader {
         match request {
             Ok(LegacyRequest::Status) => {
                 let byte = u8::from(shared.load.overloaded());
                 if let Err(e) = write_half.write_all(&[byte]) {
-                    log::warn!(
-                        "server {}: cannot answer probe from {peer}: {e}",
-                        shared.addr
-                    );
+                    log::warn!("server {addr}: cannot answer probe from {peer}: {e}");
                     return;
                 }
             }
@@ -265,20 +445,12 @@ fn serve_legacy(read_half: TcpStream, mut write_half: TcpStream, peer: &str, sha
                 doc,
                 request_number,
             }) => {
-                // The original balancer reads no reply; the outcome is logged.
-                let store = StoreRequest {
-                    id: 0,
-                    doc,
-                    request_number,
-                    not_after_ms: None,
-                };
-                handle_store(store, shared);
+                // The original balancer reads no reply; the outcome is only
+                // logged (by `store_legacy`).
+                store_legacy(&doc, request_number, shared);
             }
             Err(e) => {
-                log::warn!(
-                    "server {}: original-format connection from {peer}: {e}",
-                    shared.addr
-                );
+                log::warn!("server {addr}: original-format connection from {peer}: {e}");
                 if !e.is_recoverable() {
                     return;
                 }
@@ -304,11 +476,7 @@ fn handle(request: Request, shared: &Shared) -> Reply {
                 result: operation.apply(a, b),
             })
         }
-        Request::Forget { id, .. } => Reply::error(
-            Some(id),
-            ErrorCode::BadRequest,
-            "`forget` is not supported yet",
-        ),
+        Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
         Request::Servers { id } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,
@@ -334,42 +502,118 @@ fn status_report(id: u64, shared: &Shared) -> proto::StatusReport {
         net_rx_bytes: sample.net_rx_bytes,
         net_tx_bytes: sample.net_tx_bytes,
         uptime_secs: shared.load.uptime().as_secs(),
-        files_stored: shared.files_stored.load(Ordering::Relaxed),
+        files_stored: shared.storage.count(),
     }
 }
 
-fn handle_store(store: StoreRequest, shared: &Shared) -> Reply {
+/// A framed store: at most once per request number.
+fn handle_store(store: proto::StoreRequest, shared: &Shared) -> Reply {
     let _active = shared.load.begin();
+    let addr = shared.addr;
+    let id = store.id;
     let number = store
         .request_number
-        .unwrap_or_else(|| shared.local_numbers.fetch_add(1, Ordering::Relaxed) + 1);
-    let a_count = count_a_with_delay(&store.doc.content, shared.config.char_delay);
-    match shared.storage.store(number, &store.doc, a_count) {
-        Ok(file) => {
-            shared.files_stored.fetch_add(1, Ordering::Relaxed);
+        .unwrap_or_else(|| shared.numbers.next());
+    let stored = |file: String, a_count: u64, existing: bool| {
+        Reply::Stored(proto::Stored {
+            id,
+            server: addr.to_string(),
+            request_number: number,
+            file,
+            a_count,
+            existing,
+        })
+    };
+    let refused = |e: StoreError| {
+        let code = match &e {
+            StoreError::Expired { .. } | StoreError::Forgotten(_) => ErrorCode::Expired,
+            StoreError::InProgress(_) => ErrorCode::InProgress,
+            StoreError::Io(_) => ErrorCode::Storage,
+        };
+        if code == ErrorCode::Storage {
+            log::error!("server {addr}: cannot store request {number}: {e}");
+        } else {
+            // The balancer retries elsewhere or has already: routine.
+            log::info!("server {addr}: refused request {number}: {e}");
+        }
+        Reply::error(Some(id), code, format!("server {addr}: {e}"))
+    };
+    let writer = match shared.storage.claim(number, store.not_after_ms) {
+        Ok(Claim::New(writer)) => writer,
+        Ok(Claim::Existing { file }) => {
+            let a_count = shared
+                .storage
+                .stored_a_count(&file)
+                .unwrap_or_else(|| storage::count_a(&store.doc.content));
             log::info!(
-                "server {}: stored request {number} \"{}\" as {file} ({a_count} letters A)",
-                shared.addr,
-                proto::truncate(&store.doc.title, 80)
+                "server {addr}: request {number} is already stored as {file}; not storing it again"
             );
-            Reply::Stored(proto::Stored {
-                id: store.id,
-                server: shared.addr.to_string(),
-                request_number: number,
-                file,
-                a_count,
-                existing: false,
-            })
+            return stored(file, a_count, true);
         }
-        Err(e) => {
-            log::error!("server {}: cannot store request {number}: {e}", shared.addr);
-            Reply::error(
-                Some(store.id),
-                ErrorCode::Storage,
-                format!("server {} cannot store the document: {e}", shared.addr),
-            )
+        Err(e) => return refused(e),
+    };
+    let a_count = count_a_with_delay(&store.doc.content, shared.config.char_delay);
+    match writer.write(&store.doc, a_count) {
+        Ok(file) => {
+            log_stored(number, &store.doc, &file, a_count, shared);
+            stored(file, a_count, false)
         }
+        Err(e) => refused(e),
     }
+}
+
+/// A document in the original format: always stored, whatever its number.
+fn store_legacy(doc: &Document, request_number: Option<u64>, shared: &Shared) {
+    let _active = shared.load.begin();
+    let number = request_number.unwrap_or_else(|| shared.numbers.next());
+    let a_count = count_a_with_delay(&doc.content, shared.config.char_delay);
+    match shared.storage.store_copy(number, doc, a_count) {
+        Ok(file) => log_stored(number, doc, &file, a_count, shared),
+        Err(e) => log::error!(
+            "server {}: cannot store original-format request {number}: {e}",
+            shared.addr
+        ),
+    }
+}
+
+fn log_stored(number: u64, doc: &Document, file: &str, a_count: u64, shared: &Shared) {
+    log::info!(
+        "server {}: stored request {number} \"{}\" as {file} ({a_count} letters A)",
+        shared.addr,
+        proto::truncate(&doc.title, 80)
+    );
+}
+
+fn handle_forget(id: u64, numbers: &[u64], shared: &Shared) -> Reply {
+    let addr = shared.addr;
+    let done = shared.storage.forget(numbers);
+    for (number, file) in &done.moved {
+        log::warn!(
+            "server {addr}: request {number} is stored on another server; moved {file} to {}",
+            storage::DUPLICATES_DIR
+        );
+    }
+    if done.failed.is_empty() {
+        return Reply::Forgotten {
+            id,
+            moved: done.moved.len() as u64,
+        };
+    }
+    let failures: Vec<String> = done
+        .failed
+        .iter()
+        .map(|(number, file, e)| format!("request {number} ({file}): {e}"))
+        .collect();
+    log::error!("server {addr}: cannot move aside {}", failures.join("; "));
+    Reply::error(
+        Some(id),
+        ErrorCode::Storage,
+        format!(
+            "server {addr} moved {} files but cannot move aside {}",
+            done.moved.len(),
+            failures.join("; ")
+        ),
+    )
 }
 
 /// Counts letters A; with a delay, sleeps per character like the original
@@ -381,4 +625,188 @@ fn count_a_with_delay(content: &str, delay: Duration) -> u64 {
         }
     }
     storage::count_a(content)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values (a sender, a map of streams) stay consistent at
+    // every unlock, so a panic elsewhere does not make them unusable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Connection, StoreRequest};
+    use std::io::Read;
+
+    fn start(dir: &Path, config: Config) -> ServerHandle {
+        Server::bind(Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir: Some(dir.to_path_buf()),
+            ..config
+        })
+        .unwrap()
+        .start()
+        .unwrap()
+    }
+
+    fn connect(addr: SocketAddr) -> Connection<TcpStream> {
+        let stream = net::connect(&addr, Duration::from_secs(5), Duration::from_secs(20)).unwrap();
+        Connection::new(stream, proto::DEFAULT_MAX_FRAME)
+    }
+
+    fn store(id: u64, number: Option<u64>, content: &str) -> Request {
+        Request::Store(StoreRequest {
+            id,
+            doc: Document {
+                title: "t".into(),
+                content: content.into(),
+            },
+            request_number: number,
+            not_after_ms: None,
+        })
+    }
+
+    /// A status round trip: the server has accepted the connection and its
+    /// thread is running.
+    fn status(conn: &mut Connection<TcpStream>) -> proto::StatusReport {
+        match conn.call(&Request::Status { id: 1 }).unwrap() {
+            Reply::Status(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shutdown_closes_idle_connections_and_joins_every_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(dir.path(), Config::default());
+        let addr = handle.addr();
+        let mut idle = connect(addr);
+        status(&mut idle);
+        let mut conn = connect(addr);
+        let Reply::Stored(s) = conn.call(&store(2, Some(77), "banana")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((s.file.as_str(), s.a_count), ("77_t.json", 3));
+
+        // From another thread, through `&self`, twice.
+        thread::scope(|scope| {
+            scope.spawn(|| handle.shutdown());
+        });
+        handle.shutdown();
+        handle.join().unwrap();
+
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            idle.get_ref().try_clone().unwrap().read(&mut byte).unwrap(),
+            0
+        );
+        assert!(TcpStream::connect(addr).is_err(), "still accepting");
+        assert!(dir.path().join("77_t.json").is_file());
+    }
+
+    #[test]
+    fn a_request_being_handled_gets_its_reply_after_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(
+            dir.path(),
+            Config {
+                char_delay: Duration::from_millis(20),
+                ..Config::default()
+            },
+        );
+        let mut busy = connect(handle.addr());
+        status(&mut busy);
+        busy.send(&store(5, Some(5), &"a".repeat(25))).unwrap();
+        let mut watcher = connect(handle.addr());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while status(&mut watcher).active == 0 {
+            assert!(std::time::Instant::now() < deadline, "store never started");
+        }
+        handle.shutdown();
+        match busy.recv::<Reply>().unwrap() {
+            Reply::Stored(s) => assert_eq!((s.request_number, s.a_count), (5, 25)),
+            other => panic!("{other:?}"),
+        }
+        handle.join().unwrap();
+        assert!(dir.path().join("5_t.json").is_file());
+    }
+
+    #[test]
+    fn direct_stores_are_numbered_with_the_server_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(
+            dir.path(),
+            Config {
+                server_id: Some(300),
+                ..Config::default()
+            },
+        );
+        let mut conn = connect(handle.addr());
+        let mut numbers = Vec::new();
+        for id in 0..3 {
+            let Reply::Stored(s) = conn.call(&store(id, None, "x")).unwrap() else {
+                panic!()
+            };
+            assert!(!s.existing);
+            let parts = ids::parts(s.request_number);
+            assert_eq!((parts.source, parts.node), (Source::Server, 300));
+            numbers.push(s.request_number);
+        }
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+
+        let err = Server::bind(Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir: Some(dir.path().to_path_buf()),
+            server_id: Some(512),
+            ..Config::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("512"), "{err}");
+    }
+
+    #[test]
+    fn repeated_expired_and_forgotten_stores_over_the_wire() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(dir.path(), Config::default());
+        let mut conn = connect(handle.addr());
+        let Reply::Stored(first) = conn.call(&store(1, Some(9), "aa")).unwrap() else {
+            panic!()
+        };
+        let Reply::Stored(again) = conn.call(&store(2, Some(9), "aa")).unwrap() else {
+            panic!()
+        };
+        assert!(again.existing && !first.existing);
+        assert_eq!((again.file, again.a_count), (first.file, 2));
+
+        let mut late = store(3, Some(10), "a");
+        if let Request::Store(s) = &mut late {
+            s.not_after_ms = Some(1);
+        }
+        let Reply::Error(e) = conn.call(&late).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.code, ErrorCode::Expired);
+
+        let reply = conn
+            .call(&Request::Forget {
+                id: 4,
+                numbers: vec![9, 10],
+            })
+            .unwrap();
+        assert_eq!(reply, Reply::Forgotten { id: 4, moved: 1 });
+        let Reply::Error(e) = conn.call(&store(5, Some(9), "aa")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.code, ErrorCode::Expired);
+        assert!(
+            e.message.contains("stored on another server"),
+            "{}",
+            e.message
+        );
+        assert_eq!(status(&mut conn).files_stored, 0);
+        handle.shutdown();
+        handle.join().unwrap();
+    }
 }

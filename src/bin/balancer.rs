@@ -122,9 +122,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
-    let servers = match args.local_servers {
+    // The local servers run for as long as their handles live.
+    let (servers, _local_servers) = match args.local_servers {
         Some(n) => start_local_servers(&args, n)?,
-        None => args.servers.iter().copied().map(Backend::new).collect(),
+        None => (
+            args.servers.iter().copied().map(Backend::new).collect(),
+            Vec::new(),
+        ),
     };
     let balancer = Balancer::bind(Config {
         listen: args.listen,
@@ -182,13 +186,17 @@ fn on_signal(stopper: Stopper) -> Result<signal_hook::iterator::Handle, lbft::Er
     Ok(handle)
 }
 
-fn start_local_servers(args: &Args, n: u16) -> Result<Vec<Backend>, lbft::Error> {
+fn start_local_servers(
+    args: &Args,
+    n: u16,
+) -> Result<(Vec<Backend>, Vec<server::ServerHandle>), lbft::Error> {
     if n == 0 {
         return Err(lbft::Error::Config(
             "--local-servers needs at least 1".into(),
         ));
     }
     let mut backends = Vec::new();
+    let mut handles = Vec::new();
     for i in 0..n {
         let port = match args.local_base_port {
             0 => 0,
@@ -211,8 +219,8 @@ fn start_local_servers(args: &Args, n: u16) -> Result<Vec<Backend>, lbft::Error>
             "storage server listening on {addr}, storing into {}",
             server.storage_dir().display()
         );
-        server.spawn()?;
+        handles.push(server.start()?);
         backends.push(Backend::new(addr));
     }
-    Ok(backends)
+    Ok((backends, handles))
 }

@@ -1,6 +1,8 @@
 use clap::Parser;
 use lbft::cli::{parse_duration, parse_size};
 use lbft::server::{Config, Server};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +45,10 @@ struct Args {
     /// Close a connection that sends nothing for this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// Node id (0..=511) in the request numbers this server gives documents
+    /// sent to it directly. Default: random, logged at start.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=511))]
+    server_id: Option<u16>,
     /// Also append log lines to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -76,12 +82,23 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_memory_mb: args.max_memory_mb,
         max_frame: args.max_frame,
         idle_timeout: args.idle_timeout,
+        server_id: args.server_id,
         ..defaults
     })?;
+    // Registered before the readiness line, so that a signal sent as soon
+    // as it appears stops the server cleanly instead of killing it.
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let handle = server.start()?;
     println!(
         "listening on {}, storing into {}",
-        server.local_addr(),
-        server.storage_dir().display()
+        handle.addr(),
+        handle.storage_dir().display()
     );
-    server.run()
+    if let Some(signal) = signals.forever().next() {
+        log::info!("server {}: signal {signal}, stopping", handle.addr());
+    }
+    handle.shutdown();
+    handle.join()?;
+    log::info!("server stopped");
+    Ok(())
 }

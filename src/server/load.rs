@@ -2,6 +2,7 @@
 //! sysinfo, the process' memory and the machine's CPU, memory, disk and
 //! network; request counters are plain atomics.
 
+use crate::net;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,9 +94,10 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// Samples every `interval` until `stop` is disconnected. `storage` is the
-/// folder whose disk is reported.
+/// Samples every `interval`, on a thread called `name`, until `stop` is
+/// disconnected. `storage` is the folder whose disk is reported.
 pub fn spawn_sampler(
+    name: String,
     load: Arc<Load>,
     storage: PathBuf,
     interval: Duration,
@@ -105,14 +107,12 @@ pub fn spawn_sampler(
     // shows the zeros of "not sampled yet".
     let mut sampler = Sampler::new(&storage);
     load.store(sampler.sample());
-    thread::Builder::new()
-        .name("server-load".into())
-        .spawn(move || loop {
-            match stop.recv_timeout(interval) {
-                Err(RecvTimeoutError::Timeout) => load.store(sampler.sample()),
-                _ => return,
-            }
-        })
+    net::spawn_named(name, None, move || loop {
+        match stop.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => load.store(sampler.sample()),
+            _ => return,
+        }
+    })
 }
 
 struct Sampler {

@@ -1,12 +1,20 @@
-//! A server's storage folder: safe file names and atomic, never-overwriting
-//! writes. Nothing here deletes a stored document.
+//! A server's storage folder: safe file names; durable, never-overwriting
+//! writes with a shared directory fsync (group commit); and an index of the
+//! request numbers held, so that a framed store is carried out at most once.
+//!
+//! Nothing here deletes a stored document: a document the balancer says is
+//! stored elsewhere (`forget`) is moved into `.duplicates/`, not removed.
+//! Only `clean`, on the operator's request, removes documents.
 
 use crate::proto::Document;
 use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest title part of a stored file name, in characters.
@@ -14,6 +22,11 @@ pub const MAX_TITLE_CHARS: usize = 80;
 /// And in bytes: with the number prefix and a `~N.json` suffix the name
 /// stays well under the 255-byte limit of common file systems.
 pub const MAX_TITLE_BYTES: usize = 200;
+/// Where documents stored on another server are moved (inside the storage
+/// folder). Hidden, and a folder, so it is neither counted nor listed.
+pub const DUPLICATES_DIR: &str = ".duplicates";
+/// Prefix of the staging files a store writes before linking into place.
+const TEMP_PREFIX: &str = ".tmp-";
 
 /// The JSON written for each stored document.
 #[derive(Debug, Serialize)]
@@ -25,18 +38,270 @@ struct StoredDocument<'a> {
     received_at: String,
 }
 
+/// Why a document was not stored.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The sender's deadline (`not_after_ms`) has passed.
+    Expired {
+        number: u64,
+        not_after_ms: u64,
+        now_ms: u64,
+    },
+    /// The balancer said this number is stored on another server.
+    Forgotten(u64),
+    /// Another connection is storing this number right now.
+    InProgress(u64),
+    Io(io::Error),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Expired {
+                number,
+                not_after_ms,
+                now_ms,
+            } => write!(
+                f,
+                "request {number} expired {} ms ago (not_after_ms {not_after_ms}); not stored",
+                now_ms.saturating_sub(*not_after_ms)
+            ),
+            StoreError::Forgotten(n) => write!(f, "request {n} is stored on another server"),
+            StoreError::InProgress(n) => {
+                write!(f, "request {n} is being stored by another connection")
+            }
+            StoreError::Io(e) => write!(f, "cannot store the document: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        StoreError::Io(e)
+    }
+}
+
+/// What a store may do with a request number.
+pub enum Claim<'a> {
+    /// The number is already stored, in this file: store nothing.
+    Existing { file: String },
+    /// The caller now owns the number and writes it with the `Writer`.
+    New(Writer<'a>),
+}
+
+/// The right to store one request number. Until it is dropped, other stores
+/// of the same number get `StoreError::InProgress`.
+pub struct Writer<'a> {
+    storage: &'a Storage,
+    number: u64,
+    not_after_ms: Option<u64>,
+}
+
+impl Writer<'_> {
+    /// Writes the document. The deadline and the `forget` list are checked
+    /// once more right before the file becomes visible, so nothing appears
+    /// after the deadline or after a `forget`.
+    pub fn write(self, doc: &Document, a_count: u64) -> Result<String, StoreError> {
+        let storage = self.storage;
+        let check = || storage.may_store(self.number, self.not_after_ms);
+        let file = storage.write_document(self.number, doc, a_count, &check)?;
+        let mut index = storage.index();
+        if index.forgotten.contains(&self.number) {
+            drop(index);
+            // A `forget` arrived between the last check and the link: the
+            // copy was never acknowledged, so it goes where forgotten
+            // copies go.
+            if let Err(e) = storage.move_aside(&file) {
+                log::error!(
+                    "cannot move request {} ({file}) to {DUPLICATES_DIR}: {e}",
+                    self.number
+                );
+            }
+            return Err(StoreError::Forgotten(self.number));
+        }
+        // In the same critical section as the end of `writing` (in `drop`),
+        // so a concurrent claim sees the number either in progress or
+        // stored, never neither.
+        index.add(self.number, file.clone());
+        index.writing.remove(&self.number);
+        Ok(file)
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        self.storage.index().writing.remove(&self.number);
+    }
+}
+
+/// What `forget` did.
+#[derive(Debug, Default)]
+pub struct Forgetting {
+    /// Request numbers and the files moved into `.duplicates/`.
+    pub moved: Vec<(u64, String)>,
+    /// Files that could not be moved; they stay counted and are still
+    /// never stored again.
+    pub failed: Vec<(u64, String, io::Error)>,
+}
+
+/// The request numbers held, in memory; the folder is the truth it is
+/// rebuilt from at start.
+#[derive(Debug, Default)]
+struct Index {
+    /// Files by request number. The first is the one reported to a repeated
+    /// store; several exist only for numbers stored in the original format,
+    /// which are never de-duplicated.
+    files: HashMap<u64, Vec<String>>,
+    /// Stored documents, including `.json` files with no number in their
+    /// name (put there by hand): what status reports count.
+    documents: u64,
+    /// Numbers being written right now.
+    writing: HashSet<u64>,
+    /// Numbers stored on another server (`forget`): never stored here.
+    forgotten: HashSet<u64>,
+}
+
+impl Index {
+    fn add(&mut self, number: u64, file: String) {
+        self.files.entry(number).or_default().push(file);
+        self.documents += 1;
+    }
+}
+
+/// Group commit of the folder's fsync. A store must wait for an fsync of
+/// the folder that started after its link, so that its directory entry is
+/// durable; stores that link while one fsync runs all share the next one.
+#[derive(Debug, Default)]
+struct DirSync {
+    state: Mutex<SyncState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Folder fsyncs started so far; the n-th is fsync number n.
+    started: u64,
+    /// The latest fsync finished. They run one at a time, so every fsync
+    /// up to this one has finished too.
+    finished: u64,
+    running: bool,
+    /// The latest fsync that failed, with its error.
+    failed: Option<(u64, io::ErrorKind, String)>,
+    /// Callers waiting for someone else's fsync (for tests).
+    waiting: usize,
+}
+
+impl DirSync {
+    /// Returns once a call of `sync` that started after this call began has
+    /// finished: by the first caller to find no fsync running, and shared by
+    /// every caller that arrived before it started.
+    fn wait_durable(&self, sync: impl Fn() -> io::Result<()>) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        // Any fsync with a higher number starts after our link.
+        let needed = state.started + 1;
+        loop {
+            if state.finished >= needed {
+                return match &state.failed {
+                    // Conservative: after a failed fsync, a later success
+                    // does not prove our entry reached the disk.
+                    Some((n, kind, message)) if *n >= needed => {
+                        Err(io::Error::new(*kind, message.clone()))
+                    }
+                    _ => Ok(()),
+                };
+            }
+            if state.running {
+                state.waiting += 1;
+                state = self
+                    .finished
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.waiting -= 1;
+                continue;
+            }
+            state.running = true;
+            state.started += 1;
+            let mine = state.started;
+            drop(state);
+            let result = sync();
+            state = lock(&self.state);
+            state.running = false;
+            state.finished = mine;
+            if let Err(e) = result {
+                state.failed = Some((mine, e.kind(), e.to_string()));
+            }
+            self.finished.notify_all();
+        }
+    }
+
+    fn count(&self) -> u64 {
+        lock(&self.state).started
+    }
+}
+
 pub struct Storage {
     dir: PathBuf,
     temp_seq: AtomicU64,
+    index: Mutex<Index>,
+    dir_sync: DirSync,
 }
 
 impl Storage {
-    /// Opens (creating if needed) a storage folder.
+    /// Opens (creating if needed) a storage folder: removes staging files
+    /// left by a crash, and indexes the request numbers of stored files and
+    /// of `.duplicates/` (still forgotten after a restart).
     pub fn open(dir: &Path) -> io::Result<Storage> {
         fs::create_dir_all(dir)?;
+        let mut index = Index::default();
+        let mut temps_removed = 0u64;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with(TEMP_PREFIX) {
+                // Never linked into place, so never acknowledged.
+                fs::remove_file(entry.path())?;
+                temps_removed += 1;
+            } else if is_document_name(&name) {
+                match parse_name(&name) {
+                    Some((number, _)) => index.add(number, name),
+                    None => index.documents += 1,
+                }
+            }
+        }
+        if temps_removed > 0 {
+            log::warn!(
+                "storage {}: removed {temps_removed} leftover temporary files ({TEMP_PREFIX}*) of an interrupted run",
+                dir.display()
+            );
+        }
+        for files in index.files.values_mut() {
+            // The unsuffixed name first: that is the original copy.
+            files.sort_by_key(|name| (parse_name(name).map_or(0, |(_, n)| n), name.clone()));
+        }
+        match fs::read_dir(dir.join(DUPLICATES_DIR)) {
+            Ok(entries) => {
+                for entry in entries {
+                    let name = entry?.file_name();
+                    if let Some((number, _)) = name.to_str().and_then(parse_name) {
+                        index.forgotten.insert(number);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         Ok(Storage {
             dir: dir.to_path_buf(),
             temp_seq: AtomicU64::new(0),
+            index: Mutex::new(index),
+            dir_sync: DirSync::default(),
         })
     }
 
@@ -44,94 +309,268 @@ impl Storage {
         &self.dir
     }
 
-    /// Number of stored documents already in the folder.
-    pub fn count(&self) -> io::Result<u64> {
-        Ok(self.stored_files()?.len() as u64)
+    /// Number of stored documents (not counting `.duplicates/`).
+    pub fn count(&self) -> u64 {
+        self.index().documents
     }
 
-    fn stored_files(&self) -> io::Result<Vec<PathBuf>> {
-        let mut files = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if !name.starts_with('.') && name.ends_with(".json") && path.is_file() {
-                files.push(path);
-            }
-        }
-        Ok(files)
+    /// How many folder fsyncs stores have done (fewer than stores when
+    /// stores overlap).
+    pub fn dir_syncs(&self) -> u64 {
+        self.dir_sync.count()
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        lock(&self.index)
     }
 
     /// Removes stored documents (and leftover temporary files). Only on an
-    /// explicit request from the operator.
+    /// explicit request from the operator; `.duplicates/` is kept.
     pub fn clean(&self) -> io::Result<u64> {
         let mut removed = 0;
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if path.is_file() && (name.ends_with(".json") || name.starts_with(".tmp-")) {
+            if path.is_file() && (is_document_name(name) || name.starts_with(TEMP_PREFIX)) {
                 fs::remove_file(&path)?;
                 removed += 1;
             }
         }
+        let mut index = self.index();
+        index.files.clear();
+        index.documents = 0;
         Ok(removed)
     }
 
-    /// Writes a document and returns its file name. The file appears whole or
-    /// not at all (temporary file, fsync, link into place), and an existing
-    /// file is never replaced: a clashing name gets a `~N` suffix.
-    pub fn store(&self, request_number: u64, doc: &Document, a_count: u64) -> io::Result<String> {
+    /// Decides what a framed store of `number` does: nothing (already
+    /// stored), write it (the returned `Writer` holds the number), or
+    /// refuse (past `not_after_ms`, forgotten, or being written right now).
+    pub fn claim(&self, number: u64, not_after_ms: Option<u64>) -> Result<Claim<'_>, StoreError> {
+        check_deadline(number, not_after_ms)?;
+        let mut index = self.index();
+        if index.forgotten.contains(&number) {
+            return Err(StoreError::Forgotten(number));
+        }
+        if let Some(file) = index.files.get(&number).and_then(|f| f.first()) {
+            return Ok(Claim::Existing { file: file.clone() });
+        }
+        if !index.writing.insert(number) {
+            return Err(StoreError::InProgress(number));
+        }
+        Ok(Claim::New(Writer {
+            storage: self,
+            number,
+            not_after_ms,
+        }))
+    }
+
+    /// Stores a document whatever numbers are already held: the original
+    /// balancer restarts its numbering at 1, so a repeated number from it
+    /// is a new document.
+    pub fn store_copy(&self, number: u64, doc: &Document, a_count: u64) -> io::Result<String> {
+        let file = self
+            .write_document(number, doc, a_count, &|| Ok(()))
+            .map_err(|e| match e {
+                StoreError::Io(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+        self.index().add(number, file.clone());
+        Ok(file)
+    }
+
+    /// The letter count recorded in a stored file, or counted again from
+    /// its content; `None` if the file cannot be read.
+    pub fn stored_a_count(&self, file: &str) -> Option<u64> {
+        let bytes = fs::read(self.dir.join(file)).ok()?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        value["a_count"]
+            .as_u64()
+            .or_else(|| value["contenuto"].as_str().map(count_a))
+    }
+
+    /// Marks `numbers` as stored on another server: they are never stored
+    /// here again, and the files already stored for them are moved into
+    /// `.duplicates/`.
+    pub fn forget(&self, numbers: &[u64]) -> Forgetting {
+        let mut to_move = Vec::new();
+        {
+            let mut index = self.index();
+            for &number in numbers {
+                index.forgotten.insert(number);
+                if let Some(files) = index.files.remove(&number) {
+                    index.documents -= files.len() as u64;
+                    to_move.extend(files.into_iter().map(|f| (number, f)));
+                }
+            }
+        }
+        let mut done = Forgetting::default();
+        for (number, file) in to_move {
+            match self.move_aside(&file) {
+                Ok(()) => done.moved.push((number, file)),
+                Err(e) => {
+                    // Still in the folder, so still counted.
+                    self.index().add(number, file.clone());
+                    done.failed.push((number, file, e));
+                }
+            }
+        }
+        done
+    }
+
+    /// Moves a stored file into `.duplicates/`, never replacing a file
+    /// there.
+    fn move_aside(&self, file: &str) -> io::Result<()> {
+        let duplicates = self.dir.join(DUPLICATES_DIR);
+        fs::create_dir_all(&duplicates)?;
+        let from = self.dir.join(file);
+        let base = file.strip_suffix(".json").unwrap_or(file);
+        link_unique(&from, &duplicates, base, &|| Ok(())).map_err(|e| match e {
+            StoreError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        })?;
+        sync_dir(&duplicates)?;
+        fs::remove_file(&from)?;
+        sync_dir(&self.dir)
+    }
+
+    /// Whether `number` may still become visible now.
+    fn may_store(&self, number: u64, not_after_ms: Option<u64>) -> Result<(), StoreError> {
+        check_deadline(number, not_after_ms)?;
+        if self.index().forgotten.contains(&number) {
+            return Err(StoreError::Forgotten(number));
+        }
+        Ok(())
+    }
+
+    /// Writes a document and returns its file name, once both the file and
+    /// its directory entry are durable. The file appears whole or not at all
+    /// (temporary file, fsync, link into place), and an existing file is
+    /// never replaced: a clashing name gets a `~N` suffix. `before_link`
+    /// may still refuse right before the file becomes visible.
+    fn write_document(
+        &self,
+        number: u64,
+        doc: &Document,
+        a_count: u64,
+        before_link: &dyn Fn() -> Result<(), StoreError>,
+    ) -> Result<String, StoreError> {
         let record = StoredDocument {
             titolo: &doc.title,
             contenuto: &doc.content,
-            numero_richiesta: request_number,
+            numero_richiesta: number,
             a_count,
             received_at: rfc3339(SystemTime::now()),
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
 
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let temp = self.dir.join(format!(".tmp-{}-{seq}", std::process::id()));
-        let result = self.write_then_link(&temp, &bytes, request_number, &doc.title);
+        let temp = self
+            .dir
+            .join(format!("{TEMP_PREFIX}{}-{seq}", std::process::id()));
+        let result = write_synced(&temp, &bytes)
+            .map_err(StoreError::Io)
+            .and_then(|()| {
+                let base = format!("{number}_{}", safe_title(&doc.title));
+                link_unique(&temp, &self.dir, &base, before_link)
+            });
         // The temporary name is only a staging area; whatever happened, it
         // must not linger.
         let _ = fs::remove_file(&temp);
-        result
-    }
-
-    fn write_then_link(
-        &self,
-        temp: &Path,
-        bytes: &[u8],
-        request_number: u64,
-        title: &str,
-    ) -> io::Result<String> {
-        let mut file = File::options().write(true).create_new(true).open(temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-
-        let base = format!("{request_number}_{}", safe_title(title));
-        for n in 0u32.. {
-            let name = if n == 0 {
-                format!("{base}.json")
-            } else {
-                format!("{base}~{n}.json")
-            };
-            // A hard link fails if the name exists, unlike rename, so two
-            // documents can never overwrite each other.
-            match fs::hard_link(temp, self.dir.join(&name)) {
-                Ok(()) => {
-                    if let Ok(d) = File::open(&self.dir) {
-                        let _ = d.sync_all();
-                    }
-                    return Ok(name);
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
+        let file = result?;
+        if let Err(e) = self.dir_sync.wait_durable(|| sync_dir(&self.dir)) {
+            // Not acknowledged, so not kept: the sender will store it
+            // elsewhere and a copy here would be a duplicate.
+            let _ = fs::remove_file(self.dir.join(&file));
+            return Err(e.into());
         }
-        unreachable!("u32 suffixes exhausted")
+        Ok(file)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values stay consistent at every unlock, so a panic
+    // elsewhere does not make them unusable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::options().write(true).create_new(true).open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Links `from` into `dir` as `{base}.json`, or `{base}~N.json` with the
+/// first free N, and returns the name. `before_link` runs right before each
+/// attempt and may refuse.
+fn link_unique(
+    from: &Path,
+    dir: &Path,
+    base: &str,
+    before_link: &dyn Fn() -> Result<(), StoreError>,
+) -> Result<String, StoreError> {
+    for n in 0u32.. {
+        let name = if n == 0 {
+            format!("{base}.json")
+        } else {
+            format!("{base}~{n}.json")
+        };
+        before_link()?;
+        // A hard link fails if the name exists, unlike rename, so two
+        // documents can never overwrite each other.
+        match fs::hard_link(from, dir.join(&name)) {
+            Ok(()) => return Ok(name),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("u32 suffixes exhausted")
+}
+
+fn check_deadline(number: u64, not_after_ms: Option<u64>) -> Result<(), StoreError> {
+    let Some(not_after_ms) = not_after_ms else {
+        return Ok(());
+    };
+    let now_ms = unix_ms(SystemTime::now());
+    if now_ms > not_after_ms {
+        return Err(StoreError::Expired {
+            number,
+            not_after_ms,
+            now_ms,
+        });
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A stored document's file name: visible (no leading dot) `.json`.
+fn is_document_name(name: &str) -> bool {
+    !name.starts_with('.') && name.ends_with(".json")
+}
+
+/// The request number and `~N` suffix (0 when none) of a stored file name:
+/// `{number}_{title}.json` or `{number}_{title}~N.json`.
+fn parse_name(name: &str) -> Option<(u64, u32)> {
+    let stem = name.strip_suffix(".json")?;
+    let (number, title) = stem.split_once('_')?;
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let number = number.parse().ok()?;
+    // Titles never contain `~` (see `safe_title`), so one here is a suffix.
+    let suffix = title
+        .rsplit_once('~')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0);
+    Some((number, suffix))
 }
 
 /// Turns an untrusted title into one safe path component: letters and digits
@@ -206,6 +645,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[test]
@@ -249,29 +689,311 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
     }
 
-    #[test]
-    fn store_never_overwrites_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let doc = Document {
-            title: "../x".into(),
-            content: "aaa".into(),
-        };
-        let first = storage.store(1, &doc, 3).unwrap();
-        let second = storage.store(1, &doc, 3).unwrap();
-        assert_eq!(first, "1_x.json");
-        assert_eq!(second, "1_x~1.json");
-        let mut names: Vec<_> = fs::read_dir(dir.path())
+    fn doc(title: &str, content: &str) -> Document {
+        Document {
+            title: title.into(),
+            content: content.into(),
+        }
+    }
+
+    /// Names in the folder (hidden ones included, folders marked with `/`).
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    format!("{name}/")
+                } else {
+                    name
+                }
+            })
             .collect();
         names.sort();
-        assert_eq!(names, ["1_x.json", "1_x~1.json"]);
+        names
+    }
+
+    fn store_once(storage: &Storage, number: u64, d: &Document) -> String {
+        match storage.claim(number, None).unwrap() {
+            Claim::New(w) => w.write(d, count_a(&d.content)).unwrap(),
+            Claim::Existing { file } => panic!("{number} already stored as {file}"),
+        }
+    }
+
+    #[test]
+    fn copies_never_overwrite_and_leave_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let d = doc("../x", "aaa");
+        let first = storage.store_copy(1, &d, 3).unwrap();
+        let second = storage.store_copy(1, &d, 3).unwrap();
+        assert_eq!(first, "1_x.json");
+        assert_eq!(second, "1_x~1.json");
+        assert_eq!(listing(dir.path()), ["1_x.json", "1_x~1.json"]);
         let v: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.path().join(&first)).unwrap()).unwrap();
         assert_eq!(v["titolo"], "../x");
         assert_eq!(v["a_count"], 3);
         assert_eq!(v["numero_richiesta"], 1);
-        assert_eq!(storage.count().unwrap(), 2);
+        assert_eq!(storage.count(), 2);
+    }
+
+    #[test]
+    fn a_number_is_stored_once_and_then_reported_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let file = store_once(&storage, 7, &doc("t", "banana"));
+        assert_eq!(file, "7_t.json");
+        match storage.claim(7, None).unwrap() {
+            Claim::Existing { file: f } => assert_eq!(f, file),
+            Claim::New(_) => panic!("stored twice"),
+        }
+        assert_eq!(storage.stored_a_count(&file), Some(3));
+        assert_eq!(storage.count(), 1);
+        assert_eq!(listing(dir.path()), ["7_t.json"]);
+    }
+
+    #[test]
+    fn a_number_being_written_is_in_progress_until_the_writer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let Claim::New(writer) = storage.claim(5, None).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(
+            storage.claim(5, None),
+            Err(StoreError::InProgress(5))
+        ));
+        // A writer dropped without writing (an error while counting...)
+        // frees the number.
+        drop(writer);
+        assert_eq!(store_once(&storage, 5, &doc("t", "")), "5_t.json");
+    }
+
+    #[test]
+    fn reopening_rebuilds_the_index_and_removes_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            store_once(&storage, 12, &doc("twelve", "a"));
+            storage.store_copy(3, &doc("three", "a"), 1).unwrap();
+            storage.store_copy(3, &doc("three", "aa"), 2).unwrap();
+        }
+        fs::write(dir.path().join(".tmp-999-0"), b"half").unwrap();
+        fs::write(dir.path().join(".tmp-999-1"), b"").unwrap();
+        fs::write(dir.path().join("notes.json"), b"{}").unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(
+            listing(dir.path()),
+            [
+                "12_twelve.json",
+                "3_three.json",
+                "3_three~1.json",
+                "notes.json"
+            ]
+        );
+        assert_eq!(storage.count(), 4);
+        for (number, expected) in [(12, "12_twelve.json"), (3, "3_three.json")] {
+            match storage.claim(number, None).unwrap() {
+                Claim::Existing { file } => assert_eq!(file, expected),
+                Claim::New(_) => panic!("{number} not indexed"),
+            }
+        }
+    }
+
+    #[test]
+    fn names_give_back_their_numbers() {
+        assert_eq!(parse_name("12_t.json"), Some((12, 0)));
+        assert_eq!(parse_name("12_a_b~3.json"), Some((12, 3)));
+        assert_eq!(parse_name("12_.json"), Some((12, 0)));
+        assert_eq!(parse_name("+1_t.json"), None);
+        assert_eq!(parse_name("_t.json"), None);
+        assert_eq!(parse_name("x_t.json"), None);
+        assert_eq!(parse_name("12_t.txt"), None);
+        assert_eq!(parse_name("99999999999999999999_t.json"), None);
+    }
+
+    #[test]
+    fn past_deadline_is_refused_at_claim_and_before_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let past = unix_ms(SystemTime::now()) - 1;
+        let e = storage.claim(1, Some(past)).err().unwrap();
+        assert!(matches!(e, StoreError::Expired { number: 1, .. }), "{e}");
+        assert!(e.to_string().contains("expired"), "{e}");
+
+        let future = unix_ms(SystemTime::now()) + 60_000;
+        let Claim::New(mut writer) = storage.claim(2, Some(future)).unwrap() else {
+            panic!()
+        };
+        // The deadline passes while the document is being counted.
+        writer.not_after_ms = Some(past);
+        let e = writer.write(&doc("t", "a"), 1).unwrap_err();
+        assert!(matches!(e, StoreError::Expired { number: 2, .. }), "{e}");
+        assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+        assert_eq!(storage.count(), 0);
+        // Refused, not stuck in progress: a retry with time left works.
+        let Claim::New(writer) = storage.claim(2, Some(future)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(writer.write(&doc("t", "a"), 1).unwrap(), "2_t.json");
+    }
+
+    #[test]
+    fn forget_moves_copies_aside_and_refuses_the_number_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        store_once(&storage, 7, &doc("seven", "a"));
+        store_once(&storage, 9, &doc("nine", "a"));
+        // A file of the same name is already aside: it is not replaced.
+        fs::create_dir(dir.path().join(DUPLICATES_DIR)).unwrap();
+        fs::write(dir.path().join(DUPLICATES_DIR).join("7_seven.json"), b"old").unwrap();
+
+        let done = storage.forget(&[7, 8]);
+        assert_eq!(done.moved, [(7, "7_seven.json".to_string())]);
+        assert!(done.failed.is_empty());
+        assert_eq!(listing(dir.path()), [".duplicates/", "9_nine.json"]);
+        assert_eq!(
+            listing(&dir.path().join(DUPLICATES_DIR)),
+            ["7_seven.json", "7_seven~1.json"]
+        );
+        assert_eq!(storage.count(), 1);
+        for number in [7, 8] {
+            let e = storage.claim(number, None).err().unwrap();
+            assert!(matches!(e, StoreError::Forgotten(n) if n == number), "{e}");
+            assert!(e.to_string().contains("stored on another server"), "{e}");
+        }
+
+        // Still forgotten after a restart (for numbers that had a copy).
+        let storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.count(), 1);
+        assert!(matches!(
+            storage.claim(7, None),
+            Err(StoreError::Forgotten(7))
+        ));
+    }
+
+    #[test]
+    fn forget_during_a_write_keeps_the_document_from_appearing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let Claim::New(writer) = storage.claim(4, None).unwrap() else {
+            panic!()
+        };
+        assert!(storage.forget(&[4]).moved.is_empty());
+        let e = writer.write(&doc("four", "a"), 1).unwrap_err();
+        assert!(matches!(e, StoreError::Forgotten(4)), "{e}");
+        assert!(listing(dir.path()).is_empty());
+        assert_eq!(storage.count(), 0);
+    }
+
+    #[test]
+    fn concurrent_stores_all_land_and_share_folder_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let (threads, each) = (8u64, 10u64);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let storage = &storage;
+                s.spawn(move || {
+                    for i in 0..each {
+                        let number = t * 100 + i;
+                        store_once(storage, number, &doc("same title", "a"));
+                    }
+                });
+            }
+        });
+        let names = listing(dir.path());
+        assert_eq!(names.len() as u64, threads * each);
+        assert_eq!(storage.count(), threads * each);
+        for t in 0..threads {
+            for i in 0..each {
+                let name = format!("{}_same_title.json", t * 100 + i);
+                assert!(names.contains(&name), "{name} missing");
+            }
+        }
+        let syncs = storage.dir_syncs();
+        assert!((1..=threads * each).contains(&syncs), "{syncs} fsyncs");
+    }
+
+    #[test]
+    fn concurrent_claims_of_one_number_store_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let outcomes: Vec<&str> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| match storage.claim(42, None) {
+                        Ok(Claim::New(w)) => {
+                            w.write(&doc("t", "a"), 1).unwrap();
+                            "new"
+                        }
+                        Ok(Claim::Existing { .. }) => "existing",
+                        Err(StoreError::InProgress(_)) => "in progress",
+                        Err(e) => panic!("{e}"),
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|o| **o == "new").count(), 1);
+        assert_eq!(listing(dir.path()), ["42_t.json"]);
+    }
+
+    /// Callers that arrive while a folder fsync runs all wait for the next
+    /// one, which only one of them performs.
+    #[test]
+    fn callers_during_an_fsync_share_the_next_one() {
+        let sync = Arc::new(DirSync::default());
+        let (entered_tx, entered) = crossbeam_channel::unbounded::<u64>();
+        let (release, gate) = crossbeam_channel::unbounded::<()>();
+        let calls = Arc::new(AtomicU64::new(0));
+        let fake_fsync = {
+            let calls = calls.clone();
+            move || {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                entered_tx.send(n).unwrap();
+                gate.recv().unwrap();
+                Ok(())
+            }
+        };
+        let fake_fsync = Arc::new(fake_fsync);
+        let spawn = |sync: &Arc<DirSync>| {
+            let (sync, f) = (sync.clone(), fake_fsync.clone());
+            std::thread::spawn(move || sync.wait_durable(|| f()))
+        };
+        let first = spawn(&sync);
+        assert_eq!(entered.recv().unwrap(), 1);
+        let later: Vec<_> = (0..3).map(|_| spawn(&sync)).collect();
+        // Wait until all three are blocked behind fsync 1 (they linked
+        // after it started, so it does not cover them).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while lock(&sync.state).waiting < 3 {
+            assert!(std::time::Instant::now() < deadline, "callers never waited");
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        // One of the three runs fsync 2 for all of them.
+        assert_eq!(entered.recv().unwrap(), 2);
+        release.send(()).unwrap();
+        for h in later {
+            h.join().unwrap().unwrap();
+        }
+        assert_eq!(sync.count(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_failed_fsync_fails_every_caller_it_covered() {
+        let sync = DirSync::default();
+        let e = sync
+            .wait_durable(|| Err(io::Error::other("disk gone")))
+            .unwrap_err();
+        assert!(e.to_string().contains("disk gone"));
+        // A later caller needs a later fsync, which succeeds.
+        sync.wait_durable(|| Ok(())).unwrap();
+        assert_eq!(sync.count(), 2);
     }
 }
