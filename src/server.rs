@@ -64,7 +64,7 @@ impl Default for Config {
             storage_root: PathBuf::from("json_files"),
             clean: false,
             char_delay: Duration::ZERO,
-            max_active: 16,
+            max_active: 64,
             max_memory_mb: 1024,
             max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
@@ -544,7 +544,7 @@ fn handle_store(store: proto::StoreRequest, shared: &Shared) -> Reply {
             let a_count = shared
                 .storage
                 .stored_a_count(&file)
-                .unwrap_or_else(|| storage::count_a(&store.doc.content));
+                .unwrap_or_else(|| crate::text::count_a(&store.doc.content));
             log::info!(
                 "server {addr}: request {number} is already stored as {file}; not storing it again"
             );
@@ -624,7 +624,7 @@ fn count_a_with_delay(content: &str, delay: Duration) -> u64 {
             thread::sleep(delay);
         }
     }
-    storage::count_a(content)
+    crate::text::count_a(content)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -220,7 +220,11 @@ fn request_numbers_never_repeat_across_restarts_and_balancers() {
         assert!(seen.errors.is_empty(), "{:?}", seen.errors);
         assert_eq!(seen.stored.len(), 40);
         for s in seen.stored.values() {
-            assert!(numbers.insert(s.request_number), "{} repeated", s.request_number);
+            assert!(
+                numbers.insert(s.request_number),
+                "{} repeated",
+                s.request_number
+            );
         }
     };
     record(send_batch(cluster.balancer.addr, docs("first run"), || {}));
@@ -258,7 +262,9 @@ fn sigterm_mid_batch_exits_cleanly_and_answers_everyone() {
         &["--char-delay-ms", "1"],
         &["--drain-timeout", "20s", "--client-window", "64"],
     );
-    let contents: Vec<String> = (0..400).map(|i| format!("term {i} {}", "x".repeat(20))).collect();
+    let contents: Vec<String> = (0..400)
+        .map(|i| format!("term {i} {}", "x".repeat(20)))
+        .collect();
     let (acks_tx, acks_rx) = crossbeam_channel::unbounded::<()>();
     let addr = cluster.balancer.addr;
     let batch = contents.clone();
@@ -341,8 +347,15 @@ fn a_batch_far_larger_than_the_servers_take_at_once_completes() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("600 documents: 600 stored, 0 failed"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("600 documents: 600 stored, 0 failed"),
+        "{stdout}"
+    );
     let files: usize = std::fs::read_dir(&storage)
         .unwrap()
         .map(|d| stored_files(&d.unwrap().path()).len())

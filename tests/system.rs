@@ -261,8 +261,8 @@ fn server_keeps_documents_across_restarts_unless_cleaned() {
     for round in 1..=2u64 {
         let server = start_server(&dir, &[]);
         let mut conn = Raw::connect(server.addr);
-        // Same title and request number both times: the second must not
-        // replace the first.
+        // Same request number both times: the restarted server knows it
+        // holds it and does not store it again (nor replace it).
         conn.send_json(&json!({
             "type": "store", "id": round, "titolo": "same", "contenuto": format!("round {round}"),
             "numero_richiesta": 1
@@ -270,16 +270,12 @@ fn server_keeps_documents_across_restarts_unless_cleaned() {
         let Reply::Stored(s) = conn.reply() else {
             panic!()
         };
-        assert_eq!(
-            s.file,
-            if round == 1 {
-                "1_same.json"
-            } else {
-                "1_same~1.json"
-            }
-        );
+        assert_eq!(s.file, "1_same.json");
+        assert_eq!(s.existing, round == 2);
     }
-    assert_eq!(stored_files(&dir).len(), 2);
+    let files = stored_files(&dir);
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].1["contenuto"], "round 1");
     let _server = start_server(&dir, &["--clean"]);
     assert_eq!(stored_files(&dir).len(), 0);
 }

@@ -32,8 +32,10 @@ struct Args {
     /// Sleep this long per character counted, to simulate a slow server.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     char_delay_ms: u64,
-    /// Report overloaded when this many documents are being stored at once.
-    #[arg(long, default_value_t = 16)]
+    /// Report overloaded when this many documents are being stored at once
+    /// (above the balancer's --max-in-flight, so that its own traffic does
+    /// not count as overload).
+    #[arg(long, default_value_t = 64)]
     max_active: u64,
     /// Report overloaded when the process uses more memory than this.
     #[arg(long, default_value_t = 1024, value_name = "MB")]

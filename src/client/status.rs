@@ -7,7 +7,7 @@
 
 use super::{Config, Error};
 use crate::proto::{self, Reply, Request, ServerView};
-use crate::server::storage::rfc3339;
+use crate::text::rfc3339;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

@@ -7,6 +7,7 @@
 //! Only `clean`, on the operator's request, removes documents.
 
 use crate::proto::Document;
+use crate::text::{count_a, rfc3339};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -607,41 +608,6 @@ pub fn safe_title(title: &str) -> String {
     }
 }
 
-/// Counts the letters `a` and `A`.
-pub fn count_a(text: &str) -> u64 {
-    text.chars().filter(|c| matches!(c, 'a' | 'A')).count() as u64
-}
-
-/// Formats a time as RFC 3339 in UTC with milliseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,21 +638,6 @@ mod tests {
             wide.len() <= MAX_TITLE_BYTES && wide.starts_with("𝐀𝐀"),
             "{wide}"
         );
-    }
-
-    #[test]
-    fn counts_both_cases_of_a_only() {
-        assert_eq!(count_a("Abracadabra à A"), 6);
-        assert_eq!(count_a(""), 0);
-    }
-
-    #[test]
-    fn formats_dates() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_430_096_789);
-        assert_eq!(rfc3339(t), "2026-11-23T10:34:56.789Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
     }
 
     fn doc(title: &str, content: &str) -> Document {

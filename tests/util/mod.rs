@@ -174,7 +174,12 @@ pub fn stored_files(dir: &Path) -> Vec<(String, Value)> {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         if name.ends_with(".json") {
-            let value = serde_json::from_slice(&std::fs::read(&path).unwrap())
+            // A server may move a duplicate aside while this runs.
+            let bytes = match std::fs::read(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                other => other.unwrap(),
+            };
+            let value = serde_json::from_slice(&bytes)
                 .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"));
             out.push((name, value));
         }
