@@ -25,8 +25,7 @@ use crate::proto;
 use backend::BackendSettings;
 use crossbeam_channel::{Receiver, Sender};
 use dispatch::{Dispatcher, Settings};
-use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -306,7 +305,7 @@ impl Stopper {
     /// Stops accepting, finishes what was received (up to
     /// `--drain-timeout`) and lets every thread end. Idempotent.
     pub fn shutdown(&self) {
-        let sender = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let sender = net::lock(&self.stop).take();
         if sender.is_some() {
             log::info!("balancer on {}: shutting down", self.addr);
             drop(sender);
@@ -362,54 +361,30 @@ struct Acceptor {
 
 impl Acceptor {
     fn run(self) {
-        let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut seq = 0u64;
-        net::accept_loop(&self.listener, &self.stop, |stream, peer| {
-            seq += 1;
-            let id = seq;
-            threads.retain(|t| !t.is_finished());
-            if let Ok(clone) = stream.try_clone() {
-                lock(&open).insert(id, clone);
-            }
-            let conn = conn::Conn {
-                peer,
-                jobs: self.jobs.clone(),
-                settings: self.settings,
-                stats: self.stats.clone(),
-                budget: self.budget.clone(),
-                stop: self.stop.clone(),
-            };
-            let registry = open.clone();
-            // Default stack size: parsing deeply nested JSON recurses.
-            let spawned = net::spawn_named(format!("conn{id}"), None, move || {
+        let Acceptor {
+            listener,
+            jobs,
+            stats,
+            budget,
+            settings,
+            stop,
+        } = self;
+        let conn_stop = stop.clone();
+        net::serve_connections(
+            &listener,
+            &stop,
+            |seq| format!("conn{seq}"),
+            move |stream, peer| {
+                let conn = conn::Conn {
+                    peer,
+                    jobs: jobs.clone(),
+                    settings,
+                    stats: stats.clone(),
+                    budget: budget.clone(),
+                    stop: conn_stop.clone(),
+                };
                 conn.serve(stream);
-                lock(&registry).remove(&id);
-            });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    lock(&open).remove(&id);
-                    log::error!("connection from {peer}: {e}");
-                }
-            }
-        });
-        drop(self.jobs);
-        // Readers see the end of their stream and stop; writers finish the
-        // replies still due.
-        for stream in lock(&open).values() {
-            let _ = stream.shutdown(Shutdown::Read);
-        }
-        log::info!(
-            "stopped accepting; waiting for {} connections to finish",
-            threads.iter().filter(|t| !t.is_finished()).count()
+            },
         );
-        for t in threads {
-            let _ = t.join();
-        }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -75,7 +75,7 @@ impl Generator {
     }
 
     pub fn next(&self) -> u64 {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = crate::net::lock(&self.last);
         loop {
             let now = now_ms().max(last.0);
             if now > last.0 {

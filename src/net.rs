@@ -4,9 +4,11 @@
 
 use crate::proto::legacy;
 use crossbeam_channel::{Receiver, TryRecvError};
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::thread;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 /// Opens a TCP connection with a connect timeout and read/write timeouts.
@@ -108,4 +110,123 @@ pub fn spawn_named<T: Send + 'static>(
     builder
         .spawn(f)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start thread {name}: {e}")))
+}
+
+/// Accepts connections until `stop` is disconnected (see `accept_loop`),
+/// serving each on its own thread named by `thread_name`. Then ends reading
+/// on every open connection (a blocked read sees end of stream, replies can
+/// still be written) and joins every connection thread. Returns how many
+/// of them panicked.
+pub fn serve_connections<F>(
+    listener: &TcpListener,
+    stop: &Receiver<()>,
+    thread_name: impl Fn(u64) -> String,
+    serve: F,
+) -> usize
+where
+    F: Fn(TcpStream, SocketAddr) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    let connections = Arc::new(Connections::default());
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    let mut panicked = 0;
+    let mut seq = 0u64;
+    accept_loop(listener, stop, |stream, peer| {
+        // Finished threads are joined as we go, so the list holds only
+        // open connections.
+        panicked += join_finished(&mut workers);
+        seq += 1;
+        // Registered here, not in the connection thread, so that once the
+        // loop has stopped every accepted connection is in the registry.
+        if let Err(e) = connections.register(seq, &stream) {
+            log::warn!("dropping connection from {peer}: {e}");
+            return;
+        }
+        let registration = Registration {
+            connections: connections.clone(),
+            id: seq,
+        };
+        let serve = serve.clone();
+        // Default stack size: parsing deeply nested JSON recurses.
+        match spawn_named(thread_name(seq), None, move || {
+            let _registration = registration;
+            serve(stream, peer);
+        }) {
+            Ok(handle) => workers.push(handle),
+            Err(e) => log::error!("dropping connection from {peer}: {e}"),
+        }
+    });
+    let open = connections.end_reading();
+    if open > 0 {
+        log::info!("stopped accepting; waiting for {open} connections to finish");
+    }
+    for worker in workers {
+        if worker.join().is_err() {
+            panicked += 1;
+        }
+    }
+    if panicked > 0 {
+        log::error!("{panicked} connection threads panicked");
+    }
+    panicked
+}
+
+/// Open connections, so that a shutdown can end their reading.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<HashMap<u64, TcpStream>>,
+}
+
+impl Connections {
+    fn register(&self, id: u64, stream: &TcpStream) -> io::Result<()> {
+        let clone = stream.try_clone()?;
+        lock(&self.open).insert(id, clone);
+        Ok(())
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.open).remove(&id);
+    }
+
+    /// Shuts down the read half of every open connection. Returns how many
+    /// there were.
+    fn end_reading(&self) -> usize {
+        let open: Vec<(u64, TcpStream)> = lock(&self.open).drain().collect();
+        for (_, stream) in &open {
+            // Fails only if the peer is already gone, which ends it too.
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        open.len()
+    }
+}
+
+/// Removes a connection from the registry when its thread ends, even by
+/// a panic.
+struct Registration {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.connections.remove(self.id);
+    }
+}
+
+/// Joins the threads that have ended; returns how many panicked.
+fn join_finished(workers: &mut Vec<JoinHandle<()>>) -> usize {
+    let (done, running): (Vec<_>, Vec<_>) = std::mem::take(workers)
+        .into_iter()
+        .partition(|w| w.is_finished());
+    *workers = running;
+    done.into_iter()
+        .map(JoinHandle::join)
+        .filter(Result::is_err)
+        .count()
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked (plain
+/// counters and maps, never left half-updated).
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -24,11 +24,10 @@ use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, R
 use crossbeam_channel::{Receiver, Sender};
 use load::{Limits, Load};
 use rand::Rng;
-use std::collections::HashMap;
 use std::io::{self, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 use storage::{Claim, Storage, StoreError};
@@ -229,7 +228,7 @@ impl ServerHandle {
     /// idle connections close, a request being handled still gets its
     /// reply. Returns at once; `join` waits. Idempotent.
     pub fn shutdown(&self) {
-        let stop = lock(&self.stop).take();
+        let stop = net::lock(&self.stop).take();
         if let Some(stop) = stop {
             log::info!("server {}: shutting down", self.addr);
             drop(stop);
@@ -273,107 +272,21 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Open connections, so that a shutdown can end their reading.
-#[derive(Default)]
-struct Connections {
-    open: Mutex<HashMap<u64, TcpStream>>,
-}
-
-impl Connections {
-    fn register(&self, id: u64, stream: &TcpStream) -> io::Result<()> {
-        let clone = stream.try_clone()?;
-        lock(&self.open).insert(id, clone);
-        Ok(())
-    }
-
-    fn remove(&self, id: u64) {
-        lock(&self.open).remove(&id);
-    }
-
-    /// Shuts down the read half of every open connection: a blocked read
-    /// returns end of stream, while replies can still be written.
-    fn end_reading(&self) {
-        let open: Vec<(u64, TcpStream)> = lock(&self.open).drain().collect();
-        for (_, stream) in open {
-            // Fails only if the peer is already gone, which ends it too.
-            let _ = stream.shutdown(Shutdown::Read);
-        }
-    }
-}
-
-/// Removes a connection from the registry when its thread ends, even by
-/// a panic.
-struct Registration {
-    connections: Arc<Connections>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.connections.remove(self.id);
-    }
-}
-
-/// The accept thread: accepts until stopped, then ends every connection's
-/// reading and joins the connection threads. Returns how many panicked.
+/// The accept thread: serves connections until stopped. Returns how many
+/// connection threads panicked.
 fn accept_connections(
     listener: &TcpListener,
     stopped: &Receiver<()>,
     shared: &Arc<Shared>,
 ) -> usize {
-    let addr = shared.addr;
-    let connections = Arc::new(Connections::default());
-    let mut workers: Vec<JoinHandle<()>> = Vec::new();
-    let mut panicked = 0;
-    let mut seq = 0u64;
-    net::accept_loop(listener, stopped, |stream, peer| {
-        // Finished threads are joined as we go, so the list holds only
-        // open connections.
-        panicked += join_finished(&mut workers);
-        seq += 1;
-        // Registered here, not in the connection thread, so that once the
-        // loop has stopped every accepted connection is in the registry.
-        if let Err(e) = connections.register(seq, &stream) {
-            log::warn!("server {addr}: dropping connection from {peer}: {e}");
-            return;
-        }
-        let registration = Registration {
-            connections: connections.clone(),
-            id: seq,
-        };
-        let shared = shared.clone();
-        // Default stack size: parsing deeply nested JSON recurses.
-        let spawned = net::spawn_named(format!("srv{}-conn{seq}", addr.port()), None, move || {
-            let _registration = registration;
-            serve_connection(stream, peer, &shared);
-        });
-        match spawned {
-            Ok(handle) => workers.push(handle),
-            Err(e) => log::error!("server {addr}: dropping connection from {peer}: {e}"),
-        }
-    });
-    connections.end_reading();
-    for worker in workers {
-        if worker.join().is_err() {
-            panicked += 1;
-        }
-    }
-    if panicked > 0 {
-        log::error!("server {addr}: {panicked} connection threads panicked");
-    }
-    panicked
-}
-
-/// Joins the threads that have ended; returns how many panicked.
-fn join_finished(workers: &mut Vec<JoinHandle<()>>) -> usize {
-    let (done, running): (Vec<_>, Vec<_>) = std::mem::take(workers)
-        .into_iter()
-        .partition(|w| w.is_finished());
-    *workers = running;
-    done.into_iter()
-        .map(JoinHandle::join)
-        .filter(Result::is_err)
-        .count()
+    let port = shared.addr.port();
+    let shared = shared.clone();
+    net::serve_connections(
+        listener,
+        stopped,
+        |seq| format!("srv{port}-conn{seq}"),
+        move |stream, peer| serve_connection(stream, peer, &shared),
+    )
 }
 
 fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
@@ -625,12 +538,6 @@ fn count_a_with_delay(content: &str, delay: Duration) -> u64 {
         }
     }
     crate::text::count_a(content)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values (a sender, a map of streams) stay consistent at
-    // every unlock, so a panic elsewhere does not make them unusable.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

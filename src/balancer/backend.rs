@@ -71,7 +71,7 @@ pub struct Connections(Mutex<HashMap<usize, TcpStream>>);
 
 impl Connections {
     fn set(&self, slot: usize, stream: Option<TcpStream>) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::net::lock(&self.0);
         match stream {
             Some(s) => map.insert(slot, s),
             None => map.remove(&slot),
@@ -80,7 +80,7 @@ impl Connections {
 
     /// Shuts every open connection down; blocked reads and writes fail.
     pub fn cut_all(&self) {
-        for stream in self.0.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for stream in crate::net::lock(&self.0).values() {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }

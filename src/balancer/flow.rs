@@ -36,7 +36,7 @@ impl Budget {
     /// larger than the whole budget waits until nothing else is held, so it
     /// still goes through, alone.
     pub fn acquire(self: &Arc<Self>, bytes: usize) -> Reservation {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = crate::net::lock(&self.used);
         while *used > 0 && *used + bytes > self.max {
             used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
         }
@@ -48,13 +48,13 @@ impl Budget {
     }
 
     pub fn used(&self) -> usize {
-        *self.used.lock().unwrap_or_else(|p| p.into_inner())
+        *crate::net::lock(&self.used)
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = crate::net::lock(&self.budget.used);
         *used -= self.bytes;
         drop(used);
         self.budget.freed.notify_all();

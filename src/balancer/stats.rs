@@ -50,7 +50,7 @@ impl ServerStats {
     pub fn record_check(&self, took: Duration, report: Option<StatusReport>) {
         self.check_micros.store(took.as_micros() as u64, Relaxed);
         if report.is_some() {
-            *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = report;
+            *crate::net::lock(&self.last_status) = report;
         }
     }
 
@@ -60,11 +60,7 @@ impl ServerStats {
             name: self.name.clone(),
             state: self.state().to_string(),
             in_flight: self.in_flight.load(Relaxed),
-            status: self
-                .last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            status: crate::net::lock(&self.last_status).clone(),
             check_ms: (check > 0).then(|| check as f64 / 1000.0),
         }
     }

@@ -63,11 +63,11 @@ impl Load {
     }
 
     pub fn sample(&self) -> Sample {
-        *self.sample.lock().unwrap_or_else(|p| p.into_inner())
+        *crate::net::lock(&self.sample)
     }
 
     fn store(&self, sample: Sample) {
-        *self.sample.lock().unwrap_or_else(|p| p.into_inner()) = sample;
+        *crate::net::lock(&self.sample) = sample;
     }
 
     /// Marks one request as in progress until the guard drops.

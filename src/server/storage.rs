@@ -6,6 +6,7 @@
 //! stored elsewhere (`forget`) is moved into `.duplicates/`, not removed.
 //! Only `clean`, on the operator's request, removes documents.
 
+use crate::net::lock;
 use crate::proto::Document;
 use crate::text::{count_a, rfc3339};
 use serde::Serialize;
@@ -486,12 +487,6 @@ impl Storage {
         }
         Ok(file)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values stay consistent at every unlock, so a panic
-    // elsewhere does not make them unusable.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
