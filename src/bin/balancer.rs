@@ -123,7 +123,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
     // The local servers run for as long as their handles live.
-    let (servers, _local_servers) = match args.local_servers {
+    let (servers, local_servers) = match args.local_servers {
         Some(n) => start_local_servers(&args, n)?,
         None => (
             args.servers.iter().copied().map(Backend::new).collect(),
@@ -160,6 +160,13 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     }
     println!("listening on {}", handle.addr());
     handle.join();
+    // Local servers stop after the balancer has drained into them.
+    for server in &local_servers {
+        server.shutdown();
+    }
+    for server in local_servers {
+        server.join()?;
+    }
     signals.close();
     Ok(())
 }

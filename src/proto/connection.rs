@@ -27,7 +27,15 @@ impl fmt::Display for CallError {
     }
 }
 
-impl std::error::Error for CallError {}
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::Frame(e) => Some(e),
+            CallError::Decode(e) => Some(e),
+            CallError::Closed => None,
+        }
+    }
+}
 
 impl From<io::Error> for CallError {
     fn from(e: io::Error) -> Self {

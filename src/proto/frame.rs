@@ -58,7 +58,14 @@ impl fmt::Display for FrameError {
     }
 }
 
-impl std::error::Error for FrameError {}
+impl std::error::Error for FrameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FrameError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl FrameError {
     /// The error reply worth sending to the peer before closing, if any.
@@ -108,7 +115,11 @@ impl fmt::Display for PartialRead {
         self.1.fmt(f)
     }
 }
-impl std::error::Error for PartialRead {}
+impl std::error::Error for PartialRead {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.1)
+    }
+}
 
 fn partial_count(e: &io::Error) -> usize {
     e.get_ref()

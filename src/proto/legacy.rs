@@ -70,7 +70,14 @@ impl fmt::Display for LegacyError {
     }
 }
 
-impl std::error::Error for LegacyError {}
+impl std::error::Error for LegacyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LegacyError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl LegacyError {
     /// Whether the stream is still in step after this error.
