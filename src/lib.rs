@@ -7,13 +7,19 @@
 //!
 //! - `proto`: the wire — frames, message types, size caps. Nobody else
 //!   touches protocol bytes.
-//! - `balancer`: accept loop, dispatcher, server links, health monitor.
+//! - `net`: sockets — connect with timeouts, first-byte detection, accept
+//!   loops that stop when a channel disconnects.
+//! - `ids`: request numbers that never repeat.
+//! - `balancer`: accept loop, flow control, dispatcher, server links (one
+//!   backend per wire), health monitor, start and shutdown.
 //! - `health`: pure state machine of one server's health.
 //! - `policy`: pure balancing policies behind one trait.
 //! - `server`: storage server — connections, storage folder, own load.
 //! - `client`: sending documents and reporting what happened to them.
 //! - `logging`: the logger the binaries install.
 //! - `error`: errors that stop a component from starting.
+//! - `text`: small helpers several components need (so none imports
+//!   another).
 
 pub mod balancer;
 pub mod cli;
