@@ -41,17 +41,23 @@ fn start(bin: &str, args: &[&str], cwd: &std::path::Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stdout = child.stdout.take().unwrap();
+    // Owned by the guard from here on, so a panic still reaps it.
+    let mut proc = Proc {
+        child,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let mut lines = BufReader::new(stdout).lines();
     loop {
         let line = lines
             .next()
             .unwrap_or_else(|| panic!("{bin} exited before listening"))
             .unwrap();
         if let Some(rest) = line.strip_prefix("listening on ") {
-            let addr = rest.split([',', ' ']).next().unwrap().parse().unwrap();
+            proc.addr = rest.split([',', ' ']).next().unwrap().parse().unwrap();
             // Keep draining stdout so the child never blocks on it.
             thread::spawn(move || for _ in lines {});
-            return Proc { child, addr };
+            return proc;
         }
     }
 }
