@@ -154,7 +154,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
-    let signals = on_signal(handle.stopper())?;
+    let (signals, signal_thread) = on_signal(handle.stopper())?;
     if let Some(addr) = metrics {
         println!("metrics listening on {addr}");
     }
@@ -168,15 +168,18 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         server.join()?;
     }
     signals.close();
+    let _ = signal_thread.join();
     Ok(())
 }
 
 /// SIGINT or SIGTERM starts a clean shutdown; a second one ends the process
 /// at once.
-fn on_signal(stopper: Stopper) -> Result<signal_hook::iterator::Handle, lbft::Error> {
+fn on_signal(
+    stopper: Stopper,
+) -> Result<(signal_hook::iterator::Handle, std::thread::JoinHandle<()>), lbft::Error> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let handle = signals.handle();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut seen = 0;
@@ -190,7 +193,7 @@ fn on_signal(stopper: Stopper) -> Result<signal_hook::iterator::Handle, lbft::Er
                 stopper.shutdown();
             }
         })?;
-    Ok(handle)
+    Ok((handle, thread))
 }
 
 fn start_local_servers(
