@@ -16,7 +16,7 @@ use crate::proto::{Document, Operation, Request, StoreRequest};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use report::Tally;
+use report::{Tally, Verdict};
 use std::fmt;
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
@@ -144,23 +144,12 @@ fn store_documents(
             (request, title)
         })
     };
-    let mut tally = Tally::default();
-    let mut write_err = None;
+    let mut printer = Printer::new(out);
     let note = pipeline::run(config, count, make_request, |id, title, fate| {
         let (line, verdict) = report::describe(id - 1, count, title.as_deref(), &fate);
-        tally.add(verdict);
-        if write_err.is_none() {
-            write_err = writeln!(out, "{line}").err();
-        }
+        printer.line(&line, verdict);
     })?;
-    if let Some(e) = write_err {
-        return Err(e.into());
-    }
-    if let Some(note) = note {
-        writeln!(out, "connection ended early: {note}")?;
-    }
-    writeln!(out, "{}", tally.summary("documents", "stored"))?;
-    Ok(tally.all_done())
+    printer.finish(note, "documents", "stored")
 }
 
 /// Sends the given files, each read when its turn comes; a file that cannot
@@ -204,23 +193,51 @@ pub fn calc(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error
         let operation = Operation::ALL[rng.gen_range(0..Operation::ALL.len())];
         Ok((Request::Calc { id, operation }, ()))
     };
-    let mut tally = Tally::default();
-    let mut write_err = None;
+    let mut printer = Printer::new(out);
     let note = pipeline::run(config, n, make, |id, _, fate| {
         let (line, verdict) = report::describe_calc(id - 1, n, &fate);
-        tally.add(verdict);
-        if write_err.is_none() {
-            write_err = writeln!(out, "{line}").err();
-        }
+        printer.line(&line, verdict);
     })?;
-    if let Some(e) = write_err {
-        return Err(e.into());
+    printer.finish(note, "requests", "computed")
+}
+
+/// Prints a line per request as it is reported and keeps the counts.
+struct Printer<'a, W: Write> {
+    out: &'a mut W,
+    tally: Tally,
+    /// The first failed write; the run goes on (documents are still being
+    /// stored) and the error is returned at the end.
+    write_err: Option<io::Error>,
+}
+
+impl<'a, W: Write> Printer<'a, W> {
+    fn new(out: &'a mut W) -> Self {
+        Printer {
+            out,
+            tally: Tally::default(),
+            write_err: None,
+        }
     }
-    if let Some(note) = note {
-        writeln!(out, "connection ended early: {note}")?;
+
+    fn line(&mut self, line: &str, verdict: Verdict<'_>) {
+        self.tally.add(verdict);
+        if self.write_err.is_none() {
+            self.write_err = writeln!(self.out, "{line}").err();
+        }
     }
-    writeln!(out, "{}", tally.summary("requests", "computed"))?;
-    Ok(tally.all_done())
+
+    /// Prints how the connection ended early (if it did) and the summary;
+    /// returns whether every request was done.
+    fn finish(self, note: Option<String>, noun: &str, verb: &str) -> Result<bool, Error> {
+        if let Some(e) = self.write_err {
+            return Err(e.into());
+        }
+        if let Some(note) = note {
+            writeln!(self.out, "connection ended early: {note}")?;
+        }
+        writeln!(self.out, "{}", self.tally.summary(noun, verb))?;
+        Ok(self.tally.all_done())
+    }
 }
 
 const HELP: &str = "commands:

@@ -267,3 +267,46 @@ fn unanswered_computations_are_unknown_too() {
     assert!(unknown >= 3, "the fake read 3 requests: {stdout}");
     assert!(stdout.contains(&format!(", {unknown} unknown")), "{stdout}");
 }
+
+#[test]
+fn send_reports_an_unreadable_file_and_sends_the_rest() {
+    let docs = documents();
+    let good = docs.path().join("sample.json");
+    let missing = docs.path().join("missing.json");
+    let (addr, fake) = fake_balancer(|stream| {
+        let mut answered = 0;
+        while let Ok(Some(payload)) = proto::read_frame(&mut &stream, proto::DEFAULT_MAX_FRAME) {
+            let Ok(Request::Store(s)) = proto::decode::<Request>(&payload) else {
+                panic!("expected a store request")
+            };
+            answer_stored(&stream, s.id);
+            answered += 1;
+        }
+        answered
+    });
+    let out = run_client(
+        addr,
+        docs.path(),
+        &[
+            "send",
+            good.to_str().unwrap(),
+            missing.to_str().unwrap(),
+            good.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(fake.join().expect("the fake balancer failed"), 2);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("3 documents: 2 stored, 1 failed (per server: fake: 2)"),
+        "{stdout}"
+    );
+    let fail = stdout
+        .lines()
+        .find(|l| l.starts_with("  FAIL  [2/3]"))
+        .unwrap_or_else(|| panic!("no line for the missing file: {stdout}"));
+    assert!(
+        fail.contains("not sent: cannot read") && fail.contains("missing.json"),
+        "{fail}"
+    );
+}

@@ -260,8 +260,9 @@ impl<M> Books<M> {
     }
 
     /// Events after the connection was shut: requests the writer announced
-    /// join the outstanding ones; answers can no longer be trusted to be
-    /// complete, and the window is gone.
+    /// join the outstanding ones (no answer can come for them now), and
+    /// the window is gone. A reply here answers nothing outstanding: the
+    /// reader's end comes after every reply it read.
     fn apply_late(&mut self, event: Event<M>, report: &mut impl FnMut(u64, Option<M>, Fate)) {
         match event {
             Event::Sending(id, meta) => {
