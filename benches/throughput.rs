@@ -1,79 +1,208 @@
-//! Throughput and latency of storing documents, with and without the balancer.
+//! Throughput and latency of storing documents through the balancer, against
+//! the same clients talking straight to the servers.
 //!
-//! Everything runs in this process on 127.0.0.1: three storage servers (each
-//! in its own temporary folder), a balancer in front of all three and a
-//! second balancer in front of only the first one. Each scenario sends the
-//! same number of documents, pipelined on one connection (a writer thread
-//! sends every `store` request while the main thread reads the replies), and
-//! records the latency of each request from send to reply:
+//! Everything runs as real processes on 127.0.0.1, started from the binaries
+//! cargo built: three storage servers and one balancer in front of them,
+//! each in a temporary folder. Every scenario is a number of clients
+//! (1, 8, 64), a mode (one request at a time, or pipelined with 8
+//! outstanding) and a path (through the balancer, or direct: client `i`
+//! talks to server `i % 3`). Each client opens its own connection and stores
+//! documents of 1 KiB; every reply must be `stored` and every document a new
+//! file on disk. A scenario runs `--runs` times, balancer and direct runs
+//! interleaved so that drift of the machine hits both alike; the table shows
+//! the median of each column. Servers fsync each document, so the disk
+//! bounds the numbers.
 //!
-//! - a. baseline: straight to one server, no balancer;
-//! - b. balancer -> 1 server (the balancer's overhead against a);
-//! - c. balancer -> 3 servers;
-//! - d. balancer -> 3 servers, 4 client connections sharing the documents.
+//! ```text
+//! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D --quick]
+//! ```
 //!
-//! Every reply must be `stored` and the servers' folders must gain exactly
-//! one file per document. Servers fsync each document, so the disk bounds
-//! the numbers.
-//!
-//! Run with `cargo bench --bench throughput [-- --docs N --size BYTES]`
-//! (defaults: 2000 documents of 1024 bytes).
+//! `--docs` is the count of a 64-client scenario (default 19200); fewer
+//! clients send proportionally fewer, but at least a sixteenth of it, so
+//! that the one-client numbers rest on enough samples. `--quick` is a smoke
+//! run: 640 documents, one run.
 
-use lbft::balancer::{self, Backend, Balancer};
-use lbft::proto::{self, Document, FrameReader, FrameWriter, Reply, Request, StoreRequest};
-use lbft::server::{self, Server};
-use std::net::{SocketAddr, TcpStream};
+use lbft::client::{self, Fate};
+use lbft::proto::{self, Connection, Document, Reply, Request, StoreRequest};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Barrier};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Generous: with 64 clients a document may wait behind hundreds of others.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
-const MIB: f64 = 1024.0 * 1024.0;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const CLIENT_COUNTS: [usize; 3] = [1, 8, 64];
 
+#[derive(Debug, Clone)]
 struct Options {
+    /// Documents of a 64-client scenario.
     docs: usize,
+    runs: usize,
     size: usize,
+    /// Outstanding requests per client in pipelined mode.
+    depth: usize,
 }
 
-/// Reads `--docs N` and `--size BYTES`; anything else (such as the `--bench`
-/// cargo passes) is ignored.
-fn parse_args() -> Options {
+impl Options {
+    /// Documents of a scenario with `clients` clients.
+    fn docs_for(&self, clients: usize) -> usize {
+        let max_clients = CLIENT_COUNTS[CLIENT_COUNTS.len() - 1];
+        (self.docs * clients / max_clients)
+            .max(self.docs / 16)
+            .max(clients)
+    }
+}
+
+fn parse_args() -> Result<Options, String> {
     let mut options = Options {
-        docs: 2000,
+        docs: 19_200,
+        runs: 3,
         size: 1024,
+        depth: 8,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let target = match arg.as_str() {
             "--docs" => &mut options.docs,
+            "--runs" => &mut options.runs,
             "--size" => &mut options.size,
-            _ => continue,
+            "--depth" => &mut options.depth,
+            "--quick" => {
+                options.docs = 640;
+                options.runs = 1;
+                continue;
+            }
+            // Cargo passes --bench to every bench binary.
+            "--bench" => continue,
+            other => return Err(format!("unknown option {other}")),
         };
-        let value = args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        let value = args.next().ok_or(format!("{arg} needs a value"))?;
         *target = value
             .parse()
-            .unwrap_or_else(|e| panic!("{arg} {value}: not a whole number ({e})"));
+            .map_err(|e| format!("{arg} {value}: not a whole number ({e})"))?;
+        if *target == 0 {
+            return Err(format!("{arg} must be at least 1"));
+        }
     }
-    assert!(options.docs >= 1, "--docs must be at least 1");
-    options
+    Ok(options)
 }
 
-/// Resident memory of this process, in MiB.
-fn resident_mib() -> f64 {
-    let pid = sysinfo::get_current_pid().expect("cannot find own process id");
-    let mut system = System::new();
-    system.refresh_processes_specifics(
-        ProcessesToUpdate::Some(&[pid]),
-        false,
-        ProcessRefreshKind::nothing().with_memory(),
-    );
-    let process = system
-        .process(pid)
-        .expect("sysinfo cannot see this process");
-    process.memory() as f64 / MIB
+/// A child process, killed and reaped when dropped.
+struct Child {
+    name: String,
+    process: std::process::Child,
+    addr: SocketAddr,
+    /// Reads the child's stdout to the end, so the child never blocks on a
+    /// full pipe.
+    stdout: Option<JoinHandle<()>>,
+}
+
+impl Child {
+    /// Starts `bin` and waits for its `listening on ADDR` line.
+    fn start(name: &str, bin: &str, args: &[String]) -> Child {
+        let mut process = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({bin}): {e}"));
+        let stdout = process.stdout.take().expect("stdout is piped");
+        let (lines_tx, lines) = mpsc::channel();
+        let reader = thread::Builder::new()
+            .name(format!("{name}-stdout"))
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    // Once the address is known nobody listens; keep reading.
+                    let _ = lines_tx.send(line);
+                }
+            })
+            .expect("cannot start a thread to read a child's output");
+        let mut child = Child {
+            name: name.to_string(),
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stdout: Some(reader),
+        };
+        let mut seen = Vec::new();
+        loop {
+            let line = lines.recv_timeout(READY_TIMEOUT).unwrap_or_else(|e| {
+                panic!("{name} never said it was listening ({e}); it printed {seen:?}")
+            });
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let addr = rest.split([',', ' ']).next().unwrap_or_default();
+                child.addr = addr
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{name}: bad address in `{line}`: {e}"));
+                return child;
+            }
+            seen.push(line);
+        }
+    }
+
+    /// Peak resident memory (`VmHWM`) in KiB, while the process runs.
+    fn peak_memory_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Err(e) = self.process.kill() {
+            eprintln!("cannot stop {}: {e}", self.name);
+        }
+        let _ = self.process.wait();
+        // The pipe closed with the process, so the reader is at its end.
+        if let Some(reader) = self.stdout.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    OneAtATime,
+    Pipelined,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Route {
+    Balancer,
+    Direct,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Balancer => "balancer",
+            Route::Direct => "direct",
+        }
+    }
+}
+
+/// Everything a run needs to know about the cluster.
+struct Cluster {
+    balancer: SocketAddr,
+    servers: Vec<SocketAddr>,
+    dirs: Vec<PathBuf>,
+}
+
+/// One run of one scenario.
+struct Measured {
+    docs_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 /// `size` bytes of ASCII text with some letters `a` in it.
@@ -82,350 +211,353 @@ fn content(size: usize) -> String {
     TEXT.chars().cycle().take(size).collect()
 }
 
-fn count_a(text: &str) -> u64 {
-    text.chars().filter(|c| matches!(c, 'a' | 'A')).count() as u64
-}
-
-/// Stored documents (visible `.json` files) in a server folder.
-fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            !name.starts_with('.') && name.ends_with(".json")
-        })
-        .count()
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    lbft::net::connect(&addr, CONNECT_TIMEOUT, REPLY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
-}
-
-/// Reads the next reply, panicking unless it is `stored`.
-fn read_stored(reader: &mut FrameReader<&TcpStream>, addr: SocketAddr) -> proto::Stored {
-    match reader.message::<Reply>() {
-        Ok(Some(Ok(Reply::Stored(stored)))) => stored,
-        Ok(Some(Ok(other))) => panic!("{addr}: expected a `stored` reply, got {other:?}"),
-        Ok(Some(Err(e))) => panic!("{addr}: unreadable reply: {e}"),
-        Ok(None) => panic!("{addr}: connection closed before every reply arrived"),
-        Err(e) => panic!("{addr}: reading replies failed: {e}"),
-    }
-}
-
-/// Stores one document and waits for its reply. A balancer holds documents
-/// until its first health probe has completed, so this tells it is ready.
-fn warm_up(addr: SocketAddr, title: &str) {
-    let stream = connect(addr);
-    let mut writer = FrameWriter::new(&stream);
-    let request = Request::Store(StoreRequest {
-        id: 1,
+fn store_request(id: u64, title: String, content: &str) -> Request {
+    Request::Store(StoreRequest {
+        id,
         doc: Document {
-            title: title.to_string(),
-            content: "warm-up".into(),
+            title,
+            content: content.to_string(),
         },
         request_number: None,
         not_after_ms: None,
-    });
-    writer
-        .message(&request)
-        .unwrap_or_else(|e| panic!("{addr}: cannot send the warm-up document: {e}"));
-    let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
-    read_stored(&mut reader, addr);
+    })
 }
 
-/// Sends `docs` pipelined on one connection and returns each request's
-/// latency (send to reply) and the server named by each reply.
-fn send_pipelined(
+/// Checks that a reply is `stored` with the right count of letters A.
+fn check_stored(reply: &Reply, a_count: u64) -> Result<(), String> {
+    match reply {
+        Reply::Stored(s) if s.a_count == a_count => Ok(()),
+        Reply::Stored(s) => Err(format!(
+            "request {}: {} letters A, expected {a_count}",
+            s.id, s.a_count
+        )),
+        other => Err(format!("expected `stored`, got {other:?}")),
+    }
+}
+
+/// One client storing `docs` documents one at a time; returns each latency.
+fn one_at_a_time(
     addr: SocketAddr,
-    docs: Vec<Document>,
-    a_count: u64,
-) -> (Vec<Duration>, Vec<String>) {
-    let count = docs.len();
-    let stream = connect(addr);
-    let write_half = stream.try_clone().expect("cannot clone the client socket");
-    // The writer reports (id, send instant) just before writing each request,
-    // so by the time a reply arrives its send instant is on the channel.
-    let (sent_tx, sent_rx) = mpsc::channel::<(u64, Instant)>();
-    let writer = thread::Builder::new()
-        .name("bench-writer".into())
-        .spawn(move || {
-            let mut writer = FrameWriter::new(write_half);
-            for (i, doc) in docs.into_iter().enumerate() {
-                let id = i as u64 + 1;
-                let request = Request::Store(StoreRequest {
-                    id,
-                    doc,
-                    request_number: None,
-                    not_after_ms: None,
-                });
-                sent_tx
-                    .send((id, Instant::now()))
-                    .expect("the reader stopped before the writer");
-                writer
-                    .message(&request)
-                    .unwrap_or_else(|e| panic!("{addr}: cannot send request {id}: {e}"));
-            }
-        })
-        .expect("cannot start the writer thread");
-
-    // Index = id; slot 0 unused.
-    let mut sent_at: Vec<Option<Instant>> = vec![None; count + 1];
-    let mut latency: Vec<Option<Duration>> = vec![None; count + 1];
-    let mut servers = Vec::with_capacity(count);
-    let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
-    for _ in 0..count {
-        let stored = read_stored(&mut reader, addr);
-        let received = Instant::now();
-        let id = stored.id as usize;
-        assert!(
-            (1..=count).contains(&id),
-            "{addr}: reply for unknown request id {id}"
-        );
-        assert!(
-            latency[id].is_none(),
-            "{addr}: two replies for request {id}"
-        );
-        assert_eq!(
-            stored.a_count, a_count,
-            "{addr}: wrong count of letters A for request {id}"
-        );
-        while sent_at[id].is_none() {
-            let (sent_id, at) = sent_rx
-                .recv()
-                .expect("the writer stopped before sending the request being answered");
-            sent_at[sent_id as usize] = Some(at);
-        }
-        let sent = sent_at[id].expect("send instant just recorded");
-        latency[id] = Some(received - sent);
-        servers.push(stored.server);
-    }
-    writer.join().expect("the writer thread panicked");
-    let latencies = latency.into_iter().flatten().collect();
-    (latencies, servers)
-}
-
-struct Row {
-    name: &'static str,
-    docs: usize,
-    secs: f64,
-    latencies: Vec<Duration>,
-}
-
-impl Row {
-    fn docs_per_sec(&self) -> f64 {
-        self.docs as f64 / self.secs
-    }
-
-    /// Nearest-rank percentile, in milliseconds.
-    fn percentile_ms(&self, p: usize) -> f64 {
-        let rank = (p * self.latencies.len()).div_ceil(100).max(1);
-        self.latencies[rank - 1].as_secs_f64() * 1000.0
-    }
-}
-
-/// Runs one scenario: `docs` documents over `conns` connections to `addr`,
-/// checked against the files that appear in `dirs`.
-fn scenario(
-    name: &'static str,
     tag: &str,
-    addr: SocketAddr,
-    conns: usize,
-    options: &Options,
-    dirs: &[PathBuf],
-) -> Row {
-    warm_up(addr, &format!("warm-up {tag}"));
-    let files_before: Vec<usize> = dirs.iter().map(|d| count_files(d)).collect();
-
-    let text = content(options.size);
-    let a_count = count_a(&text);
-    // Spread the documents over the connections; titles stay distinct.
-    let mut batches: Vec<Vec<Document>> = vec![Vec::new(); conns];
-    for i in 0..options.docs {
-        batches[i % conns].push(Document {
-            title: format!("bench {tag} {i:07}"),
-            content: text.clone(),
-        });
+    docs: usize,
+    text: &str,
+    a_count: u64,
+) -> Result<Vec<Duration>, String> {
+    let stream = lbft::net::connect(&addr, CONNECT_TIMEOUT, REPLY_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut connection = Connection::new(stream, proto::DEFAULT_MAX_FRAME);
+    let mut latencies = Vec::with_capacity(docs);
+    for i in 0..docs {
+        let request = store_request(i as u64 + 1, format!("{tag} {i}"), text);
+        let sent = Instant::now();
+        let reply = connection
+            .call(&request)
+            .map_err(|e| format!("{addr}: request {}: {e}", i + 1))?;
+        latencies.push(sent.elapsed());
+        check_stored(&reply, a_count).map_err(|e| format!("{addr}: {e}"))?;
     }
+    Ok(latencies)
+}
 
-    let start = Instant::now();
-    let clients: Vec<_> = batches
-        .into_iter()
-        .filter(|batch| !batch.is_empty())
-        .enumerate()
-        .map(|(c, batch)| {
+/// One client storing `docs` documents with the client's own pipeline,
+/// `depth` outstanding; returns each latency, from the moment the request
+/// was made (just before it is written) to its answer.
+fn pipelined(
+    addr: SocketAddr,
+    tag: &str,
+    docs: usize,
+    depth: usize,
+    text: &Arc<str>,
+    a_count: u64,
+) -> Result<Vec<Duration>, String> {
+    let config = client::Config {
+        balancer: addr,
+        connect_timeout: CONNECT_TIMEOUT,
+        reply_timeout: REPLY_TIMEOUT,
+        window: depth,
+        ..client::Config::default()
+    };
+    let (tag, text) = (tag.to_string(), Arc::clone(text));
+    let make = move |id: u64| {
+        Ok((
+            store_request(id, format!("{tag} {id}"), &text),
+            Instant::now(),
+        ))
+    };
+    let mut latencies = Vec::with_capacity(docs);
+    let mut first_error = None;
+    client::pipeline::run(&config, docs as u64, make, |id, sent, fate| {
+        let checked = match (&fate, sent) {
+            (Fate::Answered(Ok(reply)), Some(sent)) => {
+                latencies.push(sent.elapsed());
+                check_stored(reply, a_count)
+            }
+            _ => Err(format!("request {id}: {fate:?}")),
+        };
+        if let Err(e) = checked {
+            first_error.get_or_insert(format!("{addr}: {e}"));
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(latencies),
+    }
+}
+
+/// Stored documents (visible `.json` files) in a server folder.
+fn json_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            !name.starts_with('.') && name.ends_with(".json")
+        })
+        .collect()
+}
+
+/// Nearest-rank percentile of sorted latencies, in milliseconds.
+fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1].as_secs_f64() * 1000.0
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// Runs one scenario once and checks that every document became a file.
+fn run_once(
+    cluster: &Cluster,
+    options: &Options,
+    clients: usize,
+    mode: Mode,
+    route: Route,
+    tag: &str,
+) -> Measured {
+    // Empty folders keep runs alike (a folder of thousands of files is
+    // slower to add to) and bound the disk the benchmark takes.
+    for dir in &cluster.dirs {
+        for file in json_files(dir) {
+            std::fs::remove_file(&file)
+                .unwrap_or_else(|e| panic!("cannot remove {}: {e}", file.display()));
+        }
+    }
+    let docs = options.docs_for(clients);
+    let text: Arc<str> = content(options.size).into();
+    let a_count = text.chars().filter(|c| matches!(c, 'a' | 'A')).count() as u64;
+    // The clock starts when every client thread is ready to go, so thread
+    // start-up is not measured; connecting is, once per client.
+    let start = Arc::new(Barrier::new(clients + 1));
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let addr = match route {
+                Route::Balancer => cluster.balancer,
+                Route::Direct => cluster.servers[c % cluster.servers.len()],
+            };
+            let share = docs / clients + usize::from(c < docs % clients);
+            let tag = format!("{tag} c{c}");
+            let (text, start, depth) = (Arc::clone(&text), Arc::clone(&start), options.depth);
             thread::Builder::new()
                 .name(format!("bench-client{c}"))
-                .spawn(move || send_pipelined(addr, batch, a_count))
+                .spawn(move || {
+                    start.wait();
+                    match mode {
+                        Mode::OneAtATime => one_at_a_time(addr, &tag, share, &text, a_count),
+                        Mode::Pipelined => pipelined(addr, &tag, share, depth, &text, a_count),
+                    }
+                })
                 .expect("cannot start a client thread")
         })
         .collect();
-    let mut latencies = Vec::with_capacity(options.docs);
-    let mut servers = Vec::with_capacity(options.docs);
-    for client in clients {
-        let (l, s) = client.join().expect("a client thread panicked");
-        latencies.extend(l);
-        servers.extend(s);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    latencies.sort();
-
-    // Every document acknowledged must be a file on disk.
-    let new_files: Vec<usize> = dirs
-        .iter()
-        .zip(&files_before)
-        .map(|(d, before)| count_files(d) - before)
-        .collect();
-    let total: usize = new_files.iter().sum();
-    assert_eq!(
-        latencies.len(),
-        options.docs,
-        "{name}: not every document was acknowledged"
-    );
-    assert_eq!(
-        total, options.docs,
-        "{name}: {} documents acknowledged but {total} new files in the server folders",
-        options.docs
-    );
-    let mut spread: Vec<(String, usize)> = Vec::new();
-    for server in servers {
-        match spread.iter_mut().find(|(s, _)| *s == server) {
-            Some((_, n)) => *n += 1,
-            None => spread.push((server, 1)),
+    start.wait();
+    let began = Instant::now();
+    let mut latencies = Vec::with_capacity(docs);
+    let mut errors = Vec::new();
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("a client thread panicked".into()),
         }
     }
-    spread.sort();
-    let spread: Vec<String> = spread.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-    println!(
-        "  {name}: {} stored, {total} new files {new_files:?}; replies per server: {}",
-        options.docs,
-        spread.join(", ")
+    let secs = began.elapsed().as_secs_f64();
+    assert!(errors.is_empty(), "{tag}: {}", errors.join("; "));
+    assert_eq!(
+        latencies.len(),
+        docs,
+        "{tag}: not every document was answered"
     );
-
-    Row {
-        name,
-        docs: options.docs,
-        secs,
-        latencies,
+    let files: usize = cluster.dirs.iter().map(|d| json_files(d).len()).sum();
+    assert_eq!(
+        files, docs,
+        "{tag}: {docs} documents stored but {files} files in the server folders"
+    );
+    latencies.sort();
+    Measured {
+        docs_per_sec: docs as f64 / secs,
+        p50_ms: percentile_ms(&latencies, 50),
+        p99_ms: percentile_ms(&latencies, 99),
     }
 }
 
-fn start_balancer(servers: &[SocketAddr], name: &str) -> SocketAddr {
-    let balancer = Balancer::bind(balancer::Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        servers: servers.iter().map(|a| Backend::new(*a)).collect(),
-        check_interval: Duration::from_millis(100),
-        // A whole batch is queued at once; give the tail of it time to drain.
-        queue_timeout: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    let addr = balancer
-        .local_addr()
-        .unwrap_or_else(|e| panic!("{name} has no local address: {e}"));
-    let thread_name = name.to_string();
-    thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            // Only returns when the listener fails.
-            if let Err(e) = balancer.run() {
-                panic!("{thread_name} stopped: {e}");
-            }
-        })
-        .expect("cannot start a balancer thread");
-    addr
+/// Stores one document until it is stored, so that the balancer has found
+/// its servers up before anything is measured.
+fn warm_up(addr: SocketAddr) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let answer = lbft::net::connect(&addr, CONNECT_TIMEOUT, REPLY_TIMEOUT)
+            .map_err(|e| e.to_string())
+            .and_then(|stream| {
+                Connection::new(stream, proto::DEFAULT_MAX_FRAME)
+                    .call(&store_request(1, "warm-up".into(), "warm-up"))
+                    .map_err(|e| e.to_string())
+            });
+        match answer {
+            Ok(Reply::Stored(_)) => return,
+            other if Instant::now() > deadline => panic!("{addr} is not storing: {other:?}"),
+            // Not ready yet (no server probed): poll again shortly.
+            _ => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn mode_name(mode: Mode, depth: usize) -> String {
+    match mode {
+        Mode::OneAtATime => "one-at-a-time".into(),
+        Mode::Pipelined => format!("pipelined x{depth}"),
+    }
 }
 
 fn main() {
-    let options = parse_args();
+    let options = parse_args().unwrap_or_else(|e| {
+        eprintln!("throughput: {e}");
+        std::process::exit(2);
+    });
     let run_start = Instant::now();
-    let memory_before = resident_mib();
-
-    println!(
-        "lbft throughput: {} documents of {} bytes per scenario, pipelined; \
-         every stored document is fsynced, so the disk bounds throughput",
-        options.docs, options.size
-    );
-
     let temp = tempfile::tempdir().expect("cannot create a temporary folder");
     let mut servers = Vec::new();
     let mut dirs = Vec::new();
-    // The servers run for as long as their handles live.
-    let mut handles = Vec::new();
     for i in 0..3 {
-        let dir = temp.path().join(format!("server{i}"));
-        let server = Server::bind(server::Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir: Some(dir.clone()),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("cannot start storage server {i}: {e}"));
-        servers.push(server.local_addr());
+        let dir = temp.path().join(format!("s{i}"));
+        let args = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        servers.push(Child::start(
+            &format!("server{i}"),
+            env!("CARGO_BIN_EXE_server"),
+            &args,
+        ));
         dirs.push(dir);
-        handles.push(
-            server
-                .start()
-                .unwrap_or_else(|e| panic!("cannot run storage server {i}: {e}")),
-        );
     }
-    let balancer_all = start_balancer(&servers, "balancer-3");
-    let balancer_one = start_balancer(&servers[..1], "balancer-1");
+    let server_addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let list: Vec<String> = server_addrs.iter().map(|a| a.to_string()).collect();
+    let balancer = Child::start(
+        "balancer",
+        env!("CARGO_BIN_EXE_balancer"),
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--servers".into(),
+            list.join(","),
+            "--check-interval".into(),
+            "100ms".into(),
+            "--log-file".into(),
+            temp.path().join("lb.log").display().to_string(),
+        ],
+    );
+    warm_up(balancer.addr);
+    for addr in &server_addrs {
+        warm_up(*addr);
+    }
+    let cluster = Cluster {
+        balancer: balancer.addr,
+        servers: server_addrs,
+        dirs,
+    };
 
-    let rows = [
-        scenario("a. direct, 1 server", "a", servers[0], 1, &options, &dirs),
-        scenario(
-            "b. balancer -> 1 server",
-            "b",
-            balancer_one,
-            1,
-            &options,
-            &dirs,
-        ),
-        scenario(
-            "c. balancer -> 3 servers",
-            "c",
-            balancer_all,
-            1,
-            &options,
-            &dirs,
-        ),
-        scenario(
-            "d. balancer -> 3, 4 conns",
-            "d",
-            balancer_all,
-            4,
-            &options,
-            &dirs,
-        ),
-    ];
-    let memory_after = resident_mib();
+    let counts: Vec<String> = CLIENT_COUNTS
+        .iter()
+        .map(|&c| format!("{} for {c}", options.docs_for(c)))
+        .collect();
+    println!(
+        "lbft throughput: 3 servers, 1 balancer; documents of {} bytes, fsynced by the servers; \
+         documents per scenario: {}; {} run(s) each, median shown",
+        options.size,
+        counts.join(", "),
+        options.runs
+    );
 
-    let content_mib = (options.docs * options.size) as f64 / MIB;
-    let baseline = rows[0].docs_per_sec();
+    let mut rows = Vec::new();
+    for &clients in &CLIENT_COUNTS {
+        for mode in [Mode::OneAtATime, Mode::Pipelined] {
+            let mut runs: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
+            for run in 1..=options.runs {
+                for (i, route) in [Route::Balancer, Route::Direct].into_iter().enumerate() {
+                    let tag = format!(
+                        "{clients}c {} {} r{run}",
+                        mode_name(mode, options.depth),
+                        route.name()
+                    );
+                    let m = run_once(&cluster, &options, clients, mode, route, &tag);
+                    println!(
+                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms",
+                        m.docs_per_sec, m.p50_ms, m.p99_ms
+                    );
+                    runs[i].push(m);
+                }
+            }
+            let [balanced, direct] = runs.map(|runs| Measured {
+                docs_per_sec: median(runs.iter().map(|m| m.docs_per_sec).collect()),
+                p50_ms: median(runs.iter().map(|m| m.p50_ms).collect()),
+                p99_ms: median(runs.iter().map(|m| m.p99_ms).collect()),
+            });
+            rows.push((clients, mode, Route::Balancer, balanced));
+            rows.push((clients, mode, Route::Direct, direct));
+        }
+    }
+
     println!();
     println!(
-        "{:<27} {:>6} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}",
-        "scenario", "docs", "seconds", "docs/s", "MiB/s", "p50 ms", "p99 ms", "vs base"
+        "{:>7}  {:<14} {:<9} {:>9} {:>9} {:>9} {:>10}",
+        "clients", "mode", "path", "docs/s", "p50 ms", "p99 ms", "vs direct"
     );
-    for row in &rows {
-        println!(
-            "{:<27} {:>6} {:>8.3} {:>9.1} {:>7.2} {:>9.2} {:>9.2} {:>8.2}x",
-            row.name,
-            row.docs,
-            row.secs,
-            row.docs_per_sec(),
-            content_mib / row.secs,
-            row.percentile_ms(50),
-            row.percentile_ms(99),
-            row.docs_per_sec() / baseline
-        );
+    for pair in rows.chunks(2) {
+        let direct = pair[1].3.docs_per_sec;
+        for (clients, mode, route, m) in pair {
+            let ratio = match route {
+                Route::Balancer => format!("{:.2}x", m.docs_per_sec / direct),
+                Route::Direct => String::new(),
+            };
+            let line = format!(
+                "{clients:>7}  {:<14} {:<9} {:>9.0} {:>9.2} {:>9.2} {ratio:>10}",
+                mode_name(*mode, options.depth),
+                route.name(),
+                m.docs_per_sec,
+                m.p50_ms,
+                m.p99_ms,
+            );
+            println!("{}", line.trim_end());
+        }
     }
     println!();
-    println!(
-        "resident memory: {memory_before:.1} MiB before, {memory_after:.1} MiB after; \
-         total run time {:.2} s",
-        run_start.elapsed().as_secs_f64()
-    );
+    match balancer.peak_memory_kib() {
+        Some(kib) => println!(
+            "balancer peak resident memory (VmHWM): {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => println!("balancer peak resident memory: unavailable (no /proc)"),
+    }
+    println!("total run time {:.1} s", run_start.elapsed().as_secs_f64());
 }

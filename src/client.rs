@@ -1,20 +1,26 @@
-//! The client: picks documents, sends them to the balancer on one
-//! connection (all requests written ahead, replies read as they come) and
-//! reports where each one landed. Also the compute service (`calc`) and the
+//! The client: sends documents to the balancer on one connection and
+//! reports where each one landed; also the compute service (`calc`) and the
 //! servers' status (`status`).
+//!
+//! `ftp`, `send` and `calc` run in flat memory whatever their count: requests
+//! are made one at a time as a bounded window allows (`pipeline`), and the
+//! summary comes from running counts (`report`).
 
+pub mod pipeline;
+pub mod report;
 pub mod status;
 
-use crate::proto::{
-    self, Document, ErrorReply, FrameReader, FrameWriter, Reply, Request, StoreRequest,
-};
+pub use pipeline::{Answer, Fate, DEFAULT_WINDOW};
+
+use crate::proto::{Document, Operation, Request, StoreRequest};
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use std::collections::BTreeMap;
+use rand::{Rng, SeedableRng};
+use report::{Tally, Verdict};
 use std::fmt;
 use std::io::{self, BufRead, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::thread;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -25,6 +31,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long to wait for the next reply.
     pub reply_timeout: Duration,
+    /// Requests sent and not yet answered, at most.
+    pub window: usize,
 }
 
 impl Default for Config {
@@ -34,6 +42,7 @@ impl Default for Config {
             documents: PathBuf::from("file"),
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(60),
+            window: DEFAULT_WINDOW,
         }
     }
 }
@@ -102,285 +111,133 @@ pub fn load_document(path: &Path) -> Result<Document, Error> {
         .map_err(|e| Error::BadDocument(path.to_path_buf(), e.to_string()))
 }
 
-/// Picks `n` documents at random (with repetition) from `files`.
-pub fn pick_random(files: &[PathBuf], n: usize) -> Vec<PathBuf> {
-    let mut rng = rand::thread_rng();
-    (0..n)
-        .filter_map(|_| files.choose(&mut rng).cloned())
+/// Loads every `.json` document of a folder, once: `ftp` picks from these
+/// for each request instead of reading a file per request.
+pub fn load_samples(dir: &Path) -> Result<Vec<Document>, Error> {
+    list_documents(dir)?
+        .iter()
+        .map(|path| load_document(path))
         .collect()
 }
 
-/// The answer to one request: its reply, or the error that took its place.
-pub type Answer = Result<Reply, ErrorReply>;
-
-/// What happened to one document.
-pub type Outcome = Result<proto::Stored, ErrorReply>;
-
-/// Sends requests on one connection, all written ahead by a writer thread,
-/// and calls `on_answer(index, answer)` as each reply arrives. Request `i`
-/// must carry id `i + 1`. Requests left unanswered when the connection ends
-/// get an error answer too, so every index is reported exactly once.
-pub fn pipeline(
+/// Sends `count` documents, document `index` made by `make(index)` on the
+/// writer thread when its turn comes (or the title to show and the reason it
+/// could not be made); prints a line per document and the summary. Returns
+/// whether every document was stored.
+fn store_documents(
     config: &Config,
-    requests: Vec<Request>,
-    mut on_answer: impl FnMut(usize, &Answer),
-) -> Result<Vec<Answer>, Error> {
-    let count = requests.len();
-    let stream = crate::net::connect(
-        &config.balancer,
-        config.connect_timeout,
-        config.reply_timeout,
-    )
-    .map_err(|e| Error::Connect(config.balancer, e))?;
-    let write_half = stream.try_clone()?;
-    // Writing on its own thread: a long batch must not fill the socket
-    // buffers while nobody reads the replies.
-    let writer = thread::Builder::new()
-        .name("client-writer".into())
-        .spawn(move || write_requests(write_half, requests))?;
-
-    let mut answers: Vec<Option<Answer>> = vec![None; count];
-    let mut answered = 0;
-    let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
-    let mut end_reason = None;
-    while answered < count {
-        let reply = match reader.message::<Reply>() {
-            Ok(Some(Ok(reply))) => reply,
-            Ok(Some(Err(e))) => {
-                end_reason = Some(format!("unreadable reply from the balancer: {e}"));
-                break;
-            }
-            Ok(None) => break,
-            Err(e) => {
-                end_reason = Some(format!("connection to the balancer failed: {e}"));
-                break;
-            }
-        };
-        let answer = match reply {
-            Reply::Error(e) if e.id.is_none() => {
-                // An error not tied to a request ends the connection.
-                end_reason = Some(format!(
-                    "balancer closed the connection: {}: {}",
-                    e.code, e.message
-                ));
-                break;
-            }
-            Reply::Error(e) => Err(e),
-            other => Ok(other),
-        };
-        let id = match &answer {
-            Ok(reply) => reply.id(),
-            Err(e) => e.id,
-        };
-        let Some(index) = id.and_then(|id| id.checked_sub(1)).map(|i| i as usize) else {
-            continue;
-        };
-        let Some(slot) = answers.get_mut(index) else {
-            continue; // not one of ours
-        };
-        if slot.is_none() {
-            on_answer(index, &answer);
-            *slot = Some(answer);
-            answered += 1;
-        }
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    let _ = writer.join();
-    let reason = end_reason.unwrap_or_else(|| "connection closed before a reply arrived".into());
-    Ok(answers
-        .into_iter()
-        .enumerate()
-        .map(|(i, a)| {
-            a.unwrap_or_else(|| {
-                let failed = Err(unexpected(&reason));
-                on_answer(i, &failed);
-                failed
-            })
-        })
-        .collect())
-}
-
-/// Sends documents on one connection and calls `on_outcome(index, outcome)`
-/// as each one is acknowledged or fails.
-pub fn send_documents(
-    config: &Config,
-    docs: Vec<Document>,
-    mut on_outcome: impl FnMut(usize, &Outcome),
-) -> Result<Vec<Outcome>, Error> {
-    let requests = docs
-        .into_iter()
-        .enumerate()
-        .map(|(i, doc)| {
-            Request::Store(StoreRequest {
-                id: i as u64 + 1,
+    count: u64,
+    mut make: impl FnMut(u64) -> Result<Document, (String, String)> + Send + 'static,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    writeln!(out, "sending {count} documents to {}", config.balancer)?;
+    // Only the title of an outstanding document is kept, to print its line.
+    let make_request = move |id: u64| {
+        make(id - 1).map(|doc| {
+            let title = doc.title.clone();
+            let request = Request::Store(StoreRequest {
+                id,
                 doc,
                 request_number: None,
                 not_after_ms: None,
-            })
+            });
+            (request, title)
         })
-        .collect();
-    let to_outcome = |answer: &Answer| match answer {
-        Ok(Reply::Stored(s)) => Ok(s.clone()),
-        Ok(other) => Err(unexpected(&format!("unexpected reply {other:?}"))),
-        Err(e) => Err(e.clone()),
     };
-    let answers = pipeline(config, requests, |i, answer| {
-        on_outcome(i, &to_outcome(answer))
+    let mut printer = Printer::new(out);
+    let note = pipeline::run(config, count, make_request, |id, title, fate| {
+        let (line, verdict) = report::describe(id - 1, count, title.as_deref(), &fate);
+        printer.line(&line, verdict);
     })?;
-    Ok(answers.iter().map(to_outcome).collect())
+    printer.finish(note, "documents", "stored")
 }
 
-fn unexpected(message: &str) -> ErrorReply {
-    ErrorReply {
-        id: None,
-        code: proto::ErrorCode::Internal,
-        message: message.to_string(),
-    }
+/// Sends the given files, each read when its turn comes; a file that cannot
+/// be read or is not a document is reported as failed and not sent. Prints
+/// a line per document and a summary; returns whether every document was
+/// stored.
+pub fn send_files(
+    config: &Config,
+    files: Vec<PathBuf>,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    let count = files.len() as u64;
+    let make = move |index: u64| {
+        let path = &files[index as usize];
+        load_document(path).map_err(|e| (path.display().to_string(), e.to_string()))
+    };
+    store_documents(config, count, make, out)
 }
 
-fn write_requests(stream: TcpStream, requests: Vec<Request>) {
-    let mut writer = FrameWriter::new(stream);
-    for request in requests {
-        // A failed write shows up on the reading side.
-        if writer.message(&request).is_err() {
-            return;
-        }
-    }
-}
-
-/// One line per document, as printed to the user.
-pub fn describe(index: usize, total: usize, title: &str, outcome: &Outcome) -> String {
-    let width = total.to_string().len();
-    let title = proto::truncate(title, 60);
-    match outcome {
-        Ok(s) => format!(
-            "  ok    [{:>width$}/{total}] \"{title}\" -> server {}, request #{}, stored as {}, {} letters A",
-            index + 1,
-            s.server,
-            s.request_number,
-            s.file,
-            s.a_count
-        ),
-        Err(e) => format!(
-            "  FAIL  [{:>width$}/{total}] \"{title}\": {}: {}",
-            index + 1,
-            e.code,
-            e.message
-        ),
-    }
-}
-
-/// The closing summary: counts, and documents per server.
-pub fn summary(outcomes: &[Outcome]) -> String {
-    let stored = outcomes.iter().filter(|o| o.is_ok()).count();
-    let mut per_server: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in outcomes.iter().flatten() {
-        *per_server.entry(s.server.as_str()).or_default() += 1;
-    }
-    let mut text = format!(
-        "{} documents: {stored} stored, {} failed",
-        outcomes.len(),
-        outcomes.len() - stored
-    );
-    if !per_server.is_empty() {
-        let spread: Vec<String> = per_server
-            .iter()
-            .map(|(s, n)| format!("{s}: {n}"))
-            .collect();
-        text.push_str(&format!(" (per server: {})", spread.join(", ")));
-    }
-    text
-}
-
-/// Sends the given files and prints a line per document and a summary.
-/// Returns whether every document was stored.
-pub fn send_files(config: &Config, files: &[PathBuf], out: &mut impl Write) -> Result<bool, Error> {
-    let docs = files
-        .iter()
-        .map(|p| load_document(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let titles: Vec<String> = docs.iter().map(|d| d.title.clone()).collect();
-    let total = docs.len();
-    writeln!(out, "sending {total} documents to {}", config.balancer)?;
-    let mut write_err = None;
-    let outcomes = send_documents(config, docs, |i, outcome| {
-        if let Err(e) = writeln!(out, "{}", describe(i, total, &titles[i], outcome)) {
-            write_err.get_or_insert(e);
-        }
-    })?;
-    if let Some(e) = write_err {
-        return Err(e.into());
-    }
-    writeln!(out, "{}", summary(&outcomes))?;
-    Ok(outcomes.iter().all(|o| o.is_ok()))
-}
-
-/// One line per computation, as printed to the user.
-pub fn describe_calc(index: usize, total: usize, answer: &Answer) -> String {
-    let width = total.to_string().len();
-    let n = index + 1;
-    match answer {
-        Ok(Reply::Calc(c)) => format!(
-            "  ok    [{n:>width$}/{total}] {} {} {} = {} ({}) computed by server {}",
-            c.a,
-            c.operation.symbol(),
-            c.b,
-            c.result,
-            c.operation,
-            c.server
-        ),
-        Ok(other) => format!("  FAIL  [{n:>width$}/{total}] unexpected reply {other:?}"),
-        Err(e) => format!("  FAIL  [{n:>width$}/{total}] {}: {}", e.code, e.message),
-    }
+/// Sends `n` documents, each a sample from the documents folder picked at
+/// random when its turn comes.
+pub fn ftp(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error> {
+    let samples = load_samples(&config.documents)?;
+    let mut rng = StdRng::from_entropy();
+    let make = move |_| {
+        samples
+            .choose(&mut rng)
+            .cloned()
+            .ok_or_else(|| (String::new(), "no sample documents".to_string()))
+    };
+    store_documents(config, n, make, out)
 }
 
 /// Sends `n` compute requests with operations drawn at random and prints
 /// each result with the server that computed it. Returns whether all
 /// succeeded.
-pub fn calc(config: &Config, n: usize, out: &mut impl Write) -> Result<bool, Error> {
-    let mut rng = rand::thread_rng();
-    let requests = (0..n)
-        .map(|i| Request::Calc {
-            id: i as u64 + 1,
-            operation: *proto::Operation::ALL
-                .choose(&mut rng)
-                .expect("four operations"),
-        })
-        .collect();
+pub fn calc(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error> {
     writeln!(out, "sending {n} compute requests to {}", config.balancer)?;
-    let mut write_err = None;
-    let answers = pipeline(config, requests, |i, answer| {
-        if let Err(e) = writeln!(out, "{}", describe_calc(i, n, answer)) {
-            write_err.get_or_insert(e);
-        }
+    let mut rng = StdRng::from_entropy();
+    let make = move |id| {
+        let operation = Operation::ALL[rng.gen_range(0..Operation::ALL.len())];
+        Ok((Request::Calc { id, operation }, ()))
+    };
+    let mut printer = Printer::new(out);
+    let note = pipeline::run(config, n, make, |id, _, fate| {
+        let (line, verdict) = report::describe_calc(id - 1, n, &fate);
+        printer.line(&line, verdict);
     })?;
-    if let Some(e) = write_err {
-        return Err(e.into());
-    }
-    let mut per_server: BTreeMap<&str, usize> = BTreeMap::new();
-    for answer in &answers {
-        if let Ok(Reply::Calc(c)) = answer {
-            *per_server.entry(c.server.as_str()).or_default() += 1;
-        }
-    }
-    let done: usize = per_server.values().sum();
-    let spread: Vec<String> = per_server
-        .iter()
-        .map(|(s, n)| format!("{s}: {n}"))
-        .collect();
-    writeln!(
-        out,
-        "{n} requests: {done} computed, {} failed (per server: {})",
-        n - done,
-        spread.join(", ")
-    )?;
-    Ok(done == n)
+    printer.finish(note, "requests", "computed")
 }
 
-/// Sends `n` documents picked at random from the documents folder.
-pub fn ftp(config: &Config, n: usize, out: &mut impl Write) -> Result<bool, Error> {
-    let files = list_documents(&config.documents)?;
-    send_files(config, &pick_random(&files, n), out)
+/// Prints a line per request as it is reported and keeps the counts.
+struct Printer<'a, W: Write> {
+    out: &'a mut W,
+    tally: Tally,
+    /// The first failed write; the run goes on (documents are still being
+    /// stored) and the error is returned at the end.
+    write_err: Option<io::Error>,
+}
+
+impl<'a, W: Write> Printer<'a, W> {
+    fn new(out: &'a mut W) -> Self {
+        Printer {
+            out,
+            tally: Tally::default(),
+            write_err: None,
+        }
+    }
+
+    fn line(&mut self, line: &str, verdict: Verdict<'_>) {
+        self.tally.add(verdict);
+        if self.write_err.is_none() {
+            self.write_err = writeln!(self.out, "{line}").err();
+        }
+    }
+
+    /// Prints how the connection ended early (if it did) and the summary;
+    /// returns whether every request was done.
+    fn finish(self, note: Option<String>, noun: &str, verb: &str) -> Result<bool, Error> {
+        if let Some(e) = self.write_err {
+            return Err(e.into());
+        }
+        if let Some(note) = note {
+            writeln!(self.out, "connection ended early: {note}")?;
+        }
+        writeln!(self.out, "{}", self.tally.summary(noun, verb))?;
+        Ok(self.tally.all_done())
+    }
 }
 
 const HELP: &str = "commands:
@@ -425,7 +282,7 @@ pub fn interactive(
                 let Some(answer) = prompt(input, out, question)? else {
                     break;
                 };
-                let n = match answer.parse::<usize>() {
+                let n = match answer.parse::<u64>() {
                     Ok(n) if n > 0 => n,
                     _ => {
                         writeln!(
@@ -436,7 +293,7 @@ pub fn interactive(
                     }
                 };
                 let result = if command == "ftp" {
-                    send_files(config, &pick_random(&files, n), out)
+                    ftp(config, n, out)
                 } else {
                     calc(config, n, out)
                 };
@@ -474,51 +331,38 @@ fn prompt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{ErrorCode, Stored};
-
-    fn stored(server: &str, n: u64) -> Outcome {
-        Ok(Stored {
-            id: n,
-            server: server.into(),
-            request_number: n,
-            file: format!("{n}_x.json"),
-            a_count: 2,
-            existing: false,
-        })
-    }
-
-    #[test]
-    fn summary_counts_per_server() {
-        let outcomes = vec![
-            stored("s1", 1),
-            stored("s2", 2),
-            stored("s1", 3),
-            Err(ErrorReply {
-                id: Some(4),
-                code: ErrorCode::NoServer,
-                message: "none".into(),
-            }),
-        ];
-        assert_eq!(
-            summary(&outcomes),
-            "4 documents: 3 stored, 1 failed (per server: s1: 2, s2: 1)"
-        );
-    }
-
-    #[test]
-    fn describe_lines() {
-        let line = describe(0, 12, "Città", &stored("127.0.0.1:5001", 9));
-        assert_eq!(
-            line,
-            "  ok    [ 1/12] \"Città\" -> server 127.0.0.1:5001, request #9, stored as 9_x.json, 2 letters A"
-        );
-    }
 
     #[test]
     fn empty_folder_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let err = list_documents(dir.path()).unwrap_err();
         assert!(err.to_string().contains("has no .json documents"), "{err}");
+    }
+
+    #[test]
+    fn samples_are_loaded_once_each_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.json"),
+            r#"{"titolo":"b","contenuto":"2"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("a.json"),
+            r#"{"titolo":"a","contenuto":"1"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a document").unwrap();
+        let titles: Vec<String> = load_samples(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|d| d.title)
+            .collect();
+        assert_eq!(titles, ["a", "b"]);
+
+        std::fs::write(dir.path().join("c.json"), r#"{"titolo":"c"}"#).unwrap();
+        let err = load_samples(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("c.json") && err.contains("contenuto"), "{err}");
     }
 
     #[test]

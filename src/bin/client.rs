@@ -10,7 +10,10 @@ use std::time::Duration;
 
 /// Client: sends documents to the balancer and shows where each one was
 /// stored. Without a command it starts an interactive prompt (commands FTP
-/// and exit). Exits 0 only when every document sent was stored.
+/// and exit). At most --window requests are unanswered at a time, so any
+/// count runs in the same memory. Exits 0 only when every document sent was
+/// stored (or every computation done): a failed or unknown one (the
+/// connection closed before its answer) makes the exit code 1.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -23,6 +26,10 @@ struct Args {
     /// How long to wait for each reply.
     #[arg(long, global = true, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Requests sent and not yet answered, at most (ftp, send, calc).
+    #[arg(long, global = true, default_value_t = client::DEFAULT_WINDOW,
+          value_parser = parse_window)]
+    window: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -63,20 +70,28 @@ enum Command {
     },
 }
 
+fn parse_window(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = Config {
         balancer: args.balancer,
         documents: args.documents,
         reply_timeout: args.timeout,
+        window: args.window,
         ..Config::default()
     };
     let mut out = io::stdout().lock();
     let result = match args.command {
         None => client::interactive(&config, &mut io::stdin().lock(), &mut out),
-        Some(Command::Ftp { count }) => client::ftp(&config, count as usize, &mut out),
-        Some(Command::Send { paths }) => client::send_files(&config, &paths, &mut out),
-        Some(Command::Calc { count }) => client::calc(&config, count as usize, &mut out),
+        Some(Command::Ftp { count }) => client::ftp(&config, count, &mut out),
+        Some(Command::Send { paths }) => client::send_files(&config, paths, &mut out),
+        Some(Command::Calc { count }) => client::calc(&config, count, &mut out),
         Some(Command::Status {
             watch,
             interval,
