@@ -72,7 +72,7 @@ struct Args {
     max_attempts: u32,
     /// Requests on the wire to one server at once (one persistent
     /// connection each); more wait in the queue.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     max_in_flight: usize,
     /// Largest frame accepted (e.g. 8MiB).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
