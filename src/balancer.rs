@@ -127,9 +127,6 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn bind(config: Config) -> Result<Balancer, Error> {
-        if config.servers.is_empty() {
-            return Err(Error::Config("no storage servers configured".into()));
-        }
         if config.max_attempts == 0 || config.max_in_flight == 0 || config.client_window == 0 {
             return Err(Error::Config(
                 "--max-attempts, --max-in-flight and --client-window must be at least 1".into(),
@@ -206,24 +203,23 @@ impl Balancer {
             max_frame: config.max_frame,
             wire: config.backend_wire,
         };
-        let mut links = Vec::new();
-        let mut servers = Vec::new();
-        for (index, backend) in config.servers.iter().enumerate() {
-            let id = ServerId(index as u32);
-            let (link, workers) = link::spawn(
-                id,
-                backend.addr,
-                config.max_in_flight,
-                events_tx.clone(),
-                backend_settings,
-                stats.clone(),
-            )?;
-            threads.extend(workers);
-            links.push((id, backend.name.clone(), link));
-            servers.push((id, backend.addr));
+        let link_threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let spawner = link::Spawner {
+            workers: config.max_in_flight,
+            events: events_tx.clone(),
+            settings: backend_settings,
+            stats: stats.clone(),
+            threads: link_threads.clone(),
+        };
+        if config.servers.is_empty() {
+            log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
         }
+        let roster = monitor::Roster::default();
+        let addrs: Vec<SocketAddr> = config.servers.iter().map(|b| b.addr).collect();
         let dispatcher = Dispatcher::new(
-            links,
+            &addrs,
+            Box::new(spawner),
+            roster.clone(),
             Box::<RoundRobin>::default(),
             ids::Generator::new(ids::Source::Balancer, node),
             Settings {
@@ -234,7 +230,7 @@ impl Balancer {
                 forget: config.backend_wire == BackendWire::Framed,
             },
             stats.clone(),
-        );
+        )?;
         // The monitor runs as long as the dispatcher: it needs health news
         // while draining, and stops when this sender drops with it.
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
@@ -244,8 +240,8 @@ impl Balancer {
             dispatcher.run(jobs_rx, events_rx, dispatcher_stop)
         })?);
         threads.push(monitor::spawn(
-            servers,
-            events_tx,
+            roster,
+            events_tx.clone(),
             config.check_interval,
             backend_settings,
             stats.clone(),
@@ -255,6 +251,7 @@ impl Balancer {
         let accept = Acceptor {
             listener: self.listener,
             jobs: jobs_tx,
+            events: events_tx,
             stats,
             budget: flow::Budget::new(config.max_queued_bytes),
             settings: conn::ConnSettings {
@@ -273,6 +270,7 @@ impl Balancer {
             addr,
             stopper: Stopper::new(addr, metrics_addr, stop_tx),
             threads,
+            link_threads,
         })
     }
 
@@ -322,6 +320,8 @@ pub struct Handle {
     addr: SocketAddr,
     stopper: Stopper,
     threads: Vec<JoinHandle<()>>,
+    /// The links' workers, started as servers join.
+    link_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl Handle {
@@ -339,12 +339,17 @@ impl Handle {
 
     /// Waits for every thread of the balancer to end (after a shutdown).
     pub fn join(self) {
-        for thread in self.threads {
+        let join = |thread: JoinHandle<()>| {
             let name = thread.thread().name().unwrap_or("?").to_string();
             if thread.join().is_err() {
                 log::error!("balancer thread {name} panicked");
             }
-        }
+        };
+        self.threads.into_iter().for_each(join);
+        // The dispatcher was among those: no link starts any more.
+        std::mem::take(&mut *net::lock(&self.link_threads))
+            .into_iter()
+            .for_each(join);
         log::info!("balancer on {} stopped", self.addr);
     }
 }
@@ -353,6 +358,7 @@ impl Handle {
 struct Acceptor {
     listener: TcpListener,
     jobs: Sender<dispatch::Job>,
+    events: Sender<dispatch::Event>,
     stats: Arc<stats::Stats>,
     budget: Arc<flow::Budget>,
     settings: conn::ConnSettings,
@@ -364,6 +370,7 @@ impl Acceptor {
         let Acceptor {
             listener,
             jobs,
+            events,
             stats,
             budget,
             settings,
@@ -378,6 +385,7 @@ impl Acceptor {
                 let conn = conn::Conn {
                     peer,
                     jobs: jobs.clone(),
+                    events: events.clone(),
                     settings,
                     stats: stats.clone(),
                     budget: budget.clone(),

@@ -22,6 +22,16 @@ pub fn connect(
     Ok(stream)
 }
 
+/// An address from text: `IP:PORT` or `HOST:PORT` (the first address the
+/// name resolves to).
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()
+        .map_err(|e| format!("`{text}` is not an address (HOST:PORT): {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{text}` resolves to no address"))
+}
+
 /// Read and write timeouts, no Nagle delay (requests are small and
 /// latency-bound).
 pub fn prepare(stream: &TcpStream, io_timeout: Duration) -> io::Result<()> {
@@ -214,7 +224,7 @@ impl Drop for Registration {
 }
 
 /// Joins the threads that have ended; returns how many panicked.
-fn join_finished(workers: &mut Vec<JoinHandle<()>>) -> usize {
+pub fn join_finished(workers: &mut Vec<JoinHandle<()>>) -> usize {
     let (done, running): (Vec<_>, Vec<_>) = std::mem::take(workers)
         .into_iter()
         .partition(|w| w.is_finished());

@@ -390,10 +390,15 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             })
         }
         Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
-        Request::Servers { id } => Reply::error(
+        Request::Servers { id }
+        | Request::Register { id, .. }
+        | Request::Deregister { id, .. }
+        | Request::AddServer { id, .. }
+        | Request::DrainServer { id, .. }
+        | Request::RemoveServer { id, .. } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,
-            "`servers` is answered by the balancer, not by storage servers",
+            "this request is for the balancer, not for storage servers",
         ),
     }
 }

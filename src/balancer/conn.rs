@@ -12,7 +12,7 @@
 //! is shutting down it then sends one last `shutting_down` error without an
 //! id: every request the client sent after the ones answered was not read.
 
-use super::dispatch::{Job, Work};
+use super::dispatch::{Change, Event, Job, Work};
 use super::flow::{Budget, Hold, Window};
 use super::stats::Stats;
 use crate::net::{self, Wire};
@@ -43,6 +43,8 @@ pub struct ConnSettings {
 pub struct Conn {
     pub peer: SocketAddr,
     pub jobs: Sender<Job>,
+    /// Membership requests go to the dispatcher as events.
+    pub events: Sender<Event>,
     pub settings: ConnSettings,
     pub stats: Arc<Stats>,
     pub budget: Arc<Budget>,
@@ -151,6 +153,7 @@ impl Conn {
             };
             drop(payload);
             received += 1;
+            let request_kind = request.kind();
             let (id, work) = match request {
                 Request::Store(store) => {
                     log::debug!(
@@ -171,6 +174,14 @@ impl Conn {
                         servers: self.stats.views(),
                     };
                     let _ = replies.send(Reply::Servers(list));
+                    continue;
+                }
+                Request::Register { id, addr }
+                | Request::Deregister { id, addr }
+                | Request::AddServer { id, addr }
+                | Request::DrainServer { id, addr }
+                | Request::RemoveServer { id, addr } => {
+                    self.membership(request_kind, id, &addr, replies);
                     continue;
                 }
                 Request::Forget { id, .. } => {
@@ -197,6 +208,37 @@ impl Conn {
             if !self.enqueue(id, work, replies.clone(), hold) {
                 return received;
             }
+        }
+    }
+
+    /// Hands a membership request to the dispatcher, which answers it.
+    fn membership(&self, kind: &str, id: u64, addr: &str, replies: &Sender<Reply>) {
+        let addr = match crate::net::resolve(addr) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = replies.send(Reply::error(Some(id), ErrorCode::BadRequest, e));
+                return;
+            }
+        };
+        let change = match kind {
+            "register" => Change::Register(addr),
+            "deregister" => Change::Deregister(addr),
+            "add_server" => Change::Add(addr),
+            "drain_server" => Change::Drain(addr),
+            _ => Change::Remove(addr),
+        };
+        log::info!("{kind} {addr} from {}", self.peer);
+        let event = Event::Membership {
+            change,
+            id,
+            reply: replies.clone(),
+        };
+        if self.events.send(event).is_err() {
+            let _ = replies.send(Reply::error(
+                Some(id),
+                ErrorCode::ShuttingDown,
+                "the balancer is shutting down",
+            ));
         }
     }
 

@@ -15,12 +15,18 @@
 //! it is stored on another one, each of those is told to `forget` it as
 //! soon as it is up again.
 //!
+//! Membership (`membership.rs`): servers join (an operator's `add_server`,
+//! a server's `register`) and leave (`drain_server`, `deregister`: no new
+//! work, gone once their requests are done; `remove_server`: gone now, its
+//! requests retried elsewhere) while everything runs.
+//!
 //! Shutting down: when `stop` disconnects (or every job sender is gone),
 //! the queue and the requests on the wire are finished until
 //! `--drain-timeout`; what is left then gets a `shutting_down` reply.
 
 use super::flow::Hold;
-use super::link::LinkHandle;
+use super::link::{LinkHandle, LinkSpawner};
+use super::monitor::Roster;
 use super::stats::Stats;
 use super::ServerId;
 use crate::health::{Health, Observation, State};
@@ -33,6 +39,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod membership;
+pub use membership::Change;
 
 /// Most jobs held waiting for a server; past this the dispatcher stops
 /// taking new jobs and connection threads wait (the byte budget and the
@@ -161,6 +170,12 @@ pub enum Event {
         numbers: Vec<u64>,
         ok: bool,
     },
+    /// A server joins or leaves; the answer goes to `reply` with `id`.
+    Membership {
+        change: Change,
+        id: u64,
+        reply: Sender<Reply>,
+    },
     /// A link could not complete a job; it goes back to the queue.
     Retry {
         server: ServerId,
@@ -177,7 +192,10 @@ pub enum Event {
 /// The dispatcher's view of one server.
 struct Slot {
     name: String,
+    addr: SocketAddr,
     health: Health,
+    /// Leaving once its requests in flight are done; whom to tell then.
+    draining: Option<Vec<(u64, Sender<Reply>)>>,
     /// Jobs handed to its link and not yet answered.
     in_flight: usize,
     link: LinkHandle,
@@ -198,6 +216,14 @@ pub struct Settings {
 
 pub struct Dispatcher {
     slots: BTreeMap<ServerId, Slot>,
+    /// Starts links for servers that join.
+    links: Box<dyn LinkSpawner>,
+    /// The servers the monitor probes: the slots' ids and addresses.
+    roster: Roster,
+    next_server: u32,
+    /// Addresses an operator drained or removed: their heartbeats do not
+    /// bring them back; `add_server` does.
+    banned: BTreeSet<SocketAddr>,
     policy: Box<dyn Policy>,
     waiting: VecDeque<Job>,
     numbers: ids::Generator,
@@ -213,29 +239,22 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// A dispatcher over `servers` (more may join later).
     pub fn new(
-        links: Vec<(ServerId, String, LinkHandle)>,
+        servers: &[SocketAddr],
+        links: Box<dyn LinkSpawner>,
+        roster: Roster,
         policy: Box<dyn Policy>,
         numbers: ids::Generator,
         settings: Settings,
         stats: Arc<Stats>,
-    ) -> Self {
-        let slots = links
-            .into_iter()
-            .map(|(id, name, link)| {
-                let slot = Slot {
-                    name,
-                    health: Health::default(),
-                    in_flight: 0,
-                    link,
-                    forget: BTreeSet::new(),
-                    forget_in_flight: false,
-                };
-                (id, slot)
-            })
-            .collect();
-        Dispatcher {
-            slots,
+    ) -> std::io::Result<Self> {
+        let mut d = Dispatcher {
+            slots: BTreeMap::new(),
+            links,
+            roster,
+            next_server: 0,
+            banned: BTreeSet::new(),
             policy,
             waiting: VecDeque::new(),
             numbers,
@@ -245,7 +264,11 @@ impl Dispatcher {
             next_expiry: None,
             drain_deadline: None,
             aborted: false,
+        };
+        for addr in servers {
+            d.add_slot(*addr)?;
         }
+        Ok(d)
     }
 
     /// Runs until shut down (`stop` disconnected, or every job sender gone)
@@ -424,6 +447,7 @@ impl Dispatcher {
             .iter()
             .map(|(id, s)| Candidate {
                 eligible: s.health.accepts_requests()
+                    && s.draining.is_none()
                     && s.in_flight < self.settings.max_in_flight
                     && !avoid.contains(id),
                 in_flight: s.in_flight,
@@ -435,10 +459,9 @@ impl Dispatcher {
     /// take it now.
     fn try_dispatch(&mut self, mut job: Job) -> Option<Job> {
         let mut candidates = self.candidates(&job.tried);
-        let untried_up = self
-            .slots
-            .iter()
-            .any(|(id, s)| s.health.accepts_requests() && !job.tried.contains(id));
+        let untried_up = self.slots.iter().any(|(id, s)| {
+            s.health.accepts_requests() && s.draining.is_none() && !job.tried.contains(id)
+        });
         if !untried_up {
             // Every server not yet tried is down or overloaded: trying one
             // again beats waiting. (One that is up but busy is worth the
@@ -535,6 +558,7 @@ impl Dispatcher {
                     }
                 }
             }
+            Event::Membership { change, id, reply } => self.change_membership(change, id, reply),
             Event::Retry {
                 server,
                 job,
@@ -601,6 +625,9 @@ impl Dispatcher {
                 .server(server)
                 .in_flight
                 .store(slot.in_flight as u64, Relaxed);
+            if slot.in_flight == 0 && slot.draining.is_some() {
+                self.remove_slot(server, "drained");
+            }
         }
     }
 
@@ -653,7 +680,10 @@ impl Dispatcher {
     }
 
     fn update_outage(&mut self) {
-        let available = self.slots.values().any(|s| s.health.accepts_requests());
+        let available = self
+            .slots
+            .values()
+            .any(|s| s.health.accepts_requests() && s.draining.is_none());
         match (available, self.outage_since) {
             (true, Some(_)) => {
                 self.outage_since = None;
@@ -769,27 +799,53 @@ mod tests {
         jobs: Receiver<Job>,
     }
 
-    fn setup(servers: usize, settings: Settings) -> (Dispatcher, Vec<FakeLink>) {
-        let stats = Arc::new(Stats::new((0..servers).map(|i| format!("s{i}"))));
-        let mut links = Vec::new();
-        let mut fakes = Vec::new();
-        for i in 0..servers {
+    /// Plays the links: every server that joins gets a channel the test
+    /// reads.
+    #[derive(Clone, Default)]
+    struct FakeSpawner(Arc<std::sync::Mutex<Vec<Receiver<Job>>>>);
+
+    impl LinkSpawner for FakeSpawner {
+        fn spawn(&mut self, _: ServerId, _: SocketAddr) -> std::io::Result<LinkHandle> {
             let (tx, rx) = crossbeam_channel::unbounded();
-            links.push((
-                ServerId(i as u32),
-                format!("s{i}"),
-                LinkHandle::detached(tx, rx.clone()),
-            ));
-            fakes.push(FakeLink { jobs: rx });
+            self.0.lock().unwrap().push(rx.clone());
+            Ok(LinkHandle::detached(tx, rx))
         }
+    }
+
+    impl FakeSpawner {
+        fn links(&self) -> Vec<FakeLink> {
+            let links = self.0.lock().unwrap();
+            links
+                .iter()
+                .map(|rx| FakeLink { jobs: rx.clone() })
+                .collect()
+        }
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 5001 + i as u16))
+    }
+
+    fn setup_with(servers: usize, settings: Settings) -> (Dispatcher, FakeSpawner) {
+        let stats = Arc::new(Stats::default());
+        let spawner = FakeSpawner::default();
+        let addrs: Vec<SocketAddr> = (0..servers).map(addr).collect();
         let d = Dispatcher::new(
-            links,
+            &addrs,
+            Box::new(spawner.clone()),
+            Roster::default(),
             Box::<RoundRobin>::default(),
             ids::Generator::new(ids::Source::Balancer, 1),
             settings,
             stats,
-        );
-        (d, fakes)
+        )
+        .unwrap();
+        (d, spawner)
+    }
+
+    fn setup(servers: usize, settings: Settings) -> (Dispatcher, Vec<FakeLink>) {
+        let (d, spawner) = setup_with(servers, settings);
+        (d, spawner.links())
     }
 
     fn settings() -> Settings {
@@ -1050,5 +1106,113 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(d.is_idle());
+    }
+
+    fn change(d: &mut Dispatcher, change: Change) -> Reply {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        d.on_event(Event::Membership {
+            change,
+            id: 7,
+            reply: tx,
+        });
+        rx.try_recv().expect("answered at once")
+    }
+
+    #[test]
+    fn a_server_added_at_run_time_takes_work_once_up() {
+        let (mut d, spawner) = setup_with(1, settings());
+        all_up(&mut d, 1);
+        match change(&mut d, Change::Add(addr(1))) {
+            Reply::Membership { id: 7, message } => assert!(message.contains("joined")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            change(&mut d, Change::Add(addr(1))),
+            Reply::Error(e) if e.message.contains("already in the pool")
+        ));
+        // Registering again is the server's heartbeat: fine.
+        assert!(matches!(
+            change(&mut d, Change::Register(addr(1))),
+            Reply::Membership { .. }
+        ));
+        all_up(&mut d, 2);
+        for i in 0..4 {
+            d.submit(job(i).0);
+        }
+        let links = spawner.links();
+        assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 2));
+        assert_eq!(crate::net::lock(&d.roster).len(), 2);
+    }
+
+    #[test]
+    fn a_draining_server_gets_nothing_new_and_leaves_when_done() {
+        let (mut d, links) = setup(2, settings());
+        all_up(&mut d, 2);
+        d.submit(job(1).0);
+        let on_first = links[0].jobs.recv().unwrap();
+        // The server itself leaves: the answer waits until it is idle.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        d.on_event(Event::Membership {
+            change: Change::Deregister(addr(0)),
+            id: 9,
+            reply: tx,
+        });
+        assert!(rx.is_empty());
+        d.submit(job(2).0);
+        d.submit(job(3).0);
+        assert!(links[0].jobs.is_empty());
+        assert_eq!(links[1].jobs.len(), 2);
+        done(&mut d, 0, &on_first);
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            Reply::Membership { id: 9, .. }
+        ));
+        assert_eq!(d.slots.len(), 1);
+        assert_eq!(crate::net::lock(&d.roster).len(), 1);
+    }
+
+    #[test]
+    fn a_removed_server_gives_its_work_back_and_stays_out() {
+        let (mut d, links) = setup(
+            2,
+            Settings {
+                max_in_flight: 4,
+                ..settings()
+            },
+        );
+        probe(&mut d, 0, Observation::ProbeOk { overloaded: false });
+        for i in 0..3 {
+            d.submit(job(i).0);
+        }
+        let first = links[0].jobs.recv().unwrap();
+        assert!(matches!(
+            change(&mut d, Change::Remove(addr(0))),
+            Reply::Membership { .. }
+        ));
+        // Not yet sent: back in the queue; the one on the wire comes back
+        // from its cut connection.
+        assert_eq!(d.waiting.len(), 2);
+        d.on_event(Event::Retry {
+            server: ServerId(0),
+            job: Box::new(first),
+            reason: "cut".into(),
+            link_failed: true,
+            delivered: true,
+        });
+        assert_eq!(d.waiting.len(), 3);
+        probe(&mut d, 1, Observation::ProbeOk { overloaded: false });
+        assert_eq!(links[1].jobs.len(), 3);
+        assert!(matches!(
+            change(&mut d, Change::Register(addr(0))),
+            Reply::Error(e) if e.message.contains("client admin add")
+        ));
+        assert!(matches!(
+            change(&mut d, Change::Drain(addr(0))),
+            Reply::Error(e) if e.message.contains("not in the pool")
+        ));
+        assert!(matches!(
+            change(&mut d, Change::Add(addr(0))),
+            Reply::Membership { .. }
+        ));
     }
 }

@@ -15,7 +15,7 @@ use crate::proto::Reply;
 use crossbeam_channel::{Receiver, Sender};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// Workers have small stacks: replies from servers are small and shallow.
@@ -47,6 +47,38 @@ impl LinkHandle {
     }
 }
 
+/// Starts links for servers as they join the pool; the threads it starts
+/// are kept in `threads` for the balancer to join.
+pub trait LinkSpawner: Send {
+    fn spawn(&mut self, server: ServerId, addr: SocketAddr) -> std::io::Result<LinkHandle>;
+}
+
+pub struct Spawner {
+    pub workers: usize,
+    pub events: Sender<Event>,
+    pub settings: BackendSettings,
+    pub stats: Arc<Stats>,
+    pub threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl LinkSpawner for Spawner {
+    fn spawn(&mut self, server: ServerId, addr: SocketAddr) -> std::io::Result<LinkHandle> {
+        let (handle, threads) = spawn(
+            server,
+            addr,
+            self.workers,
+            self.events.clone(),
+            self.settings,
+            self.stats.clone(),
+        )?;
+        let mut all = crate::net::lock(&self.threads);
+        // Links of servers that left end on their own.
+        crate::net::join_finished(&mut all);
+        all.extend(threads);
+        Ok(handle)
+    }
+}
+
 /// Starts the workers of one server's link. They stop when the dispatcher
 /// drops the handle (the job channel disconnects).
 pub fn spawn(
@@ -72,7 +104,7 @@ pub fn spawn(
                 server_stats.requests.fetch_add(1, Relaxed);
                 let number = job.request_number.unwrap_or_default();
                 let result = backend.forward(number, &job.work);
-                let event = settle(server, job, result, server_stats, &stats);
+                let event = settle(server, job, result, &server_stats, &stats);
                 if events.send(event).is_err() {
                     return; // dispatcher gone: shutting down
                 }

@@ -12,12 +12,15 @@ use crate::net;
 use crate::proto::StatusReport;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The servers to probe, kept by the dispatcher as they join and leave.
+pub type Roster = Arc<Mutex<Vec<(ServerId, SocketAddr)>>>;
+
 pub fn spawn(
-    servers: Vec<(ServerId, SocketAddr)>,
+    roster: Roster,
     events: Sender<Event>,
     interval: Duration,
     settings: BackendSettings,
@@ -29,6 +32,7 @@ pub fn spawn(
         loop {
             let round_started = Instant::now();
             probe_id += 1;
+            let servers = crate::net::lock(&roster).clone();
             let results = probe_all(&servers, probe_id, settings);
             let mut observations = Vec::with_capacity(results.len());
             for ((id, _), (observation, report, took)) in servers.iter().zip(results) {

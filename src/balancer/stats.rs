@@ -3,11 +3,13 @@
 //! request and the Prometheus endpoint. Plain atomics; the one lock guards a
 //! server's last status report and is never held across I/O.
 
+use super::ServerId;
 use crate::health::State;
 use crate::proto::{ServerView, StatusReport};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -28,6 +30,8 @@ pub struct ServerStats {
     pub retries: AtomicU64,
     pub in_flight: AtomicU64,
     state: AtomicU8,
+    /// Taking no new work, leaving once its requests are done.
+    pub draining: AtomicBool,
     check_micros: AtomicU64,
     last_status: Mutex<Option<StatusReport>>,
 }
@@ -58,7 +62,11 @@ impl ServerStats {
         let check = self.check_micros.load(Relaxed);
         ServerView {
             name: self.name.clone(),
-            state: self.state().to_string(),
+            state: if self.draining.load(Relaxed) {
+                "draining".to_string()
+            } else {
+                self.state().to_string()
+            },
             in_flight: self.in_flight.load(Relaxed),
             status: crate::net::lock(&self.last_status).clone(),
             check_ms: (check > 0).then(|| check as f64 / 1000.0),
@@ -95,7 +103,8 @@ impl Histogram {
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub servers: Vec<ServerStats>,
+    /// By server id; servers come and go at run time.
+    servers: RwLock<BTreeMap<ServerId, Arc<ServerStats>>>,
     /// Requests received from clients.
     pub received: AtomicU64,
     /// Requests answered with an error after queueing (no server, failed
@@ -109,27 +118,42 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Stats for servers with ids 0, 1, 2... in the order given.
     pub fn new(names: impl IntoIterator<Item = String>) -> Stats {
-        Stats {
-            servers: names
-                .into_iter()
-                .map(|name| ServerStats {
-                    name,
-                    ..ServerStats::default()
-                })
-                .collect(),
-            ..Stats::default()
+        let stats = Stats::default();
+        for (i, name) in names.into_iter().enumerate() {
+            stats.add(ServerId(i as u32), name);
         }
+        stats
     }
 
-    /// The counters of one server. Ids are given in order at start, one
-    /// per configured server.
-    pub fn server(&self, id: super::ServerId) -> &ServerStats {
-        &self.servers[id.0 as usize]
+    /// Starts counting for a server that joined.
+    pub fn add(&self, id: ServerId, name: String) -> Arc<ServerStats> {
+        let server = Arc::new(ServerStats {
+            name,
+            ..ServerStats::default()
+        });
+        write(&self.servers).insert(id, server.clone());
+        server
+    }
+
+    /// Forgets a server that left.
+    pub fn remove(&self, id: ServerId) {
+        write(&self.servers).remove(&id);
+    }
+
+    /// The counters of one server (detached ones for a server that has
+    /// left, so late updates go nowhere).
+    pub fn server(&self, id: ServerId) -> Arc<ServerStats> {
+        read(&self.servers).get(&id).cloned().unwrap_or_default()
+    }
+
+    fn all(&self) -> Vec<Arc<ServerStats>> {
+        read(&self.servers).values().cloned().collect()
     }
 
     pub fn views(&self) -> Vec<ServerView> {
-        self.servers.iter().map(ServerStats::view).collect()
+        self.all().iter().map(|s| s.view()).collect()
     }
 
     /// The Prometheus text exposition format.
@@ -141,7 +165,7 @@ impl Stats {
                           help: &str,
                           value: &dyn Fn(&ServerStats) -> String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for s in &self.servers {
+            for s in &self.all() {
                 let _ = writeln!(
                     out,
                     "{name}{{server=\"{}\"}} {}",
@@ -267,6 +291,14 @@ fn escape_label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,8 +306,8 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let stats = Stats::new(["127.0.0.1:5001".to_string(), "b\"x".to_string()]);
-        stats.servers[0].requests.fetch_add(3, Relaxed);
-        stats.servers[0].set_state(State::Up);
+        stats.server(ServerId(0)).requests.fetch_add(3, Relaxed);
+        stats.server(ServerId(0)).set_state(State::Up);
         stats.queue_depth.store(2, Relaxed);
         stats.latency.observe(Duration::from_millis(3));
         stats.latency.observe(Duration::from_millis(700));
@@ -301,8 +333,8 @@ mod tests {
         let stats = Stats::new(["s".to_string()]);
         assert_eq!(stats.views()[0].state, "unknown");
         assert_eq!(stats.views()[0].check_ms, None);
-        stats.servers[0].set_state(State::Overloaded);
-        stats.servers[0].record_check(
+        stats.server(ServerId(0)).set_state(State::Overloaded);
+        stats.server(ServerId(0)).record_check(
             Duration::from_micros(1500),
             Some(StatusReport {
                 files_stored: 4,
@@ -310,7 +342,9 @@ mod tests {
             }),
         );
         // A failed probe keeps the last report.
-        stats.servers[0].record_check(Duration::from_micros(2500), None);
+        stats
+            .server(ServerId(0))
+            .record_check(Duration::from_micros(2500), None);
         let view = &stats.views()[0];
         assert_eq!(view.state, "overloaded");
         assert_eq!(view.check_ms, Some(2.5));

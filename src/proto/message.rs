@@ -175,22 +175,68 @@ pub enum Request {
     /// server (the balancer retried them after losing track of this one).
     /// The server moves its copies aside and never stores them again.
     Forget { id: u64, numbers: Vec<u64> },
+    /// A server joins the balancer's pool (or says it is still there: it
+    /// repeats this as its heartbeat). `addr` is where it takes requests.
+    Register { id: u64, addr: String },
+    /// A server leaves: the balancer sends it no new work and answers once
+    /// the server's requests in flight are done.
+    Deregister { id: u64, addr: String },
+    /// An operator adds a server to the pool.
+    AddServer { id: u64, addr: String },
+    /// An operator drains a server: no new work; it leaves once its
+    /// requests in flight are done.
+    DrainServer { id: u64, addr: String },
+    /// An operator removes a server now; its requests in flight go to
+    /// other servers.
+    RemoveServer { id: u64, addr: String },
 }
 
 impl Request {
+    /// The `type` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Store(_) => "store",
+            Request::Calc { .. } => "calc",
+            Request::Status { .. } => "status",
+            Request::Servers { .. } => "servers",
+            Request::Forget { .. } => "forget",
+            Request::Register { .. } => "register",
+            Request::Deregister { .. } => "deregister",
+            Request::AddServer { .. } => "add_server",
+            Request::DrainServer { .. } => "drain_server",
+            Request::RemoveServer { .. } => "remove_server",
+        }
+    }
+
     pub fn id(&self) -> u64 {
         match self {
             Request::Store(r) => r.id,
             Request::Calc { id, .. }
             | Request::Status { id }
             | Request::Servers { id }
-            | Request::Forget { id, .. } => *id,
+            | Request::Forget { id, .. }
+            | Request::Register { id, .. }
+            | Request::Deregister { id, .. }
+            | Request::AddServer { id, .. }
+            | Request::DrainServer { id, .. }
+            | Request::RemoveServer { id, .. } => *id,
         }
     }
 }
 
 impl Message for Request {
-    const TYPES: &'static [&'static str] = &["store", "calc", "status", "servers", "forget"];
+    const TYPES: &'static [&'static str] = &[
+        "store",
+        "calc",
+        "status",
+        "servers",
+        "forget",
+        "register",
+        "deregister",
+        "add_server",
+        "drain_server",
+        "remove_server",
+    ];
 }
 
 /// A document has been written to disk on a server.
@@ -386,6 +432,11 @@ pub enum Reply {
         id: u64,
         moved: u64,
     },
+    /// Answer to a membership request: what the balancer did.
+    Membership {
+        id: u64,
+        message: String,
+    },
     Error(ErrorReply),
 }
 
@@ -396,7 +447,7 @@ impl Reply {
             Reply::Calc(r) => Some(r.id),
             Reply::Status(r) => Some(r.id),
             Reply::Servers(r) => Some(r.id),
-            Reply::Forgotten { id, .. } => Some(*id),
+            Reply::Forgotten { id, .. } | Reply::Membership { id, .. } => Some(*id),
             Reply::Error(r) => r.id,
         }
     }
@@ -411,8 +462,15 @@ impl Reply {
 }
 
 impl Message for Reply {
-    const TYPES: &'static [&'static str] =
-        &["stored", "calc", "status", "servers", "forgotten", "error"];
+    const TYPES: &'static [&'static str] = &[
+        "stored",
+        "calc",
+        "status",
+        "servers",
+        "forgotten",
+        "membership",
+        "error",
+    ];
 }
 
 /// A document's fields as JSON object members (`"titolo":…,"contenuto":…`),
