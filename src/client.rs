@@ -6,6 +6,7 @@
 //! are made one at a time as a bounded window allows (`pipeline`), and the
 //! summary comes from running counts (`report`).
 
+pub mod admin;
 pub mod pipeline;
 pub mod report;
 pub mod status;

@@ -14,6 +14,7 @@
 //! stored, because the original balancer reuses numbers across runs.
 
 pub mod load;
+pub mod registrar;
 pub mod storage;
 
 use crate::error::Error;

@@ -58,9 +58,10 @@ impl ServerStats {
         }
     }
 
-    pub fn view(&self) -> ServerView {
+    pub fn view(&self, id: ServerId) -> ServerView {
         let check = self.check_micros.load(Relaxed);
         ServerView {
+            id: id.0,
             name: self.name.clone(),
             state: if self.draining.load(Relaxed) {
                 "draining".to_string()
@@ -70,6 +71,8 @@ impl ServerStats {
             in_flight: self.in_flight.load(Relaxed),
             status: crate::net::lock(&self.last_status).clone(),
             check_ms: (check > 0).then(|| check as f64 / 1000.0),
+            requests: self.requests.load(Relaxed),
+            failures: self.failures.load(Relaxed),
         }
     }
 }
@@ -153,7 +156,10 @@ impl Stats {
     }
 
     pub fn views(&self) -> Vec<ServerView> {
-        self.all().iter().map(|s| s.view()).collect()
+        read(&self.servers)
+            .iter()
+            .map(|(id, s)| s.view(*id))
+            .collect()
     }
 
     /// The Prometheus text exposition format.

@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 use lbft::cli::parse_duration;
+use lbft::client::admin::AdminCommand;
 use lbft::client::status::StatusOptions;
 use lbft::client::{self, Config};
 use std::io::{self, Write};
@@ -68,6 +69,24 @@ enum Command {
         #[arg(long, default_value = "historico.json")]
         history: PathBuf,
     },
+    /// The balancer's pool of servers: list, add, drain, remove.
+    Admin {
+        #[command(subcommand)]
+        command: Admin,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Admin {
+    /// One row per server: id, address, state, in flight, requests,
+    /// failures, files stored, last check.
+    Servers,
+    /// Add a server to the pool (it takes work once a status check answers).
+    Add { addr: String },
+    /// No new work for the server; it leaves once its requests are done.
+    Drain { addr: String },
+    /// Take the server out now; its requests in flight go to other servers.
+    Remove { addr: String },
 }
 
 fn parse_window(s: &str) -> Result<usize, String> {
@@ -105,6 +124,15 @@ fn main() -> ExitCode {
                 history,
             };
             client::status::run(&config, &options, &mut out)
+        }
+        Some(Command::Admin { command }) => {
+            let command = match command {
+                Admin::Servers => AdminCommand::Servers,
+                Admin::Add { addr } => AdminCommand::Add(addr),
+                Admin::Drain { addr } => AdminCommand::Drain(addr),
+                Admin::Remove { addr } => AdminCommand::Remove(addr),
+            };
+            client::admin::run(&config, &command, &mut out)
         }
     };
     let _ = out.flush();

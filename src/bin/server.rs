@@ -1,5 +1,6 @@
 use clap::Parser;
 use lbft::cli::{parse_duration, parse_size};
+use lbft::server::registrar::{Registrar, RegistrarSettings};
 use lbft::server::{Config, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -51,6 +52,14 @@ struct Args {
     /// sent to it directly. Default: random, logged at start.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=511))]
     server_id: Option<u16>,
+    /// Join these balancers' pools (comma separated): register, repeat it
+    /// every --heartbeat, and on SIGINT/SIGTERM leave once the balancers
+    /// have let the requests in flight finish.
+    #[arg(long, value_delimiter = ',', value_name = "ADDR")]
+    balancer: Vec<String>,
+    /// How often to tell the balancers this server is still there.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    heartbeat: Duration,
     /// Also append log lines to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -91,6 +100,24 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     // as it appears stops the server cleanly instead of killing it.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let handle = server.start()?;
+    let registrar = if args.balancer.is_empty() {
+        None
+    } else {
+        let balancers = args
+            .balancer
+            .iter()
+            .map(|b| lbft::net::resolve(b).map_err(lbft::Error::Config))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(Registrar::start(
+            &balancers,
+            RegistrarSettings {
+                advertise: handle.addr(),
+                heartbeat: args.heartbeat,
+                timeout: Duration::from_secs(2),
+                leave_timeout: Duration::from_secs(60),
+            },
+        )?)
+    };
     println!(
         "listening on {}, storing into {}",
         handle.addr(),
@@ -98,6 +125,11 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     );
     if let Some(signal) = signals.forever().next() {
         log::info!("server {}: signal {signal}, stopping", handle.addr());
+    }
+    // Leave the balancers' pools first: they stop sending and answer once
+    // what they sent is done.
+    if let Some(registrar) = registrar {
+        registrar.leave();
     }
     handle.shutdown();
     handle.join()?;

@@ -84,7 +84,7 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
 
 /// Asks the balancer for its list of servers on a fresh connection (a fresh
 /// one each time, so a watch survives a balancer restart).
-fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
+pub fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
     let addr = config.balancer;
     let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
         .map_err(|e| Error::Connect(addr, e))?;
@@ -398,11 +398,14 @@ mod tests {
         check: Option<f64>,
     ) -> ServerView {
         ServerView {
+            id: 0,
             name: name.into(),
             state: state.into(),
             in_flight: 0,
             status,
             check_ms: check,
+            requests: 0,
+            failures: 0,
         }
     }
 

@@ -348,8 +348,11 @@ pub struct Computed {
 /// One server as the balancer sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerView {
+    /// The balancer's id for it (ids are not reused while it runs).
+    #[serde(default)]
+    pub id: u32,
     pub name: String,
-    /// `unknown`, `up`, `overloaded` or `down`.
+    /// `unknown`, `up`, `overloaded`, `down` or `draining`.
     pub state: String,
     /// Requests sent to it and not yet answered.
     pub in_flight: u64,
@@ -357,6 +360,11 @@ pub struct ServerView {
     pub status: Option<StatusReport>,
     /// How long the last status probe took, in milliseconds.
     pub check_ms: Option<f64>,
+    /// Requests sent to it, and of those the ones that failed on it.
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub failures: u64,
 }
 
 /// The balancer's list of servers.

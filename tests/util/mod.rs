@@ -3,8 +3,9 @@
 //! up every child process on drop.
 #![allow(dead_code)]
 
-use lbft::proto::{self, Reply};
+use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -269,4 +270,69 @@ impl Raw {
         let mut byte = [0u8; 1];
         matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
     }
+}
+
+/// Sends a signal (`TERM`, `STOP`, `CONT`...) to a child process.
+pub fn signal(proc: &Proc, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), proc.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+/// What one client saw: acknowledged contents, and every other answer.
+#[derive(Default)]
+pub struct Seen {
+    pub stored: BTreeMap<u64, proto::Stored>,
+    pub errors: Vec<proto::ErrorReply>,
+    /// The final `shutting_down` error without an id, if one came.
+    pub closing: Option<proto::ErrorReply>,
+}
+
+/// Sends `contents` as documents on one connection, pipelined, and reads
+/// answers until each has one or the balancer closes. `on_ack` runs per
+/// acknowledgement.
+pub fn send_batch(addr: SocketAddr, contents: Vec<String>, mut on_ack: impl FnMut()) -> Seen {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let mut write_half = stream.try_clone().unwrap();
+    let total = contents.len();
+    let writer = thread::spawn(move || {
+        for (i, content) in contents.into_iter().enumerate() {
+            let request = Request::Store(StoreRequest {
+                id: i as u64 + 1,
+                doc: proto::Document {
+                    title: format!("doc {}", i + 1),
+                    content,
+                },
+                request_number: None,
+                not_after_ms: None,
+            });
+            if proto::write_frame(&mut write_half, &proto::encode(&request)).is_err() {
+                return; // the balancer closed; the reader reports it
+            }
+        }
+    });
+    let mut seen = Seen::default();
+    let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
+    while seen.stored.len() + seen.errors.len() < total {
+        match reader.message::<Reply>() {
+            Ok(Some(Ok(Reply::Stored(s)))) => {
+                on_ack();
+                seen.stored.insert(s.id, s);
+            }
+            Ok(Some(Ok(Reply::Error(e)))) if e.id.is_none() => {
+                seen.closing = Some(e);
+                break;
+            }
+            Ok(Some(Ok(Reply::Error(e)))) => seen.errors.push(e),
+            Ok(Some(other)) => panic!("unexpected answer {other:?}"),
+            Ok(None) => break,
+            Err(e) => panic!("reading answers: {e}"),
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    seen
 }

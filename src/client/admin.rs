@@ -1,0 +1,81 @@
+//! `client admin`: the operator's view and control of the balancer's pool
+//! of servers (list, add, drain, remove).
+
+use super::{Config, Error};
+use crate::proto::{self, Reply, Request, ServerView};
+use std::io::{self, Write};
+
+/// What an operator asks.
+#[derive(Debug, Clone)]
+pub enum AdminCommand {
+    Servers,
+    Add(String),
+    Drain(String),
+    Remove(String),
+}
+
+/// Carries out one admin command and prints the outcome. Returns whether
+/// the balancer did what was asked.
+pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Result<bool, Error> {
+    let request = match command.clone() {
+        AdminCommand::Servers => {
+            let views = super::status::fetch(config, 1)?;
+            write!(out, "{}", table(&views))?;
+            return Ok(true);
+        }
+        AdminCommand::Add(addr) => Request::AddServer { id: 1, addr },
+        AdminCommand::Drain(addr) => Request::DrainServer { id: 1, addr },
+        AdminCommand::Remove(addr) => Request::RemoveServer { id: 1, addr },
+    };
+    let addr = config.balancer;
+    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
+        .map_err(|e| Error::Connect(addr, e))?;
+    let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
+    let reply = conn.call(&request).map_err(|e| {
+        Error::Io(io::Error::other(format!(
+            "the balancer at {addr} did not answer: {e}"
+        )))
+    })?;
+    match reply {
+        Reply::Membership { message, .. } => {
+            writeln!(out, "{message}")?;
+            Ok(true)
+        }
+        Reply::Error(e) => {
+            writeln!(out, "refused: {}", e.message)?;
+            Ok(false)
+        }
+        other => {
+            writeln!(out, "unexpected answer: {other:?}")?;
+            Ok(false)
+        }
+    }
+}
+
+/// One row per server: id, address, state, in flight, requests, failures,
+/// files stored, last check.
+pub fn table(views: &[ServerView]) -> String {
+    let mut text = format!(
+        "{:>4}  {:<22} {:<10} {:>9} {:>9} {:>9} {:>9} {:>11}\n",
+        "id", "address", "state", "in flight", "requests", "failures", "stored", "last check"
+    );
+    for v in views {
+        let stored = v
+            .status
+            .as_ref()
+            .map_or("-".to_string(), |s| s.files_stored.to_string());
+        let check = v
+            .check_ms
+            .map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
+        text.push_str(&format!(
+            "{:>4}  {:<22} {:<10} {:>9} {:>9} {:>9} {:>9} {:>11}\n",
+            v.id, v.name, v.state, v.in_flight, v.requests, v.failures, stored, check
+        ));
+    }
+    if views.is_empty() {
+        text.push_str(
+            "(no servers: start one with `server --balancer ADDR` or `client admin add ADDR`)\n",
+        );
+    }
+    text
+}
