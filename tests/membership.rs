@@ -170,3 +170,25 @@ fn a_removed_server_gives_its_work_to_the_others_and_unknown_addresses_are_refus
     let out = admin(cluster.balancer.addr, &["add", "no-such-host.invalid:5001"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_killed_server_is_detected_within_a_second_under_load() {
+    let mut cluster = Cluster::start(3, &["--char-delay-ms", "1"], &[]);
+    let victim = cluster.servers[2].addr.to_string();
+    let balancer = cluster.balancer.addr;
+    let mut detected_after = None;
+    let seen = batch_with(balancer, contents("kill", 600), 60, || {
+        cluster.servers[2].child.kill().unwrap();
+        let killed = std::time::Instant::now();
+        cluster.servers[2].child.wait().unwrap();
+        assert!(eventually(|| servers(balancer)
+            .iter()
+            .any(|v| v.name == victim && v.state == "down")));
+        detected_after = Some(killed.elapsed());
+    });
+    let took = detected_after.unwrap();
+    eprintln!("killed server detected after {took:?}");
+    assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    assert!(seen.errors.is_empty(), "{:?}", seen.errors);
+    assert_eq!(seen.stored.len(), 600);
+}
