@@ -1,5 +1,5 @@
 use clap::Parser;
-use lbft::cli::{parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_duration, parse_size};
 use lbft::server::{Config, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -20,8 +20,8 @@ struct Args {
     /// Port to listen on, on 127.0.0.1.
     #[arg(long, conflicts_with = "listen")]
     port: Option<u16>,
-    /// Address to listen on (port 0 picks a free port). Default 127.0.0.1:5001.
-    #[arg(long)]
+    /// Address to listen on, HOST:PORT (port 0 picks a free port). Default 127.0.0.1:5001.
+    #[arg(long, value_parser = parse_addr)]
     listen: Option<SocketAddr>,
     /// Storage folder. Default: json_files/<port>.
     #[arg(long, value_name = "PATH")]
