@@ -742,7 +742,9 @@ mod tests {
         assert_eq!(err, format!("{shape}: `titolo` is not a string"));
         let err = parse_document(br#"{"titolo": "t"}"#).unwrap_err();
         assert_eq!(err, format!("{shape}: `contenuto` is missing"));
-        assert!(parse_document(b"{").unwrap_err().starts_with("not valid JSON"));
+        assert!(parse_document(b"{")
+            .unwrap_err()
+            .starts_with("not valid JSON"));
         let bom = b"\xEF\xBB\xBF{\"titolo\": \"t\", \"contenuto\": \"c\"}";
         assert_eq!(parse_document(bom).unwrap().title, "t");
     }

@@ -164,8 +164,9 @@ fn check_window(window: usize, count: u64, extra: &[&str]) {
     let summary =
         format!("{count} documents: {count} stored, 0 failed (per server: fake: {count})");
     assert!(stdout.contains(&summary), "{stdout}");
+    // A long batch shows progress instead of a line per stored document.
     let ok_lines = stdout.lines().filter(|l| l.starts_with("  ok ")).count();
-    assert_eq!(ok_lines as u64, count, "{stdout}");
+    assert_eq!(ok_lines, 0, "{stdout}");
 }
 
 #[test]

@@ -316,12 +316,7 @@ impl<M> Books<M> {
             || (self.writer_done.is_some() && self.outstanding.is_empty())
     }
 
-    fn apply(
-        &mut self,
-        event: Event<M>,
-        exit: &WindowExit,
-        observer: &mut impl Observer<M>,
-    ) {
+    fn apply(&mut self, event: Event<M>, exit: &WindowExit, observer: &mut impl Observer<M>) {
         match event {
             Event::Sending(id, meta) => {
                 self.made = id;
@@ -391,11 +386,7 @@ impl<M> Books<M> {
 
     /// Reports what is left once both threads are done; returns the note on
     /// how the connection ended, if anything was left.
-    fn finish(
-        mut self,
-        cause: &str,
-        observer: &mut impl Observer<M>,
-    ) -> Option<String> {
+    fn finish(mut self, cause: &str, observer: &mut impl Observer<M>) -> Option<String> {
         if self.reported == self.count {
             return None;
         }

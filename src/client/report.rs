@@ -88,9 +88,8 @@ impl Tally {
             self.total(),
             counted(count, noun)
         );
-        let rest = format!(
-            ", {in_flight} in flight (may still be {verb}), {never_sent} never sent"
-        );
+        let rest =
+            format!(", {in_flight} in flight (may still be {verb}), {never_sent} never sent");
         self.summary_after(&head, verb, &rest)
     }
 
