@@ -14,7 +14,7 @@ pub use pipeline::{Answer, Fate, DEFAULT_WINDOW};
 
 use crate::proto::{self, Document, Operation, Request, StoreRequest};
 use crossbeam_channel::Receiver;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use pipeline::{Observer, Outcome};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -457,10 +457,17 @@ impl<'a, W: Write> Printer<'a, W> {
             // Drawn on this thread only (no ticker thread), which holds the
             // lock of stdout.
             let bar = ProgressBar::with_draw_target(Some(count), ProgressDrawTarget::stdout());
+            // Narrow, so that the `^C` a terminal echoes does not wrap the
+            // line and leave the bar behind when it is cleared.
             if let Ok(style) = ProgressStyle::with_template(
-                "{wide_bar} {pos}/{len}  {per_sec}  ETA {eta}  (Ctrl-C: stop with a summary)",
+                "{bar:40} {pos}/{len}  {rate}  ETA {eta}  (Ctrl-C stops with a summary)",
             ) {
-                bar.set_style(style);
+                bar.set_style(style.with_key(
+                    "rate",
+                    |state: &ProgressState, w: &mut dyn fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                ));
             }
             Display::Bar(bar)
         } else {
@@ -538,7 +545,12 @@ impl<'a, W: Write> Printer<'a, W> {
     /// summary of an interrupted batch is printed.
     fn finish(self, outcome: Outcome, noun: &str, verb: &str) -> Result<bool, Error> {
         if let Display::Bar(bar) = &self.display {
-            bar.finish_and_clear();
+            // An interrupted batch leaves its bar where it stopped.
+            if outcome.interrupted.is_some() {
+                bar.abandon();
+            } else {
+                bar.finish_and_clear();
+            }
         }
         if let Some(e) = self.write_err {
             return Err(e.into());
