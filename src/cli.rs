@@ -1,6 +1,25 @@
 //! Helpers shared by the binaries' command lines.
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+/// Parses `HOST:PORT` where HOST is an IP address or a name
+/// (`localhost:60002`); a name is resolved now and its first address taken.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    crate::net::resolve(s)
+}
+
+/// Parses a count of requests: a whole number of at least 1.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    match s.parse::<u64>() {
+        Ok(0) => Err("a count must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "`{s}` is not a count: type a whole number of at least 1"
+        )),
+    }
+}
 
 /// Parses a duration with a unit: `250ms`, `10s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -57,6 +76,28 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("1d").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn addresses_take_ips_and_host_names() {
+        assert_eq!(
+            parse_addr("127.0.0.1:60002"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 60002)))
+        );
+        let local = parse_addr("localhost:5001").unwrap();
+        assert!(local.ip().is_loopback(), "{local}");
+        assert_eq!(local.port(), 5001);
+        assert!(parse_addr("localhost").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_addr(":80").unwrap_err().contains("HOST:PORT"));
+    }
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_count("3"), Ok(3));
+        assert_eq!(parse_count(" 20 "), Ok(20));
+        assert_eq!(parse_count("0").unwrap_err(), "a count must be at least 1");
+        assert!(parse_count("zero").unwrap_err().contains("at least 1"));
+        assert!(parse_count("-1").is_err());
     }
 
     #[test]

@@ -13,16 +13,23 @@ pub mod status;
 
 pub use pipeline::{Answer, Fate, DEFAULT_WINDOW};
 
-use crate::proto::{Document, Operation, Request, StoreRequest};
+use crate::proto::{self, Document, Operation, Request, StoreRequest};
+use crossbeam_channel::Receiver;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use pipeline::{Observer, Outcome};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use report::{Tally, Verdict};
+use report::{counted, Tally, Verdict};
 use std::fmt;
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Batches up to this many requests print one line per request; longer ones
+/// show progress and list only what failed.
+pub const LONG_BATCH: u64 = 50;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -34,6 +41,14 @@ pub struct Config {
     pub reply_timeout: Duration,
     /// Requests sent and not yet answered, at most.
     pub window: usize,
+    /// The balancer's frame limit: a larger request is refused before it is
+    /// sent.
+    pub max_frame: usize,
+    /// Output goes to a terminal: long batches show a progress bar.
+    pub terminal: bool,
+    /// A message here (the user pressed Ctrl-C) stops a batch with a
+    /// summary of what was done so far.
+    pub interrupt: Option<Receiver<()>>,
 }
 
 impl Default for Config {
@@ -44,6 +59,9 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(60),
             window: DEFAULT_WINDOW,
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            terminal: false,
+            interrupt: None,
         }
     }
 }
@@ -51,11 +69,27 @@ impl Default for Config {
 #[derive(Debug)]
 pub enum Error {
     NoDocuments(PathBuf),
+    /// The folder has `.json` files and none of them is a document: each
+    /// with its reason.
+    NoUsableDocuments(PathBuf, Vec<Error>),
     ReadDir(PathBuf, io::Error),
     ReadFile(PathBuf, io::Error),
     BadDocument(PathBuf, String),
     Connect(SocketAddr, io::Error),
+    /// The user interrupted a batch; its summary has been printed.
+    Interrupted,
     Io(io::Error),
+}
+
+impl Error {
+    /// Why a file could not be sent, without its name.
+    fn reason(&self) -> String {
+        match self {
+            Error::ReadFile(_, e) => format!("cannot read it: {e}"),
+            Error::BadDocument(_, why) => format!("not a document: {why}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -66,12 +100,30 @@ impl fmt::Display for Error {
                 "the folder {} has no .json documents in it",
                 dir.display()
             ),
+            Error::NoUsableDocuments(dir, bad) => {
+                write!(
+                    f,
+                    "none of the .json files in {} is a document; nothing was sent:",
+                    dir.display()
+                )?;
+                for e in bad {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
             Error::ReadDir(dir, e) => write!(f, "cannot list {}: {e}", dir.display()),
             Error::ReadFile(path, e) => write!(f, "cannot read {}: {e}", path.display()),
             Error::BadDocument(path, why) => {
                 write!(f, "{} is not a document: {why}", path.display())
             }
-            Error::Connect(addr, e) => write!(f, "cannot connect to the balancer at {addr}: {e}"),
+            Error::Connect(addr, e) => write!(
+                f,
+                "no balancer answers at {addr} ({e}). Start one with \
+                 `cargo run --release --bin balancer -- --local-servers 3` \
+                 (or `balancer --local-servers 3` after `cargo install --path .`), \
+                 or give the address of yours with --balancer HOST:PORT"
+            ),
+            Error::Interrupted => f.write_str("interrupted"),
             Error::Io(e) => e.fmt(f),
         }
     }
@@ -104,53 +156,126 @@ pub fn list_documents(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     Ok(files)
 }
 
+/// What a document file must hold, said the same way for every mistake.
+const DOCUMENT_SHAPE: &str = "expected an object with titolo and contenuto";
+
 /// Reads a document: a JSON object with string fields `titolo` and
-/// `contenuto` (other fields are ignored).
+/// `contenuto` (other fields are ignored). A UTF-8 byte-order mark at the
+/// start is skipped, as editors on Windows write one.
 pub fn load_document(path: &Path) -> Result<Document, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::BadDocument(path.to_path_buf(), e.to_string()))
+    parse_document(&bytes).map_err(|why| Error::BadDocument(path.to_path_buf(), why))
+}
+
+fn parse_document(bytes: &[u8]) -> Result<Document, String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(DOCUMENT_SHAPE.into());
+    };
+    let mut field = |name: &str| match object.remove(name) {
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(_) => Err(format!("{DOCUMENT_SHAPE}: `{name}` is not a string")),
+        None => Err(format!("{DOCUMENT_SHAPE}: `{name}` is missing")),
+    };
+    Ok(Document {
+        title: field("titolo")?,
+        content: field("contenuto")?,
+    })
 }
 
 /// Loads every `.json` document of a folder, once: `ftp` picks from these
-/// for each request instead of reading a file per request.
-pub fn load_samples(dir: &Path) -> Result<Vec<Document>, Error> {
-    list_documents(dir)?
-        .iter()
-        .map(|path| load_document(path))
-        .collect()
+/// for each request instead of reading a file per request. Returns the
+/// documents and the files that are not documents, each with its reason;
+/// it is an error only when no file is a document.
+pub fn load_samples(dir: &Path) -> Result<(Vec<Document>, Vec<Error>), Error> {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for path in list_documents(dir)? {
+        match load_document(&path) {
+            Ok(doc) => good.push(doc),
+            Err(e) => bad.push(e),
+        }
+    }
+    if good.is_empty() {
+        return Err(Error::NoUsableDocuments(dir.to_path_buf(), bad));
+    }
+    Ok((good, bad))
+}
+
+/// A folder as the user would type it: `file/`.
+fn folder(dir: &Path) -> String {
+    let text = dir.display().to_string();
+    if text.ends_with('/') {
+        text
+    } else {
+        format!("{text}/")
+    }
 }
 
 /// Sends `count` documents, document `index` made by `make(index)` on the
 /// writer thread when its turn comes (or the title to show and the reason it
-/// could not be made); prints a line per document and the summary. Returns
-/// whether every document was stored.
+/// could not be made); prints a line per document (or progress, for a long
+/// batch) and the summary. Returns whether every document was stored.
 fn store_documents(
     config: &Config,
     count: u64,
     mut make: impl FnMut(u64) -> Result<Document, (String, String)> + Send + 'static,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
-    writeln!(out, "sending {count} documents to {}", config.balancer)?;
+    // Connect first: with no balancer there is nothing to announce.
+    let stream = pipeline::connect(config)?;
+    writeln!(
+        out,
+        "sending {} to {}",
+        counted(count, "document"),
+        config.balancer
+    )?;
+    let max_frame = config.max_frame;
     // Only the title of an outstanding document is kept, to print its line.
     let make_request = move |id: u64| {
-        make(id - 1).map(|doc| {
-            let title = doc.title.clone();
-            let request = Request::Store(StoreRequest {
-                id,
-                doc,
-                request_number: None,
-                not_after_ms: None,
-            });
-            (request, title)
-        })
+        let doc = make(id - 1)?;
+        let title = doc.title.clone();
+        let request = Request::Store(StoreRequest {
+            id,
+            doc,
+            request_number: None,
+            not_after_ms: None,
+        });
+        let size = proto::encoded_len(&request);
+        if size > max_frame {
+            return Err((
+                title,
+                format!(
+                    "too large: {} as a request, over the balancer's frame limit of {} \
+                     (--max-frame)",
+                    status::human_bytes(size as u64),
+                    status::human_bytes(max_frame as u64)
+                ),
+            ));
+        }
+        Ok((request, title))
     };
-    let mut printer = Printer::new(out);
-    let note = pipeline::run(config, count, make_request, |id, title, fate| {
-        let (line, verdict) = report::describe(id - 1, count, title.as_deref(), &fate);
-        printer.line(&line, verdict);
-    })?;
-    printer.finish(note, "documents", "stored")
+    let mut batch = Batch::new(config, count, out);
+    let outcome = pipeline::run_on(stream, config, count, make_request, &mut batch)?;
+    let refused = batch.refused;
+    let printer = batch.printer;
+    let all_done = printer.finish(outcome, "document", "stored")?;
+    if refused > 0 {
+        let sent = count - refused;
+        writeln!(
+            out,
+            "{} not sent (reasons above); {}",
+            counted(refused, "document"),
+            match sent {
+                0 => "no other document to send".to_string(),
+                1 => "the other one was sent, as reported above".to_string(),
+                n => format!("the other {n} were sent, as reported above"),
+            }
+        )?;
+    }
+    Ok(all_done)
 }
 
 /// Sends the given files, each read when its turn comes; a file that cannot
@@ -165,15 +290,33 @@ pub fn send_files(
     let count = files.len() as u64;
     let make = move |index: u64| {
         let path = &files[index as usize];
-        load_document(path).map_err(|e| (path.display().to_string(), e.to_string()))
+        load_document(path).map_err(|e| (path.display().to_string(), e.reason()))
     };
     store_documents(config, count, make, out)
 }
 
 /// Sends `n` documents, each a sample from the documents folder picked at
-/// random when its turn comes.
+/// random when its turn comes. Files of the folder that are not documents
+/// are listed and left out.
 pub fn ftp(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error> {
-    let samples = load_samples(&config.documents)?;
+    let (samples, bad) = load_samples(&config.documents)?;
+    if !bad.is_empty() {
+        writeln!(
+            out,
+            "leaving out {} of {} that {} not documents:",
+            counted(bad.len() as u64, "file"),
+            folder(&config.documents),
+            if bad.len() == 1 { "is" } else { "are" }
+        )?;
+        for e in &bad {
+            writeln!(out, "  {e}")?;
+        }
+        writeln!(
+            out,
+            "picking from the other {}",
+            counted(samples.len() as u64, "document")
+        )?;
+    }
     let mut rng = StdRng::from_entropy();
     let make = move |_| {
         samples
@@ -188,53 +331,248 @@ pub fn ftp(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error>
 /// each result with the server that computed it. Returns whether all
 /// succeeded.
 pub fn calc(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error> {
-    writeln!(out, "sending {n} compute requests to {}", config.balancer)?;
+    let stream = pipeline::connect(config)?;
+    writeln!(
+        out,
+        "sending {} to {}",
+        counted(n, "compute request"),
+        config.balancer
+    )?;
     let mut rng = StdRng::from_entropy();
     let make = move |id| {
         let operation = Operation::ALL[rng.gen_range(0..Operation::ALL.len())];
         Ok((Request::Calc { id, operation }, ()))
     };
-    let mut printer = Printer::new(out);
-    let note = pipeline::run(config, n, make, |id, _, fate| {
-        let (line, verdict) = report::describe_calc(id - 1, n, &fate);
-        printer.line(&line, verdict);
-    })?;
-    printer.finish(note, "requests", "computed")
+    let mut batch = Batch::new(config, n, out);
+    let outcome = pipeline::run_on(stream, config, n, make, &mut batch)?;
+    batch.printer.finish(outcome, "request", "computed")
 }
 
-/// Prints a line per request as it is reported and keeps the counts.
+/// What one batch reports to: prints each request's line, and says so when
+/// the balancer is waiting for a server.
+struct Batch<'a, W: Write> {
+    config: &'a Config,
+    printer: Printer<'a, W>,
+    count: u64,
+    /// Requests the client refused to send (unreadable file, not a
+    /// document, too large).
+    refused: u64,
+    /// "waiting" has been printed; once per batch is enough.
+    waiting_told: bool,
+}
+
+impl<'a, W: Write> Batch<'a, W> {
+    fn new(config: &'a Config, count: u64, out: &'a mut W) -> Self {
+        Batch {
+            config,
+            printer: Printer::new(out, count, config.terminal),
+            count,
+            refused: 0,
+            waiting_told: false,
+        }
+    }
+
+    /// No answer for a while: if no server is up, say that the balancer is
+    /// holding the requests, so a silent client does not look hung. Asked
+    /// on a connection of its own.
+    fn check_servers(&mut self) {
+        if self.waiting_told {
+            return;
+        }
+        let config = Config {
+            reply_timeout: pipeline::QUIET_AFTER,
+            connect_timeout: pipeline::QUIET_AFTER,
+            ..self.config.clone()
+        };
+        let Ok(views) = status::fetch(&config, 1) else {
+            return;
+        };
+        if views.is_empty() || views.iter().any(|v| v.state == "up") {
+            return;
+        }
+        self.waiting_told = true;
+        let states: Vec<String> = views
+            .iter()
+            .map(|v| format!("{} {}", v.name, v.state))
+            .collect();
+        self.printer.say(&format!(
+            "waiting: every server is down ({}); the balancer holds the requests \
+             until one is back or its --queue-timeout passes",
+            states.join(", ")
+        ));
+    }
+}
+
+impl<W: Write> Observer<String> for &mut Batch<'_, W> {
+    fn report(&mut self, id: u64, title: Option<String>, fate: Fate) {
+        let made = title.is_some();
+        if made && matches!(fate, Fate::NotSent(_)) {
+            self.refused += 1;
+        }
+        let (line, verdict) = report::describe(id - 1, self.count, title.as_deref(), &fate);
+        self.printer.line(&line, verdict, made);
+    }
+
+    fn quiet(&mut self) {
+        self.check_servers();
+    }
+}
+
+impl<W: Write> Observer<()> for &mut Batch<'_, W> {
+    fn report(&mut self, id: u64, made: Option<()>, fate: Fate) {
+        let (line, verdict) = report::describe_calc(id - 1, self.count, &fate);
+        self.printer.line(&line, verdict, made.is_some());
+    }
+
+    fn quiet(&mut self) {
+        self.check_servers();
+    }
+}
+
+/// How a batch shows its progress.
+enum Display {
+    /// A line per request (short batches).
+    Lines,
+    /// A long batch on a terminal: a progress bar, failures printed above.
+    Bar(ProgressBar),
+    /// A long batch elsewhere: failures, and a progress line every tenth.
+    Milestones { next: u64 },
+}
+
+/// Prints what happens to each request and keeps the counts.
 struct Printer<'a, W: Write> {
     out: &'a mut W,
     tally: Tally,
+    count: u64,
+    display: Display,
     /// The first failed write; the run goes on (documents are still being
     /// stored) and the error is returned at the end.
     write_err: Option<io::Error>,
 }
 
 impl<'a, W: Write> Printer<'a, W> {
-    fn new(out: &'a mut W) -> Self {
+    fn new(out: &'a mut W, count: u64, terminal: bool) -> Self {
+        let display = if count <= LONG_BATCH {
+            Display::Lines
+        } else if terminal {
+            // Drawn on this thread only (no ticker thread), which holds the
+            // lock of stdout.
+            let bar = ProgressBar::with_draw_target(Some(count), ProgressDrawTarget::stdout());
+            // Narrow, so that the `^C` a terminal echoes does not wrap the
+            // line and leave the bar behind when it is cleared.
+            if let Ok(style) = ProgressStyle::with_template(
+                "{bar:40} {pos}/{len}  {rate}  ETA {eta}  (Ctrl-C stops with a summary)",
+            ) {
+                bar.set_style(style.with_key(
+                    "rate",
+                    |state: &ProgressState, w: &mut dyn fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                ));
+            }
+            Display::Bar(bar)
+        } else {
+            Display::Milestones {
+                next: count.div_ceil(10),
+            }
+        };
+        let _ = out.flush();
         Printer {
             out,
             tally: Tally::default(),
+            count,
+            display,
             write_err: None,
         }
     }
 
-    fn line(&mut self, line: &str, verdict: Verdict<'_>) {
-        self.tally.add(verdict);
+    fn write(&mut self, line: &str) {
         if self.write_err.is_none() {
             self.write_err = writeln!(self.out, "{line}").err();
         }
     }
 
+    /// Records one request; `made` is false for a request the connection
+    /// ended before it was made (a long batch counts those in the summary
+    /// instead of listing them).
+    fn line(&mut self, line: &str, verdict: Verdict<'_>, made: bool) {
+        self.tally.add(verdict);
+        let listed = made && !matches!(verdict, Verdict::Done(_));
+        match &mut self.display {
+            Display::Lines => self.write(line),
+            Display::Bar(bar) => {
+                if listed {
+                    bar.println(line);
+                }
+                bar.inc(1);
+            }
+            Display::Milestones { next } => {
+                let done = self.tally.total() as u64;
+                let milestone = done >= *next;
+                if milestone {
+                    *next = (done + self.count.div_ceil(10)).min(self.count);
+                }
+                if listed {
+                    self.write(line);
+                }
+                if milestone {
+                    let progress = format!(
+                        "  ...   {done}/{} ({}%), {} failed so far",
+                        self.count,
+                        done * 100 / self.count,
+                        self.tally.failed()
+                    );
+                    self.write(&progress);
+                }
+            }
+        }
+    }
+
+    /// A message between the lines (above the bar, if there is one).
+    fn say(&mut self, text: &str) {
+        match &self.display {
+            Display::Bar(bar) => bar.println(text),
+            _ => {
+                self.write(text);
+                if self.write_err.is_none() {
+                    self.write_err = self.out.flush().err();
+                }
+            }
+        }
+    }
+
     /// Prints how the connection ended early (if it did) and the summary;
-    /// returns whether every request was done.
-    fn finish(self, note: Option<String>, noun: &str, verb: &str) -> Result<bool, Error> {
+    /// returns whether every request was done, or `Interrupted` once the
+    /// summary of an interrupted batch is printed.
+    fn finish(self, outcome: Outcome, noun: &str, verb: &str) -> Result<bool, Error> {
+        if let Display::Bar(bar) = &self.display {
+            // An interrupted batch leaves its bar where it stopped.
+            if outcome.interrupted.is_some() {
+                bar.abandon();
+            } else {
+                bar.finish_and_clear();
+            }
+        }
         if let Some(e) = self.write_err {
             return Err(e.into());
         }
-        if let Some(note) = note {
+        if let Some(note) = outcome.note {
             writeln!(self.out, "connection ended early: {note}")?;
+        }
+        if let Some(left) = outcome.interrupted {
+            writeln!(
+                self.out,
+                "{}",
+                self.tally.summary_interrupted(
+                    self.count,
+                    noun,
+                    verb,
+                    left.in_flight,
+                    left.never_sent
+                )
+            )?;
+            self.out.flush()?;
+            return Err(Error::Interrupted);
         }
         writeln!(self.out, "{}", self.tally.summary(noun, verb))?;
         Ok(self.tally.all_done())
@@ -242,11 +580,45 @@ impl<'a, W: Write> Printer<'a, W> {
 }
 
 const HELP: &str = "commands:
-  FTP    send documents picked at random from the documents folder
-  CALC   send compute requests with random operations
-  help   show this help
-  exit   quit (end of input quits too)
-commands are case-insensitive";
+  FTP [N]    send N documents picked at random from the documents folder
+  CALC [N]   send N compute requests with random operations
+  help       show this help
+  exit       quit (end of input quits too)
+commands are case-insensitive; without N you are asked for it";
+
+/// What the user answered when asked for a count.
+enum CountAnswer {
+    Count(u64),
+    /// An empty line: back to the prompt.
+    Cancel,
+    EndOfInput,
+}
+
+/// Asks for a count until a valid one is typed; `given` is what was typed
+/// after the command, if anything.
+fn ask_count(
+    input: &mut impl BufRead,
+    out: &mut impl Write,
+    question: &str,
+    mut given: Option<String>,
+) -> io::Result<CountAnswer> {
+    loop {
+        let answer = match given.take() {
+            Some(answer) => answer,
+            None => match prompt(input, out, question)? {
+                Some(answer) => answer,
+                None => return Ok(CountAnswer::EndOfInput),
+            },
+        };
+        if answer.is_empty() {
+            return Ok(CountAnswer::Cancel);
+        }
+        match crate::cli::parse_count(&answer) {
+            Ok(n) => return Ok(CountAnswer::Count(n)),
+            Err(e) => writeln!(out, "{e} (an empty line goes back to the prompt)")?,
+        }
+    }
+}
 
 /// The interactive prompt. Returns whether every batch sent was stored.
 pub fn interactive(
@@ -255,11 +627,7 @@ pub fn interactive(
     out: &mut impl Write,
 ) -> Result<bool, Error> {
     let files = list_documents(&config.documents)?;
-    writeln!(
-        out,
-        "documents available in {}:",
-        config.documents.display()
-    )?;
+    writeln!(out, "documents available in {}", folder(&config.documents))?;
     for f in &files {
         let name = f
             .file_name()
@@ -270,28 +638,28 @@ pub fn interactive(
     writeln!(out, "{HELP}")?;
     let mut all_ok = true;
     while let Some(line) = prompt(input, out, "command> ")? {
-        match line.to_ascii_lowercase().as_str() {
+        let line = line.to_ascii_lowercase();
+        let mut words = line.split_whitespace();
+        let command = words.next().unwrap_or("");
+        let given = words.next().map(str::to_string);
+        if words.next().is_some() {
+            writeln!(out, "too many words in `{line}`\n{HELP}")?;
+            continue;
+        }
+        match command {
             "" => {}
             "exit" | "quit" => break,
             "help" | "?" => writeln!(out, "{HELP}")?,
-            command @ ("ftp" | "calc") => {
+            "ftp" | "calc" => {
                 let question = if command == "ftp" {
                     "how many documents? "
                 } else {
                     "how many requests? "
                 };
-                let Some(answer) = prompt(input, out, question)? else {
-                    break;
-                };
-                let n = match answer.parse::<u64>() {
-                    Ok(n) if n > 0 => n,
-                    _ => {
-                        writeln!(
-                            out,
-                            "please type a whole number greater than 0, not `{answer}`"
-                        )?;
-                        continue;
-                    }
+                let n = match ask_count(input, out, question, given)? {
+                    CountAnswer::Count(n) => n,
+                    CountAnswer::Cancel => continue,
+                    CountAnswer::EndOfInput => break,
                 };
                 let result = if command == "ftp" {
                     ftp(config, n, out)
@@ -300,6 +668,7 @@ pub fn interactive(
                 };
                 match result {
                     Ok(ok) => all_ok &= ok,
+                    Err(Error::Interrupted) => return Err(Error::Interrupted),
                     Err(e) => {
                         all_ok = false;
                         writeln!(out, "error: {e}")?;
@@ -356,14 +725,41 @@ mod tests {
         std::fs::write(dir.path().join("notes.txt"), "not a document").unwrap();
         let titles: Vec<String> = load_samples(dir.path())
             .unwrap()
+            .0
             .into_iter()
             .map(|d| d.title)
             .collect();
         assert_eq!(titles, ["a", "b"]);
 
+        // A bad file is left out and named with its reason.
         std::fs::write(dir.path().join("c.json"), r#"{"titolo":"c"}"#).unwrap();
-        let err = load_samples(dir.path()).unwrap_err().to_string();
+        let (good, bad) = load_samples(dir.path()).unwrap();
+        assert_eq!(good.len(), 2);
+        let err = bad[0].to_string();
         assert!(err.contains("c.json") && err.contains("contenuto"), "{err}");
+
+        // Only when no file is a document is it an error, listing each.
+        let only_bad = tempfile::tempdir().unwrap();
+        std::fs::write(only_bad.path().join("x.json"), "[1,2,3]").unwrap();
+        std::fs::write(only_bad.path().join("y.json"), "{").unwrap();
+        let err = load_samples(only_bad.path()).unwrap_err().to_string();
+        assert!(err.contains("x.json") && err.contains("y.json"), "{err}");
+        assert!(err.contains("nothing was sent"), "{err}");
+    }
+
+    #[test]
+    fn documents_say_what_is_wrong_in_the_users_terms() {
+        let shape = "expected an object with titolo and contenuto";
+        assert_eq!(parse_document(b"[1,2,3]").unwrap_err(), shape);
+        let err = parse_document(br#"{"titolo": 1, "contenuto": "x"}"#).unwrap_err();
+        assert_eq!(err, format!("{shape}: `titolo` is not a string"));
+        let err = parse_document(br#"{"titolo": "t"}"#).unwrap_err();
+        assert_eq!(err, format!("{shape}: `contenuto` is missing"));
+        assert!(parse_document(b"{")
+            .unwrap_err()
+            .starts_with("not valid JSON"));
+        let bom = b"\xEF\xBB\xBF{\"titolo\": \"t\", \"contenuto\": \"c\"}";
+        assert_eq!(parse_document(bom).unwrap().title, "t");
     }
 
     #[test]
@@ -379,12 +775,17 @@ mod tests {
             ..Config::default()
         };
         let mut out = Vec::new();
-        let ok = interactive(&config, &mut &b"HeLp\nfoo\nftp\nzero\n"[..], &mut out).unwrap();
+        let input = b"HeLp\nfoo\nftp\nzero\n0\n\nftp 0\n";
+        let ok = interactive(&config, &mut &input[..], &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(ok);
+        assert!(text.contains("documents available in "), "{text}");
         assert!(text.contains("a.json"));
         assert!(text.contains("unknown command `foo`"));
-        assert!(text.contains("not `zero`"));
+        // An invalid count asks again; an empty line goes back.
+        assert!(text.contains("`zero` is not a count"), "{text}");
+        assert!(text.contains("a count must be at least 1"), "{text}");
+        assert_eq!(text.matches("how many documents? ").count(), 4, "{text}");
         assert!(text.trim_end().ends_with("bye"));
     }
 }

@@ -16,6 +16,8 @@
 //! - `policy`: pure balancing policies behind one trait.
 //! - `server`: storage server — connections, storage folder, own load.
 //! - `client`: sending documents and reporting what happened to them.
+//! - `cli`: command-line values the binaries share (addresses with host
+//!   names, counts, durations, sizes).
 //! - `logging`: the logger the binaries install.
 //! - `error`: errors that stop a component from starting.
 //! - `text`: small helpers several components need (so none imports

@@ -22,14 +22,34 @@ pub fn connect(
     Ok(stream)
 }
 
-/// An address from text: `IP:PORT` or `HOST:PORT` (the first address the
-/// name resolves to).
-pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+/// An address from text: `IP:PORT` or `HOST:PORT` (the first IPv4 address
+/// the name resolves to, else the first).
+pub fn resolve(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let has_port = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(format!(
+            "`{s}` is not an address: write HOST:PORT, e.g. 127.0.0.1:60002 or localhost:60002"
+        ));
+    }
     use std::net::ToSocketAddrs;
-    text.to_socket_addrs()
-        .map_err(|e| format!("`{text}` is not an address (HOST:PORT): {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{text}` resolves to no address"))
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{s}`: {e}"))?
+        .collect();
+    // IPv4 first: `localhost` may list ::1 first while the programs here
+    // listen on 127.0.0.1 by default.
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{s}` resolves to no address"))
 }
 
 /// Read and write timeouts, no Nagle delay (requests are small and

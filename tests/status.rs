@@ -209,10 +209,7 @@ fn unreachable_balancer_is_an_error() {
     let out = client(addr, &["status", "--history", "h.json"], work.path());
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("cannot connect to the balancer"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no balancer answers at"), "{stderr}");
     assert!(stderr.contains(&addr.to_string()), "{stderr}");
     assert!(!text(&out.stdout).contains("SERVER"));
     assert!(history_lines(&work.path().join("h.json")).is_empty());

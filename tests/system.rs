@@ -112,7 +112,6 @@ fn thirty_documents_from_three_clients_spread_ten_per_server() {
     let log = cluster.log();
     for needle in [
         "balancer listening on",
-        "connection accepted from",
         "stored on server",
         "is up",
         "closed (10 requests, 10 replies)",

@@ -59,7 +59,9 @@ impl Conn {
 
     pub fn serve(self, stream: TcpStream) {
         let peer = self.peer;
-        log::info!("connection accepted from {peer}");
+        // Queries (`client status --watch`) open a connection per sample:
+        // only connections that carried work are logged at info.
+        log::debug!("connection accepted from {peer}");
         self.stats.connections.fetch_add(1, Relaxed);
         self.serve_stream(stream);
         self.stats.connections.fetch_sub(1, Relaxed);
@@ -107,27 +109,37 @@ impl Conn {
                 return;
             }
         };
-        let received = self.read_requests(read_half, &reply_tx);
+        let (received, work) = self.read_requests(read_half, &reply_tx);
         drop(reply_tx);
         let sent = writer.join().unwrap_or(0);
-        log::info!("connection from {peer} closed ({received} requests, {sent} replies)");
+        let level = if work > 0 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "connection from {peer} closed ({received} requests, {sent} replies)"
+        );
     }
 
     /// Reads requests until the client closes, stalls or breaks framing, or
-    /// the balancer shuts down. Returns how many requests arrived.
-    fn read_requests(&self, stream: TcpStream, replies: &Sender<Reply>) -> u64 {
+    /// the balancer shuts down. Returns how many requests arrived, and how
+    /// many of them were work (store or calc).
+    fn read_requests(&self, stream: TcpStream, replies: &Sender<Reply>) -> (u64, u64) {
         let peer = self.peer;
         let mut reader = FrameReader::new(stream, self.settings.max_frame);
         let window = Window::new(self.settings.window);
         let mut received = 0;
+        let mut work_received = 0;
         loop {
             let permit = window.acquire();
             let len = match reader.header() {
                 Ok(Some(len)) => len,
-                Ok(None) => return received,
+                Ok(None) => return (received, work_received),
                 Err(e) => {
                     self.read_failed(e, replies);
-                    return received;
+                    return (received, work_received);
                 }
             };
             let bytes = self.budget.acquire(len);
@@ -135,17 +147,20 @@ impl Conn {
                 Ok(p) => p,
                 Err(e) => {
                     self.read_failed(e, replies);
-                    return received;
+                    return (received, work_received);
                 }
             };
             // Whatever was read after the shutdown began is left unanswered:
             // the final `shutting_down` reply says so.
             if self.shutting_down() {
-                return received;
+                return (received, work_received);
             }
             let request = match proto::decode::<Request>(&payload) {
                 Ok(request) => request,
-                Err(bad) => {
+                Err(mut bad) => {
+                    if bad.code == ErrorCode::UnknownType {
+                        bad.message = balancer_types_only(&bad.message);
+                    }
                     log::warn!("connection from {peer}: bad request: {bad}");
                     let _ = replies.send(Reply::Error(bad.into()));
                     continue;
@@ -201,12 +216,13 @@ impl Conn {
                     continue;
                 }
             };
+            work_received += 1;
             let hold = Hold {
                 permit: Some(permit),
                 bytes: Some(bytes),
             };
             if !self.enqueue(id, work, replies.clone(), hold) {
-                return received;
+                return (received, work_received);
             }
         }
     }
@@ -319,6 +335,22 @@ impl Conn {
             }
         }
         received
+    }
+}
+
+/// The request types a client may send to the balancer: `status` and
+/// `forget` are for storage servers.
+const BALANCER_TYPES: &str = "store, calc, servers";
+
+/// The decoder's `unknown_type` message lists every request type of the
+/// protocol; a client of the balancer is told only those it accepts.
+fn balancer_types_only(message: &str) -> String {
+    match message.find(" (expected one of:") {
+        Some(cut) => format!(
+            "{} (the balancer accepts: {BALANCER_TYPES})",
+            &message[..cut]
+        ),
+        None => message.to_string(),
     }
 }
 

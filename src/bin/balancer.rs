@@ -1,6 +1,6 @@
 use clap::Parser;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
-use lbft::cli::{parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_duration, parse_size};
 use lbft::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -18,14 +18,15 @@ use std::time::Duration;
     after_help = "Example: balancer --local-servers 3   (balancer plus three servers in one process)"
 )]
 struct Args {
-    /// Address to accept clients on (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:60002")]
+    /// Address to accept clients on, HOST:PORT (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:60002", value_parser = parse_addr)]
     listen: SocketAddr,
-    /// Storage servers to use, comma separated. Ignored with --local-servers.
+    /// Storage servers to use, HOST:PORT comma separated. Ignored with --local-servers.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003"
+        default_value = "127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003",
+        value_parser = parse_addr
     )]
     servers: Vec<SocketAddr>,
     /// Protocol spoken to the servers: `framed` (ours, acknowledged) or
@@ -96,7 +97,7 @@ struct Args {
     #[arg(long, value_name = "ID")]
     balancer_id: Option<u16>,
     /// Serve Prometheus metrics on this address (GET /metrics).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     metrics: Option<SocketAddr>,
     /// Log file, appended to.
     #[arg(long, default_value = "loadbalancer.log")]

@@ -1,25 +1,35 @@
 use clap::{Parser, Subcommand};
-use lbft::cli::parse_duration;
+use crossbeam_channel::Sender;
+use lbft::cli::{parse_addr, parse_count, parse_duration, parse_size};
 use lbft::client::admin::AdminCommand;
 use lbft::client::status::StatusOptions;
 use lbft::client::{self, Config};
-use std::io::{self, Write};
+use signal_hook::consts::SIGINT;
+use signal_hook::iterator::{Handle, Signals};
+use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Client: sends documents to the balancer and shows where each one was
-/// stored. Without a command it starts an interactive prompt (commands FTP
-/// and exit). At most --window requests are unanswered at a time, so any
-/// count runs in the same memory. Exits 0 only when every document sent was
+/// stored. Without a command it starts an interactive prompt (commands FTP,
+/// CALC, help and exit). Results are printed as they arrive, in the order
+/// the servers finish them; batches of more than 50 show progress and list
+/// only failures. At most --window requests are unanswered at a time, so any
+/// count runs in the same memory. Ctrl-C stops a batch with a summary of
+/// what was done (exit code 130). Exits 0 only when every document sent was
 /// stored (or every computation done): a failed or unknown one (the
 /// connection closed before its answer) makes the exit code 1.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Example: client ftp 20   (with a balancer started by `balancer --local-servers 3`)"
+)]
 struct Args {
-    /// Balancer address.
-    #[arg(long, global = true, default_value = "127.0.0.1:60002")]
+    /// Balancer address, HOST:PORT.
+    #[arg(long, global = true, default_value = "127.0.0.1:60002", value_parser = parse_addr)]
     balancer: SocketAddr,
     /// Folder of sample documents picked by `ftp`.
     #[arg(long, global = true, default_value = "file", value_name = "DIR")]
@@ -31,6 +41,10 @@ struct Args {
     #[arg(long, global = true, default_value_t = client::DEFAULT_WINDOW,
           value_parser = parse_window)]
     window: usize,
+    /// The balancer's largest frame (its --max-frame): a document whose
+    /// request is larger is not sent.
+    #[arg(long, global = true, default_value = "8MiB", value_parser = parse_size)]
+    max_frame: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -39,7 +53,7 @@ struct Args {
 enum Command {
     /// Send N documents picked at random from the documents folder.
     Ftp {
-        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(value_parser = parse_count)]
         count: u64,
     },
     /// Send the given JSON documents ({"titolo": ..., "contenuto": ...}).
@@ -50,7 +64,7 @@ enum Command {
     /// Send N compute requests, each with an operation drawn at random
     /// (somma, sottrazione, moltiplicazione, divisione).
     Calc {
-        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(value_parser = parse_count)]
         count: u64,
     },
     /// Show every server known to the balancer: health, CPU, memory, disk,
@@ -96,13 +110,45 @@ fn parse_window(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Ctrl-C during a batch is handed to the batch, which stops with a
+/// summary; when no batch takes it (at the prompt, during `status`) the
+/// client exits 130 at once, as it would without a handler.
+fn on_interrupt(batch: Sender<()>) -> io::Result<(Handle, JoinHandle<()>)> {
+    let mut signals = Signals::new([SIGINT])?;
+    let handle = signals.handle();
+    let thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                // A batch waiting for answers takes it at once; the bound
+                // only covers a batch busy between two answers.
+                if batch.send_timeout((), Duration::from_millis(500)).is_err() {
+                    std::process::exit(130);
+                }
+            }
+        })?;
+    Ok((handle, thread))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Zero capacity: a Ctrl-C reaches a batch that is running, or nobody.
+    let (interrupt_tx, interrupt) = crossbeam_channel::bounded(0);
+    let signals = match on_interrupt(interrupt_tx) {
+        Ok(signals) => Some(signals),
+        Err(e) => {
+            eprintln!("client: Ctrl-C will stop without a summary: {e}");
+            None
+        }
+    };
     let config = Config {
         balancer: args.balancer,
         documents: args.documents,
         reply_timeout: args.timeout,
         window: args.window,
+        max_frame: args.max_frame,
+        terminal: io::stdout().is_terminal(),
+        interrupt: Some(interrupt),
         ..Config::default()
     };
     let mut out = io::stdout().lock();
@@ -136,9 +182,15 @@ fn main() -> ExitCode {
         }
     };
     let _ = out.flush();
+    drop(out);
+    if let Some((handle, thread)) = signals {
+        handle.close();
+        let _ = thread.join();
+    }
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        Err(client::Error::Interrupted) => ExitCode::from(130),
         Err(e) => {
             eprintln!("client: {e}");
             ExitCode::FAILURE

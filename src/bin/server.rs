@@ -1,5 +1,5 @@
 use clap::Parser;
-use lbft::cli::{parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_duration, parse_size};
 use lbft::server::registrar::{Registrar, RegistrarSettings};
 use lbft::server::{Config, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -21,8 +21,8 @@ struct Args {
     /// Port to listen on, on 127.0.0.1.
     #[arg(long, conflicts_with = "listen")]
     port: Option<u16>,
-    /// Address to listen on (port 0 picks a free port). Default 127.0.0.1:5001.
-    #[arg(long)]
+    /// Address to listen on, HOST:PORT (port 0 picks a free port). Default 127.0.0.1:5001.
+    #[arg(long, value_parser = parse_addr)]
     listen: Option<SocketAddr>,
     /// Storage folder. Default: json_files/<port>.
     #[arg(long, value_name = "PATH")]
@@ -55,8 +55,8 @@ struct Args {
     /// Join these balancers' pools (comma separated): register, repeat it
     /// every --heartbeat, and on SIGINT/SIGTERM leave once the balancers
     /// have let the requests in flight finish.
-    #[arg(long, value_delimiter = ',', value_name = "ADDR")]
-    balancer: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_name = "ADDR", value_parser = parse_addr)]
+    balancer: Vec<SocketAddr>,
     /// How often to tell the balancers this server is still there.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat: Duration,
@@ -103,13 +103,8 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     let registrar = if args.balancer.is_empty() {
         None
     } else {
-        let balancers = args
-            .balancer
-            .iter()
-            .map(|b| lbft::net::resolve(b).map_err(lbft::Error::Config))
-            .collect::<Result<Vec<_>, _>>()?;
         Some(Registrar::start(
-            &balancers,
+            &args.balancer,
             RegistrarSettings {
                 advertise: handle.addr(),
                 heartbeat: args.heartbeat,

@@ -18,6 +18,7 @@ use crate::proto::{self, ErrorCode, ErrorReply, FrameReader, FrameWriter, Reply,
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
 
 /// Requests in flight on one connection unless configured otherwise: enough
 /// to keep a balancer busy across a round trip, small enough that what the
@@ -108,29 +109,84 @@ enum End {
     Closed(String),
 }
 
-/// Sends requests `1..=count` on one connection, at most `config.window`
-/// unanswered at a time, and calls `report(id, meta, fate)` once per id
-/// (`meta` is `None` for a request the connection ended before it was made).
+/// Whoever is told what became of each request.
+pub trait Observer<M> {
+    /// Called once per id (`meta` is `None` for a request the connection
+    /// ended before it was made).
+    fn report(&mut self, id: u64, meta: Option<M>, fate: Fate);
+
+    /// Called when no answer has come for `QUIET_AFTER` while requests are
+    /// outstanding; again after the next answer and another quiet stretch.
+    fn quiet(&mut self) {}
+}
+
+impl<M, F: FnMut(u64, Option<M>, Fate)> Observer<M> for F {
+    fn report(&mut self, id: u64, meta: Option<M>, fate: Fate) {
+        self(id, meta, fate)
+    }
+}
+
+/// How long without an answer before the observer is told it is quiet.
+pub const QUIET_AFTER: Duration = Duration::from_secs(2);
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    /// How the connection ended, when it ended before every request was
+    /// answered.
+    pub note: Option<String>,
+    /// Set when the user interrupted the run (`Config::interrupt`); the
+    /// requests it counts were not reported.
+    pub interrupted: Option<Interrupted>,
+}
+
+/// What was left when the user interrupted a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted {
+    /// Sent and not answered: they may still be carried out.
+    pub in_flight: u64,
+    /// Never sent.
+    pub never_sent: u64,
+}
+
+/// Connects to the balancer with the configured timeouts.
+pub fn connect(config: &Config) -> Result<TcpStream, Error> {
+    crate::net::connect(
+        &config.balancer,
+        config.connect_timeout,
+        config.reply_timeout,
+    )
+    .map_err(|e| Error::Connect(config.balancer, e))
+}
+
+/// Connects, then runs as `run_on`; returns the note of the outcome.
+pub fn run<M: Send + 'static>(
+    config: &Config,
+    count: u64,
+    make: impl FnMut(u64) -> Prepared<M> + Send + 'static,
+    report: impl FnMut(u64, Option<M>, Fate),
+) -> Result<Option<String>, Error> {
+    let stream = connect(config)?;
+    Ok(run_on(stream, config, count, make, report)?.note)
+}
+
+/// Sends requests `1..=count` on `stream`, at most `config.window`
+/// unanswered at a time, and reports each id once to `observer`.
 ///
 /// `make(id)` runs on the writer thread when request `id` has a slot in the
 /// window, so requests are built one at a time, never all up front; the
 /// request it returns must carry that id. `meta` is held only while its
 /// request is outstanding.
 ///
-/// Returns a note on how the connection ended when it ended before every
-/// request was answered.
-pub fn run<M: Send + 'static>(
+/// A message on `config.interrupt` stops the run: what is outstanding or
+/// not yet made is then counted in the outcome, not reported.
+pub fn run_on<M: Send + 'static>(
+    stream: TcpStream,
     config: &Config,
     count: u64,
     make: impl FnMut(u64) -> Prepared<M> + Send + 'static,
-    mut report: impl FnMut(u64, Option<M>, Fate),
-) -> Result<Option<String>, Error> {
-    let stream = crate::net::connect(
-        &config.balancer,
-        config.connect_timeout,
-        config.reply_timeout,
-    )
-    .map_err(|e| Error::Connect(config.balancer, e))?;
+    mut observer: impl Observer<M>,
+) -> Result<Outcome, Error> {
     let (entry, exit) = window(config.window);
     // Bounded so that a peer flooding replies is held back by the socket;
     // the writer never has more than the window's worth of events queued.
@@ -161,11 +217,38 @@ pub fn run<M: Send + 'static>(
         }
     };
 
+    let never = crossbeam_channel::never();
+    let mut interrupt = config.interrupt.as_ref().unwrap_or(&never);
+    let mut interrupted = false;
+    // Quiet is told once per stretch without answers.
+    let mut quiet_told = false;
     let mut books = Books::new(count);
-    // Phase 1: until every id is reported or the connection has ended.
+    // Phase 1: until every id is reported, the connection has ended or the
+    // user interrupts.
     while !books.settled() {
-        let Ok(event) = events.recv() else { break };
-        books.apply(event, &exit, &mut report);
+        crossbeam_channel::select! {
+            recv(events) -> event => {
+                let Ok(event) = event else { break };
+                if matches!(event, Event::Reply(_)) {
+                    quiet_told = false;
+                }
+                books.apply(event, &exit, &mut observer);
+            }
+            recv(interrupt) -> signal => match signal {
+                Ok(()) => {
+                    interrupted = true;
+                    break;
+                }
+                // Nobody can interrupt any more.
+                Err(_) => interrupt = &never,
+            },
+            default(QUIET_AFTER) => {
+                if !quiet_told && !books.outstanding.is_empty() {
+                    quiet_told = true;
+                    observer.quiet();
+                }
+            }
+        }
     }
     // Why it stopped is settled now: what phase 2 sees follows from our
     // own shutdown.
@@ -176,7 +259,7 @@ pub fn run<M: Send + 'static>(
     drop(exit);
     while !(books.writer_done.is_some() && books.end.is_some()) {
         let Ok(event) = events.recv() else { break };
-        books.apply_late(event, &mut report);
+        books.apply_late(event, &mut observer);
     }
     drop(events);
     if writer.join().is_err() {
@@ -185,7 +268,20 @@ pub fn run<M: Send + 'static>(
     if reader.join().is_err() {
         log::error!("the client's reader thread panicked");
     }
-    Ok(books.finish(&cause, &mut report))
+    if interrupted {
+        let in_flight = books.outstanding.len() as u64;
+        return Ok(Outcome {
+            note: None,
+            interrupted: Some(Interrupted {
+                in_flight,
+                never_sent: count - books.reported - in_flight,
+            }),
+        });
+    }
+    Ok(Outcome {
+        note: books.finish(&cause, &mut observer),
+        interrupted: None,
+    })
 }
 
 /// The bookkeeper's state: what is outstanding and how far things got.
@@ -220,12 +316,7 @@ impl<M> Books<M> {
             || (self.writer_done.is_some() && self.outstanding.is_empty())
     }
 
-    fn apply(
-        &mut self,
-        event: Event<M>,
-        exit: &WindowExit,
-        report: &mut impl FnMut(u64, Option<M>, Fate),
-    ) {
+    fn apply(&mut self, event: Event<M>, exit: &WindowExit, observer: &mut impl Observer<M>) {
         match event {
             Event::Sending(id, meta) => {
                 self.made = id;
@@ -235,7 +326,7 @@ impl<M> Books<M> {
                 self.made = id;
                 exit.leave();
                 self.reported += 1;
-                report(id, Some(meta), Fate::NotSent(why));
+                observer.report(id, Some(meta), Fate::NotSent(why));
             }
             Event::WriterDone(why) => self.writer_done = Some(why),
             Event::Reply(reply) => {
@@ -253,7 +344,7 @@ impl<M> Books<M> {
                 };
                 exit.leave();
                 self.reported += 1;
-                report(id, Some(meta), Fate::Answered(answer));
+                observer.report(id, Some(meta), Fate::Answered(answer));
             }
             Event::End(end) => self.end = Some(end),
         }
@@ -263,7 +354,7 @@ impl<M> Books<M> {
     /// join the outstanding ones (no answer can come for them now), and
     /// the window is gone. A reply here answers nothing outstanding: the
     /// reader's end comes after every reply it read.
-    fn apply_late(&mut self, event: Event<M>, report: &mut impl FnMut(u64, Option<M>, Fate)) {
+    fn apply_late(&mut self, event: Event<M>, observer: &mut impl Observer<M>) {
         match event {
             Event::Sending(id, meta) => {
                 self.made = id;
@@ -272,7 +363,7 @@ impl<M> Books<M> {
             Event::NotMade(id, meta, why) => {
                 self.made = id;
                 self.reported += 1;
-                report(id, Some(meta), Fate::NotSent(why));
+                observer.report(id, Some(meta), Fate::NotSent(why));
             }
             Event::WriterDone(why) => self.writer_done = Some(why),
             Event::Reply(_) => {}
@@ -295,11 +386,7 @@ impl<M> Books<M> {
 
     /// Reports what is left once both threads are done; returns the note on
     /// how the connection ended, if anything was left.
-    fn finish(
-        mut self,
-        cause: &str,
-        report: &mut impl FnMut(u64, Option<M>, Fate),
-    ) -> Option<String> {
+    fn finish(mut self, cause: &str, observer: &mut impl Observer<M>) -> Option<String> {
         if self.reported == self.count {
             return None;
         }
@@ -313,7 +400,7 @@ impl<M> Books<M> {
             } else {
                 Fate::Unknown
             };
-            report(id, Some(meta), fate);
+            observer.report(id, Some(meta), fate);
         }
         let unmade = self.count - self.made;
         for id in self.made + 1..=self.count {
@@ -322,7 +409,7 @@ impl<M> Books<M> {
             } else {
                 Fate::NotSent(cause.to_string())
             };
-            report(id, None, fate);
+            observer.report(id, None, fate);
         }
         Some(format!(
             "{cause}; {unanswered} sent and unanswered, {unmade} never sent"

@@ -61,19 +61,44 @@ impl Tally {
         self.failed == 0 && self.unknown == 0
     }
 
-    /// `"{n} {noun}: {done} {verb}, {failed} failed[, {unknown} unknown]
-    /// (per server: a: x, b: y)"`; the unknown count and the per-server part
-    /// only when there is something to show.
+    pub fn failed(&self) -> usize {
+        self.failed
+    }
+
+    /// `"{n} {noun}s: {done} {verb}, {failed} failed[, {unknown} unknown]
+    /// (per server: a: x, b: y)"`; `noun` is singular; the unknown count and
+    /// the per-server part only when there is something to show.
     pub fn summary(&self, noun: &str, verb: &str) -> String {
-        let mut text = format!(
-            "{} {noun}: {} {verb}, {} failed",
+        let head = counted(self.total() as u64, noun);
+        self.summary_after(&head, verb, "")
+    }
+
+    /// The summary of a run the user interrupted: what was answered, and
+    /// what was left in flight (it may still be carried out) or never sent.
+    pub fn summary_interrupted(
+        &self,
+        count: u64,
+        noun: &str,
+        verb: &str,
+        in_flight: u64,
+        never_sent: u64,
+    ) -> String {
+        let head = format!(
+            "interrupted after {} of {}",
             self.total(),
-            self.done,
-            self.failed
+            counted(count, noun)
         );
+        let rest =
+            format!(", {in_flight} in flight (may still be {verb}), {never_sent} never sent");
+        self.summary_after(&head, verb, &rest)
+    }
+
+    fn summary_after(&self, head: &str, verb: &str, rest: &str) -> String {
+        let mut text = format!("{head}: {} {verb}, {} failed", self.done, self.failed);
         if self.unknown > 0 {
             text.push_str(&format!(", {} unknown", self.unknown));
         }
+        text.push_str(rest);
         if !self.per_server.is_empty() {
             let spread: Vec<String> = self
                 .per_server
@@ -83,6 +108,26 @@ impl Tally {
             text.push_str(&format!(" (per server: {})", spread.join(", ")));
         }
         text
+    }
+}
+
+/// `1 document`, `2 documents`: `noun` is singular and takes an `s`.
+pub fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A result for people: at most 2 decimals, no trailing zeros
+/// (`2.33`, `2.5`, `12`). The wire keeps full precision.
+pub fn rounded(x: f64) -> String {
+    let text = format!("{x:.2}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    match text {
+        "-0" => "0".to_string(),
+        t => t.to_string(),
     }
 }
 
@@ -148,7 +193,7 @@ pub fn describe_calc(index: u64, total: u64, fate: &Fate) -> (String, Verdict<'_
                 c.a,
                 c.operation.symbol(),
                 c.b,
-                c.result,
+                rounded(c.result),
                 c.operation,
                 c.server
             ),
@@ -195,7 +240,7 @@ mod tests {
         }));
         let t = tally(&[stored("s1", 1), stored("s2", 2), stored("s1", 3), no_server]);
         assert_eq!(
-            t.summary("documents", "stored"),
+            t.summary("document", "stored"),
             "4 documents: 3 stored, 1 failed (per server: s1: 2, s2: 1)"
         );
         assert!(!t.all_done());
@@ -210,14 +255,14 @@ mod tests {
             Fate::Unknown,
         ]);
         assert_eq!(
-            t.summary("documents", "stored"),
+            t.summary("document", "stored"),
             "4 documents: 1 stored, 1 failed, 2 unknown (per server: s1: 1)"
         );
         assert!(!t.all_done());
         let t = tally(&[Fate::NotSent("gone".into())]);
         assert_eq!(
-            t.summary("documents", "stored"),
-            "1 documents: 0 stored, 1 failed"
+            t.summary("document", "stored"),
+            "1 document: 0 stored, 1 failed"
         );
         let t = tally(&[stored("s1", 1)]);
         assert!(t.all_done());
@@ -255,6 +300,25 @@ mod tests {
         assert_eq!(
             line,
             "  FAIL  [ 4/12] not sent: the balancer closed the connection"
+        );
+    }
+
+    #[test]
+    fn results_are_rounded_for_people() {
+        assert_eq!(rounded(7.0 / 3.0), "2.33");
+        assert_eq!(rounded(2.5), "2.5");
+        assert_eq!(rounded(12.0), "12");
+        assert_eq!(rounded(-0.001), "0");
+        assert_eq!(rounded(-1.126), "-1.13");
+    }
+
+    #[test]
+    fn interrupted_summary_counts_what_is_in_flight() {
+        let t = tally(&[stored("s1", 1), Fate::NotSent("too large".into())]);
+        assert_eq!(
+            t.summary_interrupted(10, "document", "stored", 3, 5),
+            "interrupted after 2 of 10 documents: 1 stored, 1 failed, \
+             3 in flight (may still be stored), 5 never sent (per server: s1: 1)"
         );
     }
 

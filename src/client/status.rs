@@ -84,7 +84,7 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
 
 /// Asks the balancer for its list of servers on a fresh connection (a fresh
 /// one each time, so a watch survives a balancer restart).
-pub fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
+pub(crate) fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
     let addr = config.balancer;
     let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
         .map_err(|e| Error::Connect(addr, e))?;

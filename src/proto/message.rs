@@ -12,6 +12,24 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     serde_json::to_vec(msg).expect("protocol messages always serialise")
 }
 
+/// How many bytes `encode(msg)` makes, without making them: the client
+/// checks a request against the frame limit before sending it.
+pub fn encoded_len<T: Serialize>(msg: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, msg).expect("protocol messages always serialise");
+    count.0
+}
+
 /// A message family that can be decoded from a frame: requests or replies.
 pub trait Message: DeserializeOwned + Serialize {
     /// The `"type"` values of this family, to tell an unknown type apart from
