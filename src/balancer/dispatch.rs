@@ -25,7 +25,7 @@ use super::stats::Stats;
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
-use crate::policy::{Candidate, Policy};
+use crate::policy::{Candidate, Load, Policy};
 use crate::proto::{self, ErrorCode, Operation, Reply};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -178,6 +178,8 @@ pub enum Event {
 struct Slot {
     name: String,
     health: Health,
+    /// Its figures from the last status probe that gave some.
+    load: Option<Load>,
     /// Jobs handed to its link and not yet answered.
     in_flight: usize,
     link: LinkHandle,
@@ -194,6 +196,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Servers can be told to forget numbers (not so the original format).
     pub forget: bool,
+    /// Good probes in a row that bring a down server back.
+    pub rise: u32,
+    /// Failed probes in a row that take a server down.
+    pub fall: u32,
 }
 
 pub struct Dispatcher {
@@ -225,7 +231,8 @@ impl Dispatcher {
             .map(|(id, name, link)| {
                 let slot = Slot {
                     name,
-                    health: Health::default(),
+                    health: Health::new(settings.rise, settings.fall),
+                    load: None,
                     in_flight: 0,
                     link,
                     forget: BTreeSet::new(),
@@ -427,6 +434,7 @@ impl Dispatcher {
                     && s.in_flight < self.settings.max_in_flight
                     && !avoid.contains(id),
                 in_flight: s.in_flight,
+                load: s.load,
             })
             .collect()
     }
@@ -495,6 +503,15 @@ impl Dispatcher {
         match event {
             Event::Probes(observations) => {
                 for (server, observation) in &observations {
+                    if let (
+                        Observation::ProbeOk {
+                            load: Some(load), ..
+                        },
+                        Some(slot),
+                    ) = (observation, self.slots.get_mut(server))
+                    {
+                        slot.load = Some(*load);
+                    }
                     self.observe(*server, observation);
                 }
                 self.send_forgets();
@@ -505,6 +522,7 @@ impl Dispatcher {
                 uncertain,
             } => {
                 self.finished(server);
+                self.observe(server, &Observation::Served);
                 for other in uncertain.into_iter().filter(|s| *s != server) {
                     if let Some(slot) = self.slots.get_mut(&other) {
                         log::warn!(
@@ -545,6 +563,9 @@ impl Dispatcher {
                 self.finished(server);
                 if link_failed {
                     self.observe(server, &Observation::LinkFailed(reason.clone()));
+                } else if reason.starts_with(&format!("{}:", ErrorCode::Storage)) {
+                    // The link words an error reply as "<code>: <message>".
+                    self.observe(server, &Observation::StorageFailed(reason.clone()));
                 }
                 self.retry(server, *job, reason, delivered);
             }
@@ -799,6 +820,9 @@ mod tests {
             queue_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             forget: true,
+            // One probe decides, as these tests were written for.
+            rise: 1,
+            fall: 1,
         }
     }
 
@@ -816,12 +840,7 @@ mod tests {
 
     fn all_up(d: &mut Dispatcher, n: usize) {
         let obs = (0..n)
-            .map(|i| {
-                (
-                    ServerId(i as u32),
-                    Observation::ProbeOk { overloaded: false },
-                )
-            })
+            .map(|i| (ServerId(i as u32), Observation::probe_ok(false)))
             .collect();
         d.on_event(Event::Probes(obs));
     }
@@ -934,7 +953,7 @@ mod tests {
     fn the_same_server_again_only_when_no_other_can_take_it() {
         let (mut d, links) = setup(2, settings());
         all_up(&mut d, 2);
-        probe(&mut d, 1, Observation::ProbeOk { overloaded: true });
+        probe(&mut d, 1, Observation::probe_ok(true));
         let (a, _ra) = job(1);
         d.submit(a);
         let a = links[0].jobs.recv().unwrap();
@@ -959,7 +978,7 @@ mod tests {
                 ..settings()
             },
         );
-        probe(&mut d, 0, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 0, Observation::probe_ok(false));
         let mut replies = Vec::new();
         for i in 0..3 {
             let (j, rx) = job(i);
@@ -967,7 +986,7 @@ mod tests {
             d.submit(j);
         }
         assert_eq!(links[0].jobs.len(), 3);
-        probe(&mut d, 1, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 1, Observation::probe_ok(false));
         probe(&mut d, 0, Observation::ProbeFailed("hung".into()));
         assert_eq!(links[0].jobs.len(), 0);
         let moved: Vec<u64> = links[1].jobs.try_iter().map(|j| j.id).collect();
