@@ -970,6 +970,48 @@ mod tests {
     }
 
     #[test]
+    fn storage_errors_in_a_row_take_a_server_down_and_probes_give_its_load() {
+        let (mut d, links) = setup(
+            1,
+            Settings {
+                max_attempts: 5,
+                ..settings()
+            },
+        );
+        let load = Load {
+            cpu_percent: 50.0,
+            ..Load::default()
+        };
+        probe(
+            &mut d,
+            0,
+            Observation::ProbeOk {
+                overloaded: false,
+                can_store: true,
+                load: Some(load),
+            },
+        );
+        assert_eq!(d.candidates(&[])[0].load, Some(load));
+        let (a, _ra) = job(1);
+        d.submit(a);
+        for _ in 0..3 {
+            let a = links[0]
+                .jobs
+                .try_recv()
+                .expect("sent again to the only server");
+            d.on_event(Event::Retry {
+                server: ServerId(0),
+                job: Box::new(a),
+                reason: "storage: disk full".into(),
+                link_failed: false,
+                delivered: true,
+            });
+        }
+        assert_eq!(d.slots[&ServerId(0)].health.state(), State::Down);
+        assert_eq!(d.waiting.len(), 1, "waits for a server that can store");
+    }
+
+    #[test]
     fn a_down_server_gives_back_what_it_has_not_sent() {
         let (mut d, links) = setup(
             2,
