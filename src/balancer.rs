@@ -20,7 +20,7 @@ pub mod stats;
 use crate::error::Error;
 use crate::ids;
 use crate::net;
-use crate::policy::RoundRobin;
+use crate::policy::PolicyKind;
 use crate::proto;
 use backend::BackendSettings;
 use crossbeam_channel::{Receiver, Sender};
@@ -90,6 +90,12 @@ pub struct Config {
     pub balancer_id: Option<u16>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Which server takes the next request.
+    pub policy: PolicyKind,
+    /// Good status probes in a row that bring a down server back.
+    pub rise: u32,
+    /// Failed status probes in a row that take a server down.
+    pub fall: u32,
 }
 
 impl Default for Config {
@@ -114,6 +120,9 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             balancer_id: None,
             metrics: None,
+            policy: PolicyKind::RoundRobin,
+            rise: crate::health::DEFAULT_RISE,
+            fall: crate::health::DEFAULT_FALL,
         }
     }
 }
@@ -127,9 +136,14 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn bind(config: Config) -> Result<Balancer, Error> {
-        if config.max_attempts == 0 || config.max_in_flight == 0 || config.client_window == 0 {
+        if config.max_attempts == 0
+            || config.max_in_flight == 0
+            || config.client_window == 0
+            || config.rise == 0
+            || config.fall == 0
+        {
             return Err(Error::Config(
-                "--max-attempts, --max-in-flight and --client-window must be at least 1".into(),
+                "--max-attempts, --max-in-flight, --client-window, --rise and --fall must be at least 1".into(),
             ));
         }
         if config.max_queued_bytes < config.max_frame {
@@ -220,7 +234,7 @@ impl Balancer {
             &addrs,
             Box::new(spawner),
             roster.clone(),
-            Box::<RoundRobin>::default(),
+            config.policy.build(),
             ids::Generator::new(ids::Source::Balancer, node),
             Settings {
                 max_attempts: config.max_attempts,
@@ -228,6 +242,8 @@ impl Balancer {
                 queue_timeout: config.queue_timeout,
                 drain_timeout: config.drain_timeout,
                 forget: config.backend_wire == BackendWire::Framed,
+                rise: config.rise,
+                fall: config.fall,
             },
             stats.clone(),
         )?;

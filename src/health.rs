@@ -2,6 +2,7 @@
 //! fed with probe results and forwarding failures. Pure code: it decides,
 //! the dispatcher acts and logs.
 
+use crate::policy::Load;
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -28,11 +29,33 @@ impl fmt::Display for State {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
     /// The server answered a status probe.
-    ProbeOk { overloaded: bool },
+    ProbeOk {
+        overloaded: bool,
+        /// It can write to its storage folder (always true for servers
+        /// that do not say).
+        can_store: bool,
+        /// Its figures, for the `resources` policy; the health ignores them.
+        load: Option<Load>,
+    },
     /// The probe could not connect, timed out, or got garbage.
     ProbeFailed(String),
     /// Forwarding a request failed on the connection itself.
     LinkFailed(String),
+    /// A forwarded request was carried out.
+    Served,
+    /// The server answered a forward with a storage error.
+    StorageFailed(String),
+}
+
+impl Observation {
+    /// A probe answer from a server that can store and gave no figures.
+    pub fn probe_ok(overloaded: bool) -> Observation {
+        Observation::ProbeOk {
+            overloaded,
+            can_store: true,
+            load: None,
+        }
+    }
 }
 
 /// A change of state worth logging.
@@ -58,20 +81,60 @@ impl Transition {
     }
 }
 
+/// Consecutive good probes that bring a down server back, by default.
+pub const DEFAULT_RISE: u32 = 2;
+/// Consecutive failed probes that take a server down, by default.
+pub const DEFAULT_FALL: u32 = 2;
+/// Storage errors in a row, with no successful forward between them, that
+/// take a server down before its probes notice anything.
+pub const STORAGE_FAILURES: u32 = 3;
+
+/// The reason given when a server says it cannot write to its folder.
+pub const STORAGE_UNAVAILABLE: &str = "storage unavailable";
+
+/// One server's health.
+///
+/// Probes are sampled evidence, so one is not enough to change a server's
+/// fate: it goes down after `fall` failed probes in a row and comes back
+/// after `rise` good ones, and a single lost probe does not make it flap.
+/// Two exceptions: a server never seen yet (`Unknown`) is up at its first
+/// good probe, so that starting the system is not delayed; and first-hand
+/// evidence takes it down at once: a forward that failed on the connection,
+/// `STORAGE_FAILURES` storage errors in a row, or a probe answer saying it
+/// cannot store. Overloaded and back is the server's own word and is
+/// followed at once.
 #[derive(Debug, Clone)]
 pub struct Health {
     state: State,
+    rise: u32,
+    fall: u32,
+    /// Good probes in a row while down.
+    good: u32,
+    /// Failed probes in a row while not down.
+    bad: u32,
+    /// Storage errors since the last successful forward.
+    storage_errors: u32,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Health {
-            state: State::Unknown,
-        }
+        Health::new(DEFAULT_RISE, DEFAULT_FALL)
     }
 }
 
 impl Health {
+    /// `rise` and `fall` below 1 count as 1.
+    pub fn new(rise: u32, fall: u32) -> Health {
+        Health {
+            state: State::Unknown,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            good: 0,
+            bad: 0,
+            storage_errors: 0,
+        }
+    }
+
     pub fn state(&self) -> State {
         self.state
     }
@@ -84,14 +147,64 @@ impl Health {
     /// Applies an observation; returns the transition if the state changed.
     pub fn observe(&mut self, obs: &Observation) -> Option<Transition> {
         let (to, reason) = match obs {
-            Observation::ProbeOk { overloaded: false } => (State::Up, None),
-            Observation::ProbeOk { overloaded: true } => (State::Overloaded, None),
-            Observation::ProbeFailed(r) | Observation::LinkFailed(r) => {
+            Observation::ProbeOk {
+                can_store: false, ..
+            } => (State::Down, Some(STORAGE_UNAVAILABLE.to_string())),
+            Observation::ProbeOk { overloaded, .. } => {
+                self.bad = 0;
+                let answered = if *overloaded {
+                    State::Overloaded
+                } else {
+                    State::Up
+                };
+                if self.state == State::Down {
+                    self.good += 1;
+                    if self.good < self.rise {
+                        return None;
+                    }
+                }
+                (answered, None)
+            }
+            Observation::ProbeFailed(r) => {
+                self.good = 0;
+                if self.state == State::Down {
+                    return None;
+                }
+                self.bad += 1;
+                if self.bad < self.fall {
+                    return None;
+                }
                 (State::Down, Some(r.clone()))
             }
+            Observation::LinkFailed(r) => (State::Down, Some(r.clone())),
+            Observation::Served => {
+                self.storage_errors = 0;
+                return None;
+            }
+            Observation::StorageFailed(r) => {
+                self.storage_errors += 1;
+                if self.storage_errors < STORAGE_FAILURES {
+                    return None;
+                }
+                let why = format!(
+                    "{} storage errors in a row, the last: {r}",
+                    self.storage_errors
+                );
+                (State::Down, Some(why))
+            }
         };
+        if to == State::Down {
+            // Coming back always takes `rise` fresh good probes.
+            self.good = 0;
+        }
         if to == self.state {
             return None;
+        }
+        if self.state == State::Down || to == State::Down {
+            // Each side of down counts afresh.
+            self.good = 0;
+            self.bad = 0;
+            self.storage_errors = 0;
         }
         let from = std::mem::replace(&mut self.state, to);
         Some(Transition { from, to, reason })
@@ -102,6 +215,49 @@ impl Health {
 mod tests {
     use super::*;
 
+    fn ok() -> Observation {
+        Observation::probe_ok(false)
+    }
+
+    fn overloaded() -> Observation {
+        Observation::probe_ok(true)
+    }
+
+    fn failed() -> Observation {
+        Observation::ProbeFailed("refused".into())
+    }
+
+    fn cannot_store() -> Observation {
+        Observation::ProbeOk {
+            overloaded: false,
+            can_store: false,
+            load: None,
+        }
+    }
+
+    /// The state after each observation in turn.
+    fn run(h: &mut Health, observations: &[Observation]) -> Vec<State> {
+        observations
+            .iter()
+            .map(|o| {
+                h.observe(o);
+                h.state()
+            })
+            .collect()
+    }
+
+    fn up() -> Health {
+        let mut h = Health::new(2, 2);
+        h.observe(&ok()).unwrap();
+        h
+    }
+
+    fn down() -> Health {
+        let mut h = up();
+        h.observe(&Observation::LinkFailed("reset".into())).unwrap();
+        h
+    }
+
     #[test]
     fn starts_unknown_and_unavailable() {
         let h = Health::default();
@@ -110,33 +266,154 @@ mod tests {
     }
 
     #[test]
-    fn transitions_are_reported_once() {
-        let mut h = Health::default();
-        let t = h
-            .observe(&Observation::ProbeOk { overloaded: false })
-            .unwrap();
+    fn first_good_probe_brings_an_unknown_server_up_at_once() {
+        let mut h = Health::new(3, 3);
+        let t = h.observe(&ok()).unwrap();
         assert_eq!((t.from, t.to), (State::Unknown, State::Up));
         assert!(h.accepts_requests());
-        assert_eq!(h.observe(&Observation::ProbeOk { overloaded: false }), None);
+        let mut h = Health::new(3, 3);
+        assert_eq!(h.observe(&overloaded()).unwrap().to, State::Overloaded);
+    }
 
-        let t = h
-            .observe(&Observation::ProbeOk { overloaded: true })
-            .unwrap();
+    #[test]
+    fn an_unknown_server_goes_down_after_fall_failed_probes() {
+        let mut h = Health::new(2, 3);
+        assert_eq!(
+            run(&mut h, &[failed(), failed(), failed()]),
+            [State::Unknown, State::Unknown, State::Down]
+        );
+    }
+
+    #[test]
+    fn one_lost_probe_does_not_take_a_server_down() {
+        let mut h = up();
+        assert_eq!(
+            run(&mut h, &[failed(), ok(), failed(), ok()]),
+            [State::Up; 4]
+        );
+        // Two in a row do, with the last probe's reason.
+        assert_eq!(h.observe(&failed()), None);
+        let t = h.observe(&failed()).unwrap();
+        assert_eq!((t.from, t.to), (State::Up, State::Down));
+        assert_eq!(t.describe(), "down (refused)");
+        assert_eq!(h.observe(&failed()), None, "reported once");
+    }
+
+    #[test]
+    fn an_overloaded_server_falls_the_same_way() {
+        let mut h = up();
+        h.observe(&overloaded()).unwrap();
+        assert_eq!(
+            run(&mut h, &[failed(), failed()]),
+            [State::Overloaded, State::Down]
+        );
+    }
+
+    #[test]
+    fn a_down_server_comes_back_after_rise_good_probes_in_a_row() {
+        let mut h = Health::new(3, 2);
+        h.observe(&ok()).unwrap();
+        h.observe(&Observation::LinkFailed("reset".into())).unwrap();
+        assert_eq!(
+            run(&mut h, &[ok(), ok(), failed(), ok(), ok()]),
+            [State::Down; 5],
+            "a failed probe starts the count again"
+        );
+        let t = h.observe(&ok()).unwrap();
+        assert_eq!((t.from, t.to), (State::Down, State::Up));
+        assert_eq!(t.describe(), "up");
+        assert!(h.accepts_requests());
+    }
+
+    #[test]
+    fn a_down_server_may_come_back_overloaded() {
+        let mut h = down();
+        assert_eq!(
+            run(&mut h, &[overloaded(), overloaded()]),
+            [State::Down, State::Overloaded]
+        );
+    }
+
+    #[test]
+    fn overload_is_followed_at_once() {
+        let mut h = up();
+        let t = h.observe(&overloaded()).unwrap();
         assert_eq!(t.describe(), "overloaded");
         assert!(!h.accepts_requests());
-        let t = h
-            .observe(&Observation::ProbeOk { overloaded: false })
-            .unwrap();
+        let t = h.observe(&ok()).unwrap();
         assert_eq!(t.describe(), "recovered");
+        assert!(h.accepts_requests());
+    }
 
-        let t = h
-            .observe(&Observation::LinkFailed("refused".into()))
-            .unwrap();
-        assert_eq!(t.describe(), "down (refused)");
-        assert_eq!(h.observe(&Observation::ProbeFailed("refused".into())), None);
-        let t = h
-            .observe(&Observation::ProbeOk { overloaded: false })
-            .unwrap();
-        assert_eq!(t.describe(), "up");
+    #[test]
+    fn a_failed_forward_takes_a_server_down_at_once() {
+        for start in [up(), Health::new(2, 2)] {
+            let mut h = start;
+            let t = h
+                .observe(&Observation::LinkFailed("connection reset".into()))
+                .unwrap();
+            assert_eq!(t.to, State::Down);
+            assert_eq!(t.describe(), "down (connection reset)");
+        }
+        // And back only after `rise` probes.
+        let mut h = down();
+        assert_eq!(run(&mut h, &[ok(), ok()]), [State::Down, State::Up]);
+    }
+
+    #[test]
+    fn storage_errors_in_a_row_take_a_server_down() {
+        let mut h = up();
+        let storage = || Observation::StorageFailed("storage: disk full".into());
+        assert_eq!(h.observe(&storage()), None);
+        assert_eq!(h.observe(&storage()), None);
+        // A success in between starts the count again.
+        assert_eq!(h.observe(&Observation::Served), None);
+        assert_eq!(h.observe(&storage()), None);
+        assert_eq!(h.observe(&storage()), None);
+        assert_eq!(h.state(), State::Up);
+        let t = h.observe(&storage()).unwrap();
+        assert_eq!(t.to, State::Down);
+        assert_eq!(
+            t.describe(),
+            "down (3 storage errors in a row, the last: storage: disk full)"
+        );
+        // Back after `rise` probes, with the count cleared.
+        assert_eq!(run(&mut h, &[ok(), ok()]), [State::Down, State::Up]);
+        assert_eq!(h.observe(&storage()), None);
+    }
+
+    #[test]
+    fn a_server_that_cannot_store_is_out_until_it_can_for_rise_probes() {
+        for mut h in [up(), Health::new(2, 2)] {
+            let t = h.observe(&cannot_store()).unwrap();
+            assert_eq!(t.describe(), "down (storage unavailable)");
+            assert!(!h.accepts_requests());
+            assert_eq!(
+                run(&mut h, &[cannot_store(), ok(), cannot_store(), ok()]),
+                [State::Down; 4]
+            );
+            assert_eq!(h.observe(&ok()).unwrap().to, State::Up);
+        }
+    }
+
+    #[test]
+    fn served_and_probe_figures_change_nothing_by_themselves() {
+        let mut h = up();
+        assert_eq!(h.observe(&Observation::Served), None);
+        let with_load = Observation::ProbeOk {
+            overloaded: false,
+            can_store: true,
+            load: Some(Load::default()),
+        };
+        assert_eq!(h.observe(&with_load), None);
+        assert_eq!(h.state(), State::Up);
+    }
+
+    #[test]
+    fn rise_and_fall_of_zero_mean_one() {
+        let mut h = Health::new(0, 0);
+        h.observe(&ok());
+        assert_eq!(h.observe(&failed()).unwrap().to, State::Down);
+        assert_eq!(h.observe(&ok()).unwrap().to, State::Up);
     }
 }

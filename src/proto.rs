@@ -203,4 +203,25 @@ mod tests {
         assert!(ErrorCode::Storage.is_retryable());
         assert!(!ErrorCode::BadRequest.is_retryable());
     }
+
+    #[test]
+    fn status_fields_added_later_have_defaults() {
+        // A report from a server that predates them.
+        let old = br#"{"type":"status","id":3,"overloaded":false,"active":0,"max_active":64,
+            "memory_bytes":1,"max_memory_bytes":2,"cpu_percent":1.5,"memory_used_bytes":3,
+            "memory_total_bytes":4,"disk_used_bytes":5,"disk_free_bytes":6,"net_rx_bytes":7,
+            "net_tx_bytes":8,"uptime_secs":9,"files_stored":10}"#;
+        match decode::<Reply>(old).unwrap() {
+            Reply::Status(r) => {
+                assert!(r.storage_writable, "an older server is taken to store");
+                assert_eq!(r.process_cpu_percent, 0.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        let view: ServerView = serde_json::from_str(
+            r#"{"name":"s","state":"up","in_flight":0,"status":null,"check_ms":null}"#,
+        )
+        .unwrap();
+        assert_eq!(view.status_age_ms, None);
+    }
 }

@@ -88,6 +88,10 @@ fn status_reports_every_server_with_its_resources() {
         assert!(st.is_object(), "no status: {s}");
         let cpu = st["cpu_percent"].as_f64().unwrap();
         assert!((0.0..=100.0 * cores).contains(&cpu), "{s}");
+        let own = st["process_cpu_percent"].as_f64().unwrap();
+        assert!((0.0..=100.0 * cores).contains(&own), "{s}");
+        assert_eq!(st["storage_writable"], true, "{s}");
+        assert!(s["status_age_ms"].is_u64(), "{s}");
         let total = st["memory_total_bytes"].as_u64().unwrap();
         let used = st["memory_used_bytes"].as_u64().unwrap();
         assert!(total > used && used > 0, "{s}");
@@ -107,8 +111,10 @@ fn status_reports_every_server_with_its_resources() {
             .find(|l| l.starts_with(name))
             .unwrap_or_else(|| panic!("no row for {name} in:\n{stdout}"));
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells.len(), 10, "{row}");
+        assert_eq!(cells.len(), 11, "{row}");
         assert_eq!(cells[1], "up", "{row}");
+        assert!(cells[2].contains('/'), "process/host CPU: {row}");
+        assert!(cells[10].ends_with('s'), "report age: {row}");
         assert_eq!(cells[8], files.to_string(), "{row}");
     }
     let first = stdout.lines().next().unwrap();

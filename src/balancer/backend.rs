@@ -9,6 +9,7 @@ use super::dispatch::Work;
 use super::BackendWire;
 use crate::health::Observation;
 use crate::net;
+use crate::policy::Load;
 use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StatusReport};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -236,6 +237,8 @@ fn probe_framed(
         Ok(Reply::Status(report)) => (
             Observation::ProbeOk {
                 overloaded: report.overloaded,
+                can_store: report.storage_writable,
+                load: Some(load_of(&report)),
             },
             Some(report),
         ),
@@ -247,6 +250,28 @@ fn probe_framed(
             Observation::ProbeFailed(format!("status probe failed: {e}")),
             None,
         ),
+    }
+}
+
+/// The figures of a status report the `resources` policy weighs. A
+/// report without memory or disk totals (unknown to the server) counts as
+/// plenty free rather than as full.
+fn load_of(report: &StatusReport) -> Load {
+    let fraction = |part: u64, whole: u64| {
+        if whole == 0 {
+            None
+        } else {
+            Some((part as f64 / whole as f64) as f32)
+        }
+    };
+    let disk_total = report
+        .disk_used_bytes
+        .saturating_add(report.disk_free_bytes);
+    Load {
+        cpu_percent: report.cpu_percent,
+        memory_fraction: fraction(report.memory_used_bytes, report.memory_total_bytes)
+            .unwrap_or(0.0),
+        disk_free_fraction: fraction(report.disk_free_bytes, disk_total).unwrap_or(1.0),
     }
 }
 
@@ -307,10 +332,34 @@ fn probe_legacy(mut stream: TcpStream) -> Observation {
         .and_then(|()| stream.read_exact(&mut byte));
     match (result, byte[0]) {
         (Err(e), _) => Observation::ProbeFailed(format!("status probe failed: {e}")),
-        (Ok(()), 0) => Observation::ProbeOk { overloaded: false },
-        (Ok(()), 1) => Observation::ProbeOk { overloaded: true },
+        (Ok(()), 0) => Observation::probe_ok(false),
+        (Ok(()), 1) => Observation::probe_ok(true),
         (Ok(()), other) => {
             Observation::ProbeFailed(format!("status byte {other:#04x} is neither 0 nor 1"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_figures_from_a_report() {
+        let report = StatusReport {
+            cpu_percent: 42.0,
+            memory_used_bytes: 1,
+            memory_total_bytes: 4,
+            disk_used_bytes: 3,
+            disk_free_bytes: 1,
+            ..StatusReport::default()
+        };
+        let load = load_of(&report);
+        assert_eq!(load.cpu_percent, 42.0);
+        assert_eq!(load.memory_fraction, 0.25);
+        assert_eq!(load.disk_free_fraction, 0.25);
+        // Totals the server could not read are not taken for a full disk.
+        let load = load_of(&StatusReport::default());
+        assert_eq!((load.memory_fraction, load.disk_free_fraction), (0.0, 1.0));
     }
 }

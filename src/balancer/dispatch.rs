@@ -31,7 +31,7 @@ use super::stats::Stats;
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
-use crate::policy::{Candidate, Policy};
+use crate::policy::{Candidate, Load, Policy};
 use crate::proto::{self, ErrorCode, Operation, Reply};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -196,6 +196,8 @@ struct Slot {
     health: Health,
     /// Leaving once its requests in flight are done; whom to tell then.
     draining: Option<Vec<(u64, Sender<Reply>)>>,
+    /// Its figures from the last status probe that gave some.
+    load: Option<Load>,
     /// Jobs handed to its link and not yet answered.
     in_flight: usize,
     link: LinkHandle,
@@ -212,6 +214,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Servers can be told to forget numbers (not so the original format).
     pub forget: bool,
+    /// Good probes in a row that bring a down server back.
+    pub rise: u32,
+    /// Failed probes in a row that take a server down.
+    pub fall: u32,
 }
 
 pub struct Dispatcher {
@@ -451,6 +457,7 @@ impl Dispatcher {
                     && s.in_flight < self.settings.max_in_flight
                     && !avoid.contains(id),
                 in_flight: s.in_flight,
+                load: s.load,
             })
             .collect()
     }
@@ -518,6 +525,15 @@ impl Dispatcher {
         match event {
             Event::Probes(observations) => {
                 for (server, observation) in &observations {
+                    if let (
+                        Observation::ProbeOk {
+                            load: Some(load), ..
+                        },
+                        Some(slot),
+                    ) = (observation, self.slots.get_mut(server))
+                    {
+                        slot.load = Some(*load);
+                    }
                     self.observe(*server, observation);
                 }
                 self.send_forgets();
@@ -528,6 +544,7 @@ impl Dispatcher {
                 uncertain,
             } => {
                 self.finished(server);
+                self.observe(server, &Observation::Served);
                 for other in uncertain.into_iter().filter(|s| *s != server) {
                     if let Some(slot) = self.slots.get_mut(&other) {
                         log::warn!(
@@ -569,6 +586,9 @@ impl Dispatcher {
                 self.finished(server);
                 if link_failed {
                     self.observe(server, &Observation::LinkFailed(reason.clone()));
+                } else if reason.starts_with(&format!("{}:", ErrorCode::Storage)) {
+                    // The link words an error reply as "<code>: <message>".
+                    self.observe(server, &Observation::StorageFailed(reason.clone()));
                 }
                 self.retry(server, *job, reason, delivered);
             }
@@ -855,6 +875,9 @@ mod tests {
             queue_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             forget: true,
+            // One probe decides, as these tests were written for.
+            rise: 1,
+            fall: 1,
         }
     }
 
@@ -872,12 +895,7 @@ mod tests {
 
     fn all_up(d: &mut Dispatcher, n: usize) {
         let obs = (0..n)
-            .map(|i| {
-                (
-                    ServerId(i as u32),
-                    Observation::ProbeOk { overloaded: false },
-                )
-            })
+            .map(|i| (ServerId(i as u32), Observation::probe_ok(false)))
             .collect();
         d.on_event(Event::Probes(obs));
     }
@@ -990,7 +1008,7 @@ mod tests {
     fn the_same_server_again_only_when_no_other_can_take_it() {
         let (mut d, links) = setup(2, settings());
         all_up(&mut d, 2);
-        probe(&mut d, 1, Observation::ProbeOk { overloaded: true });
+        probe(&mut d, 1, Observation::probe_ok(true));
         let (a, _ra) = job(1);
         d.submit(a);
         let a = links[0].jobs.recv().unwrap();
@@ -1007,6 +1025,48 @@ mod tests {
     }
 
     #[test]
+    fn storage_errors_in_a_row_take_a_server_down_and_probes_give_its_load() {
+        let (mut d, links) = setup(
+            1,
+            Settings {
+                max_attempts: 5,
+                ..settings()
+            },
+        );
+        let load = Load {
+            cpu_percent: 50.0,
+            ..Load::default()
+        };
+        probe(
+            &mut d,
+            0,
+            Observation::ProbeOk {
+                overloaded: false,
+                can_store: true,
+                load: Some(load),
+            },
+        );
+        assert_eq!(d.candidates(&[])[0].load, Some(load));
+        let (a, _ra) = job(1);
+        d.submit(a);
+        for _ in 0..3 {
+            let a = links[0]
+                .jobs
+                .try_recv()
+                .expect("sent again to the only server");
+            d.on_event(Event::Retry {
+                server: ServerId(0),
+                job: Box::new(a),
+                reason: "storage: disk full".into(),
+                link_failed: false,
+                delivered: true,
+            });
+        }
+        assert_eq!(d.slots[&ServerId(0)].health.state(), State::Down);
+        assert_eq!(d.waiting.len(), 1, "waits for a server that can store");
+    }
+
+    #[test]
     fn a_down_server_gives_back_what_it_has_not_sent() {
         let (mut d, links) = setup(
             2,
@@ -1015,7 +1075,7 @@ mod tests {
                 ..settings()
             },
         );
-        probe(&mut d, 0, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 0, Observation::probe_ok(false));
         let mut replies = Vec::new();
         for i in 0..3 {
             let (j, rx) = job(i);
@@ -1023,7 +1083,7 @@ mod tests {
             d.submit(j);
         }
         assert_eq!(links[0].jobs.len(), 3);
-        probe(&mut d, 1, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 1, Observation::probe_ok(false));
         probe(&mut d, 0, Observation::ProbeFailed("hung".into()));
         assert_eq!(links[0].jobs.len(), 0);
         let moved: Vec<u64> = links[1].jobs.try_iter().map(|j| j.id).collect();
@@ -1180,7 +1240,7 @@ mod tests {
                 ..settings()
             },
         );
-        probe(&mut d, 0, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 0, Observation::probe_ok(false));
         for i in 0..3 {
             d.submit(job(i).0);
         }
@@ -1200,7 +1260,7 @@ mod tests {
             delivered: true,
         });
         assert_eq!(d.waiting.len(), 3);
-        probe(&mut d, 1, Observation::ProbeOk { overloaded: false });
+        probe(&mut d, 1, Observation::probe_ok(false));
         assert_eq!(links[1].jobs.len(), 3);
         assert!(matches!(
             change(&mut d, Change::Register(addr(0))),

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -33,7 +33,8 @@ pub struct ServerStats {
     /// Taking no new work, leaving once its requests are done.
     pub draining: AtomicBool,
     check_micros: AtomicU64,
-    last_status: Mutex<Option<StatusReport>>,
+    /// The last report and when it came.
+    last_status: Mutex<Option<(StatusReport, Instant)>>,
 }
 
 impl ServerStats {
@@ -53,13 +54,14 @@ impl ServerStats {
     /// Records a probe: how long it took and, if it answered, its report.
     pub fn record_check(&self, took: Duration, report: Option<StatusReport>) {
         self.check_micros.store(took.as_micros() as u64, Relaxed);
-        if report.is_some() {
-            *crate::net::lock(&self.last_status) = report;
+        if let Some(report) = report {
+            *crate::net::lock(&self.last_status) = Some((report, Instant::now()));
         }
     }
 
     pub fn view(&self, id: ServerId) -> ServerView {
         let check = self.check_micros.load(Relaxed);
+        let last = crate::net::lock(&self.last_status).clone();
         ServerView {
             id: id.0,
             name: self.name.clone(),
@@ -69,7 +71,8 @@ impl ServerStats {
                 self.state().to_string()
             },
             in_flight: self.in_flight.load(Relaxed),
-            status: crate::net::lock(&self.last_status).clone(),
+            status_age_ms: last.as_ref().map(|(_, at)| at.elapsed().as_millis() as u64),
+            status: last.map(|(report, _)| report),
             check_ms: (check > 0).then(|| check as f64 / 1000.0),
             requests: self.requests.load(Relaxed),
             failures: self.failures.load(Relaxed),
@@ -339,6 +342,7 @@ mod tests {
         let stats = Stats::new(["s".to_string()]);
         assert_eq!(stats.views()[0].state, "unknown");
         assert_eq!(stats.views()[0].check_ms, None);
+        assert_eq!(stats.views()[0].status_age_ms, None);
         stats.server(ServerId(0)).set_state(State::Overloaded);
         stats.server(ServerId(0)).record_check(
             Duration::from_micros(1500),
@@ -355,5 +359,6 @@ mod tests {
         assert_eq!(view.state, "overloaded");
         assert_eq!(view.check_ms, Some(2.5));
         assert_eq!(view.status.as_ref().unwrap().files_stored, 4);
+        assert!(view.status_age_ms.is_some());
     }
 }

@@ -1,6 +1,7 @@
 use clap::Parser;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
 use lbft::cli::{parse_addr, parse_duration, parse_size};
+use lbft::policy::PolicyKind;
 use lbft::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -10,8 +11,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Load balancer: accepts documents from clients, queues them and spreads
-/// them round robin over the storage servers that are up and not
-/// overloaded. Writes every event to the log file.
+/// them over the storage servers that are up, not overloaded and able to
+/// store (round robin unless --policy says otherwise). Writes every event
+/// to the log file.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -46,9 +48,22 @@ struct Args {
     /// Local servers sleep this long per character counted, to simulate load.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     char_delay_ms: u64,
+    /// Which server takes the next request: `round-robin` (in turn),
+    /// `least-active` (fewest requests in flight) or `resources` (CPU,
+    /// memory and disk from the status reports, and requests in flight).
+    #[arg(long, value_enum, default_value_t = PolicyKind::RoundRobin)]
+    policy: PolicyKind,
     /// How often each server is asked for its status.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     check_interval: Duration,
+    /// Good status probes in a row that bring a down server back (a server
+    /// never seen before is up at its first one).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    rise: u32,
+    /// Failed status probes in a row that take a server down (a failed
+    /// forward takes it down at once).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    fall: u32,
     /// Connect and read timeout of a status probe.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     probe_timeout: Duration,
@@ -152,6 +167,9 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         drain_timeout: args.drain_timeout,
         balancer_id: args.balancer_id,
         metrics: args.metrics,
+        policy: args.policy,
+        rise: args.rise,
+        fall: args.fall,
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;

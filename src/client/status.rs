@@ -161,11 +161,16 @@ pub fn header(time: &str, balancer: &str) -> String {
 }
 
 /// One row per server, columns aligned, every line ending in `\n`.
+///
+/// CPU is the server process's and its machine's. The figures are those of
+/// the server's last status report; REPORT says how old that is, and for a
+/// server that is down, that its figures are stale: what it last said, not
+/// what it is doing.
 pub fn table(views: &[ServerView]) -> String {
     let heads = [
         "SERVER",
         "STATE",
-        "CPU%",
+        "CPU%(proc/host)",
         "MEM(used/total)",
         "DISK(used/free)",
         "NET(rx/tx)",
@@ -173,16 +178,19 @@ pub fn table(views: &[ServerView]) -> String {
         "ACTIVE",
         "FILES",
         "CHECK(ms)",
+        "REPORT",
     ];
     // Text columns to the left, numbers to the right.
-    let right = [false, false, true, true, true, true, true, true, true, true];
+    let right = [
+        false, false, true, true, true, true, true, true, true, true, false,
+    ];
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|v| {
             let mut row = vec![v.name.clone(), v.state.clone()];
             match &v.status {
                 Some(s) => row.extend([
-                    format!("{:.1}", s.cpu_percent),
+                    format!("{:.1}/{:.1}", s.process_cpu_percent, s.cpu_percent),
                     format!(
                         "{}/{}",
                         human_bytes(s.memory_used_bytes),
@@ -205,10 +213,36 @@ pub fn table(views: &[ServerView]) -> String {
                 None => row.extend(std::iter::repeat_n("-".to_string(), 7)),
             }
             row.push(v.check_ms.map_or("-".into(), |ms| format!("{ms:.1}")));
+            row.push(report_age(v));
             row
         })
         .collect();
     align(&heads, &right, &rows)
+}
+
+/// How old a server's figures are: `0.4s`, or `stale 12.0s` when it is
+/// down; `-` when it never reported.
+fn report_age(v: &ServerView) -> String {
+    if v.status.is_none() {
+        return "-".into();
+    }
+    let age = v.status_age_ms.map(human_age);
+    match (v.state == "down", age) {
+        (true, Some(age)) => format!("stale {age}"),
+        // A balancer that does not say how old.
+        (true, None) => "stale".into(),
+        (false, Some(age)) => age,
+        (false, None) => "-".into(),
+    }
+}
+
+/// Milliseconds as `0.4s` under ten seconds, else as `human_duration`.
+pub fn human_age(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        human_duration(ms / 1000)
+    }
 }
 
 /// Lays out a header and rows in columns two spaces apart.
@@ -406,6 +440,7 @@ mod tests {
             check_ms: check,
             requests: 0,
             failures: 0,
+            status_age_ms: check.map(|_| 400),
         }
     }
 
@@ -460,18 +495,46 @@ mod tests {
                 Some(1.25),
             ),
             view("10.0.0.2:5002", "unknown", None, None),
+            ServerView {
+                status_age_ms: Some(12_345),
+                ..view(
+                    "10.0.0.3:5003",
+                    "down",
+                    Some(StatusReport {
+                        process_cpu_percent: 104.5,
+                        ..report(80.0, 1024, 0)
+                    }),
+                    Some(1000.0),
+                )
+            },
         ];
         let text = table(&views);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,
             [
-                "SERVER          STATE    CPU%  MEM(used/total)  DISK(used/free)  NET(rx/tx)    UPTIME  ACTIVE  FILES  CHECK(ms)",
-                "127.0.0.1:5001  up       12.3       3.1G/15.6G      45.2G/80.1G   1.5K/512B  1h02m03s       2     42        1.2",
-                "10.0.0.2:5002   unknown     -                -                -           -         -       -      -          -",
+                "SERVER          STATE    CPU%(proc/host)  MEM(used/total)  DISK(used/free)  NET(rx/tx)    UPTIME  ACTIVE  FILES  CHECK(ms)  REPORT",
+                "127.0.0.1:5001  up              0.0/12.3       3.1G/15.6G      45.2G/80.1G   1.5K/512B  1h02m03s       2     42        1.2  0.4s",
+                "10.0.0.2:5002   unknown                -                -                -           -         -       -      -          -  -",
+                "10.0.0.3:5003   down          104.5/80.0       1.0K/15.6G      45.2G/80.1G   1.5K/512B  1h02m03s       0     42     1000.0  stale 12s",
             ]
         );
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn report_ages() {
+        assert_eq!(human_age(0), "0.0s");
+        assert_eq!(human_age(9_949), "9.9s");
+        assert_eq!(human_age(65_000), "1m05s");
+        let mut v = view("s", "down", Some(report(1.0, 1, 1)), None);
+        assert_eq!(report_age(&v), "stale");
+        v.status_age_ms = Some(30_000);
+        assert_eq!(report_age(&v), "stale 30s");
+        v.state = "overloaded".into();
+        assert_eq!(report_age(&v), "30s");
+        v.status = None;
+        assert_eq!(report_age(&v), "-");
     }
 
     #[test]

@@ -276,7 +276,10 @@ pub struct Stored {
 }
 
 /// A server's view of itself: load, resources, storage.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Fields added after the first version have serde defaults, so reports of
+/// older servers still parse; such a server is taken to be able to store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub id: u64,
     pub overloaded: bool,
@@ -288,18 +291,57 @@ pub struct StatusReport {
     pub max_memory_bytes: u64,
     /// CPU use of the whole machine, in percent.
     pub cpu_percent: f32,
+    /// CPU use of the server process, in percent of one core (above 100
+    /// when it keeps several cores busy).
+    #[serde(default)]
+    pub process_cpu_percent: f32,
     /// Memory of the whole machine, in bytes.
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
-    /// The disk holding the storage folder, in bytes.
+    /// The filesystem holding the storage folder, in bytes.
     pub disk_used_bytes: u64,
     pub disk_free_bytes: u64,
+    /// At the last sample the server could create and remove a file in its
+    /// storage folder, and the filesystem had room to spare. When false the
+    /// balancer sends it no documents.
+    #[serde(default = "yes")]
+    pub storage_writable: bool,
     /// Bytes received and sent on all network interfaces since the server
     /// started.
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     pub uptime_secs: u64,
     pub files_stored: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for StatusReport {
+    /// All zeros, and able to store: the same as a report of an older
+    /// server that sends only zeros.
+    fn default() -> Self {
+        StatusReport {
+            id: 0,
+            overloaded: false,
+            active: 0,
+            max_active: 0,
+            memory_bytes: 0,
+            max_memory_bytes: 0,
+            cpu_percent: 0.0,
+            process_cpu_percent: 0.0,
+            memory_used_bytes: 0,
+            memory_total_bytes: 0,
+            disk_used_bytes: 0,
+            disk_free_bytes: 0,
+            storage_writable: true,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            uptime_secs: 0,
+            files_stored: 0,
+        }
+    }
 }
 
 /// The four operations of the compute service.
@@ -383,6 +425,10 @@ pub struct ServerView {
     pub requests: u64,
     #[serde(default)]
     pub failures: u64,
+    /// How long ago `status` was received, in milliseconds: it is stale
+    /// when the server is down.
+    #[serde(default)]
+    pub status_age_ms: Option<u64>,
 }
 
 /// The balancer's list of servers.

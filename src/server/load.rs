@@ -1,15 +1,21 @@
 //! The server's view of its own load: a sampler thread reads, through
-//! sysinfo, the process' memory and the machine's CPU, memory, disk and
-//! network; request counters are plain atomics.
+//! sysinfo, the process' memory and CPU and the machine's CPU, memory, disk
+//! and network, and checks that the storage folder can still be written;
+//! request counters are plain atomics.
 
 use crate::net;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use sysinfo::{Disks, Networks, Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+/// Below this much free space on the storage folder's filesystem the server
+/// says it cannot store: a document could not be written whole.
+pub const MIN_FREE_BYTES: u64 = 1024 * 1024;
 
 /// What the sampler last saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -18,11 +24,16 @@ pub struct Sample {
     pub memory_bytes: u64,
     /// CPU use of the whole machine, percent.
     pub cpu_percent: f32,
+    /// CPU use of this process, percent of one core.
+    pub process_cpu_percent: f32,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
     /// The filesystem holding the storage folder.
     pub disk_used_bytes: u64,
     pub disk_free_bytes: u64,
+    /// A file could be created and removed in the storage folder, and its
+    /// filesystem has at least `MIN_FREE_BYTES` free.
+    pub storage_writable: bool,
     /// All interfaces, since the sampler started.
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
@@ -120,8 +131,42 @@ struct Sampler {
     system: System,
     disks: Disks,
     networks: Networks,
+    /// The storage folder as given, for the write check.
+    folder: PathBuf,
+    /// Canonicalised, to find the filesystem holding it.
     storage: PathBuf,
     net_base: (u64, u64),
+    /// Why storage was unavailable at the last sample, to log changes once.
+    unwritable: Option<String>,
+}
+
+/// The mount point, among `mounts`, of the filesystem holding `path`: the
+/// longest one that is a prefix of it (component-wise, so `/home` does not
+/// hold `/homework`). `path` must be canonical, so that symbolic links
+/// lead to the filesystem that really holds it; `/` holds everything when
+/// listed, and `None` means that the disk list does not show it (some
+/// containers), in which case the disk figures are unknown.
+pub fn holding_mount<'a>(
+    path: &Path,
+    mounts: impl IntoIterator<Item = &'a Path>,
+) -> Option<&'a Path> {
+    mounts
+        .into_iter()
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+}
+
+/// Whether the server can store, from the write check and the free space
+/// of the folder's filesystem (`None` when unknown: the write check alone
+/// decides). `Err` says why not.
+pub fn storage_verdict(write: io::Result<()>, free_bytes: Option<u64>) -> Result<(), String> {
+    write.map_err(|e| format!("cannot write to the storage folder: {e}"))?;
+    match free_bytes {
+        Some(free) if free < MIN_FREE_BYTES => Err(format!(
+            "only {free} bytes free on the storage folder's filesystem (at least {MIN_FREE_BYTES} needed)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl Sampler {
@@ -137,10 +182,12 @@ impl Sampler {
             system: System::new(),
             disks: Disks::new_with_refreshed_list(),
             networks,
+            folder: storage.to_path_buf(),
             storage: storage
                 .canonicalize()
                 .unwrap_or_else(|_| storage.to_path_buf()),
             net_base,
+            unwritable: None,
         }
     }
 
@@ -148,38 +195,56 @@ impl Sampler {
         let system = &mut self.system;
         system.refresh_cpu_usage();
         system.refresh_memory();
-        let memory_bytes = self.pid.map_or(0, |pid| {
+        let (memory_bytes, process_cpu_percent) = self.pid.map_or((0, 0.0), |pid| {
             system.refresh_processes_specifics(
                 ProcessesToUpdate::Some(&[pid]),
                 false,
-                ProcessRefreshKind::nothing().with_memory(),
+                ProcessRefreshKind::nothing().with_memory().with_cpu(),
             );
-            system.process(pid).map_or(0, |p| p.memory())
+            system
+                .process(pid)
+                .map_or((0, 0.0), |p| (p.memory(), p.cpu_usage()))
         });
         self.disks.refresh(false);
-        // The disk holding the folder: the longest mount point above it.
-        let (disk_used_bytes, disk_free_bytes) = self
-            .disks
-            .list()
-            .iter()
-            .filter(|d| self.storage.starts_with(d.mount_point()))
-            .max_by_key(|d| d.mount_point().as_os_str().len())
-            .map_or((0, 0), |d| {
-                let free = d.available_space();
-                (d.total_space().saturating_sub(free), free)
-            });
+        let list = self.disks.list();
+        let mount = holding_mount(&self.storage, list.iter().map(|d| d.mount_point()));
+        let disk = list.iter().find(|d| Some(d.mount_point()) == mount);
+        let (disk_used_bytes, disk_free_bytes) = disk.map_or((0, 0), |d| {
+            let free = d.available_space();
+            (d.total_space().saturating_sub(free), free)
+        });
+        let verdict = storage_verdict(
+            super::storage::check_writable(&self.folder),
+            disk.map(|d| d.available_space()),
+        );
         self.networks.refresh(true);
         let (rx, tx) = net_totals(&self.networks);
-        Sample {
+        let sample = Sample {
             memory_bytes,
             cpu_percent: system.global_cpu_usage(),
+            process_cpu_percent,
             memory_used_bytes: system.used_memory(),
             memory_total_bytes: system.total_memory(),
             disk_used_bytes,
             disk_free_bytes,
+            storage_writable: verdict.is_ok(),
             net_rx_bytes: rx.saturating_sub(self.net_base.0),
             net_tx_bytes: tx.saturating_sub(self.net_base.1),
+        };
+        self.log_storage_change(&verdict);
+        sample
+    }
+
+    /// Logs when storage becomes unavailable and when it is back, not at
+    /// every sample in between.
+    fn log_storage_change(&mut self, verdict: &Result<(), String>) {
+        let dir = self.folder.display();
+        match (verdict, &self.unwritable) {
+            (Err(why), None) => log::error!("storage {dir}: {why}; reporting that it cannot store"),
+            (Ok(()), Some(_)) => log::info!("storage {dir}: writable again"),
+            _ => {}
         }
+        self.unwritable = verdict.as_ref().err().cloned();
     }
 }
 
@@ -216,5 +281,50 @@ mod tests {
         assert_eq!(load.active(), 1);
         drop(b);
         assert_eq!(load.active(), 0);
+    }
+
+    #[test]
+    fn the_longest_mount_point_above_the_folder_holds_it() {
+        let mounts = [
+            Path::new("/"),
+            Path::new("/home"),
+            Path::new("/home/u/data"),
+            Path::new("/homework"),
+        ];
+        let holding = |p: &str| holding_mount(Path::new(p), mounts.iter().copied());
+        assert_eq!(
+            holding("/home/u/data/json/5001"),
+            Some(Path::new("/home/u/data"))
+        );
+        assert_eq!(holding("/home/u/json"), Some(Path::new("/home")));
+        assert_eq!(holding("/homeworks/x"), Some(Path::new("/")));
+        assert_eq!(holding("/homework/x"), Some(Path::new("/homework")));
+        assert_eq!(holding_mount(Path::new("/x"), [Path::new("/mnt")]), None);
+    }
+
+    #[test]
+    fn storage_verdicts() {
+        assert_eq!(storage_verdict(Ok(()), Some(MIN_FREE_BYTES)), Ok(()));
+        // An unknown filesystem leaves the write check to decide.
+        assert_eq!(storage_verdict(Ok(()), None), Ok(()));
+        let full = storage_verdict(Ok(()), Some(MIN_FREE_BYTES - 1)).unwrap_err();
+        assert!(full.contains("bytes free"), "{full}");
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        let ro = storage_verdict(Err(denied), Some(u64::MAX)).unwrap_err();
+        assert!(ro.contains("cannot write to the storage folder"), "{ro}");
+    }
+
+    #[test]
+    fn a_sample_of_a_writable_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sampler = Sampler::new(dir.path());
+        let sample = sampler.sample();
+        assert!(sample.storage_writable);
+        assert!(sample.memory_bytes > 0);
+        // The check leaves nothing behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A folder that is gone cannot store.
+        drop(dir);
+        assert!(!sampler.sample().storage_writable);
     }
 }

@@ -489,6 +489,17 @@ impl Storage {
     }
 }
 
+/// Creates, writes and removes a small file in `dir`: what a store needs
+/// to be able to do, short of the fsync. The name carries `TEMP_PREFIX`,
+/// so a copy left by a crash is removed at the next `Storage::open`.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    let path = dir.join(format!("{TEMP_PREFIX}write-check-{}", std::process::id()));
+    let written = File::create(&path).and_then(|mut f| f.write_all(b"lbft"));
+    let removed = fs::remove_file(&path);
+    written?;
+    removed
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = File::options().write(true).create_new(true).open(path)?;
     file.write_all(bytes)?;

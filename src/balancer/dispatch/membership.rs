@@ -147,8 +147,9 @@ impl Dispatcher {
         let slot = Slot {
             name,
             addr,
-            health: Health::default(),
+            health: Health::new(self.settings.rise, self.settings.fall),
             draining: None,
+            load: None,
             in_flight: 0,
             link,
             forget: BTreeSet::new(),
