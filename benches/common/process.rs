@@ -1,0 +1,227 @@
+//! Child processes the benchmarks start (killed and reaped when dropped),
+//! and what /proc tells about a process: resident memory, threads, open
+//! files and its limit on them.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process, killed and reaped when dropped.
+pub struct Child {
+    pub name: String,
+    process: std::process::Child,
+    pub addr: SocketAddr,
+    /// Reads the child's stdout to the end, so the child never blocks on a
+    /// full pipe.
+    stdout: Option<JoinHandle<()>>,
+    lines: Receiver<String>,
+}
+
+impl Child {
+    /// Starts one of our binaries and waits for its `listening on ADDR`
+    /// line.
+    pub fn start(name: &str, bin: &str, args: &[String]) -> Child {
+        Child::start_with_open_files(name, bin, args, None)
+    }
+
+    /// The same, with the limit on open files raised to `open_files` first,
+    /// or else as far as the hard limit allows (through the shell's `ulimit`, so that
+    /// nothing here calls libc); the limit the child got is in
+    /// `/proc/PID/limits` (see `open_files_limit`).
+    pub fn start_with_open_files(
+        name: &str,
+        bin: &str,
+        args: &[String],
+        open_files: Option<u64>,
+    ) -> Child {
+        let mut command = match open_files {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "ulimit -n {n} 2>/dev/null || ulimit -n \"$(ulimit -H -n)\"; exec \"$0\" \"$@\""
+                    ))
+                    .arg(bin)
+                    .args(args);
+                c
+            }
+            None => {
+                let mut c = Command::new(bin);
+                c.args(args);
+                c
+            }
+        };
+        command.env("RUST_LOG", "error");
+        let mut child = Child::spawn(name, command);
+        let mut seen = Vec::new();
+        loop {
+            let line = child.lines.recv_timeout(READY_TIMEOUT).unwrap_or_else(|e| {
+                panic!("{name} never said it was listening ({e}); it printed {seen:?}")
+            });
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let addr = rest.split([',', ' ']).next().unwrap_or_default();
+                child.addr = addr
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{name}: bad address in `{line}`: {e}"));
+                return child;
+            }
+            seen.push(line);
+        }
+    }
+
+    /// Starts `command` with its stdout read by a thread, its stderr
+    /// shown, and no address yet.
+    pub fn spawn(name: &str, mut command: Command) -> Child {
+        let mut process = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
+        let stdout = process.stdout.take().expect("stdout is piped");
+        let (lines_tx, lines) = mpsc::channel();
+        let reader = thread::Builder::new()
+            .name(format!("{name}-stdout"))
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    // Once the address is known nobody listens; keep reading.
+                    let _ = lines_tx.send(line);
+                }
+            })
+            .expect("cannot start a thread to read a child's output");
+        Child {
+            name: name.to_string(),
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stdout: Some(reader),
+            lines,
+        }
+    }
+
+    /// Waits until `addr` accepts TCP connections (retrying every 20 ms up
+    /// to 10 s), for programs that print no readiness line.
+    pub fn wait_accepting(&mut self, addr: SocketAddr) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.process.try_wait() {
+                return Err(format!("{} exited before accepting: {status}", self.name));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                self.addr = addr;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} does not accept on {addr} after 10 s",
+                    self.name
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// SIGKILL, then reap: the process gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Err(e) = self.process.kill() {
+            eprintln!("cannot kill {}: {e}", self.name);
+        }
+        let _ = self.process.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // An error means it already exited: reaping is all that is left.
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        // The pipe closed with the process, so the reader is at its end.
+        if let Some(reader) = self.stdout.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// A port nobody listens on: bound, then released (another program could
+/// take it in between; nothing else here picks ports that way).
+pub fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+}
+
+/// A numeric field of `/proc/PID/status` (`VmRSS:`, `VmHWM:` in KiB,
+/// `Threads:`), or None when the process is gone.
+pub fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Resident memory now, in MiB.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    status_field(pid, "VmRSS:").map(|kib| kib as f64 / 1024.0)
+}
+
+pub fn threads(pid: u32) -> Option<u64> {
+    status_field(pid, "Threads:")
+}
+
+/// Open file descriptors of a process ("self" for this one).
+pub fn open_files(pid: &str) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// The soft limit on open files of a process ("self" for this one).
+pub fn open_files_limit(pid: &str) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Samples a process's resident memory every 50 ms on a thread and keeps
+/// the largest value: `VmHWM` is a peak over the whole life of the
+/// process, this is the peak of one scenario.
+pub struct PeakRss {
+    stop: mpsc::Sender<()>,
+    sampler: JoinHandle<f64>,
+}
+
+impl PeakRss {
+    pub fn start(pid: u32) -> PeakRss {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let sampler = thread::Builder::new()
+            .name("rss-sampler".into())
+            .spawn(move || {
+                let mut peak = 0.0f64;
+                loop {
+                    peak = peak.max(rss_mib(pid).unwrap_or(0.0));
+                    match stopped.recv_timeout(Duration::from_millis(50)) {
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        _ => return peak,
+                    }
+                }
+            })
+            .expect("cannot start the memory sampler");
+        PeakRss { stop, sampler }
+    }
+
+    /// Stops sampling (after one last sample) and returns the peak in MiB.
+    pub fn finish(self) -> f64 {
+        drop(self.stop);
+        self.sampler.join().expect("the memory sampler panicked")
+    }
+}

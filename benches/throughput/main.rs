@@ -1,0 +1,422 @@
+//! Throughput, latency and memory of storing documents through our
+//! balancer, against the same clients talking straight to the servers and
+//! through HAProxy; then 10,000 idle connections, and a server killed with
+//! SIGKILL under load.
+//!
+//! Everything runs as real processes on 127.0.0.1, started from the binaries
+//! cargo built: three storage servers, one balancer in front of them and,
+//! when installed, `haproxy` in TCP round-robin mode in front of the same
+//! servers; each server in a temporary folder. Every table scenario is a
+//! number of clients (1, 8, 64), a mode (one request at a time, or
+//! pipelined with 8 outstanding) and a path (through the balancer; direct:
+//! client `i` talks to server `i % 3`; through HAProxy, which pins each
+//! connection to one server). Each client opens its own connection and
+//! stores documents of 1 KiB; every reply must be `stored` and every
+//! document a new file on disk. A scenario runs `--runs` times, the paths
+//! interleaved so that drift of the machine hits them alike; the table shows
+//! the median of each column, and the peak resident memory of the balancer
+//! or HAProxy seen during the scenario's runs. Servers fsync each document,
+//! so the disk bounds the numbers.
+//!
+//! ```text
+//! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D
+//!     --idle N --kill-docs N --only table|idle|kill --write BENCHMARKS.md --quick]
+//! ```
+//!
+//! `--docs` is the count of a 64-client scenario (default 19200); fewer
+//! clients send proportionally fewer, but at least a sixteenth of it, so
+//! that the one-client numbers rest on enough samples. `--idle` is the
+//! count of idle connections (10000), `--kill-docs` the documents of the
+//! kill run (10000). `--write` also writes the report, with the machine and
+//! versions, to a file. `--quick` is a smoke run: 640 documents, 2000 idle
+//! connections, 3000 documents in the kill run, one run of each.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod failover;
+mod idle;
+mod report;
+
+use common::clients::{self, empty_folders, json_files, one_at_a_time, pipelined, warm_up};
+use common::haproxy;
+use common::process::{Child, PeakRss};
+use common::{median, percentile_ms};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Instant;
+
+const CLIENT_COUNTS: [usize; 3] = [1, 8, 64];
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Documents of a 64-client scenario.
+    docs: usize,
+    runs: usize,
+    size: usize,
+    /// Outstanding requests per client in pipelined mode.
+    depth: usize,
+    /// Idle connections held on the balancer.
+    idle: usize,
+    /// Documents of the kill run.
+    kill_docs: usize,
+    /// Parts to run: table, idle, kill.
+    only: Option<String>,
+    write: Option<PathBuf>,
+}
+
+impl Options {
+    /// Documents of a scenario with `clients` clients.
+    fn docs_for(&self, clients: usize) -> usize {
+        let max_clients = CLIENT_COUNTS[CLIENT_COUNTS.len() - 1];
+        (self.docs * clients / max_clients)
+            .max(self.docs / 16)
+            .max(clients)
+    }
+
+    fn runs_part(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == part)
+    }
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut options = Options {
+        docs: 19_200,
+        runs: 3,
+        size: 1024,
+        depth: 8,
+        idle: 10_000,
+        kill_docs: 10_000,
+        only: None,
+        write: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let target = match arg.as_str() {
+            "--docs" => &mut options.docs,
+            "--runs" => &mut options.runs,
+            "--size" => &mut options.size,
+            "--depth" => &mut options.depth,
+            "--idle" => &mut options.idle,
+            "--kill-docs" => &mut options.kill_docs,
+            "--quick" => {
+                options.docs = 640;
+                options.runs = 1;
+                options.idle = 2000;
+                options.kill_docs = 3000;
+                continue;
+            }
+            "--only" => {
+                let part = args.next().ok_or("--only needs table, idle or kill")?;
+                if !["table", "idle", "kill"].contains(&part.as_str()) {
+                    return Err(format!("--only {part}: not table, idle or kill"));
+                }
+                options.only = Some(part);
+                continue;
+            }
+            "--write" => {
+                options.write = Some(args.next().ok_or("--write needs a file name")?.into());
+                continue;
+            }
+            // Cargo passes --bench to every bench binary.
+            "--bench" => continue,
+            other => return Err(format!("unknown option {other}")),
+        };
+        let value = args.next().ok_or(format!("{arg} needs a value"))?;
+        *target = value
+            .parse()
+            .map_err(|e| format!("{arg} {value}: not a whole number ({e})"))?;
+        if *target == 0 {
+            return Err(format!("{arg} must be at least 1"));
+        }
+    }
+    Ok(options)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    OneAtATime,
+    Pipelined,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Route {
+    Balancer,
+    Direct,
+    HaProxy,
+}
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Balancer => "balancer",
+            Route::Direct => "direct",
+            Route::HaProxy => "haproxy",
+        }
+    }
+}
+
+/// Everything a run needs to know about the cluster.
+struct Cluster<'a> {
+    balancer: &'a Child,
+    haproxy: Option<&'a Child>,
+    servers: Vec<SocketAddr>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cluster<'_> {
+    fn routes(&self) -> Vec<Route> {
+        let mut routes = vec![Route::Balancer, Route::Direct];
+        if self.haproxy.is_some() {
+            routes.push(Route::HaProxy);
+        }
+        routes
+    }
+
+    /// The address client `c` talks to, and the process whose memory the
+    /// scenario records.
+    fn target(&self, route: Route, c: usize) -> (SocketAddr, Option<u32>) {
+        match (route, self.haproxy) {
+            (Route::Balancer, _) => (self.balancer.addr, Some(self.balancer.pid())),
+            (Route::HaProxy, Some(h)) => (h.addr, Some(h.pid())),
+            _ => (self.servers[c % self.servers.len()], None),
+        }
+    }
+}
+
+/// One scenario: one run, or the medians of several.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub docs_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Peak resident memory of the balancer or HAProxy, in MiB.
+    pub peak_mib: Option<f64>,
+}
+
+impl Measured {
+    /// Medians of the runs; the memory is the largest peak of any run.
+    fn summary(runs: &[Measured]) -> Measured {
+        let peaks: Vec<f64> = runs.iter().filter_map(|m| m.peak_mib).collect();
+        Measured {
+            docs_per_sec: median(runs.iter().map(|m| m.docs_per_sec).collect()),
+            p50_ms: median(runs.iter().map(|m| m.p50_ms).collect()),
+            p99_ms: median(runs.iter().map(|m| m.p99_ms).collect()),
+            peak_mib: peaks.into_iter().reduce(f64::max),
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub clients: usize,
+    pub mode: Mode,
+    pub route: Route,
+    pub m: Measured,
+}
+
+/// Runs one scenario once and checks that every document became a file.
+fn run_once(
+    cluster: &Cluster,
+    options: &Options,
+    clients: usize,
+    mode: Mode,
+    route: Route,
+    tag: &str,
+) -> Measured {
+    empty_folders(&cluster.dirs);
+    let docs = options.docs_for(clients);
+    let text: Arc<str> = clients::content(options.size).into();
+    let a_count = clients::a_count(&text);
+    // The clock starts when every client thread is ready to go, so thread
+    // start-up is not measured; connecting is, once per client.
+    let start = Arc::new(Barrier::new(clients + 1));
+    let mut watched = None;
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (addr, pid) = cluster.target(route, c);
+            watched = pid;
+            let share = docs / clients + usize::from(c < docs % clients);
+            let tag = format!("{tag} c{c}");
+            let (text, start, depth) = (Arc::clone(&text), Arc::clone(&start), options.depth);
+            thread::Builder::new()
+                .name(format!("bench-client{c}"))
+                .spawn(move || {
+                    start.wait();
+                    match mode {
+                        Mode::OneAtATime => one_at_a_time(addr, &tag, share, &text, a_count),
+                        Mode::Pipelined => pipelined(addr, &tag, share, depth, &text, a_count),
+                    }
+                })
+                .expect("cannot start a client thread")
+        })
+        .collect();
+    let memory = watched.map(PeakRss::start);
+    start.wait();
+    let began = Instant::now();
+    let mut latencies = Vec::with_capacity(docs);
+    let mut errors = Vec::new();
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("a client thread panicked".into()),
+        }
+    }
+    let secs = began.elapsed().as_secs_f64();
+    let peak_mib = memory.map(PeakRss::finish);
+    assert!(errors.is_empty(), "{tag}: {}", errors.join("; "));
+    assert_eq!(
+        latencies.len(),
+        docs,
+        "{tag}: not every document was answered"
+    );
+    let files: usize = cluster.dirs.iter().map(|d| json_files(d).len()).sum();
+    assert_eq!(
+        files, docs,
+        "{tag}: {docs} documents stored but {files} files in the server folders"
+    );
+    latencies.sort();
+    Measured {
+        docs_per_sec: docs as f64 / secs,
+        p50_ms: percentile_ms(&latencies, 50),
+        p99_ms: percentile_ms(&latencies, 99),
+        peak_mib,
+    }
+}
+
+pub fn mode_name(mode: Mode, depth: usize) -> String {
+    match mode {
+        Mode::OneAtATime => "one-at-a-time".into(),
+        Mode::Pipelined => format!("pipelined x{depth}"),
+    }
+}
+
+/// Every client count, mode and path, `--runs` times each.
+fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &clients in &CLIENT_COUNTS {
+        for mode in [Mode::OneAtATime, Mode::Pipelined] {
+            let routes = cluster.routes();
+            let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); routes.len()];
+            for run in 1..=options.runs {
+                for (i, &route) in routes.iter().enumerate() {
+                    let tag = format!(
+                        "{clients}c {} {} r{run}",
+                        mode_name(mode, options.depth),
+                        route.name()
+                    );
+                    let m = run_once(cluster, options, clients, mode, route, &tag);
+                    let memory = m
+                        .peak_mib
+                        .map(|p| format!(", peak RSS {p:.1} MiB"))
+                        .unwrap_or_default();
+                    println!(
+                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}",
+                        m.docs_per_sec, m.p50_ms, m.p99_ms
+                    );
+                    runs[i].push(m);
+                }
+            }
+            for (route, runs) in routes.into_iter().zip(runs) {
+                rows.push(Row {
+                    clients,
+                    mode,
+                    route,
+                    m: Measured::summary(&runs),
+                });
+            }
+        }
+    }
+    rows
+}
+
+fn main() {
+    let options = parse_args().unwrap_or_else(|e| {
+        eprintln!("throughput: {e}");
+        std::process::exit(2);
+    });
+    let run_start = Instant::now();
+    let temp = tempfile::tempdir().expect("cannot create a temporary folder");
+    let (servers, dirs) = clients::start_servers(temp.path(), "s");
+    let server_addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let balancer = Child::start(
+        "balancer",
+        env!("CARGO_BIN_EXE_balancer"),
+        &clients::balancer_args(
+            &server_addrs,
+            &temp.path().join("lb.log"),
+            &["--check-interval", "100ms"],
+        ),
+    );
+    let haproxy_bin = haproxy::find();
+    let haproxy = haproxy_bin.as_ref().and_then(|bin| {
+        haproxy::start(bin, temp.path(), &server_addrs)
+            .map_err(|e| eprintln!("haproxy: {e}; its rows are skipped"))
+            .ok()
+    });
+    if haproxy_bin.is_none() {
+        eprintln!("{}", haproxy::INSTALL_HINT);
+    }
+    warm_up(balancer.addr);
+    for addr in server_addrs.iter().chain(haproxy.as_ref().map(|h| &h.addr)) {
+        warm_up(*addr);
+    }
+    let cluster = Cluster {
+        balancer: &balancer,
+        haproxy: haproxy.as_ref(),
+        servers: server_addrs.clone(),
+        dirs: dirs.clone(),
+    };
+
+    let counts: Vec<String> = CLIENT_COUNTS
+        .iter()
+        .map(|&c| format!("{} for {c}", options.docs_for(c)))
+        .collect();
+    let setup = format!(
+        "3 servers; documents of {} bytes, fsynced by the servers; documents per scenario: {}; \
+         {} run(s) of each, median shown",
+        options.size,
+        counts.join(", "),
+        options.runs
+    );
+    println!("lbft throughput: {setup}");
+
+    let rows = if options.runs_part("table") {
+        table(&cluster, &options)
+    } else {
+        Vec::new()
+    };
+    drop(haproxy);
+    drop(balancer);
+    empty_folders(&dirs);
+
+    let idle = options
+        .runs_part("idle")
+        .then(|| idle::measure(temp.path(), &server_addrs, &options));
+    // The kill run has servers of its own: one of them dies.
+    drop(servers);
+    let kill = options
+        .runs_part("kill")
+        .then(|| failover::measure(temp.path(), &options));
+
+    let report = report::Report {
+        options: &options,
+        setup,
+        rows,
+        haproxy_version: haproxy_bin.as_deref().map(haproxy::version),
+        idle,
+        kill,
+        seconds: run_start.elapsed().as_secs_f64(),
+    };
+    let text = report.markdown();
+    println!();
+    println!("{text}");
+    if let Some(path) = &options.write {
+        std::fs::write(path, &text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        println!("written to {}", path.display());
+    }
+}

@@ -1,0 +1,356 @@
+//! The report of one run, in Markdown: the machine, the command, the date
+//! and the versions, the tables, and whether each goal of the benchmark
+//! was met, with its numbers.
+
+use crate::failover::{ms, Kill};
+use crate::idle::Idle;
+use crate::{mode_name, Mode, Options, Route, Row};
+use std::fmt::Write;
+use std::process::Command;
+
+pub struct Report<'a> {
+    pub options: &'a Options,
+    pub setup: String,
+    pub rows: Vec<Row>,
+    pub haproxy_version: Option<String>,
+    pub idle: Option<Idle>,
+    pub kill: Option<Kill>,
+    pub seconds: f64,
+}
+
+/// The first line a command prints, or `unknown`.
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn memory_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: f64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn commit() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let hash = first_line("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
+    let dirty = Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if dirty {
+        format!("{hash} with uncommitted changes")
+    } else {
+        hash
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}x", a / b)
+}
+
+impl Report<'_> {
+    fn find(&self, clients: usize, mode: Mode, route: Route) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.clients == clients && r.mode == mode && r.route == route)
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let args: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect();
+        let command = if args.is_empty() {
+            "cargo bench --bench throughput".to_string()
+        } else {
+            format!("cargo bench --bench throughput -- {}", args.join(" "))
+        };
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let _ = writeln!(out, "# Benchmarks\n");
+        let _ = writeln!(out, "Written by one run of `{command}`.\n");
+        let _ = writeln!(
+            out,
+            "- date: {}\n- machine: {cores} cores, {} memory, Linux {}\n- versions: {}, {}, lbft commit {}\n- run time: {:.0} s\n- setup: {}",
+            first_line("date", &["-u"]),
+            memory_total(),
+            first_line("uname", &["-r"]),
+            first_line("rustc", &["--version"]),
+            self.haproxy_version.as_deref().unwrap_or("HAProxy not installed"),
+            commit(),
+            self.seconds,
+            self.setup,
+        );
+        let _ = writeln!(
+            out,
+            "\nThe machine is shared and single runs vary by up to 2x: the ratios matter, \
+             not the absolute numbers. Clients, balancer, HAProxy and servers share the cores."
+        );
+        self.table(&mut out);
+        self.idle(&mut out);
+        self.kill(&mut out);
+        let _ = writeln!(
+            out,
+            "\n## Streaming a 1 GiB file\n\nn/a until file streaming exists."
+        );
+        self.goals(&mut out);
+        out
+    }
+
+    fn table(&self, out: &mut String) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\n## Storing 1 KiB documents\n\n\
+             Median of {} runs; peak RSS is the largest resident memory of the balancer or \
+             HAProxy sampled every 50 ms during the scenario's runs. Direct: client i talks to \
+             server i mod 3; HAProxy pins each connection to one server, round robin.\n",
+            self.options.runs
+        );
+        let _ = writeln!(
+            out,
+            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB |"
+        );
+        let _ = writeln!(
+            out,
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for row in &self.rows {
+            let direct = self.find(row.clients, row.mode, Route::Direct);
+            let haproxy = self.find(row.clients, row.mode, Route::HaProxy);
+            let vs = |other: Option<&Row>| match (row.route, other) {
+                (Route::Direct, _) | (_, None) => String::new(),
+                (r, Some(o)) if r == o.route => String::new(),
+                (_, Some(o)) => ratio(row.m.docs_per_sec, o.m.docs_per_sec),
+            };
+            let vs_haproxy = match row.route {
+                Route::Balancer => vs(haproxy),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+                row.clients,
+                mode_name(row.mode, self.options.depth),
+                row.route.name(),
+                row.m.docs_per_sec,
+                row.m.p50_ms,
+                row.m.p99_ms,
+                vs(direct),
+                vs_haproxy,
+                row.m.peak_mib.map_or(String::new(), |p| format!("{p:.1}")),
+            );
+        }
+    }
+
+    fn idle(&self, out: &mut String) {
+        let Some(idle) = &self.idle else { return };
+        let _ = writeln!(
+            out,
+            "\n## {} idle connections on the balancer\n\n\
+             Opened from the benchmark process, nothing sent on them; then one client stores \
+             10 documents. Each run on a fresh balancer.\n",
+            idle.wanted
+        );
+        let _ = writeln!(
+            out,
+            "| run | connections opened | served by the balancer | RSS before MiB | RSS MiB | peak RSS MiB | threads | open files | normal client |"
+        );
+        let _ = writeln!(
+            out,
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+        for (i, r) in idle.runs.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                i + 1,
+                r.opened,
+                r.accepted,
+                r.base_rss_mib,
+                r.rss_mib,
+                r.peak_mib,
+                r.threads,
+                r.open_files,
+                match &r.normal {
+                    Ok(d) => format!("10 stored in {} ms", d.as_millis()),
+                    Err(e) => format!("FAILED: {e}"),
+                }
+            );
+        }
+        for note in &idle.notes {
+            let _ = writeln!(out, "\nNote: {note}.");
+        }
+    }
+
+    fn kill(&self, out: &mut String) {
+        let Some(kill) = &self.kill else { return };
+        let _ = writeln!(
+            out,
+            "\n## kill -9 of one server during {} documents\n\n\
+             8 pipelined clients (8 outstanding each) on a fresh cluster with the balancer's \
+             default settings; one of the three servers is killed with SIGKILL once a third of \
+             the documents are acknowledged. Lost: acknowledged but not in the folder of the \
+             server that acknowledged it. Duplicates: documents in more than one file (the dead \
+             server's copy of a document it wrote but never acknowledged; the balancer has it \
+             set aside by `forget` when that server comes back, which it does not here). Last \
+             request: from the kill to the first 20 ms poll of the balancer's `servers` that saw \
+             the dead server's request count at its final value. Back: from the kill until \
+             500 ms in a row run at 2/3 of the rate before (two servers of three are left).\n",
+            kill.docs
+        );
+        let _ = writeln!(
+            out,
+            "| run | acknowledged | failed | lost | duplicates | last request to dead server | reported down | docs/s 2 s before | 0-2 s after | 2-4 s after | back |"
+        );
+        let _ = writeln!(
+            out,
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for (i, r) in kill.runs.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+                i + 1,
+                r.acked,
+                r.failed,
+                r.lost,
+                r.duplicates,
+                ms(r.moved_off),
+                ms(r.down_after),
+                r.before,
+                r.after,
+                r.later.map_or("run over".into(), |v| format!("{v:.0}")),
+                ms(r.recovered),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nAcknowledgements per 100 ms, from 1 s before the kill (the 11th value is the \
+             100 ms in which it happened) to 3 s after:\n"
+        );
+        for (i, r) in kill.runs.iter().enumerate() {
+            let _ = writeln!(out, "- run {}: {:?}", i + 1, r.around);
+        }
+    }
+
+    fn goals(&self, out: &mut String) {
+        let _ = writeln!(out, "\n## Goals\n");
+        let met = |ok: bool| if ok { "met" } else { "MISSED" };
+        for mode in [Mode::OneAtATime, Mode::Pipelined] {
+            let name = mode_name(mode, self.options.depth);
+            let (Some(b), Some(d)) = (
+                self.find(64, mode, Route::Balancer),
+                self.find(64, mode, Route::Direct),
+            ) else {
+                continue;
+            };
+            let vs_direct = b.m.docs_per_sec / d.m.docs_per_sec;
+            let _ = writeln!(
+                out,
+                "- 64 clients, {name}, at least 0.8 of direct: {} ({:.0} vs {:.0} docs/s, {vs_direct:.2}x).",
+                met(vs_direct >= 0.8),
+                b.m.docs_per_sec,
+                d.m.docs_per_sec
+            );
+            if let Some(h) = self.find(64, mode, Route::HaProxy) {
+                let vs = b.m.docs_per_sec / h.m.docs_per_sec;
+                let aim = if vs >= 1.2 {
+                    "aim of 1.2x reached"
+                } else {
+                    "aim of 1.2x not reached"
+                };
+                let _ = writeln!(
+                    out,
+                    "- 64 clients, {name}, at least HAProxy: {} ({:.0} vs {:.0} docs/s, {vs:.2}x; {aim}).",
+                    met(vs >= 1.0),
+                    b.m.docs_per_sec,
+                    h.m.docs_per_sec
+                );
+            }
+        }
+        if let (Some(b), Some(h)) = (
+            self.find(1, Mode::Pipelined, Route::Balancer),
+            self.find(1, Mode::Pipelined, Route::HaProxy),
+        ) {
+            let vs = b.m.docs_per_sec / h.m.docs_per_sec;
+            let _ = writeln!(
+                out,
+                "- One pipelined client, at least 1.5x HAProxy: {} ({:.0} vs {:.0} docs/s, {vs:.2}x).",
+                met(vs >= 1.5),
+                b.m.docs_per_sec,
+                h.m.docs_per_sec
+            );
+        }
+        if let Some(idle) = &self.idle {
+            let rss = idle.median_of(|r| r.rss_mib);
+            let opened = idle.median_of(|r| r.accepted as f64);
+            let _ = writeln!(
+                out,
+                "- {} idle connections under 512 MiB resident, a normal client still served: {} \
+                 (median {rss:.1} MiB with {opened:.0} connections served, {:.0} threads; normal \
+                 client served in {} of {} runs).",
+                idle.wanted,
+                met(rss < 512.0 && idle.all_served() && opened as usize >= idle.wanted),
+                idle.median_of(|r| r.threads as f64),
+                idle.runs.iter().filter(|r| r.normal.is_ok()).count(),
+                idle.runs.len(),
+            );
+        }
+        if let Some(kill) = &self.kill {
+            let lost = kill.total(|r| r.lost);
+            let moved = kill.median_of(|r| r.moved_off.map(|d| d.as_secs_f64()));
+            let back = kill.median_of(|r| r.recovered.map(|d| d.as_secs_f64()));
+            let secs = |v: Option<f64>| {
+                v.map_or("not in every run".into(), |v| {
+                    format!("{:.0} ms", v * 1000.0)
+                })
+            };
+            let _ = writeln!(
+                out,
+                "- kill -9: 0 documents lost: {} ({lost} lost, {} failed, {} duplicates over {} runs).",
+                met(lost == 0),
+                kill.total(|r| r.failed),
+                kill.total(|r| r.duplicates),
+                kill.runs.len()
+            );
+            let _ = writeln!(
+                out,
+                "- kill -9: traffic off the dead server within 1 s: {} (median {}).",
+                met(moved.is_some_and(|v| v <= 1.0)),
+                secs(moved)
+            );
+            let _ = writeln!(
+                out,
+                "- kill -9: throughput back within 2 s: {} (median {}).",
+                met(back.is_some_and(|v| v <= 2.0)),
+                secs(back)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "- Streaming a 1 GiB file: n/a until file streaming exists."
+        );
+    }
+}
