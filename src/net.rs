@@ -142,6 +142,38 @@ pub fn spawn_named<T: Send + 'static>(
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start thread {name}: {e}")))
 }
 
+/// An accepted connection shared by the threads that read and write it:
+/// one descriptor however many handles (`try_clone` would make one each).
+/// `&TcpStream` reads and writes, so each handle does.
+#[derive(Debug, Clone)]
+pub struct Stream(Arc<TcpStream>);
+
+impl Stream {
+    pub fn new(stream: TcpStream) -> Stream {
+        Stream(Arc::new(stream))
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
 /// Accepts connections until `stop` is disconnected (see `accept_loop`),
 /// serving each on its own thread named by `thread_name`. Then ends reading
 /// on every open connection (a blocked read sees end of stream, replies can
@@ -154,7 +186,7 @@ pub fn serve_connections<F>(
     serve: F,
 ) -> usize
 where
-    F: Fn(TcpStream, SocketAddr) + Send + Sync + 'static,
+    F: Fn(Stream, SocketAddr) + Send + Sync + 'static,
 {
     let serve = Arc::new(serve);
     let connections = Arc::new(Connections::default());
@@ -168,10 +200,8 @@ where
         seq += 1;
         // Registered here, not in the connection thread, so that once the
         // loop has stopped every accepted connection is in the registry.
-        if let Err(e) = connections.register(seq, &stream) {
-            log::warn!("dropping connection from {peer}: {e}");
-            return;
-        }
+        let stream = Stream::new(stream);
+        connections.register(seq, &stream);
         let registration = Registration {
             connections: connections.clone(),
             id: seq,
@@ -204,14 +234,12 @@ where
 /// Open connections, so that a shutdown can end their reading.
 #[derive(Default)]
 struct Connections {
-    open: Mutex<HashMap<u64, TcpStream>>,
+    open: Mutex<HashMap<u64, Stream>>,
 }
 
 impl Connections {
-    fn register(&self, id: u64, stream: &TcpStream) -> io::Result<()> {
-        let clone = stream.try_clone()?;
-        lock(&self.open).insert(id, clone);
-        Ok(())
+    fn register(&self, id: u64, stream: &Stream) {
+        lock(&self.open).insert(id, stream.clone());
     }
 
     fn remove(&self, id: u64) {
@@ -221,10 +249,10 @@ impl Connections {
     /// Shuts down the read half of every open connection. Returns how many
     /// there were.
     fn end_reading(&self) -> usize {
-        let open: Vec<(u64, TcpStream)> = lock(&self.open).drain().collect();
+        let open: Vec<(u64, Stream)> = lock(&self.open).drain().collect();
         for (_, stream) in &open {
             // Fails only if the peer is already gone, which ends it too.
-            let _ = stream.shutdown(Shutdown::Read);
+            let _ = stream.tcp().shutdown(Shutdown::Read);
         }
         open.len()
     }

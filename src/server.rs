@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, Sender};
 use load::{Limits, Load};
 use rand::Rng;
 use std::io::{self, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -290,18 +290,14 @@ fn accept_connections(
     )
 }
 
-fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
     let addr = shared.addr;
-    let halves =
-        net::prepare(&stream, shared.config.idle_timeout).and_then(|()| stream.try_clone());
-    let read_half = match halves {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("server {addr}: cannot set up connection from {peer}: {e}");
-            return;
-        }
-    };
-    match net::detect_wire(&stream) {
+    if let Err(e) = net::prepare(stream.tcp(), shared.config.idle_timeout) {
+        log::warn!("server {addr}: cannot set up connection from {peer}: {e}");
+        return;
+    }
+    let read_half = stream.clone();
+    match net::detect_wire(stream.tcp()) {
         Ok(Wire::Closed) => {}
         Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, shared),
         Ok(Wire::Framed) => serve_framed(read_half, stream, peer, shared),
@@ -309,7 +305,12 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-fn serve_framed(read_half: TcpStream, write_half: TcpStream, peer: SocketAddr, shared: &Shared) {
+fn serve_framed(
+    read_half: net::Stream,
+    write_half: net::Stream,
+    peer: SocketAddr,
+    shared: &Shared,
+) {
     let addr = shared.addr;
     let mut reader = FrameReader::new(read_half, shared.frame_limit());
     let mut writer = FrameWriter::new(write_half);
@@ -339,8 +340,8 @@ fn serve_framed(read_half: TcpStream, write_half: TcpStream, peer: SocketAddr, s
 /// A connection from the original balancer: documents (no reply) and status
 /// probes (one byte), as unframed JSON objects.
 fn serve_legacy(
-    read_half: TcpStream,
-    mut write_half: TcpStream,
+    read_half: net::Stream,
+    mut write_half: net::Stream,
     peer: SocketAddr,
     shared: &Shared,
 ) {
@@ -553,6 +554,7 @@ mod tests {
     use super::*;
     use crate::proto::{Connection, StoreRequest};
     use std::io::Read;
+    use std::net::TcpStream;
 
     fn start(dir: &Path, config: Config) -> ServerHandle {
         Server::bind(Config {

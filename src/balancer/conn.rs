@@ -22,7 +22,7 @@ use crate::proto::{
 };
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::BufReader;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +57,7 @@ impl Conn {
         matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
     }
 
-    pub fn serve(self, stream: TcpStream) {
+    pub fn serve(self, stream: net::Stream) {
         let peer = self.peer;
         // Queries (`client status --watch`) open a connection per sample:
         // only connections that carried work are logged at info.
@@ -67,22 +67,22 @@ impl Conn {
         self.stats.connections.fetch_sub(1, Relaxed);
     }
 
-    fn serve_stream(&self, stream: TcpStream) {
+    fn serve_stream(&self, stream: net::Stream) {
         let (peer, settings) = (self.peer, self.settings);
-        let read_half =
-            match net::prepare(&stream, settings.idle_timeout).and_then(|()| stream.try_clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    log::warn!("connection from {peer}: cannot set up: {e}");
-                    return;
-                }
-            };
-        match net::detect_wire(&stream) {
+        if let Err(e) = net::prepare(stream.tcp(), settings.idle_timeout) {
+            log::warn!("connection from {peer}: cannot set up: {e}");
+            return;
+        }
+        let read_half = stream.clone();
+        match net::detect_wire(stream.tcp()) {
             Ok(Wire::Closed) => {
                 log::debug!("connection from {peer} closed without sending anything");
             }
             Ok(Wire::Legacy) => {
-                if let Err(e) = read_half.set_read_timeout(Some(settings.legacy_idle_timeout)) {
+                if let Err(e) = read_half
+                    .tcp()
+                    .set_read_timeout(Some(settings.legacy_idle_timeout))
+                {
                     log::warn!("connection from {peer}: cannot set up: {e}");
                     return;
                 }
@@ -94,7 +94,7 @@ impl Conn {
         }
     }
 
-    fn serve_framed(&self, stream: TcpStream, read_half: TcpStream) {
+    fn serve_framed(&self, stream: net::Stream, read_half: net::Stream) {
         let peer = self.peer;
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let stop = self.stop.clone();
@@ -126,7 +126,7 @@ impl Conn {
     /// Reads requests until the client closes, stalls or breaks framing, or
     /// the balancer shuts down. Returns how many requests arrived, and how
     /// many of them were work (store or calc).
-    fn read_requests(&self, stream: TcpStream, replies: &Sender<Reply>) -> (u64, u64) {
+    fn read_requests(&self, stream: net::Stream, replies: &Sender<Reply>) -> (u64, u64) {
         let peer = self.peer;
         let mut reader = FrameReader::new(stream, self.settings.max_frame);
         let window = Window::new(self.settings.window);
@@ -293,7 +293,7 @@ impl Conn {
 
     /// A client of the original system: unframed JSON documents, no replies
     /// expected. Outcomes are only logged (by the dispatcher and the links).
-    fn read_legacy_documents(&self, stream: TcpStream) -> u64 {
+    fn read_legacy_documents(&self, stream: net::Stream) -> u64 {
         let peer = self.peer;
         // Replies have nowhere to go: the original client never reads.
         let (discard, _) = crossbeam_channel::bounded(0);
@@ -355,7 +355,7 @@ fn balancer_types_only(message: &str) -> String {
 }
 
 fn write_replies(
-    stream: TcpStream,
+    stream: net::Stream,
     peer: SocketAddr,
     replies: Receiver<Reply>,
     stop: Receiver<()>,
