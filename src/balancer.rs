@@ -4,7 +4,8 @@
 //! Threads: the accept loop (the caller's), one per client connection plus
 //! its reply writer (`conn`), the dispatcher (`dispatch`), one link per
 //! server (`link`), the monitor (`monitor`) and, with `--metrics`, the
-//! Prometheus responder (`metrics`). They talk through crossbeam channels;
+//! Prometheus responder (`metrics`) and, with `--state`, the transfer
+//! tracker's writer (`tracking`). They talk through crossbeam channels;
 //! shutting down is dropping senders. Counters for `servers` requests and
 //! metrics live in `stats`.
 
@@ -16,6 +17,7 @@ pub mod link;
 pub mod metrics;
 pub mod monitor;
 pub mod stats;
+pub mod tracking;
 
 use crate::error::Error;
 use crate::ids;
@@ -26,6 +28,7 @@ use backend::BackendSettings;
 use crossbeam_channel::{Receiver, Sender};
 use dispatch::{Dispatcher, Settings};
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -90,6 +93,8 @@ pub struct Config {
     pub balancer_id: Option<u16>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The state file recording every transfer; `None` turns tracking off.
+    pub state: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -114,6 +119,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             balancer_id: None,
             metrics: None,
+            state: None,
         }
     }
 }
@@ -172,6 +178,15 @@ impl Balancer {
     /// metrics. Returns at once; the handle stops and joins them.
     pub fn start(self) -> Result<Handle, Error> {
         let config = self.config;
+        // First, so that a bad state file stops the start before any
+        // thread runs.
+        let (tracker, tracker_thread) = match &config.state {
+            Some(path) => {
+                let (tracker, thread) = tracking::Tracker::open(path)?;
+                (Some(tracker), Some(thread))
+            }
+            None => (None, None),
+        };
         let addr = self.listener.local_addr()?;
         let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
         let node = config.balancer_id.unwrap_or_else(ids::random_node);
@@ -217,6 +232,7 @@ impl Balancer {
                 events_tx.clone(),
                 backend_settings,
                 stats.clone(),
+                tracker.clone(),
             )?;
             threads.extend(workers);
             links.push((id, backend.name.clone(), link));
@@ -234,7 +250,8 @@ impl Balancer {
                 forget: config.backend_wire == BackendWire::Framed,
             },
             stats.clone(),
-        );
+        )
+        .with_tracker(tracker.clone());
         // The monitor runs as long as the dispatcher: it needs health news
         // while draining, and stops when this sender drops with it.
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
@@ -264,11 +281,14 @@ impl Balancer {
                 window: config.client_window,
             },
             stop: stop_rx,
+            tracker,
         };
         threads.insert(
             0,
             net::spawn_named("accept".into(), None, move || accept.run())?,
         );
+        // Last: it ends once every other thread has dropped its tracker.
+        threads.extend(tracker_thread);
         Ok(Handle {
             addr,
             stopper: Stopper::new(addr, metrics_addr, stop_tx),
@@ -357,6 +377,7 @@ struct Acceptor {
     budget: Arc<flow::Budget>,
     settings: conn::ConnSettings,
     stop: Receiver<()>,
+    tracker: Option<tracking::Tracker>,
 }
 
 impl Acceptor {
@@ -368,6 +389,7 @@ impl Acceptor {
             budget,
             settings,
             stop,
+            tracker,
         } = self;
         let conn_stop = stop.clone();
         net::serve_connections(
@@ -382,6 +404,7 @@ impl Acceptor {
                     stats: stats.clone(),
                     budget: budget.clone(),
                     stop: conn_stop.clone(),
+                    tracker: tracker.clone(),
                 };
                 conn.serve(stream);
             },

@@ -395,6 +395,11 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             ErrorCode::BadRequest,
             "`servers` is answered by the balancer, not by storage servers",
         ),
+        Request::Transfers { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "`transfers` is answered by the balancer, not by storage servers",
+        ),
     }
 }
 

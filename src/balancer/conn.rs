@@ -15,10 +15,11 @@
 use super::dispatch::{Job, Work};
 use super::flow::{Budget, Hold, Window};
 use super::stats::Stats;
+use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList,
+    self, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList, TransferList,
 };
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::BufReader;
@@ -48,6 +49,8 @@ pub struct Conn {
     pub budget: Arc<Budget>,
     /// Disconnected when the balancer shuts down.
     pub stop: Receiver<()>,
+    /// Answers `transfers`; `None` when tracking is off.
+    pub tracker: Option<Tracker>,
 }
 
 impl Conn {
@@ -173,6 +176,22 @@ impl Conn {
                     let _ = replies.send(Reply::Servers(list));
                     continue;
                 }
+                Request::Transfers {
+                    id,
+                    active,
+                    failed,
+                    since_ms,
+                    limit,
+                } => {
+                    let filter = TransferFilter {
+                        active,
+                        failed,
+                        since_ms,
+                        limit,
+                    };
+                    let _ = replies.send(self.transfers(id, &filter));
+                    continue;
+                }
                 Request::Forget { id, .. } => {
                     let _ = replies.send(Reply::error(
                         Some(id),
@@ -196,6 +215,27 @@ impl Conn {
             };
             if !self.enqueue(id, work, replies.clone(), hold) {
                 return received;
+            }
+        }
+    }
+
+    /// The answer to `transfers`, from the state file.
+    fn transfers(&self, id: u64, filter: &TransferFilter) -> Reply {
+        let Some(tracker) = &self.tracker else {
+            return Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "transfer tracking is off (start the balancer with --state)",
+            );
+        };
+        match tracker.query(filter) {
+            Ok(records) => Reply::Transfers(TransferList {
+                id,
+                transfers: records.into_iter().map(Into::into).collect(),
+            }),
+            Err(e) => {
+                log::warn!("connection from {}: transfers: {e}", self.peer);
+                Reply::error(Some(id), ErrorCode::Internal, e.to_string())
             }
         }
     }

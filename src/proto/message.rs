@@ -175,6 +175,23 @@ pub enum Request {
     /// server (the balancer retried them after losing track of this one).
     /// The server moves its copies aside and never stores them again.
     Forget { id: u64, numbers: Vec<u64> },
+    /// Recent transfers from the balancer's state file (balancer only),
+    /// newest first.
+    Transfers {
+        id: u64,
+        /// Only those not finished yet.
+        #[serde(default)]
+        active: bool,
+        /// Only failed ones (with `active`: either).
+        #[serde(default)]
+        failed: bool,
+        /// Only those received at or after this Unix time in milliseconds.
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// At most this many (100 when absent).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 impl Request {
@@ -184,13 +201,15 @@ impl Request {
             Request::Calc { id, .. }
             | Request::Status { id }
             | Request::Servers { id }
-            | Request::Forget { id, .. } => *id,
+            | Request::Forget { id, .. }
+            | Request::Transfers { id, .. } => *id,
         }
     }
 }
 
 impl Message for Request {
-    const TYPES: &'static [&'static str] = &["store", "calc", "status", "servers", "forget"];
+    const TYPES: &'static [&'static str] =
+        &["store", "calc", "status", "servers", "forget", "transfers"];
 }
 
 /// A document has been written to disk on a server.
@@ -320,6 +339,39 @@ pub struct ServerList {
     pub servers: Vec<ServerView>,
 }
 
+/// One transfer (a document the balancer took) as its state file has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferView {
+    /// The request number (`numero_richiesta` on the servers).
+    pub number: u64,
+    /// The client's address.
+    pub client: String,
+    pub title: String,
+    /// Content length in bytes.
+    pub size: u64,
+    /// Servers it was sent to, in order.
+    pub servers: Vec<String>,
+    /// `queued`, `sending`, `retried`, `stored` or `failed`.
+    pub state: String,
+    /// Where it was stored, once stored.
+    pub server: Option<String>,
+    /// Its file name on that server, once stored.
+    pub file: Option<String>,
+    /// Unix milliseconds: when the balancer received it.
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// The last error (of a retry, or why it failed).
+    pub error: Option<String>,
+}
+
+/// The balancer's answer to `transfers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferList {
+    pub id: u64,
+    pub transfers: Vec<TransferView>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -381,6 +433,7 @@ pub enum Reply {
     Calc(Computed),
     Status(StatusReport),
     Servers(ServerList),
+    Transfers(TransferList),
     /// Answer to `forget`: how many stored copies were moved aside.
     Forgotten {
         id: u64,
@@ -396,6 +449,7 @@ impl Reply {
             Reply::Calc(r) => Some(r.id),
             Reply::Status(r) => Some(r.id),
             Reply::Servers(r) => Some(r.id),
+            Reply::Transfers(r) => Some(r.id),
             Reply::Forgotten { id, .. } => Some(*id),
             Reply::Error(r) => r.id,
         }
@@ -411,8 +465,15 @@ impl Reply {
 }
 
 impl Message for Reply {
-    const TYPES: &'static [&'static str] =
-        &["stored", "calc", "status", "servers", "forgotten", "error"];
+    const TYPES: &'static [&'static str] = &[
+        "stored",
+        "calc",
+        "status",
+        "servers",
+        "transfers",
+        "forgotten",
+        "error",
+    ];
 }
 
 /// A document's fields as JSON object members (`"titolo":…,"contenuto":…`),
