@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 use lbft::cli::parse_duration;
 use lbft::client::status::StatusOptions;
+use lbft::client::transfers::TransfersOptions;
 use lbft::client::{self, Config};
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -68,6 +69,25 @@ enum Command {
         #[arg(long, default_value = "historico.json")]
         history: PathBuf,
     },
+    /// Show recent transfers from the balancer's state file, newest first:
+    /// number, state, title, server(s), size, duration, age.
+    Transfers {
+        /// Only transfers not finished yet (queued, sending, retried).
+        #[arg(long)]
+        active: bool,
+        /// Only failed transfers.
+        #[arg(long)]
+        failed: bool,
+        /// Only transfers received within this long (e.g. 10m).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// At most this many (default 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_window(s: &str) -> Result<usize, String> {
@@ -105,6 +125,22 @@ fn main() -> ExitCode {
                 history,
             };
             client::status::run(&config, &options, &mut out)
+        }
+        Some(Command::Transfers {
+            active,
+            failed,
+            since,
+            limit,
+            json,
+        }) => {
+            let options = TransfersOptions {
+                active,
+                failed,
+                since,
+                limit,
+                json,
+            };
+            client::transfers::run(&config, &options, &mut out)
         }
     };
     let _ = out.flush();
