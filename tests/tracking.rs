@@ -142,8 +142,8 @@ fn every_document_is_tracked_through_a_server_kill_and_a_restart() {
             .iter()
             .position(|a| a.to_string() == ack.server)
             .unwrap();
-        let bytes = std::fs::read(dirs[index].join(&ack.file))
-            .unwrap_or_else(|e| panic!("{r:?}: {e}"));
+        let bytes =
+            std::fs::read(dirs[index].join(&ack.file)).unwrap_or_else(|e| panic!("{r:?}: {e}"));
         let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(doc["titolo"], r.title.as_str());
     }
