@@ -4,7 +4,8 @@
 //! Threads: the accept loop (the caller's), one per client connection plus
 //! its reply writer (`conn`), the dispatcher (`dispatch`), one link per
 //! server (`link`), the monitor (`monitor`) and, with `--metrics`, the
-//! Prometheus responder (`metrics`). They talk through crossbeam channels;
+//! Prometheus responder (`metrics`) and, with `--state`, the transfer
+//! tracker's writer (`tracking`). They talk through crossbeam channels;
 //! shutting down is dropping senders. Counters for `servers` requests and
 //! metrics live in `stats`.
 
@@ -16,6 +17,7 @@ pub mod link;
 pub mod metrics;
 pub mod monitor;
 pub mod stats;
+pub mod tracking;
 
 use crate::error::Error;
 use crate::ids;
@@ -26,6 +28,7 @@ use backend::BackendSettings;
 use crossbeam_channel::{Receiver, Sender};
 use dispatch::{Dispatcher, Settings};
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -96,6 +99,8 @@ pub struct Config {
     pub rise: u32,
     /// Failed status probes in a row that take a server down.
     pub fall: u32,
+    /// The state file recording every transfer; `None` turns tracking off.
+    pub state: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -123,6 +128,7 @@ impl Default for Config {
             policy: PolicyKind::RoundRobin,
             rise: crate::health::DEFAULT_RISE,
             fall: crate::health::DEFAULT_FALL,
+            state: None,
         }
     }
 }
@@ -183,6 +189,15 @@ impl Balancer {
     /// metrics. Returns at once; the handle stops and joins them.
     pub fn start(self) -> Result<Handle, Error> {
         let config = self.config;
+        // First, so that a bad state file stops the start before any
+        // thread runs.
+        let (tracker, tracker_thread) = match &config.state {
+            Some(path) => {
+                let (tracker, thread) = tracking::Tracker::open(path)?;
+                (Some(tracker), Some(thread))
+            }
+            None => (None, None),
+        };
         let addr = self.listener.local_addr()?;
         let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
         let node = config.balancer_id.unwrap_or_else(ids::random_node);
@@ -224,6 +239,7 @@ impl Balancer {
             settings: backend_settings,
             stats: stats.clone(),
             threads: link_threads.clone(),
+            tracker: tracker.clone(),
         };
         if config.servers.is_empty() {
             log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
@@ -246,7 +262,8 @@ impl Balancer {
                 fall: config.fall,
             },
             stats.clone(),
-        )?;
+        )?
+        .with_tracker(tracker.clone());
         // The monitor runs as long as the dispatcher: it needs health news
         // while draining, and stops when this sender drops with it.
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
@@ -277,11 +294,14 @@ impl Balancer {
                 window: config.client_window,
             },
             stop: stop_rx,
+            tracker,
         };
         threads.insert(
             0,
             net::spawn_named("accept".into(), None, move || accept.run())?,
         );
+        // Last: it ends once every other thread has dropped its tracker.
+        threads.extend(tracker_thread);
         Ok(Handle {
             addr,
             stopper: Stopper::new(addr, metrics_addr, stop_tx),
@@ -379,6 +399,7 @@ struct Acceptor {
     budget: Arc<flow::Budget>,
     settings: conn::ConnSettings,
     stop: Receiver<()>,
+    tracker: Option<tracking::Tracker>,
 }
 
 impl Acceptor {
@@ -391,6 +412,7 @@ impl Acceptor {
             budget,
             settings,
             stop,
+            tracker,
         } = self;
         let conn_stop = stop.clone();
         net::serve_connections(
@@ -406,6 +428,7 @@ impl Acceptor {
                     stats: stats.clone(),
                     budget: budget.clone(),
                     stop: conn_stop.clone(),
+                    tracker: tracker.clone(),
                 };
                 conn.serve(stream);
             },

@@ -1,6 +1,6 @@
 //! The client: sends documents to the balancer on one connection and
-//! reports where each one landed; also the compute service (`calc`) and the
-//! servers' status (`status`).
+//! reports where each one landed; also the compute service (`calc`), the
+//! servers' status (`status`) and recent transfers (`transfers`).
 //!
 //! `ftp`, `send` and `calc` run in flat memory whatever their count: requests
 //! are made one at a time as a bounded window allows (`pipeline`), and the
@@ -10,6 +10,7 @@ pub mod admin;
 pub mod pipeline;
 pub mod report;
 pub mod status;
+pub mod transfers;
 
 pub use pipeline::{Answer, Fate, DEFAULT_WINDOW};
 

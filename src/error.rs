@@ -14,6 +14,12 @@ pub enum Error {
     Storage { dir: PathBuf, source: io::Error },
     /// The log file could not be opened.
     Log { path: PathBuf, source: io::Error },
+    /// The balancer's state file (`--state`) cannot be opened or used; a
+    /// damaged or foreign file is reported, never replaced.
+    State {
+        path: PathBuf,
+        source: crate::balancer::tracking::StateError,
+    },
     /// A setting makes no sense.
     Config(String),
     /// Anything else from the OS while starting (spawning a thread...).
@@ -30,6 +36,9 @@ impl fmt::Display for Error {
             Error::Log { path, source } => {
                 write!(f, "cannot open log file {}: {source}", path.display())
             }
+            Error::State { path, source } => {
+                write!(f, "cannot use state file {}: {source}", path.display())
+            }
             Error::Config(msg) => f.write_str(msg),
             Error::Io(e) => e.fmt(f),
         }
@@ -42,6 +51,7 @@ impl std::error::Error for Error {
             Error::Bind { source, .. }
             | Error::Storage { source, .. }
             | Error::Log { source, .. } => Some(source),
+            Error::State { source, .. } => Some(source),
             Error::Io(e) => Some(e),
             Error::Config(_) => None,
         }

@@ -402,6 +402,11 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             ErrorCode::BadRequest,
             "this request is for the balancer, not for storage servers",
         ),
+        Request::Transfers { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "`transfers` is answered by the balancer, not by storage servers",
+        ),
     }
 }
 

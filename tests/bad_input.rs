@@ -387,12 +387,19 @@ fn hostile_titles_are_stored_inside_the_server_folder() {
         );
     }
 
-    // Every file under the work folder is the log or a stored document that
-    // is a direct child of a server folder.
+    // Every file under the work folder is the log, the balancer's state
+    // file (with its WAL) or a stored document that is a direct child of a
+    // server folder.
     let root = c.dir.path();
     let mut json_files = 0;
     for path in all_files(root) {
-        if path == root.join("loadbalancer.log") {
+        let state = path.parent() == Some(root)
+            && path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("balancer.db");
+        if path == root.join("loadbalancer.log") || state {
             continue;
         }
         let parent = path.parent().unwrap();

@@ -15,10 +15,11 @@
 use super::dispatch::{Change, Event, Job, Work};
 use super::flow::{Budget, Hold, Window};
 use super::stats::Stats;
+use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList,
+    self, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList, TransferList,
 };
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::BufReader;
@@ -50,6 +51,8 @@ pub struct Conn {
     pub budget: Arc<Budget>,
     /// Disconnected when the balancer shuts down.
     pub stop: Receiver<()>,
+    /// Answers `transfers`; `None` when tracking is off.
+    pub tracker: Option<Tracker>,
 }
 
 impl Conn {
@@ -199,6 +202,22 @@ impl Conn {
                     self.membership(request_kind, id, &addr, replies);
                     continue;
                 }
+                Request::Transfers {
+                    id,
+                    active,
+                    failed,
+                    since_ms,
+                    limit,
+                } => {
+                    let filter = TransferFilter {
+                        active,
+                        failed,
+                        since_ms,
+                        limit,
+                    };
+                    let _ = replies.send(self.transfers(id, &filter));
+                    continue;
+                }
                 Request::Forget { id, .. } => {
                     let _ = replies.send(Reply::error(
                         Some(id),
@@ -255,6 +274,27 @@ impl Conn {
                 ErrorCode::ShuttingDown,
                 "the balancer is shutting down",
             ));
+        }
+    }
+
+    /// The answer to `transfers`, from the state file.
+    fn transfers(&self, id: u64, filter: &TransferFilter) -> Reply {
+        let Some(tracker) = &self.tracker else {
+            return Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "transfer tracking is off (start the balancer with --state)",
+            );
+        };
+        match tracker.query(filter) {
+            Ok(records) => Reply::Transfers(TransferList {
+                id,
+                transfers: records.into_iter().map(Into::into).collect(),
+            }),
+            Err(e) => {
+                log::warn!("connection from {}: transfers: {e}", self.peer);
+                Reply::error(Some(id), ErrorCode::Internal, e.to_string())
+            }
         }
     }
 

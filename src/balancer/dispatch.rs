@@ -28,6 +28,7 @@ use super::flow::Hold;
 use super::link::{LinkHandle, LinkSpawner};
 use super::monitor::Roster;
 use super::stats::Stats;
+use super::tracking::Tracker;
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
@@ -242,6 +243,8 @@ pub struct Dispatcher {
     /// Set once shutting down: when the remaining work is cut off.
     drain_deadline: Option<Instant>,
     aborted: bool,
+    /// Records what happens to store jobs, when tracking is on.
+    tracker: Option<Tracker>,
 }
 
 impl Dispatcher {
@@ -270,11 +273,18 @@ impl Dispatcher {
             next_expiry: None,
             drain_deadline: None,
             aborted: false,
+            tracker: None,
         };
         for addr in servers {
             d.add_slot(*addr)?;
         }
         Ok(d)
+    }
+
+    /// Records store jobs' dispatches, retries and failures with `tracker`.
+    pub fn with_tracker(mut self, tracker: Option<Tracker>) -> Self {
+        self.tracker = tracker;
+        self
     }
 
     /// Runs until shut down (`stop` disconnected, or every job sender gone)
@@ -384,13 +394,12 @@ impl Dispatcher {
     fn abort(&mut self) {
         self.aborted = true;
         let queued = self.waiting.len();
+        let msg = "the balancer shut down before a server took this request; it was not stored";
         for job in self.waiting.drain(..) {
-            job.fail(
-                ErrorCode::ShuttingDown,
-                "the balancer shut down before a server took this request; it was not stored"
-                    .into(),
-                &self.stats,
-            );
+            if let Some(t) = &self.tracker {
+                t.failed(&job, ErrorCode::ShuttingDown, msg);
+            }
+            job.fail(ErrorCode::ShuttingDown, msg.into(), &self.stats);
         }
         let on_wire: usize = self.slots.values().map(|s| s.in_flight).sum();
         log::warn!("--drain-timeout reached: refused {queued} queued requests, cutting off {on_wire} in flight");
@@ -496,6 +505,9 @@ impl Dispatcher {
                 format!(" (retry {})", job.tried.len())
             }
         );
+        if let Some(t) = &self.tracker {
+            t.dispatched(&job, &slot.name);
+        }
         job.tried.push(id);
         self.send(id, job)
     }
@@ -613,19 +625,29 @@ impl Dispatcher {
                     "it was not stored"
                 }
             );
+            if let Some(t) = &self.tracker {
+                t.failed(&job, ErrorCode::ShuttingDown, &msg);
+            }
             job.fail(ErrorCode::ShuttingDown, msg, &self.stats);
         } else if job.attempts >= self.settings.max_attempts {
             log::error!(
-                "{}: failed on server {name} ({reason}); giving up after {} attempts",
+                "{}: failed on server {name} ({reason}); giving up after {} attempts in {} ms",
                 job.label(),
-                job.attempts
+                job.attempts,
+                job.received.elapsed().as_millis()
             );
             let msg = format!(
                 "request failed after {} attempts; last error from server {name}: {reason}",
                 job.attempts
             );
+            if let Some(t) = &self.tracker {
+                t.failed(&job, ErrorCode::ServerFailed, &msg);
+            }
             job.fail(ErrorCode::ServerFailed, msg, &self.stats);
         } else {
+            if let Some(t) = &self.tracker {
+                t.retried(&job, &name, &reason);
+            }
             self.stats.server(server).retries.fetch_add(1, Relaxed);
             log::warn!(
                 "{}: failed on server {name} ({reason}); trying another server",
@@ -694,6 +716,10 @@ impl Dispatcher {
                     slot.forget_in_flight = false;
                 }
                 continue;
+            }
+            if let Some(t) = &self.tracker {
+                let name = &self.stats.server(server).name;
+                t.retried(&job, name, "server went down before it was sent");
             }
             self.enqueue(job, true);
         }
@@ -765,6 +791,9 @@ impl Dispatcher {
         let msg = self.outage_reason();
         log::error!("{} requests: {msg}; giving up", expired.len());
         for job in expired {
+            if let Some(t) = &self.tracker {
+                t.failed(&job, ErrorCode::NoServer, &msg);
+            }
             job.fail(ErrorCode::NoServer, msg.clone(), &self.stats);
         }
     }

@@ -9,6 +9,7 @@
 use super::backend::{self, BackendSettings, Connections, LinkError};
 use super::dispatch::{Event, Job, Work};
 use super::stats::{ServerStats, Stats};
+use super::tracking::Tracker;
 use super::ServerId;
 use crate::net;
 use crate::proto::Reply;
@@ -59,6 +60,7 @@ pub struct Spawner {
     pub settings: BackendSettings,
     pub stats: Arc<Stats>,
     pub threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    pub tracker: Option<Tracker>,
 }
 
 impl LinkSpawner for Spawner {
@@ -70,6 +72,7 @@ impl LinkSpawner for Spawner {
             self.events.clone(),
             self.settings,
             self.stats.clone(),
+            self.tracker.clone(),
         )?;
         let mut all = crate::net::lock(&self.threads);
         // Links of servers that left end on their own.
@@ -88,6 +91,7 @@ pub fn spawn(
     events: Sender<Event>,
     settings: BackendSettings,
     stats: Arc<Stats>,
+    tracker: Option<Tracker>,
 ) -> std::io::Result<(LinkHandle, Vec<JoinHandle<()>>)> {
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
     let connections = Arc::new(Connections::default());
@@ -96,6 +100,7 @@ pub fn spawn(
         let jobs = jobs_rx.clone();
         let events = events.clone();
         let stats = stats.clone();
+        let tracker = tracker.clone();
         let mut backend = backend::open(addr, settings, connections.clone(), slot);
         let name = format!("link{}-{slot}", server.0);
         threads.push(net::spawn_named(name, Some(WORKER_STACK), move || {
@@ -104,7 +109,7 @@ pub fn spawn(
                 server_stats.requests.fetch_add(1, Relaxed);
                 let number = job.request_number.unwrap_or_default();
                 let result = backend.forward(number, &job.work);
-                let event = settle(server, job, result, &server_stats, &stats);
+                let event = settle(server, job, result, &server_stats, &stats, tracker.as_ref());
                 if events.send(event).is_err() {
                     return; // dispatcher gone: shutting down
                 }
@@ -127,6 +132,7 @@ fn settle(
     result: Result<Reply, LinkError>,
     server_stats: &ServerStats,
     stats: &Stats,
+    tracker: Option<&Tracker>,
 ) -> Event {
     let name = &server_stats.name;
     let number = job.request_number.unwrap_or_default();
@@ -168,7 +174,7 @@ fn settle(
     let reply = match result {
         Ok(Reply::Stored(mut stored)) => {
             log::info!(
-                "request {number}: {} from {} stored on server {name} as {}{} ({} letters A)",
+                "request {number}: {} from {} stored on server {name} as {}{} ({} letters A) in {} ms",
                 job.work.describe(),
                 job.client,
                 stored.file,
@@ -177,8 +183,14 @@ fn settle(
                 } else {
                     ""
                 },
-                stored.a_count
+                stored.a_count,
+                job.received.elapsed().as_millis()
             );
+            // Recorded before the client hears of it, so that a query made
+            // after the acknowledgement sees it.
+            if let Some(t) = tracker {
+                t.stored(&job, name, &stored.file);
+            }
             if let Work::Store(doc) = &job.work {
                 server_stats
                     .bytes
@@ -204,7 +216,14 @@ fn settle(
             return retry(job, format!("{}: {}", e.code, e.message), false, true);
         }
         Ok(Reply::Error(mut e)) => {
-            log::warn!("request {number}: refused by server {name}: {}", e.message);
+            log::warn!(
+                "request {number}: refused by server {name} after {} ms: {}",
+                job.received.elapsed().as_millis(),
+                e.message
+            );
+            if let Some(t) = tracker {
+                t.failed(&job, e.code, &format!("server {name}: {}", e.message));
+            }
             server_stats.failures.fetch_add(1, Relaxed);
             e.id = Some(job.id);
             let _ = job.reply.send(Reply::Error(e));

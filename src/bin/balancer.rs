@@ -117,6 +117,13 @@ struct Args {
     /// Log file, appended to.
     #[arg(long, default_value = "loadbalancer.log")]
     log_file: PathBuf,
+    /// SQLite state file recording every transfer (see `client transfers`);
+    /// kept across restarts. Default: balancer.db next to the log file.
+    #[arg(long, value_name = "PATH")]
+    state: Option<PathBuf>,
+    /// Record no transfers (no state file).
+    #[arg(long, conflicts_with = "state")]
+    no_state: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -170,6 +177,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         policy: args.policy,
         rise: args.rise,
         fall: args.fall,
+        state: state_path(&args),
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
@@ -189,6 +197,17 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     signals.close();
     let _ = signal_thread.join();
     Ok(())
+}
+
+fn state_path(args: &Args) -> Option<PathBuf> {
+    if args.no_state {
+        return None;
+    }
+    Some(
+        args.state
+            .clone()
+            .unwrap_or_else(|| args.log_file.with_file_name("balancer.db")),
+    )
 }
 
 /// SIGINT or SIGTERM starts a clean shutdown; a second one ends the process

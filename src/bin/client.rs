@@ -3,6 +3,7 @@ use crossbeam_channel::Sender;
 use lbft::cli::{parse_addr, parse_count, parse_duration, parse_size};
 use lbft::client::admin::AdminCommand;
 use lbft::client::status::StatusOptions;
+use lbft::client::transfers::TransfersOptions;
 use lbft::client::{self, Config};
 use signal_hook::consts::SIGINT;
 use signal_hook::iterator::{Handle, Signals};
@@ -87,6 +88,25 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: Admin,
+    },
+    /// Show recent transfers from the balancer's state file, newest first:
+    /// number, state, title, server(s), size, duration, age.
+    Transfers {
+        /// Only transfers not finished yet (queued, sending, retried).
+        #[arg(long)]
+        active: bool,
+        /// Only failed transfers.
+        #[arg(long)]
+        failed: bool,
+        /// Only transfers received within this long (e.g. 10m).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// At most this many (default 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -179,6 +199,22 @@ fn main() -> ExitCode {
                 Admin::Remove { addr } => AdminCommand::Remove(addr),
             };
             client::admin::run(&config, &command, &mut out)
+        }
+        Some(Command::Transfers {
+            active,
+            failed,
+            since,
+            limit,
+            json,
+        }) => {
+            let options = TransfersOptions {
+                active,
+                failed,
+                since,
+                limit,
+                json,
+            };
+            client::transfers::run(&config, &options, &mut out)
         }
     };
     let _ = out.flush();

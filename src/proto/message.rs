@@ -207,6 +207,23 @@ pub enum Request {
     /// An operator removes a server now; its requests in flight go to
     /// other servers.
     RemoveServer { id: u64, addr: String },
+    /// Recent transfers from the balancer's state file (balancer only),
+    /// newest first.
+    Transfers {
+        id: u64,
+        /// Only those not finished yet.
+        #[serde(default)]
+        active: bool,
+        /// Only failed ones (with `active`: either).
+        #[serde(default)]
+        failed: bool,
+        /// Only those received at or after this Unix time in milliseconds.
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// At most this many (100 when absent).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 impl Request {
@@ -218,6 +235,7 @@ impl Request {
             Request::Status { .. } => "status",
             Request::Servers { .. } => "servers",
             Request::Forget { .. } => "forget",
+            Request::Transfers { .. } => "transfers",
             Request::Register { .. } => "register",
             Request::Deregister { .. } => "deregister",
             Request::AddServer { .. } => "add_server",
@@ -237,7 +255,8 @@ impl Request {
             | Request::Deregister { id, .. }
             | Request::AddServer { id, .. }
             | Request::DrainServer { id, .. }
-            | Request::RemoveServer { id, .. } => *id,
+            | Request::RemoveServer { id, .. }
+            | Request::Transfers { id, .. } => *id,
         }
     }
 }
@@ -249,6 +268,7 @@ impl Message for Request {
         "status",
         "servers",
         "forget",
+        "transfers",
         "register",
         "deregister",
         "add_server",
@@ -438,6 +458,39 @@ pub struct ServerList {
     pub servers: Vec<ServerView>,
 }
 
+/// One transfer (a document the balancer took) as its state file has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferView {
+    /// The request number (`numero_richiesta` on the servers).
+    pub number: u64,
+    /// The client's address.
+    pub client: String,
+    pub title: String,
+    /// Content length in bytes.
+    pub size: u64,
+    /// Servers it was sent to, in order.
+    pub servers: Vec<String>,
+    /// `queued`, `sending`, `retried`, `stored` or `failed`.
+    pub state: String,
+    /// Where it was stored, once stored.
+    pub server: Option<String>,
+    /// Its file name on that server, once stored.
+    pub file: Option<String>,
+    /// Unix milliseconds: when the balancer received it.
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// The last error (of a retry, or why it failed).
+    pub error: Option<String>,
+}
+
+/// The balancer's answer to `transfers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferList {
+    pub id: u64,
+    pub transfers: Vec<TransferView>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -499,6 +552,7 @@ pub enum Reply {
     Calc(Computed),
     Status(StatusReport),
     Servers(ServerList),
+    Transfers(TransferList),
     /// Answer to `forget`: how many stored copies were moved aside.
     Forgotten {
         id: u64,
@@ -519,6 +573,7 @@ impl Reply {
             Reply::Calc(r) => Some(r.id),
             Reply::Status(r) => Some(r.id),
             Reply::Servers(r) => Some(r.id),
+            Reply::Transfers(r) => Some(r.id),
             Reply::Forgotten { id, .. } | Reply::Membership { id, .. } => Some(*id),
             Reply::Error(r) => r.id,
         }
@@ -539,6 +594,7 @@ impl Message for Reply {
         "calc",
         "status",
         "servers",
+        "transfers",
         "forgotten",
         "membership",
         "error",

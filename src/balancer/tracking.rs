@@ -1,0 +1,1087 @@
+//! Transfer tracking: what happened to every document the balancer took,
+//! kept in a SQLite state file (`--state`) so it outlives a restart.
+//!
+//! The hot path never waits on the disk: `Tracker::record` puts an event on
+//! a bounded channel with `try_send`, and when the channel is full the event
+//! is counted as dropped instead. One writer thread owns the write
+//! connection and commits whatever has arrived (up to `MAX_BATCH` events or
+//! `BATCH_WINDOW`) in one transaction. It stops after committing the rest
+//! once every `Tracker` clone is gone (the channel disconnects).
+//!
+//! Queries read through their own read-only connections (WAL lets them run
+//! beside the writer); before reading, a query asks the writer to commit
+//! what it holds, so a transfer already acknowledged to a client is seen.
+//!
+//! The file also keeps the set of storage servers (`servers` table), for
+//! membership changes to survive restarts.
+
+use super::dispatch::{Job, Work};
+use crate::error::Error;
+use crate::proto::{ErrorCode, TransferView};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use rusqlite::{params, Connection, OpenFlags, Row};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Events waiting for the writer, at most; past this they are dropped.
+pub const CHANNEL_CAPACITY: usize = 65_536;
+/// Events committed in one transaction, at most.
+const MAX_BATCH: usize = 1000;
+/// How long the writer gathers events after the first of a batch: long
+/// enough to make transactions few under load, short enough that a crash
+/// loses little.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// `PRAGMA user_version` of the schema below.
+pub const SCHEMA_VERSION: i64 = 1;
+/// Records one query returns when it asks for no limit.
+pub const DEFAULT_LIMIT: u32 = 100;
+/// Records one query returns at most, so that the reply fits in a frame.
+pub const MAX_LIMIT: u32 = 10_000;
+/// How long a query or a membership change waits for the writer.
+const WRITER_WAIT: Duration = Duration::from_secs(5);
+/// How long SQLite retries when another process (a second balancer on the
+/// same file) holds the lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE transfers (
+    number      INTEGER PRIMARY KEY,
+    client      TEXT NOT NULL,
+    title       TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    servers     TEXT NOT NULL DEFAULT '[]',
+    state       TEXT NOT NULL,
+    server      TEXT,
+    file        TEXT,
+    started_ms  INTEGER NOT NULL,
+    ended_ms    INTEGER,
+    duration_ms INTEGER,
+    last_error  TEXT
+);
+CREATE INDEX transfers_by_start ON transfers (started_ms);
+CREATE TABLE servers (
+    address  TEXT PRIMARY KEY,
+    added_ms INTEGER NOT NULL,
+    state    TEXT NOT NULL
+);
+";
+
+/// Why the state file cannot be used.
+#[derive(Debug)]
+pub enum StateError {
+    Sqlite(rusqlite::Error),
+    /// Written by a newer balancer: its schema is unknown here.
+    NewerSchema {
+        found: i64,
+    },
+    /// A SQLite database of something else: it is not ours to change.
+    Foreign,
+    /// The writer could not commit a change (its message).
+    Write(String),
+    /// The writer thread has stopped (the balancer is shutting down).
+    WriterGone,
+}
+
+impl fmt::Display for StateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateError::Sqlite(e) => e.fmt(f),
+            StateError::NewerSchema { found } => write!(
+                f,
+                "schema version {found} is newer than this balancer's ({SCHEMA_VERSION})"
+            ),
+            StateError::Foreign => {
+                f.write_str("it is a SQLite database with other tables, not a balancer state file")
+            }
+            StateError::Write(e) => write!(f, "cannot write: {e}"),
+            StateError::WriterGone => f.write_str("the state writer has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for StateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StateError::Sqlite(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StateError {
+    fn from(e: rusqlite::Error) -> Self {
+        StateError::Sqlite(e)
+    }
+}
+
+/// Where a transfer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferState {
+    /// Received, not yet handed to a server.
+    Queued,
+    /// On its way to a server.
+    Sending,
+    /// Failed on a server, waiting to be sent again.
+    Retried,
+    Stored,
+    Failed,
+}
+
+impl TransferState {
+    pub const ACTIVE: [TransferState; 3] = [
+        TransferState::Queued,
+        TransferState::Sending,
+        TransferState::Retried,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Queued => "queued",
+            TransferState::Sending => "sending",
+            TransferState::Retried => "retried",
+            TransferState::Stored => "stored",
+            TransferState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<TransferState> {
+        [Self::ACTIVE.as_slice(), &[Self::Stored, Self::Failed]]
+            .concat()
+            .into_iter()
+            .find(|state| state.as_str() == s)
+    }
+}
+
+impl fmt::Display for TransferState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something that happened to a transfer. Store jobs only; `number` is the
+/// request number.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrackEvent {
+    Received {
+        number: u64,
+        client: String,
+        title: String,
+        size: u64,
+    },
+    Sent {
+        number: u64,
+        server: String,
+    },
+    Retried {
+        number: u64,
+        server: String,
+        reason: String,
+    },
+    Stored {
+        number: u64,
+        server: String,
+        file: String,
+    },
+    Failed {
+        number: u64,
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+/// One transfer as the state file has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRecord {
+    pub number: u64,
+    pub client: String,
+    pub title: String,
+    pub size: u64,
+    /// Servers it was sent to, in order (a server twice if retried there).
+    pub servers: Vec<String>,
+    pub state: TransferState,
+    /// Where it was stored.
+    pub server: Option<String>,
+    /// Its file name on that server.
+    pub file: Option<String>,
+    /// Unix milliseconds: when the balancer received it.
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// The last error, of a retry or the final failure.
+    pub error: Option<String>,
+}
+
+impl From<TransferRecord> for TransferView {
+    fn from(r: TransferRecord) -> Self {
+        TransferView {
+            number: r.number,
+            client: r.client,
+            title: r.title,
+            size: r.size,
+            servers: r.servers,
+            state: r.state.as_str().to_string(),
+            server: r.server,
+            file: r.file,
+            started_ms: r.started_ms,
+            ended_ms: r.ended_ms,
+            duration_ms: r.duration_ms,
+            error: r.error,
+        }
+    }
+}
+
+/// Which transfers a query returns, newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransferFilter {
+    /// Only those not finished (queued, sending, retried).
+    pub active: bool,
+    /// Only failed ones. With `active` too: either.
+    pub failed: bool,
+    /// Only those received at or after this Unix time in milliseconds.
+    pub since_ms: Option<u64>,
+    /// At most this many (default `DEFAULT_LIMIT`, capped at `MAX_LIMIT`).
+    pub limit: Option<u32>,
+}
+
+/// What the writer is sent.
+enum Msg {
+    Event {
+        at_ms: u64,
+        event: TrackEvent,
+    },
+    /// Commit everything before this, then answer.
+    Flush(Sender<()>),
+    /// A membership change, committed before the answer.
+    Server {
+        change: ServerChange,
+        at_ms: u64,
+        done: Sender<Result<(), String>>,
+    },
+}
+
+enum ServerChange {
+    Save(String),
+    Remove(String),
+}
+
+struct Shared {
+    path: PathBuf,
+    dropped: AtomicU64,
+    /// Idle read connections: taken out for a query and put back, so the
+    /// lock is never held while SQLite reads.
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// Records transfer events into the state file; cheap to clone. The writer
+/// stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Tracker {
+    events: Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("path", &self.shared.path)
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl Tracker {
+    /// Opens (or creates) the state file and starts the writer thread. A
+    /// file that is not a balancer state file is an error, never replaced.
+    pub fn open(path: &Path) -> Result<(Tracker, JoinHandle<()>), Error> {
+        let (tracker, messages, conn) = Self::open_unstarted(path, CHANNEL_CAPACITY)?;
+        let shared = tracker.shared.clone();
+        let thread = crate::net::spawn_named("tracker".into(), None, move || {
+            write_loop(conn, &messages, &shared);
+        })?;
+        log::info!("transfer tracking in {}", path.display());
+        Ok((tracker, thread))
+    }
+
+    /// The tracker, the writer's end of its channel and its connection,
+    /// with no writer running yet.
+    fn open_unstarted(
+        path: &Path,
+        capacity: usize,
+    ) -> Result<(Tracker, Receiver<Msg>, Connection), Error> {
+        let state_error = |source| Error::State {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = open_writer(path).map_err(state_error)?;
+        let reader = open_reader(path).map_err(state_error)?;
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            dropped: AtomicU64::new(0),
+            readers: Mutex::new(vec![reader]),
+        });
+        Ok((Tracker { events: tx, shared }, rx, conn))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Events not recorded: the channel was full, or their write failed.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Relaxed)
+    }
+
+    /// Records an event that happens now. Never blocks.
+    pub fn record(&self, event: TrackEvent) {
+        self.record_at(now_ms(), event);
+    }
+
+    /// Records an event with its own time (Unix milliseconds). Never blocks.
+    pub fn record_at(&self, at_ms: u64, event: TrackEvent) {
+        match self.events.try_send(Msg::Event { at_ms, event }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                // Warned once: the counter tells how many since.
+                if self.shared.dropped.fetch_add(1, Relaxed) == 0 {
+                    log::warn!(
+                        "transfer tracking cannot keep up: events are being dropped (the state file lags)"
+                    );
+                }
+            }
+            // Only while shutting down, when nothing is recorded any more.
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A store job handed to a server: `Received` the first time, then
+    /// `Sent`. Call before the job records the server in `tried`.
+    pub fn dispatched(&self, job: &Job, server: &str) {
+        let (Work::Store(doc), Some(number)) = (&job.work, job.request_number) else {
+            return;
+        };
+        let now = now_ms();
+        if job.tried.is_empty() {
+            let waited = job.received.elapsed().as_millis() as u64;
+            self.record_at(
+                now.saturating_sub(waited),
+                TrackEvent::Received {
+                    number,
+                    client: job.client.to_string(),
+                    title: doc.title.clone(),
+                    size: doc.content_len as u64,
+                },
+            );
+        }
+        self.record_at(
+            now,
+            TrackEvent::Sent {
+                number,
+                server: server.to_string(),
+            },
+        );
+    }
+
+    /// A store job that failed on `server` and will be tried again.
+    pub fn retried(&self, job: &Job, server: &str, reason: &str) {
+        if let Some(number) = tracked_number(job) {
+            self.record(TrackEvent::Retried {
+                number,
+                server: server.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// A store job given up on. Jobs never dispatched have no number and
+    /// no record.
+    pub fn failed(&self, job: &Job, code: ErrorCode, reason: &str) {
+        if let Some(number) = tracked_number(job) {
+            self.record(TrackEvent::Failed {
+                number,
+                code,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// A store job acknowledged by `server` as `file`.
+    pub fn stored(&self, job: &Job, server: &str, file: &str) {
+        if let Some(number) = tracked_number(job) {
+            self.record(TrackEvent::Stored {
+                number,
+                server: server.to_string(),
+                file: file.to_string(),
+            });
+        }
+    }
+
+    /// Transfers matching `filter`, newest first. Sees every event recorded
+    /// before the call (unless dropped).
+    pub fn query(&self, filter: &TransferFilter) -> Result<Vec<TransferRecord>, Error> {
+        self.flush();
+        self.read(|conn| query_transfers(conn, filter))
+    }
+
+    /// Remembers a storage server (membership). Waits for the commit.
+    pub fn save_server(&self, addr: &str) -> Result<(), Error> {
+        self.change_server(ServerChange::Save(addr.to_string()))
+    }
+
+    /// Forgets a storage server; its row stays, marked `removed`.
+    pub fn remove_server(&self, addr: &str) -> Result<(), Error> {
+        self.change_server(ServerChange::Remove(addr.to_string()))
+    }
+
+    /// The servers saved and not removed, oldest first.
+    pub fn servers(&self) -> Result<Vec<String>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT address FROM servers WHERE state = 'active' ORDER BY added_ms, address",
+            )?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+    }
+
+    /// Waits (boundedly) until the writer has committed what was sent
+    /// before; a writer that does not answer in time is read around.
+    fn flush(&self) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if self
+            .events
+            .send_timeout(Msg::Flush(done_tx), WRITER_WAIT)
+            .is_ok()
+        {
+            let _ = done_rx.recv_timeout(WRITER_WAIT);
+        }
+    }
+
+    fn change_server(&self, change: ServerChange) -> Result<(), Error> {
+        let error = |source| Error::State {
+            path: self.shared.path.clone(),
+            source,
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let msg = Msg::Server {
+            change,
+            at_ms: now_ms(),
+            done: done_tx,
+        };
+        self.events
+            .send_timeout(msg, WRITER_WAIT)
+            .map_err(|_| error(StateError::WriterGone))?;
+        match done_rx.recv_timeout(WRITER_WAIT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(error(StateError::Write(e))),
+            Err(_) => Err(error(StateError::WriterGone)),
+        }
+    }
+
+    /// Runs `f` on an idle read connection (a new one if none is idle).
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StateError>) -> Result<T, Error> {
+        let error = |source| Error::State {
+            path: self.shared.path.clone(),
+            source,
+        };
+        let idle = crate::net::lock(&self.shared.readers).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reader(&self.shared.path).map_err(error)?,
+        };
+        let result = f(&conn).map_err(error);
+        crate::net::lock(&self.shared.readers).push(conn);
+        result
+    }
+}
+
+fn tracked_number(job: &Job) -> Option<u64> {
+    match job.work {
+        Work::Store(_) => job.request_number,
+        _ => None,
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection, StateError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // The first read of the file: a file that is not SQLite fails here.
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+        [],
+        |r| r.get(0),
+    )?;
+    match version {
+        0 if tables > 0 => return Err(StateError::Foreign),
+        0 => {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))?;
+        }
+        SCHEMA_VERSION => {}
+        found if found > SCHEMA_VERSION => return Err(StateError::NewerSchema { found }),
+        _ => return Err(StateError::Foreign),
+    }
+    // WAL: readers never wait for the writer. NORMAL: a commit survives a
+    // crash of the process, only a power cut can lose the last ones.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        log::warn!(
+            "state file {}: journal mode is {mode}, not WAL; queries may wait for the writer",
+            path.display()
+        );
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StateError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// What the writer did, for its last log line and for tests.
+#[derive(Debug, Default, PartialEq)]
+struct Written {
+    events: u64,
+    transactions: u64,
+}
+
+/// The writer thread: gathers a batch, commits it, answers flushes; ends
+/// after the last batch once the channel disconnects.
+fn write_loop(mut conn: Connection, messages: &Receiver<Msg>, shared: &Shared) -> Written {
+    let mut written = Written::default();
+    while let Ok(first) = messages.recv() {
+        let deadline = Instant::now() + BATCH_WINDOW;
+        let mut batch = vec![first];
+        let mut disconnected = false;
+        while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Msg::Flush(_))) {
+            match messages.recv_deadline(deadline) {
+                Ok(msg) => batch.push(msg),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        written.events += commit(&mut conn, batch, shared);
+        written.transactions += 1;
+        if disconnected {
+            break;
+        }
+    }
+    let dropped = shared.dropped.load(Relaxed);
+    if dropped > 0 {
+        log::warn!(
+            "transfer tracking stopped: {} events recorded, {dropped} dropped (channel full or write failed)",
+            written.events
+        );
+    } else {
+        log::info!(
+            "transfer tracking stopped: {} events recorded",
+            written.events
+        );
+    }
+    written
+}
+
+/// Commits one batch in one transaction and answers whoever waits on it.
+/// Returns how many events were written.
+fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
+    let mut events = 0;
+    let mut flushed = Vec::new();
+    let mut changed = Vec::new();
+    let result = (|| -> Result<(), rusqlite::Error> {
+        let tx = conn.transaction()?;
+        for msg in batch {
+            match msg {
+                Msg::Event { at_ms, event } => {
+                    apply(&tx, at_ms, &event)?;
+                    events += 1;
+                }
+                Msg::Flush(done) => flushed.push(done),
+                Msg::Server {
+                    change,
+                    at_ms,
+                    done,
+                } => {
+                    apply_server(&tx, at_ms, &change)?;
+                    changed.push(done);
+                }
+            }
+        }
+        tx.commit()
+    })();
+    let outcome = match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            log::warn!(
+                "state file {}: cannot record {events} transfer events: {e}",
+                shared.path.display()
+            );
+            shared.dropped.fetch_add(events, Relaxed);
+            events = 0;
+            Err(e.to_string())
+        }
+    };
+    for done in changed {
+        let _ = done.send(outcome.clone());
+    }
+    for done in flushed {
+        let _ = done.send(());
+    }
+    events
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusqlite::Result<()> {
+    // SQLite integers are i64; numbers are 63 bits and times fit easily.
+    let at = at_ms as i64;
+    match event {
+        TrackEvent::Received {
+            number,
+            client,
+            title,
+            size,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO transfers (number, client, title, size, state, started_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5) ON CONFLICT (number) DO NOTHING",
+            )?
+            .execute(params![*number as i64, client, title, *size as i64, at])?;
+        }
+        TrackEvent::Sent { number, server } => {
+            tx.prepare_cached(
+                "UPDATE transfers SET state = 'sending', servers = json_insert(servers, '$[#]', ?2)
+                 WHERE number = ?1 AND state NOT IN ('stored', 'failed')",
+            )?
+            .execute(params![*number as i64, server])?;
+        }
+        TrackEvent::Retried {
+            number,
+            server,
+            reason,
+        } => {
+            tx.prepare_cached(
+                "UPDATE transfers SET state = 'retried', last_error = ?2
+                 WHERE number = ?1 AND state NOT IN ('stored', 'failed')",
+            )?
+            .execute(params![*number as i64, format!("{server}: {reason}")])?;
+        }
+        TrackEvent::Stored {
+            number,
+            server,
+            file,
+        } => {
+            tx.prepare_cached(
+                "UPDATE transfers SET state = 'stored', server = ?2, file = ?3, ended_ms = ?4,
+                     duration_ms = max(0, ?4 - started_ms)
+                 WHERE number = ?1",
+            )?
+            .execute(params![*number as i64, server, file, at])?;
+        }
+        TrackEvent::Failed {
+            number,
+            code,
+            reason,
+        } => {
+            tx.prepare_cached(
+                "UPDATE transfers SET state = 'failed', last_error = ?2, ended_ms = ?3,
+                     duration_ms = max(0, ?3 - started_ms)
+                 WHERE number = ?1 AND state <> 'stored'",
+            )?
+            .execute(params![*number as i64, format!("{code}: {reason}"), at])?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_server(
+    tx: &rusqlite::Transaction<'_>,
+    at_ms: u64,
+    change: &ServerChange,
+) -> rusqlite::Result<()> {
+    match change {
+        // A server saved again keeps the time it was first added, unless it
+        // had been removed in between.
+        ServerChange::Save(addr) => tx.execute(
+            "INSERT INTO servers (address, added_ms, state) VALUES (?1, ?2, 'active')
+             ON CONFLICT (address) DO UPDATE SET state = 'active',
+                 added_ms = CASE WHEN state = 'removed' THEN excluded.added_ms ELSE added_ms END",
+            params![addr, at_ms as i64],
+        )?,
+        ServerChange::Remove(addr) => tx.execute(
+            "UPDATE servers SET state = 'removed' WHERE address = ?1",
+            params![addr],
+        )?,
+    };
+    Ok(())
+}
+
+fn query_transfers(
+    conn: &Connection,
+    filter: &TransferFilter,
+) -> Result<Vec<TransferRecord>, StateError> {
+    let mut states: Vec<TransferState> = Vec::new();
+    if filter.active {
+        states.extend(TransferState::ACTIVE);
+    }
+    if filter.failed {
+        states.push(TransferState::Failed);
+    }
+    let state_list = states
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = String::from(
+        "SELECT number, client, title, size, servers, state, server, file, started_ms,
+                ended_ms, duration_ms, last_error
+         FROM transfers WHERE started_ms >= ?1",
+    );
+    if !states.is_empty() {
+        sql.push_str(&format!(" AND state IN ({state_list})"));
+    }
+    sql.push_str(" ORDER BY started_ms DESC, number DESC LIMIT ?2");
+    let limit = filter.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
+    let since = filter.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![since, limit], record_from_row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<TransferRecord> {
+    let servers: String = row.get(4)?;
+    let state: String = row.get(5)?;
+    let bad = |column: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, what.into())
+    };
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64))
+    };
+    Ok(TransferRecord {
+        number: row.get::<_, i64>(0)? as u64,
+        client: row.get(1)?,
+        title: row.get(2)?,
+        size: row.get::<_, i64>(3)?.max(0) as u64,
+        servers: serde_json::from_str(&servers)
+            .map_err(|e| bad(4, format!("servers {servers:?}: {e}")))?,
+        state: TransferState::parse(&state).ok_or_else(|| bad(5, format!("state {state:?}")))?,
+        server: row.get(6)?,
+        file: row.get(7)?,
+        started_ms: row.get::<_, i64>(8)?.max(0) as u64,
+        ended_ms: opt_u64(9)?,
+        duration_ms: opt_u64(10)?,
+        error: row.get(11)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(number: u64, title: &str) -> TrackEvent {
+        TrackEvent::Received {
+            number,
+            client: "127.0.0.1:4000".into(),
+            title: title.into(),
+            size: 10 * number,
+        }
+    }
+
+    fn sent(number: u64, server: &str) -> TrackEvent {
+        TrackEvent::Sent {
+            number,
+            server: server.into(),
+        }
+    }
+
+    fn stored(number: u64, server: &str) -> TrackEvent {
+        TrackEvent::Stored {
+            number,
+            server: server.into(),
+            file: format!("doc_{number}.json"),
+        }
+    }
+
+    /// A tracker on a file in a fresh folder; the folder lives as long as
+    /// the guard.
+    fn open_temp() -> (tempfile::TempDir, PathBuf, Tracker, JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("balancer.db");
+        let (tracker, writer) = Tracker::open(&path).unwrap();
+        (dir, path, tracker, writer)
+    }
+
+    fn numbers(records: &[TransferRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.number).collect()
+    }
+
+    #[test]
+    fn events_become_records() {
+        let (_dir, _path, tracker, writer) = open_temp();
+        tracker.record_at(1_000, received(1, "stored after a retry"));
+        tracker.record_at(1_005, sent(1, "s0"));
+        tracker.record_at(
+            1_010,
+            TrackEvent::Retried {
+                number: 1,
+                server: "s0".into(),
+                reason: "storage: disk full".into(),
+            },
+        );
+        tracker.record_at(1_011, sent(1, "s1"));
+        tracker.record_at(1_030, stored(1, "s1"));
+        tracker.record_at(2_000, received(2, "failed"));
+        tracker.record_at(2_001, sent(2, "s1"));
+        tracker.record_at(
+            2_500,
+            TrackEvent::Failed {
+                number: 2,
+                code: ErrorCode::NoServer,
+                reason: "every server is down".into(),
+            },
+        );
+        tracker.record_at(3_000, received(3, "on its way"));
+        tracker.record_at(3_001, sent(3, "s0"));
+        // Events for a number never received (its `Received` was dropped)
+        // change nothing.
+        tracker.record_at(3_002, stored(99, "s0"));
+
+        let records = tracker.query(&TransferFilter::default()).unwrap();
+        assert_eq!(numbers(&records), [3, 2, 1], "newest first");
+        assert_eq!(
+            records[2],
+            TransferRecord {
+                number: 1,
+                client: "127.0.0.1:4000".into(),
+                title: "stored after a retry".into(),
+                size: 10,
+                servers: vec!["s0".into(), "s1".into()],
+                state: TransferState::Stored,
+                server: Some("s1".into()),
+                file: Some("doc_1.json".into()),
+                started_ms: 1_000,
+                ended_ms: Some(1_030),
+                duration_ms: Some(30),
+                error: Some("s0: storage: disk full".into()),
+            }
+        );
+        assert_eq!(records[1].state, TransferState::Failed);
+        assert_eq!(records[1].duration_ms, Some(500));
+        assert_eq!(
+            records[1].error.as_deref(),
+            Some("no_server: every server is down")
+        );
+        assert_eq!(records[0].state, TransferState::Sending);
+        assert_eq!((records[0].ended_ms, records[0].duration_ms), (None, None));
+
+        let view = TransferView::from(records[0].clone());
+        assert_eq!((view.state.as_str(), view.servers.len()), ("sending", 1));
+        assert_eq!(tracker.dropped(), 0);
+        drop(tracker);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn filters_and_limits() {
+        let (_dir, _path, tracker, _writer) = open_temp();
+        for n in 1..=150u64 {
+            tracker.record_at(n * 100, received(n, "t"));
+            tracker.record_at(n * 100 + 1, sent(n, "s0"));
+            match n % 3 {
+                0 => tracker.record_at(n * 100 + 2, stored(n, "s0")),
+                1 => tracker.record_at(
+                    n * 100 + 2,
+                    TrackEvent::Failed {
+                        number: n,
+                        code: ErrorCode::ServerFailed,
+                        reason: "gone".into(),
+                    },
+                ),
+                _ => {}
+            }
+        }
+        let query = |filter: TransferFilter| tracker.query(&filter).unwrap();
+
+        let all = query(TransferFilter::default());
+        assert_eq!(all.len(), DEFAULT_LIMIT as usize);
+        assert_eq!(all[0].number, 150);
+
+        let active = query(TransferFilter {
+            active: true,
+            limit: Some(1000),
+            ..Default::default()
+        });
+        assert_eq!(active.len(), 50);
+        assert!(active.iter().all(|r| r.number % 3 == 2));
+
+        let failed = query(TransferFilter {
+            failed: true,
+            limit: Some(1000),
+            ..Default::default()
+        });
+        assert_eq!(failed.len(), 50);
+        assert!(failed.iter().all(|r| r.state == TransferState::Failed));
+
+        let either = query(TransferFilter {
+            active: true,
+            failed: true,
+            limit: Some(1000),
+            ..Default::default()
+        });
+        assert_eq!(either.len(), 100);
+
+        let recent = query(TransferFilter {
+            since_ms: Some(14_000),
+            ..Default::default()
+        });
+        assert_eq!(numbers(&recent), (140..=150).rev().collect::<Vec<_>>());
+
+        let few = query(TransferFilter {
+            failed: true,
+            limit: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(numbers(&few), [148, 145]);
+    }
+
+    #[test]
+    fn commits_in_batches_and_counts_what_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("balancer.db");
+        let (tracker, messages, conn) = Tracker::open_unstarted(&path, 2600).unwrap();
+        for n in 1..=2500 {
+            tracker.record_at(n, received(n, "t"));
+        }
+        // The channel holds 2600: the rest is dropped, not waited for.
+        for n in 2501..=2700 {
+            tracker.record_at(n, received(n, "t"));
+        }
+        assert_eq!(tracker.dropped(), 100);
+        let shared = tracker.shared.clone();
+        drop(tracker);
+        // Everything was there at once: batches of at most 1000, and the
+        // last one is committed although the channel is disconnected.
+        let written = write_loop(conn, &messages, &shared);
+        assert_eq!(
+            written,
+            Written {
+                events: 2600,
+                transactions: 3
+            }
+        );
+        let all: i64 = open_reader(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM transfers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(all, 2600);
+    }
+
+    #[test]
+    fn history_and_servers_survive_a_restart() {
+        let (dir, path, tracker, writer) = open_temp();
+        tracker.record_at(1, received(7, "kept"));
+        tracker.record_at(2, sent(7, "s0"));
+        tracker.record_at(3, stored(7, "s0"));
+        tracker.save_server("127.0.0.1:5001").unwrap();
+        tracker.save_server("127.0.0.1:5002").unwrap();
+        tracker.save_server("127.0.0.1:5003").unwrap();
+        tracker.remove_server("127.0.0.1:5002").unwrap();
+        // Recorded just before the last clone goes: committed on the way
+        // out, not lost.
+        tracker.record_at(4, received(8, "last"));
+        drop(tracker);
+        writer.join().unwrap();
+
+        let (tracker, writer) = Tracker::open(&path).unwrap();
+        let records = tracker.query(&TransferFilter::default()).unwrap();
+        assert_eq!(numbers(&records), [8, 7]);
+        assert_eq!(records[1].state, TransferState::Stored);
+        assert_eq!(
+            tracker.servers().unwrap(),
+            ["127.0.0.1:5001", "127.0.0.1:5003"]
+        );
+        tracker.save_server("127.0.0.1:5002").unwrap();
+        assert_eq!(tracker.servers().unwrap().len(), 3);
+        drop(tracker);
+        writer.join().unwrap();
+        drop(dir);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_state_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let garbage = dir.path().join("garbage.db");
+        let bytes = b"this is not a database, it is a text file long enough to have a header";
+        std::fs::write(&garbage, bytes).unwrap();
+        let err = Tracker::open(&garbage).unwrap_err();
+        assert!(matches!(err, Error::State { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("garbage.db") && text.contains("not a database"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&garbage).unwrap(), bytes);
+
+        // A real state file whose header got damaged.
+        let damaged = dir.path().join("damaged.db");
+        let (tracker, writer) = Tracker::open(&damaged).unwrap();
+        tracker.record(received(1, "t"));
+        drop(tracker);
+        writer.join().unwrap();
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        bytes[..16].copy_from_slice(b"NOT SQLITE HERE!");
+        std::fs::write(&damaged, &bytes).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("damaged.db-wal"));
+        let err = Tracker::open(&damaged).unwrap_err();
+        assert!(err.to_string().contains("damaged.db"), "{err}");
+        assert_eq!(std::fs::read(&damaged).unwrap(), bytes);
+
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE accounts (id INTEGER);")
+            .unwrap();
+        let err = Tracker::open(&foreign).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::State {
+                    source: StateError::Foreign,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        let newer = dir.path().join("newer.db");
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99;")
+            .unwrap();
+        let err = Tracker::open(&newer).unwrap_err();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+}
