@@ -210,9 +210,8 @@ impl Balancer {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let stats = Arc::new(stats::Stats::new(
-            config.servers.iter().map(|b| b.name.clone()),
-        ));
+        // Servers get their counters as they join the dispatcher's pool.
+        let stats = Arc::new(stats::Stats::default());
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
         if let Some(listener) = self.metrics {
@@ -245,7 +244,7 @@ impl Balancer {
             log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
         }
         let roster = monitor::Roster::default();
-        let addrs: Vec<SocketAddr> = config.servers.iter().map(|b| b.addr).collect();
+        let addrs = pool_at_start(&config, tracker.as_ref());
         let dispatcher = Dispatcher::new(
             &addrs,
             Box::new(spawner),
@@ -316,6 +315,45 @@ impl Balancer {
         self.start()?.join();
         Ok(())
     }
+}
+
+/// The servers to start with: those configured, and those the state file
+/// remembers from the last run (servers that joined since, and not left).
+/// The configured ones are remembered from now on too.
+fn pool_at_start(config: &Config, tracker: Option<&tracking::Tracker>) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = config.servers.iter().map(|b| b.addr).collect();
+    let Some(tracker) = tracker else {
+        return addrs;
+    };
+    let saved = match tracker.servers() {
+        Ok(saved) => saved,
+        Err(e) => {
+            log::warn!("cannot read the servers remembered in the state file: {e}");
+            Vec::new()
+        }
+    };
+    let mut remembered = 0;
+    for text in &saved {
+        match net::resolve(text) {
+            Ok(addr) if !addrs.contains(&addr) => {
+                addrs.push(addr);
+                remembered += 1;
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("state file: skipping server {text}: {e}"),
+        }
+    }
+    if remembered > 0 {
+        log::info!("{remembered} servers remembered from the last run");
+    }
+    for backend in &config.servers {
+        if !saved.contains(&backend.addr.to_string()) {
+            if let Err(e) = tracker.save_server(&backend.addr.to_string()) {
+                log::warn!("cannot remember server {}: {e}", backend.addr);
+            }
+        }
+    }
+    addrs
 }
 
 /// Tells a running balancer to shut down; cheap to clone, for signal

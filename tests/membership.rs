@@ -200,3 +200,40 @@ fn a_killed_server_is_detected_within_a_second_under_load() {
     assert!(seen.errors.is_empty(), "{:?}", seen.errors);
     assert_eq!(seen.stored.len(), 600);
 }
+
+#[test]
+fn a_restarted_balancer_remembers_the_servers_that_joined() {
+    let mut cluster = Cluster::start(1, &[], &[]);
+    let extra_dir = cluster.dir.path().join("extra");
+    let extra = start_server(&extra_dir, &[]);
+    let out = admin(cluster.balancer.addr, &["add", &extra.addr.to_string()]);
+    assert!(out.status.success());
+    signal(&cluster.balancer, "TERM");
+    assert!(cluster.balancer.child.wait().unwrap().success());
+
+    // Same work folder, so the same state file; only the first server on
+    // the command line.
+    let first = cluster.servers[0].addr;
+    let restarted = start_balancer(cluster.dir.path(), &[first], &[]);
+    let names: Vec<String> = servers(restarted.addr)
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, [first.to_string(), extra.addr.to_string()]);
+    let seen = send_batch(restarted.addr, contents("remembered", 40), || {});
+    assert!(seen.errors.is_empty(), "{:?}", seen.errors);
+    assert!(seen
+        .stored
+        .values()
+        .any(|s| s.server == extra.addr.to_string()));
+
+    // A server drained away is forgotten for the next run.
+    let out = admin(restarted.addr, &["drain", &extra.addr.to_string()]);
+    assert!(out.status.success());
+    assert!(eventually(|| servers(restarted.addr).len() == 1));
+    let mut restarted = restarted;
+    signal(&restarted, "TERM");
+    assert!(restarted.child.wait().unwrap().success());
+    let again = start_balancer(cluster.dir.path(), &[first], &[]);
+    assert_eq!(servers(again.addr).len(), 1);
+}

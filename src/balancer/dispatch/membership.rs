@@ -120,6 +120,11 @@ impl Dispatcher {
                     "server {addr} joined the pool ({why}) as server id {}",
                     id.0
                 );
+                if let Some(tracker) = &self.tracker {
+                    if let Err(e) = tracker.save_server(&addr.to_string()) {
+                        log::warn!("cannot remember server {addr} in the state file: {e}");
+                    }
+                }
                 Ok(format!(
                     "{addr} joined the pool; it takes work once a status check answers"
                 ))
@@ -197,6 +202,11 @@ impl Dispatcher {
             );
         }
         log::info!("server {} left the pool ({why})", slot.name);
+        if let Some(tracker) = &self.tracker {
+            if let Err(e) = tracker.remove_server(&slot.addr.to_string()) {
+                log::warn!("cannot forget server {} in the state file: {e}", slot.name);
+            }
+        }
         for (id, reply) in slot.draining.into_iter().flatten() {
             let _ = reply.send(Reply::Membership {
                 id,
