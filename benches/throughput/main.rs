@@ -64,6 +64,8 @@ pub struct Options {
     /// Parts to run: table, idle, kill.
     only: Option<String>,
     write: Option<PathBuf>,
+    /// Extra arguments for the balancer of the table (e.g. --no-state).
+    balancer_args: Vec<String>,
 }
 
 impl Options {
@@ -90,6 +92,7 @@ fn parse_args() -> Result<Options, String> {
         kill_docs: 10_000,
         only: None,
         write: None,
+        balancer_args: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -113,6 +116,11 @@ fn parse_args() -> Result<Options, String> {
                     return Err(format!("--only {part}: not table, idle or kill"));
                 }
                 options.only = Some(part);
+                continue;
+            }
+            "--balancer-arg" => {
+                let extra = args.next().ok_or("--balancer-arg needs a value")?;
+                options.balancer_args.push(extra);
                 continue;
             }
             "--write" => {
@@ -348,7 +356,10 @@ fn main() {
         &clients::balancer_args(
             &server_addrs,
             &temp.path().join("lb.log"),
-            &["--check-interval", "100ms"],
+            &["--check-interval", "100ms"]
+                .into_iter()
+                .chain(options.balancer_args.iter().map(String::as_str))
+                .collect::<Vec<_>>(),
         ),
     );
     let haproxy_bin = haproxy::find();
