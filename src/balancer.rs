@@ -164,9 +164,8 @@ impl Balancer {
                 ids::MAX_NODE
             )));
         }
-        let bind = |addr: SocketAddr| {
-            TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
-        };
+        let bind =
+            |addr: SocketAddr| net::listen(addr).map_err(|source| Error::Bind { addr, source });
         let listener = bind(config.listen)?;
         let metrics = config.metrics.map(bind).transpose()?;
         Ok(Balancer {

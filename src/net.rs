@@ -11,6 +11,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+/// Connections waiting to be accepted before the kernel holds back new
+/// ones (capped by the system's `somaxconn`); std's `bind` asks for 128,
+/// which a burst of clients overflows.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a listener (address reuse on, so a restart can take the port
+/// again at once) with a deep accept queue.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Opens a TCP connection with a connect timeout and read/write timeouts.
 pub fn connect(
     addr: &SocketAddr,
@@ -194,10 +210,13 @@ where
     let mut panicked = 0;
     let mut seq = 0u64;
     accept_loop(listener, stop, |stream, peer| {
-        // Finished threads are joined as we go, so the list holds only
-        // open connections.
-        panicked += join_finished(&mut workers);
         seq += 1;
+        // Finished threads are joined as we go, so the list holds mostly
+        // open connections; every 64th accept, so that a burst of
+        // thousands does not rescan the list each time.
+        if seq.is_multiple_of(64) {
+            panicked += join_finished(&mut workers);
+        }
         // Registered here, not in the connection thread, so that once the
         // loop has stopped every accepted connection is in the registry.
         let stream = Stream::new(stream);

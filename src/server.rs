@@ -109,7 +109,7 @@ impl Server {
             Some(id) => id,
             None => ids::random_node(),
         };
-        let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
+        let listener = net::listen(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
         })?;
