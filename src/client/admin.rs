@@ -55,23 +55,36 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
 /// One row per server: id, address, state, in flight, requests, failures,
 /// files stored, last check.
 pub fn table(views: &[ServerView]) -> String {
-    let mut text = format!(
-        "{:>4}  {:<22} {:<10} {:>9} {:>9} {:>9} {:>9} {:>11}\n",
-        "id", "address", "state", "in flight", "requests", "failures", "stored", "last check"
-    );
-    for v in views {
-        let stored = v
-            .status
-            .as_ref()
-            .map_or("-".to_string(), |s| s.files_stored.to_string());
-        let check = v
-            .check_ms
-            .map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
-        text.push_str(&format!(
-            "{:>4}  {:<22} {:<10} {:>9} {:>9} {:>9} {:>9} {:>11}\n",
-            v.id, v.name, v.state, v.in_flight, v.requests, v.failures, stored, check
-        ));
-    }
+    let heads = [
+        "ID",
+        "ADDRESS",
+        "STATE",
+        "IN FLIGHT",
+        "REQUESTS",
+        "FAILURES",
+        "STORED",
+        "LAST CHECK",
+    ];
+    let right = [true, false, false, true, true, true, true, true];
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            vec![
+                v.id.to_string(),
+                v.name.clone(),
+                v.state.clone(),
+                v.in_flight.to_string(),
+                v.requests.to_string(),
+                v.failures.to_string(),
+                v.status
+                    .as_ref()
+                    .map_or("-".to_string(), |s| s.files_stored.to_string()),
+                v.check_ms
+                    .map_or("-".to_string(), |ms| format!("{ms:.1} ms")),
+            ]
+        })
+        .collect();
+    let mut text = super::status::align(&heads, &right, &rows);
     if views.is_empty() {
         text.push_str(
             "(no servers: start one with `server --balancer ADDR` or `client admin add ADDR`)\n",

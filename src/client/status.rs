@@ -246,7 +246,7 @@ pub fn human_age(ms: u64) -> String {
 }
 
 /// Lays out a header and rows in columns two spaces apart.
-fn align(heads: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+pub(crate) fn align(heads: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = heads.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

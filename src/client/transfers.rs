@@ -130,36 +130,7 @@ pub fn table(transfers: &[TransferView], now_ms: u64) -> String {
             ]
         })
         .collect();
-    align(&heads, &right, &rows)
-}
-
-/// Lays out a header and rows in columns two spaces apart.
-fn align(heads: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = heads.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
-    let mut out = String::new();
-    for row in std::iter::once(&heads).chain(rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .zip(right)
-            .map(|((cell, &w), &right)| {
-                if right {
-                    format!("{cell:>w$}")
-                } else {
-                    format!("{cell:<w$}")
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::status::align(&heads, &right, &rows)
 }
 
 #[cfg(test)]
