@@ -89,6 +89,8 @@ pub struct Config {
     pub client_window: usize,
     /// On shutdown, how long queued and in-flight requests may take.
     pub drain_timeout: Duration,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
     /// The node part of request numbers (see `ids`); random when `None`.
     pub balancer_id: Option<u16>,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -123,6 +125,7 @@ impl Default for Config {
             max_queued_bytes: 256 * 1024 * 1024,
             client_window: 1024,
             drain_timeout: Duration::from_secs(30),
+            max_connections: net::default_max_connections(),
             balancer_id: None,
             metrics: None,
             policy: PolicyKind::RoundRobin,
@@ -293,6 +296,7 @@ impl Balancer {
             },
             stop: stop_rx,
             tracker,
+            max_connections: config.max_connections,
         };
         threads.insert(
             0,
@@ -437,6 +441,7 @@ struct Acceptor {
     settings: conn::ConnSettings,
     stop: Receiver<()>,
     tracker: Option<tracking::Tracker>,
+    max_connections: usize,
 }
 
 impl Acceptor {
@@ -450,11 +455,13 @@ impl Acceptor {
             settings,
             stop,
             tracker,
+            max_connections,
         } = self;
         let conn_stop = stop.clone();
         net::serve_connections(
             &listener,
             &stop,
+            max_connections,
             |seq| format!("conn{seq}"),
             move |stream, peer| {
                 let conn = conn::Conn {

@@ -35,6 +35,29 @@ impl Log for Tee {
     }
 }
 
+/// One line per record, `[time LEVEL target] message`, with the control
+/// characters of the message escaped: peers choose titles and other text
+/// that end up in messages, and a newline in one must not forge a line.
+fn format(buf: &mut env_logger::fmt::Formatter, record: &Record<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let message = record.args().to_string();
+    let mut safe = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            safe.extend(c.escape_default());
+        } else {
+            safe.push(c);
+        }
+    }
+    let time = buf.timestamp_millis();
+    writeln!(
+        buf,
+        "[{time} {:<5} {}] {safe}",
+        record.level(),
+        record.target()
+    )
+}
+
 /// Installs the logger. With `log_file`, records are appended to it.
 pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
     let file = match log_file {
@@ -50,7 +73,7 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
             Some(
                 env_logger::Builder::new()
                     .parse_filters("info")
-                    .format_timestamp_millis()
+                    .format(format)
                     .target(env_logger::Target::Pipe(Box::new(handle)))
                     .build(),
             )
@@ -59,7 +82,7 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
     };
     let stderr =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-            .format_timestamp_millis()
+            .format(format)
             .build();
     let max = file
         .as_ref()

@@ -3,7 +3,7 @@
 //! when told. TLS will plug in here.
 
 use crate::proto::legacy;
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -106,27 +106,125 @@ pub fn detect_wire(stream: &TcpStream) -> io::Result<Wire> {
 pub fn accept_loop(
     listener: &TcpListener,
     stop: &Receiver<()>,
-    mut handle: impl FnMut(TcpStream, SocketAddr),
+    slots: Option<&Slots>,
+    mut handle: impl FnMut(TcpStream, SocketAddr, Option<Slot>),
 ) {
     let mut backoff = Duration::ZERO;
+    let mut errors = 0u64;
+    let mut at_cap = false;
     loop {
+        // A connection slot first: at --max-connections new clients wait
+        // in the listen backlog instead of taking descriptors the
+        // balancer needs for its servers.
+        let slot = match slots {
+            Some(slots) => {
+                if slots.in_use() >= slots.capacity() && !at_cap {
+                    log::warn!(
+                        "{} connections open (--max-connections): new ones wait until one closes",
+                        slots.in_use()
+                    );
+                }
+                at_cap = slots.in_use() >= slots.capacity();
+                match slots.acquire_or_stop(stop) {
+                    Some(slot) => Some(slot),
+                    None => return,
+                }
+            }
+            None => None,
+        };
         let accepted = listener.accept();
         if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
             return;
         }
         match accepted {
             Ok((stream, peer)) => {
+                if errors > 0 {
+                    log::info!("accepting again after {errors} failed accepts");
+                    errors = 0;
+                }
                 backoff = Duration::ZERO;
-                handle(stream, peer);
+                handle(stream, peer, slot);
             }
             Err(e) => {
+                errors += 1;
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                log::warn!("accept failed: {e}; retrying in {backoff:?}");
+                // Once per burst: a flood of failures must not flood the log.
+                if errors == 1 {
+                    log::warn!("accept failed: {e}; backing off (up to 1 s) until it works again");
+                }
                 // A stop during the back-off is seen after the next accept.
                 let _ = stop.recv_timeout(backoff);
             }
         }
     }
+}
+
+/// A counting semaphore: a bounded channel whose free capacity is the
+/// number of free slots. Used for connection slots (`--max-connections`)
+/// and for the requests one connection may have outstanding.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    take: Sender<()>,
+    give_back: Receiver<()>,
+}
+
+/// One slot of `Slots`, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Receiver<()>);
+
+impl Slots {
+    pub fn new(size: usize) -> Slots {
+        let (take, give_back) = crossbeam_channel::bounded(size.max(1));
+        Slots { take, give_back }
+    }
+
+    /// Waits for a free slot.
+    pub fn acquire(&self) -> Slot {
+        // Cannot fail: this holds the receiver too.
+        let _ = self.take.send(());
+        Slot(self.give_back.clone())
+    }
+
+    /// Waits for a free slot, or returns `None` once `stop` is
+    /// disconnected.
+    pub fn acquire_or_stop(&self, stop: &Receiver<()>) -> Option<Slot> {
+        select! {
+            send(self.take, ()) -> _ => Some(Slot(self.give_back.clone())),
+            recv(stop) -> _ => None,
+        }
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.take.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.take.capacity().unwrap_or(usize::MAX)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let _ = self.0.try_recv();
+    }
+}
+
+/// A default for `--max-connections`: three quarters of this process's
+/// open-file limit (each connection holds one descriptor), leaving the
+/// rest for server links, probes, logs and the state file.
+pub fn default_max_connections() -> usize {
+    open_files_limit().map_or(768, |limit| (limit as usize / 4 * 3).max(16))
+}
+
+/// The soft limit on open files, from /proc/self/limits.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Wakes an accept loop blocked on `addr` so that it sees its stop channel.
@@ -198,6 +296,7 @@ impl io::Write for Stream {
 pub fn serve_connections<F>(
     listener: &TcpListener,
     stop: &Receiver<()>,
+    max_connections: usize,
     thread_name: impl Fn(u64) -> String,
     serve: F,
 ) -> usize
@@ -209,7 +308,8 @@ where
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     let mut panicked = 0;
     let mut seq = 0u64;
-    accept_loop(listener, stop, |stream, peer| {
+    let slots = Slots::new(max_connections);
+    accept_loop(listener, stop, Some(&slots), |stream, peer, slot| {
         seq += 1;
         // Finished threads are joined as we go, so the list holds mostly
         // open connections; every 64th accept, so that a burst of
@@ -224,6 +324,7 @@ where
         let registration = Registration {
             connections: connections.clone(),
             id: seq,
+            _slot: slot,
         };
         let serve = serve.clone();
         // Default stack size: parsing deeply nested JSON recurses.
@@ -282,6 +383,8 @@ impl Connections {
 struct Registration {
     connections: Arc<Connections>,
     id: u64,
+    /// Its `--max-connections` slot, free again when the thread ends.
+    _slot: Option<Slot>,
 }
 
 impl Drop for Registration {

@@ -51,6 +51,8 @@ pub struct Config {
     pub max_frame: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
     /// Node id (0..=511) in the request numbers this server gives documents
     /// that arrive without one; `None` picks one at random.
     pub server_id: Option<u16>,
@@ -68,6 +70,7 @@ impl Default for Config {
             max_memory_mb: 1024,
             max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
+            max_connections: net::default_max_connections(),
             server_id: None,
         }
     }
@@ -285,6 +288,7 @@ fn accept_connections(
     net::serve_connections(
         listener,
         stopped,
+        shared.config.max_connections,
         |seq| format!("srv{port}-conn{seq}"),
         move |stream, peer| serve_connection(stream, peer, &shared),
     )

@@ -4,7 +4,6 @@
 //! bytes (`Budget`). At either limit the connection's reader simply waits,
 //! stops reading its socket, and TCP slows the client down: nothing fails.
 
-use crossbeam_channel::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Payload bytes held by queued and in-flight requests, across all
@@ -61,37 +60,12 @@ impl Drop for Reservation {
     }
 }
 
-/// The requests one connection may have outstanding: a bounded channel used
-/// as a counting semaphore.
-pub struct Window {
-    take: Sender<()>,
-    give_back: Receiver<()>,
-}
+/// The requests one connection may have outstanding.
+pub type Window = crate::net::Slots;
 
-/// One slot of a `Window`, given back when dropped (when its request is
-/// answered and done with).
-#[derive(Debug)]
-pub struct Permit(Receiver<()>);
-
-impl Window {
-    pub fn new(size: usize) -> Window {
-        let (take, give_back) = crossbeam_channel::bounded(size.max(1));
-        Window { take, give_back }
-    }
-
-    /// Waits for a free slot.
-    pub fn acquire(&self) -> Permit {
-        // Cannot fail: this window holds the receiver too.
-        let _ = self.take.send(());
-        Permit(self.give_back.clone())
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let _ = self.0.try_recv();
-    }
-}
+/// One request's place in its connection's `Window`, given back when the
+/// request is done with.
+pub type Permit = crate::net::Slot;
 
 /// What a queued request holds until it is done with: its connection's
 /// window slot and its share of the byte budget.
@@ -145,8 +119,9 @@ mod tests {
         let window = Window::new(2);
         let p1 = window.acquire();
         let _p2 = window.acquire();
-        assert!(window.take.try_send(()).is_err(), "window should be full");
+        assert_eq!(window.in_use(), window.capacity(), "window should be full");
         drop(p1);
+        assert_eq!(window.in_use(), 1);
         let _p3 = window.acquire();
     }
 }

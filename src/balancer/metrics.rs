@@ -23,7 +23,7 @@ pub fn spawn(
     stop: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     crate::net::spawn_named("metrics".into(), None, move || {
-        crate::net::accept_loop(&listener, &stop, |stream, _| {
+        crate::net::accept_loop(&listener, &stop, None, |stream, _, _| {
             if let Err(e) = respond(stream, &stats) {
                 log::debug!("metrics request failed: {e}");
             }

@@ -106,6 +106,10 @@ struct Args {
     /// before answering the rest `shutting_down`.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Client connections open at once; more wait in the listen backlog
+    /// until one closes. Default: three quarters of the open-file limit.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// This balancer's id (0-511) inside request numbers, so that several
     /// balancers in front of the same servers never give the same number.
     /// Default: random, logged at start.
@@ -172,6 +176,9 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_queued_bytes: args.max_queued_bytes,
         client_window: args.client_window,
         drain_timeout: args.drain_timeout,
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(lbft::net::default_max_connections),
         balancer_id: args.balancer_id,
         metrics: args.metrics,
         policy: args.policy,

@@ -52,6 +52,10 @@ struct Args {
     /// sent to it directly. Default: random, logged at start.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=511))]
     server_id: Option<u16>,
+    /// Connections open at once; more wait in the listen backlog until one
+    /// closes. Default: three quarters of the open-file limit.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// Join these balancers' pools (comma separated): register, repeat it
     /// every --heartbeat, and on SIGINT/SIGTERM leave once the balancers
     /// have let the requests in flight finish.
@@ -93,6 +97,9 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_memory_mb: args.max_memory_mb,
         max_frame: args.max_frame,
         idle_timeout: args.idle_timeout,
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(lbft::net::default_max_connections),
         server_id: args.server_id,
         ..defaults
     })?;
