@@ -76,6 +76,8 @@ pub struct Config {
     pub queue_timeout: Duration,
     pub server_timeout: Duration,
     pub client_timeout: Duration,
+    /// A frame's payload must arrive within this once its header has.
+    pub frame_timeout: Duration,
     /// Idle limit for clients of the original format, which keep one
     /// connection open for a whole interactive session.
     pub legacy_client_timeout: Duration,
@@ -118,6 +120,7 @@ impl Default for Config {
             queue_timeout: Duration::from_secs(10),
             server_timeout: Duration::from_secs(30),
             client_timeout: Duration::from_secs(60),
+            frame_timeout: Duration::from_secs(30),
             legacy_client_timeout: Duration::from_secs(3600),
             max_attempts: 3,
             max_in_flight: 32,
@@ -292,6 +295,7 @@ impl Balancer {
                 idle_timeout: config.client_timeout,
                 legacy_idle_timeout: config.legacy_client_timeout,
                 max_frame: config.max_frame,
+                frame_timeout: config.frame_timeout,
                 window: config.client_window,
             },
             stop: stop_rx,

@@ -288,6 +288,55 @@ impl io::Write for Stream {
     }
 }
 
+/// A stream whose reads give up at a deadline, when one is set, besides
+/// the usual idle timeout: a peer must send a whole frame within
+/// `--frame-timeout`, not merely a byte now and then (slowloris).
+pub struct Paced {
+    stream: Stream,
+    idle: Duration,
+    deadline: Option<std::time::Instant>,
+    /// The read timeout the socket has now, to set it only on change.
+    current: Option<Duration>,
+}
+
+impl Paced {
+    pub fn new(stream: Stream, idle: Duration) -> Paced {
+        Paced {
+            stream,
+            idle,
+            deadline: None,
+            current: None,
+        }
+    }
+
+    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.deadline = deadline;
+    }
+}
+
+impl io::Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timeout = match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the frame did not arrive within --frame-timeout",
+                    ));
+                }
+                left.min(self.idle)
+            }
+            None => self.idle,
+        };
+        if self.current != Some(timeout) {
+            self.stream.tcp().set_read_timeout(Some(timeout))?;
+            self.current = Some(timeout);
+        }
+        self.stream.read(buf)
+    }
+}
+
 /// Accepts connections until `stop` is disconnected (see `accept_loop`),
 /// serving each on its own thread named by `thread_name`. Then ends reading
 /// on every open connection (a blocked read sees end of stream, replies can

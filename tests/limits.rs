@@ -55,3 +55,60 @@ fn a_title_cannot_forge_a_log_line() {
         "{log}"
     );
 }
+
+#[test]
+fn a_frame_that_trickles_in_is_cut_off_at_the_frame_timeout() {
+    let cluster = Cluster::start(
+        1,
+        &[],
+        &["--frame-timeout", "1s", "--client-timeout", "60s"],
+    );
+    let mut slow = Raw::connect(cluster.balancer.addr);
+    // A 1000-byte frame of which 10 bytes come, then nothing.
+    slow.send_bytes(&1000u32.to_be_bytes());
+    slow.send_bytes(&[b'{'; 10]);
+    let started = std::time::Instant::now();
+    // Served meanwhile: an honest client.
+    let mut honest = Raw::connect(cluster.balancer.addr);
+    honest.store(1, "honest", "served while another stalls");
+    assert!(matches!(honest.reply(), Reply::Stored(_)));
+    match slow.try_reply() {
+        Some(Reply::Error(e)) => {
+            assert_eq!(e.code, lbft::proto::ErrorCode::Timeout, "{e:?}");
+        }
+        other => panic!("expected a timeout error, got {other:?}"),
+    }
+    assert!(slow.is_closed());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "cut off after {took:?}");
+}
+
+#[test]
+fn silent_scrapers_do_not_hold_up_the_metrics() {
+    use std::io::Write;
+    let cluster = Cluster::start(1, &[], &["--metrics", "127.0.0.1:0"]);
+    let metrics: std::net::SocketAddr = cluster
+        .balancer
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics listening on "))
+        .expect("metrics address printed")
+        .parse()
+        .unwrap();
+    let silent: Vec<_> = (0..10)
+        .map(|_| std::net::TcpStream::connect(metrics).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let mut scrape = std::net::TcpStream::connect(metrics).unwrap();
+    scrape.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    scrape
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    scrape.read_to_string(&mut response).unwrap();
+    let took = started.elapsed();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // One at a time, ten silent connections cost 2 s each before this.
+    assert!(took < Duration::from_secs(2), "scrape took {took:?}");
+    drop(silent);
+}

@@ -26,7 +26,7 @@ use std::io::BufReader;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnSettings {
@@ -36,6 +36,8 @@ pub struct ConnSettings {
     /// The same for clients of the original format.
     pub legacy_idle_timeout: Duration,
     pub max_frame: usize,
+    /// A frame's payload must arrive within this, once its header has.
+    pub frame_timeout: Duration,
     /// Requests one connection may have queued or in flight.
     pub window: usize,
 }
@@ -131,7 +133,8 @@ impl Conn {
     /// many of them were work (store or calc).
     fn read_requests(&self, stream: net::Stream, replies: &Sender<Reply>) -> (u64, u64) {
         let peer = self.peer;
-        let mut reader = FrameReader::new(stream, self.settings.max_frame);
+        let paced = net::Paced::new(stream, self.settings.idle_timeout);
+        let mut reader = FrameReader::new(paced, self.settings.max_frame);
         let window = Window::new(self.settings.window);
         let mut received = 0;
         let mut work_received = 0;
@@ -146,7 +149,14 @@ impl Conn {
                 }
             };
             let bytes = self.budget.acquire(len);
-            let payload = match reader.payload(len) {
+            // The rest of the frame has --frame-timeout to arrive, however
+            // it trickles in.
+            reader
+                .get_mut()
+                .set_deadline(Some(Instant::now() + self.settings.frame_timeout));
+            let payload = reader.payload(len);
+            reader.get_mut().set_deadline(None);
+            let payload = match payload {
                 Ok(p) => p,
                 Err(e) => {
                     self.read_failed(e, replies);

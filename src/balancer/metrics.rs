@@ -1,17 +1,21 @@
 //! A minimal HTTP responder for Prometheus: `GET /metrics` returns the
 //! balancer's numbers in the text exposition format. One request per
-//! connection, served in turn on one thread; every socket has timeouts so a
-//! stalled scraper cannot hold it for long.
+//! connection, up to `MAX_CONCURRENT` at once, each on its own thread and
+//! with `TIMEOUT` for the whole request to arrive, so silent or slow
+//! scrapers cannot hold up the others.
 
 use super::stats::Stats;
+use crate::net;
 use crossbeam_channel::Receiver;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests served at once; more wait in the listen backlog.
+const MAX_CONCURRENT: usize = 16;
 /// Longest request head read; the rest is ignored.
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -22,19 +26,26 @@ pub fn spawn(
     stats: Arc<Stats>,
     stop: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
-    crate::net::spawn_named("metrics".into(), None, move || {
-        crate::net::accept_loop(&listener, &stop, None, |stream, _, _| {
-            if let Err(e) = respond(stream, &stats) {
-                log::debug!("metrics request failed: {e}");
-            }
-        })
+    net::spawn_named("metrics".into(), None, move || {
+        net::serve_connections(
+            &listener,
+            &stop,
+            MAX_CONCURRENT,
+            |seq| format!("metrics{seq}"),
+            move |stream, _| {
+                if let Err(e) = respond(stream, &stats) {
+                    log::debug!("metrics request failed: {e}");
+                }
+            },
+        );
     })
 }
 
-fn respond(mut stream: TcpStream, stats: &Stats) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let head = read_head(&mut stream)?;
+fn respond(mut stream: net::Stream, stats: &Stats) -> std::io::Result<()> {
+    net::prepare(stream.tcp(), TIMEOUT)?;
+    let mut request = net::Paced::new(stream.clone(), TIMEOUT);
+    request.set_deadline(Some(Instant::now() + TIMEOUT));
+    let head = read_head(&mut request)?;
     let (status, body) = route(&head, stats);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -44,7 +55,7 @@ fn respond(mut stream: TcpStream, stats: &Stats) -> std::io::Result<()> {
     stream.flush()
 }
 
-fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
+fn read_head(stream: &mut impl Read) -> std::io::Result<String> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {

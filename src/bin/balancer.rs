@@ -79,6 +79,10 @@ struct Args {
     /// A client silent (or stalled mid-frame) this long is disconnected.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     client_timeout: Duration,
+    /// A frame must arrive whole within this once its length has: a peer
+    /// sending a byte now and then (slowloris) is cut off.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    frame_timeout: Duration,
     /// Idle limit for clients of the original format, which keep one
     /// connection open for a whole session.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -169,6 +173,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         queue_timeout: args.queue_timeout,
         server_timeout: args.server_timeout,
         client_timeout: args.client_timeout,
+        frame_timeout: args.frame_timeout,
         legacy_client_timeout: args.legacy_client_timeout,
         max_attempts: args.max_attempts,
         max_in_flight: args.max_in_flight,

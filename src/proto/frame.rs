@@ -248,7 +248,7 @@ impl<R: Read> FrameReader<R> {
 
     /// The stream under the read buffer, for writes on a connection that
     /// both reads and writes through this reader.
-    pub(super) fn get_mut(&mut self) -> &mut R {
+    pub fn get_mut(&mut self) -> &mut R {
         self.inner.get_mut()
     }
 }
