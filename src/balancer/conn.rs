@@ -390,7 +390,8 @@ impl Conn {
 
 /// The request types a client may send to the balancer: `status` and
 /// `forget` are for storage servers.
-const BALANCER_TYPES: &str = "store, calc, servers";
+const BALANCER_TYPES: &str =
+    "store, calc, servers, transfers, register, deregister, add_server, drain_server, remove_server";
 
 /// The decoder's `unknown_type` message lists every request type of the
 /// protocol; a client of the balancer is told only those it accepts.
