@@ -1,13 +1,16 @@
 //! The balancer: accepts client connections, queues their documents and
 //! spreads them over the storage servers.
 //!
-//! Threads: the accept loop (the caller's), one per client connection plus
-//! its reply writer (`conn`), the dispatcher (`dispatch`), one link per
-//! server (`link`), the monitor (`monitor`) and, with `--metrics`, the
+//! Threads: the accept loop, one per client connection plus its reply
+//! writer (`conn`, with `flow` control), the dispatcher (`dispatch`, which
+//! also owns the pool's membership), `--max-in-flight` link workers per
+//! server (`link`, each with a `backend` connection), the monitor
+//! (`monitor`) and, with `--metrics`, the
 //! Prometheus responder (`metrics`) and, with `--state`, the transfer
 //! tracker's writer (`tracking`). They talk through crossbeam channels;
 //! shutting down is dropping senders. Counters for `servers` requests and
-//! metrics live in `stats`.
+//! metrics live in `stats`. `Balancer::start` returns a `Handle`: its
+//! `Stopper` begins a drained shutdown, `join` waits for every thread.
 
 pub mod backend;
 pub mod conn;

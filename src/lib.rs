@@ -10,11 +10,13 @@
 //! - `net`: sockets — connect with timeouts, first-byte detection, accept
 //!   loops that stop when a channel disconnects.
 //! - `ids`: request numbers that never repeat.
-//! - `balancer`: accept loop, flow control, dispatcher, server links (one
-//!   backend per wire), health monitor, start and shutdown.
+//! - `balancer`: accept loop, flow control, dispatcher and pool membership,
+//!   server links (one backend per wire), health monitor, transfer
+//!   tracking (SQLite), start and shutdown.
 //! - `health`: pure state machine of one server's health.
 //! - `policy`: pure balancing policies behind one trait.
-//! - `server`: storage server — connections, storage folder, own load.
+//! - `server`: storage server — connections, storage folder (group commit,
+//!   exactly-once index), own load, registration with balancers.
 //! - `client`: sending documents and reporting what happened to them.
 //! - `cli`: command-line values the binaries share (addresses with host
 //!   names, counts, durations, sizes).
