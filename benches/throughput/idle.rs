@@ -27,14 +27,14 @@ const NORMAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors the balancer holds per idle connection: the stream, the
 /// clone its registry keeps to end reading at shutdown, and the reading
 /// half it clones before the first byte arrives.
-const FILES_PER_CONNECTION: u64 = 3;
+const FILES_PER_CONNECTION: u64 = 1;
 
 #[derive(Debug, Clone)]
 pub struct IdleRun {
     /// Connections this process opened (the balancer may not have
     /// accepted them all: the kernel completes a handshake before).
     pub opened: usize,
-    /// Connections the balancer serves: threads added.
+    /// Connections the balancer serves: descriptors added.
     pub accepted: u64,
     /// What the balancer had before any connection was opened.
     pub base_rss_mib: f64,
@@ -110,6 +110,7 @@ pub fn measure(root: &Path, servers: &[SocketAddr], options: &Options) -> Idle {
         }
         let base_rss_mib = process::rss_mib(pid).unwrap_or(0.0);
         let base_threads = process::threads(pid).unwrap_or(0);
+        let base_files = process::open_files(&pid.to_string()).unwrap_or(0);
         let memory = PeakRss::start(pid);
         let mut idle = Vec::with_capacity(wanted);
         for _ in 0..wanted {
@@ -134,7 +135,9 @@ pub fn measure(root: &Path, servers: &[SocketAddr], options: &Options) -> Idle {
         let peak_mib = memory.finish();
         let r = IdleRun {
             opened,
-            accepted: threads.saturating_sub(base_threads),
+            // One descriptor per accepted connection; the thread count also
+            // moves with the monitor's short-lived probe threads.
+            accepted: open_files.saturating_sub(base_files) as u64,
             base_rss_mib,
             base_threads,
             rss_mib,
