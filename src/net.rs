@@ -288,6 +288,30 @@ impl io::Write for Stream {
     }
 }
 
+/// Ends a connection without a reset: first says end of stream after what
+/// was written, then reads and drops what the peer sent that nobody read.
+/// Closing a socket with unread input makes the kernel reset the
+/// connection, and a reset can destroy the replies written last (a
+/// client's final `shutting_down` answer among them).
+pub fn close_gracefully(stream: &Stream) {
+    use std::io::Read;
+    let tcp = stream.tcp();
+    let _ = tcp.shutdown(Shutdown::Write);
+    if tcp.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16 * 1024];
+    let mut dropped = 0usize;
+    // Until the queue is empty (end of stream, or nothing more for now),
+    // and never more than a few frames' worth.
+    while dropped < 64 * 1024 * 1024 {
+        match (&*stream.0).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => dropped += n,
+        }
+    }
+}
+
 /// A stream whose reads give up at a deadline, when one is set, besides
 /// the usual idle timeout: a peer must send a whole frame within
 /// `--frame-timeout`, not merely a byte now and then (slowloris).

@@ -101,6 +101,7 @@ impl Conn {
 
     fn serve_framed(&self, stream: net::Stream, read_half: net::Stream) {
         let peer = self.peer;
+        let closing = stream.clone();
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let stop = self.stop.clone();
         let name = format!("{}-w", std::thread::current().name().unwrap_or("conn"));
@@ -117,6 +118,7 @@ impl Conn {
         let (received, work) = self.read_requests(read_half, &reply_tx);
         drop(reply_tx);
         let sent = writer.join().unwrap_or(0);
+        net::close_gracefully(&closing);
         let level = if work > 0 {
             log::Level::Info
         } else {
