@@ -332,8 +332,10 @@ impl Paced {
             current: None,
         }
     }
+}
 
-    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+impl crate::proto::Deadline for Paced {
+    fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
         self.deadline = deadline;
     }
 }

@@ -53,6 +53,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Connections open at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// A frame must arrive whole within this once its length has.
+    pub frame_timeout: Duration,
     /// Node id (0..=511) in the request numbers this server gives documents
     /// that arrive without one; `None` picks one at random.
     pub server_id: Option<u16>,
@@ -71,6 +73,7 @@ impl Default for Config {
             max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
             max_connections: net::default_max_connections(),
+            frame_timeout: Duration::from_secs(30),
             server_id: None,
         }
     }
@@ -316,10 +319,11 @@ fn serve_framed(
     shared: &Shared,
 ) {
     let addr = shared.addr;
-    let mut reader = FrameReader::new(read_half, shared.frame_limit());
+    let paced = net::Paced::new(read_half, shared.config.idle_timeout);
+    let mut reader = FrameReader::new(paced, shared.frame_limit());
     let mut writer = FrameWriter::new(write_half);
     loop {
-        let reply = match reader.message::<Request>() {
+        let reply = match reader.message_within::<Request>(shared.config.frame_timeout) {
             Ok(None) => break,
             Err(e) => {
                 log::warn!("server {addr}: connection from {peer}: {e}");

@@ -112,3 +112,23 @@ fn silent_scrapers_do_not_hold_up_the_metrics() {
     assert!(took < Duration::from_secs(2), "scrape took {took:?}");
     drop(silent);
 }
+
+#[test]
+fn a_server_cuts_off_a_trickling_frame_too() {
+    let work = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &work.path().join("s"),
+        &["--frame-timeout", "1s", "--idle-timeout", "60s"],
+    );
+    let mut slow = Raw::connect(server.addr);
+    slow.send_bytes(&1000u32.to_be_bytes());
+    slow.send_bytes(&[b'{'; 10]);
+    let mut honest = Raw::connect(server.addr);
+    honest.store(1, "honest", "served while another stalls");
+    assert!(matches!(honest.reply(), Reply::Stored(_)));
+    match slow.try_reply() {
+        Some(Reply::Error(e)) => assert_eq!(e.code, lbft::proto::ErrorCode::Timeout),
+        other => panic!("expected a timeout error, got {other:?}"),
+    }
+    assert!(slow.is_closed());
+}

@@ -128,7 +128,7 @@ fn a_server_stopped_mid_run_loses_nothing() {
     let mut conn = Raw::connect(cluster.balancer.addr);
     // More than the servers take at once (--max-in-flight), so that the
     // killed one still has work in progress and queued.
-    let total = 90u64;
+    let total = 300u64;
     for id in 1..=total {
         conn.store(
             id,
@@ -166,7 +166,7 @@ fn a_server_stopped_mid_run_loses_nothing() {
     }
     assert_eq!(ids, (1..=total).collect());
     assert!(
-        per_server.get(&killed).copied().unwrap_or(0) < 30,
+        per_server.get(&killed).copied().unwrap_or(0) < 100,
         "{per_server:?}"
     );
     let log = cluster.log();

@@ -19,7 +19,8 @@ use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList, TransferList,
+    self, Deadline, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList,
+    TransferList,
 };
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::BufReader;
@@ -152,7 +153,8 @@ impl Conn {
             };
             let bytes = self.budget.acquire(len);
             // The rest of the frame has --frame-timeout to arrive, however
-            // it trickles in.
+            // it trickles in (as in `FrameReader::message_within`, with the
+            // bytes reserved in between).
             reader
                 .get_mut()
                 .set_deadline(Some(Instant::now() + self.settings.frame_timeout));

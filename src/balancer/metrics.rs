@@ -6,6 +6,7 @@
 
 use super::stats::Stats;
 use crate::net;
+use crate::proto::Deadline;
 use crossbeam_channel::Receiver;
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -52,6 +52,10 @@ struct Args {
     /// sent to it directly. Default: random, logged at start.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=511))]
     server_id: Option<u16>,
+    /// A frame must arrive whole within this once its length has: a peer
+    /// sending a byte now and then (slowloris) is cut off.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    frame_timeout: Duration,
     /// Connections open at once; more wait in the listen backlog until one
     /// closes. Default: three quarters of the open-file limit.
     #[arg(long, value_name = "N")]
@@ -97,6 +101,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_memory_mb: args.max_memory_mb,
         max_frame: args.max_frame,
         idle_timeout: args.idle_timeout,
+        frame_timeout: args.frame_timeout,
         max_connections: args
             .max_connections
             .unwrap_or_else(lbft::net::default_max_connections),

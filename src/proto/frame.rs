@@ -6,6 +6,7 @@ use super::message::{decode, encode, DecodeError, ErrorCode, ErrorReply, Message
 use serde::Serialize;
 use std::fmt;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::time::{Duration, Instant};
 
 /// Default cap on one frame: generous for text documents, small enough that a
 /// hostile length prefix cannot make a peer allocate gigabytes.
@@ -250,6 +251,28 @@ impl<R: Read> FrameReader<R> {
     /// both reads and writes through this reader.
     pub fn get_mut(&mut self) -> &mut R {
         self.inner.get_mut()
+    }
+}
+
+/// A stream whose reads can be given a deadline (see `net::Paced`).
+pub trait Deadline {
+    fn set_deadline(&mut self, deadline: Option<Instant>);
+}
+
+impl<R: Read + Deadline> FrameReader<R> {
+    /// Like `message`, but once a frame's header has arrived the rest of it
+    /// must arrive within `limit`, however it trickles in.
+    pub fn message_within<T: Message>(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<Result<T, DecodeError>>, FrameError> {
+        let Some(len) = self.header()? else {
+            return Ok(None);
+        };
+        self.get_mut().set_deadline(Some(Instant::now() + limit));
+        let payload = self.payload(len);
+        self.get_mut().set_deadline(None);
+        Ok(Some(decode(&payload?)))
     }
 }
 
