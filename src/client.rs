@@ -139,6 +139,33 @@ impl From<io::Error> for Error {
 }
 
 /// The `.json` files of a folder, sorted by name.
+/// Sends one request to the balancer on a fresh connection (so a command
+/// that repeats it survives a balancer restart) and returns its answer;
+/// an error reply, or no answer, is an error naming the request.
+pub fn ask(config: &Config, request: &Request) -> Result<proto::Reply, Error> {
+    let addr = config.balancer;
+    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
+        .map_err(|e| Error::Connect(addr, e))?;
+    let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
+    let kind = request.kind();
+    let failed =
+        |what: String| Error::Io(io::Error::other(format!("the balancer at {addr} {what}")));
+    let reply = conn
+        .call(request)
+        .map_err(|e| failed(format!("did not answer the `{kind}` request: {e}")))?;
+    let _ = conn.get_ref().shutdown(std::net::Shutdown::Both);
+    match reply {
+        proto::Reply::Error(e) => Err(failed(format!(
+            "refused the `{kind}` request: {}: {}",
+            e.code, e.message
+        ))),
+        reply if reply.id() == Some(request.id()) => Ok(reply),
+        other => Err(failed(format!(
+            "answered the `{kind}` request with {other:?}"
+        ))),
+    }
+}
+
 pub fn list_documents(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::ReadDir(dir.to_path_buf(), e))?;
     let mut files = Vec::new();

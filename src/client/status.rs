@@ -85,25 +85,12 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
 /// Asks the balancer for its list of servers on a fresh connection (a fresh
 /// one each time, so a watch survives a balancer restart).
 pub(crate) fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
-    let addr = config.balancer;
-    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
-        .map_err(|e| Error::Connect(addr, e))?;
-    let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
-    let failed =
-        |what: String| Error::Io(io::Error::other(format!("the balancer at {addr} {what}")));
-    let reply = conn
-        .call(&Request::Servers { id })
-        .map_err(|e| failed(format!("did not answer the `servers` request: {e}")))?;
-    let _ = conn.get_ref().shutdown(std::net::Shutdown::Both);
-    match reply {
-        Reply::Servers(list) if list.id == id => Ok(list.servers),
-        Reply::Error(e) => Err(failed(format!(
-            "refused the `servers` request: {}: {}",
-            e.code, e.message
-        ))),
-        other => Err(failed(format!(
-            "answered the `servers` request with {other:?}"
-        ))),
+    match super::ask(config, &Request::Servers { id })? {
+        Reply::Servers(list) => Ok(list.servers),
+        other => Err(Error::Io(io::Error::other(format!(
+            "the balancer at {} answered `servers` with {other:?}",
+            config.balancer
+        )))),
     }
 }
 

@@ -56,25 +56,12 @@ pub fn run(
 }
 
 fn fetch(config: &Config, request: &Request) -> Result<Vec<TransferView>, Error> {
-    let addr = config.balancer;
-    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
-        .map_err(|e| Error::Connect(addr, e))?;
-    let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
-    let failed =
-        |what: String| Error::Io(io::Error::other(format!("the balancer at {addr} {what}")));
-    let reply = conn
-        .call(request)
-        .map_err(|e| failed(format!("did not answer the `transfers` request: {e}")))?;
-    let _ = conn.get_ref().shutdown(std::net::Shutdown::Both);
-    match reply {
-        Reply::Transfers(list) if list.id == request.id() => Ok(list.transfers),
-        Reply::Error(e) => Err(failed(format!(
-            "refused the `transfers` request: {}: {}",
-            e.code, e.message
-        ))),
-        other => Err(failed(format!(
-            "answered the `transfers` request with {other:?}"
-        ))),
+    match super::ask(config, request)? {
+        Reply::Transfers(list) => Ok(list.transfers),
+        other => Err(Error::Io(io::Error::other(format!(
+            "the balancer at {} answered `transfers` with {other:?}",
+            config.balancer
+        )))),
     }
 }
 
