@@ -125,11 +125,12 @@ struct Args {
     /// Log file, appended to.
     #[arg(long, default_value = "loadbalancer.log")]
     log_file: PathBuf,
-    /// SQLite state file recording every transfer (see `client transfers`);
-    /// kept across restarts. Default: balancer.db next to the log file.
+    /// SQLite state file recording every transfer (see `client transfers`)
+    /// and the servers that joined the pool; kept across restarts.
+    /// Default: balancer.db next to the log file.
     #[arg(long, value_name = "PATH")]
     state: Option<PathBuf>,
-    /// Record no transfers (no state file).
+    /// Record no transfers and remember no pool (no state file).
     #[arg(long, conflicts_with = "state")]
     no_state: bool,
 }

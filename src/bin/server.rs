@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Storage server: stores the documents the balancer forwards, one JSON file
-/// each, and reports its load to the balancer's status probes. Never deletes
-/// stored documents unless asked with --clean.
+/// each, at most once per request number, and reports its load to the
+/// balancer's status probes; with --balancer it joins balancers' pools by
+/// itself. Never deletes stored documents unless asked with --clean.
 #[derive(Parser, Debug)]
 #[command(
     version,
