@@ -12,18 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::thread::{self, JoinHandle};
-use util::{client_bin, REPLY_TIMEOUT};
-
-/// A folder with one sample document for `ftp` to pick.
-fn documents() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("sample.json"),
-        r#"{"titolo": "sample", "contenuto": "banana"}"#,
-    )
-    .unwrap();
-    dir
-}
+use util::{client_bin, sample_documents, REPLY_TIMEOUT};
 
 fn run_client(balancer: SocketAddr, documents: &Path, extra: &[&str]) -> Output {
     Command::new(client_bin())
@@ -146,7 +135,7 @@ fn serve_window(stream: TcpStream, window: usize, count: u64) -> WindowSeen {
 }
 
 fn check_window(window: usize, count: u64, extra: &[&str]) {
-    let docs = documents();
+    let docs = sample_documents();
     let (addr, fake) = fake_balancer(move |stream| serve_window(stream, window, count));
     let mut args = extra.to_vec();
     let count_arg = count.to_string();
@@ -194,7 +183,7 @@ fn serve_then_end(stream: TcpStream, read: usize, answer: usize, last: Option<Re
 
 #[test]
 fn after_shutting_down_every_unanswered_document_failed() {
-    let docs = documents();
+    let docs = sample_documents();
     let frame = Reply::error(
         None,
         ErrorCode::ShuttingDown,
@@ -241,7 +230,7 @@ fn early_end_counts(stdout: &str) -> (u64, u64) {
 
 #[test]
 fn after_a_plain_close_sent_documents_are_unknown() {
-    let docs = documents();
+    let docs = sample_documents();
     let (addr, fake) = fake_balancer(|stream| serve_then_end(stream, 20, 10, None));
     let out = run_client(addr, docs.path(), &["ftp", "2000"]);
     fake.join().expect("the fake balancer failed");
@@ -271,7 +260,7 @@ fn after_a_plain_close_sent_documents_are_unknown() {
 
 #[test]
 fn unanswered_computations_are_unknown_too() {
-    let docs = documents();
+    let docs = sample_documents();
     let (addr, fake) = fake_balancer(|stream| {
         // Read a few requests and close without a word.
         for _ in 0..3 {
@@ -293,7 +282,7 @@ fn unanswered_computations_are_unknown_too() {
 
 #[test]
 fn send_reports_an_unreadable_file_and_sends_the_rest() {
-    let docs = documents();
+    let docs = sample_documents();
     let good = docs.path().join("sample.json");
     let missing = docs.path().join("missing.json");
     let (addr, fake) = fake_balancer(|stream| {

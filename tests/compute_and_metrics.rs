@@ -130,14 +130,7 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
 #[test]
 fn metrics_endpoint_counts_requests_bytes_and_latency() {
     let cluster = Cluster::start(3, &[], &["--metrics", "127.0.0.1:0"]);
-    let metrics_addr: SocketAddr = cluster
-        .balancer
-        .banner
-        .iter()
-        .find_map(|l| l.strip_prefix("metrics listening on "))
-        .expect("metrics address printed")
-        .parse()
-        .unwrap();
+    let metrics_addr = metrics_addr(&cluster.balancer);
     let mut conn = Raw::connect(cluster.balancer.addr);
     let mut bytes = 0;
     for id in 1..=6u64 {

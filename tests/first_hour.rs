@@ -16,17 +16,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A folder with one sample document for `ftp`.
-fn documents() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("sample.json"),
-        r#"{"titolo": "sample", "contenuto": "banana"}"#,
-    )
-    .unwrap();
-    dir
-}
-
 /// Runs the client with `--balancer BALANCER --documents DOCS ARGS`, feeding
 /// it `input`.
 fn client(balancer: &str, docs: &Path, args: &[&str], input: &str) -> Output {
@@ -82,7 +71,7 @@ fn host_names_are_accepted_wherever_an_address_is_taken() {
         "{:?}",
         balancer.banner
     );
-    let docs = documents();
+    let docs = sample_documents();
     let at = format!("localhost:{}", balancer.addr.port());
     let out = client(&at, docs.path(), &["ftp", "3"], "");
     let stdout = text(&out.stdout);
@@ -95,7 +84,7 @@ fn host_names_are_accepted_wherever_an_address_is_taken() {
 
 #[test]
 fn an_address_without_a_port_is_refused_clearly() {
-    let docs = documents();
+    let docs = sample_documents();
     let out = client("localhost", docs.path(), &["ftp", "1"], "");
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
@@ -104,7 +93,7 @@ fn an_address_without_a_port_is_refused_clearly() {
 
 #[test]
 fn without_a_balancer_the_client_says_how_to_start_one() {
-    let docs = documents();
+    let docs = sample_documents();
     let out = client(&nobody().to_string(), docs.path(), &["ftp", "3"], "");
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
@@ -116,7 +105,7 @@ fn without_a_balancer_the_client_says_how_to_start_one() {
 
 #[test]
 fn a_count_below_one_is_explained() {
-    let docs = documents();
+    let docs = sample_documents();
     let out = client(&nobody().to_string(), docs.path(), &["ftp", "0"], "");
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
@@ -141,7 +130,7 @@ fn unknown_type_lists_only_what_the_balancer_accepts() {
 #[test]
 fn the_prompt_takes_a_count_on_the_line_and_asks_again_for_a_bad_one() {
     let cluster = Cluster::start(2, &[], &[]);
-    let docs = documents();
+    let docs = sample_documents();
     let input = "ftp 1\ncalc zero\n0\n3\nFTP\n2\nexit\n";
     let out = client(&cluster.balancer.addr.to_string(), docs.path(), &[], input);
     let stdout = text(&out.stdout);
@@ -168,7 +157,7 @@ fn the_prompt_takes_a_count_on_the_line_and_asks_again_for_a_bad_one() {
 #[test]
 fn a_long_batch_prints_progress_not_a_line_per_document() {
     let cluster = Cluster::start(2, &[], &[]);
-    let docs = documents();
+    let docs = sample_documents();
     let addr = cluster.balancer.addr.to_string();
     let out = client(&addr, docs.path(), &["ftp", "300"], "");
     let stdout = text(&out.stdout);
@@ -187,7 +176,7 @@ fn a_long_batch_prints_progress_not_a_line_per_document() {
 fn ctrl_c_prints_the_summary_so_far_and_exits_130() {
     // Slow servers, so that requests are in flight when the signal comes.
     let cluster = Cluster::start(2, &["--char-delay-ms", "5"], &[]);
-    let docs = documents();
+    let docs = sample_documents();
     let mut child = Command::new(client_bin())
         .arg("--balancer")
         .arg(cluster.balancer.addr.to_string())
@@ -221,7 +210,7 @@ fn ctrl_c_prints_the_summary_so_far_and_exits_130() {
 fn when_every_server_is_down_the_client_says_it_is_waiting() {
     let dir = tempfile::tempdir().unwrap();
     let balancer = start_balancer(dir.path(), &[nobody()], &["--queue-timeout", "4s"]);
-    let docs = documents();
+    let docs = sample_documents();
     let out = client(&balancer.addr.to_string(), docs.path(), &["ftp", "1"], "");
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -236,7 +225,7 @@ fn when_every_server_is_down_the_client_says_it_is_waiting() {
 #[test]
 fn documents_given_by_the_user_are_checked_and_the_good_ones_sent() {
     let cluster = Cluster::start(1, &[], &[]);
-    let docs = documents();
+    let docs = sample_documents();
     let dir = docs.path();
     std::fs::write(
         dir.join("bom.json"),
@@ -287,7 +276,7 @@ fn documents_given_by_the_user_are_checked_and_the_good_ones_sent() {
 #[test]
 fn ftp_leaves_out_files_that_are_not_documents_and_names_them() {
     let cluster = Cluster::start(1, &[], &[]);
-    let docs = documents();
+    let docs = sample_documents();
     std::fs::write(docs.path().join("broken.json"), "{").unwrap();
     let out = client(
         &cluster.balancer.addr.to_string(),
@@ -312,7 +301,7 @@ fn ftp_leaves_out_files_that_are_not_documents_and_names_them() {
 #[test]
 fn status_queries_stay_out_of_the_log() {
     let cluster = Cluster::start(1, &[], &[]);
-    let docs = documents();
+    let docs = sample_documents();
     let addr = cluster.balancer.addr.to_string();
     for _ in 0..3 {
         let out = client(

@@ -87,14 +87,7 @@ fn a_frame_that_trickles_in_is_cut_off_at_the_frame_timeout() {
 fn silent_scrapers_do_not_hold_up_the_metrics() {
     use std::io::Write;
     let cluster = Cluster::start(1, &[], &["--metrics", "127.0.0.1:0"]);
-    let metrics: std::net::SocketAddr = cluster
-        .balancer
-        .banner
-        .iter()
-        .find_map(|l| l.strip_prefix("metrics listening on "))
-        .expect("metrics address printed")
-        .parse()
-        .unwrap();
+    let metrics = metrics_addr(&cluster.balancer);
     let silent: Vec<_> = (0..10)
         .map(|_| std::net::TcpStream::connect(metrics).unwrap())
         .collect();

@@ -2,7 +2,7 @@
 //! the same servers. It pins each client connection to one server, so one
 //! client talks to one server through it, as on the direct path.
 
-use super::process::{free_port, Child};
+use super::process::{first_line, free_port, Child};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,17 +22,7 @@ pub fn find() -> Option<PathBuf> {
 
 /// The first line of `haproxy -v`.
 pub fn version(bin: &Path) -> String {
-    Command::new(bin)
-        .arg("-v")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "unknown".into())
+    first_line(&bin.display().to_string(), &["-v"])
 }
 
 pub const INSTALL_HINT: &str = "HAProxy is not installed; the haproxy rows are skipped. \

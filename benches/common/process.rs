@@ -225,3 +225,18 @@ impl PeakRss {
         self.sampler.join().expect("the memory sampler panicked")
     }
 }
+
+/// The first line a program prints, or `unknown`.
+pub fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

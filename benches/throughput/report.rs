@@ -2,6 +2,7 @@
 //! and the versions, the tables, and whether each goal of the benchmark
 //! was met, with its numbers.
 
+use crate::common::process::first_line;
 use crate::failover::{ms, Kill};
 use crate::idle::Idle;
 use crate::{mode_name, Mode, Options, Route, Row};
@@ -16,21 +17,6 @@ pub struct Report<'a> {
     pub idle: Option<Idle>,
     pub kill: Option<Kill>,
     pub seconds: f64,
-}
-
-/// The first line a command prints, or `unknown`.
-fn first_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn memory_total() -> String {

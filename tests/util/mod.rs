@@ -336,3 +336,25 @@ pub fn send_batch(addr: SocketAddr, contents: Vec<String>, mut on_ack: impl FnMu
     let _ = writer.join();
     seen
 }
+
+/// A folder with one sample document for `ftp` to pick.
+pub fn sample_documents() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sample.json"),
+        r#"{"titolo": "sample", "contenuto": "banana"}"#,
+    )
+    .unwrap();
+    dir
+}
+
+/// The address a balancer started with `--metrics` printed for them.
+pub fn metrics_addr(balancer: &Proc) -> SocketAddr {
+    balancer
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics listening on "))
+        .expect("metrics address printed")
+        .parse()
+        .unwrap()
+}
