@@ -21,10 +21,12 @@
 //! - `cli`: command-line values the binaries share (addresses with host
 //!   names, counts, durations, sizes).
 //! - `logging`: the logger the binaries install.
+//! - `auth`: the cluster key that balancer and servers share (HMAC-SHA-256).
 //! - `error`: errors that stop a component from starting.
 //! - `text`: small helpers several components need (so none imports
 //!   another).
 
+pub mod auth;
 pub mod balancer;
 pub mod cli;
 pub mod client;

@@ -1,5 +1,5 @@
 //! Small helpers that more than one component needs: counting letters,
-//! formatting times. They belong to no component, so none imports another.
+//! formatting times, hex digits. They belong to no component, so none imports another.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -38,10 +38,43 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Lower-case hex digits of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// The bytes that hex digits (either case) stand for; `None` when the text
+/// is not an even number of hex digits.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(to_hex(&[0, 0xab, 0xff]), "00abff");
+        assert_eq!(from_hex("00ABff"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(from_hex("0"), None);
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(from_hex(""), Some(vec![]));
+    }
 
     #[test]
     fn counts_both_cases_of_a_only() {
