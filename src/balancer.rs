@@ -19,9 +19,11 @@ pub mod flow;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
+pub mod session;
 pub mod stats;
 pub mod tracking;
 
+use crate::auth::ClusterKey;
 use crate::error::Error;
 use crate::ids;
 use crate::net;
@@ -108,6 +110,12 @@ pub struct Config {
     pub fall: u32,
     /// The state file recording every transfer; `None` turns tracking off.
     pub state: Option<PathBuf>,
+    /// The key servers must prove on every connection, and that servers
+    /// registering must prove (see `handshake`).
+    pub cluster_key: Option<ClusterKey>,
+    /// With a cluster key, `BackendWire::Legacy` is refused unless this is
+    /// set: the original servers cannot prove anything.
+    pub allow_unauthenticated_legacy: bool,
 }
 
 impl Default for Config {
@@ -138,6 +146,8 @@ impl Default for Config {
             rise: crate::health::DEFAULT_RISE,
             fall: crate::health::DEFAULT_FALL,
             state: None,
+            cluster_key: None,
+            allow_unauthenticated_legacy: false,
         }
     }
 }
@@ -166,6 +176,17 @@ impl Balancer {
                 "--max-queued-bytes ({}) must be at least --max-frame ({})",
                 config.max_queued_bytes, config.max_frame
             )));
+        }
+        if config.cluster_key.is_some()
+            && config.backend_wire == BackendWire::Legacy
+            && !config.allow_unauthenticated_legacy
+        {
+            return Err(Error::Config(
+                "--backend-wire legacy cannot authenticate servers: the original format has no \
+                 handshake, so --cluster-key-file would protect nothing there. Add \
+                 --allow-unauthenticated-legacy to use the key for registrations only"
+                    .into(),
+            ));
         }
         if config.balancer_id.is_some_and(|id| id > ids::MAX_NODE) {
             return Err(Error::Config(format!(
@@ -238,12 +259,13 @@ impl Balancer {
             probe_timeout: config.probe_timeout,
             max_frame: config.max_frame,
             wire: config.backend_wire,
+            key: config.cluster_key.clone(),
         };
         let link_threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let spawner = link::Spawner {
             workers: config.max_in_flight,
             events: events_tx.clone(),
-            settings: backend_settings,
+            settings: backend_settings.clone(),
             stats: stats.clone(),
             threads: link_threads.clone(),
             tracker: tracker.clone(),
@@ -304,6 +326,9 @@ impl Balancer {
             stop: stop_rx,
             tracker,
             max_connections: config.max_connections,
+            access: Arc::new(session::Access {
+                cluster_key: config.cluster_key.clone(),
+            }),
         };
         threads.insert(
             0,
@@ -449,6 +474,7 @@ struct Acceptor {
     stop: Receiver<()>,
     tracker: Option<tracking::Tracker>,
     max_connections: usize,
+    access: Arc<session::Access>,
 }
 
 impl Acceptor {
@@ -463,6 +489,7 @@ impl Acceptor {
             stop,
             tracker,
             max_connections,
+            access,
         } = self;
         let conn_stop = stop.clone();
         net::serve_connections(
@@ -480,6 +507,7 @@ impl Acceptor {
                     budget: budget.clone(),
                     stop: conn_stop.clone(),
                     tracker: tracker.clone(),
+                    access: access.clone(),
                 };
                 conn.serve(stream);
             },

@@ -22,7 +22,10 @@
 //!   names, counts, durations, sizes).
 //! - `logging`: the logger the binaries install.
 //! - `auth`: the cluster key that balancer and servers share (HMAC-SHA-256).
+//! - `handshake`: balancer and server proving the cluster key to each other
+//!   at the start of a connection.
 //! - `error`: errors that stop a component from starting.
+//! - `throttle`: log lines for events that come in floods.
 //! - `text`: small helpers several components need (so none imports
 //!   another).
 
@@ -31,6 +34,7 @@ pub mod balancer;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod handshake;
 pub mod health;
 pub mod ids;
 pub mod logging;
@@ -39,5 +43,6 @@ pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod text;
+pub mod throttle;
 
 pub use error::Error;

@@ -17,7 +17,9 @@ pub mod load;
 pub mod registrar;
 pub mod storage;
 
+use crate::auth::ClusterKey;
 use crate::error::Error;
+use crate::handshake::Gate;
 use crate::ids::{self, Generator, Source};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
@@ -58,6 +60,11 @@ pub struct Config {
     /// Node id (0..=511) in the request numbers this server gives documents
     /// that arrive without one; `None` picks one at random.
     pub server_id: Option<u16>,
+    /// With a cluster key, every framed connection must prove it first
+    /// (see `handshake`), and connections in the original format, which
+    /// cannot, are refused unless `allow_unauthenticated_legacy`.
+    pub cluster_key: Option<ClusterKey>,
+    pub allow_unauthenticated_legacy: bool,
 }
 
 impl Default for Config {
@@ -75,6 +82,8 @@ impl Default for Config {
             max_connections: net::default_max_connections(),
             frame_timeout: Duration::from_secs(30),
             server_id: None,
+            cluster_key: None,
+            allow_unauthenticated_legacy: false,
         }
     }
 }
@@ -306,6 +315,15 @@ fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
     let read_half = stream.clone();
     match net::detect_wire(stream.tcp()) {
         Ok(Wire::Closed) => {}
+        Ok(Wire::Legacy)
+            if shared.config.cluster_key.is_some()
+                && !shared.config.allow_unauthenticated_legacy =>
+        {
+            log::warn!(
+                "server {addr}: refused an original-format connection from {peer}: \
+                 it cannot prove the cluster key (--allow-unauthenticated-legacy lets it in)"
+            );
+        }
         Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, shared),
         Ok(Wire::Framed) => serve_framed(read_half, stream, peer, shared),
         Err(e) => log::info!("server {addr}: connection from {peer} sent nothing: {e}"),
@@ -319,6 +337,8 @@ fn serve_framed(
     shared: &Shared,
 ) {
     let addr = shared.addr;
+    let local = read_half.tcp().local_addr().unwrap_or(addr);
+    let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
     let paced = net::Paced::new(read_half, shared.config.idle_timeout);
     let mut reader = FrameReader::new(paced, shared.frame_limit());
     let mut writer = FrameWriter::new(write_half);
@@ -336,12 +356,55 @@ fn serve_framed(
                 log::warn!("server {addr}: bad request from {peer}: {bad}");
                 Reply::Error(bad.into())
             }
-            Ok(Some(Ok(request))) => handle(request, shared),
+            Ok(Some(Ok(request))) => match gate.handle(&request) {
+                Some(answer) if answer.close => {
+                    if let Some(skipped) = refusals().check(&peer.ip()) {
+                        log::warn!(
+                            "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
+                            error_text(&answer.reply),
+                            crate::throttle::more(skipped)
+                        );
+                    }
+                    let _ = writer.message(&answer.reply);
+                    break;
+                }
+                Some(answer) => answer.reply,
+                None if gate.keyed() && !gate.proven() => {
+                    if let Some(skipped) = refusals().check(&peer.ip()) {
+                        log::warn!(
+                            "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
+                            request.kind(),
+                            crate::throttle::more(skipped)
+                        );
+                    }
+                    Reply::error(
+                        Some(request.id()),
+                        ErrorCode::Unauthenticated,
+                        "this server takes requests only after the cluster handshake \
+                         (hello, see PROTOCOL.md)",
+                    )
+                }
+                None => handle(request, shared),
+            },
         };
         if let Err(e) = writer.message(&reply) {
             log::warn!("server {addr}: cannot reply to {peer}: {e}");
             break;
         }
+    }
+}
+
+/// Peers refused for want of the cluster key, logged once a minute each.
+fn refusals() -> &'static crate::throttle::Throttle<std::net::IpAddr> {
+    static REFUSALS: std::sync::OnceLock<crate::throttle::Throttle<std::net::IpAddr>> =
+        std::sync::OnceLock::new();
+    REFUSALS.get_or_init(|| crate::throttle::Throttle::new(Duration::from_secs(60)))
+}
+
+fn error_text(reply: &Reply) -> String {
+    match reply {
+        Reply::Error(e) => format!("{}: {}", e.code, e.message),
+        other => format!("{other:?}"),
     }
 }
 
@@ -410,10 +473,16 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             ErrorCode::BadRequest,
             "this request is for the balancer, not for storage servers",
         ),
-        Request::Transfers { id, .. } => Reply::error(
+        Request::Transfers { id, .. } | Request::Login { id, .. } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,
-            "`transfers` is answered by the balancer, not by storage servers",
+            "this request is answered by the balancer, not by storage servers",
+        ),
+        // Answered by the connection's gate before they get here.
+        Request::Hello { id, .. } | Request::HelloProof { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "cluster handshake out of place",
         ),
     }
 }

@@ -7,17 +7,20 @@
 
 use super::dispatch::Work;
 use super::BackendWire;
+use crate::auth::ClusterKey;
+use crate::handshake::{self, HandshakeError};
 use crate::health::Observation;
 use crate::net;
 use crate::policy::Load;
 use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StatusReport};
+use crate::throttle::{self, Throttle};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BackendSettings {
     pub connect_timeout: Duration,
     /// How long a server may take to answer one request.
@@ -26,6 +29,9 @@ pub struct BackendSettings {
     pub probe_timeout: Duration,
     pub max_frame: usize,
     pub wire: BackendWire,
+    /// With a key, every connection starts with the cluster handshake: a
+    /// server that cannot prove the key gets nothing.
+    pub key: Option<ClusterKey>,
 }
 
 /// Why a forward failed on the connection itself.
@@ -47,7 +53,7 @@ pub trait Backend: Send {
 pub fn probe(
     addr: &SocketAddr,
     id: u64,
-    settings: BackendSettings,
+    settings: &BackendSettings,
 ) -> (Observation, Option<StatusReport>) {
     let t = settings.probe_timeout;
     let stream = match net::connect(addr, t, t) {
@@ -60,7 +66,15 @@ pub fn probe(
         }
     };
     match settings.wire {
-        BackendWire::Framed => probe_framed(stream, id, settings.max_frame),
+        BackendWire::Framed => {
+            let mut conn = Connection::new(stream, settings.max_frame);
+            if let Some(key) = &settings.key {
+                if let Err(e) = handshake::initiate(&mut conn, key, *addr, id) {
+                    return (Observation::ProbeFailed(unproven(addr, &e)), None);
+                }
+            }
+            probe_framed(conn, id)
+        }
         BackendWire::Legacy => (probe_legacy(stream), None),
     }
 }
@@ -90,19 +104,22 @@ impl Connections {
 /// A backend for one worker of a link.
 pub fn open(
     addr: SocketAddr,
-    settings: BackendSettings,
+    settings: &BackendSettings,
     connections: Arc<Connections>,
     slot: usize,
 ) -> Box<dyn Backend> {
     match settings.wire {
         BackendWire::Framed => Box::new(Framed {
             addr,
-            settings,
+            settings: settings.clone(),
             conn: None,
             connections,
             slot,
         }),
-        BackendWire::Legacy => Box::new(Legacy { addr, settings }),
+        BackendWire::Legacy => Box::new(Legacy {
+            addr,
+            settings: settings.clone(),
+        }),
     }
 }
 
@@ -161,6 +178,18 @@ impl Backend for Framed {
             }
             other => other.map_err(|e| e.0),
         }?;
+        if let Reply::Error(e) = &reply {
+            if e.code == proto::ErrorCode::Unauthenticated {
+                self.close();
+                return Err(LinkError {
+                    reason: format!(
+                        "the server wants the cluster handshake (start the balancer with --cluster-key-file): {}",
+                        e.message
+                    ),
+                    delivered: false,
+                });
+            }
+        }
         if reply.id().is_some_and(|id| id != number) {
             self.close();
             return Err(LinkError {
@@ -183,7 +212,7 @@ impl Framed {
     }
 
     fn connect(&mut self) -> Result<Connection<TcpStream>, LinkError> {
-        let s = self.settings;
+        let s = &self.settings;
         let stream =
             net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
                 reason: format!("cannot connect: {e}"),
@@ -191,10 +220,18 @@ impl Framed {
             })?;
         self.connections.set(self.slot, stream.try_clone().ok());
         // Replies are small; requests may be forwarded with headroom.
-        Ok(Connection::new(
-            stream,
-            s.max_frame + proto::FORWARD_HEADROOM,
-        ))
+        let mut conn = Connection::new(stream, s.max_frame + proto::FORWARD_HEADROOM);
+        if let Some(key) = &s.key {
+            // Ids of the handshake: 0 and 1, below any request number.
+            if let Err(e) = handshake::initiate(&mut conn, key, self.addr, 0) {
+                self.connections.set(self.slot, None);
+                return Err(LinkError {
+                    reason: unproven(&self.addr, &e),
+                    delivered: false,
+                });
+            }
+        }
+        Ok(conn)
     }
 
     fn exchange(&mut self, payload: &[u8]) -> Result<Reply, (LinkError, CallError)> {
@@ -227,12 +264,23 @@ impl Framed {
     }
 }
 
-fn probe_framed(
-    stream: TcpStream,
-    id: u64,
-    max_frame: usize,
-) -> (Observation, Option<StatusReport>) {
-    let mut conn = Connection::new(stream, max_frame);
+/// Why a server is refused after a failed handshake; an impostor gets a
+/// line of its own in the log.
+fn unproven(addr: &SocketAddr, e: &HandshakeError) -> String {
+    static LOGGED: OnceLock<Throttle<SocketAddr>> = OnceLock::new();
+    if e.is_connection() {
+        return format!("cluster handshake: {e}");
+    }
+    let reason = format!("did not prove the cluster key: {e}; it gets no documents");
+    // Every probe and every link connection tries: one line per minute.
+    let logged = LOGGED.get_or_init(|| Throttle::new(Duration::from_secs(60)));
+    if let Some(skipped) = logged.check(addr) {
+        log::warn!("server {addr} {reason}{}", throttle::more(skipped));
+    }
+    reason
+}
+
+fn probe_framed(mut conn: Connection<TcpStream>, id: u64) -> (Observation, Option<StatusReport>) {
     match conn.call(&Request::Status { id }) {
         Ok(Reply::Status(report)) => (
             Observation::ProbeOk {
@@ -299,7 +347,7 @@ impl Backend for Legacy {
             reason: format!("cannot re-read the document: {e}"),
             delivered: false,
         })?;
-        let s = self.settings;
+        let s = &self.settings;
         let mut stream =
             net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
                 reason: format!("cannot connect: {e}"),

@@ -14,6 +14,7 @@
 
 use super::dispatch::{Change, Event, Job, Work};
 use super::flow::{Budget, Hold, Window};
+use super::session::{Access, Session, Verdict};
 use super::stats::Stats;
 use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
@@ -56,6 +57,8 @@ pub struct Conn {
     pub stop: Receiver<()>,
     /// Answers `transfers`; `None` when tracking is off.
     pub tracker: Option<Tracker>,
+    /// Who may ask what (cluster key, users).
+    pub access: Arc<Access>,
 }
 
 impl Conn {
@@ -136,9 +139,11 @@ impl Conn {
     /// many of them were work (store or calc).
     fn read_requests(&self, stream: net::Stream, replies: &Sender<Reply>) -> (u64, u64) {
         let peer = self.peer;
+        let local = stream.tcp().local_addr().unwrap_or(peer);
         let paced = net::Paced::new(stream, self.settings.idle_timeout);
         let mut reader = FrameReader::new(paced, self.settings.max_frame);
         let window = Window::new(self.settings.window);
+        let mut session = Session::new(&self.access, peer, local);
         let mut received = 0;
         let mut work_received = 0;
         loop {
@@ -185,6 +190,17 @@ impl Conn {
             };
             drop(payload);
             received += 1;
+            match session.admit(&request) {
+                Verdict::Proceed => {}
+                Verdict::Answer(reply) => {
+                    let _ = replies.send(reply);
+                    continue;
+                }
+                Verdict::Close(reply) => {
+                    let _ = replies.send(reply);
+                    return (received, work_received);
+                }
+            }
             let request_kind = request.kind();
             let (id, work) = match request {
                 Request::Store(store) => {
@@ -245,6 +261,17 @@ impl Conn {
                         Some(id),
                         ErrorCode::BadRequest,
                         "`status` is answered by storage servers; ask the balancer for `servers`",
+                    ));
+                    continue;
+                }
+                // Answered by the session before they get here.
+                Request::Hello { id, .. }
+                | Request::HelloProof { id, .. }
+                | Request::Login { id, .. } => {
+                    let _ = replies.send(Reply::error(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        "handshake or login out of place",
                     ));
                     continue;
                 }
@@ -395,7 +422,7 @@ impl Conn {
 /// The request types a client may send to the balancer: `status` and
 /// `forget` are for storage servers.
 const BALANCER_TYPES: &str =
-    "store, calc, servers, transfers, register, deregister, add_server, drain_server, remove_server";
+    "store, calc, servers, transfers, register, deregister, add_server, drain_server, remove_server, hello, hello_proof, login";
 
 /// The decoder's `unknown_type` message lists every request type of the
 /// protocol; a client of the balancer is told only those it accepts.

@@ -70,7 +70,7 @@ impl LinkSpawner for Spawner {
             addr,
             self.workers,
             self.events.clone(),
-            self.settings,
+            &self.settings,
             self.stats.clone(),
             self.tracker.clone(),
         )?;
@@ -89,7 +89,7 @@ pub fn spawn(
     addr: SocketAddr,
     workers: usize,
     events: Sender<Event>,
-    settings: BackendSettings,
+    settings: &BackendSettings,
     stats: Arc<Stats>,
     tracker: Option<Tracker>,
 ) -> std::io::Result<(LinkHandle, Vec<JoinHandle<()>>)> {

@@ -33,7 +33,7 @@ pub fn spawn(
             let round_started = Instant::now();
             probe_id += 1;
             let servers = crate::net::lock(&roster).clone();
-            let results = probe_all(&servers, probe_id, settings);
+            let results = probe_all(&servers, probe_id, &settings);
             let mut observations = Vec::with_capacity(results.len());
             for ((id, _), (observation, report, took)) in servers.iter().zip(results) {
                 stats.server(*id).record_check(took, report);
@@ -56,7 +56,7 @@ type ProbeResult = (Observation, Option<StatusReport>, Duration);
 fn probe_all(
     servers: &[(ServerId, SocketAddr)],
     id: u64,
-    settings: BackendSettings,
+    settings: &BackendSettings,
 ) -> Vec<ProbeResult> {
     thread::scope(|scope| {
         let handles: Vec<_> = servers

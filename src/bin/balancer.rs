@@ -133,6 +133,17 @@ struct Args {
     /// Record no transfers and remember no pool (no state file).
     #[arg(long, conflicts_with = "state")]
     no_state: bool,
+    /// The cluster key shared with the servers (64 hex digits; created
+    /// when missing). Servers must prove it on every connection (links and
+    /// status probes) or get nothing, and to register; the balancer proves
+    /// it back. Local servers (--local-servers) share it.
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
+    /// With --cluster-key-file and --backend-wire legacy: drive original
+    /// servers anyway, unauthenticated (the key then guards registrations
+    /// only).
+    #[arg(long, requires = "cluster_key_file")]
+    allow_unauthenticated_legacy: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -154,9 +165,14 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
+    let cluster_key = args
+        .cluster_key_file
+        .as_deref()
+        .map(lbft::handshake::load_key)
+        .transpose()?;
     // The local servers run for as long as their handles live.
     let (servers, local_servers) = match args.local_servers {
-        Some(n) => start_local_servers(&args, n)?,
+        Some(n) => start_local_servers(&args, n, cluster_key.as_ref())?,
         None => (
             args.servers.iter().copied().map(Backend::new).collect(),
             Vec::new(),
@@ -191,6 +207,8 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         rise: args.rise,
         fall: args.fall,
         state: state_path(&args),
+        cluster_key,
+        allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
@@ -250,6 +268,7 @@ fn on_signal(
 fn start_local_servers(
     args: &Args,
     n: u16,
+    cluster_key: Option<&lbft::auth::ClusterKey>,
 ) -> Result<(Vec<Backend>, Vec<server::ServerHandle>), lbft::Error> {
     if n == 0 {
         return Err(lbft::Error::Config(
@@ -273,6 +292,7 @@ fn start_local_servers(
             storage_root: args.storage_dir.clone(),
             char_delay: Duration::from_millis(args.char_delay_ms),
             max_frame: args.max_frame,
+            cluster_key: cluster_key.cloned(),
             ..server::Config::default()
         })?;
         let addr = server.local_addr();

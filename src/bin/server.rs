@@ -72,6 +72,16 @@ struct Args {
     /// Also append log lines to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// The cluster key shared with the balancers (64 hex digits; created
+    /// when missing). Every framed connection must then prove it first
+    /// (the balancer's links and probes do), registrations prove it to
+    /// the balancers, and the balancers prove it back.
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
+    /// With --cluster-key-file, still accept connections in the original
+    /// format, which cannot prove the key.
+    #[arg(long, requires = "cluster_key_file")]
+    allow_unauthenticated_legacy: bool,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +103,11 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
         (None, None) => defaults.listen,
     };
+    let cluster_key = args
+        .cluster_key_file
+        .as_deref()
+        .map(lbft::handshake::load_key)
+        .transpose()?;
     let server = Server::bind(Config {
         listen,
         dir: args.dir,
@@ -107,6 +122,8 @@ fn run(args: Args) -> Result<(), lbft::Error> {
             .max_connections
             .unwrap_or_else(lbft::net::default_max_connections),
         server_id: args.server_id,
+        cluster_key: cluster_key.clone(),
+        allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         ..defaults
     })?;
     // Registered before the readiness line, so that a signal sent as soon
@@ -123,6 +140,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
                 heartbeat: args.heartbeat,
                 timeout: Duration::from_secs(2),
                 leave_timeout: Duration::from_secs(60),
+                key: cluster_key,
             },
         )?)
     };

@@ -224,6 +224,32 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// First message of a cluster handshake (balancer -> server, server ->
+    /// balancer when registering): a fresh random nonce, hex. Answered by a
+    /// `hello` reply proving the cluster key over it.
+    Hello { id: u64, nonce: String },
+    /// Last message of a cluster handshake: the initiator's proof of the
+    /// cluster key over both nonces. Answered by `welcome`.
+    HelloProof { id: u64, proof: String },
+    /// A user logs in to the balancer (first message of a connection when
+    /// the balancer runs with `--users`). Answered by `welcome`.
+    Login {
+        id: u64,
+        user: String,
+        password: Password,
+    },
+}
+
+/// A password on the wire; `Debug` never prints it, so a logged request
+/// cannot leak one.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(..)")
+    }
 }
 
 impl Request {
@@ -241,6 +267,9 @@ impl Request {
             Request::AddServer { .. } => "add_server",
             Request::DrainServer { .. } => "drain_server",
             Request::RemoveServer { .. } => "remove_server",
+            Request::Hello { .. } => "hello",
+            Request::HelloProof { .. } => "hello_proof",
+            Request::Login { .. } => "login",
         }
     }
 
@@ -256,7 +285,10 @@ impl Request {
             | Request::AddServer { id, .. }
             | Request::DrainServer { id, .. }
             | Request::RemoveServer { id, .. }
-            | Request::Transfers { id, .. } => *id,
+            | Request::Transfers { id, .. }
+            | Request::Hello { id, .. }
+            | Request::HelloProof { id, .. }
+            | Request::Login { id, .. } => *id,
         }
     }
 }
@@ -274,6 +306,9 @@ impl Message for Request {
         "add_server",
         "drain_server",
         "remove_server",
+        "hello",
+        "hello_proof",
+        "login",
     ];
 }
 
@@ -511,6 +546,13 @@ pub enum ErrorCode {
     Expired,
     /// A server is storing the same request number right now.
     InProgress,
+    /// The request needs a login (`--users`) or a cluster handshake (a
+    /// cluster key) first, or the credentials or proof were wrong.
+    Unauthenticated,
+    /// The user is logged in but may not do this (admin requests).
+    Forbidden,
+    /// A document is larger than the balancer's `--max-document-size`.
+    TooLarge,
 }
 
 impl ErrorCode {
@@ -564,6 +606,23 @@ pub enum Reply {
         message: String,
     },
     Error(ErrorReply),
+    /// The responder's answer to `hello`: its own nonce, the address the
+    /// connection reached it at, and its proof of the cluster key.
+    Hello {
+        id: u64,
+        nonce: String,
+        addr: String,
+        proof: String,
+    },
+    /// A handshake or login succeeded. `user` and `admin` describe a
+    /// logged-in user; both are absent after a cluster handshake.
+    Welcome {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        admin: bool,
+    },
 }
 
 impl Reply {
@@ -574,7 +633,10 @@ impl Reply {
             Reply::Status(r) => Some(r.id),
             Reply::Servers(r) => Some(r.id),
             Reply::Transfers(r) => Some(r.id),
-            Reply::Forgotten { id, .. } | Reply::Membership { id, .. } => Some(*id),
+            Reply::Forgotten { id, .. }
+            | Reply::Membership { id, .. }
+            | Reply::Hello { id, .. }
+            | Reply::Welcome { id, .. } => Some(*id),
             Reply::Error(r) => r.id,
         }
     }
@@ -598,6 +660,8 @@ impl Message for Reply {
         "forgotten",
         "membership",
         "error",
+        "hello",
+        "welcome",
     ];
 }
 

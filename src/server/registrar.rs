@@ -5,6 +5,8 @@
 //! answer, which comes once this server's requests in flight from that
 //! balancer are done. Only then should the server stop.
 
+use crate::auth::ClusterKey;
+use crate::handshake;
 use crate::net;
 use crate::proto::{CallError, Connection, Reply, Request};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -12,7 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RegistrarSettings {
     /// Where this server takes requests; an unspecified IP (0.0.0.0) is
     /// replaced by the local address of the connection to each balancer.
@@ -21,6 +23,9 @@ pub struct RegistrarSettings {
     pub timeout: Duration,
     /// How long to wait for a balancer to let this server go.
     pub leave_timeout: Duration,
+    /// With a key, each connection to a balancer starts with the cluster
+    /// handshake (a balancer with a key takes registrations only so).
+    pub key: Option<ClusterKey>,
 }
 
 pub struct Registrar {
@@ -35,6 +40,7 @@ impl Registrar {
         let mut threads = Vec::new();
         for (i, balancer) in balancers.iter().copied().enumerate() {
             let told = told.clone();
+            let settings = settings.clone();
             threads.push(net::spawn_named(
                 format!("registrar{i}"),
                 Some(256 * 1024),
@@ -60,7 +66,7 @@ fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<(
     let mut id = 0u64;
     loop {
         id += 1;
-        match heartbeat(&mut link, balancer, id, settings) {
+        match heartbeat(&mut link, balancer, id, &settings) {
             Ok(message) => {
                 if !registered {
                     log::info!("registered with balancer {balancer}: {message}");
@@ -88,9 +94,9 @@ fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<(
     }
     let leave = RegistrarSettings {
         timeout: settings.leave_timeout,
-        ..settings
+        ..settings.clone()
     };
-    let result = connect(&mut link, balancer, leave).and_then(|(conn, addr)| {
+    let result = connect(&mut link, balancer, &leave).and_then(|(conn, addr)| {
         conn.get_ref()
             .set_read_timeout(Some(settings.leave_timeout))
             .map_err(|e| e.to_string())?;
@@ -108,11 +114,11 @@ fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<(
     }
 }
 
-fn connect(
-    link: &mut Option<(Connection<TcpStream>, SocketAddr)>,
+fn connect<'a>(
+    link: &'a mut Option<(Connection<TcpStream>, SocketAddr)>,
     balancer: SocketAddr,
-    settings: RegistrarSettings,
-) -> Result<&mut (Connection<TcpStream>, SocketAddr), String> {
+    settings: &RegistrarSettings,
+) -> Result<&'a mut (Connection<TcpStream>, SocketAddr), String> {
     if link.is_none() {
         let stream = net::connect(&balancer, settings.timeout, settings.timeout)
             .map_err(|e| format!("cannot connect: {e}"))?;
@@ -121,7 +127,12 @@ fn connect(
             let local = stream.local_addr().map_err(|e| e.to_string())?;
             advertise.set_ip(local.ip());
         }
-        *link = Some((Connection::new(stream, 1 << 20), advertise));
+        let mut conn = Connection::new(stream, 1 << 20);
+        if let Some(key) = &settings.key {
+            handshake::initiate(&mut conn, key, balancer, 0)
+                .map_err(|e| format!("the balancer did not prove the cluster key: {e}"))?;
+        }
+        *link = Some((conn, advertise));
     }
     Ok(link.as_mut().expect("just set"))
 }
@@ -130,7 +141,7 @@ fn heartbeat(
     link: &mut Option<(Connection<TcpStream>, SocketAddr)>,
     balancer: SocketAddr,
     id: u64,
-    settings: RegistrarSettings,
+    settings: &RegistrarSettings,
 ) -> Result<String, String> {
     let (conn, addr) = connect(link, balancer, settings)?;
     let addr = addr.to_string();
