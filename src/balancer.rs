@@ -22,6 +22,7 @@ pub mod monitor;
 pub mod session;
 pub mod stats;
 pub mod tracking;
+pub mod users;
 
 use crate::auth::ClusterKey;
 use crate::error::Error;
@@ -116,6 +117,9 @@ pub struct Config {
     /// With a cluster key, `BackendWire::Legacy` is refused unless this is
     /// set: the original servers cannot prove anything.
     pub allow_unauthenticated_legacy: bool,
+    /// Logins (`--users`): every client request needs one; users live in
+    /// the state file, so `state` must be set.
+    pub users: bool,
 }
 
 impl Default for Config {
@@ -148,6 +152,7 @@ impl Default for Config {
             state: None,
             cluster_key: None,
             allow_unauthenticated_legacy: false,
+            users: false,
         }
     }
 }
@@ -186,6 +191,11 @@ impl Balancer {
                  handshake, so --cluster-key-file would protect nothing there. Add \
                  --allow-unauthenticated-legacy to use the key for registrations only"
                     .into(),
+            ));
+        }
+        if config.users && config.state.is_none() {
+            return Err(Error::Config(
+                "--users keeps the users in the state file: it cannot go with --no-state".into(),
             ));
         }
         if config.balancer_id.is_some_and(|id| id > ids::MAX_NODE) {
@@ -328,6 +338,11 @@ impl Balancer {
             max_connections: config.max_connections,
             access: Arc::new(session::Access {
                 cluster_key: config.cluster_key.clone(),
+                users: config
+                    .users
+                    .then(|| config.state.as_deref().map(users::Users::new))
+                    .flatten(),
+                ..session::Access::default()
             }),
         };
         threads.insert(

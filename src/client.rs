@@ -7,6 +7,7 @@
 //! summary comes from running counts (`report`).
 
 pub mod admin;
+pub mod login;
 pub mod pipeline;
 pub mod report;
 pub mod status;
@@ -50,6 +51,8 @@ pub struct Config {
     /// A message here (the user pressed Ctrl-C) stops a batch with a
     /// summary of what was done so far.
     pub interrupt: Option<Receiver<()>>,
+    /// Logs in with these on every connection (balancers with `--users`).
+    pub login: Option<login::Credentials>,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             max_frame: proto::DEFAULT_MAX_FRAME,
             terminal: false,
             interrupt: None,
+            login: None,
         }
     }
 }
@@ -144,8 +148,7 @@ impl From<io::Error> for Error {
 /// an error reply, or no answer, is an error naming the request.
 pub fn ask(config: &Config, request: &Request) -> Result<proto::Reply, Error> {
     let addr = config.balancer;
-    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
-        .map_err(|e| Error::Connect(addr, e))?;
+    let stream = login::open(config)?;
     let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
     let kind = request.kind();
     let failed =

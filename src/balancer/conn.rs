@@ -143,7 +143,7 @@ impl Conn {
         let paced = net::Paced::new(stream, self.settings.idle_timeout);
         let mut reader = FrameReader::new(paced, self.settings.max_frame);
         let window = Window::new(self.settings.window);
-        let mut session = Session::new(&self.access, peer, local);
+        let mut session = Session::new(self.access.clone(), peer, local);
         let mut received = 0;
         let mut work_received = 0;
         loop {
@@ -190,7 +190,7 @@ impl Conn {
             };
             drop(payload);
             received += 1;
-            match session.admit(&request) {
+            match session.admit(&request, &self.stop) {
                 Verdict::Proceed => {}
                 Verdict::Answer(reply) => {
                     let _ = replies.send(reply);
@@ -239,11 +239,13 @@ impl Conn {
                     since_ms,
                     limit,
                 } => {
+                    // A user sees only their own transfers (admins: all).
                     let filter = TransferFilter {
                         active,
                         failed,
                         since_ms,
                         limit,
+                        user: session.owner_filter(),
                     };
                     let _ = replies.send(self.transfers(id, &filter));
                     continue;
@@ -281,7 +283,7 @@ impl Conn {
                 permit: Some(permit),
                 bytes: Some(bytes),
             };
-            if !self.enqueue(id, work, replies.clone(), hold) {
+            if !self.enqueue(id, work, replies.clone(), hold, session.user_name()) {
                 return (received, work_received);
             }
         }
@@ -356,9 +358,17 @@ impl Conn {
     }
 
     /// Puts a request on the queue. False when the balancer is shutting down.
-    fn enqueue(&self, id: u64, work: Work, reply: Sender<Reply>, hold: Hold) -> bool {
+    fn enqueue(
+        &self,
+        id: u64,
+        work: Work,
+        reply: Sender<Reply>,
+        hold: Hold,
+        user: Option<Arc<str>>,
+    ) -> bool {
         self.stats.received.fetch_add(1, Relaxed);
-        let job = Job::new(id, work, self.peer, reply, hold);
+        let mut job = Job::new(id, work, self.peer, reply, hold);
+        job.user = user;
         match self.jobs.send(job) {
             Ok(()) => true,
             Err(e) => {
@@ -398,7 +408,7 @@ impl Conn {
                         bytes: Some(self.budget.acquire(doc.content.len())),
                     };
                     let work = Work::store(&doc);
-                    if !self.enqueue(index as u64 + 1, work, discard.clone(), hold) {
+                    if !self.enqueue(index as u64 + 1, work, discard.clone(), hold, None) {
                         break;
                     }
                 }

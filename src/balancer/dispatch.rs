@@ -116,6 +116,8 @@ pub struct Job {
     pub queued_at: Instant,
     /// The connection's window slot and byte budget, given back on drop.
     pub hold: Hold,
+    /// The user who sent it (with `--users`), recorded with the transfer.
+    pub user: Option<Arc<str>>,
 }
 
 impl Job {
@@ -133,6 +135,7 @@ impl Job {
             uncertain: Vec::new(),
             queued_at: now,
             hold,
+            user: None,
         }
     }
 

@@ -13,7 +13,9 @@
 //! what it holds, so a transfer already acknowledged to a client is seen.
 //!
 //! The file also keeps the set of storage servers (`servers` table), for
-//! membership changes to survive restarts.
+//! membership changes to survive restarts, and the users of `--users`
+//! (`users` table, see `users`). Schema 2 added the users and the user who
+//! sent each transfer; a file of schema 1 is brought up to 2 when opened.
 
 use super::dispatch::{Job, Work};
 use crate::error::Error;
@@ -37,7 +39,7 @@ const MAX_BATCH: usize = 1000;
 /// loses little.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// `PRAGMA user_version` of the schema below.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Records one query returns when it asks for no limit.
 pub const DEFAULT_LIMIT: u32 = 100;
 /// Records one query returns at most, so that the reply fits in a frame.
@@ -68,6 +70,18 @@ CREATE TABLE servers (
     address  TEXT PRIMARY KEY,
     added_ms INTEGER NOT NULL,
     state    TEXT NOT NULL
+);
+";
+
+/// From schema 1 to 2: who sent each transfer (`NULL` for those from
+/// before, or sent without `--users`), and the users.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE transfers ADD COLUMN user TEXT;
+CREATE TABLE users (
+    name       TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL,
+    admin      INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
 );
 ";
 
@@ -172,6 +186,8 @@ pub enum TrackEvent {
         client: String,
         title: String,
         size: u64,
+        /// The user who sent it, with `--users`.
+        user: Option<String>,
     },
     Sent {
         number: u64,
@@ -214,6 +230,8 @@ pub struct TransferRecord {
     pub duration_ms: Option<u64>,
     /// The last error, of a retry or the final failure.
     pub error: Option<String>,
+    /// The user who sent it, with `--users`.
+    pub user: Option<String>,
 }
 
 impl From<TransferRecord> for TransferView {
@@ -231,6 +249,7 @@ impl From<TransferRecord> for TransferView {
             ended_ms: r.ended_ms,
             duration_ms: r.duration_ms,
             error: r.error,
+            user: r.user,
         }
     }
 }
@@ -246,6 +265,8 @@ pub struct TransferFilter {
     pub since_ms: Option<u64>,
     /// At most this many (default `DEFAULT_LIMIT`, capped at `MAX_LIMIT`).
     pub limit: Option<u32>,
+    /// Only those sent by this user.
+    pub user: Option<String>,
 }
 
 /// What the writer is sent.
@@ -385,6 +406,7 @@ impl Tracker {
                     client: job.client.to_string(),
                     title: doc.title.clone(),
                     size: doc.content_len as u64,
+                    user: job.user.as_deref().map(str::to_owned),
                 },
             );
         }
@@ -517,7 +539,9 @@ fn tracked_number(job: &Job) -> Option<u64> {
     }
 }
 
-fn open_writer(path: &Path) -> Result<Connection, StateError> {
+/// Opens the state file for writing, creating or upgrading its schema;
+/// also used by `balancer user ...` to manage users.
+pub(crate) fn open_writer(path: &Path) -> Result<Connection, StateError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The first read of the file: a file that is not SQLite fails here.
@@ -531,8 +555,17 @@ fn open_writer(path: &Path) -> Result<Connection, StateError> {
         0 if tables > 0 => return Err(StateError::Foreign),
         0 => {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {MIGRATE_TO_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))?;
+        }
+        1 => {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATE_TO_2} PRAGMA user_version = 2; COMMIT;"
+            ))?;
+            log::info!(
+                "state file {}: upgraded to schema 2 (users)",
+                path.display()
+            );
         }
         SCHEMA_VERSION => {}
         found if found > SCHEMA_VERSION => return Err(StateError::NewerSchema { found }),
@@ -663,12 +696,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusq
             client,
             title,
             size,
+            user,
         } => {
             tx.prepare_cached(
-                "INSERT INTO transfers (number, client, title, size, state, started_ms)
-                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5) ON CONFLICT (number) DO NOTHING",
+                "INSERT INTO transfers (number, client, title, size, state, started_ms, user)
+                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6) ON CONFLICT (number) DO NOTHING",
             )?
-            .execute(params![*number as i64, client, title, *size as i64, at])?;
+            .execute(params![
+                *number as i64,
+                client,
+                title,
+                *size as i64,
+                at,
+                user
+            ])?;
         }
         TrackEvent::Sent { number, server } => {
             tx.prepare_cached(
@@ -756,8 +797,8 @@ fn query_transfers(
         .join(", ");
     let mut sql = String::from(
         "SELECT number, client, title, size, servers, state, server, file, started_ms,
-                ended_ms, duration_ms, last_error
-         FROM transfers WHERE started_ms >= ?1",
+                ended_ms, duration_ms, last_error, user
+         FROM transfers WHERE started_ms >= ?1 AND (?3 IS NULL OR user = ?3)",
     );
     if !states.is_empty() {
         sql.push_str(&format!(" AND state IN ({state_list})"));
@@ -766,7 +807,7 @@ fn query_transfers(
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let since = filter.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![since, limit], record_from_row)?;
+    let rows = stmt.query_map(params![since, limit, filter.user], record_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
@@ -793,6 +834,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<TransferRecord> {
         ended_ms: opt_u64(9)?,
         duration_ms: opt_u64(10)?,
         error: row.get(11)?,
+        user: row.get(12)?,
     })
 }
 
@@ -806,6 +848,7 @@ mod tests {
             client: "127.0.0.1:4000".into(),
             title: title.into(),
             size: 10 * number,
+            user: number.is_multiple_of(2).then(|| "alice".to_string()),
         }
     }
 
@@ -885,6 +928,7 @@ mod tests {
                 ended_ms: Some(1_030),
                 duration_ms: Some(30),
                 error: Some("s0: storage: disk full".into()),
+                user: None,
             }
         );
         assert_eq!(records[1].state, TransferState::Failed);
@@ -1027,6 +1071,44 @@ mod tests {
         drop(tracker);
         writer.join().unwrap();
         drop(dir);
+    }
+
+    #[test]
+    fn a_state_file_of_schema_1_is_upgraded_and_keeps_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("balancer.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "{SCHEMA} PRAGMA user_version = 1;
+                 INSERT INTO transfers (number, client, title, size, state, started_ms)
+                 VALUES (7, '127.0.0.1:1', 'old', 3, 'stored', 1000);"
+            ))
+            .unwrap();
+        }
+        let (tracker, writer) = Tracker::open(&path).unwrap();
+        tracker.record_at(2000, received(8, "new"));
+        let all = tracker.query(&TransferFilter::default()).unwrap();
+        assert_eq!(numbers(&all), [8, 7]);
+        assert_eq!(
+            (all[0].user.as_deref(), all[1].user.as_deref()),
+            (Some("alice"), None)
+        );
+        let mine = tracker
+            .query(&TransferFilter {
+                user: Some("alice".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(numbers(&mine), [8]);
+        drop(tracker);
+        writer.join().unwrap();
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert!(crate::balancer::users::add(&path, "bob", "pw", false).unwrap());
     }
 
     #[test]

@@ -17,9 +17,12 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Example: balancer --local-servers 3   (balancer plus three servers in one process)"
+    after_help = "Examples:\n  balancer --local-servers 3   (balancer plus three servers in one process)\n  \
+                  balancer user add alice --admin   (then: balancer --users ...)"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<UserCommand>,
     /// Address to accept clients on, HOST:PORT (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:60002", value_parser = parse_addr)]
     listen: SocketAddr,
@@ -123,16 +126,22 @@ struct Args {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     metrics: Option<SocketAddr>,
     /// Log file, appended to.
-    #[arg(long, default_value = "loadbalancer.log")]
+    #[arg(long, global = true, default_value = "loadbalancer.log")]
     log_file: PathBuf,
-    /// SQLite state file recording every transfer (see `client transfers`)
-    /// and the servers that joined the pool; kept across restarts.
-    /// Default: balancer.db next to the log file.
-    #[arg(long, value_name = "PATH")]
+    /// SQLite state file recording every transfer (see `client transfers`),
+    /// the servers that joined the pool and the users (--users); kept
+    /// across restarts. Default: balancer.db next to the log file.
+    #[arg(long, global = true, value_name = "PATH")]
     state: Option<PathBuf>,
     /// Record no transfers and remember no pool (no state file).
     #[arg(long, conflicts_with = "state")]
     no_state: bool,
+    /// Clients must log in (client --user NAME): users are managed with
+    /// `balancer user add|remove|list` and kept in the state file. A user
+    /// sees only their own transfers; `servers` and the admin requests
+    /// need an admin user.
+    #[arg(long, conflicts_with = "no_state")]
+    users: bool,
     /// The cluster key shared with the servers (64 hex digits; created
     /// when missing). Servers must prove it on every connection (links and
     /// status probes) or get nothing, and to register; the balancer proves
@@ -146,6 +155,31 @@ struct Args {
     allow_unauthenticated_legacy: bool,
 }
 
+/// Users of --users, in the state file (--state).
+#[derive(clap::Subcommand, Debug)]
+enum UserCommand {
+    /// Manage the users who may log in (balancer --users).
+    #[command(subcommand)]
+    User(UserAction),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum UserAction {
+    /// Add a user, or set an existing user's password. The password is
+    /// asked for without echo on a terminal, or read as one line from
+    /// standard input otherwise (for scripts).
+    Add {
+        name: String,
+        /// May list and manage the servers, and sees every transfer.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Remove a user (their transfers stay in the history).
+    Remove { name: String },
+    /// List the users.
+    List,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Wire {
     Framed,
@@ -154,6 +188,15 @@ enum Wire {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(UserCommand::User(action)) = &args.command {
+        return match manage_users(&args, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("balancer: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -209,6 +252,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         state: state_path(&args),
         cluster_key,
         allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
+        users: args.users,
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
@@ -239,6 +283,67 @@ fn state_path(args: &Args) -> Option<PathBuf> {
             .clone()
             .unwrap_or_else(|| args.log_file.with_file_name("balancer.db")),
     )
+}
+
+/// `balancer user add|remove|list`.
+fn manage_users(args: &Args, action: &UserAction) -> Result<(), lbft::Error> {
+    use lbft::balancer::users;
+    let Some(path) = state_path(args) else {
+        return Err(lbft::Error::Config(
+            "users live in the state file: --no-state leaves nowhere to keep them".into(),
+        ));
+    };
+    match action {
+        UserAction::Add { name, admin } => {
+            users::check_name(name).map_err(lbft::Error::Config)?;
+            let password = read_password(name)?;
+            let new = users::add(&path, name, &password, *admin)?;
+            println!(
+                "{} {name}{} in {}",
+                if new { "added" } else { "updated" },
+                if *admin { " (admin)" } else { "" },
+                path.display()
+            );
+        }
+        UserAction::Remove { name } => {
+            if users::remove(&path, name)? {
+                println!("removed {name} from {}", path.display());
+            } else {
+                return Err(lbft::Error::Config(format!(
+                    "no user {name} in {}",
+                    path.display()
+                )));
+            }
+        }
+        UserAction::List => {
+            let all = users::list(&path)?;
+            if all.is_empty() {
+                println!("no users in {}", path.display());
+            }
+            for user in all {
+                println!("{}{}", user.name, if user.admin { "  (admin)" } else { "" });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A new password: asked twice without echo on a terminal, else one line
+/// of standard input.
+fn read_password(name: &str) -> Result<String, lbft::Error> {
+    use std::io::{BufRead, IsTerminal};
+    let io = |e: std::io::Error| lbft::Error::Config(format!("cannot read the password: {e}"));
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {name}: ")).map_err(io)?;
+        let again = rpassword::prompt_password("again: ").map_err(io)?;
+        if first != again {
+            return Err(lbft::Error::Config("the passwords differ".into()));
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(io)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
 /// SIGINT or SIGTERM starts a clean shutdown; a second one ends the process

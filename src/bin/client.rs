@@ -46,6 +46,10 @@ struct Args {
     /// request is larger is not sent.
     #[arg(long, global = true, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
+    /// Log in as this user (balancers started with --users); the password
+    /// comes from the FTP_PASSWORD environment variable, or is asked for.
+    #[arg(long, global = true, value_name = "NAME")]
+    user: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -161,7 +165,19 @@ fn main() -> ExitCode {
             None
         }
     };
+    let login = match args.user.clone().map(client::login::Credentials::for_user) {
+        None => None,
+        Some(Ok(credentials)) => Some(credentials),
+        Some(Err(e)) => {
+            eprintln!(
+                "client: cannot read the password ({e}); set {} to give it",
+                client::login::PASSWORD_VAR
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let config = Config {
+        login,
         balancer: args.balancer,
         documents: args.documents,
         reply_timeout: args.timeout,

@@ -28,8 +28,7 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
         AdminCommand::Remove(addr) => Request::RemoveServer { id: 1, addr },
     };
     let addr = config.balancer;
-    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
-        .map_err(|e| Error::Connect(addr, e))?;
+    let stream = super::login::open(config)?;
     let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
     let reply = conn.call(&request).map_err(|e| {
         Error::Io(io::Error::other(format!(

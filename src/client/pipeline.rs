@@ -149,14 +149,10 @@ pub struct Interrupted {
     pub never_sent: u64,
 }
 
-/// Connects to the balancer with the configured timeouts.
+/// Connects to the balancer with the configured timeouts, and logs in
+/// when the configuration has credentials.
 pub fn connect(config: &Config) -> Result<TcpStream, Error> {
-    crate::net::connect(
-        &config.balancer,
-        config.connect_timeout,
-        config.reply_timeout,
-    )
-    .map_err(|e| Error::Connect(config.balancer, e))
+    super::login::open(config)
 }
 
 /// Connects, then runs as `run_on`; returns the note of the outcome.

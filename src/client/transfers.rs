@@ -138,6 +138,7 @@ mod tests {
             ended_ms: server.map(|_| 1_000_250),
             duration_ms: server.map(|_| 250),
             error: None,
+            user: None,
         }
     }
 

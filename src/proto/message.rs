@@ -517,6 +517,9 @@ pub struct TransferView {
     pub duration_ms: Option<u64>,
     /// The last error (of a retry, or why it failed).
     pub error: Option<String>,
+    /// The user who sent it (balancers with `--users`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The balancer's answer to `transfers`.

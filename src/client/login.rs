@@ -1,0 +1,71 @@
+//! Logging in to a balancer that runs with `--users`: `login` is the first
+//! message on every connection the client opens.
+
+use super::{Config, Error};
+use crate::proto::{self, Password, Reply, Request};
+use std::fmt;
+use std::io;
+use std::net::TcpStream;
+
+/// The environment variable a password may come from (for scripts).
+pub const PASSWORD_VAR: &str = "FTP_PASSWORD";
+
+/// A user name and password. `Debug` never prints the password.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// The password from `FTP_PASSWORD`, or else asked for without echo
+    /// on the terminal.
+    pub fn for_user(user: String) -> io::Result<Credentials> {
+        let password = match std::env::var(PASSWORD_VAR) {
+            Ok(p) => p,
+            Err(_) => rpassword::prompt_password(format!("password for {user}: "))?,
+        };
+        Ok(Credentials { user, password })
+    }
+}
+
+/// Connects to the balancer and, with credentials, logs in.
+pub fn open(config: &Config) -> Result<TcpStream, Error> {
+    let addr = config.balancer;
+    let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
+        .map_err(|e| Error::Connect(addr, e))?;
+    if let Some(credentials) = &config.login {
+        login(&stream, credentials).map_err(|e| {
+            Error::Io(io::Error::other(format!(
+                "the balancer at {addr} refused the login as {}: {e}",
+                credentials.user
+            )))
+        })?;
+    }
+    Ok(stream)
+}
+
+/// Sends `login` and waits for `welcome`. Nothing else is in flight, so
+/// the reader reads no further than the one reply.
+fn login(stream: &TcpStream, credentials: &Credentials) -> Result<(), String> {
+    let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
+    let request = Request::Login {
+        id: 0,
+        user: credentials.user.clone(),
+        password: Password(credentials.password.clone()),
+    };
+    match conn.call(&request) {
+        Ok(Reply::Welcome { .. }) => Ok(()),
+        Ok(Reply::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

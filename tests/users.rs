@@ -1,0 +1,247 @@
+//! `balancer --users`: logins, the one error for wrong credentials and its
+//! growing delay, admin requests, and transfers seen by their owner only.
+
+mod util;
+
+use lbft::proto::{ErrorCode, ErrorReply, Reply};
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use util::*;
+
+/// `balancer --state PATH user ...`, the password on standard input.
+fn user_cmd(state: &Path, args: &[&str], password: Option<&str>) -> Output {
+    let mut child = Command::new(balancer_bin())
+        .arg("--state")
+        .arg(state)
+        .arg("user")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(p) = password {
+        writeln!(stdin, "{p}").unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// A cluster of one server and a balancer with --users, and three users.
+fn cluster() -> Cluster {
+    let cluster = Cluster::start(1, &[], &["--users"]);
+    let state = cluster.dir.path().join("balancer.db");
+    for (name, password, admin) in [
+        ("alice", "alice pw", false),
+        ("bob", "bob pw", false),
+        ("root", "root pw", true),
+    ] {
+        let mut args = vec!["add", name];
+        if admin {
+            args.push("--admin");
+        }
+        let out = user_cmd(&state, &args, Some(password));
+        assert!(out.status.success(), "{out:?}");
+    }
+    cluster
+}
+
+fn login(raw: &mut Raw, user: &str, password: &str) -> Reply {
+    raw.send_json(&json!({"type": "login", "id": 100, "user": user, "password": password}));
+    raw.reply()
+}
+
+fn logged_in(cluster: &Cluster, user: &str, password: &str) -> Raw {
+    let mut raw = Raw::connect(cluster.balancer.addr);
+    match login(&mut raw, user, password) {
+        Reply::Welcome { user: Some(u), .. } => assert_eq!(u, user),
+        other => panic!("{other:?}"),
+    }
+    raw
+}
+
+fn error(reply: Reply) -> ErrorReply {
+    match reply {
+        Reply::Error(e) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_credentials_get_one_error_later_each_time_without_holding_up_others() {
+    let cluster = cluster();
+    let mut raw = Raw::connect(cluster.balancer.addr);
+    // Nothing before a login.
+    raw.store(1, "t", "banana");
+    let e = error(raw.reply());
+    assert_eq!(e.code, ErrorCode::Unauthenticated);
+    assert!(e.message.contains("login"), "{}", e.message);
+
+    let started = Instant::now();
+    let wrong_password = error(login(&mut raw, "alice", "nope"));
+    let first = started.elapsed();
+    let started = Instant::now();
+    let unknown_user = error(login(&mut raw, "mallory", "alice pw"));
+    let second = started.elapsed();
+    assert_eq!(wrong_password.code, ErrorCode::Unauthenticated);
+    assert_eq!(wrong_password.message, "invalid user or password");
+    assert_eq!(
+        (unknown_user.code, unknown_user.message),
+        (wrong_password.code, wrong_password.message)
+    );
+    // 0.5 s, then 1 s (generous bounds: the machine may be busy).
+    assert!(first >= Duration::from_millis(400), "{first:?}");
+    assert!(
+        second >= first + Duration::from_millis(300),
+        "{first:?} then {second:?}"
+    );
+
+    // A third failure waits 2 s on its own connection; another client is
+    // served meanwhile.
+    let addr = cluster.balancer.addr;
+    let slow = std::thread::spawn(move || {
+        let mut raw = Raw::connect(addr);
+        let started = Instant::now();
+        let e = error(login(&mut raw, "bob", "wrong"));
+        (e.message, started.elapsed())
+    });
+    let started = Instant::now();
+    let mut bob = logged_in(&cluster, "bob", "bob pw");
+    bob.store(1, "quick", "banana");
+    assert!(matches!(bob.reply(), Reply::Stored(_)));
+    let quick = started.elapsed();
+    let (message, slow_took) = slow.join().unwrap();
+    assert_eq!(message, "invalid user or password");
+    assert!(
+        quick < slow_took,
+        "a client waited {quick:?} while a failed login took {slow_took:?}"
+    );
+    assert!(cluster.log().contains("failed login as \"mallory\""));
+
+    // The right password works on the connection that failed.
+    match login(&mut raw, "alice", "alice pw") {
+        Reply::Welcome { admin, .. } => assert!(!admin),
+        other => panic!("{other:?}"),
+    }
+    raw.store(2, "t", "banana");
+    assert!(matches!(raw.reply(), Reply::Stored(_)));
+}
+
+#[test]
+fn admin_requests_need_an_admin() {
+    let cluster = cluster();
+    let server = cluster.servers[0].addr.to_string();
+    let mut alice = logged_in(&cluster, "alice", "alice pw");
+    alice.send_json(&json!({"type": "servers", "id": 1}));
+    let e = error(alice.reply());
+    assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}");
+    assert!(e.message.contains("admin"), "{}", e.message);
+    alice.send_json(&json!({"type": "drain_server", "id": 2, "addr": server}));
+    assert_eq!(error(alice.reply()).code, ErrorCode::Forbidden);
+    // The server was not drained: documents still go to it.
+    alice.store(3, "t", "banana");
+    assert!(matches!(alice.reply(), Reply::Stored(_)));
+
+    let mut root = logged_in(&cluster, "root", "root pw");
+    root.send_json(&json!({"type": "servers", "id": 1}));
+    match root.reply() {
+        Reply::Servers(list) => assert_eq!(list.servers.len(), 1),
+        other => panic!("{other:?}"),
+    }
+
+    // The client binary logs in with --user and FTP_PASSWORD.
+    let client = |user: &str, password: &str, args: &[&str]| {
+        Command::new(client_bin())
+            .args([
+                "--balancer",
+                &cluster.balancer.addr.to_string(),
+                "--user",
+                user,
+            ])
+            .args(args)
+            .env("FTP_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = client("root", "root pw", &["admin", "servers"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&server));
+    let out = client("alice", "alice pw", &["admin", "servers"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs an admin user"),
+        "{out:?}"
+    );
+    let out = client("alice", "not it", &["transfers"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid user or password"), "{err}");
+}
+
+#[test]
+fn each_user_sees_only_their_own_transfers() {
+    let cluster = cluster();
+    let mut alice = logged_in(&cluster, "alice", "alice pw");
+    let mut bob = logged_in(&cluster, "bob", "bob pw");
+    for i in 0..3 {
+        alice.store(i, &format!("alice {i}"), "banana");
+        assert!(matches!(alice.reply(), Reply::Stored(_)));
+    }
+    for i in 0..2 {
+        bob.store(i, &format!("bob {i}"), "banana");
+        assert!(matches!(bob.reply(), Reply::Stored(_)));
+    }
+    let titles = |raw: &mut Raw| -> Vec<String> {
+        raw.send_json(&json!({"type": "transfers", "id": 9}));
+        match raw.reply() {
+            Reply::Transfers(list) => list.transfers.into_iter().map(|t| t.title).collect(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let mine = titles(&mut alice);
+    assert_eq!(mine, ["alice 2", "alice 1", "alice 0"]);
+    assert_eq!(titles(&mut bob), ["bob 1", "bob 0"]);
+    let mut root = logged_in(&cluster, "root", "root pw");
+    assert_eq!(titles(&mut root).len(), 5);
+
+    let out = Command::new(client_bin())
+        .args([
+            "--balancer",
+            &cluster.balancer.addr.to_string(),
+            "--user",
+            "bob",
+            "transfers",
+            "--json",
+        ])
+        .env("FTP_PASSWORD", "bob pw")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.contains("\"user\":\"bob\"") && !text.contains("alice"),
+        "{text}"
+    );
+
+    // Users are managed while the balancer runs.
+    let state = cluster.dir.path().join("balancer.db");
+    let list = user_cmd(&state, &["list"], None);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("alice") && text.contains("root  (admin)"),
+        "{text}"
+    );
+    assert!(user_cmd(&state, &["remove", "bob"], None).status.success());
+    let mut raw = Raw::connect(cluster.balancer.addr);
+    assert_eq!(
+        error(login(&mut raw, "bob", "bob pw")).message,
+        "invalid user or password"
+    );
+    assert!(!user_cmd(&state, &["remove", "bob"], None).status.success());
+}
