@@ -16,6 +16,7 @@ pub mod backend;
 pub mod conn;
 pub mod dispatch;
 pub mod flow;
+pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
@@ -120,6 +121,9 @@ pub struct Config {
     /// Logins (`--users`): every client request needs one; users live in
     /// the state file, so `state` must be set.
     pub users: bool,
+    /// Largest document content a client may send, in bytes (`too_large`
+    /// past it); `None`: whatever fits in `max_frame`.
+    pub max_document_size: Option<usize>,
 }
 
 impl Default for Config {
@@ -153,6 +157,7 @@ impl Default for Config {
             cluster_key: None,
             allow_unauthenticated_legacy: false,
             users: false,
+            max_document_size: None,
         }
     }
 }
@@ -324,7 +329,7 @@ impl Balancer {
             listener: self.listener,
             jobs: jobs_tx,
             events: events_tx,
-            stats,
+            stats: stats.clone(),
             budget: flow::Budget::new(config.max_queued_bytes),
             settings: conn::ConnSettings {
                 idle_timeout: config.client_timeout,
@@ -332,6 +337,7 @@ impl Balancer {
                 max_frame: config.max_frame,
                 frame_timeout: config.frame_timeout,
                 window: config.client_window,
+                max_document_size: config.max_document_size,
             },
             stop: stop_rx,
             tracker,
@@ -342,6 +348,7 @@ impl Balancer {
                     .users
                     .then(|| config.state.as_deref().map(users::Users::new))
                     .flatten(),
+                stats: stats.clone(),
                 ..session::Access::default()
             }),
         };
@@ -507,10 +514,12 @@ impl Acceptor {
             access,
         } = self;
         let conn_stop = stop.clone();
-        net::serve_connections(
+        let counted = stats.clone();
+        net::serve_connections_counting(
             &listener,
             &stop,
             max_connections,
+            Some(counted.limits.counter(limits::Limit::MaxConnections)),
             |seq| format!("conn{seq}"),
             move |stream, peer| {
                 let conn = conn::Conn {

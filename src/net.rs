@@ -7,6 +7,7 @@ use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -107,6 +108,7 @@ pub fn accept_loop(
     listener: &TcpListener,
     stop: &Receiver<()>,
     slots: Option<&Slots>,
+    at_cap_count: Option<&AtomicU64>,
     mut handle: impl FnMut(TcpStream, SocketAddr, Option<Slot>),
 ) {
     let mut backoff = Duration::ZERO;
@@ -125,6 +127,12 @@ pub fn accept_loop(
                     );
                 }
                 at_cap = slots.in_use() >= slots.capacity();
+                if at_cap {
+                    // Counted each time, logged once per burst (above).
+                    if let Some(count) = at_cap_count {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 match slots.acquire_or_stop(stop) {
                     Some(slot) => Some(slot),
                     None => return,
@@ -378,39 +386,61 @@ pub fn serve_connections<F>(
 where
     F: Fn(Stream, SocketAddr) + Send + Sync + 'static,
 {
+    serve_connections_counting(listener, stop, max_connections, None, thread_name, serve)
+}
+
+/// `serve_connections`, counting in `at_cap` each time a connection had to
+/// wait because `max_connections` were open.
+pub fn serve_connections_counting<F>(
+    listener: &TcpListener,
+    stop: &Receiver<()>,
+    max_connections: usize,
+    at_cap: Option<&AtomicU64>,
+    thread_name: impl Fn(u64) -> String,
+    serve: F,
+) -> usize
+where
+    F: Fn(Stream, SocketAddr) + Send + Sync + 'static,
+{
     let serve = Arc::new(serve);
     let connections = Arc::new(Connections::default());
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     let mut panicked = 0;
     let mut seq = 0u64;
     let slots = Slots::new(max_connections);
-    accept_loop(listener, stop, Some(&slots), |stream, peer, slot| {
-        seq += 1;
-        // Finished threads are joined as we go, so the list holds mostly
-        // open connections; every 64th accept, so that a burst of
-        // thousands does not rescan the list each time.
-        if seq.is_multiple_of(64) {
-            panicked += join_finished(&mut workers);
-        }
-        // Registered here, not in the connection thread, so that once the
-        // loop has stopped every accepted connection is in the registry.
-        let stream = Stream::new(stream);
-        connections.register(seq, &stream);
-        let registration = Registration {
-            connections: connections.clone(),
-            id: seq,
-            _slot: slot,
-        };
-        let serve = serve.clone();
-        // Default stack size: parsing deeply nested JSON recurses.
-        match spawn_named(thread_name(seq), None, move || {
-            let _registration = registration;
-            serve(stream, peer);
-        }) {
-            Ok(handle) => workers.push(handle),
-            Err(e) => log::error!("dropping connection from {peer}: {e}"),
-        }
-    });
+    accept_loop(
+        listener,
+        stop,
+        Some(&slots),
+        at_cap,
+        |stream, peer, slot| {
+            seq += 1;
+            // Finished threads are joined as we go, so the list holds mostly
+            // open connections; every 64th accept, so that a burst of
+            // thousands does not rescan the list each time.
+            if seq.is_multiple_of(64) {
+                panicked += join_finished(&mut workers);
+            }
+            // Registered here, not in the connection thread, so that once the
+            // loop has stopped every accepted connection is in the registry.
+            let stream = Stream::new(stream);
+            connections.register(seq, &stream);
+            let registration = Registration {
+                connections: connections.clone(),
+                id: seq,
+                _slot: slot,
+            };
+            let serve = serve.clone();
+            // Default stack size: parsing deeply nested JSON recurses.
+            match spawn_named(thread_name(seq), None, move || {
+                let _registration = registration;
+                serve(stream, peer);
+            }) {
+                Ok(handle) => workers.push(handle),
+                Err(e) => log::error!("dropping connection from {peer}: {e}"),
+            }
+        },
+    );
     let open = connections.end_reading();
     if open > 0 {
         log::info!("stopped accepting; waiting for {open} connections to finish");

@@ -14,6 +14,7 @@
 
 use super::dispatch::{Change, Event, Job, Work};
 use super::flow::{Budget, Hold, Window};
+use super::limits::Limit;
 use super::session::{Access, Session, Verdict};
 use super::stats::Stats;
 use super::tracking::{Tracker, TransferFilter};
@@ -42,6 +43,8 @@ pub struct ConnSettings {
     pub frame_timeout: Duration,
     /// Requests one connection may have queued or in flight.
     pub window: usize,
+    /// Largest document content one request may carry, in bytes.
+    pub max_document_size: Option<usize>,
 }
 
 /// What a connection thread works with.
@@ -147,6 +150,16 @@ impl Conn {
         let mut received = 0;
         let mut work_received = 0;
         loop {
+            // Only this thread takes slots: a full window now stays full
+            // until a job gives one back.
+            if window.in_use() >= window.capacity() {
+                self.stats.limits.hit(Limit::ClientWindow, || {
+                    format!(
+                        "connection from {peer} has {} requests outstanding (--client-window); reading it paused",
+                        window.capacity()
+                    )
+                });
+            }
             let permit = window.acquire();
             let len = match reader.header() {
                 Ok(Some(len)) => len,
@@ -156,7 +169,18 @@ impl Conn {
                     return (received, work_received);
                 }
             };
-            let bytes = self.budget.acquire(len);
+            let bytes = match self.budget.try_acquire(len) {
+                Some(bytes) => bytes,
+                None => {
+                    self.stats.limits.hit(Limit::QueuedBytes, || {
+                        format!(
+                            "{} bytes queued or in flight (--max-queued-bytes); reading connection from {peer} paused",
+                            self.budget.used()
+                        )
+                    });
+                    self.budget.acquire(len)
+                }
+            };
             // The rest of the frame has --frame-timeout to arrive, however
             // it trickles in (as in `FrameReader::message_within`, with the
             // bytes reserved in between).
@@ -203,6 +227,26 @@ impl Conn {
             }
             let request_kind = request.kind();
             let (id, work) = match request {
+                Request::Store(store)
+                    if self
+                        .settings
+                        .max_document_size
+                        .is_some_and(|max| store.doc.content.len() > max) =>
+                {
+                    let max = self.settings.max_document_size.unwrap_or_default();
+                    let size = store.doc.content.len();
+                    self.stats.limits.hit(Limit::DocumentTooLarge, || {
+                        format!("connection from {peer} sent a document of {size} bytes (--max-document-size {max})")
+                    });
+                    let _ = replies.send(Reply::error(
+                        Some(store.id),
+                        ErrorCode::TooLarge,
+                        format!(
+                            "the document has {size} bytes of content, more than this balancer takes (--max-document-size {max})"
+                        ),
+                    ));
+                    continue;
+                }
                 Request::Store(store) => {
                     log::debug!(
                         "document received from {peer}: \"{}\" (id {}, {} bytes)",
@@ -343,6 +387,20 @@ impl Conn {
 
     fn read_failed(&self, e: FrameError, replies: &Sender<Reply>) {
         let peer = self.peer;
+        match &e {
+            FrameError::TooLarge { len, max } => self.stats.limits.hit(Limit::FrameTooLarge, || {
+                format!("connection from {peer} announced a frame of {len} bytes (--max-frame {max}); closed")
+            }),
+            FrameError::Timeout { mid_frame: true } => {
+                self.stats.limits.hit(Limit::FrameTimeout, || {
+                    format!(
+                        "connection from {peer} stalled mid-frame (--frame-timeout {:?}); closed",
+                        self.settings.frame_timeout
+                    )
+                })
+            }
+            _ => {}
+        }
         match e {
             FrameError::Timeout { mid_frame: false } => log::info!(
                 "connection from {peer}: idle for {:?}, closing",

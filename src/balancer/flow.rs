@@ -46,6 +46,19 @@ impl Budget {
         }
     }
 
+    /// Takes `bytes` if that needs no wait (see `acquire`).
+    pub fn try_acquire(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        let mut used = crate::net::lock(&self.used);
+        if *used > 0 && *used + bytes > self.max {
+            return None;
+        }
+        *used += bytes;
+        Some(Reservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     pub fn used(&self) -> usize {
         *crate::net::lock(&self.used)
     }
@@ -103,6 +116,16 @@ mod tests {
         assert_eq!(budget.used(), 70);
         drop((b, c));
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn try_acquire_takes_only_what_needs_no_wait() {
+        let budget = Budget::new(100);
+        let a = budget.try_acquire(80).unwrap();
+        assert!(budget.try_acquire(30).is_none());
+        let _b = budget.try_acquire(20).unwrap();
+        drop(a);
+        assert!(budget.try_acquire(30).is_some());
     }
 
     #[test]

@@ -13,7 +13,6 @@ use crate::proto::{ErrorCode, Reply, Request};
 use crossbeam_channel::Receiver;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,8 +29,8 @@ pub struct Access {
     pub users: Option<Users>,
     /// Failed logins by address, for the growing delay.
     pub failures: Failures,
-    /// Failed logins, counted for the metrics.
-    pub login_failures: Arc<AtomicU64>,
+    /// Failed logins are counted here, for the metrics.
+    pub stats: Arc<super::stats::Stats>,
 }
 
 /// The delay after a wrong login: 0.5 s for the first failure from an
@@ -237,14 +236,15 @@ impl Session {
                 reply
             }
             Ok(None) => {
-                self.access.login_failures.fetch_add(1, Relaxed);
                 let in_a_row = self.access.failures.fail(ip);
                 let delay = login_delay(in_a_row);
-                log::warn!(
-                    "connection from {}: failed login as \"{}\" ({in_a_row} in a row from {ip}; answered in {delay:?})",
-                    self.peer,
-                    crate::proto::truncate(name, 64)
-                );
+                let peer = self.peer;
+                self.access.stats.limits.hit(super::limits::Limit::LoginFailed, || {
+                    format!(
+                        "connection from {peer}: failed login as \"{}\" ({in_a_row} in a row from {ip}; answered in {delay:?})",
+                        crate::proto::truncate(name, 64)
+                    )
+                });
                 // On this connection only; other clients go on.
                 let _ = stop.recv_timeout(delay);
                 Reply::error(Some(id), ErrorCode::Unauthenticated, INVALID_LOGIN)

@@ -121,6 +121,8 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Time from receiving a request to its successful reply.
     pub latency: Histogram,
+    /// Limits clients ran into.
+    pub limits: super::limits::LimitHits,
 }
 
 impl Stats {
@@ -274,6 +276,8 @@ impl Stats {
             "Open client connections.",
             self.connections.load(Relaxed),
         );
+
+        self.limits.render(&mut out);
 
         let name = "lbft_request_duration_seconds";
         let _ = writeln!(out, "# HELP {name} Time from receiving a request to its successful reply.\n# TYPE {name} histogram");

@@ -104,6 +104,10 @@ struct Args {
     /// the limit the balancer stops reading from clients until some are done.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     max_queued_bytes: usize,
+    /// Largest document content a client may send (e.g. 1MiB); a larger
+    /// one is answered `too_large`. Default: whatever fits in --max-frame.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_document_size: Option<usize>,
     /// Requests one client connection may have queued or in flight; at the
     /// limit the balancer stops reading that connection (TCP slows the
     /// client down; nothing fails).
@@ -253,6 +257,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         cluster_key,
         allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         users: args.users,
+        max_document_size: args.max_document_size,
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
