@@ -90,6 +90,13 @@ impl Conn {
             Ok(Wire::Closed) => {
                 log::debug!("connection from {peer} closed without sending anything");
             }
+            // The original format has no login: with users on it is
+            // refused, or anyone could store past them.
+            Ok(Wire::Legacy) if self.access.users.is_some() => {
+                log::warn!(
+                    "original-format connection from {peer} refused: it cannot log in (--users)"
+                );
+            }
             Ok(Wire::Legacy) => {
                 if let Err(e) = read_half
                     .tcp()
@@ -140,6 +147,10 @@ impl Conn {
     /// Reads requests until the client closes, stalls or breaks framing, or
     /// the balancer shuts down. Returns how many requests arrived, and how
     /// many of them were work (store or calc).
+    ///
+    /// The connection's `Session` says who is on the other end: requests
+    /// that touch what a user owns filter by `session.user()` or
+    /// `session.owner_filter()` (transfers now).
     fn read_requests(&self, stream: net::Stream, replies: &Sender<Reply>) -> (u64, u64) {
         let peer = self.peer;
         let local = stream.tcp().local_addr().unwrap_or(peer);
