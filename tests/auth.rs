@@ -226,3 +226,29 @@ fn a_legacy_backend_with_a_key_is_refused_unless_allowed() {
     );
     drop(allowed);
 }
+
+#[test]
+fn local_servers_share_the_balancers_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "cluster.key");
+    let balancer = start(
+        balancer_bin(),
+        &strings(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--local-servers",
+            "2",
+            "--local-base-port",
+            "0",
+            "--check-interval",
+            "100ms",
+            "--cluster-key-file",
+            &key.display().to_string(),
+        ]),
+        dir.path(),
+    );
+    let seen = send_batch(balancer.addr, contents("local", 10), || {});
+    assert_eq!(seen.stored.len(), 10, "{:?}", seen.errors);
+    let log = read_log(dir.path());
+    assert!(!log.contains("did not prove the cluster key"), "{log}");
+}

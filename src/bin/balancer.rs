@@ -173,13 +173,17 @@ enum UserAction {
     /// asked for without echo on a terminal, or read as one line from
     /// standard input otherwise (for scripts).
     Add {
+        /// 1 to 64 letters, digits, -, _, . or @.
         name: String,
         /// May list and manage the servers, and sees every transfer.
         #[arg(long)]
         admin: bool,
     },
     /// Remove a user (their transfers stay in the history).
-    Remove { name: String },
+    Remove {
+        /// The user to remove.
+        name: String,
+    },
     /// List the users.
     List,
 }
