@@ -19,6 +19,7 @@ pub mod flow;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
+pub mod relay;
 pub mod stats;
 pub mod tracking;
 
@@ -108,6 +109,12 @@ pub struct Config {
     pub fall: u32,
     /// The state file recording every transfer; `None` turns tracking off.
     pub state: Option<PathBuf>,
+    /// How file uploads reach servers: relayed, or redirected with a ticket.
+    pub mode: relay::Mode,
+    /// Signs redirect tickets (required in redirect mode).
+    pub cluster_key: Option<crate::auth::ClusterKey>,
+    /// How long a redirect ticket stays valid.
+    pub ticket_ttl: Duration,
 }
 
 impl Default for Config {
@@ -138,6 +145,9 @@ impl Default for Config {
             rise: crate::health::DEFAULT_RISE,
             fall: crate::health::DEFAULT_FALL,
             state: None,
+            mode: relay::Mode::Proxy,
+            cluster_key: None,
+            ticket_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -302,6 +312,13 @@ impl Balancer {
                 window: config.client_window,
             },
             stop: stop_rx,
+            files: Arc::new(relay::FileSettings {
+                mode: config.mode,
+                key: config.cluster_key.clone(),
+                ticket_ttl: config.ticket_ttl,
+                connect_timeout: config.probe_timeout,
+                server_timeout: config.server_timeout,
+            }),
             tracker,
             max_connections: config.max_connections,
         };
@@ -448,6 +465,7 @@ struct Acceptor {
     settings: conn::ConnSettings,
     stop: Receiver<()>,
     tracker: Option<tracking::Tracker>,
+    files: Arc<relay::FileSettings>,
     max_connections: usize,
 }
 
@@ -462,6 +480,7 @@ impl Acceptor {
             settings,
             stop,
             tracker,
+            files,
             max_connections,
         } = self;
         let conn_stop = stop.clone();
@@ -480,6 +499,7 @@ impl Acceptor {
                     budget: budget.clone(),
                     stop: conn_stop.clone(),
                     tracker: tracker.clone(),
+                    files: files.clone(),
                 };
                 conn.serve(stream);
             },

@@ -7,6 +7,7 @@
 //! summary comes from running counts (`report`).
 
 pub mod admin;
+pub mod files;
 pub mod pipeline;
 pub mod report;
 pub mod status;
@@ -76,6 +77,8 @@ pub enum Error {
     ReadDir(PathBuf, io::Error),
     ReadFile(PathBuf, io::Error),
     BadDocument(PathBuf, String),
+    /// A file could not be sent or fetched, and why.
+    File(PathBuf, String),
     Connect(SocketAddr, io::Error),
     /// The user interrupted a batch; its summary has been printed.
     Interrupted,
@@ -117,6 +120,7 @@ impl fmt::Display for Error {
             Error::BadDocument(path, why) => {
                 write!(f, "{} is not a document: {why}", path.display())
             }
+            Error::File(path, why) => write!(f, "{}: {why}", path.display()),
             Error::Connect(addr, e) => write!(
                 f,
                 "no balancer answers at {addr} ({e}). Start one with \
@@ -310,6 +314,39 @@ fn store_documents(
 /// be read or is not a document is reported as failed and not sent. Prints
 /// a line per document and a summary; returns whether every document was
 /// stored.
+/// Sends the given paths: JSON documents (`titolo` and `contenuto`) as
+/// documents, unless `as_files`, and anything else as files, streamed in
+/// chunks. Returns whether every one was stored.
+pub fn send_paths(
+    config: &Config,
+    paths: Vec<PathBuf>,
+    as_files: bool,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    let (documents, files): (Vec<PathBuf>, Vec<PathBuf>) = paths
+        .into_iter()
+        .partition(|p| !as_files && is_document_file(p));
+    let mut all_ok = true;
+    if !documents.is_empty() {
+        all_ok &= send_files(config, documents, out)?;
+    }
+    for path in files {
+        if let Err(e) = files::upload(config, &path, out) {
+            writeln!(out, "not stored: {e}")?;
+            all_ok = false;
+        }
+    }
+    Ok(all_ok)
+}
+
+/// A `.json` file holding a document (a small one: larger files go as
+/// files whatever they hold).
+fn is_document_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "json")
+        && std::fs::metadata(path).is_ok_and(|m| m.len() <= proto::DEFAULT_MAX_FRAME as u64)
+        && load_document(path).is_ok()
+}
+
 pub fn send_files(
     config: &Config,
     files: Vec<PathBuf>,

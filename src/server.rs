@@ -13,16 +13,20 @@
 //! `storage::Storage::claim`); documents in the original format are always
 //! stored, because the original balancer reuses numbers across runs.
 
+pub mod files;
 pub mod load;
 pub mod registrar;
 pub mod storage;
+mod transfer;
 
+use crate::auth::ClusterKey;
 use crate::error::Error;
 use crate::ids::{self, Generator, Source};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, Request};
 use crossbeam_channel::{Receiver, Sender};
+use files::FileStore;
 use load::{Limits, Load};
 use rand::Rng;
 use std::io::{self, BufReader, Write};
@@ -58,6 +62,10 @@ pub struct Config {
     /// Node id (0..=511) in the request numbers this server gives documents
     /// that arrive without one; `None` picks one at random.
     pub server_id: Option<u16>,
+    /// Partial uploads untouched for this long are removed.
+    pub partial_ttl: Duration,
+    /// With a cluster key, uploads need a ticket the balancer signed.
+    pub cluster_key: Option<ClusterKey>,
 }
 
 impl Default for Config {
@@ -75,6 +83,8 @@ impl Default for Config {
             max_connections: net::default_max_connections(),
             frame_timeout: Duration::from_secs(30),
             server_id: None,
+            partial_ttl: Duration::from_secs(24 * 3600),
+            cluster_key: None,
         }
     }
 }
@@ -83,6 +93,7 @@ impl Default for Config {
 struct Shared {
     addr: SocketAddr,
     storage: Storage,
+    files: FileStore,
     load: Arc<Load>,
     /// Numbers documents that arrive without one (sent straight to a server
     /// rather than through the balancer), apart from every balancer's.
@@ -129,6 +140,7 @@ impl Server {
             source,
         };
         let storage = Storage::open(&dir).map_err(storage_err)?;
+        let files = FileStore::open(&dir, config.partial_ttl).map_err(storage_err)?;
         if config.clean {
             let removed = storage.clean().map_err(storage_err)?;
             log::info!(
@@ -155,6 +167,7 @@ impl Server {
             shared: Arc::new(Shared {
                 addr,
                 storage,
+                files,
                 load,
                 numbers: Generator::new(Source::Server, node),
                 config,
@@ -336,6 +349,18 @@ fn serve_framed(
                 log::warn!("server {addr}: bad request from {peer}: {bad}");
                 Reply::Error(bad.into())
             }
+            Ok(Some(Ok(Request::Upload(upload)))) => {
+                match transfer::receive(upload, &mut reader, &mut writer, peer, shared) {
+                    transfer::Next::Continue => continue,
+                    transfer::Next::Close => break,
+                }
+            }
+            Ok(Some(Ok(Request::Get { id, name, offset }))) => {
+                match transfer::send(id, &name, offset, &mut writer, peer, shared) {
+                    transfer::Next::Continue => continue,
+                    transfer::Next::Close => break,
+                }
+            }
             Ok(Some(Ok(request))) => handle(request, shared),
         };
         if let Err(e) = writer.message(&reply) {
@@ -400,6 +425,15 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             })
         }
         Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
+        Request::List { id } => transfer::list(id, shared),
+        Request::Upload(r) => out_of_upload(r.id),
+        Request::Chunk(c) => out_of_upload(c.id),
+        Request::UploadEnd { id, .. } => out_of_upload(id),
+        Request::Get { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::Internal,
+            "`get` is answered by the connection loop",
+        ),
         Request::Servers { id }
         | Request::Register { id, .. }
         | Request::Deregister { id, .. }
@@ -416,6 +450,15 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             "`transfers` is answered by the balancer, not by storage servers",
         ),
     }
+}
+
+/// `chunk` or `upload_end` with no upload started on the connection.
+fn out_of_upload(id: u64) -> Reply {
+    Reply::error(
+        Some(id),
+        ErrorCode::BadRequest,
+        "no upload in progress on this connection (send `upload` first)",
+    )
 }
 
 fn status_report(id: u64, shared: &Shared) -> proto::StatusReport {

@@ -177,6 +177,14 @@ pub enum Event {
         id: u64,
         reply: Sender<Reply>,
     },
+    /// A connection needs a server for a file transfer: `prefer` when it
+    /// can take work, else the policy's choice among the others not in
+    /// `avoid`. The answer carries a request number for tracking.
+    PickServer {
+        prefer: Option<String>,
+        avoid: Vec<String>,
+        reply: Sender<Option<Picked>>,
+    },
     /// A link could not complete a job; it goes back to the queue.
     Retry {
         server: ServerId,
@@ -188,6 +196,15 @@ pub enum Event {
         /// The request may have reached the server; counts as an attempt.
         delivered: bool,
     },
+}
+
+/// The server chosen for a file transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picked {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The transfer's request number.
+    pub number: u64,
 }
 
 /// The dispatcher's view of one server.
@@ -471,6 +488,40 @@ impl Dispatcher {
             .collect()
     }
 
+    /// A server for a file transfer (see `Event::PickServer`). Files do not
+    /// use the links, so a server's in-flight documents do not rule it out.
+    fn pick_for_file(&mut self, prefer: Option<&str>, avoid: &[String]) -> Option<Picked> {
+        let usable = |s: &Slot| {
+            s.health.accepts_requests() && s.draining.is_none() && !avoid.contains(&s.name)
+        };
+        let chosen = match self
+            .slots
+            .values()
+            .find(|s| Some(s.name.as_str()) == prefer)
+        {
+            Some(s) if usable(s) => s,
+            _ => {
+                let candidates: Vec<Candidate> = self
+                    .slots
+                    .values()
+                    .map(|s| Candidate {
+                        eligible: usable(s),
+                        in_flight: s.in_flight,
+                        load: s.load,
+                    })
+                    .collect();
+                let index = self.policy.pick(&candidates)?;
+                self.slots.values().nth(index)?
+            }
+        };
+        let (name, addr) = (chosen.name.clone(), chosen.addr);
+        Some(Picked {
+            name,
+            addr,
+            number: self.numbers.next(),
+        })
+    }
+
     /// Hands the job to a server's link, or gives it back when no server can
     /// take it now.
     fn try_dispatch(&mut self, mut job: Job) -> Option<Job> {
@@ -588,6 +639,13 @@ impl Dispatcher {
                 }
             }
             Event::Membership { change, id, reply } => self.change_membership(change, id, reply),
+            Event::PickServer {
+                prefer,
+                avoid,
+                reply,
+            } => {
+                let _ = reply.send(self.pick_for_file(prefer.as_deref(), &avoid));
+            }
             Event::Retry {
                 server,
                 job,

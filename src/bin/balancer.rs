@@ -1,4 +1,6 @@
 use clap::Parser;
+use lbft::auth::ClusterKey;
+use lbft::balancer::relay::Mode;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
 use lbft::cli::{parse_addr, parse_duration, parse_size};
 use lbft::policy::PolicyKind;
@@ -133,6 +135,28 @@ struct Args {
     /// Record no transfers and remember no pool (no state file).
     #[arg(long, conflicts_with = "state")]
     no_state: bool,
+    /// How clients upload files: `proxy` (through the balancer, which
+    /// relays every chunk) or `redirect` (the balancer picks a server and
+    /// answers with its address and a signed ticket; the client uploads
+    /// straight to it). Redirect needs --cluster-key-file, or
+    /// --local-servers (which share a key made at start).
+    #[arg(long, value_enum, default_value_t = UploadMode::Proxy)]
+    mode: UploadMode,
+    /// File holding the key that balancer and servers share (64 hex
+    /// digits; created with a new random key when missing). The balancer
+    /// signs upload tickets with it; servers started with the same file
+    /// accept uploads only with such a ticket.
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
+    /// How long a redirect ticket is valid.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    ticket_ttl: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum UploadMode {
+    Proxy,
+    Redirect,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -154,9 +178,19 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
+    let cluster_key = match (&args.cluster_key_file, args.mode, args.local_servers) {
+        (Some(path), _, _) => Some(ClusterKey::load_or_create(path)?),
+        (None, UploadMode::Redirect, Some(_)) => Some(ClusterKey::generate()),
+        (None, UploadMode::Redirect, None) => {
+            return Err(lbft::Error::Config(
+                "--mode redirect needs --cluster-key-file (the file the servers use too)".into(),
+            ))
+        }
+        (None, UploadMode::Proxy, _) => None,
+    };
     // The local servers run for as long as their handles live.
     let (servers, local_servers) = match args.local_servers {
-        Some(n) => start_local_servers(&args, n)?,
+        Some(n) => start_local_servers(&args, n, &cluster_key)?,
         None => (
             args.servers.iter().copied().map(Backend::new).collect(),
             Vec::new(),
@@ -191,6 +225,12 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         rise: args.rise,
         fall: args.fall,
         state: state_path(&args),
+        mode: match args.mode {
+            UploadMode::Proxy => Mode::Proxy,
+            UploadMode::Redirect => Mode::Redirect,
+        },
+        cluster_key,
+        ticket_ttl: args.ticket_ttl,
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
@@ -250,6 +290,7 @@ fn on_signal(
 fn start_local_servers(
     args: &Args,
     n: u16,
+    cluster_key: &Option<ClusterKey>,
 ) -> Result<(Vec<Backend>, Vec<server::ServerHandle>), lbft::Error> {
     if n == 0 {
         return Err(lbft::Error::Config(
@@ -273,6 +314,7 @@ fn start_local_servers(
             storage_root: args.storage_dir.clone(),
             char_delay: Duration::from_millis(args.char_delay_ms),
             max_frame: args.max_frame,
+            cluster_key: cluster_key.clone(),
             ..server::Config::default()
         })?;
         let addr = server.local_addr();

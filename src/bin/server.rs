@@ -72,6 +72,15 @@ struct Args {
     /// Also append log lines to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Partial uploads (kept so an interrupted file can resume) are removed
+    /// after this long without new bytes.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    partial_ttl: Duration,
+    /// The key shared with the balancer (see `balancer --help`): with it,
+    /// this server accepts file uploads only with a ticket the balancer
+    /// signed for it, unexpired.
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -107,6 +116,12 @@ fn run(args: Args) -> Result<(), lbft::Error> {
             .max_connections
             .unwrap_or_else(lbft::net::default_max_connections),
         server_id: args.server_id,
+        partial_ttl: args.partial_ttl,
+        cluster_key: args
+            .cluster_key_file
+            .as_deref()
+            .map(lbft::auth::ClusterKey::load_or_create)
+            .transpose()?,
         ..defaults
     })?;
     // Registered before the readiness line, so that a signal sent as soon

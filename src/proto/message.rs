@@ -1,6 +1,10 @@
 //! Messages: the JSON requests and replies carried in frames, and how a
 //! payload is decoded into one with a precise error.
 
+pub use super::file::{
+    Chunk, FileEntry, FileHeader, FileList, FileStored, Redirect, Ticket, UploadReady,
+    UploadRequest,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -224,6 +228,22 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Start or resume uploading a file (see `proto::file`).
+    Upload(UploadRequest),
+    /// A chunk of the file being uploaded; its bytes follow as a raw frame.
+    Chunk(Chunk),
+    /// Every byte has been sent: check the checksum and put the file in
+    /// place.
+    UploadEnd { id: u64, sha256: String },
+    /// Stored files (of this server, or of every server via the balancer).
+    List { id: u64 },
+    /// Download a stored file from `offset` on.
+    Get {
+        id: u64,
+        name: String,
+        #[serde(default)]
+        offset: u64,
+    },
 }
 
 impl Request {
@@ -241,12 +261,19 @@ impl Request {
             Request::AddServer { .. } => "add_server",
             Request::DrainServer { .. } => "drain_server",
             Request::RemoveServer { .. } => "remove_server",
+            Request::Upload(_) => "upload",
+            Request::Chunk(_) => "chunk",
+            Request::UploadEnd { .. } => "upload_end",
+            Request::List { .. } => "list",
+            Request::Get { .. } => "get",
         }
     }
 
     pub fn id(&self) -> u64 {
         match self {
             Request::Store(r) => r.id,
+            Request::Upload(r) => r.id,
+            Request::Chunk(c) => c.id,
             Request::Calc { id, .. }
             | Request::Status { id }
             | Request::Servers { id }
@@ -256,7 +283,10 @@ impl Request {
             | Request::AddServer { id, .. }
             | Request::DrainServer { id, .. }
             | Request::RemoveServer { id, .. }
-            | Request::Transfers { id, .. } => *id,
+            | Request::Transfers { id, .. }
+            | Request::UploadEnd { id, .. }
+            | Request::List { id }
+            | Request::Get { id, .. } => *id,
         }
     }
 }
@@ -274,6 +304,11 @@ impl Message for Request {
         "add_server",
         "drain_server",
         "remove_server",
+        "upload",
+        "chunk",
+        "upload_end",
+        "list",
+        "get",
     ];
 }
 
@@ -509,8 +544,19 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A server refused a document past its `not_after_ms`.
     Expired,
-    /// A server is storing the same request number right now.
+    /// A server is storing the same request number right now (or
+    /// receiving the same upload on another connection).
     InProgress,
+    /// No stored file has that name.
+    NotFound,
+    /// The bytes received do not have the checksum the client sent.
+    ChecksumMismatch,
+    /// More or fewer bytes arrived than the upload declared.
+    SizeMismatch,
+    /// A chunk does not start where the server's copy ends.
+    BadOffset,
+    /// A redirect ticket that is forged, expired or for another server.
+    BadTicket,
 }
 
 impl ErrorCode {
@@ -564,6 +610,13 @@ pub enum Reply {
         message: String,
     },
     Error(ErrorReply),
+    UploadReady(UploadReady),
+    Redirect(Redirect),
+    /// A chunk of a file being downloaded; its bytes follow as a raw frame.
+    Chunk(Chunk),
+    FileStored(FileStored),
+    Files(FileList),
+    File(FileHeader),
 }
 
 impl Reply {
@@ -576,6 +629,12 @@ impl Reply {
             Reply::Transfers(r) => Some(r.id),
             Reply::Forgotten { id, .. } | Reply::Membership { id, .. } => Some(*id),
             Reply::Error(r) => r.id,
+            Reply::UploadReady(r) => Some(r.id),
+            Reply::Redirect(r) => Some(r.id),
+            Reply::Chunk(r) => Some(r.id),
+            Reply::FileStored(r) => Some(r.id),
+            Reply::Files(r) => Some(r.id),
+            Reply::File(r) => Some(r.id),
         }
     }
 
@@ -598,6 +657,12 @@ impl Message for Reply {
         "forgotten",
         "membership",
         "error",
+        "upload_ready",
+        "redirect",
+        "chunk",
+        "file_stored",
+        "files",
+        "file",
     ];
 }
 
