@@ -318,6 +318,7 @@ impl Balancer {
                 ticket_ttl: config.ticket_ttl,
                 connect_timeout: config.probe_timeout,
                 server_timeout: config.server_timeout,
+                wait: config.queue_timeout,
             }),
             tracker,
             max_connections: config.max_connections,

@@ -198,6 +198,9 @@ pub enum Event {
     },
 }
 
+/// A file transfer's request for a server: preferred, avoided, answer.
+type ParkedPick = (Option<String>, Vec<String>, Sender<Option<Picked>>);
+
 /// The server chosen for a file transfer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Picked {
@@ -257,6 +260,8 @@ pub struct Dispatcher {
     outage_since: Option<Instant>,
     /// When the first waiting job expires, while in an outage.
     next_expiry: Option<Instant>,
+    /// File transfers waiting for a server to come up.
+    parked_picks: VecDeque<ParkedPick>,
     /// Set once shutting down: when the remaining work is cut off.
     drain_deadline: Option<Instant>,
     aborted: bool,
@@ -288,6 +293,7 @@ impl Dispatcher {
             stats,
             outage_since: Some(Instant::now()),
             next_expiry: None,
+            parked_picks: VecDeque::new(),
             drain_deadline: None,
             aborted: false,
             tracker: None,
@@ -464,8 +470,12 @@ impl Dispatcher {
         }
     }
 
-    /// Dispatches waiting jobs in order while servers can take them.
+    /// Dispatches waiting jobs in order while servers can take them (and
+    /// answers file transfers waiting for a server).
     fn drain(&mut self) {
+        if !self.parked_picks.is_empty() {
+            self.answer_parked_picks();
+        }
         while let Some(job) = self.waiting.pop_front() {
             if let Some(job) = self.try_dispatch(job) {
                 self.waiting.push_front(job);
@@ -486,6 +496,38 @@ impl Dispatcher {
                 load: s.load,
             })
             .collect()
+    }
+
+    /// Keeps a file transfer's request for a server until one can take it
+    /// (the connection gives up after its own timeout).
+    fn park_pick(
+        &mut self,
+        prefer: Option<String>,
+        avoid: Vec<String>,
+        reply: Sender<Option<Picked>>,
+    ) {
+        if self.parked_picks.len() >= MAX_WAITING {
+            // The oldest has surely been given up on by now.
+            self.parked_picks.pop_front();
+        }
+        self.parked_picks.push_back((prefer, avoid, reply));
+    }
+
+    /// Answers parked file transfers while servers can take them.
+    fn answer_parked_picks(&mut self) {
+        while let Some((prefer, avoid, reply)) = self.parked_picks.pop_front() {
+            match self.pick_for_file(prefer.as_deref(), &avoid) {
+                // A connection that gave up has dropped its receiver: the
+                // number is spent, nothing else.
+                Some(picked) => {
+                    let _ = reply.send(Some(picked));
+                }
+                None => {
+                    self.parked_picks.push_front((prefer, avoid, reply));
+                    break;
+                }
+            }
+        }
     }
 
     /// A server for a file transfer (see `Event::PickServer`). Files do not
@@ -643,9 +685,12 @@ impl Dispatcher {
                 prefer,
                 avoid,
                 reply,
-            } => {
-                let _ = reply.send(self.pick_for_file(prefer.as_deref(), &avoid));
-            }
+            } => match self.pick_for_file(prefer.as_deref(), &avoid) {
+                Some(picked) => {
+                    let _ = reply.send(Some(picked));
+                }
+                None => self.park_pick(prefer, avoid, reply),
+            },
             Event::Retry {
                 server,
                 job,

@@ -42,6 +42,8 @@ pub struct FileSettings {
     pub connect_timeout: Duration,
     /// How long a server may take over one exchange.
     pub server_timeout: Duration,
+    /// How long an upload waits for a server to be able to take it.
+    pub wait: Duration,
 }
 
 /// Where the writer thread and a download relay both write to the client,
@@ -84,7 +86,7 @@ impl Conn {
             reply: tx,
         };
         self.events.send(event).ok()?;
-        rx.recv_timeout(Duration::from_secs(10)).ok().flatten()
+        rx.recv_timeout(self.files.wait).ok().flatten()
     }
 
     fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<TcpStream>> {
@@ -122,7 +124,10 @@ impl Conn {
                 let _ = replies.send(Reply::error(
                     Some(id),
                     ErrorCode::NoServer,
-                    "no server can take a file now (all down, overloaded or draining)",
+                    format!(
+                        "no server could take a file for --queue-timeout ({:?}): all down, overloaded or draining",
+                        self.files.wait
+                    ),
                 ));
                 return Next::Continue;
             };

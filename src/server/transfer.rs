@@ -1,7 +1,7 @@
 //! The server's side of file conversations on a connection: receiving an
 //! upload chunk by chunk, sending a file back, listing files.
 
-use super::files::{Begun, FileError, FileMeta};
+use super::files::{Begun, FileError, FileMeta, Receiving};
 use super::Shared;
 use crate::proto::file::{read_body, ticket_parts, BodyError, CHUNK_SIZE};
 use crate::proto::{
@@ -107,7 +107,7 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
         return send(writer, &Reply::error(Some(id), ErrorCode::BadTicket, why));
     }
     let _active = shared.load.begin();
-    let mut upload = match shared.files.begin(&req.upload_id, &req.name, req.size) {
+    let upload = match shared.files.begin(&req.upload_id, &req.name, req.size) {
         Ok(Begun::Receiving(r)) => r,
         Ok(Begun::Complete(meta)) => {
             // Only the answer was lost: the client ends it again.
@@ -150,6 +150,38 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
     if let Next::Close = send(writer, &ready) {
         return Next::Close;
     }
+    let upload_id = req.upload_id.clone();
+    // The upload is given back (ended) before the reply goes out, so a
+    // client that resumes at once finds it free.
+    let (next, reply) = take_chunks(upload, id, reader, peer, shared);
+    match reply {
+        Some(reply) => {
+            if let Reply::Error(e) = &reply {
+                log::warn!(
+                    "server {addr}: upload {upload_id} from {peer}: {}",
+                    e.message
+                );
+            }
+            match (send(writer, &reply), next) {
+                (Next::Continue, Next::Continue) => Next::Continue,
+                _ => Next::Close,
+            }
+        }
+        None => next,
+    }
+}
+
+/// Takes chunks until `upload_end` (then puts the file in place) or until
+/// something goes wrong. Returns what the connection does next and the
+/// reply to send.
+fn take_chunks<R: Read + Deadline>(
+    mut upload: Receiving<'_>,
+    id: u64,
+    reader: &mut FrameReader<R>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> (Next, Option<Reply>) {
+    let addr = shared.addr;
     let started = Instant::now();
     let from = upload.offset();
     let max_body = shared.frame_limit() as u64;
@@ -158,36 +190,26 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
             Ok(Some(Ok(r))) => r,
             Ok(None) => {
                 log::info!(
-                    "server {addr}: upload {} from {peer} interrupted at byte {} of {}",
-                    req.upload_id,
+                    "server {addr}: upload from {peer} interrupted at byte {} of {}",
                     upload.offset(),
-                    req.size
+                    upload.size()
                 );
-                return Next::Close;
+                return (Next::Close, None);
             }
-            Err(e) => {
-                log::warn!("server {addr}: upload {} from {peer}: {e}", req.upload_id);
-                if let Some(r) = e.reply() {
-                    let _ = writer.message(&Reply::Error(r));
-                }
-                return Next::Close;
-            }
-            Ok(Some(Err(bad))) => {
-                let _ = writer.message(&Reply::Error(bad.into()));
-                return Next::Close;
-            }
+            Err(e) => return (Next::Close, e.reply().map(Reply::Error)),
+            Ok(Some(Err(bad))) => return (Next::Close, Some(Reply::Error(bad.into()))),
         };
         match request {
             Request::Chunk(Chunk {
                 offset, body_len, ..
             }) => {
                 if body_len > max_body {
-                    let _ = writer.message(&Reply::error(
+                    let reply = Reply::error(
                         Some(id),
                         ErrorCode::FrameTooLarge,
                         format!("chunk of {body_len} bytes exceeds the maximum of {max_body}"),
-                    ));
-                    return Next::Close;
+                    );
+                    return (Next::Close, Some(reply));
                 }
                 let deadline = Instant::now() + shared.config.frame_timeout;
                 reader.get_mut().set_deadline(Some(deadline));
@@ -195,22 +217,14 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
                 reader.get_mut().set_deadline(None);
                 let body = match body {
                     Ok(b) => b,
-                    Err(e) => {
-                        log::warn!("server {addr}: upload {} from {peer}: {e}", req.upload_id);
-                        if let BodyError::Length { .. } = e {
-                            let _ = writer.message(&Reply::error(
-                                Some(id),
-                                ErrorCode::SizeMismatch,
-                                e.to_string(),
-                            ));
-                        }
-                        return Next::Close;
+                    Err(e @ BodyError::Length { .. }) => {
+                        let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
+                        return (Next::Close, Some(reply));
                     }
+                    Err(BodyError::Frame(e)) => return (Next::Close, e.reply().map(Reply::Error)),
                 };
                 if let Err(e) = upload.write(offset, &body) {
-                    log::warn!("server {addr}: upload {} from {peer}: {e}", req.upload_id);
-                    let _ = writer.message(&e.reply(id));
-                    return Next::Close;
+                    return (Next::Close, Some(e.reply(id)));
                 }
             }
             Request::UploadEnd { id: end_id, sha256 } => {
@@ -224,24 +238,21 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
                             meta.size,
                             (size - from) as f64 / secs / 1e6
                         );
-                        send(writer, &stored(end_id, meta, false, shared))
+                        (Next::Continue, Some(stored(end_id, meta, false, shared)))
                     }
-                    Err(e) => {
-                        log::warn!("server {addr}: upload {} from {peer}: {e}", req.upload_id);
-                        send(writer, &e.reply(end_id))
-                    }
+                    Err(e) => (Next::Continue, Some(e.reply(end_id))),
                 };
             }
             other => {
-                let _ = writer.message(&Reply::error(
+                let reply = Reply::error(
                     Some(other.id()),
                     ErrorCode::BadRequest,
                     format!(
                         "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
                         other.kind()
                     ),
-                ));
-                return Next::Close;
+                );
+                return (Next::Close, Some(reply));
             }
         }
     }
