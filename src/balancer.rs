@@ -298,6 +298,7 @@ impl Balancer {
             alive_rx,
         )?);
 
+        let advertise = self.listener.local_addr().ok();
         let accept = Acceptor {
             listener: self.listener,
             jobs: jobs_tx,
@@ -319,6 +320,7 @@ impl Balancer {
                 connect_timeout: config.probe_timeout,
                 server_timeout: config.server_timeout,
                 wait: config.queue_timeout,
+                advertise,
             }),
             tracker,
             max_connections: config.max_connections,

@@ -444,6 +444,11 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             ErrorCode::BadRequest,
             "this request is for the balancer, not for storage servers",
         ),
+        Request::TransferEvent(e) => Reply::error(
+            Some(e.id),
+            ErrorCode::BadRequest,
+            "`transfer_event` is for the balancer, not for storage servers",
+        ),
         Request::Transfers { id, .. } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,

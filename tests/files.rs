@@ -6,7 +6,7 @@
 mod util;
 
 use lbft::auth::ClusterKey;
-use lbft::proto::file::ticket_parts;
+use lbft::proto::Ticket;
 use lbft::proto::{ErrorCode, Reply};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
@@ -431,13 +431,22 @@ fn redirect_mode_sends_clients_to_servers_with_tickets_that_cannot_be_forged() {
     assert_eq!(sha256_file(&files[0]), sha256_file(&data));
     let log = std::fs::read_to_string(dir.path().join("loadbalancer.log")).unwrap();
     assert!(log.contains("redirected to"), "{log}");
+    // The server reports the transfer to the balancer, which tracks it.
+    let tracked = util::eventually(|| {
+        let out = client(balancer.addr, dir.path(), &["transfers"]);
+        let listing = text(&out);
+        listing.contains("r.bin") && listing.contains("stored")
+    });
+    assert!(
+        tracked,
+        "{}",
+        text(&client(balancer.addr, dir.path(), &["transfers"]))
+    );
 
     // Straight to a server without a ticket, or with a bad one: refused.
     let key = ClusterKey::from_file(&key_file).unwrap();
     let sign = |id: &str, size: u64, server: &str, expires_ms: u64| {
-        let parts = ticket_parts(id, size, server, expires_ms);
-        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        json!({"server": server, "expires_ms": expires_ms, "mac": hex(&key.sign(&parts))})
+        serde_json::to_value(Ticket::sign(&key, id, size, server, expires_ms, 1, None)).unwrap()
     };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -447,11 +456,16 @@ fn redirect_mode_sends_clients_to_servers_with_tickets_that_cannot_be_forged() {
     let mut raw = Raw::connect(addrs[0]);
     raw.send_json(&upload_json(1, "no-ticket-1", "t.bin", 3));
     assert_eq!(error_code(raw.reply()), ErrorCode::BadTicket);
-    let forged = ClusterKey::generate();
-    let parts = ticket_parts("forged-0001", 3, &s0, now_ms + 60_000);
-    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-    let forged =
-        json!({"server": s0, "expires_ms": now_ms + 60_000, "mac": hex(&forged.sign(&parts))});
+    let forged = Ticket::sign(
+        &ClusterKey::generate(),
+        "forged-0001",
+        3,
+        &s0,
+        now_ms + 60_000,
+        1,
+        None,
+    );
+    let forged = serde_json::to_value(forged).unwrap();
     assert_eq!(
         error_code(upload_with_ticket(addrs[0], "forged-0001", 3, forged)),
         ErrorCode::BadTicket

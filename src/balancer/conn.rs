@@ -276,6 +276,10 @@ impl Conn {
                     let _ = replies.send(self.list(id));
                     continue;
                 }
+                Request::TransferEvent(event) => {
+                    let _ = replies.send(self.transfer_event(event));
+                    continue;
+                }
                 Request::Chunk(Chunk { id, .. }) | Request::UploadEnd { id, .. } => {
                     let _ = replies.send(Reply::error(
                         Some(id),

@@ -11,10 +11,10 @@ use super::dispatch::{Event, Picked};
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{read_body, ticket_parts, valid_upload_id};
+use crate::proto::file::{read_body, valid_upload_id};
 use crate::proto::{
     Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, FrameWriter,
-    Redirect, Reply, Request, Ticket, UploadRequest,
+    Redirect, Reply, Request, Ticket, TransferEvent, UploadRequest,
 };
 use crossbeam_channel::Sender;
 use std::io::Read;
@@ -44,6 +44,8 @@ pub struct FileSettings {
     pub server_timeout: Duration,
     /// How long an upload waits for a server to be able to take it.
     pub wait: Duration,
+    /// Where servers report redirected uploads (this balancer's address).
+    pub advertise: Option<SocketAddr>,
 }
 
 /// Where the writer thread and a download relay both write to the client,
@@ -63,16 +65,25 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A signed ticket for `upload` on `server`.
-pub fn ticket(key: &ClusterKey, upload: &UploadRequest, server: &str, ttl: Duration) -> Ticket {
+/// A signed ticket for `upload` on `server`, valid for `ttl`.
+fn ticket(
+    key: &ClusterKey,
+    upload: &UploadRequest,
+    server: &str,
+    ttl: Duration,
+    number: u64,
+    report_to: Option<String>,
+) -> Ticket {
     let expires_ms = now_ms() + ttl.as_millis() as u64;
-    let parts = ticket_parts(&upload.upload_id, upload.size, server, expires_ms);
-    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-    Ticket {
-        server: server.to_string(),
+    Ticket::sign(
+        key,
+        &upload.upload_id,
+        upload.size,
+        server,
         expires_ms,
-        mac: crate::text::to_hex(&key.sign(&parts)),
-    }
+        number,
+        report_to,
+    )
 }
 
 impl Conn {
@@ -140,7 +151,8 @@ impl Conn {
                     ));
                     return Next::Continue;
                 };
-                let ticket = ticket(key, &up, &name, self.files.ticket_ttl);
+                let report_to = self.files.advertise.map(|a| a.to_string());
+                let ticket = ticket(key, &up, &name, self.files.ticket_ttl, number, report_to);
                 log::info!(
                     "upload {} of {:?} ({} bytes) from {peer}: redirected to {name}",
                     up.upload_id,
@@ -173,7 +185,7 @@ impl Conn {
             .files
             .key
             .as_ref()
-            .map(|k| ticket(k, &up, &server_name, self.files.ticket_ttl));
+            .map(|k| ticket(k, &up, &server_name, self.files.ticket_ttl, number, None));
         let ready = match server.call(&Request::Upload(up.clone())) {
             Ok(Reply::UploadReady(r)) => r,
             Ok(other) => {
@@ -351,6 +363,53 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// A server's report on a redirected upload, signed with the cluster
+    /// key: recorded like any other transfer.
+    pub(super) fn transfer_event(&self, event: TransferEvent) -> Reply {
+        let id = event.id;
+        if !self.files.key.as_ref().is_some_and(|k| event.is_signed(k)) {
+            log::warn!(
+                "transfer_event from {} refused: not signed with this balancer's cluster key",
+                self.peer
+            );
+            return Reply::error(
+                Some(id),
+                ErrorCode::BadTicket,
+                "transfer_event must be signed with the cluster key",
+            );
+        }
+        let TransferEvent {
+            number,
+            server,
+            state,
+            file,
+            error,
+            ..
+        } = event;
+        log::info!(
+            "redirected transfer {number} on {server}: {state}{}",
+            match (&file, &error) {
+                (Some(f), _) => format!(" as {f}"),
+                (None, Some(e)) => format!(": {e}"),
+                _ => String::new(),
+            }
+        );
+        match state.as_str() {
+            "started" => self.track(TrackEvent::Sent { number, server }),
+            "stored" => self.track(TrackEvent::Stored {
+                number,
+                server,
+                file: file.unwrap_or_default(),
+            }),
+            _ => self.track(TrackEvent::Failed {
+                number,
+                code: ErrorCode::ServerFailed,
+                reason: error.unwrap_or_else(|| state.clone()),
+            }),
+        }
+        Reply::Recorded { id }
     }
 
     /// The servers to ask for files: every one in the pool that is not

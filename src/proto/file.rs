@@ -9,6 +9,8 @@
 //! connection.
 
 use super::frame::{read_header, read_payload, write_frame, FrameError};
+use crate::auth::ClusterKey;
+use crate::text::{from_hex, to_hex};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
@@ -37,24 +39,106 @@ pub struct UploadRequest {
 }
 
 /// Permission from the balancer to upload one file to one server, signed
-/// with the cluster key: `mac` is the hex HMAC-SHA-256 of upload id, size,
-/// server and expiry (see `ticket_parts`).
+/// with the cluster key: `mac` is the hex HMAC-SHA-256 of upload id, size
+/// and every other field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ticket {
     pub server: String,
     pub expires_ms: u64,
+    /// The balancer's request number for the transfer, and where the
+    /// server reports its start and end (`transfer_event`).
+    #[serde(default)]
+    pub number: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_to: Option<String>,
     pub mac: String,
 }
 
-/// What a ticket signs.
-pub fn ticket_parts(upload_id: &str, size: u64, server: &str, expires_ms: u64) -> [Vec<u8>; 5] {
-    [
-        b"upload-ticket".to_vec(),
-        upload_id.as_bytes().to_vec(),
-        size.to_be_bytes().to_vec(),
-        server.as_bytes().to_vec(),
-        expires_ms.to_be_bytes().to_vec(),
-    ]
+impl Ticket {
+    fn parts(&self, upload_id: &str, size: u64) -> Vec<Vec<u8>> {
+        vec![
+            b"upload-ticket".to_vec(),
+            upload_id.as_bytes().to_vec(),
+            size.to_be_bytes().to_vec(),
+            self.server.as_bytes().to_vec(),
+            self.expires_ms.to_be_bytes().to_vec(),
+            self.number.to_be_bytes().to_vec(),
+            self.report_to.clone().unwrap_or_default().into_bytes(),
+        ]
+    }
+
+    /// A ticket for uploading `size` bytes as `upload_id` to `server`.
+    pub fn sign(
+        key: &ClusterKey,
+        upload_id: &str,
+        size: u64,
+        server: &str,
+        expires_ms: u64,
+        number: u64,
+        report_to: Option<String>,
+    ) -> Ticket {
+        let mut t = Ticket {
+            server: server.to_string(),
+            expires_ms,
+            number,
+            report_to,
+            mac: String::new(),
+        };
+        t.mac = to_hex(&key.sign(&as_slices(&t.parts(upload_id, size))));
+        t
+    }
+
+    /// Whether `key` signed this ticket for `upload_id` of `size` bytes
+    /// (expiry and server are the caller's to check).
+    pub fn is_signed(&self, key: &ClusterKey, upload_id: &str, size: u64) -> bool {
+        let mac = from_hex(&self.mac).unwrap_or_default();
+        key.verify(&as_slices(&self.parts(upload_id, size)), &mac)
+    }
+}
+
+/// A server tells the balancer that signed a ticket where the transfer is
+/// (redirect mode). Signed with the cluster key like the ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferEvent {
+    pub id: u64,
+    /// From the ticket.
+    pub number: u64,
+    pub server: String,
+    /// `started`, `stored` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub mac: String,
+}
+
+impl TransferEvent {
+    fn parts(&self) -> Vec<Vec<u8>> {
+        vec![
+            b"transfer-event".to_vec(),
+            self.number.to_be_bytes().to_vec(),
+            self.server.as_bytes().to_vec(),
+            self.state.as_bytes().to_vec(),
+            self.file.clone().unwrap_or_default().into_bytes(),
+            self.error.clone().unwrap_or_default().into_bytes(),
+        ]
+    }
+
+    /// Fills in `mac`.
+    pub fn signed(mut self, key: &ClusterKey) -> TransferEvent {
+        self.mac = to_hex(&key.sign(&as_slices(&self.parts())));
+        self
+    }
+
+    pub fn is_signed(&self, key: &ClusterKey) -> bool {
+        let mac = from_hex(&self.mac).unwrap_or_default();
+        key.verify(&as_slices(&self.parts()), &mac)
+    }
+}
+
+fn as_slices(parts: &[Vec<u8>]) -> Vec<&[u8]> {
+    parts.iter().map(Vec::as_slice).collect()
 }
 
 /// The server is ready for bytes from `offset` on (0 for a new upload, what
@@ -211,6 +295,48 @@ impl std::error::Error for BodyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tickets_and_events_are_signed_over_every_field() {
+        let key = ClusterKey::generate();
+        let t = Ticket::sign(
+            &key,
+            "upload-1234",
+            10,
+            "127.0.0.1:1",
+            99,
+            7,
+            Some("b:1".into()),
+        );
+        assert!(t.is_signed(&key, "upload-1234", 10));
+        assert!(!t.is_signed(&key, "upload-1234", 11));
+        assert!(!t.is_signed(&key, "upload-1235", 10));
+        assert!(!t.is_signed(&ClusterKey::generate(), "upload-1234", 10));
+        for tamper in [
+            |t: &mut Ticket| t.server = "127.0.0.1:2".into(),
+            |t: &mut Ticket| t.expires_ms += 1,
+            |t: &mut Ticket| t.number += 1,
+            |t: &mut Ticket| t.report_to = None,
+        ] {
+            let mut bad = t.clone();
+            tamper(&mut bad);
+            assert!(!bad.is_signed(&key, "upload-1234", 10));
+        }
+        let e = TransferEvent {
+            id: 1,
+            number: 7,
+            server: "s".into(),
+            state: "stored".into(),
+            file: Some("f".into()),
+            error: None,
+            mac: String::new(),
+        }
+        .signed(&key);
+        assert!(e.is_signed(&key));
+        let mut bad = e.clone();
+        bad.state = "failed".into();
+        assert!(!bad.is_signed(&key));
+    }
 
     #[test]
     fn upload_ids() {

@@ -2,8 +2,8 @@
 //! payload is decoded into one with a precise error.
 
 pub use super::file::{
-    Chunk, FileEntry, FileHeader, FileList, FileStored, Redirect, Ticket, UploadReady,
-    UploadRequest,
+    Chunk, FileEntry, FileHeader, FileList, FileStored, Redirect, Ticket, TransferEvent,
+    UploadReady, UploadRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -244,6 +244,8 @@ pub enum Request {
         #[serde(default)]
         offset: u64,
     },
+    /// A server reports a redirected upload's progress to the balancer.
+    TransferEvent(TransferEvent),
 }
 
 impl Request {
@@ -266,6 +268,7 @@ impl Request {
             Request::UploadEnd { .. } => "upload_end",
             Request::List { .. } => "list",
             Request::Get { .. } => "get",
+            Request::TransferEvent(_) => "transfer_event",
         }
     }
 
@@ -274,6 +277,7 @@ impl Request {
             Request::Store(r) => r.id,
             Request::Upload(r) => r.id,
             Request::Chunk(c) => c.id,
+            Request::TransferEvent(e) => e.id,
             Request::Calc { id, .. }
             | Request::Status { id }
             | Request::Servers { id }
@@ -309,6 +313,7 @@ impl Message for Request {
         "upload_end",
         "list",
         "get",
+        "transfer_event",
     ];
 }
 
@@ -617,6 +622,10 @@ pub enum Reply {
     FileStored(FileStored),
     Files(FileList),
     File(FileHeader),
+    /// A `transfer_event` was recorded.
+    Recorded {
+        id: u64,
+    },
 }
 
 impl Reply {
@@ -635,6 +644,7 @@ impl Reply {
             Reply::FileStored(r) => Some(r.id),
             Reply::Files(r) => Some(r.id),
             Reply::File(r) => Some(r.id),
+            Reply::Recorded { id } => Some(*id),
         }
     }
 
@@ -663,6 +673,7 @@ impl Message for Reply {
         "file_stored",
         "files",
         "file",
+        "recorded",
     ];
 }
 

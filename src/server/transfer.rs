@@ -3,14 +3,14 @@
 
 use super::files::{Begun, FileError, FileMeta, Receiving};
 use super::Shared;
-use crate::proto::file::{read_body, ticket_parts, BodyError, CHUNK_SIZE};
+use crate::proto::file::{read_body, BodyError, CHUNK_SIZE};
 use crate::proto::{
-    Chunk, Deadline, ErrorCode, FileEntry, FileHeader, FileList, FileStored, FrameReader,
-    FrameWriter, Reply, Request, UploadReady, UploadRequest,
+    Chunk, Connection, Deadline, ErrorCode, FileEntry, FileHeader, FileList, FileStored,
+    FrameReader, FrameWriter, Reply, Request, TransferEvent, UploadReady, UploadRequest,
 };
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How a conversation ended for the connection.
 pub(super) enum Next {
@@ -48,10 +48,7 @@ fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
     let Some(ticket) = &req.ticket else {
         return Err("this server takes uploads only with a ticket from the balancer".into());
     };
-    let parts = ticket_parts(&req.upload_id, req.size, &ticket.server, ticket.expires_ms);
-    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-    let mac = crate::text::from_hex(&ticket.mac).unwrap_or_default();
-    if !key.verify(&parts, &mac) {
+    if !ticket.is_signed(key, &req.upload_id, req.size) {
         return Err("the ticket's signature is not valid".into());
     }
     if ticket.server != shared.addr.to_string() {
@@ -69,6 +66,57 @@ fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Tells the balancer that signed the upload's ticket how it goes
+/// (redirect mode), on a thread of its own so the client never waits.
+fn report(
+    shared: &Shared,
+    req: &UploadRequest,
+    state: &str,
+    file: Option<String>,
+    error: Option<String>,
+) {
+    let (Some(key), Some(ticket)) = (&shared.config.cluster_key, &req.ticket) else {
+        return;
+    };
+    let Some(balancer) = ticket.report_to.as_deref().and_then(|a| a.parse().ok()) else {
+        return;
+    };
+    let event = TransferEvent {
+        id: 1,
+        number: ticket.number,
+        server: shared.addr.to_string(),
+        state: state.to_string(),
+        file,
+        error,
+        mac: String::new(),
+    }
+    .signed(key);
+    let addr = shared.addr;
+    let name = format!("srv{}-report", addr.port());
+    let sent = crate::net::spawn_named(name, Some(128 * 1024), move || {
+        let timeout = Duration::from_secs(2);
+        let answer = crate::net::connect(&balancer, timeout, timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|stream| {
+                Connection::new(stream, 64 * 1024)
+                    .call(&Request::TransferEvent(event))
+                    .map_err(|e| e.to_string())
+            });
+        match answer {
+            Ok(Reply::Recorded { .. }) => {}
+            Ok(other) => log::warn!(
+                "server {addr}: balancer {balancer} refused a transfer report: {other:?}"
+            ),
+            Err(e) => {
+                log::warn!("server {addr}: cannot report a transfer to balancer {balancer}: {e}")
+            }
+        }
+    });
+    if let Err(e) = sent {
+        log::warn!("server {addr}: cannot report a transfer: {e}");
+    }
 }
 
 fn stored(id: u64, meta: FileMeta, existing: bool, shared: &Shared) -> Reply {
@@ -151,9 +199,21 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
         return Next::Close;
     }
     let upload_id = req.upload_id.clone();
+    report(shared, &req, "started", None, None);
     // The upload is given back (ended) before the reply goes out, so a
     // client that resumes at once finds it free.
     let (next, reply) = take_chunks(upload, id, reader, peer, shared);
+    match &reply {
+        Some(Reply::FileStored(s)) => report(shared, &req, "stored", Some(s.name.clone()), None),
+        Some(Reply::Error(e)) => report(shared, &req, "failed", None, Some(e.message.clone())),
+        _ => report(
+            shared,
+            &req,
+            "failed",
+            None,
+            Some("the upload was interrupted".into()),
+        ),
+    }
     match reply {
         Some(reply) => {
             if let Reply::Error(e) = &reply {
