@@ -339,12 +339,31 @@ pub fn send_paths(
     Ok(all_ok)
 }
 
-/// A `.json` file holding a document (a small one: larger files go as
-/// files whatever they hold).
+/// Whether a path goes as a document: a `.json` file meant as one — an
+/// object with `titolo` or `contenuto` (a mistake in it is reported, not
+/// sent as a file), or a file that cannot be read (reported with the
+/// documents). Other JSON data, and files larger than a document can be,
+/// go as files.
 fn is_document_file(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "json")
-        && std::fs::metadata(path).is_ok_and(|m| m.len() <= proto::DEFAULT_MAX_FRAME as u64)
-        && load_document(path).is_ok()
+    if path.extension().is_none_or(|e| e != "json") {
+        return false;
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > proto::DEFAULT_MAX_FRAME as u64 => false,
+        Ok(_) => {
+            let Ok(bytes) = std::fs::read(path) else {
+                return true;
+            };
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(serde_json::Value::Object(o)) => {
+                    o.contains_key("titolo") || o.contains_key("contenuto")
+                }
+                _ => false,
+            }
+        }
+        Err(_) => true,
+    }
 }
 
 pub fn send_files(

@@ -76,7 +76,7 @@ struct Args {
     /// after this long without new bytes.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     partial_ttl: Duration,
-    /// The key shared with the balancer (see `balancer --help`): with it,
+    /// The key shared with the balancer, the file it was given too: with it,
     /// this server accepts file uploads only with a ticket the balancer
     /// signed for it, unexpired.
     #[arg(long, value_name = "FILE")]
