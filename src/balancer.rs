@@ -20,12 +20,12 @@ pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
+pub mod relay;
 pub mod session;
 pub mod stats;
 pub mod tracking;
 pub mod users;
 
-use crate::auth::ClusterKey;
 use crate::error::Error;
 use crate::ids;
 use crate::net;
@@ -112,9 +112,13 @@ pub struct Config {
     pub fall: u32,
     /// The state file recording every transfer; `None` turns tracking off.
     pub state: Option<PathBuf>,
-    /// The key servers must prove on every connection, and that servers
-    /// registering must prove (see `handshake`).
-    pub cluster_key: Option<ClusterKey>,
+    /// How file uploads reach servers: relayed, or redirected with a ticket.
+    pub mode: relay::Mode,
+    /// Signs redirect tickets (required in redirect mode); servers must
+    /// prove it on every connection, and to register (see `handshake`).
+    pub cluster_key: Option<crate::auth::ClusterKey>,
+    /// How long a redirect ticket stays valid.
+    pub ticket_ttl: Duration,
     /// With a cluster key, `BackendWire::Legacy` is refused unless this is
     /// set: the original servers cannot prove anything.
     pub allow_unauthenticated_legacy: bool,
@@ -154,7 +158,9 @@ impl Default for Config {
             rise: crate::health::DEFAULT_RISE,
             fall: crate::health::DEFAULT_FALL,
             state: None,
+            mode: relay::Mode::Proxy,
             cluster_key: None,
+            ticket_ttl: Duration::from_secs(60),
             allow_unauthenticated_legacy: false,
             users: false,
             max_document_size: None,
@@ -325,6 +331,7 @@ impl Balancer {
             alive_rx,
         )?);
 
+        let advertise = self.listener.local_addr().ok();
         let accept = Acceptor {
             listener: self.listener,
             jobs: jobs_tx,
@@ -340,6 +347,15 @@ impl Balancer {
                 max_document_size: config.max_document_size,
             },
             stop: stop_rx,
+            files: Arc::new(relay::FileSettings {
+                mode: config.mode,
+                key: config.cluster_key.clone(),
+                ticket_ttl: config.ticket_ttl,
+                connect_timeout: config.probe_timeout,
+                server_timeout: config.server_timeout,
+                wait: config.queue_timeout,
+                advertise,
+            }),
             tracker,
             max_connections: config.max_connections,
             access: Arc::new(session::Access {
@@ -495,6 +511,7 @@ struct Acceptor {
     settings: conn::ConnSettings,
     stop: Receiver<()>,
     tracker: Option<tracking::Tracker>,
+    files: Arc<relay::FileSettings>,
     max_connections: usize,
     access: Arc<session::Access>,
 }
@@ -510,6 +527,7 @@ impl Acceptor {
             settings,
             stop,
             tracker,
+            files,
             max_connections,
             access,
         } = self;
@@ -531,6 +549,7 @@ impl Acceptor {
                     budget: budget.clone(),
                     stop: conn_stop.clone(),
                     tracker: tracker.clone(),
+                    files: files.clone(),
                     access: access.clone(),
                 };
                 conn.serve(stream);

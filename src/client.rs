@@ -7,6 +7,7 @@
 //! summary comes from running counts (`report`).
 
 pub mod admin;
+pub mod files;
 pub mod login;
 pub mod pipeline;
 pub mod report;
@@ -80,6 +81,8 @@ pub enum Error {
     ReadDir(PathBuf, io::Error),
     ReadFile(PathBuf, io::Error),
     BadDocument(PathBuf, String),
+    /// A file could not be sent or fetched, and why.
+    File(PathBuf, String),
     Connect(SocketAddr, io::Error),
     /// The user interrupted a batch; its summary has been printed.
     Interrupted,
@@ -121,6 +124,7 @@ impl fmt::Display for Error {
             Error::BadDocument(path, why) => {
                 write!(f, "{} is not a document: {why}", path.display())
             }
+            Error::File(path, why) => write!(f, "{}: {why}", path.display()),
             Error::Connect(addr, e) => write!(
                 f,
                 "no balancer answers at {addr} ({e}). Start one with \
@@ -313,6 +317,58 @@ fn store_documents(
 /// be read or is not a document is reported as failed and not sent. Prints
 /// a line per document and a summary; returns whether every document was
 /// stored.
+/// Sends the given paths: JSON documents (`titolo` and `contenuto`) as
+/// documents, unless `as_files`, and anything else as files, streamed in
+/// chunks. Returns whether every one was stored.
+pub fn send_paths(
+    config: &Config,
+    paths: Vec<PathBuf>,
+    as_files: bool,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    let (documents, files): (Vec<PathBuf>, Vec<PathBuf>) = paths
+        .into_iter()
+        .partition(|p| !as_files && is_document_file(p));
+    let mut all_ok = true;
+    if !documents.is_empty() {
+        all_ok &= send_files(config, documents, out)?;
+    }
+    for path in files {
+        if let Err(e) = files::upload(config, &path, out) {
+            writeln!(out, "not stored: {e}")?;
+            all_ok = false;
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Whether a path goes as a document: a `.json` file meant as one — an
+/// object with `titolo` or `contenuto` (a mistake in it is reported, not
+/// sent as a file), or a file that cannot be read (reported with the
+/// documents). Other JSON data, and files larger than a document can be,
+/// go as files.
+fn is_document_file(path: &Path) -> bool {
+    if path.extension().is_none_or(|e| e != "json") {
+        return false;
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > proto::DEFAULT_MAX_FRAME as u64 => false,
+        Ok(_) => {
+            let Ok(bytes) = std::fs::read(path) else {
+                return true;
+            };
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(serde_json::Value::Object(o)) => {
+                    o.contains_key("titolo") || o.contains_key("contenuto")
+                }
+                _ => false,
+            }
+        }
+        Err(_) => true,
+    }
+}
+
 pub fn send_files(
     config: &Config,
     files: Vec<PathBuf>,

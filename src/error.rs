@@ -58,6 +58,12 @@ impl std::error::Error for Error {
     }
 }
 
+impl From<crate::auth::KeyError> for Error {
+    fn from(e: crate::auth::KeyError) -> Self {
+        Error::Config(e.to_string())
+    }
+}
+
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(e)

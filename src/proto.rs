@@ -5,20 +5,20 @@
 //! message is one frame holding UTF-8 JSON with a `"type"` tag. The length is
 //! checked against a maximum before anything is allocated. A message may
 //! announce a binary body with `"body_len": N`; the body then travels as the
-//! next frame, raw. No message uses a body yet, but the reader and writer here
-//! already carry raw frames, so streamed files can be added without touching
-//! the framing.
+//! next frame, raw: that is how files of any size travel, in chunks
+//! (`file`).
 //!
 //! Every request carries an `id` chosen by the sender; the reply to it echoes
 //! the same `id`, so one connection can carry many requests in flight.
 //! Submodules: `frame` (bytes to frames), `message` (frames to typed
-//! requests and replies), `connection` (a request/response stream) and
-//! `legacy` (the original system's unframed format).
+//! requests and replies), `file` (chunked uploads and downloads),
+//! `connection` (a request/response stream) and `legacy` (the original system's unframed format).
 //!
 //! Italian field names (`titolo`, `contenuto`, `numero_richiesta`) exist only
 //! on the wire, for continuity with the original system.
 
 mod connection;
+pub mod file;
 mod frame;
 pub mod legacy;
 mod message;

@@ -13,9 +13,11 @@
 //! `storage::Storage::claim`); documents in the original format are always
 //! stored, because the original balancer reuses numbers across runs.
 
+pub mod files;
 pub mod load;
 pub mod registrar;
 pub mod storage;
+mod transfer;
 
 use crate::auth::ClusterKey;
 use crate::error::Error;
@@ -25,6 +27,7 @@ use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, Request};
 use crossbeam_channel::{Receiver, Sender};
+use files::FileStore;
 use load::{Limits, Load};
 use rand::Rng;
 use std::io::{self, BufReader, Write};
@@ -60,9 +63,13 @@ pub struct Config {
     /// Node id (0..=511) in the request numbers this server gives documents
     /// that arrive without one; `None` picks one at random.
     pub server_id: Option<u16>,
+    /// Partial uploads untouched for this long are removed.
+    pub partial_ttl: Duration,
     /// With a cluster key, every framed connection must prove it first
-    /// (see `handshake`), and connections in the original format, which
-    /// cannot, are refused unless `allow_unauthenticated_legacy`.
+    /// (see `handshake`) except an upload, which needs a ticket the
+    /// balancer signed instead; connections in the original format, which
+    /// cannot prove anything, are refused unless
+    /// `allow_unauthenticated_legacy`.
     pub cluster_key: Option<ClusterKey>,
     pub allow_unauthenticated_legacy: bool,
 }
@@ -82,6 +89,7 @@ impl Default for Config {
             max_connections: net::default_max_connections(),
             frame_timeout: Duration::from_secs(30),
             server_id: None,
+            partial_ttl: Duration::from_secs(24 * 3600),
             cluster_key: None,
             allow_unauthenticated_legacy: false,
         }
@@ -92,6 +100,7 @@ impl Default for Config {
 struct Shared {
     addr: SocketAddr,
     storage: Storage,
+    files: FileStore,
     load: Arc<Load>,
     /// Numbers documents that arrive without one (sent straight to a server
     /// rather than through the balancer), apart from every balancer's.
@@ -138,6 +147,7 @@ impl Server {
             source,
         };
         let storage = Storage::open(&dir).map_err(storage_err)?;
+        let files = FileStore::open(&dir, config.partial_ttl).map_err(storage_err)?;
         if config.clean {
             let removed = storage.clean().map_err(storage_err)?;
             log::info!(
@@ -164,6 +174,7 @@ impl Server {
             shared: Arc::new(Shared {
                 addr,
                 storage,
+                files,
                 load,
                 numbers: Generator::new(Source::Server, node),
                 config,
@@ -369,7 +380,12 @@ fn serve_framed(
                     break;
                 }
                 Some(answer) => answer.reply,
-                None if gate.keyed() && !gate.proven() => {
+                // An upload straight from a client carries a signed ticket
+                // instead (checked by `transfer::receive`).
+                None if gate.keyed()
+                    && !gate.proven()
+                    && !matches!(request, Request::Upload(_)) =>
+                {
                     if let Some(skipped) = refusals().check(&peer.ip()) {
                         log::warn!(
                             "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
@@ -381,10 +397,24 @@ fn serve_framed(
                         Some(request.id()),
                         ErrorCode::Unauthenticated,
                         "this server takes requests only after the cluster handshake \
-                         (hello, see PROTOCOL.md)",
+                         (hello, see PROTOCOL.md), or uploads with a ticket",
                     )
                 }
-                None => handle(request, shared),
+                None => match request {
+                    Request::Upload(upload) => {
+                        match transfer::receive(upload, &mut reader, &mut writer, peer, shared) {
+                            transfer::Next::Continue => continue,
+                            transfer::Next::Close => break,
+                        }
+                    }
+                    Request::Get { id, name, offset } => {
+                        match transfer::send(id, &name, offset, &mut writer, peer, shared) {
+                            transfer::Next::Continue => continue,
+                            transfer::Next::Close => break,
+                        }
+                    }
+                    request => handle(request, shared),
+                },
             },
         };
         if let Err(e) = writer.message(&reply) {
@@ -463,6 +493,15 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             })
         }
         Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
+        Request::List { id } => transfer::list(id, shared),
+        Request::Upload(r) => out_of_upload(r.id),
+        Request::Chunk(c) => out_of_upload(c.id),
+        Request::UploadEnd { id, .. } => out_of_upload(id),
+        Request::Get { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::Internal,
+            "`get` is answered by the connection loop",
+        ),
         Request::Servers { id }
         | Request::Register { id, .. }
         | Request::Deregister { id, .. }
@@ -472,6 +511,11 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             Some(id),
             ErrorCode::BadRequest,
             "this request is for the balancer, not for storage servers",
+        ),
+        Request::TransferEvent(e) => Reply::error(
+            Some(e.id),
+            ErrorCode::BadRequest,
+            "`transfer_event` is for the balancer, not for storage servers",
         ),
         Request::Transfers { id, .. } | Request::Login { id, .. } => Reply::error(
             Some(id),
@@ -485,6 +529,15 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             "cluster handshake out of place",
         ),
     }
+}
+
+/// `chunk` or `upload_end` with no upload started on the connection.
+fn out_of_upload(id: u64) -> Reply {
+    Reply::error(
+        Some(id),
+        ErrorCode::BadRequest,
+        "no upload in progress on this connection (send `upload` first)",
+    )
 }
 
 fn status_report(id: u64, shared: &Shared) -> proto::StatusReport {

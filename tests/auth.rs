@@ -252,3 +252,34 @@ fn local_servers_share_the_balancers_key() {
     let log = read_log(dir.path());
     assert!(!log.contains("did not prove the cluster key"), "{log}");
 }
+
+#[test]
+fn files_reach_keyed_servers_relayed_or_redirected() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = key_file(keys.path(), "cluster.key");
+    let key_arg = key.display().to_string();
+    for mode in ["proxy", "redirect"] {
+        let cluster = Cluster::start(
+            1,
+            &["--cluster-key-file", &key_arg],
+            &["--cluster-key-file", &key_arg, "--mode", mode],
+        );
+        let file = cluster.dir.path().join(format!("{mode}.bin"));
+        std::fs::write(&file, vec![1u8; 300_000]).unwrap();
+        let client = |args: &[&str]| {
+            Command::new(client_bin())
+                .args(["--balancer", &cluster.balancer.addr.to_string()])
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = client(&["send", &file.display().to_string()]);
+        assert!(out.status.success(), "{mode}: {out:?}");
+        let out = client(&["list"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("{mode}.bin")),
+            "{mode}: {out:?}"
+        );
+        assert!(!cluster.log().contains("did not prove the cluster key"));
+    }
+}

@@ -232,7 +232,9 @@ fn documents_given_by_the_user_are_checked_and_the_good_ones_sent() {
         b"\xEF\xBB\xBF{\"titolo\": \"bom\", \"contenuto\": \"x\"}",
     )
     .unwrap();
-    std::fs::write(dir.join("array.json"), "[1,2,3]").unwrap();
+    // Meant as a document, with a mistake: reported, not sent. (JSON that
+    // is no document at all, such as an array, goes as a plain file.)
+    std::fs::write(dir.join("array.json"), r#"{"titolo": 5, "contenuto": "x"}"#).unwrap();
     let big = format!(
         r#"{{"titolo": "big", "contenuto": "{}"}}"#,
         "a".repeat(2048)

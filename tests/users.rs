@@ -256,3 +256,46 @@ fn each_user_sees_only_their_own_transfers() {
     );
     assert!(!user_cmd(&state, &["remove", "bob"], None).status.success());
 }
+
+#[test]
+fn files_need_a_login_too() {
+    let cluster = cluster();
+    let balancer = cluster.balancer.addr.to_string();
+    let file = cluster.dir.path().join("photo.bin");
+    std::fs::write(&file, vec![7u8; 100_000]).unwrap();
+    let client = |user: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(client_bin());
+        cmd.args(["--balancer", &balancer]);
+        if let Some(u) = user {
+            cmd.args(["--user", u])
+                .env("FTP_PASSWORD", format!("{u} pw"));
+        }
+        cmd.args(args).stdin(Stdio::null()).output().unwrap()
+    };
+    let out = client(None, &["send", &file.display().to_string()]);
+    assert!(!out.status.success(), "{out:?}");
+    let out = client(Some("alice"), &["send", &file.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = client(Some("alice"), &["list"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("photo.bin"),
+        "{out:?}"
+    );
+    let out = client(None, &["list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("login"), "{err}");
+    // The upload is recorded as hers.
+    let mut alice = logged_in(&cluster, "alice", "alice pw");
+    alice.send_json(&json!({"type": "transfers", "id": 1}));
+    match alice.reply() {
+        Reply::Transfers(list) => {
+            assert!(list
+                .transfers
+                .iter()
+                .any(|t| t.title == "photo.bin" && t.user.as_deref() == Some("alice")));
+        }
+        other => panic!("{other:?}"),
+    }
+}

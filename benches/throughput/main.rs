@@ -1,7 +1,7 @@
 //! Throughput, latency and memory of storing documents through our
 //! balancer, against the same clients talking straight to the servers and
-//! through HAProxy; then 10,000 idle connections, and a server killed with
-//! SIGKILL under load.
+//! through HAProxy; a 1 GiB file streamed the same three ways; then 10,000
+//! idle connections, and a server killed with SIGKILL under load.
 //!
 //! Everything runs as real processes on 127.0.0.1, started from the binaries
 //! cargo built: three storage servers, one balancer in front of them and,
@@ -20,17 +20,21 @@
 //!
 //! ```text
 //! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D
-//!     --idle N --kill-docs N --only table|idle|kill --write BENCHMARKS.md --quick]
+//!     --idle N --kill-docs N --bulk-mib N --only table|bulk|idle|kill
+//!     --write BENCHMARKS.md --quick]
 //! ```
 //!
 //! `--docs` is the count of a 64-client scenario (default 19200); fewer
 //! clients send proportionally fewer, but at least a sixteenth of it, so
 //! that the one-client numbers rest on enough samples. `--idle` is the
 //! count of idle connections (10000), `--kill-docs` the documents of the
-//! kill run (10000). `--write` also writes the report, with the machine and
-//! versions, to a file. `--quick` is a smoke run: 640 documents, 2000 idle
-//! connections, 3000 documents in the kill run, one run of each.
+//! kill run (10000), `--bulk-mib` the size of the file streamed through
+//! each path (1024). `--write` also writes the report, with the machine and
+//! versions, to a file. `--quick` is a smoke run: 640 documents, a 256 MiB
+//! file, 2000 idle connections, 3000 documents in the kill run, one run of
+//! each.
 
+mod bulk;
 #[path = "../common/mod.rs"]
 mod common;
 mod failover;
@@ -61,6 +65,8 @@ pub struct Options {
     idle: usize,
     /// Documents of the kill run.
     kill_docs: usize,
+    /// Size of the streamed file, MiB.
+    bulk_mib: u64,
     /// Parts to run: table, idle, kill.
     only: Option<String>,
     write: Option<PathBuf>,
@@ -90,6 +96,7 @@ fn parse_args() -> Result<Options, String> {
         depth: 8,
         idle: 10_000,
         kill_docs: 10_000,
+        bulk_mib: 1024,
         only: None,
         write: None,
         balancer_args: Vec::new(),
@@ -108,12 +115,15 @@ fn parse_args() -> Result<Options, String> {
                 options.runs = 1;
                 options.idle = 2000;
                 options.kill_docs = 3000;
+                options.bulk_mib = 256;
                 continue;
             }
             "--only" => {
-                let part = args.next().ok_or("--only needs table, idle or kill")?;
-                if !["table", "idle", "kill"].contains(&part.as_str()) {
-                    return Err(format!("--only {part}: not table, idle or kill"));
+                let part = args
+                    .next()
+                    .ok_or("--only needs table, bulk, idle or kill")?;
+                if !["table", "bulk", "idle", "kill"].contains(&part.as_str()) {
+                    return Err(format!("--only {part}: not table, bulk, idle or kill"));
                 }
                 options.only = Some(part);
                 continue;
@@ -121,6 +131,15 @@ fn parse_args() -> Result<Options, String> {
             "--balancer-arg" => {
                 let extra = args.next().ok_or("--balancer-arg needs a value")?;
                 options.balancer_args.push(extra);
+                continue;
+            }
+            "--bulk-mib" => {
+                let value = args.next().ok_or("--bulk-mib needs a value")?;
+                options.bulk_mib = value
+                    .parse()
+                    .ok()
+                    .filter(|&v| v > 0)
+                    .ok_or(format!("--bulk-mib {value}: not a positive whole number"))?;
                 continue;
             }
             "--write" => {
@@ -400,6 +419,15 @@ fn main() {
     } else {
         Vec::new()
     };
+    let bulk = options.runs_part("bulk").then(|| {
+        let targets = bulk::Targets {
+            balancer: &balancer,
+            haproxy: haproxy.as_ref(),
+            servers: &servers,
+            dirs: &dirs,
+        };
+        bulk::measure(temp.path(), &targets, &options)
+    });
     drop(haproxy);
     drop(balancer);
     empty_folders(&dirs);
@@ -417,6 +445,7 @@ fn main() {
         options: &options,
         setup,
         rows,
+        bulk,
         haproxy_version: haproxy_bin.as_deref().map(haproxy::version),
         idle,
         kill,

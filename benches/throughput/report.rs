@@ -2,6 +2,7 @@
 //! and the versions, the tables, and whether each goal of the benchmark
 //! was met, with its numbers.
 
+use crate::bulk::Bulk;
 use crate::common::process::first_line;
 use crate::failover::{ms, Kill};
 use crate::idle::Idle;
@@ -13,6 +14,7 @@ pub struct Report<'a> {
     pub options: &'a Options,
     pub setup: String,
     pub rows: Vec<Row>,
+    pub bulk: Option<Bulk>,
     pub haproxy_version: Option<String>,
     pub idle: Option<Idle>,
     pub kill: Option<Kill>,
@@ -92,12 +94,9 @@ impl Report<'_> {
              not the absolute numbers. Clients, balancer, HAProxy and servers share the cores."
         );
         self.table(&mut out);
+        self.bulk(&mut out);
         self.idle(&mut out);
         self.kill(&mut out);
-        let _ = writeln!(
-            out,
-            "\n## Streaming a 1 GiB file\n\nn/a until file streaming exists."
-        );
         self.goals(&mut out);
         out
     }
@@ -146,6 +145,49 @@ impl Report<'_> {
                 vs(direct),
                 vs_haproxy,
                 row.m.peak_mib.map_or(String::new(), |p| format!("{p:.1}")),
+            );
+        }
+    }
+
+    fn bulk(&self, out: &mut String) {
+        let Some(bulk) = &self.bulk else { return };
+        let _ = writeln!(
+            out,
+            "\n## Streaming a {} MiB file\n\n\
+             `client send` of one file of random bytes (1 MiB chunks, SHA-256 checked by the \
+             server before the file is put in place, fsynced). Median of {} runs; peak RSS \
+             sampled every 50 ms. Direct: to one server; HAProxy: TCP, to the server it picks.\n",
+            bulk.mib, self.options.runs
+        );
+        let _ = writeln!(
+            out,
+            "| path | MiB/s | vs direct | vs haproxy | peak RSS balancer/HAProxy MiB | peak RSS server MiB |"
+        );
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+        let direct = bulk.find(Route::Direct);
+        let haproxy = bulk.find(Route::HaProxy);
+        for row in &bulk.rows {
+            let vs = |o: Option<&crate::bulk::BulkRow>| match o {
+                Some(o) if o.route != row.route && row.route != Route::Direct => {
+                    ratio(row.mib_per_sec, o.mib_per_sec)
+                }
+                _ => String::new(),
+            };
+            let vs_haproxy = if row.route == Route::Balancer {
+                vs(haproxy)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {} | {} | {:.1} |",
+                row.route.name(),
+                row.mib_per_sec,
+                vs(direct),
+                vs_haproxy,
+                row.proxy_peak_mib
+                    .map_or(String::new(), |m| format!("{m:.1}")),
+                row.server_peak_mib
             );
         }
     }
@@ -334,9 +376,39 @@ impl Report<'_> {
                 secs(back)
             );
         }
-        let _ = writeln!(
-            out,
-            "- Streaming a 1 GiB file: n/a until file streaming exists."
-        );
+        if let Some(bulk) = &self.bulk {
+            if let (Some(b), Some(d)) = (bulk.find(Route::Balancer), bulk.find(Route::Direct)) {
+                let vs = b.mib_per_sec / d.mib_per_sec;
+                let _ = writeln!(
+                    out,
+                    "- Bulk ({} MiB): through the balancer at least 0.8 of direct: {} ({:.0} vs {:.0} MiB/s, {vs:.2}x).",
+                    bulk.mib,
+                    met(vs >= 0.8),
+                    b.mib_per_sec,
+                    d.mib_per_sec
+                );
+                if let Some(h) = bulk.find(Route::HaProxy) {
+                    let vs = b.mib_per_sec / h.mib_per_sec;
+                    let _ = writeln!(
+                        out,
+                        "- Bulk: at least HAProxy: {} ({:.0} vs {:.0} MiB/s, {vs:.2}x).",
+                        met(vs >= 1.0),
+                        b.mib_per_sec,
+                        h.mib_per_sec
+                    );
+                }
+                let peak = b.proxy_peak_mib.unwrap_or(0.0);
+                let server = bulk
+                    .rows
+                    .iter()
+                    .map(|r| r.server_peak_mib)
+                    .fold(0.0, f64::max);
+                let _ = writeln!(
+                    out,
+                    "- Bulk: balancer and server under 64 MiB while relaying: {} (balancer {peak:.1} MiB, server {server:.1} MiB).",
+                    met(peak < 64.0 && server < 64.0)
+                );
+            }
+        }
     }
 }

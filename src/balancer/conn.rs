@@ -15,20 +15,21 @@
 use super::dispatch::{Change, Event, Job, Work};
 use super::flow::{Budget, Hold, Window};
 use super::limits::Limit;
+use super::relay::{ClientWriter, FileSettings, Next};
 use super::session::{Access, Session, Verdict};
 use super::stats::Stats;
 use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, Deadline, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request, ServerList,
-    TransferList,
+    self, Chunk, Deadline, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request,
+    ServerList, TransferList,
 };
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +61,8 @@ pub struct Conn {
     pub stop: Receiver<()>,
     /// Answers `transfers`; `None` when tracking is off.
     pub tracker: Option<Tracker>,
+    /// How file uploads reach servers.
+    pub files: Arc<FileSettings>,
     /// Who may ask what (cluster key, users).
     pub access: Arc<Access>,
 }
@@ -119,8 +122,10 @@ impl Conn {
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let stop = self.stop.clone();
         let name = format!("{}-w", std::thread::current().name().unwrap_or("conn"));
+        let out: ClientWriter = Arc::new(Mutex::new(FrameWriter::new(stream)));
+        let writer_out = out.clone();
         let writer = net::spawn_named(name, Some(256 * 1024), move || {
-            write_replies(stream, peer, reply_rx, stop)
+            write_replies(&writer_out, peer, reply_rx, stop)
         });
         let writer = match writer {
             Ok(w) => w,
@@ -129,7 +134,7 @@ impl Conn {
                 return;
             }
         };
-        let (received, work) = self.read_requests(read_half, &reply_tx);
+        let (received, work) = self.read_requests(read_half, &reply_tx, &out);
         drop(reply_tx);
         let sent = writer.join().unwrap_or(0);
         net::close_gracefully(&closing);
@@ -151,7 +156,12 @@ impl Conn {
     /// The connection's `Session` says who is on the other end: requests
     /// that touch what a user owns filter by `session.user()` or
     /// `session.owner_filter()` (transfers now).
-    fn read_requests(&self, stream: net::Stream, replies: &Sender<Reply>) -> (u64, u64) {
+    fn read_requests(
+        &self,
+        stream: net::Stream,
+        replies: &Sender<Reply>,
+        out: &ClientWriter,
+    ) -> (u64, u64) {
         let peer = self.peer;
         let local = stream.tcp().local_addr().unwrap_or(peer);
         let paced = net::Paced::new(stream, self.settings.idle_timeout);
@@ -318,6 +328,37 @@ impl Conn {
                         Some(id),
                         ErrorCode::BadRequest,
                         "`status` is answered by storage servers; ask the balancer for `servers`",
+                    ));
+                    continue;
+                }
+                Request::Upload(upload) => {
+                    work_received += 1;
+                    match self.upload(upload, &mut reader, replies, session.user_name().as_deref())
+                    {
+                        Next::Continue => continue,
+                        Next::Close => return (received, work_received),
+                    }
+                }
+                Request::Get { id, name, offset } => {
+                    work_received += 1;
+                    match self.get(id, &name, offset, out) {
+                        Next::Continue => continue,
+                        Next::Close => return (received, work_received),
+                    }
+                }
+                Request::List { id } => {
+                    let _ = replies.send(self.list(id));
+                    continue;
+                }
+                Request::TransferEvent(event) => {
+                    let _ = replies.send(self.transfer_event(event));
+                    continue;
+                }
+                Request::Chunk(Chunk { id, .. }) | Request::UploadEnd { id, .. } => {
+                    let _ = replies.send(Reply::error(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        "no upload in progress on this connection (send `upload` first)",
                     ));
                     continue;
                 }
@@ -500,8 +541,9 @@ impl Conn {
 
 /// The request types a client may send to the balancer: `status` and
 /// `forget` are for storage servers.
-const BALANCER_TYPES: &str =
-    "store, calc, servers, transfers, register, deregister, add_server, drain_server, remove_server, hello, hello_proof, login";
+const BALANCER_TYPES: &str = "store, calc, servers, transfers, register, deregister, \
+     add_server, drain_server, remove_server, upload, chunk, upload_end, list, get, hello, \
+     hello_proof, login";
 
 /// The decoder's `unknown_type` message lists every request type of the
 /// protocol; a client of the balancer is told only those it accepts.
@@ -516,12 +558,11 @@ fn balancer_types_only(message: &str) -> String {
 }
 
 fn write_replies(
-    stream: net::Stream,
+    out: &ClientWriter,
     peer: SocketAddr,
     replies: Receiver<Reply>,
     stop: Receiver<()>,
 ) -> u64 {
-    let mut writer = FrameWriter::new(stream);
     let mut sent = 0;
     let mut broken = false;
     // Keep draining after a write error so that the channel empties and the
@@ -530,7 +571,7 @@ fn write_replies(
         if broken {
             continue;
         }
-        match writer.message(&reply) {
+        match net::lock(out).message(&reply) {
             Ok(()) => sent += 1,
             Err(e) => {
                 log::warn!("connection from {peer}: cannot send reply: {e}");
@@ -545,7 +586,7 @@ fn write_replies(
             "the balancer is shutting down: every request answered above was handled; \
              any request sent after them was not read",
         );
-        let _ = writer.message(&last);
+        let _ = net::lock(out).message(&last);
     }
     sent
 }

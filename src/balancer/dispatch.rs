@@ -180,6 +180,14 @@ pub enum Event {
         id: u64,
         reply: Sender<Reply>,
     },
+    /// A connection needs a server for a file transfer: `prefer` when it
+    /// can take work, else the policy's choice among the others not in
+    /// `avoid`. The answer carries a request number for tracking.
+    PickServer {
+        prefer: Option<String>,
+        avoid: Vec<String>,
+        reply: Sender<Option<Picked>>,
+    },
     /// A link could not complete a job; it goes back to the queue.
     Retry {
         server: ServerId,
@@ -191,6 +199,18 @@ pub enum Event {
         /// The request may have reached the server; counts as an attempt.
         delivered: bool,
     },
+}
+
+/// A file transfer's request for a server: preferred, avoided, answer.
+type ParkedPick = (Option<String>, Vec<String>, Sender<Option<Picked>>);
+
+/// The server chosen for a file transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picked {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The transfer's request number.
+    pub number: u64,
 }
 
 /// The dispatcher's view of one server.
@@ -243,6 +263,8 @@ pub struct Dispatcher {
     outage_since: Option<Instant>,
     /// When the first waiting job expires, while in an outage.
     next_expiry: Option<Instant>,
+    /// File transfers waiting for a server to come up.
+    parked_picks: VecDeque<ParkedPick>,
     /// Set once shutting down: when the remaining work is cut off.
     drain_deadline: Option<Instant>,
     aborted: bool,
@@ -274,6 +296,7 @@ impl Dispatcher {
             stats,
             outage_since: Some(Instant::now()),
             next_expiry: None,
+            parked_picks: VecDeque::new(),
             drain_deadline: None,
             aborted: false,
             tracker: None,
@@ -450,8 +473,12 @@ impl Dispatcher {
         }
     }
 
-    /// Dispatches waiting jobs in order while servers can take them.
+    /// Dispatches waiting jobs in order while servers can take them (and
+    /// answers file transfers waiting for a server).
     fn drain(&mut self) {
+        if !self.parked_picks.is_empty() {
+            self.answer_parked_picks();
+        }
         while let Some(job) = self.waiting.pop_front() {
             if let Some(job) = self.try_dispatch(job) {
                 self.waiting.push_front(job);
@@ -472,6 +499,72 @@ impl Dispatcher {
                 load: s.load,
             })
             .collect()
+    }
+
+    /// Keeps a file transfer's request for a server until one can take it
+    /// (the connection gives up after its own timeout).
+    fn park_pick(
+        &mut self,
+        prefer: Option<String>,
+        avoid: Vec<String>,
+        reply: Sender<Option<Picked>>,
+    ) {
+        if self.parked_picks.len() >= MAX_WAITING {
+            // The oldest has surely been given up on by now.
+            self.parked_picks.pop_front();
+        }
+        self.parked_picks.push_back((prefer, avoid, reply));
+    }
+
+    /// Answers parked file transfers while servers can take them.
+    fn answer_parked_picks(&mut self) {
+        while let Some((prefer, avoid, reply)) = self.parked_picks.pop_front() {
+            match self.pick_for_file(prefer.as_deref(), &avoid) {
+                // A connection that gave up has dropped its receiver: the
+                // number is spent, nothing else.
+                Some(picked) => {
+                    let _ = reply.send(Some(picked));
+                }
+                None => {
+                    self.parked_picks.push_front((prefer, avoid, reply));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A server for a file transfer (see `Event::PickServer`). Files do not
+    /// use the links, so a server's in-flight documents do not rule it out.
+    fn pick_for_file(&mut self, prefer: Option<&str>, avoid: &[String]) -> Option<Picked> {
+        let usable = |s: &Slot| {
+            s.health.accepts_requests() && s.draining.is_none() && !avoid.contains(&s.name)
+        };
+        let chosen = match self
+            .slots
+            .values()
+            .find(|s| Some(s.name.as_str()) == prefer)
+        {
+            Some(s) if usable(s) => s,
+            _ => {
+                let candidates: Vec<Candidate> = self
+                    .slots
+                    .values()
+                    .map(|s| Candidate {
+                        eligible: usable(s),
+                        in_flight: s.in_flight,
+                        load: s.load,
+                    })
+                    .collect();
+                let index = self.policy.pick(&candidates)?;
+                self.slots.values().nth(index)?
+            }
+        };
+        let (name, addr) = (chosen.name.clone(), chosen.addr);
+        Some(Picked {
+            name,
+            addr,
+            number: self.numbers.next(),
+        })
     }
 
     /// Hands the job to a server's link, or gives it back when no server can
@@ -591,6 +684,16 @@ impl Dispatcher {
                 }
             }
             Event::Membership { change, id, reply } => self.change_membership(change, id, reply),
+            Event::PickServer {
+                prefer,
+                avoid,
+                reply,
+            } => match self.pick_for_file(prefer.as_deref(), &avoid) {
+                Some(picked) => {
+                    let _ = reply.send(Some(picked));
+                }
+                None => self.park_pick(prefer, avoid, reply),
+            },
             Event::Retry {
                 server,
                 job,

@@ -110,7 +110,9 @@ impl Session {
     }
 
     /// The user logged in on this connection, if any. Requests that touch
-    /// what users own (transfers; files, later) filter by it.
+    /// what users own filter by it: transfers now; `list` and `get` of
+    /// files are to filter by it too (they need a login, but do not yet
+    /// keep files apart by owner).
     pub fn user(&self) -> Option<&User> {
         self.user.as_ref()
     }
@@ -169,8 +171,11 @@ impl Session {
                     "servers must prove the cluster key (hello) before they register",
                 ))
             }
-            // Registration is guarded by the cluster key, not by users.
-            Request::Register { .. } | Request::Deregister { .. } => Verdict::Proceed,
+            // Registration is guarded by the cluster key, not by users;
+            // a server's report on a redirected upload is signed with it.
+            Request::Register { .. } | Request::Deregister { .. } | Request::TransferEvent(_) => {
+                Verdict::Proceed
+            }
             _ if users_on && self.user.is_none() => Verdict::Answer(Reply::error(
                 Some(request.id()),
                 ErrorCode::Unauthenticated,

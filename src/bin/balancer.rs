@@ -1,4 +1,6 @@
 use clap::Parser;
+use lbft::auth::ClusterKey;
+use lbft::balancer::relay::Mode;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
 use lbft::cli::{parse_addr, parse_duration, parse_size};
 use lbft::policy::PolicyKind;
@@ -140,18 +142,31 @@ struct Args {
     /// Record no transfers and remember no pool (no state file).
     #[arg(long, conflicts_with = "state")]
     no_state: bool,
+    /// How clients upload files: `proxy` (through the balancer, which
+    /// relays every chunk) or `redirect` (the balancer picks a server and
+    /// answers with its address and a signed ticket; the client uploads
+    /// straight to it). Redirect needs --cluster-key-file, or
+    /// --local-servers (which share a key made at start).
+    #[arg(long, value_enum, default_value_t = UploadMode::Proxy)]
+    mode: UploadMode,
+    /// File holding the key that balancer and servers share (64 hex
+    /// digits; created with a new random key when missing). Servers must
+    /// prove it on every connection (links, status probes, file relays)
+    /// or get nothing, and to register; the balancer proves it back. The
+    /// balancer also signs upload tickets with it; servers started with
+    /// the same file accept uploads only with such a ticket. Local servers
+    /// (--local-servers) share it.
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
+    /// How long a redirect ticket is valid.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    ticket_ttl: Duration,
     /// Clients must log in (client --user NAME): users are managed with
     /// `balancer user add|remove|list` and kept in the state file. A user
     /// sees only their own transfers; `servers` and the admin requests
     /// need an admin user.
     #[arg(long, conflicts_with = "no_state")]
     users: bool,
-    /// The cluster key shared with the servers (64 hex digits; created
-    /// when missing). Servers must prove it on every connection (links and
-    /// status probes) or get nothing, and to register; the balancer proves
-    /// it back. Local servers (--local-servers) share it.
-    #[arg(long, value_name = "FILE")]
-    cluster_key_file: Option<PathBuf>,
     /// With --cluster-key-file and --backend-wire legacy: drive original
     /// servers anyway, unauthenticated (the key then guards registrations
     /// only).
@@ -188,6 +203,12 @@ enum UserAction {
     List,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum UploadMode {
+    Proxy,
+    Redirect,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Wire {
     Framed,
@@ -216,14 +237,19 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
-    let cluster_key = args
-        .cluster_key_file
-        .as_deref()
-        .map(lbft::handshake::load_key)
-        .transpose()?;
+    let cluster_key = match (&args.cluster_key_file, args.mode, args.local_servers) {
+        (Some(path), _, _) => Some(lbft::handshake::load_key(path)?),
+        (None, UploadMode::Redirect, Some(_)) => Some(ClusterKey::generate()),
+        (None, UploadMode::Redirect, None) => {
+            return Err(lbft::Error::Config(
+                "--mode redirect needs --cluster-key-file (the file the servers use too)".into(),
+            ))
+        }
+        (None, UploadMode::Proxy, _) => None,
+    };
     // The local servers run for as long as their handles live.
     let (servers, local_servers) = match args.local_servers {
-        Some(n) => start_local_servers(&args, n, cluster_key.as_ref())?,
+        Some(n) => start_local_servers(&args, n, &cluster_key)?,
         None => (
             args.servers.iter().copied().map(Backend::new).collect(),
             Vec::new(),
@@ -258,7 +284,12 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         rise: args.rise,
         fall: args.fall,
         state: state_path(&args),
+        mode: match args.mode {
+            UploadMode::Proxy => Mode::Proxy,
+            UploadMode::Redirect => Mode::Redirect,
+        },
         cluster_key,
+        ticket_ttl: args.ticket_ttl,
         allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         users: args.users,
         max_document_size: args.max_document_size,
@@ -382,7 +413,7 @@ fn on_signal(
 fn start_local_servers(
     args: &Args,
     n: u16,
-    cluster_key: Option<&lbft::auth::ClusterKey>,
+    cluster_key: &Option<ClusterKey>,
 ) -> Result<(Vec<Backend>, Vec<server::ServerHandle>), lbft::Error> {
     if n == 0 {
         return Err(lbft::Error::Config(
@@ -406,7 +437,7 @@ fn start_local_servers(
             storage_root: args.storage_dir.clone(),
             char_delay: Duration::from_millis(args.char_delay_ms),
             max_frame: args.max_frame,
-            cluster_key: cluster_key.cloned(),
+            cluster_key: cluster_key.clone(),
             ..server::Config::default()
         })?;
         let addr = server.local_addr();

@@ -61,10 +61,35 @@ enum Command {
         #[arg(value_parser = parse_count)]
         count: u64,
     },
-    /// Send the given JSON documents ({"titolo": ..., "contenuto": ...}).
+    /// Send files. A .json file holding {"titolo": ..., "contenuto": ...}
+    /// goes as a document; any other file (binary included, any size) is
+    /// streamed in chunks with a SHA-256 checksum the server verifies, and
+    /// resumes by itself if the connection, the balancer or the server
+    /// breaks (on another server if that one is gone).
     Send {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Send .json documents as plain files too.
+        #[arg(long)]
+        file: bool,
+    },
+    /// List the files stored on every server (name, size, server, time,
+    /// SHA-256), or on one with --server.
+    List {
+        /// Ask this server directly instead of the balancer.
+        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+        server: Option<SocketAddr>,
+    },
+    /// Download a stored file from whichever server holds it, verified by
+    /// its checksum. An interrupted download resumes from <OUTPUT>.part.
+    Get {
+        name: String,
+        /// Where to write it (default: NAME in the current folder).
+        #[arg(short = 'o', long, value_name = "PATH")]
+        output: Option<PathBuf>,
+        /// Ask this server directly instead of the balancer.
+        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+        server: Option<SocketAddr>,
     },
     /// Send N compute requests, each with an operation drawn at random
     /// (somma, sottrazione, moltiplicazione, divisione).
@@ -191,7 +216,13 @@ fn main() -> ExitCode {
     let result = match args.command {
         None => client::interactive(&config, &mut io::stdin().lock(), &mut out),
         Some(Command::Ftp { count }) => client::ftp(&config, count, &mut out),
-        Some(Command::Send { paths }) => client::send_files(&config, paths, &mut out),
+        Some(Command::Send { paths, file }) => client::send_paths(&config, paths, file, &mut out),
+        Some(Command::List { server }) => client::files::list(&config, server, &mut out),
+        Some(Command::Get {
+            name,
+            output,
+            server,
+        }) => client::files::get(&config, &name, output, server, &mut out).map(|_| true),
         Some(Command::Calc { count }) => client::calc(&config, count, &mut out),
         Some(Command::Status {
             watch,

@@ -72,10 +72,16 @@ struct Args {
     /// Also append log lines to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Partial uploads (kept so an interrupted file can resume) are removed
+    /// after this long without new bytes.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    partial_ttl: Duration,
     /// The cluster key shared with the balancers (64 hex digits; created
     /// when missing). Every framed connection must then prove it first
-    /// (the balancer's links and probes do), registrations prove it to
-    /// the balancers, and the balancers prove it back.
+    /// (the balancer's links, probes and file relays do), registrations
+    /// prove it to the balancers, and the balancers prove it back; file
+    /// uploads straight from clients need a ticket the balancer signed for
+    /// this server, unexpired, instead.
     #[arg(long, value_name = "FILE")]
     cluster_key_file: Option<PathBuf>,
     /// With --cluster-key-file, still accept connections in the original
@@ -122,6 +128,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
             .max_connections
             .unwrap_or_else(lbft::net::default_max_connections),
         server_id: args.server_id,
+        partial_ttl: args.partial_ttl,
         cluster_key: cluster_key.clone(),
         allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         ..defaults

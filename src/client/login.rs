@@ -55,7 +55,7 @@ pub fn open(config: &Config) -> Result<TcpStream, Error> {
 
 /// Sends `login` and waits for `welcome`. Nothing else is in flight, so
 /// the reader reads no further than the one reply.
-fn login(stream: &TcpStream, credentials: &Credentials) -> Result<(), String> {
+pub(crate) fn login(stream: &TcpStream, credentials: &Credentials) -> Result<(), String> {
     let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
     let request = Request::Login {
         id: 0,

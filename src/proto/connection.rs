@@ -81,6 +81,11 @@ impl<S: Read + Write> Connection<S> {
         self.recv()
     }
 
+    /// The raw frame after a `chunk` message (see `file::read_body`).
+    pub fn read_body(&mut self, expected: u64) -> Result<Vec<u8>, super::file::BodyError> {
+        super::file::read_body(&mut self.reader, expected)
+    }
+
     pub fn get_ref(&self) -> &S {
         self.reader.get_ref()
     }

@@ -254,6 +254,13 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
+/// The bytes under the frames, for raw bodies (`file::read_body`).
+impl<R: Read> Read for FrameReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
 /// A stream whose reads can be given a deadline (see `net::Paced`).
 pub trait Deadline {
     fn set_deadline(&mut self, deadline: Option<Instant>);
@@ -290,5 +297,10 @@ impl<W: Write> FrameWriter<W> {
 
     pub fn message<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
         write_frame(&mut self.inner, &encode(msg))
+    }
+
+    /// A raw frame: the body announced by the message before it.
+    pub fn body(&mut self, bytes: &[u8]) -> io::Result<()> {
+        write_frame(&mut self.inner, bytes)
     }
 }

@@ -1,6 +1,10 @@
 //! Messages: the JSON requests and replies carried in frames, and how a
 //! payload is decoded into one with a precise error.
 
+pub use super::file::{
+    Chunk, FileEntry, FileHeader, FileList, FileStored, Redirect, Ticket, TransferEvent,
+    UploadReady, UploadRequest,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -224,6 +228,24 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Start or resume uploading a file (see `proto::file`).
+    Upload(UploadRequest),
+    /// A chunk of the file being uploaded; its bytes follow as a raw frame.
+    Chunk(Chunk),
+    /// Every byte has been sent: check the checksum and put the file in
+    /// place.
+    UploadEnd { id: u64, sha256: String },
+    /// Stored files (of this server, or of every server via the balancer).
+    List { id: u64 },
+    /// Download a stored file from `offset` on.
+    Get {
+        id: u64,
+        name: String,
+        #[serde(default)]
+        offset: u64,
+    },
+    /// A server reports a redirected upload's progress to the balancer.
+    TransferEvent(TransferEvent),
     /// First message of a cluster handshake (balancer -> server, server ->
     /// balancer when registering): a fresh random nonce, hex. Answered by a
     /// `hello` reply proving the cluster key over it.
@@ -267,6 +289,12 @@ impl Request {
             Request::AddServer { .. } => "add_server",
             Request::DrainServer { .. } => "drain_server",
             Request::RemoveServer { .. } => "remove_server",
+            Request::Upload(_) => "upload",
+            Request::Chunk(_) => "chunk",
+            Request::UploadEnd { .. } => "upload_end",
+            Request::List { .. } => "list",
+            Request::Get { .. } => "get",
+            Request::TransferEvent(_) => "transfer_event",
             Request::Hello { .. } => "hello",
             Request::HelloProof { .. } => "hello_proof",
             Request::Login { .. } => "login",
@@ -276,6 +304,9 @@ impl Request {
     pub fn id(&self) -> u64 {
         match self {
             Request::Store(r) => r.id,
+            Request::Upload(r) => r.id,
+            Request::Chunk(c) => c.id,
+            Request::TransferEvent(e) => e.id,
             Request::Calc { id, .. }
             | Request::Status { id }
             | Request::Servers { id }
@@ -286,6 +317,9 @@ impl Request {
             | Request::DrainServer { id, .. }
             | Request::RemoveServer { id, .. }
             | Request::Transfers { id, .. }
+            | Request::UploadEnd { id, .. }
+            | Request::List { id }
+            | Request::Get { id, .. }
             | Request::Hello { id, .. }
             | Request::HelloProof { id, .. }
             | Request::Login { id, .. } => *id,
@@ -306,6 +340,12 @@ impl Message for Request {
         "add_server",
         "drain_server",
         "remove_server",
+        "upload",
+        "chunk",
+        "upload_end",
+        "list",
+        "get",
+        "transfer_event",
         "hello",
         "hello_proof",
         "login",
@@ -547,8 +587,19 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A server refused a document past its `not_after_ms`.
     Expired,
-    /// A server is storing the same request number right now.
+    /// A server is storing the same request number right now (or
+    /// receiving the same upload on another connection).
     InProgress,
+    /// No stored file has that name.
+    NotFound,
+    /// The bytes received do not have the checksum the client sent.
+    ChecksumMismatch,
+    /// More or fewer bytes arrived than the upload declared.
+    SizeMismatch,
+    /// A chunk does not start where the server's copy ends.
+    BadOffset,
+    /// A redirect ticket that is forged, expired or for another server.
+    BadTicket,
     /// The request needs a login (`--users`) or a cluster handshake (a
     /// cluster key) first, or the credentials or proof were wrong.
     Unauthenticated,
@@ -609,6 +660,17 @@ pub enum Reply {
         message: String,
     },
     Error(ErrorReply),
+    UploadReady(UploadReady),
+    Redirect(Redirect),
+    /// A chunk of a file being downloaded; its bytes follow as a raw frame.
+    Chunk(Chunk),
+    FileStored(FileStored),
+    Files(FileList),
+    File(FileHeader),
+    /// A `transfer_event` was recorded.
+    Recorded {
+        id: u64,
+    },
     /// The responder's answer to `hello`: its own nonce, the address the
     /// connection reached it at, and its proof of the cluster key.
     Hello {
@@ -641,6 +703,13 @@ impl Reply {
             | Reply::Hello { id, .. }
             | Reply::Welcome { id, .. } => Some(*id),
             Reply::Error(r) => r.id,
+            Reply::UploadReady(r) => Some(r.id),
+            Reply::Redirect(r) => Some(r.id),
+            Reply::Chunk(r) => Some(r.id),
+            Reply::FileStored(r) => Some(r.id),
+            Reply::Files(r) => Some(r.id),
+            Reply::File(r) => Some(r.id),
+            Reply::Recorded { id } => Some(*id),
         }
     }
 
@@ -663,6 +732,13 @@ impl Message for Reply {
         "forgotten",
         "membership",
         "error",
+        "upload_ready",
+        "redirect",
+        "chunk",
+        "file_stored",
+        "files",
+        "file",
+        "recorded",
         "hello",
         "welcome",
     ];

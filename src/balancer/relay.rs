@@ -1,0 +1,623 @@
+//! Files through the balancer: uploads relayed chunk by chunk to one
+//! server (proxy mode) or handed a ticket to go there directly (redirect
+//! mode), downloads relayed back, and listings gathered from every server.
+//!
+//! A file transfer has a connection to its server of its own, opened for
+//! it, so a large file never holds up the links that carry documents. The
+//! balancer holds one chunk at a time per transfer.
+
+use super::conn::Conn;
+use super::dispatch::{Event, Picked};
+use super::tracking::TrackEvent;
+use crate::auth::ClusterKey;
+use crate::net;
+use crate::proto::file::{read_body, valid_upload_id};
+use crate::proto::{
+    Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, FrameWriter,
+    Redirect, Reply, Request, Ticket, TransferEvent, UploadRequest,
+};
+use crossbeam_channel::Sender;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How clients reach servers for file uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Through the balancer, which relays every chunk.
+    #[default]
+    Proxy,
+    /// Straight to a server the balancer names, with a signed ticket.
+    Redirect,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileSettings {
+    pub mode: Mode,
+    /// Signs tickets (redirect mode, and proxy-mode uploads to servers that
+    /// hold the key).
+    pub key: Option<ClusterKey>,
+    pub ticket_ttl: Duration,
+    pub connect_timeout: Duration,
+    /// How long a server may take over one exchange.
+    pub server_timeout: Duration,
+    /// How long an upload waits for a server to be able to take it.
+    pub wait: Duration,
+    /// Where servers report redirected uploads (this balancer's address).
+    pub advertise: Option<SocketAddr>,
+}
+
+/// Where the writer thread and a download relay both write to the client,
+/// one whole frame (or message and body) at a time.
+pub type ClientWriter = Arc<Mutex<FrameWriter<net::Stream>>>;
+
+/// How a conversation ended for the client connection.
+pub enum Next {
+    Continue,
+    /// The client's stream is out of step or gone.
+    Close,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A signed ticket for `upload` on `server`, valid for `ttl`.
+fn ticket(
+    key: &ClusterKey,
+    upload: &UploadRequest,
+    server: &str,
+    ttl: Duration,
+    number: u64,
+    report_to: Option<String>,
+) -> Ticket {
+    let expires_ms = now_ms() + ttl.as_millis() as u64;
+    Ticket::sign(
+        key,
+        &upload.upload_id,
+        upload.size,
+        server,
+        expires_ms,
+        number,
+        report_to,
+    )
+}
+
+impl Conn {
+    /// Asks the dispatcher for a server for a file, `prefer`red when it can
+    /// take work, avoiding those in `avoid`.
+    fn pick_server(&self, prefer: Option<&str>, avoid: &[String]) -> Option<Picked> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let event = Event::PickServer {
+            prefer: prefer.map(str::to_owned),
+            avoid: avoid.to_vec(),
+            reply: tx,
+        };
+        self.events.send(event).ok()?;
+        rx.recv_timeout(self.files.wait).ok().flatten()
+    }
+
+    /// A connection of its own to a server, which proves the cluster key
+    /// first when there is one (see `handshake`).
+    fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<TcpStream>> {
+        let s = &self.files;
+        let stream = net::connect(&addr, s.connect_timeout, s.server_timeout)?;
+        let mut conn = Connection::new(
+            stream,
+            self.settings.max_frame + crate::proto::FORWARD_HEADROOM,
+        );
+        if let Some(key) = &self.access.cluster_key {
+            crate::handshake::initiate(&mut conn, key, addr, 0).map_err(|e| {
+                log::warn!("server {addr} did not prove the cluster key: {e}; no file goes to it");
+                std::io::Error::other(format!("server {addr} did not prove the cluster key: {e}"))
+            })?;
+        }
+        Ok(conn)
+    }
+
+    /// An `upload` from the client: picks a server, then either redirects
+    /// the client there or relays the upload to it.
+    pub(super) fn upload<R: Read + Deadline>(
+        &self,
+        mut up: UploadRequest,
+        reader: &mut FrameReader<R>,
+        replies: &Sender<Reply>,
+        user: Option<&str>,
+    ) -> Next {
+        let id = up.id;
+        let peer = self.peer;
+        if !valid_upload_id(&up.upload_id) {
+            let _ = replies.send(Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "upload_id must be 8 to 64 letters, digits, '-' or '_'",
+            ));
+            return Next::Continue;
+        }
+        let mut avoid = Vec::new();
+        let (server_name, number, mut server) = loop {
+            let Some(Picked { name, addr, number }) =
+                self.pick_server(up.server.as_deref(), &avoid)
+            else {
+                let _ = replies.send(Reply::error(
+                    Some(id),
+                    ErrorCode::NoServer,
+                    format!(
+                        "no server could take a file for --queue-timeout ({:?}): all down, overloaded or draining",
+                        self.files.wait
+                    ),
+                ));
+                return Next::Continue;
+            };
+            if self.files.mode == Mode::Redirect {
+                let Some(key) = &self.files.key else {
+                    let _ = replies.send(Reply::error(
+                        Some(id),
+                        ErrorCode::Internal,
+                        "redirect mode needs a cluster key",
+                    ));
+                    return Next::Continue;
+                };
+                let report_to = self.files.advertise.map(|a| a.to_string());
+                let ticket = ticket(key, &up, &name, self.files.ticket_ttl, number, report_to);
+                log::info!(
+                    "upload {} of {:?} ({} bytes) from {peer}: redirected to {name}",
+                    up.upload_id,
+                    crate::proto::truncate(&up.name, 80),
+                    up.size
+                );
+                self.track_start(number, &up, &name, user);
+                let _ = replies.send(Reply::Redirect(Redirect {
+                    id,
+                    upload_id: up.upload_id.clone(),
+                    server: name,
+                    ticket,
+                }));
+                return Next::Continue;
+            }
+            match self.connect_server(addr) {
+                Ok(c) => break (name, number, c),
+                Err(e) => {
+                    log::warn!(
+                        "upload {} from {peer}: cannot reach {name}: {e}",
+                        up.upload_id
+                    );
+                    avoid.push(name);
+                }
+            }
+        };
+        let resumed_elsewhere = up.server.as_ref().is_some_and(|s| *s != server_name);
+        up.server = None;
+        up.ticket = self
+            .files
+            .key
+            .as_ref()
+            .map(|k| ticket(k, &up, &server_name, self.files.ticket_ttl, number, None));
+        let ready = match server.call(&Request::Upload(up.clone())) {
+            Ok(Reply::UploadReady(r)) => r,
+            Ok(other) => {
+                let _ = replies.send(other);
+                return Next::Continue;
+            }
+            Err(e) => {
+                let _ = replies.send(server_failed(id, &server_name, &e.to_string()));
+                return Next::Continue;
+            }
+        };
+        log::info!(
+            "upload {} of {:?} ({} bytes) from {peer} -> server {server_name}{}",
+            up.upload_id,
+            crate::proto::truncate(&up.name, 80),
+            up.size,
+            match (ready.offset, resumed_elsewhere) {
+                (0, true) => " (its previous server is gone: starting again)".to_string(),
+                (0, false) => String::new(),
+                (n, _) => format!(" (resuming at byte {n})"),
+            }
+        );
+        self.track_start(number, &up, &server_name, user);
+        let _ = replies.send(Reply::UploadReady(ready));
+        let (reply, next) = match self.relay_chunks(&up, &server_name, server, reader) {
+            Ok(reply) => (Some(reply), Next::Continue),
+            Err(stopped) => {
+                let Stopped { why, reply } = *stopped;
+                if reply.is_none() {
+                    log::info!("upload {} from {peer}: {why}", up.upload_id);
+                    self.track(TrackEvent::Failed {
+                        number,
+                        code: ErrorCode::ServerFailed,
+                        reason: why,
+                    });
+                }
+                (reply, Next::Close)
+            }
+        };
+        match &reply {
+            Some(Reply::FileStored(s)) => {
+                log::info!(
+                    "upload {} from {peer}: stored as {} on {server_name} ({} bytes)",
+                    up.upload_id,
+                    s.name,
+                    s.size
+                );
+                self.track(TrackEvent::Stored {
+                    number,
+                    server: server_name.clone(),
+                    file: s.name.clone(),
+                });
+            }
+            Some(other) => {
+                log::warn!("upload {} from {peer}: {}", up.upload_id, describe(other));
+                self.track(TrackEvent::Failed {
+                    number,
+                    code: error_code(other),
+                    reason: describe(other),
+                });
+            }
+            None => {}
+        }
+        if let Some(reply) = reply {
+            let _ = replies.send(reply);
+        }
+        next
+    }
+
+    fn track(&self, event: TrackEvent) {
+        if let Some(t) = &self.tracker {
+            t.record(event);
+        }
+    }
+
+    fn track_start(&self, number: u64, up: &UploadRequest, server: &str, user: Option<&str>) {
+        self.track(TrackEvent::Received {
+            number,
+            client: self.peer.to_string(),
+            title: up.name.clone(),
+            size: up.size,
+            user: user.map(str::to_owned),
+        });
+        self.track(TrackEvent::Sent {
+            number,
+            server: server.to_string(),
+        });
+    }
+
+    /// Copies chunks from the client to the server until `upload_end`.
+    /// `Ok` holds the server's answer to it (the connection goes on); `Err`
+    /// says why the upload stopped early, with the reply to send the client
+    /// before closing its connection, if one is worth sending.
+    fn relay_chunks<R: Read + Deadline>(
+        &self,
+        up: &UploadRequest,
+        server_name: &str,
+        mut server: Connection<TcpStream>,
+        reader: &mut FrameReader<R>,
+    ) -> Result<Reply, Box<Stopped>> {
+        let id = up.id;
+        let frame_timeout = self.settings.frame_timeout;
+        let max_body = self.settings.max_frame as u64;
+        let mut at = 0;
+        loop {
+            let request = match reader.message_within::<Request>(frame_timeout) {
+                Ok(Some(Ok(r))) => r,
+                Ok(None) => return Err(stopped(format!("client left after byte {at}"), None)),
+                Err(e) => return Err(stopped(e.to_string(), e.reply().map(Reply::Error))),
+                Ok(Some(Err(bad))) => {
+                    return Err(stopped(bad.to_string(), Some(Reply::Error(bad.into()))))
+                }
+            };
+            match request {
+                Request::Chunk(chunk) => {
+                    if chunk.body_len > max_body {
+                        let reply = Reply::error(
+                            Some(id),
+                            ErrorCode::FrameTooLarge,
+                            format!(
+                                "chunk of {} bytes exceeds the maximum of {max_body}",
+                                chunk.body_len
+                            ),
+                        );
+                        return Err(stopped(describe(&reply), Some(reply)));
+                    }
+                    let _bytes = self.budget.acquire(chunk.body_len as usize);
+                    reader
+                        .get_mut()
+                        .set_deadline(Some(Instant::now() + frame_timeout));
+                    let body = read_body(reader, chunk.body_len);
+                    reader.get_mut().set_deadline(None);
+                    let body = match body {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let reply =
+                                Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
+                            return Err(stopped(e.to_string(), Some(reply)));
+                        }
+                    };
+                    let sent = server
+                        .send(&Request::Chunk(chunk.clone()))
+                        .and_then(|()| server.send_payload(&body));
+                    if let Err(e) = sent {
+                        let reply = why_server_stopped(&mut server, id)
+                            .unwrap_or_else(|| server_failed(id, server_name, &e.to_string()));
+                        return Err(stopped(
+                            format!("stopped at byte {}: {}", chunk.offset, describe(&reply)),
+                            Some(reply),
+                        ));
+                    }
+                    at = chunk.offset + chunk.body_len;
+                }
+                Request::UploadEnd { id: end_id, sha256 } => {
+                    return Ok(
+                        match server.call(&Request::UploadEnd { id: end_id, sha256 }) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                why_server_stopped(&mut server, end_id).unwrap_or_else(|| {
+                                    server_failed(end_id, server_name, &e.to_string())
+                                })
+                            }
+                        },
+                    );
+                }
+                other => {
+                    let reply = Reply::error(
+                        Some(other.id()),
+                        ErrorCode::BadRequest,
+                        format!(
+                            "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
+                            other.kind()
+                        ),
+                    );
+                    return Err(stopped(describe(&reply), Some(reply)));
+                }
+            }
+        }
+    }
+
+    /// A server's report on a redirected upload, signed with the cluster
+    /// key: recorded like any other transfer.
+    pub(super) fn transfer_event(&self, event: TransferEvent) -> Reply {
+        let id = event.id;
+        if !self.files.key.as_ref().is_some_and(|k| event.is_signed(k)) {
+            log::warn!(
+                "transfer_event from {} refused: not signed with this balancer's cluster key",
+                self.peer
+            );
+            return Reply::error(
+                Some(id),
+                ErrorCode::BadTicket,
+                "transfer_event must be signed with the cluster key",
+            );
+        }
+        let TransferEvent {
+            number,
+            server,
+            state,
+            file,
+            error,
+            ..
+        } = event;
+        log::info!(
+            "redirected transfer {number} on {server}: {state}{}",
+            match (&file, &error) {
+                (Some(f), _) => format!(" as {f}"),
+                (None, Some(e)) => format!(": {e}"),
+                _ => String::new(),
+            }
+        );
+        match state.as_str() {
+            "started" => self.track(TrackEvent::Sent { number, server }),
+            "stored" => self.track(TrackEvent::Stored {
+                number,
+                server,
+                file: file.unwrap_or_default(),
+            }),
+            _ => self.track(TrackEvent::Failed {
+                number,
+                code: ErrorCode::ServerFailed,
+                reason: error.unwrap_or_else(|| state.clone()),
+            }),
+        }
+        Reply::Recorded { id }
+    }
+
+    /// The servers to ask for files: every one in the pool that is not
+    /// known to be down.
+    fn file_servers(&self) -> Vec<(String, SocketAddr)> {
+        self.stats
+            .views()
+            .into_iter()
+            .filter(|v| v.state != "down")
+            .filter_map(|v| Some((v.name.clone(), v.name.parse().ok()?)))
+            .collect()
+    }
+
+    /// `list`: every server's files, one listing.
+    pub(super) fn list(&self, id: u64) -> Reply {
+        let mut all = FileList {
+            id,
+            files: Vec::new(),
+            unreachable: Vec::new(),
+        };
+        for (name, addr) in self.file_servers() {
+            let answer = self
+                .connect_server(addr)
+                .map_err(|e| e.to_string())
+                .and_then(|mut c| c.call(&Request::List { id }).map_err(|e| e.to_string()));
+            match answer {
+                Ok(Reply::Files(list)) => all.files.extend(list.files),
+                Ok(other) => all
+                    .unreachable
+                    .push(format!("{name}: {}", describe(&other))),
+                Err(e) => all.unreachable.push(format!("{name}: {e}")),
+            }
+        }
+        all.files
+            .sort_by(|a, b| (&a.name, &a.server).cmp(&(&b.name, &b.server)));
+        Reply::Files(all)
+    }
+
+    /// `get`: finds a server holding the file and relays it to the client.
+    pub(super) fn get(&self, id: u64, name: &str, offset: u64, out: &ClientWriter) -> Next {
+        let mut problems = Vec::new();
+        for (server_name, addr) in self.file_servers() {
+            let mut server = match self.connect_server(addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    problems.push(format!("{server_name}: {e}"));
+                    continue;
+                }
+            };
+            let request = Request::Get {
+                id,
+                name: name.to_string(),
+                offset,
+            };
+            match server.call(&request) {
+                Ok(Reply::File(header)) => return self.relay_download(header, server, out),
+                Ok(Reply::Error(e)) if e.code == ErrorCode::NotFound => {}
+                Ok(other) => problems.push(format!("{server_name}: {}", describe(&other))),
+                Err(e) => problems.push(format!("{server_name}: {e}")),
+            }
+        }
+        let mut message = format!(
+            "no server holds a file named {:?}",
+            crate::proto::truncate(name, 200)
+        );
+        if !problems.is_empty() {
+            message.push_str(&format!(" (could not ask: {})", problems.join("; ")));
+        }
+        let reply = Reply::error(Some(id), ErrorCode::NotFound, message);
+        match net::lock(out).message(&reply) {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Close,
+        }
+    }
+
+    fn relay_download(
+        &self,
+        header: FileHeader,
+        mut server: Connection<TcpStream>,
+        out: &ClientWriter,
+    ) -> Next {
+        let (id, peer) = (header.id, self.peer);
+        if net::lock(out)
+            .message(&Reply::File(header.clone()))
+            .is_err()
+        {
+            return Next::Close;
+        }
+        let mut at = header.offset;
+        while at < header.size {
+            let chunk = match server.recv::<Reply>() {
+                Ok(Reply::Chunk(c)) if c.offset == at && c.body_len <= header.size - at => c,
+                Ok(other) => {
+                    let reply = match other {
+                        Reply::Error(_) => other,
+                        _ => Reply::error(
+                            Some(id),
+                            ErrorCode::ServerFailed,
+                            format!("server {} sent an unexpected reply", header.server),
+                        ),
+                    };
+                    let _ = net::lock(out).message(&reply);
+                    return Next::Close;
+                }
+                Err(e) => {
+                    let reply = server_failed(id, &header.server, &e.to_string());
+                    let _ = net::lock(out).message(&reply);
+                    return Next::Close;
+                }
+            };
+            let body = match server.read_body(chunk.body_len) {
+                Ok(b) => b,
+                Err(e) => {
+                    let reply = server_failed(id, &header.server, &e.to_string());
+                    let _ = net::lock(out).message(&reply);
+                    return Next::Close;
+                }
+            };
+            let mut w = net::lock(out);
+            if w.message(&Reply::Chunk(Chunk {
+                id,
+                offset: at,
+                body_len: chunk.body_len,
+            }))
+            .and_then(|()| w.body(&body))
+            .is_err()
+            {
+                log::info!("download of {} by {peer}: client left", header.name);
+                return Next::Close;
+            }
+            at += chunk.body_len;
+        }
+        log::info!(
+            "download of {} ({} bytes from byte {}) by {peer} from {} done",
+            header.name,
+            header.size,
+            header.offset,
+            header.server
+        );
+        Next::Continue
+    }
+}
+
+/// Why an upload stopped before `upload_end`, and the reply worth sending
+/// the client before its connection closes.
+struct Stopped {
+    why: String,
+    reply: Option<Reply>,
+}
+
+fn stopped(why: impl Into<String>, reply: Option<Reply>) -> Box<Stopped> {
+    Box::new(Stopped {
+        why: why.into(),
+        reply,
+    })
+}
+
+/// After a failed write to a server: the error it sent before closing, if
+/// any (disk full, bad offset).
+fn why_server_stopped(server: &mut Connection<TcpStream>, id: u64) -> Option<Reply> {
+    let _ = server
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(500)));
+    match server.recv::<Reply>() {
+        Ok(Reply::Error(mut e)) => {
+            e.id = Some(id);
+            Some(Reply::Error(e))
+        }
+        _ => None,
+    }
+}
+
+fn server_failed(id: u64, server: &str, why: &str) -> Reply {
+    Reply::error(
+        Some(id),
+        ErrorCode::ServerFailed,
+        format!("server {server} failed during the transfer: {why}; send again to resume"),
+    )
+}
+
+fn error_code(reply: &Reply) -> ErrorCode {
+    match reply {
+        Reply::Error(e) => e.code,
+        _ => ErrorCode::ServerFailed,
+    }
+}
+
+fn describe(reply: &Reply) -> String {
+    match reply {
+        Reply::Error(e) => format!("{}: {}", e.code, e.message),
+        other => format!("unexpected `{}` reply", reply_kind(other)),
+    }
+}
+
+fn reply_kind(reply: &Reply) -> String {
+    serde_json::to_value(reply)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}

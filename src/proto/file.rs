@@ -1,0 +1,388 @@
+//! Files of any size: uploads in chunks, listing and download.
+//!
+//! An upload is a conversation on one connection:
+//! `upload` → `upload_ready {offset}`, then `chunk {offset, body_len}`
+//! messages each followed by a raw frame of `body_len` bytes, then
+//! `upload_end {sha256}` → `file_stored`. A download is `get {offset}` →
+//! `file {size, sha256}` followed by `chunk` replies with their bodies up to
+//! `size`. While an upload or download runs, nothing else travels on its
+//! connection.
+
+use super::frame::{read_header, read_payload, write_frame, FrameError};
+use crate::auth::ClusterKey;
+use crate::text::{from_hex, to_hex};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Bytes per chunk that clients and servers send.
+pub const CHUNK_SIZE: usize = 1024 * 1024;
+
+/// Start or resume an upload (client → balancer, balancer or client →
+/// server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadRequest {
+    pub id: u64,
+    /// Chosen by the client, the same for every attempt of one file:
+    /// 8 to 64 letters, digits, `-` or `_`.
+    pub upload_id: String,
+    /// The file's name; servers store it under a safe version of it.
+    pub name: String,
+    /// Total size in bytes.
+    pub size: u64,
+    /// The server this upload went to before (from `upload_ready`): the
+    /// balancer resumes there when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// A redirect ticket from the balancer (servers that require one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<Ticket>,
+}
+
+/// Permission from the balancer to upload one file to one server, signed
+/// with the cluster key: `mac` is the hex HMAC-SHA-256 of upload id, size
+/// and every other field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub server: String,
+    pub expires_ms: u64,
+    /// The balancer's request number for the transfer, and where the
+    /// server reports its start and end (`transfer_event`).
+    #[serde(default)]
+    pub number: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_to: Option<String>,
+    pub mac: String,
+}
+
+impl Ticket {
+    fn parts(&self, upload_id: &str, size: u64) -> Vec<Vec<u8>> {
+        vec![
+            b"upload-ticket".to_vec(),
+            upload_id.as_bytes().to_vec(),
+            size.to_be_bytes().to_vec(),
+            self.server.as_bytes().to_vec(),
+            self.expires_ms.to_be_bytes().to_vec(),
+            self.number.to_be_bytes().to_vec(),
+            self.report_to.clone().unwrap_or_default().into_bytes(),
+        ]
+    }
+
+    /// A ticket for uploading `size` bytes as `upload_id` to `server`.
+    pub fn sign(
+        key: &ClusterKey,
+        upload_id: &str,
+        size: u64,
+        server: &str,
+        expires_ms: u64,
+        number: u64,
+        report_to: Option<String>,
+    ) -> Ticket {
+        let mut t = Ticket {
+            server: server.to_string(),
+            expires_ms,
+            number,
+            report_to,
+            mac: String::new(),
+        };
+        t.mac = to_hex(&key.sign(&as_slices(&t.parts(upload_id, size))));
+        t
+    }
+
+    /// Whether `key` signed this ticket for `upload_id` of `size` bytes
+    /// (expiry and server are the caller's to check).
+    pub fn is_signed(&self, key: &ClusterKey, upload_id: &str, size: u64) -> bool {
+        let mac = from_hex(&self.mac).unwrap_or_default();
+        key.verify(&as_slices(&self.parts(upload_id, size)), &mac)
+    }
+}
+
+/// A server tells the balancer that signed a ticket where the transfer is
+/// (redirect mode). Signed with the cluster key like the ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferEvent {
+    pub id: u64,
+    /// From the ticket.
+    pub number: u64,
+    pub server: String,
+    /// `started`, `stored` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub mac: String,
+}
+
+impl TransferEvent {
+    fn parts(&self) -> Vec<Vec<u8>> {
+        vec![
+            b"transfer-event".to_vec(),
+            self.number.to_be_bytes().to_vec(),
+            self.server.as_bytes().to_vec(),
+            self.state.as_bytes().to_vec(),
+            self.file.clone().unwrap_or_default().into_bytes(),
+            self.error.clone().unwrap_or_default().into_bytes(),
+        ]
+    }
+
+    /// Fills in `mac`.
+    pub fn signed(mut self, key: &ClusterKey) -> TransferEvent {
+        self.mac = to_hex(&key.sign(&as_slices(&self.parts())));
+        self
+    }
+
+    pub fn is_signed(&self, key: &ClusterKey) -> bool {
+        let mac = from_hex(&self.mac).unwrap_or_default();
+        key.verify(&as_slices(&self.parts()), &mac)
+    }
+}
+
+fn as_slices(parts: &[Vec<u8>]) -> Vec<&[u8]> {
+    parts.iter().map(Vec::as_slice).collect()
+}
+
+/// The server is ready for bytes from `offset` on (0 for a new upload, what
+/// it already holds when resuming; `size` when the upload is complete and
+/// only `upload_end` is missing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadReady {
+    pub id: u64,
+    pub upload_id: String,
+    pub server: String,
+    pub offset: u64,
+}
+
+/// Redirect mode: upload straight to `server` with `ticket`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Redirect {
+    pub id: u64,
+    pub upload_id: String,
+    pub server: String,
+    pub ticket: Ticket,
+}
+
+/// Header of a chunk of file bytes, in either direction; the next frame
+/// holds the `body_len` bytes, raw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub id: u64,
+    pub offset: u64,
+    pub body_len: u64,
+}
+
+/// A file is in place on a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileStored {
+    pub id: u64,
+    pub upload_id: String,
+    /// Its name on the server (the safe form of the name sent, with `~N`
+    /// before the extension when another file had that name).
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub server: String,
+    /// The upload had already completed (an attempt whose answer was lost).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub existing: bool,
+}
+
+/// One stored file in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub server: String,
+    /// Unix milliseconds.
+    pub stored_ms: u64,
+}
+
+/// The answer to `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileList {
+    pub id: u64,
+    pub files: Vec<FileEntry>,
+    /// Servers that could not be asked (balancer only), with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
+}
+
+/// The answer to `get`: the file's bytes from `offset` follow in chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileHeader {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub server: String,
+    pub offset: u64,
+}
+
+/// Whether an upload id is acceptable: it names files on servers.
+pub fn valid_upload_id(id: &str) -> bool {
+    (8..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Reads the raw frame after a `chunk` header. Its length must be
+/// `expected`, which the caller has checked against its limits.
+pub fn read_body<R: Read>(r: &mut R, expected: u64) -> Result<Vec<u8>, BodyError> {
+    let max = usize::try_from(expected).unwrap_or(usize::MAX);
+    let len = match read_header(r, max) {
+        Ok(Some(len)) => len,
+        Ok(None) => {
+            return Err(BodyError::Frame(FrameError::Truncated {
+                expected: 4,
+                got: 0,
+            }))
+        }
+        Err(FrameError::TooLarge { len, .. }) => {
+            return Err(BodyError::Length {
+                declared: expected,
+                got: len,
+            })
+        }
+        Err(e) => return Err(BodyError::Frame(e)),
+    };
+    if len as u64 != expected {
+        return Err(BodyError::Length {
+            declared: expected,
+            got: len as u64,
+        });
+    }
+    read_payload(r, len).map_err(BodyError::Frame)
+}
+
+/// Writes a body frame.
+pub fn write_body<W: Write>(w: &mut W, body: &[u8]) -> io::Result<()> {
+    write_frame(w, body)
+}
+
+/// Why a chunk's body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The body frame is not as long as its header said.
+    Length {
+        declared: u64,
+        got: u64,
+    },
+    Frame(FrameError),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Length { declared, got } => write!(
+                f,
+                "chunk body of {got} bytes where its header declared {declared}"
+            ),
+            BodyError::Frame(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Frame(e) => Some(e),
+            BodyError::Length { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_and_events_are_signed_over_every_field() {
+        let key = ClusterKey::generate();
+        let t = Ticket::sign(
+            &key,
+            "upload-1234",
+            10,
+            "127.0.0.1:1",
+            99,
+            7,
+            Some("b:1".into()),
+        );
+        assert!(t.is_signed(&key, "upload-1234", 10));
+        assert!(!t.is_signed(&key, "upload-1234", 11));
+        assert!(!t.is_signed(&key, "upload-1235", 10));
+        assert!(!t.is_signed(&ClusterKey::generate(), "upload-1234", 10));
+        for tamper in [
+            |t: &mut Ticket| t.server = "127.0.0.1:2".into(),
+            |t: &mut Ticket| t.expires_ms += 1,
+            |t: &mut Ticket| t.number += 1,
+            |t: &mut Ticket| t.report_to = None,
+        ] {
+            let mut bad = t.clone();
+            tamper(&mut bad);
+            assert!(!bad.is_signed(&key, "upload-1234", 10));
+        }
+        let e = TransferEvent {
+            id: 1,
+            number: 7,
+            server: "s".into(),
+            state: "stored".into(),
+            file: Some("f".into()),
+            error: None,
+            mac: String::new(),
+        }
+        .signed(&key);
+        assert!(e.is_signed(&key));
+        let mut bad = e.clone();
+        bad.state = "failed".into();
+        assert!(!bad.is_signed(&key));
+    }
+
+    #[test]
+    fn upload_ids() {
+        assert!(valid_upload_id("abcdEF12-_"));
+        for bad in [
+            "short",
+            "../../etc/passwd",
+            "a/bcdefgh",
+            "abcdefgh\0",
+            &"x".repeat(65),
+        ] {
+            assert!(!valid_upload_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bodies_must_match_their_header() {
+        let mut wire = Vec::new();
+        write_body(&mut wire, b"hello").unwrap();
+        assert_eq!(read_body(&mut &wire[..], 5).unwrap(), b"hello");
+        let e = read_body(&mut &wire[..], 4).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BodyError::Length {
+                    declared: 4,
+                    got: 5
+                }
+            ),
+            "{e}"
+        );
+        let e = read_body(&mut &wire[..], 6).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BodyError::Length {
+                    declared: 6,
+                    got: 5
+                }
+            ),
+            "{e}"
+        );
+        let e = read_body(&mut &wire[..7], 5).unwrap_err();
+        assert!(
+            matches!(e, BodyError::Frame(FrameError::Truncated { .. })),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,590 @@
+//! Files of any size in a server's storage folder.
+//!
+//! - `files/` holds complete files under safe names, each put in place
+//!   only after its SHA-256 matched the client's (a hard link, so an
+//!   existing name is never replaced: a second file with the same name gets
+//!   `~N` before its extension).
+//! - `.partial/<upload id>` holds an upload's bytes so far, with
+//!   `<upload id>.json` (name, size); it survives restarts so an upload can
+//!   resume, and is removed once complete, or after `ttl` without writes.
+//! - `.uploads/<upload id>.json` records each complete upload (name, size,
+//!   checksum, time): a repeated `upload` of a finished id answers with the
+//!   file in place instead of storing it twice, and `list` reads these.
+
+use crate::text::to_hex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use super::storage::{safe_title, unix_ms};
+
+pub const FILES_DIR: &str = "files";
+const PARTIAL_DIR: &str = ".partial";
+const UPLOADS_DIR: &str = ".uploads";
+
+/// A complete file, as `.uploads/` records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub upload_id: String,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub stored_ms: u64,
+}
+
+/// What `.partial/<id>.json` records about an upload under way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PartialMeta {
+    name: String,
+    size: u64,
+    started_ms: u64,
+}
+
+#[derive(Debug)]
+pub enum FileError {
+    /// The request cannot be carried out as sent.
+    Invalid(String),
+    /// The same upload is being received on another connection.
+    InProgress(String),
+    Offset {
+        expected: u64,
+        got: u64,
+    },
+    Size {
+        declared: u64,
+        got: u64,
+    },
+    Checksum {
+        expected: String,
+        got: String,
+    },
+    NotFound(String),
+    Io(io::Error),
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileError::Invalid(m) => f.write_str(m),
+            FileError::InProgress(id) => {
+                write!(f, "upload {id} is being received on another connection")
+            }
+            FileError::Offset { expected, got } => write!(
+                f,
+                "chunk at offset {got}, but the server holds {expected} bytes of this upload"
+            ),
+            FileError::Size { declared, got } => write!(
+                f,
+                "the upload declared {declared} bytes but {got} arrived"
+            ),
+            FileError::Checksum { expected, got } => write!(
+                f,
+                "checksum mismatch: the client sent sha256 {expected}, the bytes received have {got}; nothing was stored"
+            ),
+            FileError::NotFound(name) => write!(f, "no file named {name:?} on this server"),
+            FileError::Io(e) if e.raw_os_error() == Some(28) => {
+                write!(f, "the server's disk is full ({e}); nothing was stored")
+            }
+            FileError::Io(e) => write!(f, "storage error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FileError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for FileError {
+    fn from(e: io::Error) -> Self {
+        FileError::Io(e)
+    }
+}
+
+pub struct FileStore {
+    files: PathBuf,
+    partial: PathBuf,
+    uploads: PathBuf,
+    /// Upload ids being received now.
+    active: Mutex<HashSet<String>>,
+    /// Serialises putting files in place and reading the records.
+    place: Mutex<()>,
+    ttl: Duration,
+    last_sweep: Mutex<SystemTime>,
+}
+
+/// Result of `FileStore::begin`.
+pub enum Begun<'a> {
+    Receiving(Receiving<'a>),
+    /// This upload id completed before.
+    Complete(FileMeta),
+}
+
+impl FileStore {
+    /// Opens the folders under `dir` (creating them) and removes partial
+    /// uploads older than `ttl`.
+    pub fn open(dir: &Path, ttl: Duration) -> io::Result<FileStore> {
+        let store = FileStore {
+            files: dir.join(FILES_DIR),
+            partial: dir.join(PARTIAL_DIR),
+            uploads: dir.join(UPLOADS_DIR),
+            active: Mutex::new(HashSet::new()),
+            place: Mutex::new(()),
+            ttl,
+            last_sweep: Mutex::new(SystemTime::UNIX_EPOCH),
+        };
+        for d in [&store.files, &store.partial, &store.uploads] {
+            fs::create_dir_all(d)?;
+        }
+        store.sweep();
+        Ok(store)
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes partial uploads not written for `ttl` (at most once a minute).
+    pub fn sweep(&self) {
+        let now = SystemTime::now();
+        {
+            let mut last = Self::lock(&self.last_sweep);
+            if now.duration_since(*last).unwrap_or_default() < Duration::from_secs(60)
+                && *last != SystemTime::UNIX_EPOCH
+            {
+                return;
+            }
+            *last = now;
+        }
+        let Ok(entries) = fs::read_dir(&self.partial) else {
+            return;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".json").unwrap_or(&name).to_string();
+            if Self::lock(&self.active).contains(&id) {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            if age >= self.ttl && fs::remove_file(entry.path()).is_ok() && !name.ends_with(".json")
+            {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            log::info!(
+                "storage {}: removed {removed} partial uploads untouched for {:?} (--partial-ttl)",
+                self.partial.display(),
+                self.ttl
+            );
+        }
+    }
+
+    /// Starts or resumes upload `id` of `size` bytes named `name`.
+    pub fn begin(&self, id: &str, name: &str, size: u64) -> Result<Begun<'_>, FileError> {
+        if !crate::proto::file::valid_upload_id(id) {
+            return Err(FileError::Invalid(
+                "upload_id must be 8 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        self.sweep();
+        if let Some(meta) = self.completed(id)? {
+            if meta.size != size {
+                return Err(FileError::Invalid(format!(
+                    "upload {id} completed with {} bytes, not {size}",
+                    meta.size
+                )));
+            }
+            return Ok(Begun::Complete(meta));
+        }
+        if !Self::lock(&self.active).insert(id.to_string()) {
+            return Err(FileError::InProgress(id.to_string()));
+        }
+        // From here on the id is ours; `Receiving` (or the guard on error)
+        // gives it back.
+        let guard = ActiveGuard { store: self, id };
+        let meta_path = self.partial.join(format!("{id}.json"));
+        let data_path = self.partial.join(id);
+        let wanted = PartialMeta {
+            name: name.to_string(),
+            size,
+            started_ms: unix_ms(SystemTime::now()),
+        };
+        let existing: Option<PartialMeta> = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (file, offset, hasher) = match existing {
+            Some(meta) if meta.name == name && meta.size == size => {
+                let mut file = File::options().read(true).write(true).open(&data_path)?;
+                let (held, hasher) = hash_prefix(&mut file, size)?;
+                file.set_len(held)?;
+                file.seek(SeekFrom::Start(held))?;
+                (file, held, hasher)
+            }
+            Some(meta) => {
+                return Err(FileError::Invalid(format!(
+                    "upload {id} is already used for {:?} of {} bytes",
+                    meta.name, meta.size
+                )))
+            }
+            None => {
+                write_replace(&meta_path, &serde_json::to_vec(&wanted).unwrap_or_default())?;
+                let file = File::create(&data_path)?;
+                (file, 0, Sha256::new())
+            }
+        };
+        std::mem::forget(guard);
+        Ok(Begun::Receiving(Receiving {
+            store: self,
+            id: id.to_string(),
+            name: name.to_string(),
+            size,
+            file,
+            offset,
+            hasher,
+        }))
+    }
+
+    fn completed(&self, id: &str) -> Result<Option<FileMeta>, FileError> {
+        match fs::read(self.uploads.join(format!("{id}.json"))) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every complete file whose bytes are still in place, by name.
+    pub fn list(&self) -> io::Result<Vec<FileMeta>> {
+        let _place = Self::lock(&self.place);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.uploads)? {
+            let entry = entry?;
+            let Ok(bytes) = fs::read(entry.path()) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_slice::<FileMeta>(&bytes) else {
+                continue;
+            };
+            if self.files.join(&meta.name).is_file() {
+                out.push(meta);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Opens a complete file for reading.
+    pub fn open_file(&self, name: &str) -> Result<(File, FileMeta), FileError> {
+        let meta = self
+            .list()?
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| FileError::NotFound(name.to_string()))?;
+        let file = File::open(self.files.join(&meta.name))?;
+        Ok((file, meta))
+    }
+
+    /// How many complete files there are.
+    pub fn count(&self) -> u64 {
+        fs::read_dir(&self.uploads).map_or(0, |d| d.count() as u64)
+    }
+}
+
+/// Gives an upload id back if `begin` fails after taking it.
+struct ActiveGuard<'a> {
+    store: &'a FileStore,
+    id: &'a str,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        FileStore::lock(&self.store.active).remove(self.id);
+    }
+}
+
+/// An upload being received on one connection.
+pub struct Receiving<'a> {
+    store: &'a FileStore,
+    id: String,
+    name: String,
+    size: u64,
+    file: File,
+    offset: u64,
+    hasher: Sha256,
+}
+
+impl Receiving<'_> {
+    /// Bytes held so far: the next chunk starts here.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a chunk that must start at `offset()` and stay within the
+    /// declared size.
+    pub fn write(&mut self, offset: u64, bytes: &[u8]) -> Result<(), FileError> {
+        if offset != self.offset {
+            return Err(FileError::Offset {
+                expected: self.offset,
+                got: offset,
+            });
+        }
+        let end = offset + bytes.len() as u64;
+        if end > self.size {
+            return Err(FileError::Size {
+                declared: self.size,
+                got: end,
+            });
+        }
+        self.file.write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.offset = end;
+        Ok(())
+    }
+
+    /// Checks size and checksum, makes the bytes durable and puts the file
+    /// in place. On a checksum mismatch the partial upload is discarded:
+    /// its bytes are wrong and a resume would keep them.
+    pub fn finish(self, sha256: &str) -> Result<FileMeta, FileError> {
+        if self.offset != self.size {
+            return Err(FileError::Size {
+                declared: self.size,
+                got: self.offset,
+            });
+        }
+        let got = to_hex(&self.hasher.clone().finalize());
+        let store = self.store;
+        let data_path = store.partial.join(&self.id);
+        let meta_path = store.partial.join(format!("{}.json", self.id));
+        if !got.eq_ignore_ascii_case(sha256.trim()) {
+            let _ = fs::remove_file(&data_path);
+            let _ = fs::remove_file(&meta_path);
+            return Err(FileError::Checksum {
+                expected: sha256.to_string(),
+                got,
+            });
+        }
+        self.file.sync_all()?;
+        let _place = FileStore::lock(&store.place);
+        let name = link_unique(&data_path, &store.files, &safe_title(&self.name))?;
+        let meta = FileMeta {
+            upload_id: self.id.clone(),
+            name,
+            size: self.size,
+            sha256: got,
+            stored_ms: unix_ms(SystemTime::now()),
+        };
+        write_replace(
+            &store.uploads.join(format!("{}.json", self.id)),
+            &serde_json::to_vec(&meta).unwrap_or_default(),
+        )?;
+        sync_dir(&store.files)?;
+        sync_dir(&store.uploads)?;
+        fs::remove_file(&data_path)?;
+        fs::remove_file(&meta_path)?;
+        Ok(meta)
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        FileStore::lock(&self.store.active).remove(&self.id);
+    }
+}
+
+/// Hashes what a partial upload holds (at most `size` bytes).
+fn hash_prefix(file: &mut File, size: u64) -> io::Result<(u64, Sha256)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut held = 0u64;
+    let mut limited = file.take(size);
+    loop {
+        let n = limited.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        held += n as u64;
+    }
+    Ok((held, hasher))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Links `from` into `dir` as `name`, or `stem~N.ext` with the first free
+/// N; returns the name used.
+fn link_unique(from: &Path, dir: &Path, name: &str) -> io::Result<String> {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    for n in 0u32.. {
+        let candidate = if n == 0 {
+            name.to_string()
+        } else {
+            format!("{stem}~{n}{ext}")
+        };
+        match fs::hard_link(from, dir.join(&candidate)) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("u32 suffixes exhausted")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        to_hex(&Sha256::digest(bytes))
+    }
+
+    fn receiving<'a>(store: &'a FileStore, id: &str, name: &str, size: u64) -> Receiving<'a> {
+        match store.begin(id, name, size).unwrap() {
+            Begun::Receiving(r) => r,
+            Begun::Complete(_) => panic!("already complete"),
+        }
+    }
+
+    #[test]
+    fn upload_resume_and_complete_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        {
+            let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            let mut r = receiving(&store, "upload-0001", "../a b.bin", data.len() as u64);
+            r.write(0, &data[..100_000]).unwrap();
+            // A second connection for the same upload is refused meanwhile.
+            assert!(matches!(
+                store.begin("upload-0001", "../a b.bin", data.len() as u64),
+                Err(FileError::InProgress(_))
+            ));
+        }
+        // A restart: the partial bytes are still there.
+        let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut r = receiving(&store, "upload-0001", "../a b.bin", data.len() as u64);
+        assert_eq!(r.offset(), 100_000);
+        assert!(matches!(
+            r.write(5, b"x"),
+            Err(FileError::Offset {
+                expected: 100_000,
+                got: 5
+            })
+        ));
+        r.write(100_000, &data[100_000..]).unwrap();
+        let meta = r.finish(&sha(&data)).unwrap();
+        assert_eq!(meta.name, "a_b.bin");
+        assert_eq!(fs::read(dir.path().join("files/a_b.bin")).unwrap(), data);
+        assert_eq!(
+            fs::read_dir(dir.path().join(PARTIAL_DIR)).unwrap().count(),
+            0
+        );
+        match store
+            .begin("upload-0001", "../a b.bin", data.len() as u64)
+            .unwrap()
+        {
+            Begun::Complete(m) => assert_eq!(m, meta),
+            Begun::Receiving(_) => panic!("completed upload started again"),
+        }
+        assert_eq!(store.list().unwrap(), vec![meta.clone()]);
+        // Same name, other upload: stored beside it.
+        let mut r = receiving(&store, "upload-0002", "a b.bin", 3);
+        r.write(0, b"abc").unwrap();
+        assert_eq!(r.finish(&sha(b"abc")).unwrap().name, "a_b~1.bin");
+        assert_eq!(store.open_file("a_b.bin").unwrap().1, meta);
+        assert!(matches!(
+            store.open_file("nope"),
+            Err(FileError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn bad_uploads_leave_nothing_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(matches!(
+            store.begin("../../etc", "x", 1),
+            Err(FileError::Invalid(_))
+        ));
+        let mut r = receiving(&store, "upload-0003", "x", 4);
+        assert!(matches!(
+            r.write(0, b"hello"),
+            Err(FileError::Size {
+                declared: 4,
+                got: 5
+            })
+        ));
+        r.write(0, b"hel").unwrap();
+        assert!(matches!(
+            r.finish(&sha(b"hel")),
+            Err(FileError::Size { .. })
+        ));
+        let mut r = receiving(&store, "upload-0003", "x", 4);
+        r.write(3, b"l").unwrap();
+        assert!(matches!(
+            r.finish(&sha(b"help")),
+            Err(FileError::Checksum { .. })
+        ));
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(fs::read_dir(dir.path().join(FILES_DIR)).unwrap().count(), 0);
+        // The mismatched bytes were discarded: the upload starts over.
+        assert_eq!(receiving(&store, "upload-0003", "x", 4).offset(), 0);
+        // Another file under the same id is refused.
+        assert!(matches!(
+            store.begin("upload-0003", "y", 4),
+            Err(FileError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn stale_partials_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            receiving(&store, "upload-0004", "x", 10)
+                .write(0, b"abc")
+                .unwrap();
+        }
+        assert_eq!(
+            fs::read_dir(dir.path().join(PARTIAL_DIR)).unwrap().count(),
+            2
+        );
+        let _store = FileStore::open(dir.path(), Duration::ZERO).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path().join(PARTIAL_DIR)).unwrap().count(),
+            0
+        );
+    }
+}

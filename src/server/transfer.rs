@@ -1,0 +1,409 @@
+//! The server's side of file conversations on a connection: receiving an
+//! upload chunk by chunk, sending a file back, listing files.
+
+use super::files::{Begun, FileError, FileMeta, Receiving};
+use super::Shared;
+use crate::proto::file::{read_body, BodyError, CHUNK_SIZE};
+use crate::proto::{
+    Chunk, Connection, Deadline, ErrorCode, FileEntry, FileHeader, FileList, FileStored,
+    FrameReader, FrameWriter, Reply, Request, TransferEvent, UploadReady, UploadRequest,
+};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How a conversation ended for the connection.
+pub(super) enum Next {
+    /// Go on reading requests.
+    Continue,
+    /// The stream is out of step or gone: close it.
+    Close,
+}
+
+impl FileError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FileError::Invalid(_) => ErrorCode::BadRequest,
+            FileError::InProgress(_) => ErrorCode::InProgress,
+            FileError::Offset { .. } => ErrorCode::BadOffset,
+            FileError::Size { .. } => ErrorCode::SizeMismatch,
+            FileError::Checksum { .. } => ErrorCode::ChecksumMismatch,
+            FileError::NotFound(_) => ErrorCode::NotFound,
+            FileError::Io(_) => ErrorCode::Storage,
+        }
+    }
+
+    fn reply(&self, id: u64) -> Reply {
+        Reply::error(Some(id), self.code(), self.to_string())
+    }
+}
+
+/// Checks a redirect ticket when this server holds a cluster key: without
+/// a key every upload is accepted (a trusted network), with one only those
+/// the balancer signed for this server, before they expire.
+fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
+    let Some(key) = &shared.config.cluster_key else {
+        return Ok(());
+    };
+    let Some(ticket) = &req.ticket else {
+        return Err("this server takes uploads only with a ticket from the balancer".into());
+    };
+    if !ticket.is_signed(key, &req.upload_id, req.size) {
+        return Err("the ticket's signature is not valid".into());
+    }
+    if ticket.server != shared.addr.to_string() {
+        return Err(format!(
+            "the ticket is for server {}, not {}",
+            crate::proto::truncate(&ticket.server, 64),
+            shared.addr
+        ));
+    }
+    let now = super::storage::unix_ms(SystemTime::now());
+    if now > ticket.expires_ms {
+        return Err(format!(
+            "the ticket expired {} ms ago",
+            now - ticket.expires_ms
+        ));
+    }
+    Ok(())
+}
+
+/// Tells the balancer that signed the upload's ticket how it goes
+/// (redirect mode), on a thread of its own so the client never waits.
+fn report(
+    shared: &Shared,
+    req: &UploadRequest,
+    state: &str,
+    file: Option<String>,
+    error: Option<String>,
+) {
+    let (Some(key), Some(ticket)) = (&shared.config.cluster_key, &req.ticket) else {
+        return;
+    };
+    let Some(balancer) = ticket.report_to.as_deref().and_then(|a| a.parse().ok()) else {
+        return;
+    };
+    let event = TransferEvent {
+        id: 1,
+        number: ticket.number,
+        server: shared.addr.to_string(),
+        state: state.to_string(),
+        file,
+        error,
+        mac: String::new(),
+    }
+    .signed(key);
+    let addr = shared.addr;
+    let name = format!("srv{}-report", addr.port());
+    let sent = crate::net::spawn_named(name, Some(128 * 1024), move || {
+        let timeout = Duration::from_secs(2);
+        let answer = crate::net::connect(&balancer, timeout, timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|stream| {
+                Connection::new(stream, 64 * 1024)
+                    .call(&Request::TransferEvent(event))
+                    .map_err(|e| e.to_string())
+            });
+        match answer {
+            Ok(Reply::Recorded { .. }) => {}
+            Ok(other) => log::warn!(
+                "server {addr}: balancer {balancer} refused a transfer report: {other:?}"
+            ),
+            Err(e) => {
+                log::warn!("server {addr}: cannot report a transfer to balancer {balancer}: {e}")
+            }
+        }
+    });
+    if let Err(e) = sent {
+        log::warn!("server {addr}: cannot report a transfer: {e}");
+    }
+}
+
+fn stored(id: u64, meta: FileMeta, existing: bool, shared: &Shared) -> Reply {
+    Reply::FileStored(FileStored {
+        id,
+        upload_id: meta.upload_id,
+        name: meta.name,
+        size: meta.size,
+        sha256: meta.sha256,
+        server: shared.addr.to_string(),
+        existing,
+    })
+}
+
+/// Receives an upload: answers `upload_ready`, then takes chunks until
+/// `upload_end`. Any error is answered and ends the upload; the connection
+/// closes when chunks may still be on their way.
+pub(super) fn receive<R: Read + Deadline, W: Write>(
+    req: UploadRequest,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Next {
+    let id = req.id;
+    let addr = shared.addr;
+    let send = |writer: &mut FrameWriter<W>, reply: &Reply| match writer.message(reply) {
+        Ok(()) => Next::Continue,
+        Err(e) => {
+            log::warn!("server {addr}: cannot reply to {peer}: {e}");
+            Next::Close
+        }
+    };
+    if let Err(why) = check_ticket(&req, shared) {
+        log::warn!("server {addr}: upload refused from {peer}: {why}");
+        return send(writer, &Reply::error(Some(id), ErrorCode::BadTicket, why));
+    }
+    let _active = shared.load.begin();
+    let upload = match shared.files.begin(&req.upload_id, &req.name, req.size) {
+        Ok(Begun::Receiving(r)) => r,
+        Ok(Begun::Complete(meta)) => {
+            // Only the answer was lost: the client ends it again.
+            let ready = Reply::UploadReady(UploadReady {
+                id,
+                upload_id: req.upload_id.clone(),
+                server: addr.to_string(),
+                offset: meta.size,
+            });
+            if let Next::Close = send(writer, &ready) {
+                return Next::Close;
+            }
+            return match reader.message_within::<Request>(shared.config.frame_timeout) {
+                Ok(Some(Ok(Request::UploadEnd { id, .. }))) => {
+                    send(writer, &stored(id, meta, true, shared))
+                }
+                _ => Next::Close,
+            };
+        }
+        Err(e) => {
+            log::warn!("server {addr}: upload from {peer}: {e}");
+            return send(writer, &e.reply(id));
+        }
+    };
+    if upload.offset() > 0 {
+        log::info!(
+            "server {addr}: resuming upload {} of {:?} from {peer} at byte {} of {}",
+            req.upload_id,
+            crate::proto::truncate(&req.name, 80),
+            upload.offset(),
+            req.size
+        );
+    }
+    let ready = Reply::UploadReady(UploadReady {
+        id,
+        upload_id: req.upload_id.clone(),
+        server: addr.to_string(),
+        offset: upload.offset(),
+    });
+    if let Next::Close = send(writer, &ready) {
+        return Next::Close;
+    }
+    let upload_id = req.upload_id.clone();
+    report(shared, &req, "started", None, None);
+    // The upload is given back (ended) before the reply goes out, so a
+    // client that resumes at once finds it free.
+    let (next, reply) = take_chunks(upload, id, reader, peer, shared);
+    match &reply {
+        Some(Reply::FileStored(s)) => report(shared, &req, "stored", Some(s.name.clone()), None),
+        Some(Reply::Error(e)) => report(shared, &req, "failed", None, Some(e.message.clone())),
+        _ => report(
+            shared,
+            &req,
+            "failed",
+            None,
+            Some("the upload was interrupted".into()),
+        ),
+    }
+    match reply {
+        Some(reply) => {
+            if let Reply::Error(e) = &reply {
+                log::warn!(
+                    "server {addr}: upload {upload_id} from {peer}: {}",
+                    e.message
+                );
+            }
+            match (send(writer, &reply), next) {
+                (Next::Continue, Next::Continue) => Next::Continue,
+                _ => Next::Close,
+            }
+        }
+        None => next,
+    }
+}
+
+/// Takes chunks until `upload_end` (then puts the file in place) or until
+/// something goes wrong. Returns what the connection does next and the
+/// reply to send.
+fn take_chunks<R: Read + Deadline>(
+    mut upload: Receiving<'_>,
+    id: u64,
+    reader: &mut FrameReader<R>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> (Next, Option<Reply>) {
+    let addr = shared.addr;
+    let started = Instant::now();
+    let from = upload.offset();
+    let max_body = shared.frame_limit() as u64;
+    loop {
+        let request = match reader.message_within::<Request>(shared.config.frame_timeout) {
+            Ok(Some(Ok(r))) => r,
+            Ok(None) => {
+                log::info!(
+                    "server {addr}: upload from {peer} interrupted at byte {} of {}",
+                    upload.offset(),
+                    upload.size()
+                );
+                return (Next::Close, None);
+            }
+            Err(e) => return (Next::Close, e.reply().map(Reply::Error)),
+            Ok(Some(Err(bad))) => return (Next::Close, Some(Reply::Error(bad.into()))),
+        };
+        match request {
+            Request::Chunk(Chunk {
+                offset, body_len, ..
+            }) => {
+                if body_len > max_body {
+                    let reply = Reply::error(
+                        Some(id),
+                        ErrorCode::FrameTooLarge,
+                        format!("chunk of {body_len} bytes exceeds the maximum of {max_body}"),
+                    );
+                    return (Next::Close, Some(reply));
+                }
+                let deadline = Instant::now() + shared.config.frame_timeout;
+                reader.get_mut().set_deadline(Some(deadline));
+                let body = read_body(reader, body_len);
+                reader.get_mut().set_deadline(None);
+                let body = match body {
+                    Ok(b) => b,
+                    Err(e @ BodyError::Length { .. }) => {
+                        let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
+                        return (Next::Close, Some(reply));
+                    }
+                    Err(BodyError::Frame(e)) => return (Next::Close, e.reply().map(Reply::Error)),
+                };
+                if let Err(e) = upload.write(offset, &body) {
+                    return (Next::Close, Some(e.reply(id)));
+                }
+            }
+            Request::UploadEnd { id: end_id, sha256 } => {
+                let size = upload.offset();
+                return match upload.finish(&sha256) {
+                    Ok(meta) => {
+                        let secs = started.elapsed().as_secs_f64().max(1e-3);
+                        log::info!(
+                            "server {addr}: stored file {} ({} bytes, {:.1} MB/s) from {peer}",
+                            meta.name,
+                            meta.size,
+                            (size - from) as f64 / secs / 1e6
+                        );
+                        (Next::Continue, Some(stored(end_id, meta, false, shared)))
+                    }
+                    Err(e) => (Next::Continue, Some(e.reply(end_id))),
+                };
+            }
+            other => {
+                let reply = Reply::error(
+                    Some(other.id()),
+                    ErrorCode::BadRequest,
+                    format!(
+                        "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
+                        other.kind()
+                    ),
+                );
+                return (Next::Close, Some(reply));
+            }
+        }
+    }
+}
+
+/// Sends a stored file from `offset`: a `file` header, then chunks.
+pub(super) fn send<W: Write>(
+    id: u64,
+    name: &str,
+    offset: u64,
+    writer: &mut FrameWriter<W>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Next {
+    let addr = shared.addr;
+    let (mut file, meta) = match shared.files.open_file(name) {
+        Ok(found) => found,
+        Err(e) => {
+            return match writer.message(&e.reply(id)) {
+                Ok(()) => Next::Continue,
+                Err(_) => Next::Close,
+            }
+        }
+    };
+    if offset > meta.size {
+        let e = FileError::Offset {
+            expected: meta.size,
+            got: offset,
+        };
+        return match writer.message(&e.reply(id)) {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Close,
+        };
+    }
+    let _active = shared.load.begin();
+    let header = Reply::File(FileHeader {
+        id,
+        name: meta.name.clone(),
+        size: meta.size,
+        sha256: meta.sha256.clone(),
+        server: addr.to_string(),
+        offset,
+    });
+    let result = (|| -> io::Result<()> {
+        writer.message(&header)?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut at = offset;
+        while at < meta.size {
+            let want = ((meta.size - at) as usize).min(CHUNK_SIZE);
+            file.read_exact(&mut buf[..want])?;
+            writer.message(&Reply::Chunk(Chunk {
+                id,
+                offset: at,
+                body_len: want as u64,
+            }))?;
+            writer.body(&buf[..want])?;
+            at += want as u64;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Next::Continue,
+        Err(e) => {
+            log::warn!("server {addr}: sending {} to {peer}: {e}", meta.name);
+            Next::Close
+        }
+    }
+}
+
+/// The files this server holds.
+pub(super) fn list(id: u64, shared: &Shared) -> Reply {
+    match shared.files.list() {
+        Ok(files) => Reply::Files(FileList {
+            id,
+            files: files
+                .into_iter()
+                .map(|m| FileEntry {
+                    name: m.name,
+                    size: m.size,
+                    sha256: m.sha256,
+                    server: shared.addr.to_string(),
+                    stored_ms: m.stored_ms,
+                })
+                .collect(),
+            unreachable: Vec::new(),
+        }),
+        Err(e) => Reply::error(
+            Some(id),
+            ErrorCode::Storage,
+            format!("cannot list files: {e}"),
+        ),
+    }
+}
