@@ -186,7 +186,10 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
                 bar.suspend(|| {
                     let _ = writeln!(out, "{}: {why}; trying again", path.display());
                 });
-                if s.is_some() {
+                if why.starts_with("storage:") {
+                    // That server cannot store it: let the balancer choose.
+                    server = None;
+                } else if s.is_some() {
                     server = s;
                 }
                 last = why;
