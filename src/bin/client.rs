@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use crossbeam_channel::Sender;
-use lbft::cli::{parse_addr, parse_count, parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_count, parse_duration, parse_size, TlsArgs};
 use lbft::client::admin::AdminCommand;
 use lbft::client::status::StatusOptions;
 use lbft::client::transfers::TransfersOptions;
@@ -46,6 +46,8 @@ struct Args {
     /// request is larger is not sent.
     #[arg(long, global = true, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -152,6 +154,16 @@ fn on_interrupt(batch: Sender<()>) -> io::Result<(Handle, JoinHandle<()>)> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The client only connects: a certificate alone (no CA to verify the
+    // balancer with) would silently leave it in plaintext.
+    if args.tls.tls_cert.is_some() && args.tls.tls_ca.is_none() {
+        eprintln!("client: --tls-cert needs --tls-ca (the CA to verify the balancer with)");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = args.tls.install(false, Duration::from_secs(30)) {
+        eprintln!("client: {e}");
+        return ExitCode::FAILURE;
+    }
     // Zero capacity: a Ctrl-C reaches a batch that is running, or nobody.
     let (interrupt_tx, interrupt) = crossbeam_channel::bounded(0);
     let signals = match on_interrupt(interrupt_tx) {

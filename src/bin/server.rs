@@ -1,5 +1,5 @@
 use clap::Parser;
-use lbft::cli::{parse_addr, parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_duration, parse_size, TlsArgs};
 use lbft::server::registrar::{Registrar, RegistrarSettings};
 use lbft::server::{Config, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -72,6 +72,12 @@ struct Args {
     /// Also append log lines to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// With --tls-cert: serve balancers of the original format (which has
+    /// no TLS) in plaintext on the same port instead of refusing them.
+    #[arg(long)]
+    allow_legacy_plaintext: bool,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +93,8 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(args.log_file.as_deref())?;
+    args.tls
+        .install(args.allow_legacy_plaintext, args.frame_timeout)?;
     let defaults = Config::default();
     let listen = match (args.listen, args.port) {
         (Some(addr), _) => addr,

@@ -19,6 +19,8 @@
 //! then writes the socket. A second mutex keeps socket writes (and so TLS
 //! records) in the order they were produced.
 
+pub mod certs;
+
 use super::lock;
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
