@@ -34,9 +34,12 @@ pub fn generate(dir: &Path, servers: u16, hosts: &[String]) -> Result<Written, S
     let mut ca_params = CertificateParams::new(Vec::<String>::new())
         .map_err(|e| failed("the CA certificate", e))?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A name of its own: a peer holding another set's CA then reports an
+    // unknown issuer rather than a bad signature from a namesake.
+    let tag: u32 = rand::random();
     ca_params
         .distinguished_name
-        .push(DnType::CommonName, "lbft local CA");
+        .push(DnType::CommonName, format!("lbft local CA {tag:08x}"));
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
