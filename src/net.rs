@@ -140,6 +140,9 @@ pub fn detect_wire(stream: &Stream) -> io::Result<Wire> {
             log::warn!(
                 "connection from {peer} starts a TLS handshake, but this port has no --tls-cert: closing"
             );
+            // An end of stream, not a reset: the peer's handshake error
+            // then says the connection was closed.
+            close_gracefully(stream);
             return Ok(Wire::Refused);
         }
         return Ok(if legacy::is_legacy(first) {
