@@ -116,16 +116,16 @@ pub struct TlsArgs {
     /// This program's certificate (PEM, leaf first). With --tls-key,
     /// listeners speak TLS only, and connections present it to peers that
     /// ask for one (mutual TLS). `balancer gen-certs` makes a set.
-    #[arg(long, global = true, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
     /// CA certificate (PEM) to trust: connections are made with TLS and
     /// the peer's certificate must be signed by it and name the peer's IP
     /// address; listeners (with --tls-cert) also require client
     /// certificates signed by it.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<std::path::PathBuf>,
 }
 

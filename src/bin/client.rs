@@ -46,8 +46,17 @@ struct Args {
     /// request is larger is not sent.
     #[arg(long, global = true, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
-    #[command(flatten)]
-    tls: TlsArgs,
+    /// Connect with TLS, verifying the balancer's certificate against this
+    /// CA (PEM); the certificate must name the balancer's IP address.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Certificate (PEM) to present to a balancer that requires client
+    /// certificates (one started with --tls-ca). Needs --tls-key and --tls-ca.
+    #[arg(long, global = true, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -154,13 +163,13 @@ fn on_interrupt(batch: Sender<()>) -> io::Result<(Handle, JoinHandle<()>)> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // The client only connects: a certificate alone (no CA to verify the
-    // balancer with) would silently leave it in plaintext.
-    if args.tls.tls_cert.is_some() && args.tls.tls_ca.is_none() {
-        eprintln!("client: --tls-cert needs --tls-ca (the CA to verify the balancer with)");
-        return ExitCode::FAILURE;
-    }
-    if let Err(e) = args.tls.install(false, Duration::from_secs(30)) {
+    let tls = TlsArgs {
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_ca: args.tls_ca.clone(),
+    };
+    // The handshake deadline applies to listeners only; the client has none.
+    if let Err(e) = tls.install(false, Duration::from_secs(30)) {
         eprintln!("client: {e}");
         return ExitCode::FAILURE;
     }
