@@ -135,8 +135,8 @@ struct Args {
     no_state: bool,
     #[command(flatten)]
     tls: TlsArgs,
-    /// With --tls-cert: serve clients of the original format (which has
-    /// no TLS) in plaintext on the same port instead of refusing them.
+    /// On a TLS port (--tls-cert), serve clients of the original format
+    /// (which has no TLS) in plaintext instead of refusing them.
     #[arg(long)]
     allow_legacy_plaintext: bool,
     #[command(subcommand)]

@@ -74,8 +74,8 @@ struct Args {
     log_file: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
-    /// With --tls-cert: serve balancers of the original format (which has
-    /// no TLS) in plaintext on the same port instead of refusing them.
+    /// On a TLS port (--tls-cert), serve balancers of the original format
+    /// (which has no TLS) in plaintext instead of refusing them.
     #[arg(long)]
     allow_legacy_plaintext: bool,
 }
