@@ -479,3 +479,116 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{Paced, Stream};
+    use crate::proto::Deadline;
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// Two ends of a loopback connection after a mutual-TLS handshake.
+    fn pair() -> (Stream, Stream, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        certs::generate(dir.path(), 1, &[]).unwrap();
+        let load = |name: &str| {
+            Tls::load(
+                TlsFiles {
+                    cert: Some(&dir.path().join(format!("{name}.pem"))),
+                    key: Some(&dir.path().join(format!("{name}-key.pem"))),
+                    ca: Some(&dir.path().join("ca.pem")),
+                },
+                false,
+                Duration::from_secs(5),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let (server_tls, client_tls) = (load("server1"), load("client"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let stream = Stream::new(tcp);
+            let config = server_tls.accept_config().unwrap().clone();
+            let session = Session::accept(config, stream.tcp(), Duration::from_secs(5)).unwrap();
+            stream.set_tls(session);
+            stream
+        });
+        let client = Stream::new(TcpStream::connect(addr).unwrap());
+        let config = client_tls.connect_config().unwrap().clone();
+        let session =
+            Session::connect(config, addr.ip(), client.tcp(), Duration::from_secs(5)).unwrap();
+        client.set_tls(session);
+        (client, accepting.join().unwrap(), dir)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn both_directions_at_once_with_a_reader_and_a_writer_per_end() {
+        let (a, b, _dir) = pair();
+        const LEN: usize = 8 * 1024 * 1024;
+        let mut threads = Vec::new();
+        for (stream, seed) in [(a.clone(), 1u8), (b.clone(), 2u8)] {
+            threads.push(thread::spawn(move || {
+                let data = pattern(LEN, seed);
+                for chunk in data.chunks(64 * 1024) {
+                    (&stream).write_all(chunk).unwrap();
+                }
+                Vec::new()
+            }));
+        }
+        for (stream, seed) in [(a, 2u8), (b, 1u8)] {
+            threads.push(thread::spawn(move || {
+                let mut got = vec![0u8; LEN];
+                (&stream).read_exact(&mut got).unwrap();
+                assert!(got == pattern(LEN, seed), "bytes changed on the way");
+                got
+            }));
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_record_trickling_in_still_meets_the_frame_deadline() {
+        let (client, server, _dir) = pair();
+        // One record made by the client but written a byte at a time, each
+        // byte well within the idle timeout.
+        let record = {
+            let session = client.0.tls.get().unwrap();
+            let mut state = lock(&session.state);
+            state.conn.writer().write_all(&[7u8; 200]).unwrap();
+            take_outgoing(&mut state.conn).unwrap()
+        };
+        let tcp = client.tcp().try_clone().unwrap();
+        let trickle = thread::spawn(move || {
+            for byte in record {
+                if (&tcp).write_all(&[byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let mut paced = Paced::new(server, Duration::from_millis(500));
+        let started = Instant::now();
+        paced.set_deadline(Some(started + Duration::from_millis(300)));
+        let mut buf = [0u8; 256];
+        let err = paced.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "the deadline was kept only after {:?}",
+            started.elapsed()
+        );
+        let _ = client.tcp().shutdown(std::net::Shutdown::Both);
+        trickle.join().unwrap();
+    }
+}
