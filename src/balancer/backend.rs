@@ -2,8 +2,8 @@
 //! `Backend` carries out requests and answers status probes over one wire.
 //! `Framed` speaks our protocol (acknowledged, persistent connection);
 //! `Legacy` speaks the original system's (one connection per document, no
-//! acknowledgement, a one-byte status). A new wire (TLS...) is one more
-//! implementation here.
+//! acknowledgement, a one-byte status). TLS sits under `Framed`, in
+//! `net::connect`; the original format is always plaintext.
 
 use super::dispatch::Work;
 use super::BackendWire;
@@ -14,6 +14,7 @@ use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StatusRe
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,28 +51,31 @@ pub fn probe(
     settings: BackendSettings,
 ) -> (Observation, Option<StatusReport>) {
     let t = settings.probe_timeout;
-    let stream = match net::connect(addr, t, t) {
-        Ok(s) => s,
-        Err(e) => {
-            return (
-                Observation::ProbeFailed(format!("cannot connect: {e}")),
-                None,
-            )
-        }
+    let cannot_connect = |e: std::io::Error| {
+        (
+            Observation::ProbeFailed(format!("cannot connect: {e}")),
+            None,
+        )
     };
     match settings.wire {
-        BackendWire::Framed => probe_framed(stream, id, settings.max_frame),
-        BackendWire::Legacy => (probe_legacy(stream), None),
+        BackendWire::Framed => match net::connect(addr, t, t) {
+            Ok(stream) => probe_framed(stream, id, settings.max_frame),
+            Err(e) => cannot_connect(e),
+        },
+        BackendWire::Legacy => match net::connect_plain(addr, t, t) {
+            Ok(stream) => (probe_legacy(stream), None),
+            Err(e) => cannot_connect(e),
+        },
     }
 }
 
 /// Open connections of one server's link, so that they can be cut off at
 /// once (shutting down past `--drain-timeout`).
 #[derive(Debug, Default)]
-pub struct Connections(Mutex<HashMap<usize, TcpStream>>);
+pub struct Connections(Mutex<HashMap<usize, net::Stream>>);
 
 impl Connections {
-    fn set(&self, slot: usize, stream: Option<TcpStream>) {
+    fn set(&self, slot: usize, stream: Option<net::Stream>) {
         let mut map = crate::net::lock(&self.0);
         match stream {
             Some(s) => map.insert(slot, s),
@@ -117,7 +121,7 @@ fn unix_ms() -> u64 {
 struct Framed {
     addr: SocketAddr,
     settings: BackendSettings,
-    conn: Option<Connection<TcpStream>>,
+    conn: Option<Connection<net::Stream>>,
     connections: Arc<Connections>,
     slot: usize,
 }
@@ -182,7 +186,7 @@ impl Framed {
         self.connections.set(self.slot, None);
     }
 
-    fn connect(&mut self) -> Result<Connection<TcpStream>, LinkError> {
+    fn connect(&mut self) -> Result<Connection<net::Stream>, LinkError> {
         let s = self.settings;
         let stream =
             net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
@@ -228,7 +232,7 @@ impl Framed {
 }
 
 fn probe_framed(
-    stream: TcpStream,
+    stream: net::Stream,
     id: u64,
     max_frame: usize,
 ) -> (Observation, Option<StatusReport>) {
@@ -301,9 +305,11 @@ impl Backend for Legacy {
         })?;
         let s = self.settings;
         let mut stream =
-            net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
-                reason: format!("cannot connect: {e}"),
-                delivered: false,
+            net::connect_plain(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| {
+                LinkError {
+                    reason: format!("cannot connect: {e}"),
+                    delivered: false,
+                }
             })?;
         let text = legacy::dumps_document(&doc, Some(number));
         stream

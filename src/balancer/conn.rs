@@ -83,10 +83,11 @@ impl Conn {
             return;
         }
         let read_half = stream.clone();
-        match net::detect_wire(stream.tcp()) {
+        match net::detect_wire(&stream) {
             Ok(Wire::Closed) => {
                 log::debug!("connection from {peer} closed without sending anything");
             }
+            Ok(Wire::Refused) => {}
             Ok(Wire::Legacy) => {
                 if let Err(e) = read_half
                     .tcp()

@@ -19,7 +19,7 @@ use crate::proto::{
 };
 use crossbeam_channel::Sender;
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -101,7 +101,7 @@ impl Conn {
         rx.recv_timeout(self.files.wait).ok().flatten()
     }
 
-    fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<TcpStream>> {
+    fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<net::Stream>> {
         let s = &self.files;
         let stream = net::connect(&addr, s.connect_timeout, s.server_timeout)?;
         Ok(Connection::new(
@@ -287,7 +287,7 @@ impl Conn {
         &self,
         up: &UploadRequest,
         server_name: &str,
-        server: Connection<TcpStream>,
+        server: Connection<net::Stream>,
         reader: &mut FrameReader<R>,
     ) -> Result<Reply, Box<Stopped>> {
         let (to_server, chunks) = crossbeam_channel::bounded::<Relayed>(RELAY_DEPTH);
@@ -523,7 +523,7 @@ impl Conn {
     fn relay_download(
         &self,
         header: FileHeader,
-        mut server: Connection<TcpStream>,
+        mut server: Connection<net::Stream>,
         out: &ClientWriter,
     ) -> Next {
         let (id, peer) = (header.id, self.peer);
@@ -598,10 +598,10 @@ type Relayed = (Chunk, Vec<u8>, Reservation);
 /// or a write fails (with the offset and the error), then gives the
 /// connection back. Emptied buffers go back for the next chunks.
 fn write_chunks(
-    mut server: Connection<TcpStream>,
+    mut server: Connection<net::Stream>,
     chunks: crossbeam_channel::Receiver<Relayed>,
     spare: Sender<Vec<u8>>,
-) -> (Connection<TcpStream>, Result<(), (u64, String)>) {
+) -> (Connection<net::Stream>, Result<(), (u64, String)>) {
     for (chunk, body, reserved) in chunks {
         let offset = chunk.offset;
         let sent = server
@@ -632,7 +632,7 @@ fn stopped(why: impl Into<String>, reply: Option<Reply>) -> Box<Stopped> {
 
 /// After a failed write to a server: the error it sent before closing, if
 /// any (disk full, bad offset).
-fn why_server_stopped(server: &mut Connection<TcpStream>, id: u64) -> Option<Reply> {
+fn why_server_stopped(server: &mut Connection<net::Stream>, id: u64) -> Option<Reply> {
     let _ = server
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(500)));

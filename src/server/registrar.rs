@@ -8,7 +8,7 @@
 use crate::net;
 use crate::proto::{CallError, Connection, Reply, Request};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl Registrar {
 }
 
 fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<()>) {
-    let mut link: Option<(Connection<TcpStream>, SocketAddr)> = None;
+    let mut link: Option<(Connection<net::Stream>, SocketAddr)> = None;
     let mut registered = false;
     let mut id = 0u64;
     loop {
@@ -109,10 +109,10 @@ fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<(
 }
 
 fn connect(
-    link: &mut Option<(Connection<TcpStream>, SocketAddr)>,
+    link: &mut Option<(Connection<net::Stream>, SocketAddr)>,
     balancer: SocketAddr,
     settings: RegistrarSettings,
-) -> Result<&mut (Connection<TcpStream>, SocketAddr), String> {
+) -> Result<&mut (Connection<net::Stream>, SocketAddr), String> {
     if link.is_none() {
         let stream = net::connect(&balancer, settings.timeout, settings.timeout)
             .map_err(|e| format!("cannot connect: {e}"))?;
@@ -127,7 +127,7 @@ fn connect(
 }
 
 fn heartbeat(
-    link: &mut Option<(Connection<TcpStream>, SocketAddr)>,
+    link: &mut Option<(Connection<net::Stream>, SocketAddr)>,
     balancer: SocketAddr,
     id: u64,
     settings: RegistrarSettings,
@@ -137,7 +137,7 @@ fn heartbeat(
     call(conn, Request::Register { id, addr })
 }
 
-fn call(conn: &mut Connection<TcpStream>, request: Request) -> Result<String, String> {
+fn call(conn: &mut Connection<net::Stream>, request: Request) -> Result<String, String> {
     match conn.call(&request) {
         Ok(Reply::Membership { message, .. }) => Ok(message),
         Ok(Reply::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
