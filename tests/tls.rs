@@ -472,3 +472,52 @@ fn original_format_clients_need_allow_legacy_plaintext_on_a_tls_port() {
     let out = client(balancer.addr, &args);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn files_travel_encrypted_relayed_or_redirected() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    gen_certs(&certs);
+    // A file with a distinctive run of text in it.
+    let marker = b"file-plaintext-marker";
+    let mut bytes = Vec::new();
+    for i in 0..60_000u32 {
+        bytes.extend_from_slice(marker);
+        bytes.extend_from_slice(&i.to_be_bytes());
+    }
+    let path = work.path().join("secret.bin");
+    std::fs::write(&path, &bytes).unwrap();
+
+    // Proxy mode: the file crosses the recorded client link. Redirect
+    // mode: the client uploads straight to the (in-process) server, with a
+    // ticket, over TLS too.
+    for mode in ["proxy", "redirect"] {
+        let dir = work.path().join(mode);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (balancer, store) = tls_balancer(&dir, &certs, &["--mode", mode]);
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let relay = Relay::start(balancer.addr, recorded.clone());
+        let mut args = tls_args(&certs, "client");
+        args.extend(["send".into(), path.display().to_string()]);
+        let out = client(relay.addr, &args);
+        assert!(out.status.success(), "{mode}: {}", text(&out));
+        assert!(text(&out).contains("as secret.bin on"), "{}", text(&out));
+        drop(relay);
+
+        let stored: Vec<PathBuf> = all_files(&store)
+            .into_iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("files")))
+            .collect();
+        assert_eq!(stored.len(), 1, "{mode}: {stored:?}");
+        assert_eq!(std::fs::read(&stored[0]).unwrap(), bytes);
+        let wire = recorded.lock().unwrap();
+        assert!(
+            !contains(&wire, b"upload"),
+            "{mode}: a request crossed in the clear"
+        );
+        if mode == "proxy" {
+            assert!(wire.len() > bytes.len(), "the file did not cross the relay");
+            assert!(!contains(&wire, marker), "the file crossed in the clear");
+        }
+    }
+}
