@@ -109,3 +109,44 @@ mod tests {
         assert!(parse_size("5GiB").is_err());
     }
 }
+
+/// The TLS flags every binary takes (see `net::tls`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This program's certificate (PEM, leaf first). With --tls-key,
+    /// listeners speak TLS only, and connections present it to peers that
+    /// ask for one (mutual TLS). `balancer gen-certs` makes a set.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) to trust: connections are made with TLS and
+    /// the peer's certificate must be signed by it and name the peer's IP
+    /// address; listeners (with --tls-cert) also require client
+    /// certificates signed by it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// Loads the files and installs the process's TLS context; nothing
+    /// when no TLS flag is given. Returns whether TLS is on.
+    pub fn install(
+        &self,
+        allow_legacy_plaintext: bool,
+        handshake_timeout: Duration,
+    ) -> Result<Option<crate::net::tls::Tls>, crate::Error> {
+        let files = crate::net::tls::TlsFiles {
+            cert: self.tls_cert.as_deref(),
+            key: self.tls_key.as_deref(),
+            ca: self.tls_ca.as_deref(),
+        };
+        let tls = crate::net::tls::Tls::load(files, allow_legacy_plaintext, handshake_timeout)
+            .map_err(crate::Error::Config)?;
+        if let Some(tls) = &tls {
+            crate::net::tls::install(tls.clone());
+        }
+        Ok(tls)
+    }
+}

@@ -1,11 +1,14 @@
 //! Sockets: connecting with timeouts, preparing accepted streams, telling
 //! which wire a peer speaks from its first byte, and accept loops that stop
-//! when told. TLS will plug in here.
+//! when told. TLS plugs in here (`tls`): `connect` and `detect_wire` set it
+//! up, and a `Stream` reads and writes plaintext either way.
+
+pub mod tls;
 
 use crate::proto::legacy;
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,8 +31,35 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Opens a TCP connection with a connect timeout and read/write timeouts.
+/// Opens a connection with a connect timeout and read/write timeouts: TLS
+/// when this process has a CA to verify peers with (`tls::install`), the
+/// handshake done within `io_timeout`; plain TCP otherwise.
 pub fn connect(
+    addr: &SocketAddr,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> io::Result<Stream> {
+    let stream = Stream::new(connect_plain(addr, connect_timeout, io_timeout)?);
+    if let Some(config) = tls::installed().and_then(|t| t.connect_config()) {
+        let session = tls::Session::connect(config.clone(), addr.ip(), stream.tcp(), io_timeout)
+            .map_err(|e| {
+                let e = match e.kind() {
+                    io::ErrorKind::UnexpectedEof => io::Error::new(
+                        e.kind(),
+                        format!("{e} (does the peer listen with --tls-cert?)"),
+                    ),
+                    _ => e,
+                };
+                io::Error::new(e.kind(), format!("TLS handshake with {addr} failed: {e}"))
+            })?;
+        stream.set_tls(session);
+    }
+    Ok(stream)
+}
+
+/// Opens a plain TCP connection whatever the TLS settings: for peers of
+/// the original format, which has no TLS.
+pub fn connect_plain(
     addr: &SocketAddr,
     connect_timeout: Duration,
     io_timeout: Duration,
@@ -86,17 +116,74 @@ pub enum Wire {
     Legacy,
     /// The peer closed without sending anything.
     Closed,
+    /// Not served here: a plaintext peer on a TLS port, a TLS peer on a
+    /// plaintext port, or a failed handshake. Already logged (and, where
+    /// the peer can read it, answered); the caller just drops it.
+    Refused,
 }
 
 /// Waits for the first byte (up to the stream's read timeout) without
-/// consuming it.
-pub fn detect_wire(stream: &TcpStream) -> io::Result<Wire> {
+/// consuming it. With TLS on (`tls::install` with a certificate), a peer
+/// starting a handshake gets one (within the handshake timeout) and then
+/// speaks frames inside it; any other peer is refused, except one of the
+/// original format when `--allow-legacy-plaintext` says so.
+pub fn detect_wire(stream: &Stream) -> io::Result<Wire> {
     let mut first = [0u8; 1];
-    Ok(match stream.peek(&mut first)? {
-        0 => Wire::Closed,
-        _ if legacy::is_legacy(first[0]) => Wire::Legacy,
-        _ => Wire::Framed,
-    })
+    if stream.tcp().peek(&mut first)? == 0 {
+        return Ok(Wire::Closed);
+    }
+    let first = first[0];
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "a peer".to_string(), |a| a.to_string());
+    let Some((tls, config)) = tls::installed().and_then(|t| Some((t, t.accept_config()?))) else {
+        if first == tls::HANDSHAKE_RECORD {
+            log::warn!(
+                "connection from {peer} starts a TLS handshake, but this port has no --tls-cert: closing"
+            );
+            // An end of stream, not a reset: the peer's handshake error
+            // then says the connection was closed.
+            close_gracefully(stream);
+            return Ok(Wire::Refused);
+        }
+        return Ok(if legacy::is_legacy(first) {
+            Wire::Legacy
+        } else {
+            Wire::Framed
+        });
+    };
+    if first == tls::HANDSHAKE_RECORD {
+        return match tls::Session::accept(config.clone(), stream.tcp(), tls.handshake_timeout()) {
+            Ok(session) => {
+                stream.set_tls(session);
+                Ok(Wire::Framed)
+            }
+            Err(e) => {
+                log::warn!("connection from {peer}: TLS handshake failed: {e}");
+                Ok(Wire::Refused)
+            }
+        };
+    }
+    if legacy::is_legacy(first) {
+        if tls.allow_legacy_plaintext() {
+            return Ok(Wire::Legacy);
+        }
+        log::warn!(
+            "original-format connection from {peer} refused: this port requires TLS \
+             (--allow-legacy-plaintext serves the original format in plaintext)"
+        );
+        return Ok(Wire::Refused);
+    }
+    log::warn!("plaintext connection from {peer} refused: this port requires TLS");
+    // A framed peer reads this as the reason its connection ended.
+    let refusal = crate::proto::Reply::error(
+        None,
+        crate::proto::ErrorCode::BadRequest,
+        "this port requires TLS: connect with --tls-ca (and --tls-cert/--tls-key if asked)",
+    );
+    let _ = crate::proto::write_frame(&mut stream.tcp(), &crate::proto::encode(&refusal));
+    close_gracefully(stream);
+    Ok(Wire::Refused)
 }
 
 /// Accepts connections and hands each to `handle` until `stop` is
@@ -264,35 +351,137 @@ pub fn spawn_named<T: Send + 'static>(
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start thread {name}: {e}")))
 }
 
-/// An accepted connection shared by the threads that read and write it:
-/// one descriptor however many handles (`try_clone` would make one each).
-/// `&TcpStream` reads and writes, so each handle does.
-#[derive(Debug, Clone)]
-pub struct Stream(Arc<TcpStream>);
+/// A connection shared by the threads that read and write it: one
+/// descriptor however many handles (`try_clone` would make one each), and,
+/// over TLS, one session (`tls::Session`). `&Stream` reads and writes
+/// plaintext, so each handle does.
+#[derive(Clone)]
+pub struct Stream(Arc<Shared>);
+
+struct Shared {
+    tcp: TcpStream,
+    /// Set once, by the handshake, before the stream is shared for I/O.
+    tls: std::sync::OnceLock<tls::Session>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("tcp", &self.0.tcp)
+            .field("tls", &self.is_tls())
+            .finish()
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(tcp: TcpStream) -> Stream {
+        Stream::new(tcp)
+    }
+}
 
 impl Stream {
     pub fn new(stream: TcpStream) -> Stream {
-        Stream(Arc::new(stream))
+        Stream(Arc::new(Shared {
+            tcp: stream,
+            tls: std::sync::OnceLock::new(),
+        }))
     }
 
+    /// The socket, for timeouts and addresses. Bytes go through the
+    /// `Stream` itself (they may be TLS records on the socket).
     pub fn tcp(&self) -> &TcpStream {
-        &self.0
+        &self.0.tcp
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.0.tls.get().is_some()
+    }
+
+    fn set_tls(&self, session: tls::Session) {
+        if self.0.tls.set(session).is_err() {
+            log::error!("a TLS session was set up twice on one connection");
+        }
+    }
+
+    /// Another handle on the same connection (as `TcpStream::try_clone`).
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(self.clone())
+    }
+
+    /// As `TcpStream::shutdown`; ending the write half over TLS first says
+    /// close_notify.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        if how == Shutdown::Write {
+            if let Some(session) = self.0.tls.get() {
+                session.close_notify(&self.0.tcp);
+            }
+        }
+        self.0.tcp.shutdown(how)
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.tcp.local_addr()
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.tcp.peer_addr()
+    }
+
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.0.tcp.set_read_timeout(timeout)
+    }
+
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.0.tcp.set_write_timeout(timeout)
+    }
+
+    /// One read; over TLS, `Interrupted` when a socket read brought no
+    /// whole record yet (see `Paced`).
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.tls.get() {
+            Some(session) => session.read(&self.0.tcp, buf, true),
+            None => (&self.0.tcp).read(buf),
+        }
+    }
+}
+
+impl io::Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.tls.get() {
+            Some(session) => session.read(&self.0.tcp, buf, false),
+            None => (&self.0.tcp).read(buf),
+        }
+    }
+}
+
+impl io::Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.tls.get() {
+            Some(session) => session.write(&self.0.tcp, buf),
+            None => (&self.0.tcp).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Records are written out as they are made; nothing is held back.
+        (&self.0.tcp).flush()
     }
 }
 
 impl io::Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.0).read(buf)
+        (&*self).read(buf)
     }
 }
 
 impl io::Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.0).write(buf)
+        (&*self).write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
+        (&*self).flush()
     }
 }
 
@@ -302,9 +491,8 @@ impl io::Write for Stream {
 /// connection, and a reset can destroy the replies written last (a
 /// client's final `shutting_down` answer among them).
 pub fn close_gracefully(stream: &Stream) {
-    use std::io::Read;
     let tcp = stream.tcp();
-    let _ = tcp.shutdown(Shutdown::Write);
+    let _ = stream.shutdown(Shutdown::Write);
     if tcp.set_nonblocking(true).is_err() {
         return;
     }
@@ -313,7 +501,7 @@ pub fn close_gracefully(stream: &Stream) {
     // Until the queue is empty (end of stream, or nothing more for now),
     // and never more than a few frames' worth.
     while dropped < 64 * 1024 * 1024 {
-        match (&*stream.0).read(&mut buf) {
+        match (&*tcp).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => dropped += n,
         }
@@ -350,24 +538,38 @@ impl crate::proto::Deadline for Paced {
 
 impl io::Read for Paced {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let timeout = match self.deadline {
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the frame did not arrive within --frame-timeout",
-                    ));
+        // Over TLS one call may need several socket reads (a record
+        // trickling in): each is bounded by the timeout, and the deadline
+        // is checked again between them.
+        loop {
+            let timeout = match self.deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the frame did not arrive within --frame-timeout",
+                        ));
+                    }
+                    left.min(self.idle)
                 }
-                left.min(self.idle)
+                None => self.idle,
+            };
+            if self.current != Some(timeout) {
+                self.stream.tcp().set_read_timeout(Some(timeout))?;
+                self.current = Some(timeout);
             }
-            None => self.idle,
-        };
-        if self.current != Some(timeout) {
-            self.stream.tcp().set_read_timeout(Some(timeout))?;
-            self.current = Some(timeout);
+            match self.stream.read_once(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && self.stream.is_tls() => {}
+                // The socket's timeout ran out with the deadline: say which.
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && self
+                            .deadline
+                            .is_some_and(|d| d <= std::time::Instant::now()) => {}
+                other => return other,
+            }
         }
-        self.stream.read(buf)
     }
 }
 

@@ -324,8 +324,8 @@ fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
         return;
     }
     let read_half = stream.clone();
-    match net::detect_wire(stream.tcp()) {
-        Ok(Wire::Closed) => {}
+    match net::detect_wire(&stream) {
+        Ok(Wire::Closed | Wire::Refused) => {}
         Ok(Wire::Legacy)
             if shared.config.cluster_key.is_some()
                 && !shared.config.allow_unauthenticated_legacy =>
@@ -702,7 +702,7 @@ mod tests {
         .unwrap()
     }
 
-    fn connect(addr: SocketAddr) -> Connection<TcpStream> {
+    fn connect(addr: SocketAddr) -> Connection<net::Stream> {
         let stream = net::connect(&addr, Duration::from_secs(5), Duration::from_secs(20)).unwrap();
         Connection::new(stream, proto::DEFAULT_MAX_FRAME)
     }
@@ -721,7 +721,7 @@ mod tests {
 
     /// A status round trip: the server has accepted the connection and its
     /// thread is running.
-    fn status(conn: &mut Connection<TcpStream>) -> proto::StatusReport {
+    fn status(conn: &mut Connection<net::Stream>) -> proto::StatusReport {
         match conn.call(&Request::Status { id: 1 }).unwrap() {
             Reply::Status(s) => s,
             other => panic!("{other:?}"),

@@ -524,3 +524,90 @@ fn documents_keep_flowing_while_a_large_upload_is_open() {
     assert!(matches!(upload.reply(), Reply::FileStored(_)));
     assert_eq!(stored(&cluster.server_dirs).len(), 1);
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: PathBuf, size: &str) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(SmallDisk { path })
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_disk_that_fills_up_mid_file_is_a_clear_error_and_the_server_keeps_storing() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match SmallDisk::mount(dir.path().join("disk"), "4m") {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a small tmpfs to fill up ({why}); needs root");
+            return;
+        }
+    };
+    // Declared after the disk, so the server stops before it is unmounted.
+    let server = start_server(&disk.path.join("s"), &[]);
+    let sha = |b: &[u8]| hex(&Sha256::digest(b));
+    let mut raw = Raw::connect(server.addr);
+    let size = 8 * 1024 * 1024u64;
+    raw.send_json(&upload_json(1, "too-big-for-disk", "big.bin", size));
+    assert_eq!(ready_offset(raw.reply()), 0);
+    let block = vec![1u8; 512 * 1024];
+    let mut offset = 0;
+    let reply = loop {
+        assert!(offset < size, "8 MiB fitted on a 4 MiB disk");
+        chunk(&mut raw, 1, offset, &block);
+        offset += block.len() as u64;
+        // The server answers only when something is wrong.
+        raw.stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut header = [0u8; 4];
+        match raw.stream.peek(&mut header) {
+            Ok(4) => {
+                raw.stream
+                    .set_read_timeout(Some(util::REPLY_TIMEOUT))
+                    .unwrap();
+                break raw.reply();
+            }
+            _ => continue,
+        }
+    };
+    match reply {
+        Reply::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Storage, "{}", e.message);
+            assert!(e.message.contains("disk is full"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing visible, the room given back, and documents still stored.
+    let sdir = disk.path.join("s");
+    assert!(stored(std::slice::from_ref(&sdir)).is_empty());
+    let mut other = Raw::connect(server.addr);
+    other.store(1, "after the full disk", "abc");
+    assert!(matches!(other.reply(), Reply::Stored(_)));
+    // A small file still fits.
+    other.send_json(&upload_json(2, "small-after-full", "small.bin", 3));
+    assert_eq!(ready_offset(other.reply()), 0);
+    chunk(&mut other, 2, 0, b"abc");
+    other.send_json(&json!({"type": "upload_end", "id": 3, "sha256": sha(b"abc")}));
+    assert!(matches!(other.reply(), Reply::FileStored(_)));
+    drop(server);
+}

@@ -2,8 +2,8 @@
 //! `Backend` carries out requests and answers status probes over one wire.
 //! `Framed` speaks our protocol (acknowledged, persistent connection);
 //! `Legacy` speaks the original system's (one connection per document, no
-//! acknowledgement, a one-byte status). A new wire (TLS...) is one more
-//! implementation here.
+//! acknowledgement, a one-byte status). TLS sits under `Framed`, in
+//! `net::connect`; the original format is always plaintext.
 
 use super::dispatch::Work;
 use super::BackendWire;
@@ -17,6 +17,7 @@ use crate::throttle::{self, Throttle};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,36 +57,39 @@ pub fn probe(
     settings: &BackendSettings,
 ) -> (Observation, Option<StatusReport>) {
     let t = settings.probe_timeout;
-    let stream = match net::connect(addr, t, t) {
-        Ok(s) => s,
-        Err(e) => {
-            return (
-                Observation::ProbeFailed(format!("cannot connect: {e}")),
-                None,
-            )
-        }
+    let cannot_connect = |e: std::io::Error| {
+        (
+            Observation::ProbeFailed(format!("cannot connect: {e}")),
+            None,
+        )
     };
     match settings.wire {
-        BackendWire::Framed => {
-            let mut conn = Connection::new(stream, settings.max_frame);
-            if let Some(key) = &settings.key {
-                if let Err(e) = handshake::initiate(&mut conn, key, *addr, id) {
-                    return (Observation::ProbeFailed(unproven(addr, &e)), None);
+        BackendWire::Framed => match net::connect(addr, t, t) {
+            Ok(stream) => {
+                let mut conn = Connection::new(stream, settings.max_frame);
+                if let Some(key) = &settings.key {
+                    if let Err(e) = handshake::initiate(&mut conn, key, *addr, id) {
+                        return (Observation::ProbeFailed(unproven(addr, &e)), None);
+                    }
                 }
+                probe_framed(conn, id)
             }
-            probe_framed(conn, id)
-        }
-        BackendWire::Legacy => (probe_legacy(stream), None),
+            Err(e) => cannot_connect(e),
+        },
+        BackendWire::Legacy => match net::connect_plain(addr, t, t) {
+            Ok(stream) => (probe_legacy(stream), None),
+            Err(e) => cannot_connect(e),
+        },
     }
 }
 
 /// Open connections of one server's link, so that they can be cut off at
 /// once (shutting down past `--drain-timeout`).
 #[derive(Debug, Default)]
-pub struct Connections(Mutex<HashMap<usize, TcpStream>>);
+pub struct Connections(Mutex<HashMap<usize, net::Stream>>);
 
 impl Connections {
-    fn set(&self, slot: usize, stream: Option<TcpStream>) {
+    fn set(&self, slot: usize, stream: Option<net::Stream>) {
         let mut map = crate::net::lock(&self.0);
         match stream {
             Some(s) => map.insert(slot, s),
@@ -134,7 +138,7 @@ fn unix_ms() -> u64 {
 struct Framed {
     addr: SocketAddr,
     settings: BackendSettings,
-    conn: Option<Connection<TcpStream>>,
+    conn: Option<Connection<net::Stream>>,
     connections: Arc<Connections>,
     slot: usize,
 }
@@ -211,7 +215,7 @@ impl Framed {
         self.connections.set(self.slot, None);
     }
 
-    fn connect(&mut self) -> Result<Connection<TcpStream>, LinkError> {
+    fn connect(&mut self) -> Result<Connection<net::Stream>, LinkError> {
         let s = &self.settings;
         let stream =
             net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
@@ -280,7 +284,7 @@ fn unproven(addr: &SocketAddr, e: &HandshakeError) -> String {
     reason
 }
 
-fn probe_framed(mut conn: Connection<TcpStream>, id: u64) -> (Observation, Option<StatusReport>) {
+fn probe_framed(mut conn: Connection<net::Stream>, id: u64) -> (Observation, Option<StatusReport>) {
     match conn.call(&Request::Status { id }) {
         Ok(Reply::Status(report)) => (
             Observation::ProbeOk {
@@ -349,9 +353,11 @@ impl Backend for Legacy {
         })?;
         let s = &self.settings;
         let mut stream =
-            net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
-                reason: format!("cannot connect: {e}"),
-                delivered: false,
+            net::connect_plain(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| {
+                LinkError {
+                    reason: format!("cannot connect: {e}"),
+                    delivered: false,
+                }
             })?;
         let text = legacy::dumps_document(&doc, Some(number));
         stream

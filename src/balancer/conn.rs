@@ -89,10 +89,11 @@ impl Conn {
             return;
         }
         let read_half = stream.clone();
-        match net::detect_wire(stream.tcp()) {
+        match net::detect_wire(&stream) {
             Ok(Wire::Closed) => {
                 log::debug!("connection from {peer} closed without sending anything");
             }
+            Ok(Wire::Refused) => {}
             // The original format has no login: with users on it is
             // refused, or anyone could store past them.
             Ok(Wire::Legacy) if self.access.users.is_some() => {

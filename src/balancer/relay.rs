@@ -8,17 +8,18 @@
 
 use super::conn::Conn;
 use super::dispatch::{Event, Picked};
+use super::flow::Reservation;
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{read_body, valid_upload_id};
+use crate::proto::file::{read_body_into, valid_upload_id};
 use crate::proto::{
     Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, FrameWriter,
     Redirect, Reply, Request, Ticket, TransferEvent, UploadRequest,
 };
 use crossbeam_channel::Sender;
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -102,7 +103,7 @@ impl Conn {
 
     /// A connection of its own to a server, which proves the cluster key
     /// first when there is one (see `handshake`).
-    fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<TcpStream>> {
+    fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<net::Stream>> {
         let s = &self.files;
         let stream = net::connect(&addr, s.connect_timeout, s.server_timeout)?;
         let mut conn = Connection::new(
@@ -289,13 +290,68 @@ impl Conn {
     /// `Ok` holds the server's answer to it (the connection goes on); `Err`
     /// says why the upload stopped early, with the reply to send the client
     /// before closing its connection, if one is worth sending.
+    ///
+    /// This thread reads the client; a scoped writer thread writes the
+    /// server, so one chunk is read while the one before is written. At
+    /// most `RELAY_DEPTH` chunks are between the two.
     fn relay_chunks<R: Read + Deadline>(
         &self,
         up: &UploadRequest,
         server_name: &str,
-        mut server: Connection<TcpStream>,
+        server: Connection<net::Stream>,
         reader: &mut FrameReader<R>,
     ) -> Result<Reply, Box<Stopped>> {
+        let (to_server, chunks) = crossbeam_channel::bounded::<Relayed>(RELAY_DEPTH);
+        let (spare_tx, spare) = crossbeam_channel::bounded::<Vec<u8>>(RELAY_DEPTH + 1);
+        std::thread::scope(|scope| {
+            let writer = std::thread::Builder::new()
+                .name(format!(
+                    "{}-up",
+                    std::thread::current().name().unwrap_or("conn")
+                ))
+                .spawn_scoped(scope, move || write_chunks(server, chunks, spare_tx));
+            let writer = match writer {
+                Ok(w) => w,
+                Err(e) => return Err(stopped(format!("cannot start a thread: {e}"), None)),
+            };
+            let read = self.read_chunks(up, reader, &to_server, &spare);
+            drop(to_server);
+            let (mut server, written) = match writer.join() {
+                Ok(result) => result,
+                Err(_) => return Err(stopped("the relay's writer panicked", None)),
+            };
+            let id = up.id;
+            match (read, written) {
+                // The server broke first: its reason goes to the client.
+                (_, Err((offset, e))) => {
+                    let reply = why_server_stopped(&mut server, id)
+                        .unwrap_or_else(|| server_failed(id, server_name, &e));
+                    Err(stopped(
+                        format!("stopped at byte {offset}: {}", describe(&reply)),
+                        Some(reply),
+                    ))
+                }
+                (Err(stop), Ok(())) => Err(stop),
+                (Ok((end_id, sha256)), Ok(())) => Ok(
+                    match server.call(&Request::UploadEnd { id: end_id, sha256 }) {
+                        Ok(r) => r,
+                        Err(e) => why_server_stopped(&mut server, end_id)
+                            .unwrap_or_else(|| server_failed(end_id, server_name, &e.to_string())),
+                    },
+                ),
+            }
+        })
+    }
+
+    /// Reads chunks from the client and hands them to the writer until
+    /// `upload_end`, whose id and checksum it returns.
+    fn read_chunks<R: Read + Deadline>(
+        &self,
+        up: &UploadRequest,
+        reader: &mut FrameReader<R>,
+        to_server: &Sender<Relayed>,
+        spare: &crossbeam_channel::Receiver<Vec<u8>>,
+    ) -> Result<(u64, String), Box<Stopped>> {
         let id = up.id;
         let frame_timeout = self.settings.frame_timeout;
         let max_body = self.settings.max_frame as u64;
@@ -322,45 +378,24 @@ impl Conn {
                         );
                         return Err(stopped(describe(&reply), Some(reply)));
                     }
-                    let _bytes = self.budget.acquire(chunk.body_len as usize);
+                    let reserved = self.budget.acquire(chunk.body_len as usize);
+                    let mut body = spare.try_recv().unwrap_or_default();
                     reader
                         .get_mut()
                         .set_deadline(Some(Instant::now() + frame_timeout));
-                    let body = read_body(reader, chunk.body_len);
+                    let read = read_body_into(reader, chunk.body_len, &mut body);
                     reader.get_mut().set_deadline(None);
-                    let body = match body {
-                        Ok(b) => b,
-                        Err(e) => {
-                            let reply =
-                                Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
-                            return Err(stopped(e.to_string(), Some(reply)));
-                        }
-                    };
-                    let sent = server
-                        .send(&Request::Chunk(chunk.clone()))
-                        .and_then(|()| server.send_payload(&body));
-                    if let Err(e) = sent {
-                        let reply = why_server_stopped(&mut server, id)
-                            .unwrap_or_else(|| server_failed(id, server_name, &e.to_string()));
-                        return Err(stopped(
-                            format!("stopped at byte {}: {}", chunk.offset, describe(&reply)),
-                            Some(reply),
-                        ));
+                    if let Err(e) = read {
+                        let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
+                        return Err(stopped(e.to_string(), Some(reply)));
                     }
                     at = chunk.offset + chunk.body_len;
+                    if to_server.send((chunk, body, reserved)).is_err() {
+                        // The writer stopped: the caller reports why.
+                        return Err(stopped("the server connection broke", None));
+                    }
                 }
-                Request::UploadEnd { id: end_id, sha256 } => {
-                    return Ok(
-                        match server.call(&Request::UploadEnd { id: end_id, sha256 }) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                why_server_stopped(&mut server, end_id).unwrap_or_else(|| {
-                                    server_failed(end_id, server_name, &e.to_string())
-                                })
-                            }
-                        },
-                    );
-                }
+                Request::UploadEnd { id: end_id, sha256 } => return Ok((end_id, sha256)),
                 other => {
                     let reply = Reply::error(
                         Some(other.id()),
@@ -499,7 +534,7 @@ impl Conn {
     fn relay_download(
         &self,
         header: FileHeader,
-        mut server: Connection<TcpStream>,
+        mut server: Connection<net::Stream>,
         out: &ClientWriter,
     ) -> Next {
         let (id, peer) = (header.id, self.peer);
@@ -564,6 +599,34 @@ impl Conn {
     }
 }
 
+/// Chunks read from the client and not yet written to the server, at most.
+const RELAY_DEPTH: usize = 2;
+
+/// A chunk on its way: header, bytes, and their share of the byte budget.
+type Relayed = (Chunk, Vec<u8>, Reservation);
+
+/// The relay's writer: sends chunks to the server until the channel closes
+/// or a write fails (with the offset and the error), then gives the
+/// connection back. Emptied buffers go back for the next chunks.
+fn write_chunks(
+    mut server: Connection<net::Stream>,
+    chunks: crossbeam_channel::Receiver<Relayed>,
+    spare: Sender<Vec<u8>>,
+) -> (Connection<net::Stream>, Result<(), (u64, String)>) {
+    for (chunk, body, reserved) in chunks {
+        let offset = chunk.offset;
+        let sent = server
+            .send(&Request::Chunk(chunk))
+            .and_then(|()| server.send_payload(&body));
+        drop(reserved);
+        if let Err(e) = sent {
+            return (server, Err((offset, e.to_string())));
+        }
+        let _ = spare.try_send(body);
+    }
+    (server, Ok(()))
+}
+
 /// Why an upload stopped before `upload_end`, and the reply worth sending
 /// the client before its connection closes.
 struct Stopped {
@@ -580,7 +643,7 @@ fn stopped(why: impl Into<String>, reply: Option<Reply>) -> Box<Stopped> {
 
 /// After a failed write to a server: the error it sent before closing, if
 /// any (disk full, bad offset).
-fn why_server_stopped(server: &mut Connection<TcpStream>, id: u64) -> Option<Reply> {
+fn why_server_stopped(server: &mut Connection<net::Stream>, id: u64) -> Option<Reply> {
     let _ = server
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(500)));

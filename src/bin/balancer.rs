@@ -2,7 +2,7 @@ use clap::Parser;
 use lbft::auth::ClusterKey;
 use lbft::balancer::relay::Mode;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
-use lbft::cli::{parse_addr, parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_duration, parse_size, TlsArgs};
 use lbft::policy::PolicyKind;
 use lbft::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -23,8 +23,6 @@ use std::time::Duration;
                   balancer user add alice --admin   (then: balancer --users ...)"
 )]
 struct Args {
-    #[command(subcommand)]
-    command: Option<UserCommand>,
     /// Address to accept clients on, HOST:PORT (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:60002", value_parser = parse_addr)]
     listen: SocketAddr,
@@ -172,14 +170,14 @@ struct Args {
     /// only).
     #[arg(long, requires = "cluster_key_file")]
     allow_unauthenticated_legacy: bool,
-}
-
-/// Users of --users, in the state file (--state).
-#[derive(clap::Subcommand, Debug)]
-enum UserCommand {
-    /// Manage the users who may log in (balancer --users).
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// On a TLS port (--tls-cert), serve clients of the original format
+    /// (which has no TLS) in plaintext instead of refusing them.
+    #[arg(long)]
+    allow_legacy_plaintext: bool,
     #[command(subcommand)]
-    User(UserAction),
+    command: Option<Command>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -209,6 +207,30 @@ enum UploadMode {
     Redirect,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Write a local CA and certificates signed by it for a test
+    /// deployment: ca.pem, ca-key.pem, balancer.pem, server1.pem ...
+    /// serverN.pem and client.pem, each with its -key.pem (mode 0600),
+    /// valid for 127.0.0.1, ::1 and localhost plus --hosts.
+    GenCerts {
+        /// Folder to write into (created if missing; files are replaced).
+        dir: PathBuf,
+        /// How many server certificates to make.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        servers: u16,
+        /// More addresses or names the certificates are valid for, comma
+        /// separated. Peers are verified by IP address: list the IP
+        /// addresses the programs connect to.
+        #[arg(long, value_delimiter = ',', value_name = "HOST")]
+        hosts: Vec<String>,
+    },
+    /// Manage the users who may log in (balancer --users), in the state
+    /// file (--state).
+    #[command(subcommand)]
+    User(UserAction),
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Wire {
     Framed,
@@ -217,9 +239,28 @@ enum Wire {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(UserCommand::User(action)) = &args.command {
+    if let Some(Command::User(action)) = &args.command {
         return match manage_users(&args, action) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("balancer: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::GenCerts {
+        dir,
+        servers,
+        hosts,
+    }) = &args.command
+    {
+        return match lbft::net::tls::certs::generate(dir, *servers, hosts) {
+            Ok(written) => {
+                for file in written.files {
+                    println!("wrote {}", file.display());
+                }
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("balancer: {e}");
                 ExitCode::FAILURE
@@ -237,6 +278,26 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
+    let tls = args
+        .tls
+        .install(args.allow_legacy_plaintext, args.frame_timeout)?;
+    if let (Some(tls), Some(_)) = (&tls, args.local_servers) {
+        // The in-process servers listen with this process's certificate
+        // and are reached with its CA: both or neither.
+        if tls.accepts() != tls.connects() {
+            return Err(lbft::Error::Config(
+                "--local-servers with TLS needs --tls-cert, --tls-key and --tls-ca together: \
+                 the local servers present the balancer's certificate and the balancer \
+                 verifies them against the CA"
+                    .into(),
+            ));
+        }
+    }
+    if tls.as_ref().is_some_and(|t| t.connects()) && matches!(args.backend_wire, Wire::Legacy) {
+        log::warn!(
+            "--backend-wire legacy: servers of the original format are reached in plaintext"
+        );
+    }
     let cluster_key = match (&args.cluster_key_file, args.mode, args.local_servers) {
         (Some(path), _, _) => Some(lbft::handshake::load_key(path)?),
         (None, UploadMode::Redirect, Some(_)) => Some(ClusterKey::generate()),

@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use crossbeam_channel::Sender;
-use lbft::cli::{parse_addr, parse_count, parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_count, parse_duration, parse_size, TlsArgs};
 use lbft::client::admin::AdminCommand;
 use lbft::client::status::StatusOptions;
 use lbft::client::transfers::TransfersOptions;
@@ -46,6 +46,17 @@ struct Args {
     /// request is larger is not sent.
     #[arg(long, global = true, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
+    /// Connect with TLS, verifying the balancer's certificate against this
+    /// CA (PEM); the certificate must name the balancer's IP address.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Certificate (PEM) to present to a balancer that requires client
+    /// certificates (one started with --tls-ca). Needs --tls-key and --tls-ca.
+    #[arg(long, global = true, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log in as this user (balancers started with --users); the password
     /// comes from the FTP_PASSWORD environment variable, or is asked for.
     #[arg(long, global = true, value_name = "NAME")]
@@ -181,6 +192,16 @@ fn on_interrupt(batch: Sender<()>) -> io::Result<(Handle, JoinHandle<()>)> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let tls = TlsArgs {
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_ca: args.tls_ca.clone(),
+    };
+    // The handshake deadline applies to listeners only; the client has none.
+    if let Err(e) = tls.install(false, Duration::from_secs(30)) {
+        eprintln!("client: {e}");
+        return ExitCode::FAILURE;
+    }
     // Zero capacity: a Ctrl-C reaches a batch that is running, or nobody.
     let (interrupt_tx, interrupt) = crossbeam_channel::bounded(0);
     let signals = match on_interrupt(interrupt_tx) {

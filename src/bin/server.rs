@@ -1,5 +1,5 @@
 use clap::Parser;
-use lbft::cli::{parse_addr, parse_duration, parse_size};
+use lbft::cli::{parse_addr, parse_duration, parse_size, TlsArgs};
 use lbft::server::registrar::{Registrar, RegistrarSettings};
 use lbft::server::{Config, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -84,6 +84,12 @@ struct Args {
     /// this server, unexpired, instead.
     #[arg(long, value_name = "FILE")]
     cluster_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// On a TLS port (--tls-cert), serve balancers of the original format
+    /// (which has no TLS) in plaintext instead of refusing them.
+    #[arg(long)]
+    allow_legacy_plaintext: bool,
     /// With --cluster-key-file, still accept connections in the original
     /// format, which cannot prove the key.
     #[arg(long, requires = "cluster_key_file")]
@@ -103,6 +109,8 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(args.log_file.as_deref())?;
+    args.tls
+        .install(args.allow_legacy_plaintext, args.frame_timeout)?;
     let defaults = Config::default();
     let listen = match (args.listen, args.port) {
         (Some(addr), _) => addr,

@@ -17,7 +17,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ fn refused(server: Option<&str>, code: ErrorCode, message: &str) -> Stop {
 
 /// A connection to the balancer (logged in, with credentials) or to the
 /// server it redirected an upload to.
-fn connect(addr: SocketAddr, config: &Config) -> Result<Connection<TcpStream>, Stop> {
+fn connect(addr: SocketAddr, config: &Config) -> Result<Connection<crate::net::Stream>, Stop> {
     let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
         .map_err(|e| retry(None, format!("cannot connect to {addr}: {e}")))?;
     if let (true, Some(credentials)) = (addr == config.balancer, &config.login) {
@@ -196,7 +196,10 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
                 bar.suspend(|| {
                     let _ = writeln!(out, "{}: {why}; trying again", path.display());
                 });
-                if s.is_some() {
+                if why.starts_with("storage:") {
+                    // That server cannot store it: let the balancer choose.
+                    server = None;
+                } else if s.is_some() {
                     server = s;
                 }
                 last = why;
@@ -213,7 +216,7 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
 fn ready(
     config: &Config,
     request: &UploadRequest,
-) -> Result<(Connection<TcpStream>, UploadReady), Stop> {
+) -> Result<(Connection<crate::net::Stream>, UploadReady), Stop> {
     let mut conn = connect(config.balancer, config)?;
     let hint = request.server.as_deref();
     let reply = conn
@@ -312,7 +315,7 @@ fn attempt_upload(
 /// After a failed write: the error the other side sent before closing, if
 /// there is one, else the write error.
 fn explain_break(
-    conn: &mut Connection<TcpStream>,
+    conn: &mut Connection<crate::net::Stream>,
     server: &str,
     offset: u64,
     e: io::Error,

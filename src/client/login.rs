@@ -2,10 +2,10 @@
 //! message on every connection the client opens.
 
 use super::{Config, Error};
+use crate::net::Stream;
 use crate::proto::{self, Password, Reply, Request};
 use std::fmt;
 use std::io;
-use std::net::TcpStream;
 
 /// The environment variable a password may come from (for scripts).
 pub const PASSWORD_VAR: &str = "FTP_PASSWORD";
@@ -38,7 +38,7 @@ impl Credentials {
 }
 
 /// Connects to the balancer and, with credentials, logs in.
-pub fn open(config: &Config) -> Result<TcpStream, Error> {
+pub fn open(config: &Config) -> Result<Stream, Error> {
     let addr = config.balancer;
     let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
         .map_err(|e| Error::Connect(addr, e))?;
@@ -55,8 +55,8 @@ pub fn open(config: &Config) -> Result<TcpStream, Error> {
 
 /// Sends `login` and waits for `welcome`. Nothing else is in flight, so
 /// the reader reads no further than the one reply.
-pub(crate) fn login(stream: &TcpStream, credentials: &Credentials) -> Result<(), String> {
-    let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
+pub(crate) fn login(stream: &Stream, credentials: &Credentials) -> Result<(), String> {
+    let mut conn = proto::Connection::new(stream.clone(), proto::DEFAULT_MAX_FRAME);
     let request = Request::Login {
         id: 0,
         user: credentials.user.clone(),

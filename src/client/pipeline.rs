@@ -14,10 +14,11 @@
 
 use super::{Config, Error};
 use crate::net::spawn_named;
+use crate::net::Stream;
 use crate::proto::{self, ErrorCode, ErrorReply, FrameReader, FrameWriter, Reply, Request};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::time::Duration;
 
 /// Requests in flight on one connection unless configured otherwise: enough
@@ -151,7 +152,7 @@ pub struct Interrupted {
 
 /// Connects to the balancer with the configured timeouts, and logs in
 /// when the configuration has credentials.
-pub fn connect(config: &Config) -> Result<TcpStream, Error> {
+pub fn connect(config: &Config) -> Result<Stream, Error> {
     super::login::open(config)
 }
 
@@ -177,7 +178,7 @@ pub fn run<M: Send + 'static>(
 /// A message on `config.interrupt` stops the run: what is outstanding or
 /// not yet made is then counted in the outcome, not reported.
 pub fn run_on<M: Send + 'static>(
-    stream: TcpStream,
+    stream: Stream,
     config: &Config,
     count: u64,
     make: impl FnMut(u64) -> Prepared<M> + Send + 'static,
@@ -414,7 +415,7 @@ impl<M> Books<M> {
 }
 
 fn write_requests<M>(
-    stream: TcpStream,
+    stream: Stream,
     count: u64,
     mut make: impl FnMut(u64) -> Prepared<M>,
     entry: WindowEntry,
@@ -449,7 +450,7 @@ fn write_requests<M>(
     let _ = events.send(Event::WriterDone(stopped));
 }
 
-fn read_replies<M>(stream: TcpStream, events: Sender<Event<M>>) {
+fn read_replies<M>(stream: Stream, events: Sender<Event<M>>) {
     let mut reader = FrameReader::new(stream, proto::DEFAULT_MAX_FRAME);
     let end = loop {
         match reader.message::<Reply>() {
@@ -484,7 +485,7 @@ fn read_replies<M>(stream: TcpStream, events: Sender<Event<M>>) {
 mod tests {
     use super::*;
     use crate::proto::{encode, write_frame, Document, StoreRequest, Stored};
-    use std::net::{SocketAddr, TcpListener};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use std::thread;

@@ -43,7 +43,8 @@ impl From<io::Error> for CallError {
     }
 }
 
-/// A request/response connection over any byte stream (TCP now, TLS later).
+/// A request/response connection over any byte stream (a `net::Stream`:
+/// TCP or TLS).
 pub struct Connection<S: Read + Write> {
     reader: FrameReader<S>,
 }

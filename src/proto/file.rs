@@ -8,7 +8,7 @@
 //! `size`. While an upload or download runs, nothing else travels on its
 //! connection.
 
-use super::frame::{read_header, read_payload, write_frame, FrameError};
+use super::frame::{read_header, write_frame, FrameError};
 use crate::auth::ClusterKey;
 use crate::text::{from_hex, to_hex};
 use serde::{Deserialize, Serialize};
@@ -229,6 +229,18 @@ pub fn valid_upload_id(id: &str) -> bool {
 /// Reads the raw frame after a `chunk` header. Its length must be
 /// `expected`, which the caller has checked against its limits.
 pub fn read_body<R: Read>(r: &mut R, expected: u64) -> Result<Vec<u8>, BodyError> {
+    let mut buf = Vec::new();
+    read_body_into(r, expected, &mut buf)?;
+    Ok(buf)
+}
+
+/// Like `read_body`, into `buf` (its allocation is reused: a relay
+/// passes the same few buffers around).
+pub fn read_body_into<R: Read>(
+    r: &mut R,
+    expected: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), BodyError> {
     let max = usize::try_from(expected).unwrap_or(usize::MAX);
     let len = match read_header(r, max) {
         Ok(Some(len)) => len,
@@ -252,7 +264,32 @@ pub fn read_body<R: Read>(r: &mut R, expected: u64) -> Result<Vec<u8>, BodyError
             got: len as u64,
         });
     }
-    read_payload(r, len).map_err(BodyError::Frame)
+    buf.clear();
+    // Room for a whole chunk at once; a larger body grows as it arrives.
+    buf.reserve(len.min(CHUNK_SIZE));
+    let mut limited = r.take(len as u64);
+    loop {
+        match limited.read_to_end(buf) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(BodyError::Frame(FrameError::Timeout { mid_frame: true }))
+            }
+            Err(e) => return Err(BodyError::Frame(FrameError::Io(e))),
+        }
+    }
+    if buf.len() < len {
+        return Err(BodyError::Frame(FrameError::Truncated {
+            expected: len + 4,
+            got: buf.len() + 4,
+        }));
+    }
+    Ok(())
 }
 
 /// Writes a body frame.

@@ -25,6 +25,8 @@ use std::time::{Duration, SystemTime};
 use super::storage::{safe_title, unix_ms};
 
 pub const FILES_DIR: &str = "files";
+/// "No space left on device".
+const ENOSPC: i32 = 28;
 const PARTIAL_DIR: &str = ".partial";
 const UPLOADS_DIR: &str = ".uploads";
 
@@ -88,9 +90,10 @@ impl fmt::Display for FileError {
                 "checksum mismatch: the client sent sha256 {expected}, the bytes received have {got}; nothing was stored"
             ),
             FileError::NotFound(name) => write!(f, "no file named {name:?} on this server"),
-            FileError::Io(e) if e.raw_os_error() == Some(28) => {
-                write!(f, "the server's disk is full ({e}); nothing was stored")
-            }
+            FileError::Io(e) if e.raw_os_error() == Some(ENOSPC) => write!(
+                f,
+                "the server's disk is full ({e}); nothing was stored and the partial upload was removed"
+            ),
             FileError::Io(e) => write!(f, "storage error: {e}"),
         }
     }
@@ -355,7 +358,16 @@ impl Receiving<'_> {
                 got: end,
             });
         }
-        self.file.write_all(bytes)?;
+        if let Err(e) = self.file.write_all(bytes) {
+            if e.raw_os_error() == Some(ENOSPC) {
+                // It cannot complete here: give the room back to everyone
+                // else (the client starts over, on another server).
+                let _ = self.file.set_len(0);
+                let _ = fs::remove_file(self.store.partial.join(&self.id));
+                let _ = fs::remove_file(self.store.partial.join(format!("{}.json", self.id)));
+            }
+            return Err(e.into());
+        }
         self.hasher.update(bytes);
         self.offset = end;
         Ok(())

@@ -10,7 +10,7 @@ use crate::handshake;
 use crate::net;
 use crate::proto::{CallError, Connection, Reply, Request};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ impl Registrar {
 }
 
 fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<()>) {
-    let mut link: Option<(Connection<TcpStream>, SocketAddr)> = None;
+    let mut link: Option<(Connection<net::Stream>, SocketAddr)> = None;
     let mut registered = false;
     let mut id = 0u64;
     loop {
@@ -115,10 +115,10 @@ fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<(
 }
 
 fn connect<'a>(
-    link: &'a mut Option<(Connection<TcpStream>, SocketAddr)>,
+    link: &'a mut Option<(Connection<net::Stream>, SocketAddr)>,
     balancer: SocketAddr,
     settings: &RegistrarSettings,
-) -> Result<&'a mut (Connection<TcpStream>, SocketAddr), String> {
+) -> Result<&'a mut (Connection<net::Stream>, SocketAddr), String> {
     if link.is_none() {
         let stream = net::connect(&balancer, settings.timeout, settings.timeout)
             .map_err(|e| format!("cannot connect: {e}"))?;
@@ -138,7 +138,7 @@ fn connect<'a>(
 }
 
 fn heartbeat(
-    link: &mut Option<(Connection<TcpStream>, SocketAddr)>,
+    link: &mut Option<(Connection<net::Stream>, SocketAddr)>,
     balancer: SocketAddr,
     id: u64,
     settings: &RegistrarSettings,
@@ -148,7 +148,7 @@ fn heartbeat(
     call(conn, Request::Register { id, addr })
 }
 
-fn call(conn: &mut Connection<TcpStream>, request: Request) -> Result<String, String> {
+fn call(conn: &mut Connection<net::Stream>, request: Request) -> Result<String, String> {
     match conn.call(&request) {
         Ok(Reply::Membership { message, .. }) => Ok(message),
         Ok(Reply::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
