@@ -124,7 +124,16 @@ fn registration_needs_the_key_and_the_balancer_proves_it_back() {
 
     // A server without the key, and one with another key, try to join.
     let keyless_dir = cluster.dir.path().join("keyless");
-    let keyless = start_server(&keyless_dir, &["--balancer", &balancer_arg]);
+    let keyless_log = cluster.dir.path().join("keyless.log");
+    let keyless = start_server(
+        &keyless_dir,
+        &[
+            "--balancer",
+            &balancer_arg,
+            "--log-file",
+            &keyless_log.display().to_string(),
+        ],
+    );
     let wrong_dir = cluster.dir.path().join("wrong");
     let other_arg = other.display().to_string();
     let wrong_log = cluster.dir.path().join("wrong.log");
@@ -141,6 +150,11 @@ fn registration_needs_the_key_and_the_balancer_proves_it_back() {
     );
     let refused = "`register` without the cluster handshake; refused";
     assert!(eventually(|| read_log(cluster.dir.path()).contains(refused)));
+    assert!(eventually(|| std::fs::read_to_string(&keyless_log)
+        .unwrap_or_default()
+        .contains(
+            "servers must prove the cluster key (hello) before they register"
+        )));
     assert!(eventually(|| std::fs::read_to_string(&wrong_log)
         .unwrap_or_default()
         .contains("the balancer did not prove the cluster key")));

@@ -76,6 +76,14 @@ impl Failures {
     }
 }
 
+/// Refused requests by address, logged once a minute each (a rogue
+/// server's heartbeat repeats every second).
+fn refusals() -> &'static crate::throttle::Throttle<IpAddr> {
+    static REFUSALS: std::sync::OnceLock<crate::throttle::Throttle<IpAddr>> =
+        std::sync::OnceLock::new();
+    REFUSALS.get_or_init(|| crate::throttle::Throttle::new(Duration::from_secs(60)))
+}
+
 /// What to do with one request.
 pub enum Verdict {
     /// Carry it out.
@@ -160,11 +168,14 @@ impl Session {
             Request::Register { id, .. } | Request::Deregister { id, .. }
                 if self.gate.keyed() && !self.gate.proven() =>
             {
-                log::warn!(
-                    "connection from {}: `{}` without the cluster handshake; refused",
-                    self.peer,
-                    request.kind()
-                );
+                if let Some(skipped) = refusals().check(&self.peer.ip()) {
+                    log::warn!(
+                        "connection from {}: `{}` without the cluster handshake; refused{}",
+                        self.peer,
+                        request.kind(),
+                        crate::throttle::more(skipped)
+                    );
+                }
                 Verdict::Answer(Reply::error(
                     Some(*id),
                     ErrorCode::Unauthenticated,
@@ -190,12 +201,15 @@ impl Session {
             | Request::RemoveServer { id, .. }
                 if users_on && !self.user.as_ref().is_some_and(|u| u.admin) =>
             {
-                log::warn!(
-                    "connection from {}: `{}` refused to user {}: not an admin",
-                    self.peer,
-                    request.kind(),
-                    self.user.as_ref().map_or("?", |u| u.name.as_str())
-                );
+                if let Some(skipped) = refusals().check(&self.peer.ip()) {
+                    log::warn!(
+                        "connection from {}: `{}` refused to user {}: not an admin{}",
+                        self.peer,
+                        request.kind(),
+                        self.user.as_ref().map_or("?", |u| u.name.as_str()),
+                        crate::throttle::more(skipped)
+                    );
+                }
                 Verdict::Answer(Reply::error(
                     Some(*id),
                     ErrorCode::Forbidden,
