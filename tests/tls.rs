@@ -350,6 +350,8 @@ fn tls_balancer(work: &Path, certs: &Path, extra: &[&str]) -> (Proc, PathBuf) {
     let store = work.join("store");
     let mut args = tls_args(certs, "balancer");
     args.extend(strings(&[
+        "--listen",
+        "127.0.0.1:0",
         "--local-servers",
         "1",
         "--local-base-port",
