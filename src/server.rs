@@ -407,8 +407,14 @@ fn serve_framed(
                             transfer::Next::Close => break,
                         }
                     }
-                    Request::Get { id, name, offset } => {
-                        match transfer::send(id, &name, offset, &mut writer, peer, shared) {
+                    Request::Get {
+                        id,
+                        name,
+                        offset,
+                        owner,
+                    } => {
+                        let owner = owner.as_deref();
+                        match transfer::send(id, &name, offset, owner, &mut writer, peer, shared) {
                             transfer::Next::Continue => continue,
                             transfer::Next::Close => break,
                         }
@@ -493,7 +499,7 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             })
         }
         Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
-        Request::List { id } => transfer::list(id, shared),
+        Request::List { id, owner } => transfer::list(id, owner.as_deref(), shared),
         Request::Upload(r) => out_of_upload(r.id),
         Request::Chunk(c) => out_of_upload(c.id),
         Request::UploadEnd { id, .. } => out_of_upload(id),

@@ -446,7 +446,7 @@ fn redirect_mode_sends_clients_to_servers_with_tickets_that_cannot_be_forged() {
     // Straight to a server without a ticket, or with a bad one: refused.
     let key = ClusterKey::from_file(&key_file).unwrap();
     let sign = |id: &str, size: u64, server: &str, expires_ms: u64| {
-        serde_json::to_value(Ticket::sign(&key, id, size, server, expires_ms, 1, None)).unwrap()
+        serde_json::to_value(Ticket::new(server, expires_ms).signed(&key, id, size)).unwrap()
     };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -456,15 +456,8 @@ fn redirect_mode_sends_clients_to_servers_with_tickets_that_cannot_be_forged() {
     let mut raw = Raw::connect(addrs[0]);
     raw.send_json(&upload_json(1, "no-ticket-1", "t.bin", 3));
     assert_eq!(error_code(raw.reply()), ErrorCode::BadTicket);
-    let forged = Ticket::sign(
-        &ClusterKey::generate(),
-        "forged-0001",
-        3,
-        &s0,
-        now_ms + 60_000,
-        1,
-        None,
-    );
+    let forged =
+        Ticket::new(&s0, now_ms + 60_000).signed(&ClusterKey::generate(), "forged-0001", 3);
     let forged = serde_json::to_value(forged).unwrap();
     assert_eq!(
         error_code(upload_with_ticket(addrs[0], "forged-0001", 3, forged)),

@@ -298,4 +298,37 @@ fn files_need_a_login_too() {
         }
         other => panic!("{other:?}"),
     }
+
+    // Files are kept apart: bob neither sees nor gets alice's file, and
+    // his own of the same name is his; an admin sees both.
+    let out = client(Some("bob"), &["list"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("photo"),
+        "{out:?}"
+    );
+    let copy = cluster.dir.path().join("bob-copy.bin");
+    let copy_arg = copy.display().to_string();
+    let out = client(Some("bob"), &["get", "photo.bin", "-o", &copy_arg]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no server holds a file named"),
+        "{out:?}"
+    );
+    assert!(!copy.exists());
+    std::fs::write(&file, vec![9u8; 1000]).unwrap();
+    let out = client(Some("bob"), &["send", &file.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = client(Some("bob"), &["get", "photo~1.bin", "-o", &copy_arg]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&copy).unwrap(), vec![9u8; 1000]);
+    let out = client(Some("alice"), &["get", "photo.bin", "-o", &copy_arg]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 100_000]);
+    let out = client(Some("root"), &["list"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("photo.bin") && listing.contains("photo~1.bin"),
+        "{listing}"
+    );
 }

@@ -340,15 +340,17 @@ impl Conn {
                         Next::Close => return (received, work_received),
                     }
                 }
-                Request::Get { id, name, offset } => {
+                Request::Get {
+                    id, name, offset, ..
+                } => {
                     work_received += 1;
-                    match self.get(id, &name, offset, out) {
+                    match self.get(id, &name, offset, session.owner_filter(), out) {
                         Next::Continue => continue,
                         Next::Close => return (received, work_received),
                     }
                 }
-                Request::List { id } => {
-                    let _ = replies.send(self.list(id));
+                Request::List { id, .. } => {
+                    let _ = replies.send(self.list(id, session.owner_filter()));
                     continue;
                 }
                 Request::TransferEvent(event) => {

@@ -76,15 +76,13 @@ fn ticket(
     report_to: Option<String>,
 ) -> Ticket {
     let expires_ms = now_ms() + ttl.as_millis() as u64;
-    Ticket::sign(
-        key,
-        &upload.upload_id,
-        upload.size,
-        server,
-        expires_ms,
+    Ticket {
         number,
         report_to,
-    )
+        owner: upload.owner.clone(),
+        ..Ticket::new(server, expires_ms)
+    }
+    .signed(key, &upload.upload_id, upload.size)
 }
 
 impl Conn {
@@ -130,6 +128,8 @@ impl Conn {
     ) -> Next {
         let id = up.id;
         let peer = self.peer;
+        // Whatever the client said, the file is the logged-in user's.
+        up.owner = user.map(str::to_owned);
         if !valid_upload_id(&up.upload_id) {
             let _ = replies.send(Reply::error(
                 Some(id),
@@ -469,8 +469,9 @@ impl Conn {
             .collect()
     }
 
-    /// `list`: every server's files, one listing.
-    pub(super) fn list(&self, id: u64) -> Reply {
+    /// `list`: every server's files, one listing (only `owner`'s when
+    /// given).
+    pub(super) fn list(&self, id: u64, owner: Option<String>) -> Reply {
         let mut all = FileList {
             id,
             files: Vec::new(),
@@ -480,7 +481,13 @@ impl Conn {
             let answer = self
                 .connect_server(addr)
                 .map_err(|e| e.to_string())
-                .and_then(|mut c| c.call(&Request::List { id }).map_err(|e| e.to_string()));
+                .and_then(|mut c| {
+                    c.call(&Request::List {
+                        id,
+                        owner: owner.clone(),
+                    })
+                    .map_err(|e| e.to_string())
+                });
             match answer {
                 Ok(Reply::Files(list)) => all.files.extend(list.files),
                 Ok(other) => all
@@ -494,8 +501,16 @@ impl Conn {
         Reply::Files(all)
     }
 
-    /// `get`: finds a server holding the file and relays it to the client.
-    pub(super) fn get(&self, id: u64, name: &str, offset: u64, out: &ClientWriter) -> Next {
+    /// `get`: finds a server holding the file (one of `owner`'s, when
+    /// given) and relays it to the client.
+    pub(super) fn get(
+        &self,
+        id: u64,
+        name: &str,
+        offset: u64,
+        owner: Option<String>,
+        out: &ClientWriter,
+    ) -> Next {
         let mut problems = Vec::new();
         for (server_name, addr) in self.file_servers() {
             let mut server = match self.connect_server(addr) {
@@ -509,6 +524,7 @@ impl Conn {
                 id,
                 name: name.to_string(),
                 offset,
+                owner: owner.clone(),
             };
             match server.call(&request) {
                 Ok(Reply::File(header)) => return self.relay_download(header, server, out),

@@ -166,6 +166,7 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
             size,
             server: server.clone(),
             ticket: None,
+            owner: None,
         };
         match attempt_upload(config, &mut file, &request, &bar, out) {
             Ok(stored) => {
@@ -349,7 +350,7 @@ pub fn list(
         }
     };
     let reply = conn
-        .call(&Request::List { id: 1 })
+        .call(&Request::List { id: 1, owner: None })
         .map_err(|e| Error::Io(io::Error::other(format!("{addr} did not answer: {e}"))))?;
     let list = match reply {
         Reply::Files(list) => list,
@@ -381,17 +382,29 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .map(|f| f.name.chars().count())
         .max()
         .unwrap_or(4);
+    // The owner column only when users are on (an admin's listing).
+    let owners = files.iter().any(|f| f.owner.is_some());
+    let owner = |f: Option<&FileEntry>| match (owners, f) {
+        (false, _) => String::new(),
+        (true, None) => format!("{:<12}  ", "owner"),
+        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
+    };
     writeln!(
         out,
-        "{:<width$}  {:>10}  {:<21}  {:<24}  sha256",
-        "name", "size", "server", "stored at"
+        "{:<width$}  {}{:>10}  {:<21}  {:<24}  sha256",
+        "name",
+        owner(None),
+        "size",
+        "server",
+        "stored at"
     )?;
     for f in files {
         let at = std::time::UNIX_EPOCH + Duration::from_millis(f.stored_ms);
         writeln!(
             out,
-            "{:<width$}  {:>10}  {:<21}  {:<24}  {}",
+            "{:<width$}  {}{:>10}  {:<21}  {:<24}  {}",
             f.name,
+            owner(Some(f)),
             human_bytes(f.size),
             f.server,
             crate::text::rfc3339(at),
@@ -487,6 +500,7 @@ fn attempt_get(
         id: u64::from(attempt),
         name: name.to_string(),
         offset: held,
+        owner: None,
     };
     let header = match conn.call(&request) {
         Ok(Reply::File(h)) => h,

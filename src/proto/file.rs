@@ -36,6 +36,10 @@ pub struct UploadRequest {
     /// A redirect ticket from the balancer (servers that require one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket: Option<Ticket>,
+    /// The user the file belongs to: set by the balancer when users are on
+    /// (a client's value is replaced); a ticket's owner wins over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Permission from the balancer to upload one file to one server, signed
@@ -51,6 +55,9 @@ pub struct Ticket {
     pub number: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_to: Option<String>,
+    /// The user the file will belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     pub mac: String,
 }
 
@@ -64,28 +71,27 @@ impl Ticket {
             self.expires_ms.to_be_bytes().to_vec(),
             self.number.to_be_bytes().to_vec(),
             self.report_to.clone().unwrap_or_default().into_bytes(),
+            self.owner.clone().unwrap_or_default().into_bytes(),
         ]
     }
 
-    /// A ticket for uploading `size` bytes as `upload_id` to `server`.
-    pub fn sign(
-        key: &ClusterKey,
-        upload_id: &str,
-        size: u64,
-        server: &str,
-        expires_ms: u64,
-        number: u64,
-        report_to: Option<String>,
-    ) -> Ticket {
-        let mut t = Ticket {
+    /// An unsigned ticket for `server`, valid until `expires_ms`; fill in
+    /// the rest, then `signed`.
+    pub fn new(server: &str, expires_ms: u64) -> Ticket {
+        Ticket {
             server: server.to_string(),
             expires_ms,
-            number,
-            report_to,
+            number: 0,
+            report_to: None,
+            owner: None,
             mac: String::new(),
-        };
-        t.mac = to_hex(&key.sign(&as_slices(&t.parts(upload_id, size))));
-        t
+        }
+    }
+
+    /// This ticket signed for uploading `size` bytes as `upload_id`.
+    pub fn signed(mut self, key: &ClusterKey, upload_id: &str, size: u64) -> Ticket {
+        self.mac = to_hex(&key.sign(&as_slices(&self.parts(upload_id, size))));
+        self
     }
 
     /// Whether `key` signed this ticket for `upload_id` of `size` bytes
@@ -195,6 +201,9 @@ pub struct FileEntry {
     pub server: String,
     /// Unix milliseconds.
     pub stored_ms: u64,
+    /// The user it belongs to, when users are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// The answer to `list`.
@@ -336,15 +345,13 @@ mod tests {
     #[test]
     fn tickets_and_events_are_signed_over_every_field() {
         let key = ClusterKey::generate();
-        let t = Ticket::sign(
-            &key,
-            "upload-1234",
-            10,
-            "127.0.0.1:1",
-            99,
-            7,
-            Some("b:1".into()),
-        );
+        let t = Ticket {
+            number: 7,
+            report_to: Some("b:1".into()),
+            owner: Some("ann".into()),
+            ..Ticket::new("127.0.0.1:1", 99)
+        }
+        .signed(&key, "upload-1234", 10);
         assert!(t.is_signed(&key, "upload-1234", 10));
         assert!(!t.is_signed(&key, "upload-1234", 11));
         assert!(!t.is_signed(&key, "upload-1235", 10));
@@ -354,6 +361,7 @@ mod tests {
             |t: &mut Ticket| t.expires_ms += 1,
             |t: &mut Ticket| t.number += 1,
             |t: &mut Ticket| t.report_to = None,
+            |t: &mut Ticket| t.owner = Some("bob".into()),
         ] {
             let mut bad = t.clone();
             tamper(&mut bad);

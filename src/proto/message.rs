@@ -236,13 +236,22 @@ pub enum Request {
     /// place.
     UploadEnd { id: u64, sha256: String },
     /// Stored files (of this server, or of every server via the balancer).
-    List { id: u64 },
+    List {
+        id: u64,
+        /// Only files of this user (set by the balancer when users are
+        /// on; a client's value is replaced).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
     /// Download a stored file from `offset` on.
     Get {
         id: u64,
         name: String,
         #[serde(default)]
         offset: u64,
+        /// Only a file of this user (as for `list`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     /// A server reports a redirected upload's progress to the balancer.
     TransferEvent(TransferEvent),
@@ -318,7 +327,7 @@ impl Request {
             | Request::RemoveServer { id, .. }
             | Request::Transfers { id, .. }
             | Request::UploadEnd { id, .. }
-            | Request::List { id }
+            | Request::List { id, .. }
             | Request::Get { id, .. }
             | Request::Hello { id, .. }
             | Request::HelloProof { id, .. }

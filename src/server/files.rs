@@ -38,6 +38,9 @@ pub struct FileMeta {
     pub size: u64,
     pub sha256: String,
     pub stored_ms: u64,
+    /// The user it belongs to, when the balancer has users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// What `.partial/<id>.json` records about an upload under way.
@@ -46,6 +49,8 @@ struct PartialMeta {
     name: String,
     size: u64,
     started_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
 }
 
 #[derive(Debug)]
@@ -199,8 +204,15 @@ impl FileStore {
         }
     }
 
-    /// Starts or resumes upload `id` of `size` bytes named `name`.
-    pub fn begin(&self, id: &str, name: &str, size: u64) -> Result<Begun<'_>, FileError> {
+    /// Starts or resumes upload `id` of `size` bytes named `name`, for
+    /// `owner` (when users are on).
+    pub fn begin(
+        &self,
+        id: &str,
+        name: &str,
+        size: u64,
+        owner: Option<String>,
+    ) -> Result<Begun<'_>, FileError> {
         if !crate::proto::file::valid_upload_id(id) {
             return Err(FileError::Invalid(
                 "upload_id must be 8 to 64 letters, digits, '-' or '_'".into(),
@@ -208,6 +220,11 @@ impl FileStore {
         }
         self.sweep();
         if let Some(meta) = self.completed(id)? {
+            if meta.owner != owner {
+                return Err(FileError::Invalid(format!(
+                    "upload {id} belongs to someone else"
+                )));
+            }
             if meta.size != size {
                 return Err(FileError::Invalid(format!(
                     "upload {id} completed with {} bytes, not {size}",
@@ -228,12 +245,13 @@ impl FileStore {
             name: name.to_string(),
             size,
             started_ms: unix_ms(SystemTime::now()),
+            owner: owner.clone(),
         };
         let existing: Option<PartialMeta> = fs::read(&meta_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let (file, offset, hasher) = match existing {
-            Some(meta) if meta.name == name && meta.size == size => {
+            Some(meta) if meta.name == name && meta.size == size && meta.owner == owner => {
                 let mut file = File::options().read(true).write(true).open(&data_path)?;
                 let (held, hasher) = hash_prefix(&mut file, size)?;
                 file.set_len(held)?;
@@ -258,6 +276,7 @@ impl FileStore {
             id: id.to_string(),
             name: name.to_string(),
             size,
+            owner,
             file,
             offset,
             hasher,
@@ -272,8 +291,9 @@ impl FileStore {
         }
     }
 
-    /// Every complete file whose bytes are still in place, by name.
-    pub fn list(&self) -> io::Result<Vec<FileMeta>> {
+    /// Every complete file whose bytes are still in place, by name; only
+    /// `owner`'s when given.
+    pub fn list(&self, owner: Option<&str>) -> io::Result<Vec<FileMeta>> {
         let _place = Self::lock(&self.place);
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.uploads)? {
@@ -284,6 +304,9 @@ impl FileStore {
             let Ok(meta) = serde_json::from_slice::<FileMeta>(&bytes) else {
                 continue;
             };
+            if owner.is_some_and(|o| meta.owner.as_deref() != Some(o)) {
+                continue;
+            }
             if self.files.join(&meta.name).is_file() {
                 out.push(meta);
             }
@@ -292,10 +315,15 @@ impl FileStore {
         Ok(out)
     }
 
-    /// Opens a complete file for reading.
-    pub fn open_file(&self, name: &str) -> Result<(File, FileMeta), FileError> {
+    /// Opens a complete file for reading (only one of `owner`'s when
+    /// given).
+    pub fn open_file(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+    ) -> Result<(File, FileMeta), FileError> {
         let meta = self
-            .list()?
+            .list(owner)?
             .into_iter()
             .find(|m| m.name == name)
             .ok_or_else(|| FileError::NotFound(name.to_string()))?;
@@ -327,6 +355,7 @@ pub struct Receiving<'a> {
     id: String,
     name: String,
     size: u64,
+    owner: Option<String>,
     file: File,
     offset: u64,
     hasher: Sha256,
@@ -404,6 +433,7 @@ impl Receiving<'_> {
             size: self.size,
             sha256: got,
             stored_ms: unix_ms(SystemTime::now()),
+            owner: self.owner.clone(),
         };
         write_replace(
             &store.uploads.join(format!("{}.json", self.id)),
@@ -484,7 +514,7 @@ mod tests {
     }
 
     fn receiving<'a>(store: &'a FileStore, id: &str, name: &str, size: u64) -> Receiving<'a> {
-        match store.begin(id, name, size).unwrap() {
+        match store.begin(id, name, size, None).unwrap() {
             Begun::Receiving(r) => r,
             Begun::Complete(_) => panic!("already complete"),
         }
@@ -500,7 +530,7 @@ mod tests {
             r.write(0, &data[..100_000]).unwrap();
             // A second connection for the same upload is refused meanwhile.
             assert!(matches!(
-                store.begin("upload-0001", "../a b.bin", data.len() as u64),
+                store.begin("upload-0001", "../a b.bin", data.len() as u64, None),
                 Err(FileError::InProgress(_))
             ));
         }
@@ -524,20 +554,20 @@ mod tests {
             0
         );
         match store
-            .begin("upload-0001", "../a b.bin", data.len() as u64)
+            .begin("upload-0001", "../a b.bin", data.len() as u64, None)
             .unwrap()
         {
             Begun::Complete(m) => assert_eq!(m, meta),
             Begun::Receiving(_) => panic!("completed upload started again"),
         }
-        assert_eq!(store.list().unwrap(), vec![meta.clone()]);
+        assert_eq!(store.list(None).unwrap(), vec![meta.clone()]);
         // Same name, other upload: stored beside it.
         let mut r = receiving(&store, "upload-0002", "a b.bin", 3);
         r.write(0, b"abc").unwrap();
         assert_eq!(r.finish(&sha(b"abc")).unwrap().name, "a_b~1.bin");
-        assert_eq!(store.open_file("a_b.bin").unwrap().1, meta);
+        assert_eq!(store.open_file("a_b.bin", None).unwrap().1, meta);
         assert!(matches!(
-            store.open_file("nope"),
+            store.open_file("nope", None),
             Err(FileError::NotFound(_))
         ));
     }
@@ -547,7 +577,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert!(matches!(
-            store.begin("../../etc", "x", 1),
+            store.begin("../../etc", "x", 1, None),
             Err(FileError::Invalid(_))
         ));
         let mut r = receiving(&store, "upload-0003", "x", 4);
@@ -569,13 +599,50 @@ mod tests {
             r.finish(&sha(b"help")),
             Err(FileError::Checksum { .. })
         ));
-        assert!(store.list().unwrap().is_empty());
+        assert!(store.list(None).unwrap().is_empty());
         assert_eq!(fs::read_dir(dir.path().join(FILES_DIR)).unwrap().count(), 0);
         // The mismatched bytes were discarded: the upload starts over.
         assert_eq!(receiving(&store, "upload-0003", "x", 4).offset(), 0);
         // Another file under the same id is refused.
         assert!(matches!(
-            store.begin("upload-0003", "y", 4),
+            store.begin("upload-0003", "y", 4, None),
+            Err(FileError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn files_are_listed_and_opened_for_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        for (id, owner) in [("upload-ann-1", "ann"), ("upload-bob-1", "bob")] {
+            let Begun::Receiving(mut r) = store
+                .begin(id, "same.txt", 2, Some(owner.to_string()))
+                .unwrap()
+            else {
+                panic!("new upload")
+            };
+            r.write(0, &owner.as_bytes()[..2]).unwrap();
+            r.finish(&sha(&owner.as_bytes()[..2])).unwrap();
+        }
+        let names = |owner| -> Vec<String> {
+            store
+                .list(owner)
+                .unwrap()
+                .into_iter()
+                .map(|m| m.name)
+                .collect()
+        };
+        assert_eq!(names(Some("ann")), ["same.txt"]);
+        assert_eq!(names(Some("bob")), ["same~1.txt"]);
+        assert_eq!(names(None).len(), 2);
+        assert!(matches!(
+            store.open_file("same.txt", Some("bob")),
+            Err(FileError::NotFound(_))
+        ));
+        assert!(store.open_file("same.txt", Some("ann")).is_ok());
+        // Another user cannot take over an upload id.
+        assert!(matches!(
+            store.begin("upload-ann-1", "same.txt", 2, Some("bob".into())),
             Err(FileError::Invalid(_))
         ));
     }

@@ -155,7 +155,15 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
         return send(writer, &Reply::error(Some(id), ErrorCode::BadTicket, why));
     }
     let _active = shared.load.begin();
-    let upload = match shared.files.begin(&req.upload_id, &req.name, req.size) {
+    // A ticket says whose the file is; else the (authenticated) balancer.
+    let owner = match &req.ticket {
+        Some(t) => t.owner.clone(),
+        None => req.owner.clone(),
+    };
+    let upload = match shared
+        .files
+        .begin(&req.upload_id, &req.name, req.size, owner)
+    {
         Ok(Begun::Receiving(r)) => r,
         Ok(Begun::Complete(meta)) => {
             // Only the answer was lost: the client ends it again.
@@ -323,12 +331,13 @@ pub(super) fn send<W: Write>(
     id: u64,
     name: &str,
     offset: u64,
+    owner: Option<&str>,
     writer: &mut FrameWriter<W>,
     peer: SocketAddr,
     shared: &Shared,
 ) -> Next {
     let addr = shared.addr;
-    let (mut file, meta) = match shared.files.open_file(name) {
+    let (mut file, meta) = match shared.files.open_file(name, owner) {
         Ok(found) => found,
         Err(e) => {
             return match writer.message(&e.reply(id)) {
@@ -384,8 +393,8 @@ pub(super) fn send<W: Write>(
 }
 
 /// The files this server holds.
-pub(super) fn list(id: u64, shared: &Shared) -> Reply {
-    match shared.files.list() {
+pub(super) fn list(id: u64, owner: Option<&str>, shared: &Shared) -> Reply {
+    match shared.files.list(owner) {
         Ok(files) => Reply::Files(FileList {
             id,
             files: files
@@ -396,6 +405,7 @@ pub(super) fn list(id: u64, shared: &Shared) -> Reply {
                     sha256: m.sha256,
                     server: shared.addr.to_string(),
                     stored_ms: m.stored_ms,
+                    owner: m.owner,
                 })
                 .collect(),
             unreachable: Vec::new(),
