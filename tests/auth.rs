@@ -4,9 +4,8 @@
 
 mod util;
 
-use lbft::proto::{ErrorCode, Reply, ServerView};
+use lbft::proto::{ErrorCode, Reply};
 use serde_json::json;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use util::*;
@@ -16,15 +15,6 @@ fn key_file(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     lbft::auth::ClusterKey::load_or_create(&path).unwrap();
     path
-}
-
-fn servers(balancer: SocketAddr) -> Vec<ServerView> {
-    let mut raw = Raw::connect(balancer);
-    raw.send_json(&json!({"type": "servers", "id": 1}));
-    match raw.reply() {
-        Reply::Servers(list) => list.servers,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn contents(tag: &str, n: usize) -> Vec<String> {

@@ -55,13 +55,7 @@ fn random_file(path: &Path, size: u64, seed: u64) {
 }
 
 fn client(balancer: SocketAddr, cwd: &Path, args: &[&str]) -> Output {
-    Command::new(client_bin())
-        .arg("--balancer")
-        .arg(balancer.to_string())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("client runs")
+    util::run_client(balancer, args, cwd)
 }
 
 fn text(out: &Output) -> String {

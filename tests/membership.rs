@@ -2,8 +2,6 @@
 
 mod util;
 
-use lbft::proto::{Reply, ServerView};
-use serde_json::json;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::thread;
@@ -17,15 +15,6 @@ fn admin(balancer: SocketAddr, args: &[&str]) -> Output {
     ];
     all.extend(args.iter().map(|s| s.to_string()));
     Command::new(client_bin()).args(all).output().unwrap()
-}
-
-fn servers(balancer: SocketAddr) -> Vec<ServerView> {
-    let mut raw = Raw::connect(balancer);
-    raw.send_json(&json!({"type": "servers", "id": 1}));
-    match raw.reply() {
-        Reply::Servers(list) => list.servers,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn contents(tag: &str, n: usize) -> Vec<String> {

@@ -6,21 +6,10 @@ use util::*;
 
 use lbft::proto::Reply;
 use serde_json::Value;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Instant;
 
-/// Runs the client binary with `args` after `--balancer ADDR`, in `cwd`.
-fn client(balancer: SocketAddr, args: &[&str], cwd: &Path) -> Output {
-    Command::new(client_bin())
-        .arg("--balancer")
-        .arg(balancer.to_string())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("client runs")
-}
+use util::run_client as client;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

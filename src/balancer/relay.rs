@@ -397,14 +397,7 @@ impl Conn {
                 }
                 Request::UploadEnd { id: end_id, sha256 } => return Ok((end_id, sha256)),
                 other => {
-                    let reply = Reply::error(
-                        Some(other.id()),
-                        ErrorCode::BadRequest,
-                        format!(
-                            "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
-                            other.kind()
-                        ),
-                    );
+                    let reply = crate::proto::file::out_of_step(&other);
                     return Err(stopped(describe(&reply), Some(reply)));
                 }
             }

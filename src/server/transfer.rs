@@ -312,14 +312,7 @@ fn take_chunks<R: Read + Deadline>(
                 };
             }
             other => {
-                let reply = Reply::error(
-                    Some(other.id()),
-                    ErrorCode::BadRequest,
-                    format!(
-                        "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
-                        other.kind()
-                    ),
-                );
+                let reply = crate::proto::file::out_of_step(&other);
                 return (Next::Close, Some(reply));
             }
         }

@@ -272,6 +272,27 @@ impl Raw {
     }
 }
 
+/// Runs the client binary with `args` after `--balancer ADDR`, in `cwd`.
+pub fn run_client(balancer: SocketAddr, args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(client_bin())
+        .arg("--balancer")
+        .arg(balancer.to_string())
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("client runs")
+}
+
+/// The balancer's servers (its answer to `servers`).
+pub fn servers(balancer: SocketAddr) -> Vec<proto::ServerView> {
+    let mut raw = Raw::connect(balancer);
+    raw.send_json(&serde_json::json!({"type": "servers", "id": 1}));
+    match raw.reply() {
+        Reply::Servers(list) => list.servers,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Sends a signal (`TERM`, `STOP`, `CONT`...) to a child process.
 pub fn signal(proc: &Proc, sig: &str) {
     let status = Command::new("kill")
