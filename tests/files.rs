@@ -598,3 +598,50 @@ fn a_disk_that_fills_up_mid_file_is_a_clear_error_and_the_server_keeps_storing()
     assert!(matches!(other.reply(), Reply::FileStored(_)));
     drop(server);
 }
+
+#[test]
+fn a_redirected_upload_whose_server_dies_goes_on_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cluster.key");
+    let key_arg = key_file.display().to_string();
+    let key_args = ["--cluster-key-file", key_arg.as_str()];
+    let dirs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("s{i}"))).collect();
+    let mut servers: Vec<_> = dirs.iter().map(|d| start_server(d, &key_args)).collect();
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let mut balancer_args = vec!["--mode", "redirect"];
+    balancer_args.extend(key_args);
+    let balancer = start_balancer(dir.path(), &addrs, &balancer_args);
+
+    let size = 60 * 1024 * 1024;
+    let data = dir.path().join("far.bin");
+    random_file(&data, size, 11);
+    let mut child = Command::new(client_bin())
+        .args(["--balancer", &balancer.addr.to_string(), "send", "far.bin"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let killed = loop {
+        assert!(Instant::now() < deadline, "the upload never got going");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("client ended before the kill: {status}");
+        }
+        match partial_bytes(&dirs) {
+            Some((i, held)) if held >= size / 3 => {
+                servers[i].stop();
+                break i;
+            }
+            _ => thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("starting again on"), "{said}");
+    let files = stored(&dirs);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(!files[0].starts_with(&dirs[killed]));
+    assert_eq!(sha256_file(&files[0]), sha256_file(&data));
+}
