@@ -124,6 +124,27 @@ mod tests {
     }
 
     #[test]
+    fn raw_fields_forward_the_same_document() {
+        for payload in [
+            r#"{"type":"store","id":1,"titolo":"Città \"x\"","contenuto":"a\nb\u00e0\\"}"#,
+            r#"{ "contenuto" : "c" , "id" : 2, "titolo" : "" , "type" : "store" }"#,
+        ] {
+            let Request::Store(store) = decode::<Request>(payload.as_bytes()).unwrap() else {
+                panic!("a store request")
+            };
+            let raw = raw_document_fields(payload.as_bytes()).unwrap();
+            assert_eq!(decode_document_fields(&raw).unwrap(), store.doc);
+            let forward = encode_forward(3, 4, None, &raw);
+            let Request::Store(again) = decode::<Request>(&forward).unwrap() else {
+                panic!("a store request")
+            };
+            assert_eq!(again.doc, store.doc);
+        }
+        assert!(raw_document_fields(br#"{"titolo":1,"contenuto":"x"}"#).is_none());
+        assert!(raw_document_fields(br#"{"titolo":"a","titolo":"b","contenuto":"x"}"#).is_none());
+    }
+
+    #[test]
     fn decode_errors_are_classified() {
         let e = decode::<Request>(b"\xff\xfe").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidUtf8);

@@ -234,6 +234,11 @@ impl Conn {
                     continue;
                 }
             };
+            // A document goes on as the client wrote it.
+            let raw_fields = match &request {
+                Request::Store(_) => proto::raw_document_fields(&payload),
+                _ => None,
+            };
             drop(payload);
             received += 1;
             match session.admit(&request, &self.stop) {
@@ -276,7 +281,7 @@ impl Conn {
                         store.id,
                         store.doc.content.len()
                     );
-                    (store.id, Work::store(&store.doc))
+                    (store.id, Work::store_fields(&store.doc, raw_fields))
                 }
                 Request::Calc { id, operation } => {
                     log::debug!("calc request received from {peer}: {operation} (id {id})");

@@ -84,9 +84,15 @@ impl Work {
     }
 
     pub fn store(doc: &proto::Document) -> Work {
+        Work::store_fields(doc, None)
+    }
+
+    /// A document to store, forwarded as `fields` (from
+    /// `proto::raw_document_fields`) when given, else encoded from `doc`.
+    pub fn store_fields(doc: &proto::Document, fields: Option<Vec<u8>>) -> Work {
         Work::Store(StoreWork {
             title: proto::truncate(&doc.title, 80),
-            fields: proto::encode_document_fields(doc),
+            fields: fields.unwrap_or_else(|| proto::encode_document_fields(doc)),
             content_len: doc.content.len(),
         })
     }

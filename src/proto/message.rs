@@ -69,8 +69,19 @@ impl From<DecodeError> for ErrorReply {
     }
 }
 
-/// Decodes a frame payload into a message of family `T`.
+/// Decodes a frame payload into a message of family `T`. A valid message
+/// is parsed once, straight into `T`; only an invalid one goes through a
+/// JSON value, to say precisely what is wrong with it.
 pub fn decode<T: Message>(payload: &[u8]) -> Result<T, DecodeError> {
+    if let Ok(message) = serde_json::from_slice::<T>(payload) {
+        return Ok(message);
+    }
+    explain(payload)
+}
+
+/// Decodes an invalid payload step by step: UTF-8, JSON, an object, its
+/// `type`, then the message, with the error of the first step that fails.
+fn explain<T: Message>(payload: &[u8]) -> Result<T, DecodeError> {
     let err = |id, code, message: String| DecodeError { id, code, message };
     let text = std::str::from_utf8(payload).map_err(|e| {
         err(
@@ -762,6 +773,32 @@ pub fn encode_document_fields(doc: &Document) -> Vec<u8> {
     bytes.pop();
     bytes.remove(0);
     bytes
+}
+
+/// The same fields as `encode_document_fields` makes, taken as the client
+/// wrote them in its `store` payload (already decoded once, so known to be
+/// valid): the balancer forwards them without unescaping and escaping the
+/// content again. `None` when the payload does not lend itself to it.
+pub fn raw_document_fields(payload: &[u8]) -> Option<Vec<u8>> {
+    use serde_json::value::RawValue;
+    #[derive(Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow, rename = "titolo")]
+        title: &'a RawValue,
+        #[serde(borrow, rename = "contenuto")]
+        content: &'a RawValue,
+    }
+    let raw: Raw = serde_json::from_slice(payload).ok()?;
+    let (title, content) = (raw.title.get(), raw.content.get());
+    if !title.starts_with('"') || !content.starts_with('"') {
+        return None;
+    }
+    let mut fields = Vec::with_capacity(title.len() + content.len() + 24);
+    fields.extend_from_slice(b"\"titolo\":");
+    fields.extend_from_slice(title.as_bytes());
+    fields.extend_from_slice(b",\"contenuto\":");
+    fields.extend_from_slice(content.as_bytes());
+    Some(fields)
 }
 
 /// A `store` request built around fields from `encode_document_fields`.
