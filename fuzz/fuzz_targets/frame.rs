@@ -74,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
     let end = loop {
         match reader.frame() {
             Ok(Some(frame)) => {
-                assert!(frame.len() <= cap, "frame of {} over cap {cap}", frame.len());
+                assert!(
+                    frame.len() <= cap,
+                    "frame of {} over cap {cap}",
+                    frame.len()
+                );
                 frames += 1;
                 // Every frame costs its 4-byte header, so this ends.
                 assert!(frames * 4 <= stream.len());

@@ -13,7 +13,10 @@ fuzz_target!(|stream: &[u8]| {
     let reader = LegacyReader::new(BufReader::new(stream), CAP);
     // Every object costs at least two bytes (`{}`), so this ends.
     for (n, item) in reader.enumerate() {
-        assert!(n <= stream.len() / 2, "more objects than the stream can hold");
+        assert!(
+            n <= stream.len() / 2,
+            "more objects than the stream can hold"
+        );
         match item {
             Ok(LegacyRequest::Document {
                 doc,

@@ -52,7 +52,9 @@ fuzz_target!(|answer: &[u8]| {
                 memory_fraction: fraction(report.memory_used_bytes, report.memory_total_bytes),
                 disk_free_fraction: fraction(
                     report.disk_free_bytes,
-                    report.disk_used_bytes.saturating_add(report.disk_free_bytes),
+                    report
+                        .disk_used_bytes
+                        .saturating_add(report.disk_free_bytes),
                 ),
             };
             let _ = resource_score(&load, report.active as usize);
