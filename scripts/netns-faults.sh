@@ -53,8 +53,9 @@ now() { date +%s.%N; }
 
 cleanup() {
     local rc=$?
+    # SIGKILL: a balancer given SIGTERM would drain for up to 30 s first.
     for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
     done
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
@@ -73,6 +74,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# For commands run to completion. Background processes are started with
+# `ip netns exec` itself, which becomes the program (exec), so that `$!` is
+# the program's pid and the cleanup ends it; a backgrounded function would
+# give the pid of a subshell and leave the program running.
 in_ns() { local h=$1; shift; ip netns exec "$P-$h" "$@"; }
 
 # ------------------------------------------------------------ the network
@@ -109,7 +114,7 @@ else
         in_ns bal iptables -A OUTPUT -o eth0 -j NFQUEUE --queue-num 0 2>/dev/null; then
         in_ns bal iptables -D OUTPUT -o eth0 -j NFQUEUE --queue-num 0
         for h in "${HOSTS[@]}"; do
-            in_ns "$h" python3 "$HERE/nfq-delay.py" 50 >"$WORK/delay-$h.log" 2>&1 &
+            ip netns exec "$P-$h" python3 "$HERE/nfq-delay.py" 50 >"$WORK/delay-$h.log" 2>&1 &
             PIDS+=($!)
         done
         for h in "${HOSTS[@]}"; do
@@ -149,14 +154,14 @@ wait_listening() {
 SERVERS=()
 for s in s1 s2 s3; do
     mkdir -p "$WORK/$s"
-    in_ns "$s" env RUST_LOG=warn "$BIN/server" --listen "${ADDR[$s]}:$PORT" \
+    ip netns exec "$P-$s" env RUST_LOG=warn "$BIN/server" --listen "${ADDR[$s]}:$PORT" \
         --dir "$WORK/$s" >"$WORK/$s.out" 2>"$WORK/$s.err" &
     PIDS+=($!)
     wait_listening "$WORK/$s.out" $!
     SERVERS+=("${ADDR[$s]}:$PORT")
 done
 BALANCER="${ADDR[bal]}:60002"
-in_ns bal env RUST_LOG=info "$BIN/balancer" --listen "$BALANCER" \
+ip netns exec "$P-bal" env RUST_LOG=info "$BIN/balancer" --listen "$BALANCER" \
     --servers "$(IFS=,; echo "${SERVERS[*]}")" \
     --check-interval 100ms --probe-timeout 400ms --fall 3 --rise 2 \
     --server-timeout 3s --queue-timeout 60s --max-attempts 20 \
@@ -188,7 +193,7 @@ stored_count() {
 
 say "sending $COUNT documents from ${ADDR[cli]} to $BALANCER"
 T_START=$(now)
-in_ns cli "$BIN/client" --balancer "$BALANCER" --documents "$DOCS" \
+ip netns exec "$P-cli" "$BIN/client" --balancer "$BALANCER" --documents "$DOCS" \
     ftp "$COUNT" >"$WORK/client.out" 2>"$WORK/client.err" &
 CLIENT=$!
 PIDS+=($CLIENT)
