@@ -409,6 +409,78 @@ mod tests {
         assert_eq!(h.state(), State::Up);
     }
 
+    fn observation() -> impl proptest::strategy::Strategy<Value = Observation> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(ok()),
+            1 => Just(overloaded()),
+            4 => Just(failed()),
+            1 => Just(cannot_store()),
+            1 => Just(Observation::LinkFailed("reset".into())),
+            2 => Just(Observation::Served),
+            1 => Just(Observation::StorageFailed("disk full".into())),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever happens, a down server comes back only after `rise` good
+        /// probes in a row, and probes alone take a server down only after
+        /// `fall` failed ones in a row. (A failed forward, a server saying it
+        /// cannot store, or storage errors are first-hand and act at once.)
+        #[test]
+        fn up_needs_rise_good_probes_and_down_needs_fall_failed_ones(
+            rise in 1u32..5,
+            fall in 1u32..5,
+            observations in proptest::collection::vec(observation(), 0..200),
+        ) {
+            let mut h = Health::new(rise, fall);
+            // Probes in a row, counted the plain way.
+            let (mut good, mut bad) = (0u32, 0u32);
+            for obs in &observations {
+                match obs {
+                    Observation::ProbeOk { can_store: true, .. } => {
+                        good += 1;
+                        bad = 0;
+                    }
+                    Observation::ProbeOk { can_store: false, .. } | Observation::LinkFailed(_) => {
+                        good = 0;
+                        bad = 0;
+                    }
+                    Observation::ProbeFailed(_) => {
+                        good = 0;
+                        bad += 1;
+                    }
+                    Observation::Served | Observation::StorageFailed(_) => {}
+                }
+                let before = h.state();
+                let transition = h.observe(obs);
+                let after = h.state();
+                proptest::prop_assert_eq!(
+                    transition.as_ref().map(|t| (t.from, t.to)),
+                    (before != after).then_some((before, after))
+                );
+                if before == State::Down && after != State::Down {
+                    proptest::prop_assert!(good >= rise, "up after {} good probes, rise {}", good, rise);
+                }
+                if before != State::Down && after == State::Down {
+                    if let Observation::ProbeFailed(_) = obs {
+                        proptest::prop_assert!(bad >= fall, "down after {} failed probes, fall {}", bad, fall);
+                    }
+                }
+                if after == State::Down {
+                    // Coming back counts only probes after going down.
+                    if before != State::Down {
+                        good = 0;
+                    }
+                    proptest::prop_assert!(!h.accepts_requests());
+                }
+                if after != State::Down && before == State::Down {
+                    bad = 0;
+                }
+            }
+        }
+    }
+
     #[test]
     fn rise_and_fall_of_zero_mean_one() {
         let mut h = Health::new(0, 0);

@@ -75,9 +75,15 @@ impl Generator {
     }
 
     pub fn next(&self) -> u64 {
+        self.next_by(now_ms)
+    }
+
+    /// `next` with the clock (milliseconds since the epoch above) given, so
+    /// that tests can stop it or turn it back.
+    fn next_by(&self, mut clock: impl FnMut() -> u64) -> u64 {
         let mut last = crate::net::lock(&self.last);
         loop {
-            let now = now_ms().max(last.0);
+            let now = clock().max(last.0);
             if now > last.0 {
                 *last = (now, 0);
             } else if last.1 < MAX_SEQ {
@@ -154,5 +160,53 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         let second = Generator::new(Source::Balancer, 3);
         assert!(second.next() > last_of_first);
+    }
+
+    /// A clock that reads the given milliseconds in turn, then moves on one
+    /// millisecond per reading (so a run of numbers always ends).
+    fn scripted(readings: Vec<u64>) -> impl FnMut() -> u64 {
+        let mut readings = readings.into_iter();
+        let mut last = 0;
+        move || {
+            last = readings.next().unwrap_or(last + 1);
+            last
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn numbers_increase_whatever_the_clock_does(
+            start in 0u64..1 << 40,
+            // Steps of the clock: standing still, forwards, and backwards.
+            steps in proptest::collection::vec(-50i64..50, 1..300),
+            per_reading in 1usize..40,
+            node in 0u16..=MAX_NODE,
+            server in proptest::bool::ANY,
+        ) {
+            let source = if server { Source::Server } else { Source::Balancer };
+            let g = Generator::new(source, node);
+            let mut now = start;
+            let readings: Vec<u64> = steps
+                .iter()
+                .map(|&step| {
+                    now = now.saturating_add_signed(step);
+                    now
+                })
+                .collect();
+            let mut clock = scripted(readings);
+            let mut previous = None;
+            for _ in 0..steps.len() * per_reading {
+                let n = g.next_by(&mut clock);
+                if let Some(p) = previous {
+                    proptest::prop_assert!(n > p, "{} after {}", n, p);
+                }
+                let parts = parts(n);
+                proptest::prop_assert_eq!((parts.source, parts.node), (source, node));
+                proptest::prop_assert!(n < 1 << 63);
+                previous = Some(n);
+            }
+        }
     }
 }

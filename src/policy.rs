@@ -407,6 +407,119 @@ mod tests {
         assert!(resource_score(&nearly_full, 0) > resource_score(&saturated, 0));
     }
 
+    fn any_load() -> impl proptest::strategy::Strategy<Value = Load> {
+        use proptest::prelude::*;
+        // Any figures a server may report, NaN and infinities included.
+        (any::<f32>(), any::<f32>(), any::<f32>()).prop_map(|(cpu, memory, disk)| Load {
+            cpu_percent: cpu,
+            memory_fraction: memory,
+            disk_free_fraction: disk,
+        })
+    }
+
+    fn any_candidate() -> impl proptest::strategy::Strategy<Value = Candidate> {
+        use proptest::prelude::*;
+        (any::<bool>(), 0usize..100, proptest::option::of(any_load())).prop_map(
+            |(eligible, in_flight, load)| Candidate {
+                eligible,
+                in_flight,
+                load,
+            },
+        )
+    }
+
+    proptest::proptest! {
+        /// Servers come and go between picks (the list changes length and
+        /// eligibility); a pick is always an eligible server, and `None`
+        /// only when there is none.
+        #[test]
+        fn never_picks_an_ineligible_server(
+            rounds in proptest::collection::vec(
+                proptest::collection::vec(any_candidate(), 0..6), 1..40),
+        ) {
+            for kind in all_kinds() {
+                let mut policy = kind.build();
+                for candidates in &rounds {
+                    match policy.pick(candidates) {
+                        Some(i) => proptest::prop_assert!(
+                            candidates.get(i).is_some_and(|c| c.eligible),
+                            "{} picked {} of {:?}", kind.name(), i, candidates
+                        ),
+                        None => proptest::prop_assert!(
+                            candidates.iter().all(|c| !c.eligible),
+                            "{} picked none of {:?}", kind.name(), candidates
+                        ),
+                    }
+                }
+            }
+        }
+
+        /// Over n equal servers, k * n picks give each server k, whatever
+        /// the policy and whatever the servers' common load.
+        #[test]
+        fn equal_servers_share_picks_evenly(
+            n in 1usize..8,
+            k in 1usize..20,
+            in_flight in 0usize..10,
+            load in proptest::option::of(any_load()),
+            // Picks made before, on another list, leave the cursor anywhere.
+            warm_up in 0usize..10,
+        ) {
+            let equal = vec![Candidate { eligible: true, in_flight, load }; n];
+            for kind in all_kinds() {
+                let mut policy = kind.build();
+                let other = vec![Candidate { eligible: true, in_flight: 0, load: None }; 7];
+                for _ in 0..warm_up {
+                    policy.pick(&other);
+                }
+                let mut counts = vec![0; n];
+                for _ in 0..k * n {
+                    counts[policy.pick(&equal).unwrap()] += 1;
+                }
+                proptest::prop_assert_eq!(&counts, &vec![k; n], "{}", kind.name());
+            }
+        }
+
+        /// Least-active picks a server with the fewest requests in flight;
+        /// when the picks are counted in flight and some finish, no server
+        /// of equal standing is starved: every server is picked within n
+        /// picks of the counts being equal.
+        #[test]
+        fn least_active_picks_the_fewest_and_starves_none(
+            n in 1usize..6,
+            finishes in proptest::collection::vec(proptest::option::of(0usize..6), 1..200),
+        ) {
+            let mut policy = LeastActive::default();
+            let mut in_flight = vec![0usize; n];
+            for finish in &finishes {
+                let candidates: Vec<_> = in_flight
+                    .iter()
+                    .map(|&in_flight| Candidate { eligible: true, in_flight, load: None })
+                    .collect();
+                let i = policy.pick(&candidates).unwrap();
+                let fewest = *in_flight.iter().min().unwrap();
+                proptest::prop_assert_eq!(in_flight[i], fewest);
+                in_flight[i] += 1;
+                if let Some(j) = finish.filter(|&j| j < n && in_flight[j] > 0) {
+                    in_flight[j] -= 1;
+                }
+                if in_flight.iter().all(|&c| c == in_flight[0]) {
+                    // Equal counts: the cursor reaches everyone in turn.
+                    let mut turn = vec![0; n];
+                    let mut probe = LeastActive { next: policy.next };
+                    let equal: Vec<_> = in_flight
+                        .iter()
+                        .map(|&in_flight| Candidate { eligible: true, in_flight, load: None })
+                        .collect();
+                    for _ in 0..n {
+                        turn[probe.pick(&equal).unwrap()] += 1;
+                    }
+                    proptest::prop_assert_eq!(turn, vec![1; n]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn resources_falls_back_to_least_active_while_loads_are_unknown() {
         let mut r = Resources::default();

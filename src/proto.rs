@@ -225,6 +225,39 @@ mod tests {
         assert!(!ErrorCode::BadRequest.is_retryable());
     }
 
+    /// Fails the round-trip check of the `decode_reply` fuzz target (the
+    /// input is in its seed corpus): a figure beyond `f32`
+    /// became infinity, which JSON cannot carry on (it is written as
+    /// `null`), so the balancer's `servers` reply with that report in it no
+    /// longer decoded for `client status`.
+    #[test]
+    fn status_figures_beyond_f32_are_refused_not_made_infinite() {
+        for (field, value) in [
+            ("cpu_percent", "1e39"),
+            ("cpu_percent", "-3.5e38"),
+            ("process_cpu_percent", "1e300"),
+        ] {
+            let text = format!(
+                r#"{{"type":"status","id":3,"overloaded":false,"active":0,"max_active":64,
+                "memory_bytes":1,"max_memory_bytes":2,"cpu_percent":1.5,"memory_used_bytes":3,
+                "memory_total_bytes":4,"disk_used_bytes":5,"disk_free_bytes":6,"net_rx_bytes":7,
+                "net_tx_bytes":8,"uptime_secs":9,"files_stored":10,"{field}":{value}}}"#
+            );
+            // A repeated key: the last one counts, as in serde_json.
+            let e = decode::<Reply>(text.as_bytes()).unwrap_err();
+            assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(3)), "{field}");
+            assert!(e.message.contains("32-bit"), "{}", e.message);
+        }
+        // The largest figures that fit still round-trip.
+        let report = StatusReport {
+            cpu_percent: f32::MAX,
+            process_cpu_percent: f32::MIN,
+            ..StatusReport::default()
+        };
+        let reply = Reply::Status(report);
+        assert_eq!(decode::<Reply>(&encode(&reply)).unwrap(), reply);
+    }
+
     #[test]
     fn status_fields_added_later_have_defaults() {
         // A report from a server that predates them.

@@ -405,10 +405,11 @@ pub struct StatusReport {
     pub memory_bytes: u64,
     pub max_memory_bytes: u64,
     /// CPU use of the whole machine, in percent.
+    #[serde(deserialize_with = "f32_in_range")]
     pub cpu_percent: f32,
     /// CPU use of the server process, in percent of one core (above 100
     /// when it keeps several cores busy).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "f32_in_range")]
     pub process_cpu_percent: f32,
     /// Memory of the whole machine, in bytes.
     pub memory_used_bytes: u64,
@@ -431,6 +432,22 @@ pub struct StatusReport {
 
 fn yes() -> bool {
     true
+}
+
+/// An `f32` from a JSON number that fits in one. A plain cast would turn
+/// 1e39 into infinity, which JSON cannot carry on (it is written as `null`),
+/// so a report holding it would make every message it is passed on in
+/// undecodable.
+fn f32_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let wide = f64::deserialize(d)?;
+    let narrow = wide as f32;
+    if narrow.is_finite() {
+        Ok(narrow)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{wide} does not fit in a 32-bit float"
+        )))
+    }
 }
 
 impl Default for StatusReport {

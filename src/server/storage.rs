@@ -646,6 +646,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any title, whatever its characters, gives one safe, bounded,
+        /// non-empty path component, and always the same one.
+        #[test]
+        fn any_title_gives_one_safe_component(title in "(?s).{0,400}") {
+            let name = safe_title(&title);
+            proptest::prop_assert!(!name.is_empty());
+            proptest::prop_assert!(name != "." && name != "..");
+            proptest::prop_assert!(!name.contains(['/', '\\', '\0', '~']), "{:?}", name);
+            proptest::prop_assert!(!name.contains("..") && !name.starts_with('.'), "{:?}", name);
+            proptest::prop_assert!(!name.chars().any(char::is_control), "{:?}", name);
+            proptest::prop_assert!(name.len() <= MAX_TITLE_BYTES);
+            proptest::prop_assert!(name.chars().count() <= MAX_TITLE_CHARS);
+            let mut parts = Path::new(&name).components();
+            proptest::prop_assert!(matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            ));
+            proptest::prop_assert_eq!(safe_title(&title), name.clone());
+            // A safe title is its own safe title.
+            proptest::prop_assert_eq!(safe_title(&name), name);
+        }
+    }
+
     fn doc(title: &str, content: &str) -> Document {
         Document {
             title: title.into(),

@@ -1,0 +1,386 @@
+// Properties of the wire, for any message and any bytes: every request and
+// reply survives a frame round trip unchanged, and whatever bytes a peer
+// sends, the frame reader gives frames within its cap or a typed error,
+// without panicking and without allocating more than the cap.
+
+use lbft::proto::{
+    decode, encode, read_frame, write_frame, Computed, Document, ErrorCode, ErrorReply, FrameError,
+    FrameReader, Operation, Reply, Request, ServerList, ServerView, StatusReport, StoreRequest,
+    Stored, TransferList, TransferView,
+};
+use proptest::prelude::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::{self, Read};
+
+// ------------------------------------------------- allocation bookkeeping
+
+/// The system allocator, noting the largest single request made by a
+/// thread while that thread tracks (other tests' threads are not counted).
+struct Largest;
+
+thread_local! {
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    // `try_with`: the thread may be tearing down its locals.
+    let _ = TRACKING.try_with(|tracking| {
+        if tracking.get() {
+            let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
+        }
+    });
+}
+
+unsafe impl GlobalAlloc for Largest {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Largest = Largest;
+
+/// Runs `f` and returns its result with the largest single allocation it
+/// made on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|l| l.set(0));
+    TRACKING.with(|t| t.set(true));
+    let out = f();
+    TRACKING.with(|t| t.set(false));
+    (out, LARGEST.with(Cell::get))
+}
+
+// ------------------------------------------------------------- strategies
+
+/// Any text, control characters, quotes and non-ASCII included.
+fn text() -> impl Strategy<Value = String> {
+    "(?s).{0,24}"
+}
+
+fn finite_f32() -> impl Strategy<Value = f32> {
+    any::<f32>().prop_filter("finite", |f| f.is_finite())
+}
+
+fn finite_f64() -> impl Strategy<Value = f64> {
+    any::<f64>().prop_filter("finite", |f| f.is_finite())
+}
+
+fn document() -> impl Strategy<Value = Document> {
+    (text(), text()).prop_map(|(title, content)| Document { title, content })
+}
+
+fn operation() -> impl Strategy<Value = Operation> {
+    proptest::sample::select(Operation::ALL.to_vec())
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    proptest::sample::select(vec![
+        ErrorCode::FrameTooLarge,
+        ErrorCode::InvalidUtf8,
+        ErrorCode::InvalidJson,
+        ErrorCode::UnknownType,
+        ErrorCode::BadRequest,
+        ErrorCode::Timeout,
+        ErrorCode::NoServer,
+        ErrorCode::ServerFailed,
+        ErrorCode::Storage,
+        ErrorCode::Internal,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Expired,
+        ErrorCode::InProgress,
+    ])
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (
+            any::<u64>(),
+            document(),
+            any::<Option<u64>>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(id, doc, request_number, not_after_ms)| {
+                Request::Store(StoreRequest {
+                    id,
+                    doc,
+                    request_number,
+                    not_after_ms,
+                })
+            }),
+        (any::<u64>(), operation()).prop_map(|(id, operation)| Request::Calc { id, operation }),
+        any::<u64>().prop_map(|id| Request::Status { id }),
+        any::<u64>().prop_map(|id| Request::Servers { id }),
+        (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..8))
+            .prop_map(|(id, numbers)| Request::Forget { id, numbers }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| Request::Register { id, addr }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| Request::Deregister { id, addr }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| Request::AddServer { id, addr }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| Request::DrainServer { id, addr }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| Request::RemoveServer { id, addr }),
+        (
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<Option<u64>>(),
+            any::<Option<u32>>()
+        )
+            .prop_map(|(id, active, failed, since_ms, limit)| Request::Transfers {
+                id,
+                active,
+                failed,
+                since_ms,
+                limit,
+            }),
+    ]
+}
+
+fn status_report() -> impl Strategy<Value = StatusReport> {
+    (
+        (any::<u64>(), any::<bool>(), any::<bool>()),
+        proptest::array::uniform12(any::<u64>()),
+        (finite_f32(), finite_f32()),
+    )
+        .prop_map(
+            |((id, overloaded, storage_writable), n, (cpu, process_cpu))| StatusReport {
+                id,
+                overloaded,
+                active: n[0],
+                max_active: n[1],
+                memory_bytes: n[2],
+                max_memory_bytes: n[3],
+                cpu_percent: cpu,
+                process_cpu_percent: process_cpu,
+                memory_used_bytes: n[4],
+                memory_total_bytes: n[5],
+                disk_used_bytes: n[6],
+                disk_free_bytes: n[7],
+                storage_writable,
+                net_rx_bytes: n[8],
+                net_tx_bytes: n[9],
+                uptime_secs: n[10],
+                files_stored: n[11],
+            },
+        )
+}
+
+fn server_view() -> impl Strategy<Value = ServerView> {
+    (
+        (any::<u32>(), text(), text(), any::<u64>()),
+        proptest::option::of(status_report()),
+        proptest::option::of(finite_f64()),
+        (any::<u64>(), any::<u64>(), any::<Option<u64>>()),
+    )
+        .prop_map(
+            |((id, name, state, in_flight), status, check_ms, (requests, failures, age))| {
+                ServerView {
+                    id,
+                    name,
+                    state,
+                    in_flight,
+                    status,
+                    check_ms,
+                    requests,
+                    failures,
+                    status_age_ms: age,
+                }
+            },
+        )
+}
+
+fn transfer_view() -> impl Strategy<Value = TransferView> {
+    (
+        (any::<u64>(), text(), text(), any::<u64>()),
+        proptest::collection::vec(text(), 0..3),
+        (
+            text(),
+            proptest::option::of(text()),
+            proptest::option::of(text()),
+        ),
+        (
+            any::<u64>(),
+            any::<Option<u64>>(),
+            any::<Option<u64>>(),
+            proptest::option::of(text()),
+        ),
+    )
+        .prop_map(
+            |(
+                (number, client, title, size),
+                servers,
+                (state, server, file),
+                (started_ms, ended_ms, duration_ms, error),
+            )| TransferView {
+                number,
+                client,
+                title,
+                size,
+                servers,
+                state,
+                server,
+                file,
+                started_ms,
+                ended_ms,
+                duration_ms,
+                error,
+            },
+        )
+}
+
+fn reply() -> impl Strategy<Value = Reply> {
+    prop_oneof![
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(id, server, request_number, file, a_count, existing)| {
+                Reply::Stored(Stored {
+                    id,
+                    server,
+                    request_number,
+                    file,
+                    a_count,
+                    existing,
+                })
+            }),
+        (
+            any::<u64>(),
+            text(),
+            any::<i64>(),
+            any::<i64>(),
+            operation(),
+            finite_f64()
+        )
+            .prop_map(|(id, server, a, b, operation, result)| {
+                Reply::Calc(Computed {
+                    id,
+                    server,
+                    a,
+                    b,
+                    operation,
+                    result,
+                })
+            }),
+        status_report().prop_map(Reply::Status),
+        (any::<u64>(), proptest::collection::vec(server_view(), 0..3))
+            .prop_map(|(id, servers)| Reply::Servers(ServerList { id, servers })),
+        (
+            any::<u64>(),
+            proptest::collection::vec(transfer_view(), 0..3)
+        )
+            .prop_map(|(id, transfers)| Reply::Transfers(TransferList { id, transfers })),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, moved)| Reply::Forgotten { id, moved }),
+        (any::<u64>(), text()).prop_map(|(id, message)| Reply::Membership { id, message }),
+        (any::<Option<u64>>(), error_code(), text())
+            .prop_map(|(id, code, message)| Reply::Error(ErrorReply { id, code, message })),
+    ]
+}
+
+// ----------------------------------------------------------------- helpers
+
+/// A stream that hands out at most `step` bytes per read, as a socket may.
+struct Trickle<'a> {
+    bytes: &'a [u8],
+    step: usize,
+}
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.step).min(self.bytes.len());
+        buf[..n].copy_from_slice(&self.bytes[..n]);
+        self.bytes = &self.bytes[n..];
+        Ok(n)
+    }
+}
+
+/// The fixed read buffer `FrameReader` allocates once.
+const READ_BUFFER: usize = 8 * 1024;
+
+// ---------------------------------------------------------------- properties
+
+proptest! {
+    #[test]
+    fn any_request_survives_a_frame_round_trip(requests in proptest::collection::vec(request(), 1..4)) {
+        let mut wire = Vec::new();
+        for r in &requests {
+            write_frame(&mut wire, &encode(r)).unwrap();
+        }
+        let mut reader = &wire[..];
+        for r in &requests {
+            let payload = read_frame(&mut reader, wire.len()).unwrap().unwrap();
+            prop_assert_eq!(&decode::<Request>(&payload).unwrap(), r);
+        }
+        prop_assert!(read_frame(&mut reader, wire.len()).unwrap().is_none());
+    }
+
+    #[test]
+    fn any_reply_survives_a_frame_round_trip(replies in proptest::collection::vec(reply(), 1..4), step in 1usize..16) {
+        let mut wire = Vec::new();
+        for r in &replies {
+            write_frame(&mut wire, &encode(r)).unwrap();
+        }
+        let mut reader = FrameReader::new(Trickle { bytes: &wire, step }, wire.len());
+        for r in &replies {
+            prop_assert_eq!(&reader.message::<Reply>().unwrap().unwrap().unwrap(), r);
+        }
+        prop_assert!(reader.frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn any_bytes_give_capped_frames_or_a_typed_error(
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+        cap in 0usize..64,
+        step in 1usize..8,
+    ) {
+        let mut reader = FrameReader::new(Trickle { bytes: &bytes, step }, cap);
+        let (end, largest) = largest_allocation(|| loop {
+            match reader.frame() {
+                Ok(Some(frame)) => assert!(frame.len() <= cap),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        });
+        prop_assert!(largest <= cap.max(READ_BUFFER), "allocated {} with a cap of {}", largest, cap);
+        match end {
+            None | Some(FrameError::Truncated { .. }) => {}
+            Some(FrameError::TooLarge { len, max }) => prop_assert!(len > max as u64),
+            Some(e) => prop_assert!(false, "an in-memory stream gave {:?}", e),
+        }
+    }
+
+    #[test]
+    fn a_large_announced_length_allocates_only_what_arrives(
+        len in 64u32 * 1024..u32::MAX,
+        sent in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        // The cap allows the frame; the peer sends a header and stalls.
+        let mut wire = len.to_be_bytes().to_vec();
+        wire.extend_from_slice(&sent);
+        let (result, largest) = largest_allocation(|| read_frame(&mut &wire[..], usize::MAX));
+        let truncated = matches!(result, Err(FrameError::Truncated { .. }));
+        prop_assert!(truncated);
+        // The first payload buffer is 64 KiB (PROTOCOL.md, Frames), and
+        // nothing larger follows.
+        prop_assert_eq!(largest, 64 * 1024);
+    }
+
+    #[test]
+    fn any_payload_decodes_or_fails_with_a_code(payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+        // Either family: a value or a typed error, never a panic.
+        let _ = decode::<Request>(&payload);
+        let _ = decode::<Reply>(&payload);
+    }
+}
