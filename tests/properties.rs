@@ -4,9 +4,10 @@
 // without panicking and without allocating more than the cap.
 
 use lbft::proto::{
-    decode, encode, read_frame, write_frame, Computed, Document, ErrorCode, ErrorReply, FrameError,
-    FrameReader, Operation, Reply, Request, ServerList, ServerView, StatusReport, StoreRequest,
-    Stored, TransferList, TransferView,
+    decode, encode, read_frame, write_frame, Chunk, Computed, Document, ErrorCode, ErrorReply,
+    FileEntry, FileHeader, FileList, FileStored, FrameError, FrameReader, Operation, Password,
+    Redirect, Reply, Request, ServerList, ServerView, StatusReport, StoreRequest, Stored, Ticket,
+    TransferEvent, TransferList, TransferView, UploadReady, UploadRequest,
 };
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -98,7 +99,250 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::ShuttingDown,
         ErrorCode::Expired,
         ErrorCode::InProgress,
+        ErrorCode::NotFound,
+        ErrorCode::ChecksumMismatch,
+        ErrorCode::SizeMismatch,
+        ErrorCode::BadOffset,
+        ErrorCode::BadTicket,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::TooLarge,
     ])
+}
+
+/// Fails to compile when a request or reply type is added without a
+/// strategy below (add it to `request()` or `reply()`, then here).
+#[allow(dead_code)]
+fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
+    match request {
+        Request::Store(_)
+        | Request::Calc { .. }
+        | Request::Status { .. }
+        | Request::Servers { .. }
+        | Request::Forget { .. }
+        | Request::Register { .. }
+        | Request::Deregister { .. }
+        | Request::AddServer { .. }
+        | Request::DrainServer { .. }
+        | Request::RemoveServer { .. }
+        | Request::Transfers { .. }
+        | Request::Upload(_)
+        | Request::Chunk(_)
+        | Request::UploadEnd { .. }
+        | Request::List { .. }
+        | Request::Get { .. }
+        | Request::TransferEvent(_)
+        | Request::Hello { .. }
+        | Request::HelloProof { .. }
+        | Request::Login { .. } => {}
+    }
+    match reply {
+        Reply::Stored(_)
+        | Reply::Calc(_)
+        | Reply::Status(_)
+        | Reply::Servers(_)
+        | Reply::Transfers(_)
+        | Reply::Forgotten { .. }
+        | Reply::Membership { .. }
+        | Reply::Error(_)
+        | Reply::UploadReady(_)
+        | Reply::Redirect(_)
+        | Reply::Chunk(_)
+        | Reply::FileStored(_)
+        | Reply::Files(_)
+        | Reply::File(_)
+        | Reply::Recorded { .. }
+        | Reply::Hello { .. }
+        | Reply::Welcome { .. } => {}
+    }
+}
+
+fn ticket() -> impl Strategy<Value = Ticket> {
+    (
+        text(),
+        any::<u64>(),
+        any::<u64>(),
+        proptest::option::of(text()),
+        proptest::option::of(text()),
+        text(),
+    )
+        .prop_map(
+            |(server, expires_ms, number, report_to, owner, mac)| Ticket {
+                server,
+                expires_ms,
+                number,
+                report_to,
+                owner,
+                mac,
+            },
+        )
+}
+
+fn chunk() -> impl Strategy<Value = Chunk> {
+    (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, offset, body_len)| Chunk {
+        id,
+        offset,
+        body_len,
+    })
+}
+
+/// Requests added with files and users.
+fn file_and_user_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (
+            (any::<u64>(), text(), text(), any::<u64>()),
+            (
+                proptest::option::of(text()),
+                proptest::option::of(ticket()),
+                proptest::option::of(text())
+            )
+        )
+            .prop_map(|((id, upload_id, name, size), (server, ticket, owner))| {
+                Request::Upload(UploadRequest {
+                    id,
+                    upload_id,
+                    name,
+                    size,
+                    server,
+                    ticket,
+                    owner,
+                })
+            }),
+        chunk().prop_map(Request::Chunk),
+        (any::<u64>(), text()).prop_map(|(id, sha256)| Request::UploadEnd { id, sha256 }),
+        (any::<u64>(), proptest::option::of(text()))
+            .prop_map(|(id, owner)| Request::List { id, owner }),
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, name, offset, owner)| Request::Get {
+                id,
+                name,
+                offset,
+                owner
+            }),
+        (
+            (any::<u64>(), any::<u64>(), text(), text()),
+            (
+                proptest::option::of(text()),
+                proptest::option::of(text()),
+                text()
+            )
+        )
+            .prop_map(|((id, number, server, state), (file, error, mac))| {
+                Request::TransferEvent(TransferEvent {
+                    id,
+                    number,
+                    server,
+                    state,
+                    file,
+                    error,
+                    mac,
+                })
+            }),
+        (any::<u64>(), text()).prop_map(|(id, nonce)| Request::Hello { id, nonce }),
+        (any::<u64>(), text()).prop_map(|(id, proof)| Request::HelloProof { id, proof }),
+        (any::<u64>(), text(), text()).prop_map(|(id, user, password)| Request::Login {
+            id,
+            user,
+            password: Password(password),
+        }),
+    ]
+}
+
+fn file_entry() -> impl Strategy<Value = FileEntry> {
+    (
+        (text(), any::<u64>(), text(), text()),
+        (any::<u64>(), proptest::option::of(text())),
+    )
+        .prop_map(
+            |((name, size, sha256, server), (stored_ms, owner))| FileEntry {
+                name,
+                size,
+                sha256,
+                server,
+                stored_ms,
+                owner,
+            },
+        )
+}
+
+/// Replies added with files and users.
+fn file_and_user_reply() -> impl Strategy<Value = Reply> {
+    prop_oneof![
+        (any::<u64>(), text(), text(), any::<u64>()).prop_map(|(id, upload_id, server, offset)| {
+            Reply::UploadReady(UploadReady {
+                id,
+                upload_id,
+                server,
+                offset,
+            })
+        }),
+        (any::<u64>(), text(), text(), ticket()).prop_map(|(id, upload_id, server, ticket)| {
+            Reply::Redirect(Redirect {
+                id,
+                upload_id,
+                server,
+                ticket,
+            })
+        }),
+        chunk().prop_map(Reply::Chunk),
+        (
+            (any::<u64>(), text(), text(), any::<u64>()),
+            (text(), text(), any::<bool>())
+        )
+            .prop_map(
+                |((id, upload_id, name, size), (sha256, server, existing))| {
+                    Reply::FileStored(FileStored {
+                        id,
+                        upload_id,
+                        name,
+                        size,
+                        sha256,
+                        server,
+                        existing,
+                    })
+                }
+            ),
+        (
+            any::<u64>(),
+            proptest::collection::vec(file_entry(), 0..3),
+            proptest::collection::vec(text(), 0..2)
+        )
+            .prop_map(|(id, files, unreachable)| Reply::Files(FileList {
+                id,
+                files,
+                unreachable
+            })),
+        (
+            (any::<u64>(), text(), any::<u64>()),
+            (text(), text(), any::<u64>())
+        )
+            .prop_map(|((id, name, size), (sha256, server, offset))| {
+                Reply::File(FileHeader {
+                    id,
+                    name,
+                    size,
+                    sha256,
+                    server,
+                    offset,
+                })
+            }),
+        any::<u64>().prop_map(|id| Reply::Recorded { id }),
+        (any::<u64>(), text(), text(), text()).prop_map(|(id, nonce, addr, proof)| {
+            Reply::Hello {
+                id,
+                nonce,
+                addr,
+                proof,
+            }
+        }),
+        (any::<u64>(), proptest::option::of(text()), any::<bool>())
+            .prop_map(|(id, user, admin)| Reply::Welcome { id, user, admin }),
+    ]
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -141,6 +385,7 @@ fn request() -> impl Strategy<Value = Request> {
                 since_ms,
                 limit,
             }),
+        file_and_user_request(),
     ]
 }
 
@@ -212,6 +457,7 @@ fn transfer_view() -> impl Strategy<Value = TransferView> {
             any::<Option<u64>>(),
             proptest::option::of(text()),
         ),
+        proptest::option::of(text()),
     )
         .prop_map(
             |(
@@ -219,6 +465,7 @@ fn transfer_view() -> impl Strategy<Value = TransferView> {
                 servers,
                 (state, server, file),
                 (started_ms, ended_ms, duration_ms, error),
+                user,
             )| TransferView {
                 number,
                 client,
@@ -232,6 +479,7 @@ fn transfer_view() -> impl Strategy<Value = TransferView> {
                 ended_ms,
                 duration_ms,
                 error,
+                user,
             },
         )
 }
@@ -286,6 +534,7 @@ fn reply() -> impl Strategy<Value = Reply> {
         (any::<u64>(), text()).prop_map(|(id, message)| Reply::Membership { id, message }),
         (any::<Option<u64>>(), error_code(), text())
             .prop_map(|(id, code, message)| Reply::Error(ErrorReply { id, code, message })),
+        file_and_user_reply(),
     ]
 }
 
