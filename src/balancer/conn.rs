@@ -551,7 +551,7 @@ impl Conn {
 /// `forget` are for storage servers.
 const BALANCER_TYPES: &str = "store, calc, servers, transfers, register, deregister, \
      add_server, drain_server, remove_server, upload, chunk, upload_end, list, get, hello, \
-     hello_proof, login";
+     hello_proof, login, transfer_event";
 
 /// The decoder's `unknown_type` message lists every request type of the
 /// protocol; a client of the balancer is told only those it accepts.
