@@ -656,13 +656,9 @@ fn why_server_stopped(server: &mut Connection<net::Stream>, id: u64) -> Option<R
     let _ = server
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(500)));
-    match server.recv::<Reply>() {
-        Ok(Reply::Error(mut e)) => {
-            e.id = Some(id);
-            Some(Reply::Error(e))
-        }
-        _ => None,
-    }
+    let mut e = server.parting_error()?;
+    e.id = Some(id);
+    Some(Reply::Error(e))
 }
 
 fn server_failed(id: u64, server: &str, why: &str) -> Reply {

@@ -324,9 +324,9 @@ fn explain_break(
     let _ = conn
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(500)));
-    match conn.recv::<Reply>() {
-        Ok(Reply::Error(reply)) => refused(Some(server), reply.code, &reply.message),
-        _ => retry(
+    match conn.parting_error() {
+        Some(reply) => refused(Some(server), reply.code, &reply.message),
+        None => retry(
             Some(server),
             format!("connection broke at byte {offset}: {e}"),
         ),

@@ -82,6 +82,16 @@ impl<S: Read + Write> Connection<S> {
         self.recv()
     }
 
+    /// After a write failed: the error the peer sent before it closed, if
+    /// that is what comes next (disk full, bad offset...). Set a short read
+    /// timeout first: the peer may have sent nothing.
+    pub fn parting_error(&mut self) -> Option<super::ErrorReply> {
+        match self.recv::<Reply>() {
+            Ok(Reply::Error(e)) => Some(e),
+            _ => None,
+        }
+    }
+
     /// The raw frame after a `chunk` message (see `file::read_body`).
     pub fn read_body(&mut self, expected: u64) -> Result<Vec<u8>, super::file::BodyError> {
         super::file::read_body(&mut self.reader, expected)

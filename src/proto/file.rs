@@ -8,7 +8,7 @@
 //! `size`. While an upload or download runs, nothing else travels on its
 //! connection.
 
-use super::frame::{read_header, write_frame, FrameError};
+use super::frame::{read_header, read_payload_into, write_frame, FrameError};
 use crate::auth::ClusterKey;
 use crate::text::{from_hex, to_hex};
 use serde::{Deserialize, Serialize};
@@ -289,29 +289,7 @@ pub fn read_body_into<R: Read>(
     buf.clear();
     // Room for a whole chunk at once; a larger body grows as it arrives.
     buf.reserve(len.min(CHUNK_SIZE));
-    let mut limited = r.take(len as u64);
-    loop {
-        match limited.read_to_end(buf) {
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(BodyError::Frame(FrameError::Timeout { mid_frame: true }))
-            }
-            Err(e) => return Err(BodyError::Frame(FrameError::Io(e))),
-        }
-    }
-    if buf.len() < len {
-        return Err(BodyError::Frame(FrameError::Truncated {
-            expected: len + 4,
-            got: buf.len() + 4,
-        }));
-    }
-    Ok(())
+    read_payload_into(r, len, buf).map_err(BodyError::Frame)
 }
 
 /// Writes a body frame.

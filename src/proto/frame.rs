@@ -168,24 +168,37 @@ const INITIAL_PAYLOAD_CAPACITY: usize = 64 * 1024;
 /// Reads the `len` bytes of a payload whose header has been read.
 pub fn read_payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, FrameError> {
     let mut payload = Vec::with_capacity(len.min(INITIAL_PAYLOAD_CAPACITY));
+    read_payload_into(r, len, &mut payload)?;
+    Ok(payload)
+}
+
+/// Like `read_payload`, appending to `payload` (whose allocation a caller
+/// may reuse from frame to frame).
+pub fn read_payload_into(
+    r: &mut impl Read,
+    len: usize,
+    payload: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let start = payload.len();
     let mut limited = r.take(len as u64);
     loop {
         // `read_to_end` keeps what arrived before an error, so a timeout
         // still tells how far the frame got.
-        match limited.read_to_end(&mut payload) {
+        match limited.read_to_end(payload) {
             Ok(_) => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => return Err(FrameError::Timeout { mid_frame: true }),
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
-    if payload.len() < len {
+    let got = payload.len() - start;
+    if got < len {
         return Err(FrameError::Truncated {
             expected: len + 4,
-            got: payload.len() + 4,
+            got: got + 4,
         });
     }
-    Ok(payload)
+    Ok(())
 }
 
 /// Writes one frame and flushes it.
