@@ -283,9 +283,10 @@ impl Balancer {
             key: config.cluster_key.clone(),
         };
         let link_threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let reporter = link::Reporter::new(events_tx.clone());
         let spawner = link::Spawner {
             workers: config.max_in_flight,
-            events: events_tx.clone(),
+            reporter: reporter.clone(),
             settings: backend_settings.clone(),
             stats: stats.clone(),
             threads: link_threads.clone(),
@@ -314,13 +315,16 @@ impl Balancer {
             stats.clone(),
         )?
         .with_tracker(tracker.clone());
+        let dispatcher = dispatch::Shared::new(dispatcher, events_tx.clone());
+        reporter.attach(&dispatcher);
         // The monitor runs as long as the dispatcher: it needs health news
         // while draining, and stops when this sender drops with it.
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         let dispatcher_stop = stop_rx.clone();
+        let shared = dispatcher.clone();
         threads.push(net::spawn_named("dispatcher".into(), None, move || {
             let _alive = alive_tx;
-            dispatcher.run(jobs_rx, events_rx, dispatcher_stop)
+            shared.run(jobs_rx, events_rx, dispatcher_stop)
         })?);
         threads.push(monitor::spawn(
             roster,
@@ -335,6 +339,7 @@ impl Balancer {
         let accept = Acceptor {
             listener: self.listener,
             jobs: jobs_tx,
+            dispatcher,
             events: events_tx,
             stats: stats.clone(),
             budget: flow::Budget::new(config.max_queued_bytes),
@@ -505,6 +510,7 @@ impl Handle {
 struct Acceptor {
     listener: TcpListener,
     jobs: Sender<dispatch::Job>,
+    dispatcher: Arc<dispatch::Shared>,
     events: Sender<dispatch::Event>,
     stats: Arc<stats::Stats>,
     budget: Arc<flow::Budget>,
@@ -521,6 +527,7 @@ impl Acceptor {
         let Acceptor {
             listener,
             jobs,
+            dispatcher,
             events,
             stats,
             budget,
@@ -543,6 +550,7 @@ impl Acceptor {
                 let conn = conn::Conn {
                     peer,
                     jobs: jobs.clone(),
+                    dispatcher: dispatcher.clone(),
                     events: events.clone(),
                     settings,
                     stats: stats.clone(),

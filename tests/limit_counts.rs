@@ -83,17 +83,16 @@ fn every_limit_hit_is_counted() {
     assert_eq!(hits(metrics, "max_document_size"), 1);
 
     // Documents of 600 bytes: the second waits for the byte budget.
-    for id in 2..=3 {
-        raw.store(id, "slow", &"a".repeat(600));
-    }
+    let slow = "a".repeat(600);
+    raw.store_at_once(&[(2, "slow", &slow), (3, "slow", &slow)]);
     for _ in 2..=3 {
         assert!(matches!(raw.reply(), Reply::Stored(_)));
     }
     assert!(hits(metrics, "max_queued_bytes") >= 1);
     // Small ones: the fifth waits for the window of 4.
-    for id in 4..=9 {
-        raw.store(id, "small", &"a".repeat(100));
-    }
+    let small = "a".repeat(100);
+    let docs: Vec<(u64, &str, &str)> = (4..=9).map(|id| (id, "small", small.as_str())).collect();
+    raw.store_at_once(&docs);
     for _ in 4..=9 {
         assert!(matches!(raw.reply(), Reply::Stored(_)));
     }

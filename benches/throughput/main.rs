@@ -21,7 +21,7 @@
 //! ```text
 //! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D
 //!     --idle N --kill-docs N --bulk-mib N --only table|bulk|idle|kill
-//!     --write BENCHMARKS.md --quick]
+//!     --clients 1,8,64 --write BENCHMARKS.md --quick]
 //! ```
 //!
 //! `--docs` is the count of a 64-client scenario (default 19200); fewer
@@ -29,7 +29,8 @@
 //! that the one-client numbers rest on enough samples. `--idle` is the
 //! count of idle connections (10000), `--kill-docs` the documents of the
 //! kill run (10000), `--bulk-mib` the size of the file streamed through
-//! each path (1024). `--write` also writes the report, with the machine and
+//! each path (1024). `--clients` runs the table for some client counts
+//! only. `--write` also writes the report, with the machine and
 //! versions, to a file. `--quick` is a smoke run: 640 documents, a 256 MiB
 //! file, 2000 idle connections, 3000 documents in the kill run, one run of
 //! each.
@@ -69,6 +70,8 @@ pub struct Options {
     bulk_mib: u64,
     /// Parts to run: table, idle, kill.
     only: Option<String>,
+    /// Client counts of the table (default: all of `CLIENT_COUNTS`).
+    clients: Vec<usize>,
     write: Option<PathBuf>,
     /// Extra arguments for the balancer of the table (e.g. --no-state).
     balancer_args: Vec<String>,
@@ -98,6 +101,7 @@ fn parse_args() -> Result<Options, String> {
         kill_docs: 10_000,
         bulk_mib: 1024,
         only: None,
+        clients: CLIENT_COUNTS.to_vec(),
         write: None,
         balancer_args: Vec::new(),
     };
@@ -126,6 +130,15 @@ fn parse_args() -> Result<Options, String> {
                     return Err(format!("--only {part}: not table, bulk, idle or kill"));
                 }
                 options.only = Some(part);
+                continue;
+            }
+            "--clients" => {
+                let value = args.next().ok_or("--clients needs a list such as 1,64")?;
+                options.clients = value
+                    .split(',')
+                    .map(|c| c.trim().parse().ok().filter(|c| CLIENT_COUNTS.contains(c)))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or(format!("--clients {value}: not a list of 1, 8 and 64"))?;
                 continue;
             }
             "--balancer-arg" => {
@@ -324,7 +337,7 @@ pub fn mode_name(mode: Mode, depth: usize) -> String {
 /// Every client count, mode and path, `--runs` times each.
 fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
     let mut rows = Vec::new();
-    for &clients in &CLIENT_COUNTS {
+    for &clients in &options.clients {
         for mode in [Mode::OneAtATime, Mode::Pipelined] {
             let routes = cluster.routes();
             let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); routes.len()];

@@ -12,9 +12,10 @@
 //! is shutting down it then sends one last `shutting_down` error without an
 //! id: every request the client sent after the ones answered was not read.
 
-use super::dispatch::{Change, Event, Job, Work};
+use super::dispatch::{Change, Event, Job, Shared, Work};
 use super::flow::{Budget, Hold, Window};
 use super::limits::Limit;
+use super::link::Pool;
 use super::relay::{ClientWriter, FileSettings, Next};
 use super::session::{Access, Session, Verdict};
 use super::stats::Stats;
@@ -26,6 +27,7 @@ use crate::proto::{
     ServerList, TransferList,
 };
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use std::cell::Cell;
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -51,7 +53,10 @@ pub struct ConnSettings {
 /// What a connection thread works with.
 pub struct Conn {
     pub peer: SocketAddr,
+    /// Requests that wait their turn (or go to a link's workers) go here.
     pub jobs: Sender<Job>,
+    /// The dispatcher, for a request forwarded by this thread itself.
+    pub dispatcher: Arc<Shared>,
     /// Membership requests go to the dispatcher as events.
     pub events: Sender<Event>,
     pub settings: ConnSettings,
@@ -135,9 +140,10 @@ impl Conn {
                 return;
             }
         };
-        let (received, work) = self.read_requests(read_half, &reply_tx, &out);
+        let written_here = Cell::new(0);
+        let (received, work) = self.read_requests(read_half, &reply_tx, &out, &written_here);
         drop(reply_tx);
-        let sent = writer.join().unwrap_or(0);
+        let sent = writer.join().unwrap_or(0) + written_here.get();
         net::close_gracefully(&closing);
         let level = if work > 0 {
             log::Level::Info
@@ -162,6 +168,7 @@ impl Conn {
         stream: net::Stream,
         replies: &Sender<Reply>,
         out: &ClientWriter,
+        written_here: &Cell<u64>,
     ) -> (u64, u64) {
         let peer = self.peer;
         let local = stream.tcp().local_addr().unwrap_or(peer);
@@ -383,11 +390,28 @@ impl Conn {
                 }
             };
             work_received += 1;
+            // A client with nothing else outstanding, and nothing more sent,
+            // waits for this reply before it sends more: this thread
+            // forwards the request itself when a server can take it now,
+            // without a hand-off. A client that pipelines keeps its
+            // requests spread over the servers by the links.
+            let alone = window.in_use() == 1 && !reader.has_buffered();
             let hold = Hold {
                 permit: Some(permit),
                 bytes: Some(bytes),
             };
-            if !self.enqueue(id, work, replies.clone(), hold, session.user_name()) {
+            let mut job = Job::new(id, work, peer, replies.clone(), hold);
+            job.user = session.user_name();
+            self.stats.received.fetch_add(1, Relaxed);
+            if alone {
+                if let Some(pool) = self.dispatcher.take_now(&mut job) {
+                    if self.forward(job, &pool, out) {
+                        written_here.set(written_here.get() + 1);
+                    }
+                    continue;
+                }
+            }
+            if !self.enqueue(job) {
                 return (received, work_received);
             }
         }
@@ -475,18 +499,24 @@ impl Conn {
         }
     }
 
+    /// Forwards a request the dispatcher let this thread take, and writes
+    /// the reply to the client itself. A job that must be retried goes back
+    /// to the dispatcher, and its reply then comes by the writer thread.
+    /// True when this thread wrote the reply.
+    fn forward(&self, job: Job, pool: &Pool, out: &ClientWriter) -> bool {
+        let peer = self.peer;
+        let mut written = false;
+        let mut answer = |_: &Job, reply: Reply| match net::lock(out).message(&reply) {
+            Ok(()) => written = true,
+            Err(e) => log::debug!("connection from {peer}: cannot send reply: {e}"),
+        };
+        let event = pool.carry_out(job, &self.stats, self.tracker.as_ref(), &mut answer);
+        self.dispatcher.report(event);
+        written
+    }
+
     /// Puts a request on the queue. False when the balancer is shutting down.
-    fn enqueue(
-        &self,
-        id: u64,
-        work: Work,
-        reply: Sender<Reply>,
-        hold: Hold,
-        user: Option<Arc<str>>,
-    ) -> bool {
-        self.stats.received.fetch_add(1, Relaxed);
-        let mut job = Job::new(id, work, self.peer, reply, hold);
-        job.user = user;
+    fn enqueue(&self, job: Job) -> bool {
         match self.jobs.send(job) {
             Ok(()) => true,
             Err(e) => {
@@ -526,7 +556,9 @@ impl Conn {
                         bytes: Some(self.budget.acquire(doc.content.len())),
                     };
                     let work = Work::store(&doc);
-                    if !self.enqueue(index as u64 + 1, work, discard.clone(), hold, None) {
+                    let job = Job::new(index as u64 + 1, work, peer, discard.clone(), hold);
+                    self.stats.received.fetch_add(1, Relaxed);
+                    if !self.enqueue(job) {
                         break;
                     }
                 }

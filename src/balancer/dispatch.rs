@@ -1,6 +1,11 @@
-//! The dispatcher: one thread that owns the request queue, the health of
-//! every server and the balancing policy. Connection threads send it jobs;
-//! the monitor and the server links send it events.
+//! The dispatcher: the request queue, the health of every server and the
+//! balancing policy, behind one lock (`Shared`). Its thread takes queued
+//! jobs from connection threads and events from the monitor and the links.
+//! Two things are done by the other threads themselves under the lock, so
+//! that a request needs no hand-off to the dispatcher thread: a connection
+//! thread whose client has nothing else outstanding takes a server now
+//! (`Dispatcher::take_now`) and forwards the request itself, and a link
+//! reports a finished job (`Event::Done`).
 //!
 //! A job stays in the queue until a server can take it: one that is up and
 //! has fewer than `--max-in-flight` requests on the wire. Waiting for a
@@ -25,7 +30,7 @@
 //! `--drain-timeout`; what is left then gets a `shutting_down` reply.
 
 use super::flow::Hold;
-use super::link::{LinkHandle, LinkSpawner};
+use super::link::{LinkHandle, LinkSpawner, Pool};
 use super::monitor::Roster;
 use super::stats::Stats;
 use super::tracking::Tracker;
@@ -34,7 +39,7 @@ use crate::health::{Health, Observation, State};
 use crate::ids;
 use crate::policy::{Candidate, Load, Policy};
 use crate::proto::{self, ErrorCode, Operation, Reply};
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::Sender;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -42,7 +47,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod membership;
+mod shared;
 pub use membership::Change;
+pub use shared::Shared;
 
 /// Most jobs held waiting for a server; past this the dispatcher stops
 /// taking new jobs and connection threads wait (the byte budget and the
@@ -194,6 +201,9 @@ pub enum Event {
         avoid: Vec<String>,
         reply: Sender<Option<Picked>>,
     },
+    /// Nothing: the dispatcher thread looks at its timer again (a call
+    /// made under the lock by another thread brought it forward).
+    Wake,
     /// A link could not complete a job; it goes back to the queue.
     Retry {
         server: ServerId,
@@ -317,65 +327,6 @@ impl Dispatcher {
     pub fn with_tracker(mut self, tracker: Option<Tracker>) -> Self {
         self.tracker = tracker;
         self
-    }
-
-    /// Runs until shut down (`stop` disconnected, or every job sender gone)
-    /// and drained.
-    pub fn run(mut self, jobs: Receiver<Job>, events: Receiver<Event>, stop: Receiver<()>) {
-        log::info!(
-            "dispatcher: {} policy over {} servers",
-            self.policy.name(),
-            self.slots.len()
-        );
-        let never = crossbeam_channel::never();
-        let mut jobs_open = true;
-        loop {
-            if self.drain_deadline.is_some() && self.is_idle() {
-                break;
-            }
-            let timer = match self.next_timer() {
-                Some(at) => crossbeam_channel::at(at),
-                None => crossbeam_channel::never(),
-            };
-            let jobs_in = if jobs_open && self.waiting.len() < MAX_WAITING {
-                &jobs
-            } else {
-                &never
-            };
-            let stop_in = if self.drain_deadline.is_none() {
-                stop.clone()
-            } else {
-                crossbeam_channel::never()
-            };
-            select! {
-                recv(jobs_in) -> job => match job {
-                    Ok(job) => self.submit(job),
-                    Err(_) => {
-                        jobs_open = false;
-                        self.begin_drain(Instant::now());
-                    }
-                },
-                recv(events) -> event => {
-                    if let Ok(event) = event {
-                        self.on_event(event);
-                    }
-                }
-                recv(stop_in) -> _ => self.begin_drain(Instant::now()),
-                recv(timer) -> _ => {
-                    if self.on_timer(Instant::now()) {
-                        break;
-                    }
-                }
-            }
-            self.stats
-                .queue_depth
-                .store(self.waiting.len() as u64, Relaxed);
-        }
-        let forgets: usize = self.slots.values().map(|s| s.forget.len()).sum();
-        if forgets > 0 {
-            log::warn!("shutting down with {forgets} duplicate copies not yet removed from servers that were away");
-        }
-        log::info!("dispatcher stopped");
     }
 
     fn is_idle(&self) -> bool {
@@ -576,6 +527,29 @@ impl Dispatcher {
     /// Hands the job to a server's link, or gives it back when no server can
     /// take it now.
     fn try_dispatch(&mut self, mut job: Job) -> Option<Job> {
+        match self.choose(&mut job) {
+            Some(id) => self.send(id, job),
+            None => Some(job),
+        }
+    }
+
+    /// For a connection thread that forwards its client's request itself:
+    /// the connections of a server that can take the job now, which is then
+    /// counted in flight there. None when the job has to wait its turn
+    /// (others are queued, no server can take it, shutting down).
+    pub fn take_now(&mut self, job: &mut Job) -> Option<Arc<Pool>> {
+        if self.drain_deadline.is_some() || !self.waiting.is_empty() {
+            return None;
+        }
+        let id = self.choose(job)?;
+        self.count_in(id);
+        Some(self.slots[&id].link.pool.clone())
+    }
+
+    /// Picks the server for a job (one it has not tried while there is
+    /// one), gives it its request number and records the dispatch. None
+    /// when no server can take it now.
+    fn choose(&mut self, job: &mut Job) -> Option<ServerId> {
         let mut candidates = self.candidates(&job.tried);
         let untried_up = self.slots.iter().any(|(id, s)| {
             s.health.accepts_requests() && s.draining.is_none() && !job.tried.contains(id)
@@ -586,16 +560,12 @@ impl Dispatcher {
             // wait: it is soon free.)
             candidates = self.candidates(&[]);
         }
-        let Some(index) = self.policy.pick(&candidates) else {
-            return Some(job);
-        };
-        let Some(&id) = self.slots.keys().nth(index) else {
-            return Some(job);
-        };
+        let index = self.policy.pick(&candidates)?;
+        let &id = self.slots.keys().nth(index)?;
         let number = *job
             .request_number
             .get_or_insert_with(|| self.numbers.next());
-        let slot = self.slots.get_mut(&id).expect("picked from the slots");
+        let slot = &self.slots[&id];
         log::debug!(
             "request {number}: {} from {} -> server {}{}",
             job.work.describe(),
@@ -608,20 +578,26 @@ impl Dispatcher {
             }
         );
         if let Some(t) = &self.tracker {
-            t.dispatched(&job, &slot.name);
+            t.dispatched(job, &slot.name);
         }
         job.tried.push(id);
-        self.send(id, job)
+        Some(id)
     }
 
-    /// Gives a job to a server's link and counts it in flight.
-    fn send(&mut self, id: ServerId, job: Job) -> Option<Job> {
+    /// Counts one more request on the wire to a server.
+    fn count_in(&mut self, id: ServerId) {
         let slot = self.slots.get_mut(&id).expect("known server");
         slot.in_flight += 1;
         self.stats
             .server(id)
             .in_flight
             .store(slot.in_flight as u64, Relaxed);
+    }
+
+    /// Gives a job to a server's link and counts it in flight.
+    fn send(&mut self, id: ServerId, job: Job) -> Option<Job> {
+        self.count_in(id);
+        let slot = &self.slots[&id];
         match slot.link.jobs.send(job) {
             Ok(()) => None,
             Err(returned) => {
@@ -690,6 +666,7 @@ impl Dispatcher {
                 }
             }
             Event::Membership { change, id, reply } => self.change_membership(change, id, reply),
+            Event::Wake => {}
             Event::PickServer {
                 prefer,
                 avoid,
@@ -955,6 +932,7 @@ impl Dispatcher {
 mod tests {
     use super::*;
     use crate::policy::RoundRobin;
+    use crossbeam_channel::Receiver;
 
     struct FakeLink {
         jobs: Receiver<Job>,
@@ -1073,6 +1051,32 @@ mod tests {
         done(&mut d, 0, &first);
         assert_eq!(links[0].jobs.len(), 2);
         assert_eq!(d.waiting.len(), 2);
+    }
+
+    #[test]
+    fn a_job_taken_now_counts_in_flight_and_waits_its_turn_behind_queued_ones() {
+        let (mut d, links) = setup(1, settings());
+        // No server up yet: nothing to take.
+        let (mut first, _rx) = job(1);
+        assert!(d.take_now(&mut first).is_none());
+        all_up(&mut d, 1);
+        assert!(d.take_now(&mut first).is_some());
+        assert!(first.request_number.is_some());
+        assert_eq!(first.tried, vec![ServerId(0)]);
+        // It holds one of the two places on the wire.
+        let (second, _rx2) = job(2);
+        d.submit(second);
+        let (third, _rx3) = job(3);
+        d.submit(third);
+        assert_eq!(links[0].jobs.len(), 1);
+        assert_eq!(d.waiting.len(), 1);
+        // Queued work goes first: a new job is not taken past it.
+        let (mut fourth, _rx4) = job(4);
+        assert!(d.take_now(&mut fourth).is_none());
+        assert!(fourth.request_number.is_none());
+        done(&mut d, 0, &first);
+        assert_eq!(links[0].jobs.len(), 2, "the queued job took the place");
+        assert!(d.waiting.is_empty());
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! The link to one server: a pool of `--max-in-flight` workers, each with
-//! its own persistent connection (a `Backend`), taking jobs from one
-//! channel. The dispatcher hands a job over only when a worker is free, so
-//! a job is on the wire as soon as it is handed over, and up to
-//! `--max-in-flight` requests are on the wire at once. A server that hangs
-//! holds at most those; each times out after `--server-timeout` on its own.
-//! Each answer is routed back to the client connection that sent the job.
+//! The link to one server: a pool of connections (`Backend`s) and
+//! `--max-in-flight` workers taking jobs from one channel. The dispatcher
+//! hands a job over only when a worker is free, so a job is on the wire as
+//! soon as it is handed over. A connection thread may also take a server's
+//! connection from the pool and forward its own client's request itself
+//! (see `Pool::carry_out`); the dispatcher counts those in flight too, so
+//! at most `--max-in-flight` requests are on the wire to a server at once.
+//! A server that hangs holds at most those; each times out after
+//! `--server-timeout` on its own. Each answer is routed back to the client
+//! connection that sent the job.
 
 use super::backend::{self, BackendSettings, Connections, LinkError};
-use super::dispatch::{Event, Job, Work};
+use super::dispatch::{Event, Job, Shared, Work};
 use super::stats::{ServerStats, Stats};
 use super::tracking::Tracker;
 use super::ServerId;
@@ -15,8 +18,9 @@ use crate::net;
 use crate::proto::Reply;
 use crossbeam_channel::{Receiver, Sender};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 
 /// Workers have small stacks: replies from servers are small and shallow.
@@ -28,22 +32,138 @@ pub struct LinkHandle {
     /// The other end of `jobs`: jobs not yet taken by a worker can be taken
     /// back when the server goes down.
     pub unsent: Receiver<Job>,
-    connections: Arc<Connections>,
+    /// The server's connections, for requests forwarded without a worker.
+    pub pool: Arc<Pool>,
 }
 
 impl LinkHandle {
     /// Cuts every connection of the link: requests on the wire fail now.
     pub fn abort(&self) {
-        self.connections.cut_all();
+        self.pool.connections.cut_all();
     }
 
     /// A handle with no workers behind it, for tests that play the link.
     #[cfg(test)]
     pub fn detached(jobs: Sender<Job>, unsent: Receiver<Job>) -> LinkHandle {
+        let settings = BackendSettings {
+            connect_timeout: std::time::Duration::from_secs(1),
+            io_timeout: std::time::Duration::from_secs(1),
+            probe_timeout: std::time::Duration::from_secs(1),
+            max_frame: 1024,
+            wire: super::BackendWire::Framed,
+            key: None,
+        };
         LinkHandle {
             jobs,
             unsent,
+            pool: Arc::new(Pool::new(
+                ServerId(0),
+                Arc::default(),
+                ([127, 0, 0, 1], 9).into(),
+                settings,
+            )),
+        }
+    }
+}
+
+/// The connections to one server, shared by its link's workers and by
+/// connection threads that forward a request themselves. A connection is
+/// opened when none is idle; the dispatcher's in-flight count bounds how
+/// many are ever open.
+pub struct Pool {
+    server: ServerId,
+    server_stats: Arc<ServerStats>,
+    addr: SocketAddr,
+    settings: BackendSettings,
+    connections: Arc<Connections>,
+    idle: Mutex<Vec<Box<dyn backend::Backend>>>,
+    opened: AtomicUsize,
+}
+
+impl Pool {
+    fn new(
+        server: ServerId,
+        server_stats: Arc<ServerStats>,
+        addr: SocketAddr,
+        settings: BackendSettings,
+    ) -> Pool {
+        Pool {
+            server,
+            server_stats,
+            addr,
+            settings,
             connections: Arc::default(),
+            idle: Mutex::default(),
+            opened: AtomicUsize::new(0),
+        }
+    }
+
+    /// Forwards one request on an idle connection (or a new one).
+    fn forward(&self, number: u64, work: &Work) -> Result<Reply, LinkError> {
+        let idle = net::lock(&self.idle).pop();
+        let mut backend = idle.unwrap_or_else(|| {
+            let slot = self.opened.fetch_add(1, Relaxed);
+            backend::open(self.addr, &self.settings, self.connections.clone(), slot)
+        });
+        let result = backend.forward(number, work);
+        // Most recently used first: the same few connections stay warm.
+        net::lock(&self.idle).push(backend);
+        result
+    }
+
+    /// Carries out a job the dispatcher counted in flight on this server:
+    /// forwards it, gives the reply to `deliver` when it is final (stored,
+    /// computed, refused), and returns the event for the dispatcher.
+    pub fn carry_out(
+        &self,
+        job: Job,
+        stats: &Stats,
+        tracker: Option<&Tracker>,
+        deliver: &mut dyn FnMut(&Job, Reply),
+    ) -> Event {
+        self.server_stats.requests.fetch_add(1, Relaxed);
+        let number = job.request_number.unwrap_or_default();
+        let result = self.forward(number, &job.work);
+        settle(
+            self.server,
+            job,
+            result,
+            &self.server_stats,
+            stats,
+            tracker,
+            deliver,
+        )
+    }
+}
+
+/// Where links report finished jobs: a job done is counted off under the
+/// dispatcher's lock without waking its thread; anything else goes to the
+/// dispatcher thread as an event.
+#[derive(Clone)]
+pub struct Reporter {
+    events: Sender<Event>,
+    /// Set once the dispatcher is shared (it starts the first links).
+    shared: Arc<OnceLock<Weak<Shared>>>,
+}
+
+impl Reporter {
+    pub fn new(events: Sender<Event>) -> Reporter {
+        Reporter {
+            events,
+            shared: Arc::default(),
+        }
+    }
+
+    /// From now on, finished jobs are counted off on `shared` directly.
+    pub fn attach(&self, shared: &Arc<Shared>) {
+        let _ = self.shared.set(Arc::downgrade(shared));
+    }
+
+    /// False when the dispatcher is gone (shutting down).
+    pub fn report(&self, event: Event) -> bool {
+        match self.shared.get().and_then(Weak::upgrade) {
+            Some(shared) => shared.report(event),
+            None => self.events.send(event).is_ok(),
         }
     }
 }
@@ -56,7 +176,7 @@ pub trait LinkSpawner: Send {
 
 pub struct Spawner {
     pub workers: usize,
-    pub events: Sender<Event>,
+    pub reporter: Reporter,
     pub settings: BackendSettings,
     pub stats: Arc<Stats>,
     pub threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -69,7 +189,7 @@ impl LinkSpawner for Spawner {
             server,
             addr,
             self.workers,
-            self.events.clone(),
+            &self.reporter,
             &self.settings,
             self.stats.clone(),
             self.tracker.clone(),
@@ -88,29 +208,34 @@ pub fn spawn(
     server: ServerId,
     addr: SocketAddr,
     workers: usize,
-    events: Sender<Event>,
+    reporter: &Reporter,
     settings: &BackendSettings,
     stats: Arc<Stats>,
     tracker: Option<Tracker>,
 ) -> std::io::Result<(LinkHandle, Vec<JoinHandle<()>>)> {
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
-    let connections = Arc::new(Connections::default());
+    let pool = Arc::new(Pool::new(
+        server,
+        stats.server(server),
+        addr,
+        settings.clone(),
+    ));
     let mut threads = Vec::with_capacity(workers);
     for slot in 0..workers {
         let jobs = jobs_rx.clone();
-        let events = events.clone();
+        let reporter = reporter.clone();
         let stats = stats.clone();
         let tracker = tracker.clone();
-        let mut backend = backend::open(addr, settings, connections.clone(), slot);
+        let pool = pool.clone();
         let name = format!("link{}-{slot}", server.0);
         threads.push(net::spawn_named(name, Some(WORKER_STACK), move || {
-            let server_stats = stats.server(server);
+            let mut answer = |job: &Job, reply| {
+                // The client may have gone; its reply has nowhere to go then.
+                let _ = job.reply.send(reply);
+            };
             for job in jobs {
-                server_stats.requests.fetch_add(1, Relaxed);
-                let number = job.request_number.unwrap_or_default();
-                let result = backend.forward(number, &job.work);
-                let event = settle(server, job, result, &server_stats, &stats, tracker.as_ref());
-                if events.send(event).is_err() {
+                let event = pool.carry_out(job, &stats, tracker.as_ref(), &mut answer);
+                if !reporter.report(event) {
                     return; // dispatcher gone: shutting down
                 }
             }
@@ -119,7 +244,7 @@ pub fn spawn(
     let handle = LinkHandle {
         jobs: jobs_tx,
         unsent: jobs_rx,
-        connections,
+        pool,
     };
     Ok((handle, threads))
 }
@@ -133,6 +258,7 @@ fn settle(
     server_stats: &ServerStats,
     stats: &Stats,
     tracker: Option<&Tracker>,
+    deliver: &mut dyn FnMut(&Job, Reply),
 ) -> Event {
     let name = &server_stats.name;
     let number = job.request_number.unwrap_or_default();
@@ -226,14 +352,14 @@ fn settle(
             }
             server_stats.failures.fetch_add(1, Relaxed);
             e.id = Some(job.id);
-            let _ = job.reply.send(Reply::Error(e));
+            deliver(&job, Reply::Error(e));
             return Event::Failed { server };
         }
         Ok(other) => return retry(job, format!("unexpected reply {other:?}"), true, true),
         Err(e) => return retry(job, e.reason, true, e.delivered),
     };
     stats.latency.observe(job.received.elapsed());
-    let _ = job.reply.send(reply);
+    deliver(&job, reply);
     Event::Done {
         server,
         number,

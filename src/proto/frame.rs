@@ -260,6 +260,12 @@ impl<R: Read> FrameReader<R> {
         self.inner.get_ref()
     }
 
+    /// Bytes already read from the stream and not yet taken: the peer sent
+    /// more than one frame at once.
+    pub fn has_buffered(&self) -> bool {
+        !self.inner.buffer().is_empty()
+    }
+
     /// The stream under the read buffer, for writes on a connection that
     /// both reads and writes through this reader.
     pub fn get_mut(&mut self) -> &mut R {

@@ -253,6 +253,20 @@ impl Raw {
         }));
     }
 
+    /// Sends documents in one write, so that the balancer reads them at
+    /// once: a client that pipelines. (Sent one by one, the first may be
+    /// read and forwarded before the next arrives.)
+    pub fn store_at_once(&mut self, docs: &[(u64, &str, &str)]) {
+        let mut bytes = Vec::new();
+        for (id, title, content) in docs {
+            let doc = serde_json::json!({
+                "type": "store", "id": id, "titolo": title, "contenuto": content
+            });
+            proto::write_frame(&mut bytes, doc.to_string().as_bytes()).unwrap();
+        }
+        self.send_bytes(&bytes);
+    }
+
     /// Reads one reply; panics on timeout or a closed connection.
     pub fn reply(&mut self) -> Reply {
         self.try_reply().expect("connection closed before a reply")
