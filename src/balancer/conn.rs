@@ -411,6 +411,9 @@ impl Conn {
                     continue;
                 }
             }
+            let Some(job) = self.dispatcher.submit_now(job) else {
+                continue;
+            };
             if !self.enqueue(job) {
                 return (received, work_received);
             }

@@ -1,11 +1,11 @@
 //! The dispatcher: the request queue, the health of every server and the
-//! balancing policy, behind one lock (`Shared`). Its thread takes queued
-//! jobs from connection threads and events from the monitor and the links.
-//! Two things are done by the other threads themselves under the lock, so
-//! that a request needs no hand-off to the dispatcher thread: a connection
-//! thread whose client has nothing else outstanding takes a server now
-//! (`Dispatcher::take_now`) and forwards the request itself, and a link
-//! reports a finished job (`Event::Done`).
+//! balancing policy, behind one lock (`Shared`). Its thread takes the jobs
+//! that must wait their turn, and events from the monitor and the links.
+//! The hot path needs no hand-off to it: under the lock, a connection
+//! thread hands a job straight to a server's link (`submit_now`) or, when
+//! its client has nothing else outstanding, takes a server and forwards
+//! the job itself (`take_now`); a link counts off a finished job
+//! (`Event::Done`) the same way.
 //!
 //! A job stays in the queue until a server can take it: one that is up and
 //! has fewer than `--max-in-flight` requests on the wire. Waiting for a
@@ -531,6 +531,17 @@ impl Dispatcher {
             Some(id) => self.send(id, job),
             None => Some(job),
         }
+    }
+
+    /// For a connection thread: hands the job to a server's link now, when
+    /// it need not wait its turn. Gives it back when it must (others are
+    /// queued, no server can take it, shutting down): it goes to the
+    /// dispatcher thread's queue then.
+    pub fn submit_now(&mut self, job: Job) -> Option<Job> {
+        if self.drain_deadline.is_some() || !self.waiting.is_empty() {
+            return Some(job);
+        }
+        self.try_dispatch(job)
     }
 
     /// For a connection thread that forwards its client's request itself:

@@ -20,7 +20,7 @@
 use super::dispatch::{Job, Work};
 use crate::error::Error;
 use crate::proto::{ErrorCode, TransferView};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use rusqlite::{params, Connection, OpenFlags, Row};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,10 @@ const MAX_BATCH: usize = 1000;
 /// enough to make transactions few under load, short enough that a crash
 /// loses little.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// While gathering, the writer takes what has arrived, then sleeps this
+/// long, rather than waking for every event (thousands a second under
+/// load); a flush waits at most this long to be seen.
+const GATHER_PAUSE: Duration = Duration::from_millis(5);
 /// `PRAGMA user_version` of the schema below.
 pub const SCHEMA_VERSION: i64 = 2;
 /// Records one query returns when it asks for no limit.
@@ -609,14 +613,22 @@ fn write_loop(mut conn: Connection, messages: &Receiver<Msg>, shared: &Shared) -
         let mut batch = vec![first];
         let mut disconnected = false;
         while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Msg::Flush(_))) {
-            match messages.recv_deadline(deadline) {
-                Ok(msg) => batch.push(msg),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
+            match messages.try_recv() {
+                Ok(msg) => {
+                    batch.push(msg);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => {
                     disconnected = true;
                     break;
                 }
+                Err(TryRecvError::Empty) => {}
             }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::sleep(GATHER_PAUSE.min(deadline - now));
         }
         written.events += commit(&mut conn, batch, shared);
         written.transactions += 1;

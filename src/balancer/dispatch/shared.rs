@@ -1,9 +1,9 @@
 //! The dispatcher behind its lock, and the loop of its thread.
 //!
 //! The thread waits on its channels without the lock and takes it for each
-//! message. Other threads take it for `take_now` and finished jobs; when a
-//! call of theirs brings the dispatcher's next timer forward (it cannot
-//! today, but a change to `Done` could), they wake the thread with
+//! message. Other threads take it for `submit_now`, `take_now` and finished
+//! jobs; when a call of theirs brings the dispatcher's next timer forward
+//! (a link found stopped may start an outage), they wake the thread with
 //! `Event::Wake` so that it sleeps on the new one.
 
 use super::{Dispatcher, Event, Job, MAX_WAITING};
@@ -39,6 +39,15 @@ impl Shared {
             (Some(b), Some(a)) => a < b,
         };
         (result, sooner)
+    }
+
+    /// See `Dispatcher::submit_now`.
+    pub fn submit_now(&self, job: Job) -> Option<Job> {
+        let (left, sooner) = self.with(|d| d.submit_now(job));
+        if sooner {
+            let _ = self.events.send(Event::Wake);
+        }
+        left
     }
 
     /// See `Dispatcher::take_now`.
