@@ -17,6 +17,8 @@
 //! (`users` table, see `users`). Schema 2 added the users and the user who
 //! sent each transfer; a file of schema 1 is brought up to 2 when opened.
 
+mod rows;
+
 use super::dispatch::{Job, Work};
 use crate::error::Error;
 use crate::proto::{ErrorCode, TransferView};
@@ -659,10 +661,13 @@ fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
     let mut changed = Vec::new();
     let result = (|| -> Result<(), rusqlite::Error> {
         let tx = conn.transaction()?;
+        let mut new_rows = rows::NewRows::default();
         for msg in batch {
             match msg {
                 Msg::Event { at_ms, event } => {
-                    apply(&tx, at_ms, &event)?;
+                    if let Some(event) = new_rows.absorb(at_ms, event) {
+                        apply(&tx, at_ms, &event)?;
+                    }
                     events += 1;
                 }
                 Msg::Flush(done) => flushed.push(done),
@@ -676,6 +681,7 @@ fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
                 }
             }
         }
+        new_rows.insert(&tx)?;
         tx.commit()
     })();
     let outcome = match result {
@@ -890,6 +896,56 @@ mod tests {
 
     fn numbers(records: &[TransferRecord]) -> Vec<u64> {
         records.iter().map(|r| r.number).collect()
+    }
+
+    /// Every kind of event, for transfers that end in each state.
+    fn lives() -> Vec<(u64, TrackEvent)> {
+        let retried = |number| TrackEvent::Retried {
+            number,
+            server: "s0".into(),
+            reason: "storage: disk full".into(),
+        };
+        let failed = |number| TrackEvent::Failed {
+            number,
+            code: ErrorCode::NoServer,
+            reason: "every server is down".into(),
+        };
+        vec![
+            (1_000, received(1, "stored after a retry")),
+            (1_005, sent(1, "s0")),
+            (1_010, retried(1)),
+            (1_011, sent(1, "s1")),
+            (1_030, stored(1, "s1")),
+            (1_040, failed(1)),
+            (2_000, received(2, "failed")),
+            (2_001, sent(2, "s1")),
+            (2_500, failed(2)),
+            (2_600, sent(2, "s2")),
+            (3_000, received(3, "on its way")),
+            (3_001, sent(3, "s0")),
+            (3_002, received(3, "received twice")),
+            (3_100, received(4, "retried")),
+            (3_101, sent(4, "s2")),
+            (3_102, retried(4)),
+            (3_200, stored(99, "s0")),
+        ]
+    }
+
+    #[test]
+    fn a_transfer_reads_the_same_whether_its_events_share_a_batch_or_not() {
+        let (_d1, _p1, together, _w1) = open_temp();
+        let (_d2, _p2, apart, _w2) = open_temp();
+        for (at, event) in lives() {
+            together.record_at(at, event);
+        }
+        for (at, event) in lives() {
+            apart.record_at(at, event);
+            apart.flush();
+        }
+        let all = TransferFilter::default();
+        let records = together.query(&all).unwrap();
+        assert_eq!(numbers(&records), [4, 3, 2, 1]);
+        assert_eq!(records, apart.query(&all).unwrap());
     }
 
     #[test]
