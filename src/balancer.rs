@@ -13,6 +13,7 @@
 //! `Stopper` begins a drained shutdown, `join` waits for every thread.
 
 pub mod backend;
+pub mod client_out;
 pub mod conn;
 pub mod dispatch;
 pub mod flow;

@@ -393,6 +393,22 @@ impl Stream {
         &self.0.tcp
     }
 
+    /// Sends what the socket takes now, without waiting: how many bytes of
+    /// `bytes` went (0 when its buffer is full). `None` on a TLS stream,
+    /// whose records cannot be cut short.
+    pub fn send_now(&self, bytes: &[u8]) -> Option<io::Result<usize>> {
+        if self.is_tls() {
+            return None;
+        }
+        let socket = socket2::SockRef::from(&self.0.tcp);
+        Some(
+            match socket.send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                other => other,
+            },
+        )
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         self.0.tls.get().is_some()

@@ -4,7 +4,7 @@
 mod util;
 
 use lbft::proto::Reply;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 use util::*;
 
@@ -124,4 +124,62 @@ fn a_server_cuts_off_a_trickling_frame_too() {
         other => panic!("expected a timeout error, got {other:?}"),
     }
     assert!(slow.is_closed());
+}
+
+#[test]
+fn a_client_that_does_not_read_its_replies_holds_up_no_one() {
+    // One server with one request on the wire at a time: a link that
+    // waited on a client's full socket would stop everyone.
+    let cluster = Cluster::start(1, &[], &["--max-in-flight", "1"]);
+    let addr = cluster.balancer.addr;
+    // Small buffers: its replies back up soon, and its requests are sent
+    // only as fast as the balancer reads them.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stalled: std::net::TcpStream = socket.into();
+    stalled.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    // Replies past what the balancer's socket may buffer (4 MiB here).
+    const SENT: u64 = 50_000;
+    let mut requests = Vec::new();
+    for id in 1..=SENT {
+        let calc = serde_json::json!({"type": "calc", "id": id, "operazione": "somma"});
+        lbft::proto::write_frame(&mut requests, calc.to_string().as_bytes()).unwrap();
+    }
+    let mut writer = stalled.try_clone().unwrap();
+    let (sent_tx, sent_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || sent_tx.send(writer.write_all(&requests).is_ok()));
+
+    // Its requests are all read and answered, far more replies than its
+    // socket takes piling up unread (a balancer that waited for it would
+    // stop reading it, and the write would not end)...
+    let sent = sent_rx.recv_timeout(Duration::from_secs(60));
+    assert_eq!(sent, Ok(true), "the balancer stopped reading the requests");
+    // ... and others are served.
+    let mut honest = Raw::connect(addr);
+    for id in 1..=20 {
+        honest.store(
+            id,
+            &format!("honest {id}"),
+            "served while another does not read",
+        );
+        assert!(matches!(honest.reply(), Reply::Stored(_)));
+    }
+
+    // Every reply reaches it whole once it reads, none lost or cut.
+    let mut ids = std::collections::BTreeSet::new();
+    while (ids.len() as u64) < SENT {
+        let payload = lbft::proto::read_frame(&mut stalled, lbft::proto::DEFAULT_MAX_FRAME)
+            .unwrap()
+            .expect("a reply for every request");
+        match lbft::proto::decode::<Reply>(&payload).unwrap() {
+            Reply::Calc(c) => assert!(ids.insert(c.id), "reply {} twice", c.id),
+            other => panic!("expected a result, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        ids.into_iter().collect::<Vec<_>>(),
+        (1..=SENT).collect::<Vec<_>>()
+    );
 }

@@ -12,26 +12,26 @@
 //! is shutting down it then sends one last `shutting_down` error without an
 //! id: every request the client sent after the ones answered was not read.
 
+use super::client_out::{ClientOut, ClientWriter};
 use super::dispatch::{Change, Event, Job, Shared, Work};
 use super::flow::{Budget, Hold, Window};
 use super::limits::Limit;
 use super::link::Pool;
-use super::relay::{ClientWriter, FileSettings, Next};
+use super::relay::{FileSettings, Next};
 use super::session::{Access, Session, Verdict};
 use super::stats::Stats;
 use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, Chunk, Deadline, ErrorCode, FrameError, FrameReader, FrameWriter, Reply, Request,
-    ServerList, TransferList,
+    self, Chunk, Deadline, ErrorCode, FrameError, FrameReader, Reply, Request, ServerList,
+    TransferList,
 };
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use std::cell::Cell;
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -128,10 +128,10 @@ impl Conn {
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let stop = self.stop.clone();
         let name = format!("{}-w", std::thread::current().name().unwrap_or("conn"));
-        let out: ClientWriter = Arc::new(Mutex::new(FrameWriter::new(stream)));
+        let (out, nudges) = ClientOut::new(stream);
         let writer_out = out.clone();
         let writer = net::spawn_named(name, Some(256 * 1024), move || {
-            write_replies(&writer_out, peer, reply_rx, stop)
+            write_replies(&writer_out, peer, reply_rx, nudges, stop)
         });
         let writer = match writer {
             Ok(w) => w,
@@ -140,10 +140,10 @@ impl Conn {
                 return;
             }
         };
-        let written_here = Cell::new(0);
-        let (received, work) = self.read_requests(read_half, &reply_tx, &out, &written_here);
+        let (received, work) = self.read_requests(read_half, &reply_tx, &out);
         drop(reply_tx);
-        let sent = writer.join().unwrap_or(0) + written_here.get();
+        let _ = writer.join();
+        let sent = net::lock(&out).written;
         net::close_gracefully(&closing);
         let level = if work > 0 {
             log::Level::Info
@@ -168,7 +168,6 @@ impl Conn {
         stream: net::Stream,
         replies: &Sender<Reply>,
         out: &ClientWriter,
-        written_here: &Cell<u64>,
     ) -> (u64, u64) {
         let peer = self.peer;
         let local = stream.tcp().local_addr().unwrap_or(peer);
@@ -402,12 +401,11 @@ impl Conn {
             };
             let mut job = Job::new(id, work, peer, replies.clone(), hold);
             job.user = session.user_name();
+            job.out = Some(out.clone());
             self.stats.received.fetch_add(1, Relaxed);
             if alone {
                 if let Some(pool) = self.dispatcher.take_now(&mut job) {
-                    if self.forward(job, &pool, out) {
-                        written_here.set(written_here.get() + 1);
-                    }
+                    self.forward(job, &pool, out);
                     continue;
                 }
             }
@@ -503,19 +501,20 @@ impl Conn {
     }
 
     /// Forwards a request the dispatcher let this thread take, and writes
-    /// the reply to the client itself. A job that must be retried goes back
-    /// to the dispatcher, and its reply then comes by the writer thread.
-    /// True when this thread wrote the reply.
-    fn forward(&self, job: Job, pool: &Pool, out: &ClientWriter) -> bool {
-        let peer = self.peer;
-        let mut written = false;
-        let mut answer = |_: &Job, reply: Reply| match net::lock(out).message(&reply) {
-            Ok(()) => written = true,
-            Err(e) => log::debug!("connection from {peer}: cannot send reply: {e}"),
-        };
-        let event = pool.carry_out(job, &self.stats, self.tracker.as_ref(), &mut answer);
+    /// the reply to the client itself, once the request is counted off: a
+    /// client slow to read holds no place on the server. A job that must be
+    /// retried goes back to the dispatcher, and its reply comes another way.
+    fn forward(&self, job: Job, pool: &Pool, out: &ClientWriter) {
+        let mut answer = None;
+        let event = pool.carry_out(job, &self.stats, self.tracker.as_ref(), &mut |_, reply| {
+            answer = Some(reply)
+        });
         self.dispatcher.report(event);
-        written
+        if let Some(reply) = answer {
+            if let Err(e) = net::lock(out).message(&reply) {
+                log::debug!("connection from {}: cannot send reply: {e}", self.peer);
+            }
+        }
     }
 
     /// Puts a request on the queue. False when the balancer is shutting down.
@@ -600,36 +599,55 @@ fn balancer_types_only(message: &str) -> String {
     }
 }
 
+/// The connection's writer thread: sends the replies that come by channel,
+/// and the ends of frames a link could not finish (see `client_out`).
 fn write_replies(
     out: &ClientWriter,
     peer: SocketAddr,
     replies: Receiver<Reply>,
+    nudges: Receiver<()>,
     stop: Receiver<()>,
-) -> u64 {
-    let mut sent = 0;
+) {
     let mut broken = false;
+    let fail = |e: std::io::Error| {
+        log::warn!("connection from {peer}: cannot send reply: {e}");
+        true
+    };
     // Keep draining after a write error so that the channel empties and the
     // jobs of this connection are not held up.
-    for reply in replies {
-        if broken {
-            continue;
-        }
-        match net::lock(out).message(&reply) {
-            Ok(()) => sent += 1,
-            Err(e) => {
-                log::warn!("connection from {peer}: cannot send reply: {e}");
-                broken = true;
+    loop {
+        select! {
+            recv(replies) -> reply => match reply {
+                Ok(_) if broken => {}
+                Ok(reply) => {
+                    if let Err(e) = net::lock(out).message(&reply) {
+                        broken = fail(e);
+                    }
+                }
+                Err(_) => break,
+            },
+            recv(nudges) -> _ => {
+                if let Err(e) = net::lock(out).finish_unsent() {
+                    broken = broken || fail(e);
+                }
             }
         }
     }
-    if !broken && matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+    if broken {
+        return;
+    }
+    let mut out = net::lock(out);
+    if let Err(e) = out.finish_unsent() {
+        fail(e);
+        return;
+    }
+    if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
         let last = Reply::error(
             None,
             ErrorCode::ShuttingDown,
             "the balancer is shutting down: every request answered above was handled; \
              any request sent after them was not read",
         );
-        let _ = net::lock(out).message(&last);
+        let _ = out.message(&last);
     }
-    sent
 }

@@ -131,6 +131,9 @@ pub struct Job {
     pub hold: Hold,
     /// The user who sent it (with `--users`), recorded with the transfer.
     pub user: Option<Arc<str>>,
+    /// The client's connection, when a link may write the reply to it
+    /// straight away (framed clients); else the reply goes by `reply`.
+    pub out: Option<super::client_out::ClientWriter>,
 }
 
 impl Job {
@@ -149,6 +152,7 @@ impl Job {
             queued_at: now,
             hold,
             user: None,
+            out: None,
         }
     }
 

@@ -230,6 +230,13 @@ pub fn spawn(
         let name = format!("link{}-{slot}", server.0);
         threads.push(net::spawn_named(name, Some(WORKER_STACK), move || {
             let mut answer = |job: &Job, reply| {
+                // Straight to the client when that needs no waiting, else
+                // by its connection's writer thread.
+                if let Some(Ok(mut out)) = job.out.as_ref().map(|o| o.try_lock()) {
+                    if out.try_message(&reply) {
+                        return;
+                    }
+                }
                 // The client may have gone; its reply has nowhere to go then.
                 let _ = job.reply.send(reply);
             };

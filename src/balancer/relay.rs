@@ -6,6 +6,7 @@
 //! it, so a large file never holds up the links that carry documents. The
 //! balancer holds one chunk at a time per transfer.
 
+use super::client_out::ClientWriter;
 use super::conn::Conn;
 use super::dispatch::{Event, Picked};
 use super::flow::Reservation;
@@ -14,13 +15,12 @@ use crate::auth::ClusterKey;
 use crate::net;
 use crate::proto::file::{read_body_into, valid_upload_id};
 use crate::proto::{
-    Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, FrameWriter,
-    Redirect, Reply, Request, Ticket, TransferEvent, UploadRequest,
+    Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, Redirect, Reply,
+    Request, Ticket, TransferEvent, UploadRequest,
 };
 use crossbeam_channel::Sender;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How clients reach servers for file uploads.
@@ -48,10 +48,6 @@ pub struct FileSettings {
     /// Where servers report redirected uploads (this balancer's address).
     pub advertise: Option<SocketAddr>,
 }
-
-/// Where the writer thread and a download relay both write to the client,
-/// one whole frame (or message and body) at a time.
-pub type ClientWriter = Arc<Mutex<FrameWriter<net::Stream>>>;
 
 /// How a conversation ended for the client connection.
 pub enum Next {

@@ -113,7 +113,9 @@ impl NewRows {
         )?;
         for row in self.rows {
             let servers = serde_json::to_string(&row.servers).unwrap_or_else(|_| "[]".into());
-            let duration = row.ended_ms.map(|e| e.saturating_sub(row.started_ms) as i64);
+            let duration = row
+                .ended_ms
+                .map(|e| e.saturating_sub(row.started_ms) as i64);
             stmt.execute(params![
                 row.number as i64,
                 row.client,
