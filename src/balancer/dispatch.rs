@@ -1,11 +1,12 @@
 //! The dispatcher: the request queue, the health of every server and the
-//! balancing policy, behind one lock (`Shared`). Its thread takes the jobs
-//! that must wait their turn, and events from the monitor and the links.
-//! The hot path needs no hand-off to it: under the lock, a connection
-//! thread hands a job straight to a server's link (`submit_now`) or, when
-//! its client has nothing else outstanding, takes a server and forwards
-//! the job itself (`take_now`); a link counts off a finished job
-//! (`Event::Done`) the same way.
+//! balancing policy, behind one lock (`Shared`). Its thread handles the
+//! monitor's probes, membership, file transfers' picks, retries and the
+//! queue's timers. The path of a request needs no hand-off to it: under the
+//! lock, a connection thread submits the job itself (`submit_now`: to a
+//! link, or into the queue) or, when its client has nothing else
+//! outstanding, takes a server and forwards the job itself (`take_now`); a
+//! link counts off a finished job (`Event::Done`) the same way, and hands
+//! the next queued job to a link.
 //!
 //! A job stays in the queue until a server can take it: one that is up and
 //! has fewer than `--max-in-flight` requests on the wire. Waiting for a
@@ -537,15 +538,16 @@ impl Dispatcher {
         }
     }
 
-    /// For a connection thread: hands the job to a server's link now, when
-    /// it need not wait its turn. Gives it back when it must (others are
-    /// queued, no server can take it, shutting down): it goes to the
-    /// dispatcher thread's queue then.
+    /// For a connection thread: submits the job under the lock, without
+    /// waking the dispatcher thread (to a link now, or into the queue). Gives
+    /// it back while shutting down or with the queue full: the dispatcher
+    /// thread takes it then, when it can.
     pub fn submit_now(&mut self, job: Job) -> Option<Job> {
-        if self.drain_deadline.is_some() || !self.waiting.is_empty() {
+        if self.drain_deadline.is_some() || self.waiting.len() >= MAX_WAITING {
             return Some(job);
         }
-        self.try_dispatch(job)
+        self.submit(job);
+        None
     }
 
     /// For a connection thread that forwards its client's request itself:
