@@ -176,6 +176,20 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     status_field(pid, "VmRSS:").map(|kib| kib as f64 / 1024.0)
 }
 
+/// CPU time a process has used so far (user and system), in seconds.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are the 12th and 13th of them.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
 pub fn threads(pid: u32) -> Option<u64> {
     status_field(pid, "Threads:")
 }

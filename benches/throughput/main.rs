@@ -46,7 +46,7 @@ mod report;
 
 use common::clients::{self, empty_folders, json_files, one_at_a_time, pipelined, warm_up};
 use common::haproxy;
-use common::process::{Child, PeakRss};
+use common::process::{cpu_secs, Child, PeakRss};
 use common::{median, percentile_ms};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -235,17 +235,21 @@ pub struct Measured {
     pub p99_ms: f64,
     /// Peak resident memory of the balancer or HAProxy, in MiB.
     pub peak_mib: Option<f64>,
+    /// CPU time the balancer or HAProxy used per document, in µs.
+    pub cpu_us_per_doc: Option<f64>,
 }
 
 impl Measured {
     /// Medians of the runs; the memory is the largest peak of any run.
     fn summary(runs: &[Measured]) -> Measured {
         let peaks: Vec<f64> = runs.iter().filter_map(|m| m.peak_mib).collect();
+        let cpu: Vec<f64> = runs.iter().filter_map(|m| m.cpu_us_per_doc).collect();
         Measured {
             docs_per_sec: median(runs.iter().map(|m| m.docs_per_sec).collect()),
             p50_ms: median(runs.iter().map(|m| m.p50_ms).collect()),
             p99_ms: median(runs.iter().map(|m| m.p99_ms).collect()),
             peak_mib: peaks.into_iter().reduce(f64::max),
+            cpu_us_per_doc: (!cpu.is_empty()).then(|| median(cpu)),
         }
     }
 }
@@ -296,6 +300,7 @@ fn run_once(
         })
         .collect();
     let memory = watched.map(PeakRss::start);
+    let cpu_before = watched.and_then(cpu_secs);
     start.wait();
     let began = Instant::now();
     let mut latencies = Vec::with_capacity(docs);
@@ -309,6 +314,10 @@ fn run_once(
     }
     let secs = began.elapsed().as_secs_f64();
     let peak_mib = memory.map(PeakRss::finish);
+    let cpu_us_per_doc = match (watched.and_then(cpu_secs), cpu_before) {
+        (Some(after), Some(before)) => Some((after - before) * 1e6 / docs as f64),
+        _ => None,
+    };
     assert!(errors.is_empty(), "{tag}: {}", errors.join("; "));
     assert_eq!(
         latencies.len(),
@@ -326,6 +335,7 @@ fn run_once(
         p50_ms: percentile_ms(&latencies, 50),
         p99_ms: percentile_ms(&latencies, 99),
         peak_mib,
+        cpu_us_per_doc,
     }
 }
 
@@ -360,8 +370,12 @@ fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
                         .peak_mib
                         .map(|p| format!(", peak RSS {p:.1} MiB"))
                         .unwrap_or_default();
+                    let cpu = m
+                        .cpu_us_per_doc
+                        .map(|c| format!(", CPU {c:.0} µs/doc"))
+                        .unwrap_or_default();
                     println!(
-                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}",
+                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}{cpu}",
                         m.docs_per_sec, m.p50_ms, m.p99_ms
                     );
                     runs[i].push(m);

@@ -109,17 +109,19 @@ impl Report<'_> {
             out,
             "\n## Storing 1 KiB documents\n\n\
              Median of {} runs; peak RSS is the largest resident memory of the balancer or \
-             HAProxy sampled every 50 ms during the scenario's runs. Direct: client i talks to \
-             server i mod 3; HAProxy pins each connection to one server, round robin.\n",
+             HAProxy sampled every 50 ms during the scenario's runs; CPU is the time the balancer \
+             or HAProxy ran (user and system, from /proc) per document. Each run starts with \
+             another path. Direct: client i talks to server i mod 3; HAProxy pins each \
+             connection to one server, round robin.\n",
             self.options.runs
         );
         let _ = writeln!(
             out,
-            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB |"
+            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB | CPU µs/doc |"
         );
         let _ = writeln!(
             out,
-            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for row in &self.rows {
             let direct = self.find(row.clients, row.mode, Route::Direct);
@@ -135,7 +137,7 @@ impl Report<'_> {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
                 row.clients,
                 mode_name(row.mode, self.options.depth),
                 row.route.name(),
@@ -145,6 +147,9 @@ impl Report<'_> {
                 vs(direct),
                 vs_haproxy,
                 row.m.peak_mib.map_or(String::new(), |p| format!("{p:.1}")),
+                row.m
+                    .cpu_us_per_doc
+                    .map_or(String::new(), |c| format!("{c:.0}")),
             );
         }
     }
