@@ -53,7 +53,8 @@ pub struct ConnSettings {
 /// What a connection thread works with.
 pub struct Conn {
     pub peer: SocketAddr,
-    /// Requests that wait their turn (or go to a link's workers) go here.
+    /// Requests the dispatcher's own thread takes (while the balancer shuts
+    /// down or the queue is full, and those of original-format clients).
     pub jobs: Sender<Job>,
     /// The dispatcher, for a request forwarded by this thread itself.
     pub dispatcher: Arc<Shared>,
