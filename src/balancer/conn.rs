@@ -54,7 +54,7 @@ pub struct ConnSettings {
 pub struct Conn {
     pub peer: SocketAddr,
     /// Requests the dispatcher's own thread takes (while the balancer shuts
-    /// down or the queue is full, and those of original-format clients).
+    /// down, or with the queue full).
     pub jobs: Sender<Job>,
     /// The dispatcher, for a request forwarded by this thread itself.
     pub dispatcher: Arc<Shared>,
@@ -561,6 +561,9 @@ impl Conn {
                     let work = Work::store(&doc);
                     let job = Job::new(index as u64 + 1, work, peer, discard.clone(), hold);
                     self.stats.received.fetch_add(1, Relaxed);
+                    let Some(job) = self.dispatcher.submit_now(job) else {
+                        continue;
+                    };
                     if !self.enqueue(job) {
                         break;
                     }
