@@ -1097,6 +1097,23 @@ mod tests {
     }
 
     #[test]
+    fn a_job_queued_by_another_thread_in_an_outage_wakes_the_dispatcher_for_its_timeout() {
+        let (d, links) = setup(1, settings());
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let shared = Shared::new(d, events_tx);
+        // No server up: the job waits, and the dispatcher thread must now
+        // sleep only until its --queue-timeout.
+        let (first, _rx) = job(1);
+        assert!(shared.submit_now(first).is_none());
+        assert!(matches!(events.try_recv(), Ok(Event::Wake)));
+        // A second one expires later: no earlier timer, no wake.
+        let (second, _rx2) = job(2);
+        assert!(shared.submit_now(second).is_none());
+        assert!(events.try_recv().is_err());
+        assert!(links[0].jobs.is_empty());
+    }
+
+    #[test]
     fn queue_timeout_runs_only_while_no_server_can_take_work() {
         let (mut d, _links) = setup(2, settings());
         all_up(&mut d, 2);
