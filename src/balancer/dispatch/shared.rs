@@ -41,22 +41,21 @@ impl Shared {
         (result, sooner)
     }
 
+    /// `with` for threads other than the dispatcher's: wakes it when its
+    /// next timer came forward. False when it needed waking and is gone.
+    fn call<R>(&self, f: impl FnOnce(&mut Dispatcher) -> R) -> (R, bool) {
+        let (result, sooner) = self.with(f);
+        (result, !sooner || self.events.send(Event::Wake).is_ok())
+    }
+
     /// See `Dispatcher::submit_now`.
     pub fn submit_now(&self, job: Job) -> Option<Job> {
-        let (left, sooner) = self.with(|d| d.submit_now(job));
-        if sooner {
-            let _ = self.events.send(Event::Wake);
-        }
-        left
+        self.call(|d| d.submit_now(job)).0
     }
 
     /// See `Dispatcher::take_now`.
     pub fn take_now(&self, job: &mut Job) -> Option<Arc<Pool>> {
-        let (taken, sooner) = self.with(|d| d.take_now(job));
-        if sooner {
-            let _ = self.events.send(Event::Wake);
-        }
-        taken
+        self.call(|d| d.take_now(job)).0
     }
 
     /// Tells the dispatcher how a job ended: a job done is counted off here
@@ -66,8 +65,7 @@ impl Shared {
         if !matches!(event, Event::Done { .. }) {
             return self.events.send(event).is_ok();
         }
-        let ((), sooner) = self.with(|d| d.on_event(event));
-        !sooner || self.events.send(Event::Wake).is_ok()
+        self.call(|d| d.on_event(event)).1
     }
 
     /// Runs the dispatcher thread until shut down (`stop` disconnected, or
