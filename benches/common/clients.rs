@@ -6,6 +6,7 @@ use lbft::client::{self, Fate};
 use lbft::proto::{self, Connection, Document, Reply, Request, StoreRequest};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -137,13 +138,27 @@ pub fn json_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Removes every stored document, so that runs start alike (a folder of
-/// thousands of files is slower to add to) and the disk used stays bounded.
+/// Moves every stored document out of the server folders, so that runs
+/// start alike (a folder of thousands of files is slower to add to).
+///
+/// The files are moved, not removed, until the benchmark's temporary folder
+/// goes at the end: on ext4 without a journal (common on virtual machines),
+/// a new file never takes the inode of one removed in the last minute or
+/// more, and each file a server creates would then walk past every inode
+/// freed since. Removing the documents of one run made the servers of the
+/// next several times slower.
 pub fn empty_folders(dirs: &[PathBuf]) {
+    static BATCH: AtomicUsize = AtomicUsize::new(0);
+    let batch = BATCH.fetch_add(1, Ordering::Relaxed);
     for dir in dirs {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let aside = dir.with_file_name(format!("{name}.moved-{batch}"));
+        std::fs::create_dir_all(&aside)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", aside.display()));
         for file in json_files(dir) {
-            std::fs::remove_file(&file)
-                .unwrap_or_else(|e| panic!("cannot remove {}: {e}", file.display()));
+            let to = aside.join(file.file_name().unwrap_or_default());
+            std::fs::rename(&file, &to)
+                .unwrap_or_else(|e| panic!("cannot move {}: {e}", file.display()));
         }
     }
 }

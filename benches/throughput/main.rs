@@ -14,16 +14,24 @@
 //! stores documents of 1 KiB; every reply must be `stored` and every
 //! document a new file on disk. A scenario runs `--runs` times, the paths
 //! interleaved so that drift of the machine hits them alike, each run
-//! starting with the next path (the very first scenario, on empty server
-//! folders, is faster than the rest); the table shows
-//! the median of each column, and the peak resident memory of the balancer
-//! or HAProxy seen during the scenario's runs. Servers fsync each document,
-//! so the disk bounds the numbers.
+//! starting with the next path; the table shows the median of each column,
+//! and the peak resident memory of the balancer or HAProxy seen during the
+//! scenario's runs. Servers fsync each document, so the disk bounds the
+//! numbers.
+//!
+//! Between runs the stored files are moved aside, not removed (see
+//! `empty_folders`): on ext4 without a journal, files created within a
+//! minute or more of many removals are several times slower to create,
+//! which once made the servers, not the paths, the measure. For the same
+//! reason a run started right after another one (whose temporary folder
+//! was just removed) is slower throughout; give `TMPDIR` a folder of its
+//! own, or wait a few minutes.
 //!
 //! ```text
 //! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D
 //!     --idle N --kill-docs N --bulk-mib N --only table|bulk|idle|kill
-//!     --clients 1,8,64 --write BENCHMARKS.md --quick]
+//!     --clients 1,8,64 --paths balancer,direct,haproxy --write BENCHMARKS.md
+//!     --quick]
 //! ```
 //!
 //! `--docs` is the count of a 64-client scenario (default 19200); fewer
@@ -32,7 +40,7 @@
 //! count of idle connections (10000), `--kill-docs` the documents of the
 //! kill run (10000), `--bulk-mib` the size of the file streamed through
 //! each path (1024). `--clients` runs the table for some client counts
-//! only. `--write` also writes the report, with the machine and
+//! only, `--paths` for some paths only (to profile one). `--write` also writes the report, with the machine and
 //! versions, to a file. `--quick` is a smoke run: 640 documents, a 256 MiB
 //! file, 2000 idle connections, 3000 documents in the kill run, one run of
 //! each.
@@ -74,6 +82,9 @@ pub struct Options {
     only: Option<String>,
     /// Client counts of the table (default: all of `CLIENT_COUNTS`).
     clients: Vec<usize>,
+    /// Paths of the table (default: all), by `Route::name`; fewer paths
+    /// make a run short enough to profile one of them.
+    paths: Vec<String>,
     write: Option<PathBuf>,
     /// Extra arguments for the balancer of the table (e.g. --no-state).
     balancer_args: Vec<String>,
@@ -104,6 +115,7 @@ fn parse_args() -> Result<Options, String> {
         bulk_mib: 1024,
         only: None,
         clients: CLIENT_COUNTS.to_vec(),
+        paths: ROUTES.iter().map(|r| r.name().to_string()).collect(),
         write: None,
         balancer_args: Vec::new(),
     };
@@ -141,6 +153,22 @@ fn parse_args() -> Result<Options, String> {
                     .map(|c| c.trim().parse().ok().filter(|c| CLIENT_COUNTS.contains(c)))
                     .collect::<Option<Vec<usize>>>()
                     .ok_or(format!("--clients {value}: not a list of 1, 8 and 64"))?;
+                continue;
+            }
+            "--paths" => {
+                let value = args
+                    .next()
+                    .ok_or("--paths needs a list such as balancer,direct")?;
+                let names: Vec<String> = value.split(',').map(str::to_string).collect();
+                if let Some(bad) = names
+                    .iter()
+                    .find(|n| !ROUTES.iter().any(|r| r.name() == n.as_str()))
+                {
+                    return Err(format!(
+                        "--paths {value}: {bad} is not balancer, direct or haproxy"
+                    ));
+                }
+                options.paths = names;
                 continue;
             }
             "--balancer-arg" => {
@@ -188,6 +216,8 @@ pub enum Route {
     Direct,
     HaProxy,
 }
+
+const ROUTES: [Route; 3] = [Route::Balancer, Route::Direct, Route::HaProxy];
 
 impl Route {
     pub fn name(self) -> &'static str {
@@ -348,9 +378,9 @@ pub fn mode_name(mode: Mode, depth: usize) -> String {
 
 /// Every client count, mode and path, `--runs` times each.
 fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
-    // The first scenario after the servers start runs far faster than any
-    // later one, whatever its path (fresh processes, disk write-back not
-    // yet under way): one is run first and not counted.
+    // The first scenario after the servers start warms them up (thread
+    // stacks, caches, the folder's first blocks): it is run first and not
+    // counted.
     let clients = options.clients.iter().copied().max().unwrap_or(1);
     run_once(
         cluster,
@@ -363,12 +393,16 @@ fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
     let mut rows = Vec::new();
     for &clients in &options.clients {
         for mode in [Mode::OneAtATime, Mode::Pipelined] {
-            let routes = cluster.routes();
+            let routes: Vec<Route> = cluster
+                .routes()
+                .into_iter()
+                .filter(|r| options.paths.iter().any(|p| p == r.name()))
+                .collect();
             let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); routes.len()];
             for run in 1..=options.runs {
-                // Each run starts with another path: a server folder emptied
-                // of thousands of files is slower to add to than a fresh
-                // one, and the first path of the first run would gain.
+                // Each run starts with another path, so that whatever
+                // changes within a scenario (a folder that keeps growing,
+                // write-back of the last run) hits the paths alike.
                 let n = routes.len();
                 for i in (0..n).map(|k| (k + run - 1) % n) {
                     let route = routes[i];

@@ -110,9 +110,10 @@ impl Report<'_> {
             "\n## Storing 1 KiB documents\n\n\
              Median of {} runs; peak RSS is the largest resident memory of the balancer or \
              HAProxy sampled every 50 ms during the scenario's runs; CPU is the time the balancer \
-             or HAProxy ran (user and system, from /proc) per document. A settling scenario runs first, not \
-             counted (the first one after start is faster than any later one, whatever its \
-             path), and each run starts with another path. Direct: client i talks to server i mod 3; HAProxy pins each \
+             or HAProxy ran (user and system, from /proc) per document. A warm-up scenario runs first, not \
+             counted, and each run starts with another path. Between runs the stored files are \
+             moved aside, not removed: on ext4 without a journal, creating files right after \
+             many removals is several times slower. Direct: client i talks to server i mod 3; HAProxy pins each \
              connection to one server, round robin.\n",
             self.options.runs
         );
