@@ -11,8 +11,17 @@ use std::sync::{Arc, Condvar, Mutex};
 #[derive(Debug)]
 pub struct Budget {
     max: usize,
-    used: Mutex<usize>,
+    used: Mutex<Used>,
     freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Used {
+    bytes: usize,
+    /// Callers of `acquire` waiting for bytes to be given back: only then
+    /// does giving back notify (a notify is a system call even when no
+    /// one waits, and bytes are given back for every request).
+    waiting: usize,
 }
 
 /// Bytes taken from a `Budget`, given back when dropped.
@@ -26,7 +35,7 @@ impl Budget {
     pub fn new(max: usize) -> Arc<Budget> {
         Arc::new(Budget {
             max,
-            used: Mutex::new(0),
+            used: Mutex::new(Used::default()),
             freed: Condvar::new(),
         })
     }
@@ -36,10 +45,12 @@ impl Budget {
     /// still goes through, alone.
     pub fn acquire(self: &Arc<Self>, bytes: usize) -> Reservation {
         let mut used = crate::net::lock(&self.used);
-        while *used > 0 && *used + bytes > self.max {
+        while used.bytes > 0 && used.bytes + bytes > self.max {
+            used.waiting += 1;
             used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+            used.waiting -= 1;
         }
-        *used += bytes;
+        used.bytes += bytes;
         Reservation {
             budget: self.clone(),
             bytes,
@@ -49,10 +60,10 @@ impl Budget {
     /// Takes `bytes` if that needs no wait (see `acquire`).
     pub fn try_acquire(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
         let mut used = crate::net::lock(&self.used);
-        if *used > 0 && *used + bytes > self.max {
+        if used.bytes > 0 && used.bytes + bytes > self.max {
             return None;
         }
-        *used += bytes;
+        used.bytes += bytes;
         Some(Reservation {
             budget: self.clone(),
             bytes,
@@ -60,16 +71,19 @@ impl Budget {
     }
 
     pub fn used(&self) -> usize {
-        *crate::net::lock(&self.used)
+        crate::net::lock(&self.used).bytes
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut used = crate::net::lock(&self.budget.used);
-        *used -= self.bytes;
+        used.bytes -= self.bytes;
+        let wake = used.waiting > 0;
         drop(used);
-        self.budget.freed.notify_all();
+        if wake {
+            self.budget.freed.notify_all();
+        }
     }
 }
 
