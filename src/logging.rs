@@ -6,12 +6,14 @@ use log::{LevelFilter, Log, Metadata, Record};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 struct Tee {
-    /// The file's filter (always `info`) and the file, appended to.
-    file: Option<(env_logger::Logger, Mutex<File>)>,
+    /// The file's filter (always `info`) and the file, opened to append.
+    /// No lock: each line is one `write` on a file opened with `O_APPEND`,
+    /// which the kernel keeps whole against other writers (a lock here was
+    /// contended by every connection thread, one line per document).
+    file: Option<(env_logger::Logger, File)>,
     /// `RUST_LOG`'s filter for stderr.
     stderr: env_logger::Logger,
 }
@@ -32,7 +34,7 @@ impl Log for Tee {
         }
         let line = format(record);
         if let Some((_, file)) = to_file {
-            let _ = crate::net::lock(file).write_all(line.as_bytes());
+            let _ = (&*file).write_all(line.as_bytes());
         }
         if to_stderr {
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -41,7 +43,7 @@ impl Log for Tee {
 
     fn flush(&self) {
         if let Some((_, file)) = &self.file {
-            let _ = crate::net::lock(file).flush();
+            let _ = (&*file).flush();
         }
         let _ = std::io::stderr().flush();
     }
@@ -86,7 +88,7 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
                 })?;
             Some((
                 env_logger::Builder::new().parse_filters("info").build(),
-                Mutex::new(handle),
+                handle,
             ))
         }
         None => None,
