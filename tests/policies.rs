@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use util::*;
 
 const DOCUMENTS: u64 = 300;
-/// Requests the test keeps unanswered at once: a steady load, below the
-/// balancer's --max-in-flight so that round robin never has to skip the
-/// slow server for being full.
+/// Requests the test keeps unanswered at once: a steady load, below
+/// `MAX_IN_FLIGHT` so that round robin never has to skip the slow server
+/// for being full.
 const WINDOW: u64 = 24;
+const MAX_IN_FLIGHT: &str = "32";
 
 fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("loadbalancer.log")).unwrap_or_default()
@@ -68,7 +69,11 @@ fn slow_server_share(policy: &str) -> (u64, BTreeMap<String, u64>) {
         servers.push(start_server(&dir.path().join(format!("s{i}")), extra));
     }
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let _balancer = start_balancer(dir.path(), &addrs, &["--policy", policy]);
+    let _balancer = start_balancer(
+        dir.path(),
+        &addrs,
+        &["--policy", policy, "--max-in-flight", MAX_IN_FLIGHT],
+    );
     let balancer = _balancer.addr;
     // All up before the first document, so no server starts ahead.
     wait_for_log(dir.path(), " is up", 3);
