@@ -147,7 +147,7 @@ impl Default for Config {
             frame_timeout: Duration::from_secs(30),
             legacy_client_timeout: Duration::from_secs(3600),
             max_attempts: 3,
-            max_in_flight: 16,
+            max_in_flight: 32,
             max_frame: proto::DEFAULT_MAX_FRAME,
             max_queued_bytes: 256 * 1024 * 1024,
             client_window: 1024,

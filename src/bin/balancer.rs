@@ -94,10 +94,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     max_attempts: u32,
     /// Requests on the wire to one server at once (one persistent
-    /// connection each); more wait in the queue. Past about 16 a server
-    /// that fsyncs each document stores no faster, its stores only wait
-    /// longer for each other.
-    #[arg(long, default_value_t = 16)]
+    /// connection each); more wait in the queue.
+    #[arg(long, default_value_t = 32)]
     max_in_flight: usize,
     /// Largest frame accepted (e.g. 8MiB).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
