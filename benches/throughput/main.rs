@@ -24,14 +24,14 @@
 //! minute or more of many removals are several times slower to create,
 //! which once made the servers, not the paths, the measure. For the same
 //! reason a run started right after another one (whose temporary folder
-//! was just removed) is slower throughout; give `TMPDIR` a folder of its
-//! own, or wait a few minutes.
+//! was just removed) is slower throughout: wait a few minutes, or run with
+//! `--keep` and remove the folders later.
 //!
 //! ```text
 //! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D
 //!     --idle N --kill-docs N --bulk-mib N --only table|bulk|idle|kill
 //!     --clients 1,8,64 --paths balancer,direct,haproxy --write BENCHMARKS.md
-//!     --quick]
+//!     --keep --quick]
 //! ```
 //!
 //! `--docs` is the count of a 64-client scenario (default 19200); fewer
@@ -40,7 +40,9 @@
 //! count of idle connections (10000), `--kill-docs` the documents of the
 //! kill run (10000), `--bulk-mib` the size of the file streamed through
 //! each path (1024). `--clients` runs the table for some client counts
-//! only, `--paths` for some paths only (to profile one). `--write` also writes the report, with the machine and
+//! only, `--paths` for some paths only (to profile one). `--keep` leaves the
+//! temporary folder in place, so that a run's removal of its files does
+//! not slow the next run down (see above). `--write` also writes the report, with the machine and
 //! versions, to a file. `--quick` is a smoke run: 640 documents, a 256 MiB
 //! file, 2000 idle connections, 3000 documents in the kill run, one run of
 //! each.
@@ -86,6 +88,8 @@ pub struct Options {
     /// make a run short enough to profile one of them.
     paths: Vec<String>,
     write: Option<PathBuf>,
+    /// Leave the temporary folder (servers' files, logs) in place.
+    keep: bool,
     /// Extra arguments for the balancer of the table (e.g. --no-state).
     balancer_args: Vec<String>,
 }
@@ -117,6 +121,7 @@ fn parse_args() -> Result<Options, String> {
         clients: CLIENT_COUNTS.to_vec(),
         paths: ROUTES.iter().map(|r| r.name().to_string()).collect(),
         write: None,
+        keep: false,
         balancer_args: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -128,6 +133,10 @@ fn parse_args() -> Result<Options, String> {
             "--depth" => &mut options.depth,
             "--idle" => &mut options.idle,
             "--kill-docs" => &mut options.kill_docs,
+            "--keep" => {
+                options.keep = true;
+                continue;
+            }
             "--quick" => {
                 options.docs = 640;
                 options.runs = 1;
@@ -234,6 +243,7 @@ struct Cluster<'a> {
     balancer: &'a Child,
     haproxy: Option<&'a Child>,
     servers: Vec<SocketAddr>,
+    server_pids: Vec<u32>,
     dirs: Vec<PathBuf>,
 }
 
@@ -267,6 +277,9 @@ pub struct Measured {
     pub peak_mib: Option<f64>,
     /// CPU time the balancer or HAProxy used per document, in µs.
     pub cpu_us_per_doc: Option<f64>,
+    /// CPU time the three servers together used per document, in µs: a
+    /// path can make the servers' work dearer or cheaper.
+    pub servers_cpu_us_per_doc: Option<f64>,
 }
 
 impl Measured {
@@ -274,12 +287,17 @@ impl Measured {
     fn summary(runs: &[Measured]) -> Measured {
         let peaks: Vec<f64> = runs.iter().filter_map(|m| m.peak_mib).collect();
         let cpu: Vec<f64> = runs.iter().filter_map(|m| m.cpu_us_per_doc).collect();
+        let servers_cpu: Vec<f64> = runs
+            .iter()
+            .filter_map(|m| m.servers_cpu_us_per_doc)
+            .collect();
         Measured {
             docs_per_sec: median(runs.iter().map(|m| m.docs_per_sec).collect()),
             p50_ms: median(runs.iter().map(|m| m.p50_ms).collect()),
             p99_ms: median(runs.iter().map(|m| m.p99_ms).collect()),
             peak_mib: peaks.into_iter().reduce(f64::max),
             cpu_us_per_doc: (!cpu.is_empty()).then(|| median(cpu)),
+            servers_cpu_us_per_doc: (!servers_cpu.is_empty()).then(|| median(servers_cpu)),
         }
     }
 }
@@ -331,6 +349,8 @@ fn run_once(
         .collect();
     let memory = watched.map(PeakRss::start);
     let cpu_before = watched.and_then(cpu_secs);
+    let servers_cpu = || -> Option<f64> { cluster.server_pids.iter().map(|&p| cpu_secs(p)).sum() };
+    let servers_before = servers_cpu();
     start.wait();
     let began = Instant::now();
     let mut latencies = Vec::with_capacity(docs);
@@ -345,6 +365,10 @@ fn run_once(
     let secs = began.elapsed().as_secs_f64();
     let peak_mib = memory.map(PeakRss::finish);
     let cpu_us_per_doc = match (watched.and_then(cpu_secs), cpu_before) {
+        (Some(after), Some(before)) => Some((after - before) * 1e6 / docs as f64),
+        _ => None,
+    };
+    let servers_cpu_us_per_doc = match (servers_cpu(), servers_before) {
         (Some(after), Some(before)) => Some((after - before) * 1e6 / docs as f64),
         _ => None,
     };
@@ -366,6 +390,7 @@ fn run_once(
         p99_ms: percentile_ms(&latencies, 99),
         peak_mib,
         cpu_us_per_doc,
+        servers_cpu_us_per_doc,
     }
 }
 
@@ -420,8 +445,12 @@ fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
                         .cpu_us_per_doc
                         .map(|c| format!(", CPU {c:.0} µs/doc"))
                         .unwrap_or_default();
+                    let servers = m
+                        .servers_cpu_us_per_doc
+                        .map(|c| format!(", servers {c:.0} µs/doc"))
+                        .unwrap_or_default();
                     println!(
-                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}{cpu}",
+                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}{cpu}{servers}",
                         m.docs_per_sec, m.p50_ms, m.p99_ms
                     );
                     runs[i].push(m);
@@ -478,6 +507,7 @@ fn main() {
         balancer: &balancer,
         haproxy: haproxy.as_ref(),
         servers: server_addrs.clone(),
+        server_pids: servers.iter().map(Child::pid).collect(),
         dirs: dirs.clone(),
     };
 
@@ -538,5 +568,8 @@ fn main() {
         std::fs::write(path, &text)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         println!("written to {}", path.display());
+    }
+    if options.keep {
+        println!("kept {}", temp.keep().display());
     }
 }
