@@ -52,26 +52,37 @@ impl Log for Tee {
 /// One line per record, `[time LEVEL target] message`, with the control
 /// characters of the message escaped: peers choose titles and other text
 /// that end up in messages, and a newline in one must not forge a line.
+/// The message is formatted straight into the line (a line is written for
+/// every document, so allocations here count).
 fn format(record: &Record<'_>) -> String {
     use std::fmt::Write as _;
-    let message = record.args().to_string();
-    let mut line = String::with_capacity(message.len() + 64);
-    let _ = write!(
-        line,
-        "[{} {:<5} {}] ",
-        crate::text::rfc3339(SystemTime::now()),
-        record.level(),
-        record.target()
-    );
-    for c in message.chars() {
-        if c.is_control() {
-            line.extend(c.escape_default());
-        } else {
-            line.push(c);
-        }
-    }
+    let mut line = String::with_capacity(160);
+    line.push('[');
+    crate::text::write_rfc3339(&mut line, SystemTime::now());
+    let _ = write!(line, " {:<5} {}] ", record.level(), record.target());
+    let _ = Escaped(&mut line).write_fmt(*record.args());
     line.push('\n');
     line
+}
+
+/// Appends text with its control characters escaped (`\n`, `\u{1b}`).
+struct Escaped<'a>(&'a mut String);
+
+impl std::fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if !s.chars().any(char::is_control) {
+            self.0.push_str(s);
+            return Ok(());
+        }
+        for c in s.chars() {
+            if c.is_control() {
+                self.0.extend(c.escape_default());
+            } else {
+                self.0.push(c);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Installs the logger. With `log_file`, records are appended to it.
@@ -103,4 +114,33 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
         .map_err(|e| crate::Error::Config(format!("logger already installed: {e}")))?;
     log::set_max_level(max);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_has_time_level_target_and_the_message_with_controls_escaped() {
+        let title = "evil\n[2026-01-01T00:00:00.000Z INFO  forged] \u{1b}[31m\u{85}";
+        let line = format(
+            &Record::builder()
+                .level(log::Level::Info)
+                .target("lbft::balancer")
+                .args(format_args!("stored \"{title}\" ({} bytes)", 12))
+                .build(),
+        );
+        let (time, rest) = line
+            .strip_prefix('[')
+            .and_then(|l| l.split_once(' '))
+            .expect("a line starts with [time");
+        assert_eq!(time.len(), "2026-11-25T21:37:33.123Z".len(), "{line}");
+        assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{line}");
+        assert_eq!(
+            rest,
+            "INFO  lbft::balancer] stored \"evil\\n[2026-01-01T00:00:00.000Z INFO  forged] \
+             \\u{1b}[31m\\u{85}\" (12 bytes)\n"
+        );
+        assert_eq!(line.matches('\n').count(), 1);
+    }
 }

@@ -10,17 +10,27 @@ pub fn count_a(text: &str) -> u64 {
 
 /// Formats a time as RFC 3339 in UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
+    let mut out = String::with_capacity(24);
+    write_rfc3339(&mut out, t);
+    out
+}
+
+/// `rfc3339`, appended to `out`.
+pub fn write_rfc3339(out: &mut String, t: SystemTime) {
+    use std::fmt::Write as _;
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
-    format!(
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
         "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
         d.subsec_millis()
-    )
+    );
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
