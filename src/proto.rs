@@ -38,6 +38,32 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_reply_decodes_the_same_by_the_short_path_and_the_general_one() {
+        for existing in [false, true] {
+            let reply = Reply::Stored(Stored {
+                id: 7,
+                server: "127.0.0.1:5001".into(),
+                request_number: 1 << 60,
+                file: "12_t\u{e8}st \"q\".json".into(),
+                a_count: 3,
+                existing,
+            });
+            let bytes = serde_json::to_vec(&reply).unwrap();
+            assert!(bytes.starts_with(br#"{"type":"stored","#));
+            assert_eq!(Reply::decode_frequent(&bytes), Some(reply.clone()));
+            assert_eq!(serde_json::from_slice::<Reply>(&bytes).unwrap(), reply);
+            assert_eq!(decode::<Reply>(&bytes), Ok(reply));
+        }
+        // Not the usual shape: the general path, with its precise errors.
+        let missing = br#"{"type":"stored","id":7,"server":"s"}"#;
+        assert_eq!(Reply::decode_frequent(missing), None);
+        let err = decode::<Reply>(missing).unwrap_err();
+        assert_eq!(err.id, Some(7));
+        let other_order = br#"{"id":7,"type":"calc_error"}"#;
+        assert_eq!(Reply::decode_frequent(other_order), None);
+    }
+
+    #[test]
     fn frame_round_trip() {
         let mut buf = Vec::new();
         write_frame(&mut buf, b"hello").unwrap();
