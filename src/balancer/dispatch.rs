@@ -291,6 +291,10 @@ pub struct Dispatcher {
     aborted: bool,
     /// Records what happens to store jobs, when tracking is on.
     tracker: Option<Tracker>,
+    /// Set while a worker of this server's link reports a job done (see
+    /// `on_done_handing_back`): the first job then dispatched to that
+    /// server is kept here for the worker, not sent through the channel.
+    hand_back: Option<(ServerId, Option<Job>)>,
 }
 
 impl Dispatcher {
@@ -321,6 +325,7 @@ impl Dispatcher {
             drain_deadline: None,
             aborted: false,
             tracker: None,
+            hand_back: None,
         };
         for addr in servers {
             d.add_slot(*addr)?;
@@ -614,6 +619,12 @@ impl Dispatcher {
     /// Gives a job to a server's link and counts it in flight.
     fn send(&mut self, id: ServerId, job: Job) -> Option<Job> {
         self.count_in(id);
+        if let Some((server, held)) = &mut self.hand_back {
+            if *server == id && held.is_none() {
+                *held = Some(job);
+                return None;
+            }
+        }
         let slot = &self.slots[&id];
         match slot.link.jobs.send(job) {
             Ok(()) => None,
@@ -626,6 +637,18 @@ impl Dispatcher {
                 Some(returned.into_inner())
             }
         }
+    }
+
+    /// `on_event` for a job that a worker of `server`'s link finished: the
+    /// job dispatched to `server` as a result, if any, is returned for that
+    /// worker to carry out next. Under load, when every server is at
+    /// `--max-in-flight`, the place just freed is the only one, so the
+    /// worker goes straight on instead of waking another one through the
+    /// channel and going to sleep.
+    pub(crate) fn on_done_handing_back(&mut self, server: ServerId, event: Event) -> Option<Job> {
+        self.hand_back = Some((server, None));
+        self.on_event(event);
+        self.hand_back.take().and_then(|(_, job)| job)
     }
 
     pub(crate) fn on_event(&mut self, event: Event) {
@@ -1094,6 +1117,49 @@ mod tests {
         done(&mut d, 0, &first);
         assert_eq!(links[0].jobs.len(), 2, "the queued job took the place");
         assert!(d.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_worker_that_frees_a_place_gets_the_next_job_for_its_server_back() {
+        let (mut d, links) = setup(2, settings());
+        all_up(&mut d, 2);
+        let mut replies = Vec::new();
+        for i in 0..6 {
+            let (j, rx) = job(i);
+            replies.push(rx);
+            d.submit(j);
+        }
+        assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 2));
+        assert_eq!(d.waiting.len(), 2);
+        // Server 1 frees a place: the only free one, so the next queued job
+        // comes back to its worker, and nothing goes through a channel.
+        let first = links[1].jobs.recv().unwrap();
+        let event = Event::Done {
+            server: ServerId(1),
+            number: first.request_number.unwrap(),
+            uncertain: Vec::new(),
+        };
+        let next = d
+            .on_done_handing_back(ServerId(1), event)
+            .expect("handed back");
+        assert_eq!(next.tried, vec![ServerId(1)]);
+        assert_eq!(d.slots[&ServerId(1)].in_flight, 2, "counted in flight");
+        assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 1));
+        assert_eq!(d.waiting.len(), 1);
+        assert!(d.hand_back.is_none());
+        // With nothing queued, nothing comes back.
+        let (mut d, links) = setup(2, settings());
+        all_up(&mut d, 2);
+        let (j, _rx) = job(9);
+        d.submit(j);
+        let only = links[0].jobs.recv().unwrap();
+        let event = Event::Done {
+            server: ServerId(0),
+            number: only.request_number.unwrap(),
+            uncertain: Vec::new(),
+        };
+        assert!(d.on_done_handing_back(ServerId(0), event).is_none());
+        assert_eq!(d.slots[&ServerId(0)].in_flight, 0);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The link to one server: a pool of connections (`Backend`s) and
 //! `--max-in-flight` workers taking jobs from one channel. The dispatcher
 //! hands a job over only when a worker is free, so a job is on the wire as
-//! soon as it is handed over. A connection thread may also take a server's
+//! soon as it is handed over. A worker that reports its job done gets the
+//! job that place goes to straight back, when it is for the same server,
+//! and carries it out without a trip through the channel. A connection thread may also take a server's
 //! connection from the pool and forward its own client's request itself
 //! (see `Pool::carry_out`); the dispatcher counts those in flight too, so
 //! at most `--max-in-flight` requests are on the wire to a server at once.
@@ -166,6 +168,15 @@ impl Reporter {
             None => self.events.send(event).is_ok(),
         }
     }
+
+    /// `report` for a worker of `server`'s link, with the job handed back
+    /// to it, if any (see `Shared::report_handing_back`).
+    fn report_handing_back(&self, server: ServerId, event: Event) -> (bool, Option<Job>) {
+        match self.shared.get().and_then(Weak::upgrade) {
+            Some(shared) => shared.report_handing_back(server, event),
+            None => (self.events.send(event).is_ok(), None),
+        }
+    }
 }
 
 /// Starts links for servers as they join the pool; the threads it starts
@@ -240,9 +251,14 @@ pub fn spawn(
                 // The client may have gone; its reply has nowhere to go then.
                 let _ = job.reply.send(reply);
             };
-            for job in jobs {
+            // A job handed straight back when this worker reported the
+            // last one done: carried out before waiting on the channel.
+            let mut next = None;
+            while let Some(job) = next.take().or_else(|| jobs.recv().ok()) {
                 let event = pool.carry_out(job, &stats, tracker.as_ref(), &mut answer);
-                if !reporter.report(event) {
+                let (alive, handed) = reporter.report_handing_back(server, event);
+                next = handed;
+                if !alive && next.is_none() {
                     return; // dispatcher gone: shutting down
                 }
             }

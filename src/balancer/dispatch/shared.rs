@@ -8,6 +8,7 @@
 
 use super::{Dispatcher, Event, Job, MAX_WAITING};
 use crate::balancer::link::Pool;
+use crate::balancer::ServerId;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,18 @@ impl Shared {
             return self.events.send(event).is_ok();
         }
         self.call(|d| d.on_event(event)).1
+    }
+
+    /// `report` for a worker of `server`'s link: also returns the job the
+    /// dispatcher gave that server as a result (see
+    /// `Dispatcher::on_done_handing_back`), for the worker to carry out
+    /// next.
+    pub fn report_handing_back(&self, server: ServerId, event: Event) -> (bool, Option<Job>) {
+        if !matches!(event, Event::Done { .. }) {
+            return (self.events.send(event).is_ok(), None);
+        }
+        let (next, alive) = self.call(|d| d.on_done_handing_back(server, event));
+        (alive, next)
     }
 
     /// Runs the dispatcher thread until shut down (`stop` disconnected, or
