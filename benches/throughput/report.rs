@@ -166,8 +166,9 @@ impl Report<'_> {
             out,
             "\n## Streaming a {} MiB file\n\n\
              `client send` of one file of random bytes (1 MiB chunks, SHA-256 checked by the \
-             server before the file is put in place, fsynced). Median of {} runs; peak RSS \
-             sampled every 50 ms. Direct: to one server; HAProxy: TCP, to the server it picks.\n",
+             server before the file is put in place, fsynced). One upload straight to a server \
+             runs first, not counted. Median of {} runs, each starting with another path; peak \
+             RSS sampled every 50 ms. Direct: to one server; HAProxy: TCP, to the server it picks.\n",
             bulk.mib, self.options.runs
         );
         let _ = writeln!(
