@@ -1063,24 +1063,34 @@ mod tests {
         d.on_event(Event::Probes(vec![(ServerId(server), obs)]));
     }
 
-    fn done(d: &mut Dispatcher, server: u32, job: &Job) {
-        d.on_event(Event::Done {
+    fn done_event(server: u32, job: &Job) -> Event {
+        Event::Done {
             server: ServerId(server),
             number: job.request_number.unwrap(),
             uncertain: job.uncertain.clone(),
-        });
+        }
+    }
+
+    fn done(d: &mut Dispatcher, server: u32, job: &Job) {
+        d.on_event(done_event(server, job));
+    }
+
+    /// Submits jobs 0..n; their reply channels.
+    fn submit_jobs(d: &mut Dispatcher, n: u64) -> Vec<Receiver<Reply>> {
+        (0..n)
+            .map(|i| {
+                let (j, rx) = job(i);
+                d.submit(j);
+                rx
+            })
+            .collect()
     }
 
     #[test]
     fn waits_at_max_in_flight_without_failing_while_servers_are_up() {
         let (mut d, links) = setup(1, settings());
         all_up(&mut d, 1);
-        let mut replies = Vec::new();
-        for i in 0..5 {
-            let (j, rx) = job(i);
-            replies.push(rx);
-            d.submit(j);
-        }
+        let replies = submit_jobs(&mut d, 5);
         assert_eq!(links[0].jobs.len(), 2, "only --max-in-flight on the wire");
         assert_eq!(d.waiting.len(), 3);
         // Long past the queue timeout: a busy server is no outage.
@@ -1123,24 +1133,14 @@ mod tests {
     fn a_worker_that_frees_a_place_gets_the_next_job_for_its_server_back() {
         let (mut d, links) = setup(2, settings());
         all_up(&mut d, 2);
-        let mut replies = Vec::new();
-        for i in 0..6 {
-            let (j, rx) = job(i);
-            replies.push(rx);
-            d.submit(j);
-        }
+        let _replies = submit_jobs(&mut d, 6);
         assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 2));
         assert_eq!(d.waiting.len(), 2);
         // Server 1 frees a place: the only free one, so the next queued job
         // comes back to its worker, and nothing goes through a channel.
         let first = links[1].jobs.recv().unwrap();
-        let event = Event::Done {
-            server: ServerId(1),
-            number: first.request_number.unwrap(),
-            uncertain: Vec::new(),
-        };
         let next = d
-            .on_done_handing_back(ServerId(1), event)
+            .on_done_handing_back(ServerId(1), done_event(1, &first))
             .expect("handed back");
         assert_eq!(next.tried, vec![ServerId(1)]);
         assert_eq!(d.slots[&ServerId(1)].in_flight, 2, "counted in flight");
@@ -1153,12 +1153,8 @@ mod tests {
         let (j, _rx) = job(9);
         d.submit(j);
         let only = links[0].jobs.recv().unwrap();
-        let event = Event::Done {
-            server: ServerId(0),
-            number: only.request_number.unwrap(),
-            uncertain: Vec::new(),
-        };
-        assert!(d.on_done_handing_back(ServerId(0), event).is_none());
+        let back = d.on_done_handing_back(ServerId(0), done_event(0, &only));
+        assert!(back.is_none());
         assert_eq!(d.slots[&ServerId(0)].in_flight, 0);
     }
 
