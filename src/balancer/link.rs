@@ -3,10 +3,11 @@
 //! hands a job over only when a worker is free, so a job is on the wire as
 //! soon as it is handed over. A worker that reports its job done gets the
 //! job that place goes to straight back, when it is for the same server,
-//! and carries it out without a trip through the channel. A connection thread may also take a server's
-//! connection from the pool and forward its own client's request itself
-//! (see `Pool::carry_out`); the dispatcher counts those in flight too, so
-//! at most `--max-in-flight` requests are on the wire to a server at once.
+//! and carries it out without a trip through the channel. A connection
+//! thread may also take a server's connection from the pool and forward
+//! its own client's request itself (see `Pool::carry_out`); the dispatcher
+//! counts those in flight too, so at most `--max-in-flight` requests are on
+//! the wire to a server at once.
 //! A server that hangs holds at most those; each times out after
 //! `--server-timeout` on its own. Each answer is routed back to the client
 //! connection that sent the job.
@@ -161,16 +162,9 @@ impl Reporter {
         let _ = self.shared.set(Arc::downgrade(shared));
     }
 
-    /// False when the dispatcher is gone (shutting down).
-    pub fn report(&self, event: Event) -> bool {
-        match self.shared.get().and_then(Weak::upgrade) {
-            Some(shared) => shared.report(event),
-            None => self.events.send(event).is_ok(),
-        }
-    }
-
-    /// `report` for a worker of `server`'s link, with the job handed back
-    /// to it, if any (see `Shared::report_handing_back`).
+    /// Tells the dispatcher how a job of `server`'s link ended; returns
+    /// false when the dispatcher is gone (shutting down), and the job handed
+    /// back to the worker, if any (see `Shared::report_handing_back`).
     fn report_handing_back(&self, server: ServerId, event: Event) -> (bool, Option<Job>) {
         match self.shared.get().and_then(Weak::upgrade) {
             Some(shared) => shared.report_handing_back(server, event),
