@@ -410,10 +410,7 @@ impl Conn {
                     continue;
                 }
             }
-            let Some(job) = self.dispatcher.submit_now(job) else {
-                continue;
-            };
-            if !self.enqueue(job) {
+            if !self.submit(job) {
                 return (received, work_received);
             }
         }
@@ -518,8 +515,12 @@ impl Conn {
         }
     }
 
-    /// Puts a request on the queue. False when the balancer is shutting down.
-    fn enqueue(&self, job: Job) -> bool {
+    /// Submits a request under the dispatcher's lock, or else through its
+    /// thread's queue. False when the balancer is shutting down.
+    fn submit(&self, job: Job) -> bool {
+        let Some(job) = self.dispatcher.submit_now(job) else {
+            return true;
+        };
         match self.jobs.send(job) {
             Ok(()) => true,
             Err(e) => {
@@ -561,10 +562,7 @@ impl Conn {
                     let work = Work::store(&doc);
                     let job = Job::new(index as u64 + 1, work, peer, discard.clone(), hold);
                     self.stats.received.fetch_add(1, Relaxed);
-                    let Some(job) = self.dispatcher.submit_now(job) else {
-                        continue;
-                    };
-                    if !self.enqueue(job) {
+                    if !self.submit(job) {
                         break;
                     }
                 }

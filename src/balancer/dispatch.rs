@@ -639,14 +639,16 @@ impl Dispatcher {
         }
     }
 
-    /// `on_event` for a job that a worker of `server`'s link finished: the
-    /// job dispatched to `server` as a result, if any, is returned for that
+    /// `on_event` for a job that a worker of a server's link finished: the
+    /// job dispatched to that server as a result, if any, is returned for that
     /// worker to carry out next. Under load, when every server is at
     /// `--max-in-flight`, the place just freed is the only one, so the
     /// worker goes straight on instead of waking another one through the
     /// channel and going to sleep.
-    pub(crate) fn on_done_handing_back(&mut self, server: ServerId, event: Event) -> Option<Job> {
-        self.hand_back = Some((server, None));
+    pub(crate) fn on_done_handing_back(&mut self, event: Event) -> Option<Job> {
+        if let Event::Done { server, .. } = event {
+            self.hand_back = Some((server, None));
+        }
         self.on_event(event);
         self.hand_back.take().and_then(|(_, job)| job)
     }
@@ -1140,7 +1142,7 @@ mod tests {
         // comes back to its worker, and nothing goes through a channel.
         let first = links[1].jobs.recv().unwrap();
         let next = d
-            .on_done_handing_back(ServerId(1), done_event(1, &first))
+            .on_done_handing_back(done_event(1, &first))
             .expect("handed back");
         assert_eq!(next.tried, vec![ServerId(1)]);
         assert_eq!(d.slots[&ServerId(1)].in_flight, 2, "counted in flight");
@@ -1153,7 +1155,7 @@ mod tests {
         let (j, _rx) = job(9);
         d.submit(j);
         let only = links[0].jobs.recv().unwrap();
-        let back = d.on_done_handing_back(ServerId(0), done_event(0, &only));
+        let back = d.on_done_handing_back(done_event(0, &only));
         assert!(back.is_none());
         assert_eq!(d.slots[&ServerId(0)].in_flight, 0);
     }

@@ -162,12 +162,12 @@ impl Reporter {
         let _ = self.shared.set(Arc::downgrade(shared));
     }
 
-    /// Tells the dispatcher how a job of `server`'s link ended; returns
-    /// false when the dispatcher is gone (shutting down), and the job handed
-    /// back to the worker, if any (see `Shared::report_handing_back`).
-    fn report_handing_back(&self, server: ServerId, event: Event) -> (bool, Option<Job>) {
+    /// Tells the dispatcher how a job of the link ended; returns false when
+    /// the dispatcher is gone (shutting down), and the job handed back to
+    /// the worker, if any (see `Shared::report_handing_back`).
+    fn report_handing_back(&self, event: Event) -> (bool, Option<Job>) {
         match self.shared.get().and_then(Weak::upgrade) {
-            Some(shared) => shared.report_handing_back(server, event),
+            Some(shared) => shared.report_handing_back(event),
             None => (self.events.send(event).is_ok(), None),
         }
     }
@@ -250,7 +250,7 @@ pub fn spawn(
             let mut next = None;
             while let Some(job) = next.take().or_else(|| jobs.recv().ok()) {
                 let event = pool.carry_out(job, &stats, tracker.as_ref(), &mut answer);
-                let (alive, handed) = reporter.report_handing_back(server, event);
+                let (alive, handed) = reporter.report_handing_back(event);
                 next = handed;
                 if !alive && next.is_none() {
                     return; // dispatcher gone: shutting down

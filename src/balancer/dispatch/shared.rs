@@ -8,7 +8,6 @@
 
 use super::{Dispatcher, Event, Job, MAX_WAITING};
 use crate::balancer::link::Pool;
-use crate::balancer::ServerId;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -69,15 +68,15 @@ impl Shared {
         self.call(|d| d.on_event(event)).1
     }
 
-    /// `report` for a worker of `server`'s link: also returns the job the
+    /// `report` for a worker of a server's link: also returns the job the
     /// dispatcher gave that server as a result (see
     /// `Dispatcher::on_done_handing_back`), for the worker to carry out
     /// next.
-    pub fn report_handing_back(&self, server: ServerId, event: Event) -> (bool, Option<Job>) {
+    pub fn report_handing_back(&self, event: Event) -> (bool, Option<Job>) {
         if !matches!(event, Event::Done { .. }) {
             return (self.events.send(event).is_ok(), None);
         }
-        let (next, alive) = self.call(|d| d.on_done_handing_back(server, event));
+        let (next, alive) = self.call(|d| d.on_done_handing_back(event));
         (alive, next)
     }
 
