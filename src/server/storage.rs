@@ -38,7 +38,15 @@ struct StoredDocument<'a> {
     numero_richiesta: u64,
     a_count: u64,
     received_at: String,
+    /// `ORIGINAL_FORMAT` on a copy stored from an original-format
+    /// connection: its number is whatever the sender wrote, so it never
+    /// stands for a framed store of that number (see `Storage::claim`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stored_from: Option<&'static str>,
 }
+
+/// `stored_from` of a document stored from an original-format connection.
+const ORIGINAL_FORMAT: &str = "original-format";
 
 /// Why a document was not stored.
 #[derive(Debug)]
@@ -108,7 +116,7 @@ impl Writer<'_> {
     pub fn write(self, doc: &Document, a_count: u64) -> Result<String, StoreError> {
         let storage = self.storage;
         let check = || storage.may_store(self.number, self.not_after_ms);
-        let file = storage.write_document(self.number, doc, a_count, &check)?;
+        let file = storage.write_document(self.number, doc, a_count, None, &check)?;
         let mut index = storage.index();
         if index.forgotten.contains(&self.number) {
             drop(index);
@@ -353,8 +361,19 @@ impl Storage {
         if index.forgotten.contains(&number) {
             return Err(StoreError::Forgotten(number));
         }
-        if let Some(file) = index.files.get(&number).and_then(|f| f.first()) {
-            return Ok(Claim::Existing { file: file.clone() });
+        if let Some(files) = index.files.get_mut(&number) {
+            // Original-format copies indexed at start by their names are
+            // dropped from the index the first time their number comes up.
+            let copies: Vec<String> = files
+                .iter()
+                .filter(|f| self.is_original_format_copy(f))
+                .cloned()
+                .collect();
+            files.retain(|f| !copies.contains(f));
+            if let Some(file) = files.first() {
+                return Ok(Claim::Existing { file: file.clone() });
+            }
+            index.files.remove(&number);
         }
         if !index.writing.insert(number) {
             return Err(StoreError::InProgress(number));
@@ -366,18 +385,37 @@ impl Storage {
         }))
     }
 
-    /// Stores a document whatever numbers are already held: the original
-    /// balancer restarts its numbering at 1, so a repeated number from it
-    /// is a new document.
+    /// Stores a document from an original-format connection whatever
+    /// numbers are already held: the original balancer restarts its
+    /// numbering at 1, so a repeated number from it is a new document. The
+    /// copy is marked as such and kept out of the exactly-once index: a
+    /// peer that cannot prove the cluster key must not be able to store a
+    /// number ahead of the balancer and have the balancer's own store of
+    /// it answered "already stored".
     pub fn store_copy(&self, number: u64, doc: &Document, a_count: u64) -> io::Result<String> {
         let file = self
-            .write_document(number, doc, a_count, &|| Ok(()))
+            .write_document(number, doc, a_count, Some(ORIGINAL_FORMAT), &|| Ok(()))
             .map_err(|e| match e {
                 StoreError::Io(e) => e,
                 other => io::Error::other(other.to_string()),
             })?;
-        self.index().add(number, file.clone());
+        self.index().documents += 1;
         Ok(file)
+    }
+
+    /// Whether a stored file is an original-format copy (see
+    /// `store_copy`). Files indexed at start are told apart by reading
+    /// them, which only a repeated number or a `forget` needs.
+    fn is_original_format_copy(&self, file: &str) -> bool {
+        let Ok(bytes) = fs::read(self.dir.join(file)) else {
+            return false;
+        };
+        #[derive(serde::Deserialize)]
+        struct Origin {
+            stored_from: Option<String>,
+        }
+        serde_json::from_slice::<Origin>(&bytes)
+            .is_ok_and(|o| o.stored_from.as_deref() == Some(ORIGINAL_FORMAT))
     }
 
     /// The letter count recorded in a stored file, or counted again from
@@ -392,7 +430,8 @@ impl Storage {
 
     /// Marks `numbers` as stored on another server: they are never stored
     /// here again, and the files already stored for them are moved into
-    /// `.duplicates/`.
+    /// `.duplicates/` (original-format copies that happen to carry the
+    /// same number are other documents, and stay).
     pub fn forget(&self, numbers: &[u64]) -> Forgetting {
         let mut to_move = Vec::new();
         {
@@ -400,6 +439,10 @@ impl Storage {
             for &number in numbers {
                 index.forgotten.insert(number);
                 if let Some(files) = index.files.remove(&number) {
+                    let files: Vec<String> = files
+                        .into_iter()
+                        .filter(|f| !self.is_original_format_copy(f))
+                        .collect();
                     index.documents -= files.len() as u64;
                     to_move.extend(files.into_iter().map(|f| (number, f)));
                 }
@@ -454,6 +497,7 @@ impl Storage {
         number: u64,
         doc: &Document,
         a_count: u64,
+        stored_from: Option<&'static str>,
         before_link: &dyn Fn() -> Result<(), StoreError>,
     ) -> Result<String, StoreError> {
         let record = StoredDocument {
@@ -462,6 +506,7 @@ impl Storage {
             numero_richiesta: number,
             a_count,
             received_at: rfc3339(SystemTime::now()),
+            stored_from,
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
 
@@ -736,6 +781,29 @@ mod tests {
     }
 
     #[test]
+    fn original_format_copies_never_answer_a_framed_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        // Someone without the cluster key stores number 9 first, in the
+        // original format: the framed store of 9 still writes its own.
+        let planted = storage.store_copy(9, &doc("t", "planted"), 0).unwrap();
+        let ours = store_once(&storage, 9, &doc("t", "ours a"));
+        assert_ne!(planted, ours);
+        // The same after a restart, when the index is rebuilt from names.
+        storage.store_copy(10, &doc("u", "planted"), 0).unwrap();
+        drop(storage);
+        let storage = Storage::open(dir.path()).unwrap();
+        let ours = store_once(&storage, 10, &doc("u", "ours"));
+        assert_eq!(ours, "10_u~1.json");
+        assert!(matches!(storage.claim(10, None).unwrap(), Claim::Existing { file } if file == ours));
+        // `forget` moves the framed copy aside, never the planted one.
+        let done = storage.forget(&[9, 10]);
+        assert_eq!(done.moved.len(), 2, "{:?}", done.moved);
+        assert_eq!(listing(dir.path()), [".duplicates/", "10_u.json", "9_t.json"]);
+        assert_eq!(storage.count(), 2);
+    }
+
+    #[test]
     fn a_number_being_written_is_in_progress_until_the_writer_ends() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
@@ -775,12 +843,12 @@ mod tests {
             ]
         );
         assert_eq!(storage.count(), 4);
-        for (number, expected) in [(12, "12_twelve.json"), (3, "3_three.json")] {
-            match storage.claim(number, None).unwrap() {
-                Claim::Existing { file } => assert_eq!(file, expected),
-                Claim::New(_) => panic!("{number} not indexed"),
-            }
+        match storage.claim(12, None).unwrap() {
+            Claim::Existing { file } => assert_eq!(file, "12_twelve.json"),
+            Claim::New(_) => panic!("12 not indexed"),
         }
+        // Original-format copies are counted but stand for no framed store.
+        assert!(matches!(storage.claim(3, None).unwrap(), Claim::New(_)));
     }
 
     #[test]
