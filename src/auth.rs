@@ -86,7 +86,10 @@ impl ClusterKey {
 
     /// Writes a new random key to `path`, readable by its owner only, and
     /// returns it. An existing file is kept and read instead, so every
-    /// process started with the same path shares one key.
+    /// process started with the same path shares one key. Processes that
+    /// start together never see a half-written file: the key is written
+    /// under another name and linked into place whole (a link, unlike a
+    /// rename, never replaces a file another process put there first).
     pub fn load_or_create(path: &Path) -> Result<ClusterKey, KeyError> {
         match ClusterKey::from_file(path) {
             Err(KeyError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => {}
@@ -94,16 +97,22 @@ impl ClusterKey {
         }
         let key = ClusterKey::generate();
         let io_err = |e| KeyError::Io(path.to_path_buf(), e);
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(path) {
-            Ok(mut f) => {
-                writeln!(f, "{}", crate::text::to_hex(&key.0)).map_err(io_err)?;
-                f.sync_all().map_err(io_err)?;
-                Ok(key)
-            }
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(format!(".new-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        let staging = PathBuf::from(staging);
+        let written = (|| {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options.open(&staging)?;
+            writeln!(f, "{}", crate::text::to_hex(&key.0))?;
+            f.sync_all()?;
+            std::fs::hard_link(&staging, path)
+        })();
+        let _ = std::fs::remove_file(&staging);
+        match written {
+            Ok(()) => Ok(key),
             // Another process created it first: use theirs.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => ClusterKey::from_file(path),
             Err(e) => Err(io_err(e)),
@@ -162,5 +171,21 @@ mod tests {
         let e = ClusterKey::from_file(&path).unwrap_err();
         assert!(matches!(e, KeyError::Malformed(_)), "{e}");
         assert!(format!("{a:?}") == "ClusterKey(..)");
+    }
+
+    #[test]
+    fn processes_starting_together_share_one_whole_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.key");
+        let keys: Vec<ClusterKey> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ClusterKey::load_or_create(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let tag = keys[0].sign(&[b"x"]);
+        assert!(keys.iter().all(|k| k.sign(&[b"x"]) == tag));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "staging files left behind");
     }
 }
