@@ -98,7 +98,11 @@ impl ClusterKey {
         let key = ClusterKey::generate();
         let io_err = |e| KeyError::Io(path.to_path_buf(), e);
         let mut staging = path.as_os_str().to_owned();
-        staging.push(format!(".new-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        staging.push(format!(
+            ".new-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let staging = PathBuf::from(staging);
         let written = (|| {
             let mut options = std::fs::OpenOptions::new();

@@ -200,8 +200,9 @@ impl Balancer {
         {
             return Err(Error::Config(
                 "--backend-wire legacy cannot authenticate servers: the original format has no \
-                 handshake, so --cluster-key-file would protect nothing there. Add \
-                 --allow-unauthenticated-legacy to use the key for registrations only"
+                 handshake, so the cluster key would protect nothing there. Add \
+                 --allow-unauthenticated-legacy to drive them anyway (the key then guards \
+                 registrations only)"
                     .into(),
             ));
         }

@@ -110,30 +110,46 @@ mod tests {
     }
 }
 
-/// The TLS flags every binary takes (see `net::tls`).
+/// The TLS flags of the programs that listen (see `net::tls`): what a
+/// listener presents and asks of its peers, and how this program checks
+/// the peers it connects to, set apart as HAProxy's `bind ... ssl` and
+/// `server ... ssl` are.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TlsArgs {
-    /// This program's certificate (PEM, leaf first). With --tls-key,
-    /// listeners speak TLS only, and connections present it to peers that
-    /// ask for one (mutual TLS). `balancer gen-certs` makes a set.
+    /// This program's certificate (PEM, leaf first). With --tls-key, its
+    /// listener speaks TLS only, and its own connections present the
+    /// certificate to peers that ask for one. `balancer gen-certs` makes a
+    /// set.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
-    /// CA certificate (PEM) to trust: connections are made with TLS and
-    /// the peer's certificate must be signed by it and name the peer's IP
-    /// address; listeners (with --tls-cert) also require client
-    /// certificates signed by it.
+    /// CA certificate (PEM) that checks the peers this program connects
+    /// to: every connection it makes is TLS, and the peer's certificate
+    /// must be signed by it and name the peer's IP address.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Whether the listener asks connecting peers for a certificate:
+    /// `none`, `optional` (checked when presented) or `required` (mutual
+    /// TLS). Default: `none` on the balancer (clients check the balancer
+    /// and log in with a password), `required` on a server that has a CA
+    /// (only cluster members reach it).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub tls_client_certs: Option<crate::net::tls::ClientCerts>,
+    /// CA certificate (PEM) that checks the certificates connecting peers
+    /// present. Default: --tls-ca.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
 impl TlsArgs {
     /// Loads the files and installs the process's TLS context; nothing
-    /// when no TLS flag is given. Returns whether TLS is on.
+    /// when no TLS flag is given. `default_client_certs` is what the
+    /// listener asks of its peers when --tls-client-certs is not given.
     pub fn install(
         &self,
+        default_client_certs: crate::net::tls::ClientCerts,
         allow_legacy_plaintext: bool,
         handshake_timeout: Duration,
     ) -> Result<Option<crate::net::tls::Tls>, crate::Error> {
@@ -141,12 +157,61 @@ impl TlsArgs {
             cert: self.tls_cert.as_deref(),
             key: self.tls_key.as_deref(),
             ca: self.tls_ca.as_deref(),
+            client_ca: self.tls_client_ca.as_deref(),
         };
-        let tls = crate::net::tls::Tls::load(files, allow_legacy_plaintext, handshake_timeout)
-            .map_err(crate::Error::Config)?;
+        let client_certs = self.tls_client_certs.unwrap_or(default_client_certs);
+        let tls = crate::net::tls::Tls::load(
+            files,
+            client_certs,
+            allow_legacy_plaintext,
+            handshake_timeout,
+        )
+        .map_err(crate::Error::Config)?;
         if let Some(tls) = &tls {
             crate::net::tls::install(tls.clone());
         }
         Ok(tls)
+    }
+}
+
+/// The cluster key flags of the balancer and the server.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// File holding the cluster key that the balancers and servers share
+    /// (64 hex digits). Created with a new random key when missing, so
+    /// that programs started from one folder share it; copy it to the
+    /// other machines. With it, servers take work, registrations and
+    /// `forget` only from peers that prove the key, the balancer proves it
+    /// back, and upload tickets are signed with it.
+    #[arg(long, value_name = "FILE", default_value = "cluster.key")]
+    pub cluster_key_file: std::path::PathBuf,
+    /// Run without a cluster key: anyone who can reach this program may
+    /// then do what only cluster members may (store under a request
+    /// number, `forget`, list and get every user's files on a server,
+    /// register or deregister a server). Logged as a warning at start.
+    #[arg(long)]
+    pub no_cluster_key: bool,
+}
+
+impl KeyArgs {
+    /// The key to use: read or created at --cluster-key-file, or none
+    /// with --no-cluster-key. `who` names the program in the warning.
+    pub fn load(&self, who: &str) -> Result<Option<crate::auth::ClusterKey>, crate::Error> {
+        if self.no_cluster_key {
+            log::warn!(
+                "{who} runs WITHOUT a cluster key (--no-cluster-key): any process that can \
+                 reach it may do what only cluster members should"
+            );
+            return Ok(None);
+        }
+        crate::handshake::load_key(&self.cluster_key_file).map(Some)
+    }
+
+    /// The key part of a program's start-up security line.
+    pub fn describe(&self, key: &Option<crate::auth::ClusterKey>) -> String {
+        match key {
+            Some(_) => format!("cluster key {}", self.cluster_key_file.display()),
+            None => "NO cluster key".into(),
+        }
     }
 }

@@ -54,6 +54,9 @@ pub struct Config {
     pub interrupt: Option<Receiver<()>>,
     /// Logs in with these on every connection (balancers with `--users`).
     pub login: Option<login::Credentials>,
+    /// Where the cluster key may be: admin requests prove it when the
+    /// file exists.
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
             terminal: false,
             interrupt: None,
             login: None,
+            cluster_key_file: None,
         }
     }
 }

@@ -409,6 +409,12 @@ impl Stream {
         )
     }
 
+    /// Whether the peer proved a certificate the CA signed: a TLS peer
+    /// that presented one to a listener asking for it.
+    pub fn peer_certified(&self) -> bool {
+        self.0.tls.get().is_some_and(tls::Session::peer_certified)
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         self.0.tls.get().is_some()

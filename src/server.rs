@@ -67,11 +67,11 @@ pub struct Config {
     pub partial_ttl: Duration,
     /// With a cluster key, every framed connection must prove it first
     /// (see `handshake`) except an upload, which needs a ticket the
-    /// balancer signed instead; connections in the original format, which
-    /// cannot prove anything, are refused unless
-    /// `allow_unauthenticated_legacy`.
+    /// balancer signed instead. Connections in the original format cannot
+    /// prove anything and are still served: they can only store copies
+    /// that never count for a request number (`Storage::store_copy`) and
+    /// read the one-byte overload flag.
     pub cluster_key: Option<ClusterKey>,
-    pub allow_unauthenticated_legacy: bool,
 }
 
 impl Default for Config {
@@ -91,7 +91,6 @@ impl Default for Config {
             server_id: None,
             partial_ttl: Duration::from_secs(24 * 3600),
             cluster_key: None,
-            allow_unauthenticated_legacy: false,
         }
     }
 }
@@ -326,15 +325,6 @@ fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
     let read_half = stream.clone();
     match net::detect_wire(&stream) {
         Ok(Wire::Closed | Wire::Refused) => {}
-        Ok(Wire::Legacy)
-            if shared.config.cluster_key.is_some()
-                && !shared.config.allow_unauthenticated_legacy =>
-        {
-            log::warn!(
-                "server {addr}: refused an original-format connection from {peer}: \
-                 it cannot prove the cluster key (--allow-unauthenticated-legacy lets it in)"
-            );
-        }
         Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, shared),
         Ok(Wire::Framed) => serve_framed(read_half, stream, peer, shared),
         Err(e) => log::info!("server {addr}: connection from {peer} sent nothing: {e}"),
@@ -350,6 +340,13 @@ fn serve_framed(
     let addr = shared.addr;
     let local = read_half.tcp().local_addr().unwrap_or(addr);
     let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
+    // A listener that lets peers in without a certificate
+    // (--tls-client-certs optional, for clients uploading with a ticket in
+    // redirect mode) gives such peers nothing else.
+    let uploads_only = read_half.is_tls()
+        && !read_half.peer_certified()
+        && net::tls::installed()
+            .is_some_and(|t| t.client_certs() == net::tls::ClientCerts::Optional);
     let paced = net::Paced::new(read_half, shared.config.idle_timeout);
     let mut reader = FrameReader::new(paced, shared.frame_limit());
     let mut writer = FrameWriter::new(write_half);
@@ -382,8 +379,7 @@ fn serve_framed(
                 Some(answer) => answer.reply,
                 // An upload straight from a client carries a signed ticket
                 // instead (checked by `transfer::receive`).
-                None if gate.keyed()
-                    && !gate.proven()
+                None if (uploads_only || (gate.keyed() && !gate.proven()))
                     && !matches!(request, Request::Upload(_)) =>
                 {
                     if let Some(skipped) = refusals().check(&peer.ip()) {

@@ -118,6 +118,7 @@ fn registration_needs_the_key_and_the_balancer_proves_it_back() {
     let keyless = start_server(
         &keyless_dir,
         &[
+            "--no-cluster-key",
             "--balancer",
             &balancer_arg,
             "--log-file",
@@ -184,11 +185,19 @@ fn a_keyed_server_answers_nothing_before_the_handshake() {
     }
     raw.send_json(&json!({"type": "status", "id": 2}));
     assert!(matches!(raw.reply(), Reply::Error(e) if e.code == ErrorCode::Unauthenticated));
-    // The original format cannot prove anything: refused.
+    // `forget` and `list` likewise.
+    raw.send_json(&json!({"type": "forget", "id": 3, "numbers": [1]}));
+    assert!(matches!(raw.reply(), Reply::Error(e) if e.code == ErrorCode::Unauthenticated));
+    raw.send_json(&json!({"type": "list", "id": 4}));
+    assert!(matches!(raw.reply(), Reply::Error(e) if e.code == ErrorCode::Unauthenticated));
+    assert!(stored_files(&dir.path().join("s")).is_empty());
+    // The original format cannot prove anything, and keeps working as the
+    // original balancer expects: its probe gets one byte.
     let mut legacy = Raw::connect(server.addr);
     legacy.send_bytes(br#"{"request_type": "richiesta_status"}"#);
-    assert!(legacy.is_closed());
-    assert!(stored_files(&dir.path().join("s")).is_empty());
+    let mut byte = [9u8; 1];
+    std::io::Read::read_exact(&mut legacy.stream, &mut byte).unwrap();
+    assert_eq!(byte, [0]);
 }
 
 #[test]

@@ -388,8 +388,8 @@ fn hostile_titles_are_stored_inside_the_server_folder() {
     }
 
     // Every file under the work folder is the log, the balancer's state
-    // file (with its WAL) or a stored document that is a direct child of a
-    // server folder.
+    // file (with its WAL), the cluster key or a stored document that is a
+    // direct child of a server folder.
     let root = c.dir.path();
     let mut json_files = 0;
     for path in all_files(root) {
@@ -399,7 +399,7 @@ fn hostile_titles_are_stored_inside_the_server_folder() {
                 .unwrap()
                 .to_string_lossy()
                 .starts_with("balancer.db");
-        if path == root.join("loadbalancer.log") || state {
+        if path == root.join("loadbalancer.log") || path == default_key(root) || state {
             continue;
         }
         let parent = path.parent().unwrap();
@@ -662,7 +662,7 @@ fn server_rejects_garbage_and_keeps_serving() {
     let server = start_server(&sdir, &["--max-frame", "1KiB"]);
     let servers = [(server.addr, sdir.as_path())];
 
-    let mut raw = Raw::connect(server.addr);
+    let mut raw = Raw::connect_to_server(server.addr, &sdir);
     let garbage: [(&[u8], ErrorCode, Option<u64>); 5] = [
         (b"{not json", ErrorCode::InvalidJson, None),
         (b"\xff\xfe\xfd", ErrorCode::InvalidUtf8, None),
@@ -709,7 +709,7 @@ fn server_rejects_garbage_and_keeps_serving() {
     raw.store(13, "same connection", "x");
     let s = expect_stored(raw.reply());
     assert_eq!(stored_json(&servers, &s)["titolo"], "same connection");
-    let mut fresh = Raw::connect(server.addr);
+    let mut fresh = Raw::connect_to_server(server.addr, &sdir);
     fresh.store(14, "fresh connection", "x");
     let s = expect_stored(fresh.reply());
     assert_eq!(stored_json(&servers, &s)["titolo"], "fresh connection");
@@ -747,7 +747,7 @@ fn deeply_nested_json_does_not_crash_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let sdir = dir.path().join("server");
     let server = start_server(&sdir, &[]);
-    let mut raw = Raw::connect(server.addr);
+    let mut raw = Raw::connect_to_server(server.addr, &sdir);
     for (what, payload) in nested_payloads() {
         raw.send_frame(payload.as_bytes());
         let e = expect_error(raw.reply());

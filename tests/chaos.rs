@@ -177,7 +177,7 @@ fn request_numbers_never_repeat_across_restarts_and_balancers() {
     record(a);
     record(b);
     // And a server numbering a document sent straight to it.
-    let mut raw = Raw::connect(addrs[0]);
+    let mut raw = Raw::connect_to_server(addrs[0], &cluster.server_dirs[0]);
     raw.store(1, "direct", "sent to the server itself");
     match raw.reply() {
         Reply::Stored(s) => assert!(numbers.insert(s.request_number)),

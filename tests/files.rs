@@ -299,7 +299,8 @@ fn ready_offset(reply: Reply) -> u64 {
 fn bad_uploads_get_clear_errors_and_leave_nothing_visible() {
     let dir = tempfile::tempdir().unwrap();
     let sdir = dir.path().join("s");
-    let server = start_server(&sdir, &[]);
+    // The upload conversation itself: no tickets (see the keyed tests).
+    let server = start_server(&sdir, &["--no-cluster-key"]);
     let addr = server.addr;
     let sha = |b: &[u8]| hex(&Sha256::digest(b));
 
@@ -550,7 +551,7 @@ fn a_disk_that_fills_up_mid_file_is_a_clear_error_and_the_server_keeps_storing()
         }
     };
     // Declared after the disk, so the server stops before it is unmounted.
-    let server = start_server(&disk.path.join("s"), &[]);
+    let server = start_server(&disk.path.join("s"), &["--no-cluster-key"]);
     let sha = |b: &[u8]| hex(&Sha256::digest(b));
     let mut raw = Raw::connect(server.addr);
     let size = 8 * 1024 * 1024u64;

@@ -220,7 +220,8 @@ def scenario_legacy_backends(balancer_bin, client_bin, work):
     originals = [OriginalServer(f) for f in folders]
     addrs = ",".join(f"{h}:{p}" for h, p in (o.addr for o in originals))
     balancer, addr = start([balancer_bin, "--listen", "127.0.0.1:0", "--check-interval", "100ms",
-                            "--backend-wire", "legacy", "--servers", addrs,
+                            "--backend-wire", "legacy", "--allow-unauthenticated-legacy",
+                            "--servers", addrs,
                             "--log-file", os.path.join(work, "lb2.log")], work)
     try:
         paths = []

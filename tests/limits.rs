@@ -116,7 +116,7 @@ fn a_server_cuts_off_a_trickling_frame_too() {
     let mut slow = Raw::connect(server.addr);
     slow.send_bytes(&1000u32.to_be_bytes());
     slow.send_bytes(&[b'{'; 10]);
-    let mut honest = Raw::connect(server.addr);
+    let mut honest = Raw::connect_to_server(server.addr, &work.path().join("s"));
     honest.store(1, "honest", "served while another stalls");
     assert!(matches!(honest.reply(), Reply::Stored(_)));
     match slow.try_reply() {

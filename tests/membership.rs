@@ -7,14 +7,20 @@ use std::process::{Command, Output};
 use std::thread;
 use util::*;
 
-fn admin(balancer: SocketAddr, args: &[&str]) -> Output {
+/// `client admin ARGS` against `balancer`, run in the cluster's folder, so
+/// that it proves the cluster key the balancer created there.
+fn admin(cluster: &Cluster, balancer: SocketAddr, args: &[&str]) -> Output {
     let mut all = vec![
         "--balancer".to_string(),
         balancer.to_string(),
         "admin".into(),
     ];
     all.extend(args.iter().map(|s| s.to_string()));
-    Command::new(client_bin()).args(all).output().unwrap()
+    Command::new(client_bin())
+        .args(all)
+        .current_dir(cluster.dir.path())
+        .output()
+        .unwrap()
 }
 
 fn contents(tag: &str, n: usize) -> Vec<String> {
@@ -52,10 +58,18 @@ fn a_server_added_mid_batch_takes_work() {
     let extra_dir = cluster.dir.path().join("extra");
     let extra = start_server(&extra_dir, &[]);
     let seen = batch_with(cluster.balancer.addr, contents("add", 600), 50, || {
-        let out = admin(cluster.balancer.addr, &["add", &extra.addr.to_string()]);
+        let out = admin(
+            &cluster,
+            cluster.balancer.addr,
+            &["add", &extra.addr.to_string()],
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && text.contains("joined"), "{text}");
-        let again = admin(cluster.balancer.addr, &["add", &extra.addr.to_string()]);
+        let again = admin(
+            &cluster,
+            cluster.balancer.addr,
+            &["add", &extra.addr.to_string()],
+        );
         assert!(!again.status.success());
         assert!(String::from_utf8_lossy(&again.stdout).contains("already in the pool"));
     });
@@ -68,7 +82,7 @@ fn a_server_added_mid_batch_takes_work() {
         .count();
     assert!(on_extra > 50, "the added server took {on_extra} documents");
     assert_eq!(stored_files(&extra_dir).len(), on_extra);
-    let table = admin(cluster.balancer.addr, &["servers"]);
+    let table = admin(&cluster, cluster.balancer.addr, &["servers"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains(&extra.addr.to_string()), "{text}");
 }
@@ -79,7 +93,7 @@ fn a_server_drained_mid_batch_finishes_its_work_and_gets_no_more() {
     let drained = cluster.servers[0].addr.to_string();
     let mut bound = 0;
     let seen = batch_with(cluster.balancer.addr, contents("drain", 600), 60, || {
-        let out = admin(cluster.balancer.addr, &["drain", &drained]);
+        let out = admin(&cluster, cluster.balancer.addr, &["drain", &drained]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && text.contains("draining"), "{text}");
         // "ADDR is draining: N requests in flight; ..."
@@ -106,7 +120,7 @@ fn a_server_drained_mid_batch_finishes_its_work_and_gets_no_more() {
         .log()
         .contains(&format!("server {drained} left the pool")));
     // Its heartbeat cannot bring it back; an operator can.
-    let out = admin(cluster.balancer.addr, &["add", &drained]);
+    let out = admin(&cluster, cluster.balancer.addr, &["add", &drained]);
     assert!(out.status.success());
     assert_eq!(servers(cluster.balancer.addr).len(), 2);
 }
@@ -152,7 +166,7 @@ fn a_removed_server_gives_its_work_to_the_others_and_unknown_addresses_are_refus
     let cluster = Cluster::start(2, &["--char-delay-ms", "1"], &["--server-timeout", "5s"]);
     let removed = cluster.servers[1].addr.to_string();
     let seen = batch_with(cluster.balancer.addr, contents("remove", 300), 40, || {
-        let out = admin(cluster.balancer.addr, &["remove", &removed]);
+        let out = admin(&cluster, cluster.balancer.addr, &["remove", &removed]);
         assert!(
             out.status.success(),
             "{}",
@@ -161,10 +175,14 @@ fn a_removed_server_gives_its_work_to_the_others_and_unknown_addresses_are_refus
     });
     assert!(seen.errors.is_empty(), "{:?}", seen.errors);
     assert_eq!(seen.stored.len(), 300);
-    let out = admin(cluster.balancer.addr, &["drain", "127.0.0.1:1"]);
+    let out = admin(&cluster, cluster.balancer.addr, &["drain", "127.0.0.1:1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("not in the pool"));
-    let out = admin(cluster.balancer.addr, &["add", "no-such-host.invalid:5001"]);
+    let out = admin(
+        &cluster,
+        cluster.balancer.addr,
+        &["add", "no-such-host.invalid:5001"],
+    );
     assert!(!out.status.success());
 }
 
@@ -195,7 +213,11 @@ fn a_restarted_balancer_remembers_the_servers_that_joined() {
     let mut cluster = Cluster::start(1, &[], &[]);
     let extra_dir = cluster.dir.path().join("extra");
     let extra = start_server(&extra_dir, &[]);
-    let out = admin(cluster.balancer.addr, &["add", &extra.addr.to_string()]);
+    let out = admin(
+        &cluster,
+        cluster.balancer.addr,
+        &["add", &extra.addr.to_string()],
+    );
     assert!(out.status.success());
     signal(&cluster.balancer, "TERM");
     assert!(cluster.balancer.child.wait().unwrap().success());
@@ -217,7 +239,11 @@ fn a_restarted_balancer_remembers_the_servers_that_joined() {
         .any(|s| s.server == extra.addr.to_string()));
 
     // A server drained away is forgotten for the next run.
-    let out = admin(restarted.addr, &["drain", &extra.addr.to_string()]);
+    let out = admin(
+        &cluster,
+        restarted.addr,
+        &["drain", &extra.addr.to_string()],
+    );
     assert!(out.status.success());
     assert!(eventually(|| servers(restarted.addr).len() == 1));
     let mut restarted = restarted;

@@ -79,17 +79,17 @@ fn sigterm_answers_the_request_in_progress_and_exits_zero() {
     let dir = work.path().join("store");
     let mut server = start_server(&dir, &["--char-delay-ms", "20"]);
 
-    let mut quick = Raw::connect(server.addr);
+    let mut quick = Raw::connect_to_server(server.addr, &dir);
     quick.store(1, "quick", "");
     let first = expect_stored(quick.reply());
 
     // Idle, but known to the server (it has answered on it).
-    let mut idle = Raw::connect(server.addr);
+    let mut idle = Raw::connect_to_server(server.addr, &dir);
     assert_eq!(status_active(&mut idle), 0);
 
     // A slow store (25 characters at 20 ms each) that is being handled
     // when the signal arrives.
-    let mut slow = Raw::connect(server.addr);
+    let mut slow = Raw::connect_to_server(server.addr, &dir);
     slow.store(2, "slow", &"a".repeat(25));
     let deadline = Instant::now() + util::REPLY_TIMEOUT;
     while status_active(&mut quick) == 0 {
@@ -113,7 +113,7 @@ fn repeated_numbers_forget_and_deadlines() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("store");
     let mut server = start_server(&dir, &[]);
-    let mut conn = Raw::connect(server.addr);
+    let mut conn = Raw::connect_to_server(server.addr, &dir);
 
     let first = expect_stored(store_numbered(&mut conn, 1, 41, "once"));
     assert!(!first.existing);
@@ -168,7 +168,7 @@ fn a_restart_removes_temp_files_and_remembers_what_is_stored() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("store");
     let mut server = start_server(&dir, &[]);
-    let mut conn = Raw::connect(server.addr);
+    let mut conn = Raw::connect_to_server(server.addr, &dir);
     let first = expect_stored(store_numbered(&mut conn, 1, 7, "kept"));
     expect_stored(store_numbered(&mut conn, 2, 8, "forgotten"));
     conn.send_json(&json!({"type": "forget", "id": 3, "numbers": [8]}));
@@ -181,7 +181,7 @@ fn a_restart_removes_temp_files_and_remembers_what_is_stored() {
     let server = start_server(&dir, &[]);
     assert!(temp_files(&dir).is_empty(), "{:?}", temp_files(&dir));
 
-    let mut conn = Raw::connect(server.addr);
+    let mut conn = Raw::connect_to_server(server.addr, &dir);
     let again = expect_stored(store_numbered(&mut conn, 4, 7, "kept"));
     assert!(again.existing);
     assert_eq!(again.file, first.file);

@@ -259,7 +259,7 @@ fn server_keeps_documents_across_restarts_unless_cleaned() {
     let dir = work.path().join("store");
     for round in 1..=2u64 {
         let server = start_server(&dir, &[]);
-        let mut conn = Raw::connect(server.addr);
+        let mut conn = Raw::connect_to_server(server.addr, &dir);
         // Same request number both times: the restarted server knows it
         // holds it and does not store it again (nor replace it).
         conn.send_json(&json!({
@@ -283,7 +283,7 @@ fn server_keeps_documents_across_restarts_unless_cleaned() {
 fn status_reports_load() {
     let work = tempfile::tempdir().unwrap();
     let server = start_server(&work.path().join("s"), &["--max-active", "5"]);
-    let mut conn = Raw::connect(server.addr);
+    let mut conn = Raw::connect_to_server(server.addr, &work.path().join("s"));
     conn.send_json(&json!({"type": "status", "id": 42}));
     let Reply::Status(status) = conn.reply() else {
         panic!()

@@ -43,6 +43,15 @@ fn tls_args(certs: &Path, name: &str) -> Vec<String> {
     ]
 }
 
+/// A client that checks the balancer and presents no certificate: the
+/// usual deployment.
+fn ca_only(certs: &Path) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        certs.join("ca.pem").display().to_string(),
+    ]
+}
+
 fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
@@ -205,25 +214,34 @@ fn documents_cross_every_link_encrypted_and_land_on_disk() {
     let wire = Arc::new(Mutex::new(Vec::new()));
 
     // Two servers the balancer reaches through recording relays, and a
-    // third that joins by registering through the client's relay.
+    // third that joins by registering through the client's relay. A relay
+    // in the middle is what the cluster key's handshake is made to catch
+    // (the proof names the address the server was reached at), so this
+    // test runs without a key: TLS alone guards every link here.
     let server_dirs: Vec<PathBuf> = (1..=3)
         .map(|i| work.path().join(format!("store{i}")))
         .collect();
-    let s1 = start_server(&server_dirs[0], &refs(&tls_args(&certs, "server1")));
-    let s2 = start_server(&server_dirs[1], &refs(&tls_args(&certs, "server2")));
+    let server_args = |name: &str| {
+        let mut args = tls_args(&certs, name);
+        args.push("--no-cluster-key".into());
+        args
+    };
+    let s1 = start_server(&server_dirs[0], &refs(&server_args("server1")));
+    let s2 = start_server(&server_dirs[1], &refs(&server_args("server2")));
     let r1 = Relay::start(s1.addr, wire.clone());
     let r2 = Relay::start(s2.addr, wire.clone());
     let balancer = start_balancer(
         work.path(),
         &[r1.addr, r2.addr],
-        &refs(&tls_args(&certs, "balancer")),
+        &refs(&server_args("balancer")),
     );
     let front = Relay::start(balancer.addr, wire.clone());
-    let mut joining = tls_args(&certs, "server3");
+    let mut joining = server_args("server3");
     joining.extend(["--balancer".into(), front.addr.to_string()]);
     let s3 = start_server(&server_dirs[2], &refs(&joining));
 
-    let client_tls = tls_args(&certs, "client");
+    // The client presents no certificate: it checks the balancer's.
+    let client_tls = ca_only(&certs);
     for addr in [r1.addr, r2.addr, s3.addr] {
         wait_until_up(front.addr, &client_tls, addr);
     }
@@ -274,7 +292,7 @@ fn clients_of_another_ca_are_refused_with_a_clear_error_and_store_nothing() {
     let theirs = work.path().join("theirs");
     gen_certs(&ours);
     gen_certs(&theirs);
-    let (balancer, store) = tls_balancer(work.path(), &ours, &[]);
+    let (balancer, store) = tls_balancer(work.path(), &ours, &["--tls-client-certs", "required"]);
     let (paths, _) = documents(&work.path().join("docs"), "estraneo", 1);
     let send = |tls: Vec<String>| {
         let mut args = tls;
@@ -292,10 +310,15 @@ fn clients_of_another_ca_are_refused_with_a_clear_error_and_store_nothing() {
         "unclear error: {said}"
     );
 
-    // The balancer does not accept a client certificate from another CA.
+    // The balancer asks for client certificates (--tls-client-certs
+    // required) and takes none from another CA, nor a client without one.
     let mut foreign = tls_args(&theirs, "client");
     foreign[5] = ours.join("ca.pem").display().to_string();
     let out = send(foreign);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(said.contains("TLS"), "unclear error: {said}");
+    let out = send(ca_only(&ours));
     assert!(!out.status.success());
     let said = text(&out);
     assert!(said.contains("TLS"), "unclear error: {said}");
@@ -343,6 +366,69 @@ fn a_server_trusting_another_ca_never_gets_work() {
         .find(|l| l.contains(&foreign.addr.to_string()))
         .unwrap_or_else(|| panic!("{listing}"));
     assert!(!row.contains(" up"), "{row}");
+}
+
+#[test]
+fn clients_without_certificates_reach_a_balancer_that_uses_mutual_tls_with_its_servers() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    gen_certs(&certs);
+    // The deployment as README shows it: every program started from one
+    // folder (one cluster key), servers with their certificates and the
+    // CA, the balancer likewise, clients with the CA only.
+    let dirs: Vec<PathBuf> = (1..=2)
+        .map(|i| work.path().join(format!("store{i}")))
+        .collect();
+    let servers: Vec<Proc> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| start_server(d, &refs(&tls_args(&certs, &format!("server{}", i + 1)))))
+        .collect();
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let balancer = start_balancer(work.path(), &addrs, &refs(&tls_args(&certs, "balancer")));
+    let client_tls = ca_only(&certs);
+    for addr in &addrs {
+        wait_until_up(balancer.addr, &client_tls, *addr);
+    }
+    let (paths, contents) = documents(&work.path().join("docs"), "deployed", 8);
+    let mut args = client_tls.clone();
+    args.push("send".into());
+    args.extend(paths.iter().map(|p| p.display().to_string()));
+    let out = client(balancer.addr, &args);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut stored: Vec<String> = dirs.iter().flat_map(|d| stored_contents(d)).collect();
+    stored.sort();
+    let mut expected = contents;
+    expected.sort();
+    assert_eq!(stored, expected);
+    assert!(
+        dirs.iter().all(|d| !stored_contents(d).is_empty()),
+        "every server took work"
+    );
+
+    // The servers take only peers with a certificate from the CA: a peer
+    // that checks them but has none of its own is refused in the TLS
+    // handshake, before a byte of the protocol.
+    let out = client(
+        servers[0].addr,
+        &[
+            &client_tls[..],
+            &[
+                "list".into(),
+                "--server".into(),
+                servers[0].addr.to_string(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(said.contains("TLS"), "{said}");
+    let log = std::fs::read_to_string(work.path().join("loadbalancer.log")).unwrap();
+    assert!(
+        log.contains("security: TLS listener (client certificates: none), TLS connections verified against --tls-ca; cluster key"),
+        "{log}"
+    );
 }
 
 /// A balancer with TLS and one in-process server, in `work`.

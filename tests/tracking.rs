@@ -185,7 +185,7 @@ fn tracking_off_is_said_plainly_and_servers_refuse_transfers() {
     );
     assert!(!cluster.dir.path().join("balancer.db").exists());
 
-    let mut raw = Raw::connect(cluster.servers[0].addr);
+    let mut raw = Raw::connect_to_server(cluster.servers[0].addr, &cluster.server_dirs[0]);
     raw.send_json(&serde_json::json!({"type": "transfers", "id": 5, "active": true}));
     match raw.reply() {
         Reply::Error(e) => {

@@ -1,7 +1,8 @@
 //! Who is on the other end of one client connection, and what it may ask:
 //! a peer that proved the cluster key (a server registering, see
 //! `handshake`) may register and deregister; with `--users`, a user who
-//! logged in may do the rest, and admin requests need an admin user.
+//! logged in may do the rest, and admin requests need an admin user;
+//! without users, changing the pool (add, drain, remove) needs the key.
 //!
 //! The connection thread asks `Session::admit` about every request before
 //! carrying it out; handshake and login messages are answered here.
@@ -195,6 +196,32 @@ impl Session {
                     request.kind()
                 ),
             )),
+            // Without users, changing the pool is an operator's act: it
+            // needs the cluster key, as joining and leaving do.
+            Request::AddServer { id, .. }
+            | Request::DrainServer { id, .. }
+            | Request::RemoveServer { id, .. }
+                if !users_on && self.gate.keyed() && !self.gate.proven() =>
+            {
+                if let Some(skipped) = refusals().check(&self.peer.ip()) {
+                    log::warn!(
+                        "connection from {}: `{}` without the cluster key; refused{}",
+                        self.peer,
+                        request.kind(),
+                        crate::throttle::more(skipped)
+                    );
+                }
+                Verdict::Answer(Reply::error(
+                    Some(*id),
+                    ErrorCode::Unauthenticated,
+                    format!(
+                        "`{}` changes the pool: prove the cluster key first (client \
+                         --cluster-key-file, the balancer's key file), or log in as an \
+                         admin on a balancer with --users",
+                        request.kind()
+                    ),
+                ))
+            }
             Request::Servers { id }
             | Request::AddServer { id, .. }
             | Request::DrainServer { id, .. }

@@ -2,7 +2,8 @@ use clap::Parser;
 use lbft::auth::ClusterKey;
 use lbft::balancer::relay::Mode;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
-use lbft::cli::{parse_addr, parse_duration, parse_size, TlsArgs};
+use lbft::cli::{parse_addr, parse_duration, parse_size, KeyArgs, TlsArgs};
+use lbft::net::tls::ClientCerts;
 use lbft::policy::PolicyKind;
 use lbft::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -147,15 +148,8 @@ struct Args {
     /// --local-servers (which share a key made at start).
     #[arg(long, value_enum, default_value_t = UploadMode::Proxy)]
     mode: UploadMode,
-    /// File holding the key that balancer and servers share (64 hex
-    /// digits; created with a new random key when missing). Servers must
-    /// prove it on every connection (links, status probes, file relays)
-    /// or get nothing, and to register; the balancer proves it back. The
-    /// balancer also signs upload tickets with it; servers started with
-    /// the same file accept uploads only with such a ticket. Local servers
-    /// (--local-servers) share it.
-    #[arg(long, value_name = "FILE")]
-    cluster_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyArgs,
     /// How long a redirect ticket is valid.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     ticket_ttl: Duration,
@@ -165,10 +159,10 @@ struct Args {
     /// need an admin user.
     #[arg(long, conflicts_with = "no_state")]
     users: bool,
-    /// With --cluster-key-file and --backend-wire legacy: drive original
-    /// servers anyway, unauthenticated (the key then guards registrations
-    /// only).
-    #[arg(long, requires = "cluster_key_file")]
+    /// With --backend-wire legacy: drive original servers anyway, which
+    /// cannot prove the cluster key (the key then guards registrations
+    /// only). Logged as a warning at start.
+    #[arg(long)]
     allow_unauthenticated_legacy: bool,
     #[command(flatten)]
     tls: TlsArgs,
@@ -278,9 +272,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
-    let tls = args
-        .tls
-        .install(args.allow_legacy_plaintext, args.frame_timeout)?;
+    // Clients check the balancer and log in; asking them for certificates
+    // is a choice of its own (--tls-client-certs required).
+    let tls = args.tls.install(
+        ClientCerts::None,
+        args.allow_legacy_plaintext,
+        args.frame_timeout,
+    )?;
     if let (Some(tls), Some(_)) = (&tls, args.local_servers) {
         // The in-process servers listen with this process's certificate
         // and are reached with its CA: both or neither.
@@ -298,16 +296,45 @@ fn run(args: Args) -> Result<(), lbft::Error> {
             "--backend-wire legacy: servers of the original format are reached in plaintext"
         );
     }
-    let cluster_key = match (&args.cluster_key_file, args.mode, args.local_servers) {
-        (Some(path), _, _) => Some(lbft::handshake::load_key(path)?),
+    if tls.as_ref().is_some_and(|t| t.accepts() && !t.connects()) && args.local_servers.is_none() {
+        log::warn!(
+            "clients reach this balancer over TLS, but it reaches its servers in plaintext: \
+             give it --tls-ca to check them (and the servers --tls-cert/--tls-key)"
+        );
+    }
+    let cluster_key = match (
+        args.key.load("this balancer")?,
+        args.mode,
+        args.local_servers,
+    ) {
+        (Some(key), _, _) => Some(key),
+        // In-process servers share a key that needs no file.
         (None, UploadMode::Redirect, Some(_)) => Some(ClusterKey::generate()),
         (None, UploadMode::Redirect, None) => {
             return Err(lbft::Error::Config(
-                "--mode redirect needs --cluster-key-file (the file the servers use too)".into(),
+                "--mode redirect signs upload tickets with the cluster key: it cannot go \
+                 with --no-cluster-key"
+                    .into(),
             ))
         }
         (None, UploadMode::Proxy, _) => None,
     };
+    if args.allow_unauthenticated_legacy && matches!(args.backend_wire, Wire::Legacy) {
+        log::warn!(
+            "--allow-unauthenticated-legacy: the original-format servers cannot prove the \
+             cluster key; anyone at their addresses gets documents"
+        );
+    }
+    log::info!(
+        "security: {}; {}; {}",
+        lbft::net::tls::Tls::describe(tls.as_ref()),
+        args.key.describe(&cluster_key),
+        if args.users {
+            "users must log in (--users)"
+        } else {
+            "no logins (anyone who reaches the listener may send; admin requests need the cluster key)"
+        }
+    );
     // The local servers run for as long as their handles live.
     let (servers, local_servers) = match args.local_servers {
         Some(n) => start_local_servers(&args, n, &cluster_key)?,

@@ -50,13 +50,24 @@ struct Args {
     /// CA (PEM); the certificate must name the balancer's IP address.
     #[arg(long, global = true, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
-    /// Certificate (PEM) to present to a balancer that requires client
-    /// certificates (one started with --tls-ca). Needs --tls-key and --tls-ca.
+    /// Certificate (PEM) to present to a balancer that asks for client
+    /// certificates (one started with --tls-client-certs). Needs --tls-key
+    /// and --tls-ca.
     #[arg(long, global = true, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
     #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The cluster key (the file the balancer uses): `admin add`, `drain`
+    /// and `remove` prove it to a balancer that has no users (--users),
+    /// where they are an operator's acts. Read only when it exists.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        default_value = "cluster.key"
+    )]
+    cluster_key_file: PathBuf,
     /// Log in as this user (balancers started with --users); the password
     /// comes from the FTP_PASSWORD environment variable, or is asked for.
     #[arg(long, global = true, value_name = "NAME")]
@@ -196,9 +207,10 @@ fn main() -> ExitCode {
         tls_cert: args.tls_cert.clone(),
         tls_key: args.tls_key.clone(),
         tls_ca: args.tls_ca.clone(),
+        ..TlsArgs::default()
     };
     // The handshake deadline applies to listeners only; the client has none.
-    if let Err(e) = tls.install(false, Duration::from_secs(30)) {
+    if let Err(e) = tls.install(Default::default(), false, Duration::from_secs(30)) {
         eprintln!("client: {e}");
         return ExitCode::FAILURE;
     }
@@ -224,6 +236,7 @@ fn main() -> ExitCode {
     };
     let config = Config {
         login,
+        cluster_key_file: Some(args.cluster_key_file.clone()),
         balancer: args.balancer,
         documents: args.documents,
         reply_timeout: args.timeout,

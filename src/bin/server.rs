@@ -1,5 +1,6 @@
 use clap::Parser;
-use lbft::cli::{parse_addr, parse_duration, parse_size, TlsArgs};
+use lbft::cli::{parse_addr, parse_duration, parse_size, KeyArgs, TlsArgs};
+use lbft::net::tls::ClientCerts;
 use lbft::server::registrar::{Registrar, RegistrarSettings};
 use lbft::server::{Config, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -76,24 +77,14 @@ struct Args {
     /// after this long without new bytes.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     partial_ttl: Duration,
-    /// The cluster key shared with the balancers (64 hex digits; created
-    /// when missing). Every framed connection must then prove it first
-    /// (the balancer's links, probes and file relays do), registrations
-    /// prove it to the balancers, and the balancers prove it back; file
-    /// uploads straight from clients need a ticket the balancer signed for
-    /// this server, unexpired, instead.
-    #[arg(long, value_name = "FILE")]
-    cluster_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyArgs,
     #[command(flatten)]
     tls: TlsArgs,
     /// On a TLS port (--tls-cert), serve balancers of the original format
     /// (which has no TLS) in plaintext instead of refusing them.
     #[arg(long)]
     allow_legacy_plaintext: bool,
-    /// With --cluster-key-file, still accept connections in the original
-    /// format, which cannot prove the key.
-    #[arg(long, requires = "cluster_key_file")]
-    allow_unauthenticated_legacy: bool,
 }
 
 fn main() -> ExitCode {
@@ -109,19 +100,26 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(args.log_file.as_deref())?;
-    args.tls
-        .install(args.allow_legacy_plaintext, args.frame_timeout)?;
+    // Mutual TLS by default: a server's peers are cluster members.
+    let listens_tls = args.tls.tls_cert.is_some();
+    let has_ca = args.tls.tls_ca.is_some() || args.tls.tls_client_ca.is_some();
+    let default_client_certs = if listens_tls && has_ca {
+        ClientCerts::Required
+    } else {
+        ClientCerts::None
+    };
+    let tls = args.tls.install(
+        default_client_certs,
+        args.allow_legacy_plaintext,
+        args.frame_timeout,
+    )?;
     let defaults = Config::default();
     let listen = match (args.listen, args.port) {
         (Some(addr), _) => addr,
         (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
         (None, None) => defaults.listen,
     };
-    let cluster_key = args
-        .cluster_key_file
-        .as_deref()
-        .map(lbft::handshake::load_key)
-        .transpose()?;
+    let cluster_key = args.key.load("this server")?;
     let server = Server::bind(Config {
         listen,
         dir: args.dir,
@@ -138,12 +136,20 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         server_id: args.server_id,
         partial_ttl: args.partial_ttl,
         cluster_key: cluster_key.clone(),
-        allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         ..defaults
     })?;
     // Registered before the readiness line, so that a signal sent as soon
     // as it appears stops the server cleanly instead of killing it.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    log::info!(
+        "server {}: security: {}",
+        server.local_addr(),
+        [
+            lbft::net::tls::Tls::describe(tls.as_ref()),
+            args.key.describe(&cluster_key),
+        ]
+        .join("; ")
+    );
     let handle = server.start()?;
     let registrar = if args.balancer.is_empty() {
         None

@@ -30,6 +30,13 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
     let addr = config.balancer;
     let stream = super::login::open(config)?;
     let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
+    if let Some(key) = cluster_key(config)? {
+        crate::handshake::initiate(&mut conn, &key, addr, 100).map_err(|e| {
+            Error::Io(io::Error::other(format!(
+                "cannot prove the cluster key to the balancer at {addr}: {e}"
+            )))
+        })?;
+    }
     let reply = conn.call(&request).map_err(|e| {
         Error::Io(io::Error::other(format!(
             "the balancer at {addr} did not answer: {e}"
@@ -48,6 +55,19 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
             writeln!(out, "unexpected answer: {other:?}")?;
             Ok(false)
         }
+    }
+}
+
+/// The cluster key, when its file exists (a missing file is no key: the
+/// balancer may have users instead).
+fn cluster_key(config: &Config) -> Result<Option<crate::auth::ClusterKey>, Error> {
+    let Some(path) = &config.cluster_key_file else {
+        return Ok(None);
+    };
+    match crate::auth::ClusterKey::from_file(path) {
+        Ok(key) => Ok(Some(key)),
+        Err(crate::auth::KeyError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io(io::Error::other(e.to_string()))),
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Tls {
     accept: Option<Arc<ServerConfig>>,
     /// Present when connecting: every outgoing connection is TLS.
     connect: Option<Arc<ClientConfig>>,
+    /// What listeners ask of connecting peers.
+    client_certs: ClientCerts,
     /// Serve original-format peers in plaintext on a TLS port.
     allow_legacy_plaintext: bool,
     /// A peer must finish its handshake within this once it has started.
@@ -55,18 +57,47 @@ impl std::fmt::Debug for Tls {
         f.debug_struct("Tls")
             .field("accept", &self.accept.is_some())
             .field("connect", &self.connect.is_some())
+            .field("client_certs", &self.client_certs)
             .field("allow_legacy_plaintext", &self.allow_legacy_plaintext)
             .field("handshake_timeout", &self.handshake_timeout)
             .finish()
     }
 }
 
-/// The PEM files of one process (`--tls-cert`, `--tls-key`, `--tls-ca`).
+/// The PEM files of one process (`--tls-cert`, `--tls-key`, `--tls-ca`,
+/// `--tls-client-ca`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TlsFiles<'a> {
     pub cert: Option<&'a Path>,
     pub key: Option<&'a Path>,
+    /// Verifies the peers this process connects to.
     pub ca: Option<&'a Path>,
+    /// Verifies the certificates of peers connecting to this process's
+    /// listeners; `ca` when not given.
+    pub client_ca: Option<&'a Path>,
+}
+
+/// Whether a TLS listener asks connecting peers for a certificate (as
+/// HAProxy's `verify none|optional|required` on a `bind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClientCerts {
+    /// Peers present none (clients checking the listener, as with HTTPS).
+    #[default]
+    None,
+    /// A peer may present one, and it is verified when it does.
+    Optional,
+    /// Every peer must present a certificate the CA signed (mutual TLS).
+    Required,
+}
+
+impl std::fmt::Display for ClientCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientCerts::None => "none",
+            ClientCerts::Optional => "optional",
+            ClientCerts::Required => "required",
+        })
+    }
 }
 
 static INSTALLED: OnceLock<Tls> = OnceLock::new();
@@ -89,12 +120,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 impl Tls {
     /// Reads the PEM files. A certificate with its key makes listeners
-    /// serve TLS; a CA makes connections TLS, verified against it, and
-    /// makes listeners require client certificates signed by it. Both
-    /// together: TLS both ways, and this process presents its certificate
-    /// when it connects too. `None` when no file is given.
+    /// serve TLS, asking peers for certificates as `client_certs` says
+    /// (verified against `client_ca`, else `ca`); a CA makes connections
+    /// TLS, verified against it, presenting this process's certificate when
+    /// it has one. The two sides are set apart, so a balancer can take
+    /// clients without certificates and still use mutual TLS with its
+    /// servers. `None` when no file is given.
     pub fn load(
         files: TlsFiles<'_>,
+        client_certs: ClientCerts,
         allow_legacy_plaintext: bool,
         handshake_timeout: Duration,
     ) -> Result<Option<Tls>, String> {
@@ -112,14 +146,30 @@ impl Tls {
             if allow_legacy_plaintext {
                 return Err("--allow-legacy-plaintext only makes sense with --tls-cert".into());
             }
+            if files.client_ca.is_some() || client_certs != ClientCerts::None {
+                return Err("client certificates are asked for by a TLS listener: \
+                            --tls-client-ca and --tls-client-certs need --tls-cert and --tls-key"
+                    .into());
+            }
             return Ok(None);
         }
+        let client_roots = match (client_certs, files.client_ca) {
+            (ClientCerts::None, _) => None,
+            (_, Some(ca)) => Some(Arc::new(read_roots(ca)?)),
+            (_, None) => Some(roots.clone().ok_or(
+                "--tls-client-certs optional|required needs a CA to verify them: \
+                 --tls-client-ca or --tls-ca",
+            )?),
+        };
         let accept = match &identity {
             Some((certs, key)) => Some(Arc::new(server_config(
                 certs.clone(),
                 key.clone_key(),
-                roots.clone(),
+                client_roots.map(|r| (r, client_certs == ClientCerts::Optional)),
             )?)),
+            None if client_certs != ClientCerts::None => {
+                return Err("--tls-client-certs needs --tls-cert and --tls-key".into())
+            }
             None => None,
         };
         let connect = match &roots {
@@ -132,9 +182,38 @@ impl Tls {
         Ok(Some(Tls {
             accept,
             connect,
+            client_certs: if identity.is_some() {
+                client_certs
+            } else {
+                ClientCerts::None
+            },
             allow_legacy_plaintext,
             handshake_timeout,
         }))
+    }
+
+    /// The TLS part of a program's start-up security line: what its
+    /// listener and its own connections do.
+    pub fn describe(tls: Option<&Tls>) -> String {
+        let Some(tls) = tls else {
+            return "no TLS (plaintext listener and connections)".into();
+        };
+        let listener = if tls.accepts() {
+            format!("TLS listener (client certificates: {})", tls.client_certs)
+        } else {
+            "plaintext listener".into()
+        };
+        let connections = if tls.connects() {
+            "TLS connections verified against --tls-ca"
+        } else {
+            "plaintext connections"
+        };
+        format!("{listener}, {connections}")
+    }
+
+    /// What listeners ask of connecting peers.
+    pub fn client_certs(&self) -> ClientCerts {
+        self.client_certs
     }
 
     /// Whether listeners serve TLS.
@@ -189,20 +268,28 @@ fn read_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// A listener's TLS settings; `client_roots` verifies peers' certificates,
+/// with `true` when a peer may also present none.
 fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    client_roots: Option<Arc<RootCertStore>>,
+    client_roots: Option<(Arc<RootCertStore>, bool)>,
 ) -> Result<ServerConfig, String> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match client_roots {
-        Some(roots) => {
+        Some((roots, optional)) => {
             let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-                    .build()
-                    .map_err(|e| format!("cannot verify client certificates: {e}"))?;
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let verifier = if optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("cannot verify client certificates: {e}"))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -424,6 +511,16 @@ impl Session {
 
     /// Sends close_notify, unless a write is under way (a shutdown from
     /// another thread must not wait for a blocked writer).
+    /// Whether the peer presented a certificate that was verified (a
+    /// listener asking for client certificates; the connecting side's
+    /// peer always has one).
+    pub(crate) fn peer_certified(&self) -> bool {
+        lock(&self.state)
+            .conn
+            .peer_certificates()
+            .is_some_and(|certs| !certs.is_empty())
+    }
+
     pub(crate) fn close_notify(&self, tcp: &TcpStream) {
         let Ok(_writing) = self.writing.try_lock() else {
             return;
@@ -498,7 +595,9 @@ mod tests {
                     cert: Some(&dir.path().join(format!("{name}.pem"))),
                     key: Some(&dir.path().join(format!("{name}-key.pem"))),
                     ca: Some(&dir.path().join("ca.pem")),
+                    client_ca: None,
                 },
+                ClientCerts::Required,
                 false,
                 Duration::from_secs(5),
             )
@@ -521,7 +620,9 @@ mod tests {
         let session =
             Session::connect(config, addr.ip(), client.tcp(), Duration::from_secs(5)).unwrap();
         client.set_tls(session);
-        (client, accepting.join().unwrap(), dir)
+        let accepted = accepting.join().unwrap();
+        assert!(accepted.peer_certified() && client.peer_certified());
+        (client, accepted, dir)
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {

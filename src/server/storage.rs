@@ -795,11 +795,16 @@ mod tests {
         let storage = Storage::open(dir.path()).unwrap();
         let ours = store_once(&storage, 10, &doc("u", "ours"));
         assert_eq!(ours, "10_u~1.json");
-        assert!(matches!(storage.claim(10, None).unwrap(), Claim::Existing { file } if file == ours));
+        assert!(
+            matches!(storage.claim(10, None).unwrap(), Claim::Existing { file } if file == ours)
+        );
         // `forget` moves the framed copy aside, never the planted one.
         let done = storage.forget(&[9, 10]);
         assert_eq!(done.moved.len(), 2, "{:?}", done.moved);
-        assert_eq!(listing(dir.path()), [".duplicates/", "10_u.json", "9_t.json"]);
+        assert_eq!(
+            listing(dir.path()),
+            [".duplicates/", "10_u.json", "9_t.json"]
+        );
         assert_eq!(storage.count(), 2);
     }
 

@@ -108,6 +108,12 @@ pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// The cluster key file of a program started in `cwd` without
+/// `--cluster-key-file` (created there at its start when missing).
+pub fn default_key(cwd: &Path) -> PathBuf {
+    cwd.join("cluster.key")
+}
+
 /// Starts a storage server on port 0 storing into `dir`.
 pub fn start_server(dir: &Path, extra: &[&str]) -> Proc {
     let mut args = strings(&["--listen", "127.0.0.1:0", "--dir"]);
@@ -231,6 +237,27 @@ impl Raw {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).unwrap();
         Raw { stream }
+    }
+
+    /// Connects to a server started by `start_server(server_dir, ..)` and
+    /// proves its cluster key (the default `cluster.key` in the folder it
+    /// was started from), as the balancer does before it sends work.
+    pub fn connect_to_server(addr: SocketAddr, server_dir: &Path) -> Raw {
+        Raw::connect_proven(
+            addr,
+            &default_key(server_dir.parent().unwrap_or(server_dir)),
+        )
+    }
+
+    /// Connects and proves the cluster key in `key_file`.
+    pub fn connect_proven(addr: SocketAddr, key_file: &Path) -> Raw {
+        let raw = Raw::connect(addr);
+        let key = lbft::auth::ClusterKey::from_file(key_file)
+            .unwrap_or_else(|e| panic!("no cluster key: {e}"));
+        let mut conn = proto::Connection::new(raw.stream.try_clone().unwrap(), 1 << 16);
+        lbft::handshake::initiate(&mut conn, &key, addr, 1_000_000)
+            .unwrap_or_else(|e| panic!("cluster handshake with {addr}: {e}"));
+        raw
     }
 
     /// Sends raw bytes as they are.

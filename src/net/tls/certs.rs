@@ -179,7 +179,9 @@ mod tests {
                 cert: Some(&dir.path().join("server1.pem")),
                 key: Some(&dir.path().join("server1-key.pem")),
                 ca: Some(&dir.path().join("ca.pem")),
+                client_ca: None,
             },
+            super::super::ClientCerts::Required,
             false,
             std::time::Duration::from_secs(1),
         )
