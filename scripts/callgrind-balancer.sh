@@ -29,13 +29,13 @@ listening() { # file -> address after "listening on", waiting up to 60 s
 }
 SERVERS=()
 for i in 0 1 2; do
-    "$BIN/server" --listen 127.0.0.1:0 --dir "$WORK/s$i" >"$WORK/s$i.out" 2>&1 &
+    "$BIN/server" --listen 127.0.0.1:0 --dir "$WORK/s$i" --cluster-key-file "$WORK/cluster.key" >"$WORK/s$i.out" 2>&1 &
     PIDS+=($!)
 done
 for i in 0 1 2; do SERVERS+=("$(listening "$WORK/s$i.out")"); done
 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" "$BIN/balancer" \
     --listen 127.0.0.1:0 --servers "$(IFS=,; echo "${SERVERS[*]}")" --no-state \
-    --log-file "$WORK/lb.log" >"$WORK/b.out" 2>&1 &
+    --log-file "$WORK/lb.log" --cluster-key-file "$WORK/cluster.key" >"$WORK/b.out" 2>&1 &
 BALANCER=$!
 PIDS+=($BALANCER)
 "$BIN/client" --balancer "$(listening "$WORK/b.out")" ftp "$N" | tail -n 1

@@ -155,7 +155,7 @@ SERVERS=()
 for s in s1 s2 s3; do
     mkdir -p "$WORK/$s"
     ip netns exec "$P-$s" env RUST_LOG=warn "$BIN/server" --listen "${ADDR[$s]}:$PORT" \
-        --dir "$WORK/$s" >"$WORK/$s.out" 2>"$WORK/$s.err" &
+        --dir "$WORK/$s" --cluster-key-file "$WORK/cluster.key" >"$WORK/$s.out" 2>"$WORK/$s.err" &
     PIDS+=($!)
     wait_listening "$WORK/$s.out" $!
     SERVERS+=("${ADDR[$s]}:$PORT")
@@ -166,6 +166,7 @@ ip netns exec "$P-bal" env RUST_LOG=info "$BIN/balancer" --listen "$BALANCER" \
     --check-interval 100ms --probe-timeout 400ms --fall 3 --rise 2 \
     --server-timeout 3s --queue-timeout 60s --max-attempts 20 \
     --log-file "$WORK/balancer.log" --state "$WORK/balancer.db" \
+    --cluster-key-file "$WORK/cluster.key" \
     >"$WORK/balancer.out" 2>"$WORK/balancer.err" &
 PIDS+=($!)
 wait_listening "$WORK/balancer.out" $!

@@ -185,6 +185,9 @@ pub fn warm_up(addr: SocketAddr) {
 }
 
 /// Starts three storage servers, each in its own folder under `root`.
+/// They run without a cluster key, so that the direct path and HAProxy
+/// reach them as the balancer does (the key costs the balancer one
+/// handshake per connection, and its connections persist).
 pub fn start_servers(root: &Path, prefix: &str) -> (Vec<super::process::Child>, Vec<PathBuf>) {
     let mut servers = Vec::new();
     let mut dirs = Vec::new();
@@ -195,6 +198,7 @@ pub fn start_servers(root: &Path, prefix: &str) -> (Vec<super::process::Child>, 
             "127.0.0.1:0".into(),
             "--dir".into(),
             dir.display().to_string(),
+            "--no-cluster-key".into(),
         ];
         servers.push(super::process::Child::start(
             &format!("server{i}"),
@@ -206,8 +210,8 @@ pub fn start_servers(root: &Path, prefix: &str) -> (Vec<super::process::Child>, 
     (servers, dirs)
 }
 
-/// Arguments of a balancer on a free port in front of `servers`, logging
-/// to `log`, plus `extra`.
+/// Arguments of a balancer on a free port in front of `servers` (started
+/// by `start_servers`, without a key), logging to `log`, plus `extra`.
 pub fn balancer_args(servers: &[SocketAddr], log: &Path, extra: &[&str]) -> Vec<String> {
     let list: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
     let mut args: Vec<String> = vec![
@@ -217,6 +221,7 @@ pub fn balancer_args(servers: &[SocketAddr], log: &Path, extra: &[&str]) -> Vec<
         list.join(","),
         "--log-file".into(),
         log.display().to_string(),
+        "--no-cluster-key".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args
