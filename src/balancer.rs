@@ -41,6 +41,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// The default `--max-file-size` of the balancer and the servers: 1 TiB,
+/// larger than any file people send through such a system, small enough
+/// that a declared size near 2^64 is refused before anything is reserved.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 40;
+
 /// A server's stable id inside one balancer: logs and counters follow it,
 /// whatever servers come and go around it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -129,6 +134,8 @@ pub struct Config {
     /// Largest document content a client may send, in bytes (`too_large`
     /// past it); `None`: whatever fits in `max_frame`.
     pub max_document_size: Option<usize>,
+    /// Largest file an upload may announce, in bytes (`too_large` past it).
+    pub max_file_size: u64,
 }
 
 impl Default for Config {
@@ -165,6 +172,7 @@ impl Default for Config {
             allow_unauthenticated_legacy: false,
             users: false,
             max_document_size: None,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
         }
     }
 }
@@ -362,6 +370,7 @@ impl Balancer {
                 server_timeout: config.server_timeout,
                 wait: config.queue_timeout,
                 advertise,
+                max_file_size: config.max_file_size,
             }),
             tracker,
             max_connections: config.max_connections,

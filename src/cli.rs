@@ -40,6 +40,34 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a file size in bytes with an optional unit, up to exbibytes:
+/// `4096`, `500MiB`, `20GiB`, `1TiB`.
+pub fn parse_file_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" | "K" => 10,
+        "MiB" | "M" => 20,
+        "GiB" | "G" => 30,
+        "TiB" | "T" => 40,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}`: use B, KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    match n.checked_mul(1u64 << shift) {
+        Some(0) => Err(format!("`{s}` must be at least 1 byte")),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("`{s}` is too large")),
+    }
+}
+
 /// Parses a size in bytes with an optional unit: `4096`, `64KiB`, `8MiB`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
@@ -98,6 +126,18 @@ mod tests {
         assert_eq!(parse_count("0").unwrap_err(), "a count must be at least 1");
         assert!(parse_count("zero").unwrap_err().contains("at least 1"));
         assert!(parse_count("-1").is_err());
+    }
+
+    #[test]
+    fn file_sizes() {
+        assert_eq!(parse_file_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_file_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_file_size("7"), Ok(7));
+        assert!(parse_file_size("0").is_err());
+        assert!(parse_file_size("99999999TiB")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_file_size("1PiB").is_err());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub enum Observation {
     Served,
     /// The server answered a forward with a storage error.
     StorageFailed(String),
+    /// The server said its disk is full: no store can succeed there until
+    /// a probe says it can write again.
+    DiskFull(String),
 }
 
 impl Observation {
@@ -100,8 +103,8 @@ pub const STORAGE_UNAVAILABLE: &str = "storage unavailable";
 /// Two exceptions: a server never seen yet (`Unknown`) is up at its first
 /// good probe, so that starting the system is not delayed; and first-hand
 /// evidence takes it down at once: a forward that failed on the connection,
-/// `STORAGE_FAILURES` storage errors in a row, or a probe answer saying it
-/// cannot store. Overloaded and back is the server's own word and is
+/// `STORAGE_FAILURES` storage errors in a row, one saying its disk is full,
+/// or a probe answer saying it cannot store. Overloaded and back is the server's own word and is
 /// followed at once.
 #[derive(Debug, Clone)]
 pub struct Health {
@@ -177,6 +180,7 @@ impl Health {
                 (State::Down, Some(r.clone()))
             }
             Observation::LinkFailed(r) => (State::Down, Some(r.clone())),
+            Observation::DiskFull(r) => (State::Down, Some(r.clone())),
             Observation::Served => {
                 self.storage_errors = 0;
                 return None;
@@ -383,6 +387,16 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_takes_a_server_down_at_once() {
+        let mut h = up();
+        let full = Observation::DiskFull("disk_full: no space left on device".into());
+        let t = h.observe(&full).unwrap();
+        assert_eq!(t.describe(), "down (disk_full: no space left on device)");
+        assert!(!h.accepts_requests());
+        assert_eq!(run(&mut h, &[ok(), ok()]), [State::Down, State::Up]);
+    }
+
+    #[test]
     fn a_server_that_cannot_store_is_out_until_it_can_for_rise_probes() {
         for mut h in [up(), Health::new(2, 2)] {
             let t = h.observe(&cannot_store()).unwrap();
@@ -419,6 +433,7 @@ mod tests {
             1 => Just(Observation::LinkFailed("reset".into())),
             2 => Just(Observation::Served),
             1 => Just(Observation::StorageFailed("disk full".into())),
+            1 => Just(Observation::DiskFull("disk_full".into())),
         ]
     }
 
@@ -442,7 +457,9 @@ mod tests {
                         good += 1;
                         bad = 0;
                     }
-                    Observation::ProbeOk { can_store: false, .. } | Observation::LinkFailed(_) => {
+                    Observation::ProbeOk { can_store: false, .. }
+                    | Observation::LinkFailed(_)
+                    | Observation::DiskFull(_) => {
                         good = 0;
                         bad = 0;
                     }

@@ -415,6 +415,23 @@ impl Stream {
         self.0.tls.get().is_some_and(tls::Session::peer_certified)
     }
 
+    /// Whether the peer has closed or reset a connection kept open for
+    /// reuse, as far as can be told without waiting: it sent its end of
+    /// stream (or a reset), or plaintext bytes nobody asked for. Checked
+    /// before sending on a connection that sat idle, so that a request is
+    /// never written to a peer already gone (where it would look as if it
+    /// might have been received). Pending TLS records (a session ticket)
+    /// do not count.
+    pub fn peer_closed(&self) -> bool {
+        let socket = socket2::SockRef::from(&self.0.tcp);
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket.recv_with_flags(&mut byte, libc::MSG_DONTWAIT | libc::MSG_PEEK) {
+            Ok(0) => true,
+            Ok(_) => !self.is_tls(),
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         self.0.tls.get().is_some()
@@ -444,6 +461,13 @@ impl Stream {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.tcp.local_addr()
+    }
+
+    /// Ends reading from another thread: a read blocked on the connection
+    /// returns end of stream, while replies can still be written.
+    pub fn end_reading(&self) {
+        // Fails only if the peer is already gone, which ends reading too.
+        let _ = self.0.tcp.shutdown(Shutdown::Read);
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -549,6 +573,14 @@ impl Paced {
             deadline: None,
             current: None,
         }
+    }
+}
+
+impl Paced {
+    /// The connection under the deadlines, for another thread to end its
+    /// reading (see `Stream::end_reading`).
+    pub fn stream(&self) -> &Stream {
+        &self.stream
     }
 }
 

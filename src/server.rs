@@ -65,6 +65,8 @@ pub struct Config {
     pub server_id: Option<u16>,
     /// Partial uploads untouched for this long are removed.
     pub partial_ttl: Duration,
+    /// Largest file an upload may announce, in bytes.
+    pub max_file_size: u64,
     /// With a cluster key, every framed connection must prove it first
     /// (see `handshake`) except an upload, which needs a ticket the
     /// balancer signed instead. Connections in the original format cannot
@@ -90,6 +92,7 @@ impl Default for Config {
             frame_timeout: Duration::from_secs(30),
             server_id: None,
             partial_ttl: Duration::from_secs(24 * 3600),
+            max_file_size: crate::balancer::DEFAULT_MAX_FILE_SIZE,
             cluster_key: None,
         }
     }
@@ -587,9 +590,13 @@ fn handle_store(store: proto::StoreRequest, shared: &Shared) -> Reply {
         let code = match &e {
             StoreError::Expired { .. } | StoreError::Forgotten(_) => ErrorCode::Expired,
             StoreError::InProgress(_) => ErrorCode::InProgress,
+            StoreError::Io(e) if storage::is_disk_full(e) => ErrorCode::DiskFull,
             StoreError::Io(_) => ErrorCode::Storage,
         };
-        if code == ErrorCode::Storage {
+        if code == ErrorCode::DiskFull {
+            shared.load.note_disk_full(shared.storage.dir());
+        }
+        if matches!(code, ErrorCode::Storage | ErrorCode::DiskFull) {
             log::error!("server {addr}: cannot store request {number}: {e}");
         } else {
             // The balancer retries elsewhere or has already: routine.
@@ -628,6 +635,13 @@ fn store_legacy(doc: &Document, request_number: Option<u64>, shared: &Shared) {
     let a_count = count_a_with_delay(&doc.content, shared.config.char_delay);
     match shared.storage.store_copy(number, doc, a_count) {
         Ok(file) => log_stored(number, doc, &file, a_count, shared),
+        Err(e) if storage::is_disk_full(&e) => {
+            shared.load.note_disk_full(shared.storage.dir());
+            log::error!(
+                "server {}: cannot store original-format request {number}: the disk is full ({e})",
+                shared.addr
+            );
+        }
         Err(e) => log::error!(
             "server {}: cannot store original-format request {number}: {e}",
             shared.addr

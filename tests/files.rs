@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use util::{client_bin, start_balancer, start_server, Cluster, Raw};
+use util::{client_bin, start_balancer, start_server, Cluster, Raw, SmallDisk};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -513,33 +513,6 @@ fn documents_keep_flowing_while_a_large_upload_is_open() {
     assert_eq!(stored(&cluster.server_dirs).len(), 1);
 }
 
-/// A small tmpfs mounted for one test, unmounted when dropped.
-struct SmallDisk {
-    path: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(path: PathBuf, size: &str) -> Result<SmallDisk, String> {
-        std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(SmallDisk { path })
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
-}
-
 #[test]
 fn a_disk_that_fills_up_mid_file_is_a_clear_error_and_the_server_keeps_storing() {
     let dir = tempfile::tempdir().unwrap();
@@ -580,7 +553,7 @@ fn a_disk_that_fills_up_mid_file_is_a_clear_error_and_the_server_keeps_storing()
     };
     match reply {
         Reply::Error(e) => {
-            assert_eq!(e.code, ErrorCode::Storage, "{}", e.message);
+            assert_eq!(e.code, ErrorCode::DiskFull, "{}", e.message);
             assert!(e.message.contains("disk is full"), "{}", e.message);
         }
         other => panic!("{other:?}"),

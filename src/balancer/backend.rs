@@ -240,7 +240,13 @@ impl Framed {
 
     fn exchange(&mut self, payload: &[u8]) -> Result<Reply, (LinkError, CallError)> {
         let mut conn = match self.conn.take() {
-            Some(c) => c,
+            Some(c) if !c.get_ref().peer_closed() => c,
+            // Gone while idle (a restart, a kill): a fresh connection, so
+            // that nothing is written to a peer that can no longer read it.
+            Some(_) => {
+                self.close();
+                self.connect().map_err(|e| (e, CallError::Closed))?
+            }
             None => self.connect().map_err(|e| (e, CallError::Closed))?,
         };
         if let Err(e) = conn.send_payload(payload) {
@@ -258,9 +264,14 @@ impl Framed {
             }
             Err(e) => {
                 self.close();
+                // A reset means the request was never read: a server that
+                // read it and then died would have closed with an end of
+                // stream (its receive queue empty), not a reset.
+                let reset = matches!(&e, CallError::Frame(proto::FrameError::Io(io))
+                    if io.kind() == std::io::ErrorKind::ConnectionReset);
                 let err = LinkError {
                     reason: format!("no reply: {e}"),
-                    delivered: true,
+                    delivered: !reset,
                 };
                 Err((err, e))
             }

@@ -295,6 +295,9 @@ pub struct Dispatcher {
     /// `on_done_handing_back`): the first job then dispatched to that
     /// server is kept here for the worker, not sent through the channel.
     hand_back: Option<(ServerId, Option<Job>)>,
+    /// Names of servers that left the pool, for the jobs that outlive
+    /// them (a retry, or a failure that names where a copy may be).
+    former: BTreeMap<ServerId, String>,
 }
 
 impl Dispatcher {
@@ -326,6 +329,7 @@ impl Dispatcher {
             aborted: false,
             tracker: None,
             hand_back: None,
+            former: BTreeMap::new(),
         };
         for addr in servers {
             d.add_slot(*addr)?;
@@ -729,6 +733,8 @@ impl Dispatcher {
                 self.finished(server);
                 if link_failed {
                     self.observe(server, &Observation::LinkFailed(reason.clone()));
+                } else if reason.starts_with(&format!("{}:", ErrorCode::DiskFull)) {
+                    self.observe(server, &Observation::DiskFull(reason.clone()));
                 } else if reason.starts_with(&format!("{}:", ErrorCode::Storage)) {
                     // The link words an error reply as "<code>: <message>".
                     self.observe(server, &Observation::StorageFailed(reason.clone()));
@@ -746,7 +752,7 @@ impl Dispatcher {
                 job.uncertain.push(server);
             }
         }
-        let name = self.stats.server(server).name.clone();
+        let name = self.server_name(server);
         if self.aborted {
             let msg = format!(
                 "the balancer shut down while server {name} was handling this request; {}",
@@ -771,10 +777,7 @@ impl Dispatcher {
                 "request failed after {} attempts; last error from server {name}: {reason}",
                 job.attempts
             );
-            if let Some(t) = &self.tracker {
-                t.failed(&job, ErrorCode::ServerFailed, &msg);
-            }
-            job.fail(ErrorCode::ServerFailed, msg, &self.stats);
+            self.give_up(job, ErrorCode::ServerFailed, msg);
         } else {
             if let Some(t) = &self.tracker {
                 t.retried(&job, &name, &reason);
@@ -891,6 +894,13 @@ impl Dispatcher {
 
     /// Why no server can take work, for the clients whose requests expire.
     fn outage_reason(&self) -> String {
+        if self.slots.is_empty() {
+            return format!(
+                "no server available for --queue-timeout ({:?}): the pool is empty (no \
+                 server joined, or every one left or was removed)",
+                self.settings.queue_timeout
+            );
+        }
         let states: BTreeSet<State> = self.slots.values().map(|s| s.health.state()).collect();
         let what = match states.iter().copied().collect::<Vec<_>>()[..] {
             [State::Down] => "every server is down",
@@ -922,10 +932,42 @@ impl Dispatcher {
         let msg = self.outage_reason();
         log::error!("{} requests: {msg}; giving up", expired.len());
         for job in expired {
-            if let Some(t) = &self.tracker {
-                t.failed(&job, ErrorCode::NoServer, &msg);
-            }
-            job.fail(ErrorCode::NoServer, msg.clone(), &self.stats);
+            self.give_up(job, ErrorCode::NoServer, msg.clone());
+        }
+    }
+
+    /// Answers a job that will not be carried out. One that reached a
+    /// server without an answer coming back may be stored there: it is
+    /// answered `maybe_stored`, naming those servers, never plain failed.
+    fn give_up(&self, job: Job, code: ErrorCode, msg: String) {
+        let (code, msg) = if job.uncertain.is_empty() {
+            (code, msg)
+        } else {
+            let names: Vec<String> = job
+                .uncertain
+                .iter()
+                .map(|id| self.server_name(*id))
+                .collect();
+            (
+                ErrorCode::MaybeStored,
+                format!(
+                    "{msg}; it may have been stored on {}, which had it when no answer came",
+                    names.join(", ")
+                ),
+            )
+        };
+        if let Some(t) = &self.tracker {
+            t.failed(&job, code, &msg);
+        }
+        job.fail(code, msg, &self.stats);
+    }
+
+    /// A server's name, also after it left the pool.
+    fn server_name(&self, id: ServerId) -> String {
+        match (self.slots.get(&id), self.former.get(&id)) {
+            (Some(slot), _) => slot.name.clone(),
+            (None, Some(name)) => name.clone(),
+            (None, None) => format!("#{}", id.0),
         }
     }
 

@@ -14,13 +14,14 @@ use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
 use crate::proto::file::{read_body_into, valid_upload_id};
+use crate::proto::FrameError;
 use crate::proto::{
     Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, Redirect, Reply,
     Request, Ticket, TransferEvent, UploadRequest,
 };
 use crossbeam_channel::Sender;
-use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How clients reach servers for file uploads.
@@ -47,6 +48,8 @@ pub struct FileSettings {
     pub wait: Duration,
     /// Where servers report redirected uploads (this balancer's address).
     pub advertise: Option<SocketAddr>,
+    /// Largest file an upload may announce (`--max-file-size`).
+    pub max_file_size: u64,
 }
 
 /// How a conversation ended for the client connection.
@@ -115,10 +118,10 @@ impl Conn {
 
     /// An `upload` from the client: picks a server, then either redirects
     /// the client there or relays the upload to it.
-    pub(super) fn upload<R: Read + Deadline>(
+    pub(super) fn upload(
         &self,
         mut up: UploadRequest,
-        reader: &mut FrameReader<R>,
+        reader: &mut FrameReader<net::Paced>,
         replies: &Sender<Reply>,
         user: Option<&str>,
     ) -> Next {
@@ -131,6 +134,17 @@ impl Conn {
                 Some(id),
                 ErrorCode::BadRequest,
                 "upload_id must be 8 to 64 letters, digits, '-' or '_'",
+            ));
+            return Next::Continue;
+        }
+        if up.size > self.files.max_file_size {
+            let _ = replies.send(Reply::error(
+                Some(id),
+                ErrorCode::TooLarge,
+                format!(
+                    "the file has {} bytes, more than this balancer takes (--max-file-size {})",
+                    up.size, self.files.max_file_size
+                ),
             ));
             return Next::Continue;
         }
@@ -288,63 +302,127 @@ impl Conn {
     /// before closing its connection, if one is worth sending.
     ///
     /// This thread reads the client; a scoped writer thread writes the
-    /// server, so one chunk is read while the one before is written. At
-    /// most `RELAY_DEPTH` chunks are between the two.
-    fn relay_chunks<R: Read + Deadline>(
+    /// server, so one chunk is read while the one before is written (at
+    /// most `RELAY_DEPTH` chunks are between the two), and a scoped watcher
+    /// reads what the server says. A server answers only `upload_end`,
+    /// unless it refuses a chunk (a wrong offset, past the size, a full
+    /// disk): then the watcher ends this thread's reading of the client at
+    /// once, so the refusal reaches a client that waits for an answer
+    /// instead of sending on.
+    fn relay_chunks(
         &self,
         up: &UploadRequest,
         server_name: &str,
         server: Connection<net::Stream>,
-        reader: &mut FrameReader<R>,
+        reader: &mut FrameReader<net::Paced>,
     ) -> Result<Reply, Box<Stopped>> {
         let (to_server, chunks) = crossbeam_channel::bounded::<Relayed>(RELAY_DEPTH);
         let (spare_tx, spare) = crossbeam_channel::bounded::<Vec<u8>>(RELAY_DEPTH + 1);
+        let (said_tx, said) = crossbeam_channel::bounded::<Result<Reply, String>>(1);
+        let server_stream = server.get_ref().clone();
+        let client = reader.get_ref().stream().clone();
+        let reading_client = AtomicBool::new(true);
+        let max = self.settings.max_frame;
+        let name = std::thread::current().name().unwrap_or("conn").to_string();
         std::thread::scope(|scope| {
             let writer = std::thread::Builder::new()
-                .name(format!(
-                    "{}-up",
-                    std::thread::current().name().unwrap_or("conn")
-                ))
+                .name(format!("{name}-up"))
                 .spawn_scoped(scope, move || write_chunks(server, chunks, spare_tx));
             let writer = match writer {
                 Ok(w) => w,
                 Err(e) => return Err(stopped(format!("cannot start a thread: {e}"), None)),
             };
+            let watch = std::thread::Builder::new()
+                .name(format!("{name}-watch"))
+                .spawn_scoped(scope, || {
+                    watch_server(&server_stream, max, said_tx, &reading_client, &client)
+                });
             let read = self.read_chunks(up, reader, &to_server, &spare);
+            reading_client.store(false, Ordering::SeqCst);
             drop(to_server);
-            let (mut server, written) = match writer.join() {
-                Ok(result) => result,
-                Err(_) => return Err(stopped("the relay's writer panicked", None)),
-            };
-            let id = up.id;
-            match (read, written) {
-                // The server broke first: its reason goes to the client.
-                (_, Err((offset, e))) => {
-                    let reply = why_server_stopped(&mut server, id)
-                        .unwrap_or_else(|| server_failed(id, server_name, &e));
-                    Err(stopped(
-                        format!("stopped at byte {offset}: {}", describe(&reply)),
-                        Some(reply),
-                    ))
+            let joined = writer.join();
+            let result = match joined {
+                Err(_) => Err(stopped("the relay's writer panicked", None)),
+                Ok((server, written)) => {
+                    self.settle_upload(up, server_name, server, read, written, &said)
                 }
-                (Err(stop), Ok(())) => Err(stop),
-                (Ok((end_id, sha256)), Ok(())) => Ok(
-                    match server.call(&Request::UploadEnd { id: end_id, sha256 }) {
-                        Ok(r) => r,
-                        Err(e) => why_server_stopped(&mut server, end_id)
-                            .unwrap_or_else(|| server_failed(end_id, server_name, &e.to_string())),
-                    },
-                ),
+            };
+            // The transfer's own connection: done with, and the watcher
+            // ends with it.
+            let _ = server_stream.shutdown(std::net::Shutdown::Both);
+            if watch.is_err() {
+                log::error!("cannot start the relay's watcher thread");
             }
+            result
         })
+    }
+
+    /// What an upload comes to, from what the client's side (`read`), the
+    /// writer (`written`) and the server (`said`) did.
+    fn settle_upload(
+        &self,
+        up: &UploadRequest,
+        server_name: &str,
+        mut server: Connection<net::Stream>,
+        read: Result<(u64, String), Box<Stopped>>,
+        written: Result<(), (u64, String)>,
+        said: &crossbeam_channel::Receiver<Result<Reply, String>>,
+    ) -> Result<Reply, Box<Stopped>> {
+        let id = up.id;
+        // A refusal the server sent while chunks were still coming.
+        let refusal = |wait: Duration| match said.recv_timeout(wait) {
+            Ok(Ok(Reply::Error(mut e))) => {
+                e.id = Some(id);
+                Some(Reply::Error(e))
+            }
+            _ => None,
+        };
+        match (read, written) {
+            // The server broke or refused first: its reason goes to the
+            // client.
+            (_, Err((offset, e))) => {
+                let reply = refusal(Duration::from_millis(500))
+                    .unwrap_or_else(|| server_failed(id, server_name, &e));
+                Err(stopped(
+                    format!("stopped at byte {offset}: {}", describe(&reply)),
+                    Some(reply),
+                ))
+            }
+            (Err(stop), Ok(())) => match refusal(Duration::ZERO) {
+                Some(reply) => Err(stopped(describe(&reply), Some(reply))),
+                None => Err(stop),
+            },
+            (Ok((end_id, sha256)), Ok(())) => {
+                let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
+                Ok(match said.recv_timeout(self.files.server_timeout) {
+                    Ok(Ok(Reply::Error(mut e))) => {
+                        e.id = Some(end_id);
+                        Reply::Error(e)
+                    }
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(why)) => server_failed(end_id, server_name, &why),
+                    Err(_) => server_failed(
+                        end_id,
+                        server_name,
+                        &match sent {
+                            Err(e) => e.to_string(),
+                            Ok(()) => format!(
+                                "no answer to upload_end within --server-timeout ({:?})",
+                                self.files.server_timeout
+                            ),
+                        },
+                    ),
+                })
+            }
+        }
     }
 
     /// Reads chunks from the client and hands them to the writer until
     /// `upload_end`, whose id and checksum it returns.
-    fn read_chunks<R: Read + Deadline>(
+    fn read_chunks(
         &self,
         up: &UploadRequest,
-        reader: &mut FrameReader<R>,
+        reader: &mut FrameReader<net::Paced>,
         to_server: &Sender<Relayed>,
         spare: &crossbeam_channel::Receiver<Vec<u8>>,
     ) -> Result<(u64, String), Box<Stopped>> {
@@ -632,6 +710,34 @@ fn write_chunks(
     (server, Ok(()))
 }
 
+/// The relay's watcher: reads the server's one answer (to `upload_end`, or
+/// a refusal of a chunk before it) and hands it on. An answer while the
+/// client is still being read is a refusal, or the server gone: the
+/// client's reading is ended so that the relay stops at once.
+fn watch_server(
+    server: &net::Stream,
+    max: usize,
+    said: Sender<Result<Reply, String>>,
+    reading_client: &AtomicBool,
+    client: &net::Stream,
+) {
+    let mut reader = FrameReader::new(server, max + crate::proto::FORWARD_HEADROOM);
+    let answer = loop {
+        match reader.message::<Reply>() {
+            Ok(Some(Ok(reply))) => break Ok(reply),
+            Ok(Some(Err(bad))) => break Err(format!("unreadable reply: {bad}")),
+            Ok(None) => break Err("the server closed the connection".to_string()),
+            // Quiet while a large file streams in: servers answer at the end.
+            Err(FrameError::Timeout { mid_frame: false }) => continue,
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    if reading_client.load(Ordering::SeqCst) {
+        client.end_reading();
+    }
+    let _ = said.send(answer);
+}
+
 /// Why an upload stopped before `upload_end`, and the reply worth sending
 /// the client before its connection closes.
 struct Stopped {
@@ -644,17 +750,6 @@ fn stopped(why: impl Into<String>, reply: Option<Reply>) -> Box<Stopped> {
         why: why.into(),
         reply,
     })
-}
-
-/// After a failed write to a server: the error it sent before closing, if
-/// any (disk full, bad offset).
-fn why_server_stopped(server: &mut Connection<net::Stream>, id: u64) -> Option<Reply> {
-    let _ = server
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(500)));
-    let mut e = server.parting_error()?;
-    e.id = Some(id);
-    Some(Reply::Error(e))
 }
 
 fn server_failed(id: u64, server: &str, why: &str) -> Reply {

@@ -150,6 +150,12 @@ pub enum TransferState {
     Retried,
     Stored,
     Failed,
+    /// Given up on after it reached a server that never answered: it may
+    /// be stored there (`maybe_stored`).
+    Unknown,
+    /// Open when the balancer stopped without finishing it (a crash or a
+    /// kill); marked so when the balancer starts again.
+    Interrupted,
 }
 
 impl TransferState {
@@ -159,6 +165,13 @@ impl TransferState {
         TransferState::Retried,
     ];
 
+    /// Ended without being stored.
+    pub const NOT_STORED: [TransferState; 3] = [
+        TransferState::Failed,
+        TransferState::Unknown,
+        TransferState::Interrupted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TransferState::Queued => "queued",
@@ -166,14 +179,34 @@ impl TransferState {
             TransferState::Retried => "retried",
             TransferState::Stored => "stored",
             TransferState::Failed => "failed",
+            TransferState::Unknown => "unknown",
+            TransferState::Interrupted => "interrupted",
+        }
+    }
+
+    /// Whether nothing more happens to it.
+    pub fn is_ended(self) -> bool {
+        !Self::ACTIVE.contains(&self)
+    }
+
+    /// The state a failure leaves: unknown when a server may hold it.
+    pub fn of_failure(code: ErrorCode) -> TransferState {
+        if code == ErrorCode::MaybeStored {
+            TransferState::Unknown
+        } else {
+            TransferState::Failed
         }
     }
 
     fn parse(s: &str) -> Option<TransferState> {
-        [Self::ACTIVE.as_slice(), &[Self::Stored, Self::Failed]]
-            .concat()
-            .into_iter()
-            .find(|state| state.as_str() == s)
+        [
+            Self::ACTIVE.as_slice(),
+            &[Self::Stored],
+            Self::NOT_STORED.as_slice(),
+        ]
+        .concat()
+        .into_iter()
+        .find(|state| state.as_str() == s)
     }
 }
 
@@ -334,6 +367,14 @@ impl Tracker {
     /// file that is not a balancer state file is an error, never replaced.
     pub fn open(path: &Path) -> Result<(Tracker, JoinHandle<()>), Error> {
         let (tracker, messages, conn) = Self::open_unstarted(path, CHANNEL_CAPACITY)?;
+        match mark_interrupted(&conn, now_ms()) {
+            Ok(0) => {}
+            Ok(n) => log::warn!(
+                "{n} transfers were still open when the balancer last stopped (a crash or a \
+                 kill): marked interrupted"
+            ),
+            Err(e) => log::error!("cannot mark the transfers left open as interrupted: {e}"),
+        }
         let shared = tracker.shared.clone();
         let thread = crate::net::spawn_named("tracker".into(), None, move || {
             write_loop(conn, &messages, &shared);
@@ -705,6 +746,21 @@ fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
     events
 }
 
+/// Transfers a balancer left open when it stopped without finishing them:
+/// nothing will carry them on, so they end as interrupted. Events are
+/// written behind the answers, so one of them may have been stored (and
+/// even acknowledged) just before the stop: the record says so.
+fn mark_interrupted(conn: &Connection, now_ms: u64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE transfers SET state = 'interrupted', ended_ms = ?1,
+             duration_ms = max(0, ?1 - started_ms),
+             last_error = 'the balancer stopped before recording how this transfer ended; \
+                           it may have been stored'
+         WHERE state IN ('queued', 'sending', 'retried')",
+        params![now_ms as i64],
+    )
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusqlite::Result<()> {
     // SQLite integers are i64; numbers are 63 bits and times fit easily.
     let at = at_ms as i64;
@@ -732,7 +788,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusq
         TrackEvent::Sent { number, server } => {
             tx.prepare_cached(
                 "UPDATE transfers SET state = 'sending', servers = json_insert(servers, '$[#]', ?2)
-                 WHERE number = ?1 AND state NOT IN ('stored', 'failed')",
+                 WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')",
             )?
             .execute(params![*number as i64, server])?;
         }
@@ -743,7 +799,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusq
         } => {
             tx.prepare_cached(
                 "UPDATE transfers SET state = 'retried', last_error = ?2
-                 WHERE number = ?1 AND state NOT IN ('stored', 'failed')",
+                 WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')",
             )?
             .execute(params![*number as i64, format!("{server}: {reason}")])?;
         }
@@ -765,11 +821,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusq
             reason,
         } => {
             tx.prepare_cached(
-                "UPDATE transfers SET state = 'failed', last_error = ?2, ended_ms = ?3,
+                "UPDATE transfers SET state = ?4, last_error = ?2, ended_ms = ?3,
                      duration_ms = max(0, ?3 - started_ms)
                  WHERE number = ?1 AND state <> 'stored'",
             )?
-            .execute(params![*number as i64, format!("{code}: {reason}"), at])?;
+            .execute(params![
+                *number as i64,
+                format!("{code}: {reason}"),
+                at,
+                TransferState::of_failure(*code).as_str()
+            ])?;
         }
     }
     Ok(())
@@ -806,7 +867,7 @@ fn query_transfers(
         states.extend(TransferState::ACTIVE);
     }
     if filter.failed {
-        states.push(TransferState::Failed);
+        states.extend(TransferState::NOT_STORED);
     }
     let state_list = states
         .iter()

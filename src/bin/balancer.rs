@@ -2,7 +2,7 @@ use clap::Parser;
 use lbft::auth::ClusterKey;
 use lbft::balancer::relay::Mode;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
-use lbft::cli::{parse_addr, parse_duration, parse_size, KeyArgs, TlsArgs};
+use lbft::cli::{parse_addr, parse_duration, parse_file_size, parse_size, KeyArgs, TlsArgs};
 use lbft::net::tls::ClientCerts;
 use lbft::policy::PolicyKind;
 use lbft::server;
@@ -109,6 +109,10 @@ struct Args {
     /// one is answered `too_large`. Default: whatever fits in --max-frame.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_document_size: Option<usize>,
+    /// Largest file an upload may announce (e.g. 20GiB); a larger one is
+    /// answered `too_large` before any byte is sent.
+    #[arg(long, default_value = "1TiB", value_name = "SIZE", value_parser = parse_file_size)]
+    max_file_size: u64,
     /// Requests one client connection may have queued or in flight; at the
     /// limit the balancer stops reading that connection (TCP slows the
     /// client down; nothing fails).
@@ -381,6 +385,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         users: args.users,
         max_document_size: args.max_document_size,
+        max_file_size: args.max_file_size,
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;
@@ -525,6 +530,7 @@ fn start_local_servers(
             storage_root: args.storage_dir.clone(),
             char_delay: Duration::from_millis(args.char_delay_ms),
             max_frame: args.max_frame,
+            max_file_size: args.max_file_size,
             cluster_key: cluster_key.clone(),
             ..server::Config::default()
         })?;

@@ -1,5 +1,5 @@
 use clap::Parser;
-use lbft::cli::{parse_addr, parse_duration, parse_size, KeyArgs, TlsArgs};
+use lbft::cli::{parse_addr, parse_duration, parse_file_size, parse_size, KeyArgs, TlsArgs};
 use lbft::net::tls::ClientCerts;
 use lbft::server::registrar::{Registrar, RegistrarSettings};
 use lbft::server::{Config, Server};
@@ -77,6 +77,10 @@ struct Args {
     /// after this long without new bytes.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     partial_ttl: Duration,
+    /// Largest file an upload may announce (e.g. 20GiB); larger ones are
+    /// refused `too_large` before any byte is written.
+    #[arg(long, default_value = "1TiB", value_name = "SIZE", value_parser = parse_file_size)]
+    max_file_size: u64,
     #[command(flatten)]
     key: KeyArgs,
     #[command(flatten)]
@@ -135,6 +139,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
             .unwrap_or_else(lbft::net::default_max_connections),
         server_id: args.server_id,
         partial_ttl: args.partial_ttl,
+        max_file_size: args.max_file_size,
         cluster_key: cluster_key.clone(),
         ..defaults
     })?;

@@ -50,6 +50,7 @@ fn refused(server: Option<&str>, code: ErrorCode, message: &str) -> Stop {
         ErrorCode::NoServer
         | ErrorCode::ServerFailed
         | ErrorCode::Storage
+        | ErrorCode::DiskFull
         | ErrorCode::Timeout
         | ErrorCode::InProgress
         | ErrorCode::ShuttingDown

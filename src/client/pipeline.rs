@@ -15,7 +15,9 @@
 use super::{Config, Error};
 use crate::net::spawn_named;
 use crate::net::Stream;
-use crate::proto::{self, ErrorCode, ErrorReply, FrameReader, FrameWriter, Reply, Request};
+use crate::proto::{
+    self, ErrorCode, ErrorReply, FrameError, FrameReader, FrameWriter, Reply, Request,
+};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::net::Shutdown;
@@ -108,6 +110,10 @@ enum End {
     ShuttingDown,
     /// The stream closed or broke, for the reason given.
     Closed(String),
+    /// The balancer refused the TLS session before reading anything (it
+    /// asks for a client certificate, or does not trust this one): no
+    /// request was carried out.
+    Refused(String),
 }
 
 /// Whoever is told what became of each request.
@@ -376,7 +382,9 @@ impl<M> Books<M> {
     fn cause(&self) -> String {
         match (&self.end, &self.writer_done) {
             (Some(End::ShuttingDown), _) => "the balancer is shutting down".into(),
-            (Some(End::Closed(why)), _) | (None, Some(Some(why))) => why.clone(),
+            (Some(End::Closed(why) | End::Refused(why)), _) | (None, Some(Some(why))) => {
+                why.clone()
+            }
             (None, _) => "the connection ended".into(),
         }
     }
@@ -388,12 +396,15 @@ impl<M> Books<M> {
             return None;
         }
         let shutting_down = self.end == Some(End::ShuttingDown);
+        let refused = matches!(self.end, Some(End::Refused(_)));
         let mut left: Vec<(u64, M)> = self.outstanding.drain().collect();
         left.sort_by_key(|(id, _)| *id);
         let unanswered = left.len() as u64;
         for (id, meta) in left {
             let fate = if shutting_down {
                 Fate::ShuttingDown
+            } else if refused {
+                Fate::NotSent(cause.to_string())
             } else {
                 Fate::Unknown
             };
@@ -451,7 +462,9 @@ fn write_requests<M>(
 }
 
 fn read_replies<M>(stream: Stream, events: Sender<Event<M>>) {
+    let tls = stream.is_tls();
     let mut reader = FrameReader::new(stream, proto::DEFAULT_MAX_FRAME);
+    let mut answered = false;
     let end = loop {
         match reader.message::<Reply>() {
             Ok(Some(Ok(Reply::Error(e)))) if e.id.is_none() => {
@@ -465,6 +478,7 @@ fn read_replies<M>(stream: Stream, events: Sender<Event<M>>) {
                 };
             }
             Ok(Some(Ok(reply))) => {
+                answered = true;
                 if events.send(Event::Reply(reply)).is_err() {
                     return;
                 }
@@ -475,6 +489,11 @@ fn read_replies<M>(stream: Stream, events: Sender<Event<M>>) {
                 break End::Closed(format!("unreadable reply from the balancer: {e}"))
             }
             Ok(None) => break End::Closed("the balancer closed the connection".into()),
+            // A TLS alert before any answer: the session was refused in
+            // its handshake, before the balancer read a request.
+            Err(FrameError::Io(e)) if tls && !answered && e.to_string().starts_with("TLS") => {
+                break End::Refused(format!("the balancer refused the TLS session: {e}"))
+            }
             Err(e) => break End::Closed(format!("connection to the balancer failed: {e}")),
         }
     };

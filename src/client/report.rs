@@ -172,6 +172,11 @@ pub fn describe<'a>(
             Verdict::Done(&s.server),
         ),
         Fate::Answered(Ok(other)) => fail(format!("unexpected reply {other:?}")),
+        // The balancer gave up, but a server may hold it: not a failure.
+        Fate::Answered(Err(e)) if e.code == ErrorCode::MaybeStored => (
+            format!("  ??    {at} {}{}: {}", quoted(title), e.code, e.message),
+            Verdict::Unknown,
+        ),
         Fate::Answered(Err(e)) => fail(format!("{}: {}", e.code, e.message)),
         Fate::NotSent(why) => fail(format!("not sent: {why}")),
         Fate::ShuttingDown => fail(format!("{}: {SHUTTING_DOWN}", ErrorCode::ShuttingDown)),

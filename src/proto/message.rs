@@ -654,6 +654,13 @@ pub enum ErrorCode {
     Forbidden,
     /// A document is larger than the balancer's `--max-document-size`.
     TooLarge,
+    /// The server's disk is full: nothing was stored; another server may
+    /// have room.
+    DiskFull,
+    /// The balancer gave up on a document after it reached a server that
+    /// never answered (it died, hung or was removed with the document on
+    /// the wire): it may be stored there, as the message says.
+    MaybeStored,
 }
 
 impl ErrorCode {
@@ -663,6 +670,7 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::Storage
+                | ErrorCode::DiskFull
                 | ErrorCode::ServerFailed
                 | ErrorCode::Internal
                 | ErrorCode::Timeout

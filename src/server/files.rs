@@ -25,8 +25,6 @@ use std::time::{Duration, SystemTime};
 use super::storage::{safe_title, unix_ms};
 
 pub const FILES_DIR: &str = "files";
-/// "No space left on device".
-const ENOSPC: i32 = 28;
 const PARTIAL_DIR: &str = ".partial";
 const UPLOADS_DIR: &str = ".uploads";
 
@@ -95,7 +93,7 @@ impl fmt::Display for FileError {
                 "checksum mismatch: the client sent sha256 {expected}, the bytes received have {got}; nothing was stored"
             ),
             FileError::NotFound(name) => write!(f, "no file named {name:?} on this server"),
-            FileError::Io(e) if e.raw_os_error() == Some(ENOSPC) => write!(
+            FileError::Io(e) if super::storage::is_disk_full(e) => write!(
                 f,
                 "the server's disk is full ({e}); nothing was stored and the partial upload was removed"
             ),
@@ -258,6 +256,12 @@ impl FileStore {
                 file.seek(SeekFrom::Start(held))?;
                 (file, held, hasher)
             }
+            // Another user's upload says nothing of itself.
+            Some(meta) if meta.owner != owner => {
+                return Err(FileError::Invalid(format!(
+                    "upload {id} belongs to someone else"
+                )))
+            }
             Some(meta) => {
                 return Err(FileError::Invalid(format!(
                     "upload {id} is already used for {:?} of {} bytes",
@@ -388,7 +392,7 @@ impl Receiving<'_> {
             });
         }
         if let Err(e) = self.file.write_all(bytes) {
-            if e.raw_os_error() == Some(ENOSPC) {
+            if super::storage::is_disk_full(&e) {
                 // It cannot complete here: give the room back to everyone
                 // else (the client starts over, on another server).
                 let _ = self.file.set_len(0);

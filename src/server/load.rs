@@ -53,7 +53,14 @@ pub struct Load {
     started: Instant,
     active: AtomicU64,
     sample: Mutex<Sample>,
+    /// Free bytes when a write last found the disk full (`NO_FULL_DISK`
+    /// when none since the disk had room again): the server says it cannot
+    /// store until the disk has gained `MIN_FREE_BYTES` over that, so that
+    /// one full-disk error is believed rather than retried.
+    full_at_free: AtomicU64,
 }
+
+const NO_FULL_DISK: u64 = u64::MAX;
 
 impl Load {
     pub fn new(limits: Limits) -> Load {
@@ -62,7 +69,28 @@ impl Load {
             started: Instant::now(),
             active: AtomicU64::new(0),
             sample: Mutex::new(Sample::default()),
+            full_at_free: AtomicU64::new(NO_FULL_DISK),
         }
+    }
+
+    /// A write in `folder` found its disk full: the server reports that it
+    /// cannot store, from now on, until the disk has room again.
+    pub fn note_disk_full(&self, folder: &Path) {
+        let mut sample = crate::net::lock(&self.sample);
+        let free = folder_space(folder).map_or(sample.disk_free_bytes, |(_, free)| free);
+        sample.storage_writable = false;
+        drop(sample);
+        if self.full_at_free.swap(free, Ordering::Relaxed) == NO_FULL_DISK {
+            log::error!(
+                "storage {}: the disk filled up with {free} bytes free: reporting that this \
+                 server cannot store until it has {MIN_FREE_BYTES} bytes more",
+                folder.display()
+            );
+        }
+    }
+
+    fn full_at_free(&self) -> Option<u64> {
+        Some(self.full_at_free.load(Ordering::Relaxed)).filter(|&f| f != NO_FULL_DISK)
     }
 
     pub fn uptime(&self) -> Duration {
@@ -117,10 +145,10 @@ pub fn spawn_sampler(
     // The first sample is taken before returning, so no status report ever
     // shows the zeros of "not sampled yet".
     let mut sampler = Sampler::new(&storage);
-    load.store(sampler.sample());
+    load.store(sampler.sample(&load));
     net::spawn_named(name, None, move || loop {
         match stop.recv_timeout(interval) {
-            Err(RecvTimeoutError::Timeout) => load.store(sampler.sample()),
+            Err(RecvTimeoutError::Timeout) => load.store(sampler.sample(&load)),
             _ => return,
         }
     })
@@ -156,15 +184,47 @@ pub fn holding_mount<'a>(
         .max_by_key(|m| m.as_os_str().len())
 }
 
+/// Total and available bytes of the file system holding `folder`
+/// (`statvfs`), as an unprivileged writer sees them.
+fn folder_space(folder: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` points to
+    // writable memory the size of a `statvfs`, which the call fills in
+    // when it returns 0 (and only then is it read).
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    let unit = stat.f_frsize as u64;
+    Some((
+        (stat.f_blocks as u64).saturating_mul(unit),
+        (stat.f_bavail as u64).saturating_mul(unit),
+    ))
+}
+
 /// Whether the server can store, from the write check and the free space
 /// of the folder's filesystem (`None` when unknown: the write check alone
-/// decides). `Err` says why not.
-pub fn storage_verdict(write: io::Result<()>, free_bytes: Option<u64>) -> Result<(), String> {
+/// decides), and the free space when a write last found the disk full, if
+/// it did. `Err` says why not.
+pub fn storage_verdict(
+    write: io::Result<()>,
+    free_bytes: Option<u64>,
+    full_at_free: Option<u64>,
+) -> Result<(), String> {
     write.map_err(|e| format!("cannot write to the storage folder: {e}"))?;
-    match free_bytes {
-        Some(free) if free < MIN_FREE_BYTES => Err(format!(
+    match (free_bytes, full_at_free) {
+        (Some(free), _) if free < MIN_FREE_BYTES => Err(format!(
             "only {free} bytes free on the storage folder's filesystem (at least {MIN_FREE_BYTES} needed)"
         )),
+        (Some(free), Some(full)) if free < full.saturating_add(MIN_FREE_BYTES) => Err(format!(
+            "the disk filled up with {full} bytes free; {free} free now, waiting for {MIN_FREE_BYTES} more"
+        )),
+        // Unknown free space: the next write tells.
+        (None, Some(_)) => Err("the disk filled up".into()),
         _ => Ok(()),
     }
 }
@@ -191,7 +251,7 @@ impl Sampler {
         }
     }
 
-    fn sample(&mut self) -> Sample {
+    fn sample(&mut self, load: &Load) -> Sample {
         let system = &mut self.system;
         system.refresh_cpu_usage();
         system.refresh_memory();
@@ -205,18 +265,26 @@ impl Sampler {
                 .process(pid)
                 .map_or((0, 0.0), |p| (p.memory(), p.cpu_usage()))
         });
-        self.disks.refresh(false);
-        let list = self.disks.list();
-        let mount = holding_mount(&self.storage, list.iter().map(|d| d.mount_point()));
-        let disk = list.iter().find(|d| Some(d.mount_point()) == mount);
-        let (disk_used_bytes, disk_free_bytes) = disk.map_or((0, 0), |d| {
-            let free = d.available_space();
-            (d.total_space().saturating_sub(free), free)
+        // The folder's own file system first (any mount, tmpfs included);
+        // the disk list where that cannot be asked.
+        let space = folder_space(&self.folder).or_else(|| {
+            self.disks.refresh(false);
+            let list = self.disks.list();
+            let mount = holding_mount(&self.storage, list.iter().map(|d| d.mount_point()));
+            let disk = list.iter().find(|d| Some(d.mount_point()) == mount)?;
+            Some((disk.total_space(), disk.available_space()))
         });
+        let (disk_used_bytes, disk_free_bytes) =
+            space.map_or((0, 0), |(total, free)| (total.saturating_sub(free), free));
+        let full_at_free = load.full_at_free();
         let verdict = storage_verdict(
             super::storage::check_writable(&self.folder),
-            disk.map(|d| d.available_space()),
+            space.map(|(_, free)| free),
+            full_at_free,
         );
+        if full_at_free.is_some() && verdict.is_ok() {
+            load.full_at_free.store(NO_FULL_DISK, Ordering::Relaxed);
+        }
         self.networks.refresh(true);
         let (rx, tx) = net_totals(&self.networks);
         let sample = Sample {
@@ -304,27 +372,63 @@ mod tests {
 
     #[test]
     fn storage_verdicts() {
-        assert_eq!(storage_verdict(Ok(()), Some(MIN_FREE_BYTES)), Ok(()));
+        assert_eq!(storage_verdict(Ok(()), Some(MIN_FREE_BYTES), None), Ok(()));
         // An unknown filesystem leaves the write check to decide.
-        assert_eq!(storage_verdict(Ok(()), None), Ok(()));
-        let full = storage_verdict(Ok(()), Some(MIN_FREE_BYTES - 1)).unwrap_err();
+        assert_eq!(storage_verdict(Ok(()), None, None), Ok(()));
+        let full = storage_verdict(Ok(()), Some(MIN_FREE_BYTES - 1), None).unwrap_err();
         assert!(full.contains("bytes free"), "{full}");
         let denied = io::Error::from(io::ErrorKind::PermissionDenied);
-        let ro = storage_verdict(Err(denied), Some(u64::MAX)).unwrap_err();
+        let ro = storage_verdict(Err(denied), Some(u64::MAX), None).unwrap_err();
         assert!(ro.contains("cannot write to the storage folder"), "{ro}");
+        // After a full disk, room must grow by MIN_FREE_BYTES first.
+        let at = 3 * MIN_FREE_BYTES;
+        let waiting = storage_verdict(Ok(()), Some(at + 10), Some(at)).unwrap_err();
+        assert!(waiting.contains("filled up"), "{waiting}");
+        assert_eq!(
+            storage_verdict(Ok(()), Some(at + MIN_FREE_BYTES), Some(at)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_at_once_and_until_it_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = Load::new(Limits {
+            max_active: 10,
+            max_memory_bytes: u64::MAX,
+        });
+        let mut sampler = Sampler::new(dir.path());
+        load.store(sampler.sample(&load));
+        assert!(load.sample().storage_writable);
+        load.note_disk_full(dir.path());
+        assert!(!load.sample().storage_writable);
+        // The same free space as when it filled up: still full.
+        load.full_at_free
+            .store(load.sample().disk_free_bytes, Ordering::Relaxed);
+        load.store(sampler.sample(&load));
+        assert!(!load.sample().storage_writable);
+        // Room again (a file system with far more than the mark free).
+        load.full_at_free.store(0, Ordering::Relaxed);
+        load.store(sampler.sample(&load));
+        assert!(load.sample().storage_writable);
+        assert_eq!(load.full_at_free(), None);
     }
 
     #[test]
     fn a_sample_of_a_writable_folder() {
         let dir = tempfile::tempdir().unwrap();
         let mut sampler = Sampler::new(dir.path());
-        let sample = sampler.sample();
+        let load = Load::new(Limits {
+            max_active: 10,
+            max_memory_bytes: u64::MAX,
+        });
+        let sample = sampler.sample(&load);
         assert!(sample.storage_writable);
         assert!(sample.memory_bytes > 0);
         // The check leaves nothing behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         // A folder that is gone cannot store.
         drop(dir);
-        assert!(!sampler.sample().storage_writable);
+        assert!(!sampler.sample(&load).storage_writable);
     }
 }

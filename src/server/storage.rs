@@ -597,6 +597,11 @@ fn check_deadline(number: u64, not_after_ms: Option<u64>) -> Result<(), StoreErr
     Ok(())
 }
 
+/// Whether an error says the file system has no room left.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

@@ -29,6 +29,7 @@ impl FileError {
             FileError::Size { .. } => ErrorCode::SizeMismatch,
             FileError::Checksum { .. } => ErrorCode::ChecksumMismatch,
             FileError::NotFound(_) => ErrorCode::NotFound,
+            FileError::Io(e) if super::storage::is_disk_full(e) => ErrorCode::DiskFull,
             FileError::Io(_) => ErrorCode::Storage,
         }
     }
@@ -153,6 +154,14 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
     if let Err(why) = check_ticket(&req, shared) {
         log::warn!("server {addr}: upload refused from {peer}: {why}");
         return send(writer, &Reply::error(Some(id), ErrorCode::BadTicket, why));
+    }
+    let max = shared.config.max_file_size;
+    if req.size > max {
+        let why = format!(
+            "the file has {} bytes, more than this server takes (--max-file-size {max})",
+            req.size
+        );
+        return send(writer, &Reply::error(Some(id), ErrorCode::TooLarge, why));
     }
     let _active = shared.load.begin();
     // A ticket says whose the file is; else the (authenticated) balancer.
@@ -292,6 +301,9 @@ fn take_chunks<R: Read + Deadline>(
                     Err(BodyError::Frame(e)) => return (Next::Close, e.reply().map(Reply::Error)),
                 };
                 if let Err(e) = upload.write(offset, &body) {
+                    if e.code() == ErrorCode::DiskFull {
+                        shared.load.note_disk_full(shared.storage.dir());
+                    }
                     return (Next::Close, Some(e.reply(id)));
                 }
             }
@@ -308,7 +320,12 @@ fn take_chunks<R: Read + Deadline>(
                         );
                         (Next::Continue, Some(stored(end_id, meta, false, shared)))
                     }
-                    Err(e) => (Next::Continue, Some(e.reply(end_id))),
+                    Err(e) => {
+                        if e.code() == ErrorCode::DiskFull {
+                            shared.load.note_disk_full(shared.storage.dir());
+                        }
+                        (Next::Continue, Some(e.reply(end_id)))
+                    }
                 };
             }
             other => {

@@ -192,6 +192,7 @@ impl Dispatcher {
             return;
         };
         slot.link.abort();
+        self.former.insert(server, slot.name.clone());
         crate::net::lock(&self.roster).retain(|(id, _)| *id != server);
         self.stats.remove(server);
         if !slot.forget.is_empty() {

@@ -74,7 +74,7 @@ impl NewRows {
             return Some(event);
         };
         let row = &mut self.rows[i];
-        let ended = matches!(row.state, TransferState::Stored | TransferState::Failed);
+        let ended = row.state.is_ended();
         match event {
             // Received twice: the first one stands (as `ON CONFLICT DO
             // NOTHING` has it).
@@ -94,7 +94,7 @@ impl NewRows {
                 row.ended_ms = Some(at_ms);
             }
             TrackEvent::Failed { code, reason, .. } if row.state != TransferState::Stored => {
-                row.state = TransferState::Failed;
+                row.state = TransferState::of_failure(code);
                 row.last_error = Some(format!("{code}: {reason}"));
                 row.ended_ms = Some(at_ms);
             }
