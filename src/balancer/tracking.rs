@@ -15,7 +15,8 @@
 //! The file also keeps the set of storage servers (`servers` table), for
 //! membership changes to survive restarts, and the users of `--users`
 //! (`users` table, see `users`). Schema 2 added the users and the user who
-//! sent each transfer; a file of schema 1 is brought up to 2 when opened.
+//! sent each transfer, schema 3 the lock of a user after too many failed
+//! logins; a file of an older schema is brought up to date when opened.
 
 mod rows;
 
@@ -45,7 +46,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// load); a flush waits at most this long to be seen.
 const GATHER_PAUSE: Duration = Duration::from_millis(5);
 /// `PRAGMA user_version` of the schema below.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Records one query returns when it asks for no limit.
 pub const DEFAULT_LIMIT: u32 = 100;
 /// Records one query returns at most, so that the reply fits in a frame.
@@ -90,6 +91,15 @@ CREATE TABLE users (
     created_ms INTEGER NOT NULL
 );
 ";
+
+/// From schema 2 to 3: until when a user is locked (Unix milliseconds;
+/// `NULL` when not), after too many failed logins in a row.
+const MIGRATE_TO_3: &str = "
+ALTER TABLE users ADD COLUMN locked_until_ms INTEGER;
+";
+
+/// The upgrades, in order: `MIGRATIONS[i]` brings schema `i + 1` to `i + 2`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [MIGRATE_TO_2, MIGRATE_TO_3];
 
 /// Why the state file cannot be used.
 #[derive(Debug)]
@@ -593,30 +603,23 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StateError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The first read of the file: a file that is not SQLite fails here.
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let tables: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
-        [],
-        |r| r.get(0),
-    )?;
     match version {
-        0 if tables > 0 => return Err(StateError::Foreign),
-        0 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {MIGRATE_TO_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))?;
-        }
-        1 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {MIGRATE_TO_2} PRAGMA user_version = 2; COMMIT;"
-            ))?;
-            log::info!(
-                "state file {}: upgraded to schema 2 (users)",
-                path.display()
-            );
-        }
         SCHEMA_VERSION => {}
         found if found > SCHEMA_VERSION => return Err(StateError::NewerSchema { found }),
-        _ => return Err(StateError::Foreign),
+        _ => {
+            // Looked at again inside a write transaction: another process
+            // (`balancer user ...` beside a starting balancer) may be
+            // upgrading it at the same time.
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let upgraded = upgrade(&conn, path);
+            let ended = conn.execute_batch(if upgraded.is_ok() {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            });
+            upgraded?;
+            ended?;
+        }
     }
     // WAL: readers never wait for the writer. NORMAL: a commit survives a
     // crash of the process, only a power cut can lose the last ones.
@@ -629,6 +632,39 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StateError> {
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
+}
+
+/// Creates the schema in an empty file, or brings an older one up to
+/// `SCHEMA_VERSION`, inside the caller's transaction.
+fn upgrade(conn: &Connection, path: &Path) -> Result<(), StateError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+        [],
+        |r| r.get(0),
+    )?;
+    let from = match version {
+        0 if tables > 0 => return Err(StateError::Foreign),
+        0 => {
+            conn.execute_batch(SCHEMA)?;
+            1
+        }
+        SCHEMA_VERSION => return Ok(()),
+        found if found > SCHEMA_VERSION => return Err(StateError::NewerSchema { found }),
+        found if found < 0 => return Err(StateError::Foreign),
+        found => found,
+    };
+    for migration in &MIGRATIONS[from as usize - 1..] {
+        conn.execute_batch(migration)?;
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    if version > 0 {
+        log::info!(
+            "state file {}: upgraded from schema {version} to {SCHEMA_VERSION}",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StateError> {
