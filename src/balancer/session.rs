@@ -263,7 +263,10 @@ impl Session {
             );
         }
         let ip = self.peer.ip();
-        match users.verify(name, password) {
+        let verified = users
+            .lookup(name)
+            .map(|account| Users::check(name, account.as_ref(), password));
+        match verified {
             Ok(Some(user)) => {
                 self.access.failures.succeed(ip);
                 log::info!(

@@ -1277,6 +1277,47 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_of_schema_2_keeps_its_users_and_gains_their_locks() {
+        use crate::balancer::users;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("balancer.db");
+        let hash = users::hash("alice's pw").unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!(
+                "{SCHEMA} {MIGRATE_TO_2} PRAGMA user_version = 2;
+                 INSERT INTO users (name, hash, admin, created_ms) VALUES ('alice', '{hash}', 1, 5);"
+            ))
+            .unwrap();
+        let listed = users::list(&path).unwrap();
+        assert_eq!(
+            (
+                listed[0].name.as_str(),
+                listed[0].admin,
+                listed[0].locked_until_ms
+            ),
+            ("alice", true, None)
+        );
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        let known = users::Users::new(&path);
+        let account = known.lookup("alice").unwrap();
+        assert!(users::Users::check("alice", account.as_ref(), "alice's pw").is_some());
+        known.lock("alice", now_ms() + 1000).unwrap();
+        assert!(known
+            .lookup("alice")
+            .unwrap()
+            .unwrap()
+            .locked_for(now_ms())
+            .is_some());
+        // Opened again: nothing more to do.
+        drop(open_writer(&path).unwrap());
+    }
+
+    #[test]
     fn a_file_that_is_not_a_state_file_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
 

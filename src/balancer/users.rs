@@ -1,12 +1,15 @@
 //! The users of `balancer --users`: names, salted Argon2id password hashes
-//! (PHC strings, the `argon2` crate's default parameters) and an admin
-//! flag, kept in the `users` table of the state file.
+//! (PHC strings, the `argon2` crate's default parameters), an admin flag
+//! and a lock, kept in the `users` table of the state file.
 //!
-//! `balancer user add|remove|list` manage them (`add`, `remove`, `list`
-//! here); a running balancer reads the table at each login, so a user
-//! added or removed takes effect at the next login without a restart.
-//! Verifying a hash costs tens of milliseconds of CPU: it runs on the
-//! connection's thread, with no lock held.
+//! `balancer user add|remove|unlock|list` manage them (`add`, `remove`,
+//! `unlock`, `list` here); a running balancer reads the table at each
+//! login, so a user added, removed or unlocked counts from the next login
+//! without a restart. A lock (`locked_until_ms`, set after too many
+//! failed logins, see `logins`) is kept here too, so it holds across
+//! restarts and for every balancer on the file. Verifying a hash costs
+//! tens of milliseconds of CPU: it runs on the connection's thread, with
+//! no lock held.
 
 use super::tracking::{self, StateError};
 use crate::error::Error;
@@ -15,13 +18,15 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// Longest user name; names are also shown in logs and tables.
 pub const MAX_NAME: usize = 64;
 /// Longest password taken (hashing cost grows with it).
 pub const MAX_PASSWORD: usize = 1024;
+/// Idle read connections kept for logins.
+const MAX_IDLE_READERS: usize = 8;
 
 /// A user who logged in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +41,46 @@ pub struct Listed {
     pub name: String,
     pub admin: bool,
     pub created_ms: u64,
+    /// Unix milliseconds: until when logins are refused, if locked.
+    pub locked_until_ms: Option<u64>,
+}
+
+impl Listed {
+    /// How much longer the lock lasts at `now_ms`, if locked.
+    pub fn locked_for(&self, now_ms: u64) -> Option<Duration> {
+        locked_for(self.locked_until_ms, now_ms)
+    }
+}
+
+/// A user's row, as a login reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    hash: String,
+    admin: bool,
+    locked_until_ms: Option<u64>,
+}
+
+impl Account {
+    /// How much longer the account is locked at `now_ms`, if it is.
+    pub fn locked_for(&self, now_ms: u64) -> Option<Duration> {
+        locked_for(self.locked_until_ms, now_ms)
+    }
+}
+
+fn locked_for(until_ms: Option<u64>, now_ms: u64) -> Option<Duration> {
+    until_ms
+        .filter(|until| *until > now_ms)
+        .map(|until| Duration::from_millis(until - now_ms))
 }
 
 /// Logins checked against the state file.
 #[derive(Debug)]
 pub struct Users {
     path: PathBuf,
+    /// Idle read connections: taken out for a lookup and put back, so the
+    /// lock is never held while SQLite reads, and a login does not open
+    /// the file anew.
+    readers: Mutex<Vec<Connection>>,
 }
 
 fn state_error(path: &Path) -> impl Fn(StateError) -> Error + '_ {
@@ -57,19 +96,48 @@ impl Users {
     pub fn new(path: &Path) -> Users {
         Users {
             path: path.to_path_buf(),
+            readers: Mutex::new(Vec::new()),
         }
     }
 
-    /// The user, when `name` exists and `password` is theirs. An unknown
-    /// name costs the same hash verification as a wrong password, so the
-    /// time taken does not tell which it was.
-    pub fn verify(&self, name: &str, password: &str) -> Result<Option<User>, Error> {
-        let row = self.lookup(name).map_err(state_error(&self.path))?;
-        if password.len() > MAX_PASSWORD {
-            return Ok(None);
+    /// The row of user `name`, if there is one. Reads the password hash
+    /// but checks nothing: see `check`.
+    pub fn lookup(&self, name: &str) -> Result<Option<Account>, Error> {
+        let idle = crate::net::lock(&self.readers).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reader(&self.path).map_err(state_error(&self.path))?,
+        };
+        let row = conn
+            .prepare_cached("SELECT hash, admin, locked_until_ms FROM users WHERE name = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![name], |r| {
+                    Ok(Account {
+                        hash: r.get(0)?,
+                        admin: r.get::<_, i64>(1)? != 0,
+                        locked_until_ms: r.get::<_, Option<i64>>(2)?.map(|ms| ms.max(0) as u64),
+                    })
+                })
+                .optional()
+            })
+            .map_err(|e| state_error(&self.path)(e.into()));
+        let mut readers = crate::net::lock(&self.readers);
+        if row.is_ok() && readers.len() < MAX_IDLE_READERS {
+            readers.push(conn);
         }
-        let (hash, admin) = match &row {
-            Some((hash, admin)) => (hash.as_str(), *admin),
+        row
+    }
+
+    /// The user, when `account` (looked up as `name`) exists and
+    /// `password` is theirs. An unknown name costs the same hash
+    /// verification as a wrong password, so the time taken does not tell
+    /// which it was.
+    pub fn check(name: &str, account: Option<&Account>, password: &str) -> Option<User> {
+        if password.len() > MAX_PASSWORD {
+            return None;
+        }
+        let (hash, admin) = match account {
+            Some(a) => (a.hash.as_str(), a.admin),
             None => (dummy_hash(), false),
         };
         let ok = PasswordHash::new(hash)
@@ -79,26 +147,33 @@ impl Users {
                     .is_ok()
             })
             .unwrap_or(false);
-        Ok((ok && row.is_some()).then(|| User {
+        (ok && account.is_some()).then(|| User {
             name: name.to_string(),
             admin,
-        }))
+        })
     }
 
-    fn lookup(&self, name: &str) -> Result<Option<(String, bool)>, StateError> {
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(conn
-            .query_row(
-                "SELECT hash, admin FROM users WHERE name = ?1",
-                params![name],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0)),
-            )
-            .optional()?)
+    /// Locks user `name` until `until_ms` (Unix milliseconds); nothing
+    /// when there is no such user (unknown names are locked in memory
+    /// only, by `logins`).
+    pub fn lock(&self, name: &str, until_ms: u64) -> Result<(), Error> {
+        let conn = tracking::open_writer(&self.path).map_err(state_error(&self.path))?;
+        conn.execute(
+            "UPDATE users SET locked_until_ms = ?2 WHERE name = ?1",
+            params![name, until_ms as i64],
+        )
+        .map_err(|e| state_error(&self.path)(e.into()))?;
+        Ok(())
     }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StateError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 /// A hash of nothing anyone knows, verified against for unknown users.
@@ -171,16 +246,57 @@ pub fn remove(path: &Path, name: &str) -> Result<bool, Error> {
     Ok(n > 0)
 }
 
+/// What `unlock` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlocked {
+    /// The user was locked; no longer.
+    WasLocked,
+    /// The user was not locked (or the lock had ended).
+    WasNotLocked,
+    NoSuchUser,
+}
+
+/// Lifts the lock of user `name`. A running balancer sees it at the next
+/// login on that account, and starts its count of failures over.
+pub fn unlock(path: &Path, name: &str) -> Result<Unlocked, Error> {
+    let conn = tracking::open_writer(path).map_err(state_error(path))?;
+    let error = |e: rusqlite::Error| state_error(path)(e.into());
+    let until: Option<Option<i64>> = conn
+        .query_row(
+            "SELECT locked_until_ms FROM users WHERE name = ?1",
+            params![name],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(error)?;
+    let Some(until) = until else {
+        return Ok(Unlocked::NoSuchUser);
+    };
+    conn.execute(
+        "UPDATE users SET locked_until_ms = NULL WHERE name = ?1",
+        params![name],
+    )
+    .map_err(error)?;
+    let until = until.map(|ms| ms.max(0) as u64);
+    Ok(if locked_for(until, tracking::now_ms()).is_some() {
+        Unlocked::WasLocked
+    } else {
+        Unlocked::WasNotLocked
+    })
+}
+
 /// Every user, by name.
 pub fn list(path: &Path) -> Result<Vec<Listed>, Error> {
     let conn = tracking::open_writer(path).map_err(state_error(path))?;
     let rows = (|| -> rusqlite::Result<Vec<Listed>> {
-        let mut stmt = conn.prepare("SELECT name, admin, created_ms FROM users ORDER BY name")?;
+        let mut stmt = conn
+            .prepare("SELECT name, admin, created_ms, locked_until_ms FROM users ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             Ok(Listed {
                 name: r.get(0)?,
                 admin: r.get::<_, i64>(1)? != 0,
                 created_ms: r.get::<_, i64>(2)?.max(0) as u64,
+                locked_until_ms: r.get::<_, Option<i64>>(3)?.map(|ms| ms.max(0) as u64),
             })
         })?;
         rows.collect()
@@ -192,32 +308,37 @@ pub fn list(path: &Path) -> Result<Vec<Listed>, Error> {
 mod tests {
     use super::*;
 
+    /// The user, when the name and password are right (locks aside).
+    fn verify(users: &Users, name: &str, password: &str) -> Option<User> {
+        Users::check(name, users.lookup(name).unwrap().as_ref(), password)
+    }
+
     #[test]
     fn add_verify_list_remove() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("balancer.db");
-        assert!(add(&path, "alice", "s3cret", false).unwrap());
-        assert!(add(&path, "root", "toor", true).unwrap());
+        assert!(add(&path, "alice", "s3cret pw", false).unwrap());
+        assert!(add(&path, "root", "toor toor", true).unwrap());
         let users = Users::new(&path);
         assert_eq!(
-            users.verify("alice", "s3cret").unwrap(),
+            verify(&users, "alice", "s3cret pw"),
             Some(User {
                 name: "alice".into(),
                 admin: false
             })
         );
-        assert!(users.verify("root", "toor").unwrap().unwrap().admin);
-        assert_eq!(users.verify("alice", "wrong").unwrap(), None);
-        assert_eq!(users.verify("nobody", "s3cret").unwrap(), None);
+        assert!(verify(&users, "root", "toor toor").unwrap().admin);
+        assert_eq!(verify(&users, "alice", "wrong"), None);
+        assert_eq!(verify(&users, "nobody", "s3cret pw"), None);
         // A new password replaces the old one.
-        assert!(!add(&path, "alice", "other", false).unwrap());
-        assert_eq!(users.verify("alice", "s3cret").unwrap(), None);
-        assert!(users.verify("alice", "other").unwrap().is_some());
+        assert!(!add(&path, "alice", "other pw", false).unwrap());
+        assert_eq!(verify(&users, "alice", "s3cret pw"), None);
+        assert!(verify(&users, "alice", "other pw").is_some());
         let names: Vec<String> = list(&path).unwrap().into_iter().map(|u| u.name).collect();
         assert_eq!(names, ["alice", "root"]);
         assert!(remove(&path, "alice").unwrap());
         assert!(!remove(&path, "alice").unwrap());
-        assert_eq!(users.verify("alice", "other").unwrap(), None);
+        assert_eq!(verify(&users, "alice", "other pw"), None);
         // Stored hashes are salted PHC strings, never the password.
         let conn = Connection::open(&path).unwrap();
         let stored: String = conn
@@ -239,5 +360,30 @@ mod tests {
         let path = dir.path().join("balancer.db");
         assert!(add(&path, "a\nb", "x", false).is_err());
         assert!(add(&path, "a", "", false).is_err());
+    }
+
+    #[test]
+    fn a_lock_is_kept_in_the_table_and_lifted_by_unlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("balancer.db");
+        add(&path, "alice", "s3cret pw", false).unwrap();
+        let users = Users::new(&path);
+        let now = tracking::now_ms();
+        users.lock("alice", now + 60_000).unwrap();
+        // Unknown names are not written anywhere.
+        users.lock("nobody", now + 60_000).unwrap();
+        let account = users.lookup("alice").unwrap().unwrap();
+        assert_eq!(account.locked_for(now), Some(Duration::from_secs(60)));
+        assert_eq!(account.locked_for(now + 60_000), None);
+        let listed = list(&path).unwrap();
+        assert!(listed[0].locked_for(now).is_some());
+        assert_eq!(unlock(&path, "alice").unwrap(), Unlocked::WasLocked);
+        assert_eq!(
+            users.lookup("alice").unwrap().unwrap().locked_for(now),
+            None
+        );
+        assert_eq!(unlock(&path, "alice").unwrap(), Unlocked::WasNotLocked);
+        assert_eq!(unlock(&path, "nobody").unwrap(), Unlocked::NoSuchUser);
+        assert_eq!(list(&path).unwrap().len(), 1);
     }
 }

@@ -195,7 +195,13 @@ enum UserAction {
         /// The user to remove.
         name: String,
     },
-    /// List the users.
+    /// Lift the lock that too many failed logins put on a user (a
+    /// running balancer sees it at the next login).
+    Unlock {
+        /// The user to unlock.
+        name: String,
+    },
+    /// List the users, and which are locked.
     List,
 }
 
@@ -448,13 +454,36 @@ fn manage_users(args: &Args, action: &UserAction) -> Result<(), lbft::Error> {
                 )));
             }
         }
+        UserAction::Unlock { name } => match users::unlock(&path, name)? {
+            users::Unlocked::WasLocked => println!("unlocked {name} in {}", path.display()),
+            users::Unlocked::WasNotLocked => println!("{name} was not locked"),
+            users::Unlocked::NoSuchUser => {
+                return Err(lbft::Error::Config(format!(
+                    "no user {name} in {}",
+                    path.display()
+                )))
+            }
+        },
         UserAction::List => {
             let all = users::list(&path)?;
             if all.is_empty() {
                 println!("no users in {}", path.display());
             }
+            let now_ms = lbft::balancer::tracking::now_ms();
             for user in all {
-                println!("{}{}", user.name, if user.admin { "  (admin)" } else { "" });
+                let locked = user.locked_for(now_ms).map(|left| {
+                    format!(
+                        "  (locked for {} more min: balancer user unlock {})",
+                        left.as_secs().div_ceil(60),
+                        user.name
+                    )
+                });
+                println!(
+                    "{}{}{}",
+                    user.name,
+                    if user.admin { "  (admin)" } else { "" },
+                    locked.unwrap_or_default()
+                );
             }
         }
     }
