@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod flow;
 pub mod limits;
 pub mod link;
+pub mod logins;
 pub mod metrics;
 pub mod monitor;
 pub mod relay;
