@@ -11,6 +11,8 @@
 //! shutting down is dropping senders. Counters for `servers` requests and
 //! metrics live in `stats`. `Balancer::start` returns a `Handle`: its
 //! `Stopper` begins a drained shutdown, `join` waits for every thread.
+//! With `--users`, one more thread writes the failed-login lines that
+//! `logins` holds back (`session::spawn_failure_log`).
 
 pub mod backend;
 pub mod client_out;
@@ -132,6 +134,9 @@ pub struct Config {
     /// Logins (`--users`): every client request needs one; users live in
     /// the state file, so `state` must be set.
     pub users: bool,
+    /// With `users`: the delays between login attempts, and when an
+    /// account is locked.
+    pub logins: logins::Settings,
     /// Largest document content a client may send, in bytes (`too_large`
     /// past it); `None`: whatever fits in `max_frame`.
     pub max_document_size: Option<usize>,
@@ -172,6 +177,7 @@ impl Default for Config {
             ticket_ttl: Duration::from_secs(60),
             allow_unauthenticated_legacy: false,
             users: false,
+            logins: logins::Settings::default(),
             max_document_size: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
         }
@@ -218,6 +224,12 @@ impl Balancer {
         if config.users && config.state.is_none() {
             return Err(Error::Config(
                 "--users keeps the users in the state file: it cannot go with --no-state".into(),
+            ));
+        }
+        if config.logins.lock_after > 0 && config.logins.lock_for.is_zero() {
+            return Err(Error::Config(
+                "--login-lock-for must be more than 0 (--login-lock-after 0 turns locks off)"
+                    .into(),
             ));
         }
         if config.balancer_id.is_some_and(|id| id > ids::MAX_NODE) {
@@ -346,6 +358,19 @@ impl Balancer {
             alive_rx,
         )?);
 
+        let access = Arc::new(session::Access {
+            cluster_key: config.cluster_key.clone(),
+            users: config
+                .users
+                .then(|| config.state.as_deref().map(users::Users::new))
+                .flatten(),
+            logins: Mutex::new(logins::Schedule::new(config.logins)),
+            stats: stats.clone(),
+            ..session::Access::default()
+        });
+        if access.users.is_some() {
+            threads.push(session::spawn_failure_log(access.clone(), stop_rx.clone())?);
+        }
         let advertise = self.listener.local_addr().ok();
         let accept = Acceptor {
             listener: self.listener,
@@ -375,15 +400,7 @@ impl Balancer {
             }),
             tracker,
             max_connections: config.max_connections,
-            access: Arc::new(session::Access {
-                cluster_key: config.cluster_key.clone(),
-                users: config
-                    .users
-                    .then(|| config.state.as_deref().map(users::Users::new))
-                    .flatten(),
-                stats: stats.clone(),
-                ..session::Access::default()
-            }),
+            access: access.clone(),
         };
         threads.insert(
             0,

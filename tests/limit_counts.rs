@@ -1,5 +1,6 @@
 //! Every limit a client runs into is counted in the metrics
-//! (`lbft_limit_hits_total{limit="..."}`) and logged once per burst.
+//! (`lbft_limit_hits_total{limit="..."}`) and logged once per burst (failed
+//! logins once per burst on each account).
 
 mod util;
 
@@ -69,6 +70,8 @@ fn every_limit_hit_is_counted() {
         "max_connections",
         "frame_timeout",
         "login_failed",
+        "login_throttled",
+        "login_locked",
         "max_document_size",
     ] {
         assert_eq!(hits(metrics, limit), 0, "{limit}");
@@ -136,9 +139,15 @@ fn failed_logins_are_counted() {
         assert_eq!(error(raw.try_reply()).code, ErrorCode::Unauthenticated);
     }
     assert_eq!(hits(metrics, "login_failed"), 2);
-    // Logged once for the burst.
-    assert_eq!(
-        cluster.log().matches("limit login_failed reached").count(),
-        1
+    assert_eq!(hits(metrics, "login_throttled"), 0);
+    // Logged by account: the first at once, the second folded into a
+    // line of its own a second later.
+    let first = "failed login as \"nobody\" from 127.0.0.1: no such user";
+    let folded = "1 more failed login as \"nobody\" since the last line";
+    assert!(
+        eventually(|| cluster.log().contains(folded)),
+        "{}",
+        cluster.log()
     );
+    assert_eq!(cluster.log().matches(first).count(), 1);
 }

@@ -27,18 +27,25 @@ pub enum Limit {
     FrameTimeout,
     /// A login with wrong credentials.
     LoginFailed,
+    /// A login refused at once: its turn on the account or address was
+    /// too far away (see `logins`).
+    LoginThrottled,
+    /// A login refused at once: the account is locked.
+    LoginLocked,
     /// A document above `--max-document-size`.
     DocumentTooLarge,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 9] = [
         Limit::FrameTooLarge,
         Limit::ClientWindow,
         Limit::QueuedBytes,
         Limit::MaxConnections,
         Limit::FrameTimeout,
         Limit::LoginFailed,
+        Limit::LoginThrottled,
+        Limit::LoginLocked,
         Limit::DocumentTooLarge,
     ];
 
@@ -51,6 +58,8 @@ impl Limit {
             Limit::MaxConnections => "max_connections",
             Limit::FrameTimeout => "frame_timeout",
             Limit::LoginFailed => "login_failed",
+            Limit::LoginThrottled => "login_throttled",
+            Limit::LoginLocked => "login_locked",
             Limit::DocumentTooLarge => "max_document_size",
         }
     }
@@ -92,7 +101,7 @@ impl LimitHits {
     }
 
     /// The counter itself, for code that logs on its own (the accept
-    /// loop, at `--max-connections`).
+    /// loop, at `--max-connections`; logins, by account).
     pub fn counter(&self, limit: Limit) -> &AtomicU64 {
         &self.counts[limit.index()]
     }

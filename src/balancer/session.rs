@@ -7,14 +7,16 @@
 //! The connection thread asks `Session::admit` about every request before
 //! carrying it out; handshake and login messages are answered here.
 
+use super::limits::Limit;
+use super::logins::{self, Admission, Failure, FailureLog, Schedule, Turn, Why};
 use super::users::{User, Users};
 use crate::auth::ClusterKey;
 use crate::handshake::Gate;
 use crate::proto::{ErrorCode, Reply, Request};
-use crossbeam_channel::Receiver;
-use std::collections::HashMap;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The one answer to wrong credentials: it never tells whether the user
@@ -28,52 +30,112 @@ pub struct Access {
     pub cluster_key: Option<ClusterKey>,
     /// With users (`--users`), every other request needs a login first.
     pub users: Option<Users>,
-    /// Failed logins by address, for the growing delay.
-    pub failures: Failures,
-    /// Failed logins are counted here, for the metrics.
+    /// Login attempts by account and by address: turns, delays, locks.
+    /// Held for bookkeeping only, never while waiting or hashing.
+    pub logins: Mutex<Schedule>,
+    /// Failed logins on their way to the log.
+    pub failure_log: Mutex<FailureLog>,
+    /// Failed and refused logins are counted here, for the metrics.
     pub stats: Arc<super::stats::Stats>,
 }
 
-/// The delay after a wrong login: 0.5 s for the first failure from an
-/// address, doubling with each failure in a row, at most 8 s; a success
-/// from that address resets it.
-pub fn login_delay(failures_in_a_row: u32) -> Duration {
-    let doublings = failures_in_a_row.saturating_sub(1).min(4);
-    Duration::from_millis(500) * (1u32 << doublings)
-}
-
-/// How long an address's failures are remembered without a new one.
-const FAILURES_KEPT: Duration = Duration::from_secs(15 * 60);
-/// Addresses remembered at most (a flood from many addresses must not
-/// grow memory); past it, the oldest are forgotten.
-const MAX_ADDRESSES: usize = 65_536;
-
-/// Failed logins in a row, by client IP address.
-#[derive(Debug, Default)]
-pub struct Failures(Mutex<HashMap<IpAddr, (u32, Instant)>>);
-
-impl Failures {
-    /// Counts a failure; returns how many in a row from that address.
-    fn fail(&self, ip: IpAddr) -> u32 {
-        let now = Instant::now();
-        let mut map = crate::net::lock(&self.0);
-        if map.len() >= MAX_ADDRESSES {
-            map.retain(|_, (_, at)| now.duration_since(*at) < FAILURES_KEPT);
-            if map.len() >= MAX_ADDRESSES {
-                map.clear();
-            }
-        }
-        let entry = map.entry(ip).or_insert((0, now));
-        if now.duration_since(entry.1) >= FAILURES_KEPT {
-            entry.0 = 0;
-        }
-        entry.0 = entry.0.saturating_add(1);
-        entry.1 = now;
-        entry.0
+impl Access {
+    fn schedule(&self) -> MutexGuard<'_, Schedule> {
+        crate::net::lock(&self.logins)
     }
 
-    fn succeed(&self, ip: IpAddr) {
-        crate::net::lock(&self.0).remove(&ip);
+    /// Counts a failed or refused login and logs it, folded with the
+    /// others on its account (see `logins::FailureLog`).
+    fn note_failure(&self, name: &str, from: IpAddr, why: Why) {
+        let limit = match why {
+            Why::NoSuchUser | Why::WrongPassword => Limit::LoginFailed,
+            Why::Throttled => Limit::LoginThrottled,
+            Why::Locked => Limit::LoginLocked,
+        };
+        self.stats
+            .limits
+            .counter(limit)
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let line = crate::net::lock(&self.failure_log)
+            .record(Failure::new(name, from, why), Instant::now());
+        if let Some(line) = line {
+            log::warn!("{line}");
+        }
+    }
+}
+
+/// Writes the failed-login lines that folding holds back (see
+/// `logins::FailureLog::due`), once per `logins::LOG_INTERVAL`, and the
+/// rest when `stop` disconnects.
+pub fn spawn_failure_log(
+    access: Arc<Access>,
+    stop: Receiver<()>,
+) -> std::io::Result<JoinHandle<()>> {
+    crate::net::spawn_named("login-log".into(), None, move || loop {
+        let stopping = !matches!(
+            stop.recv_timeout(logins::LOG_INTERVAL),
+            Err(RecvTimeoutError::Timeout)
+        );
+        let lines = {
+            let mut log = crate::net::lock(&access.failure_log);
+            if stopping {
+                log.drain()
+            } else {
+                log.due(Instant::now())
+            }
+        };
+        for line in lines {
+            log::warn!("{line}");
+        }
+        if stopping {
+            return;
+        }
+    })
+}
+
+/// Why a login was refused before its password was looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its turn would have come in this long.
+    Throttled(Duration),
+    /// The account is locked for this much longer.
+    Locked(Duration),
+}
+
+/// "7 s", or "15 min" from two minutes on; rounded up, so a wait of
+/// 0.2 s is "1 s", never "0 s".
+fn rounded_up(d: Duration) -> String {
+    let seconds = d.as_millis().div_ceil(1000) as u64;
+    if seconds >= 120 {
+        format!("{} min", seconds.div_ceil(60))
+    } else {
+        format!("{seconds} s")
+    }
+}
+
+impl Refusal {
+    /// The answer: the same for every name, whether it exists or not.
+    fn reply(self, id: u64, name: &str) -> Reply {
+        let message = match self {
+            Refusal::Throttled(wait) => format!(
+                "too many failed logins for this account or address; try again in {}",
+                rounded_up(wait)
+            ),
+            Refusal::Locked(left) => format!(
+                "too many failed logins: this account is locked for {} more; \
+                 an admin can unlock it sooner (balancer user unlock {})",
+                rounded_up(left),
+                logins::account_key(name)
+            ),
+        };
+        Reply::error(Some(id), ErrorCode::Throttled, message)
+    }
+
+    fn why(self) -> Why {
+        match self {
+            Refusal::Throttled(_) => Why::Throttled,
+            Refusal::Locked(_) => Why::Locked,
+        }
     }
 }
 
@@ -144,9 +206,9 @@ impl Session {
     }
 
     /// Answers handshake and login messages, and refuses requests this
-    /// connection may not make (yet). A wrong login is answered after a
-    /// delay (see `login_delay`) spent on this connection's thread only;
-    /// `stop` cuts it short when the balancer shuts down.
+    /// connection may not make (yet). A login waits for its turn on its
+    /// account and address (see `logins`) on this connection's thread
+    /// only; `stop` cuts the wait short when the balancer shuts down.
     pub fn admit(&mut self, request: &Request, stop: &Receiver<()>) -> Verdict {
         if let Some(answer) = self.gate.handle(request) {
             if answer.close {
@@ -262,47 +324,137 @@ impl Session {
                 format!("already logged in as {}", current.name),
             );
         }
+        let access = &self.access;
         let ip = self.peer.ip();
-        let verified = users
-            .lookup(name)
-            .map(|account| Users::check(name, account.as_ref(), password));
-        match verified {
-            Ok(Some(user)) => {
-                self.access.failures.succeed(ip);
-                log::info!(
-                    "connection from {}: user {} logged in{}",
-                    self.peer,
-                    user.name,
-                    if user.admin { " (admin)" } else { "" }
-                );
-                let reply = Reply::Welcome {
-                    id,
-                    user: Some(user.name.clone()),
-                    admin: user.admin,
-                };
-                self.user_name = Some(Arc::from(user.name.as_str()));
-                self.user = Some(user);
-                reply
-            }
-            Ok(None) => {
-                let in_a_row = self.access.failures.fail(ip);
-                let delay = login_delay(in_a_row);
-                let peer = self.peer;
-                self.access.stats.limits.hit(super::limits::Limit::LoginFailed, || {
-                    format!(
-                        "connection from {peer}: failed login as \"{}\" ({in_a_row} in a row from {ip}; answered in {delay:?})",
-                        crate::proto::truncate(name, 64)
-                    )
-                });
-                // On this connection only; other clients go on.
-                let _ = stop.recv_timeout(delay);
-                Reply::error(Some(id), ErrorCode::Unauthenticated, INVALID_LOGIN)
-            }
-            Err(e) => {
-                log::error!("connection from {}: cannot check a login: {e}", self.peer);
-                Reply::error(Some(id), ErrorCode::Internal, "cannot check logins now")
-            }
+        let refuse = |refusal: Refusal| {
+            access.note_failure(name, ip, refusal.why());
+            refusal.reply(id, name)
+        };
+        let (turn, wait) = match self.take_turn(users, name, ip) {
+            Ok(turn) => turn,
+            Err(refusal) => return refuse(refusal),
+        };
+        // On this connection only, with no lock held; other clients go on.
+        if !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout)) {
+            access.schedule().abandoned(turn, Instant::now());
+            return Reply::error(
+                Some(id),
+                ErrorCode::ShuttingDown,
+                "the balancer is stopping: log in again once it is back",
+            );
         }
+        let locked_meanwhile = access.schedule().begin(&turn, Instant::now());
+        if let Some(left) = locked_meanwhile {
+            access.schedule().abandoned(turn, Instant::now());
+            return refuse(Refusal::Locked(left));
+        }
+        let account = match users.lookup(name) {
+            Ok(account) => account,
+            Err(e) => {
+                access.schedule().abandoned(turn, Instant::now());
+                log::error!("connection from {}: cannot check a login: {e}", self.peer);
+                return Reply::error(Some(id), ErrorCode::Internal, "cannot check logins now");
+            }
+        };
+        // Locked in the users table (by another balancer on the file, or
+        // before a restart): from now on refused at once here too.
+        let stored_lock = account
+            .as_ref()
+            .and_then(|a| a.locked_for(super::tracking::now_ms()));
+        if let Some(left) = stored_lock {
+            let mut schedule = access.schedule();
+            schedule.abandoned(turn, Instant::now());
+            schedule.lock(name, left, Instant::now());
+            drop(schedule);
+            return refuse(Refusal::Locked(left));
+        }
+        let Some(user) = Users::check(name, account.as_ref(), password) else {
+            self.failed(users, turn, name, account.is_some());
+            return Reply::error(Some(id), ErrorCode::Unauthenticated, INVALID_LOGIN);
+        };
+        access.schedule().succeeded(turn, Instant::now());
+        log::info!(
+            "connection from {}: user {} logged in{}",
+            self.peer,
+            user.name,
+            if user.admin { " (admin)" } else { "" }
+        );
+        let reply = Reply::Welcome {
+            id,
+            user: Some(user.name.clone()),
+            admin: user.admin,
+        };
+        self.user_name = Some(Arc::from(user.name.as_str()));
+        self.user = Some(user);
+        reply
+    }
+
+    /// The turn of a login as `name` from `ip`, and how long to wait for
+    /// it; or why it is refused at once.
+    fn take_turn(
+        &self,
+        users: &Users,
+        name: &str,
+        ip: IpAddr,
+    ) -> Result<(Turn, Duration), Refusal> {
+        let admission = self.access.schedule().admit(name, ip, Instant::now());
+        let left = match admission {
+            Admission::Turn(turn, wait) => return Ok((turn, wait)),
+            Admission::Throttled(wait) => return Err(Refusal::Throttled(wait)),
+            Admission::Locked(left) => left,
+        };
+        // Locked here. For an existing user the users table has the lock
+        // too, unless an admin lifted it since (`balancer user unlock`):
+        // then the count starts over. Unknown names are locked here only.
+        let lifted = matches!(
+            users.lookup(name),
+            Ok(Some(account)) if account.locked_for(super::tracking::now_ms()).is_none()
+        );
+        if !lifted {
+            return Err(Refusal::Locked(left));
+        }
+        log::info!(
+            "login: account \"{name}\" was unlocked in the users table; its count starts over"
+        );
+        let mut schedule = self.access.schedule();
+        schedule.unlock(name);
+        match schedule.admit(name, ip, Instant::now()) {
+            Admission::Turn(turn, wait) => Ok((turn, wait)),
+            Admission::Throttled(wait) => Err(Refusal::Throttled(wait)),
+            Admission::Locked(left) => Err(Refusal::Locked(left)),
+        }
+    }
+
+    /// A wrong name or password: counted, logged, and the account locked
+    /// when that was one failure too many.
+    fn failed(&self, users: &Users, turn: Turn, name: &str, known: bool) {
+        let ip = self.peer.ip();
+        let failed = self.access.schedule().failed(turn, Instant::now());
+        if let Some(lock_for) = failed.locked_for {
+            // Written for every name, so an unknown one costs the same
+            // (the update finds no row).
+            let until_ms = super::tracking::now_ms() + lock_for.as_millis() as u64;
+            if let Err(e) = users.lock(name, until_ms) {
+                log::error!("login: cannot keep the lock of \"{name}\" in the users table: {e}");
+            }
+            log::warn!(
+                "login: account \"{}\" locked for {} after {} failed logins in a row, the last from {ip}; {}",
+                logins::account_key(name),
+                rounded_up(lock_for),
+                failed.in_a_row,
+                if known {
+                    format!("`balancer user unlock {name}` lifts it")
+                } else {
+                    "no such user: locked in memory only".to_string()
+                }
+            );
+        }
+        let why = if known {
+            Why::WrongPassword
+        } else {
+            Why::NoSuchUser
+        };
+        self.access.note_failure(name, ip, why);
     }
 }
 
@@ -311,24 +463,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn login_delay_doubles_up_to_a_cap() {
-        let ms = |n| login_delay(n).as_millis();
-        assert_eq!(
-            (ms(1), ms(2), ms(3), ms(4), ms(5)),
-            (500, 1000, 2000, 4000, 8000)
+    fn refusals_say_when_to_try_again_and_how_a_lock_is_lifted() {
+        let message = |refusal: Refusal, name: &str| match refusal.reply(3, name) {
+            Reply::Error(e) => {
+                assert_eq!((e.id, e.code), (Some(3), ErrorCode::Throttled));
+                e.message
+            }
+            other => panic!("{other:?}"),
+        };
+        let throttled = message(Refusal::Throttled(Duration::from_millis(7200)), "alice");
+        assert!(throttled.ends_with("try again in 8 s"), "{throttled}");
+        let locked = message(Refusal::Locked(Duration::from_secs(899)), "alice");
+        assert!(
+            locked.contains("locked for 15 min more")
+                && locked.contains("balancer user unlock alice"),
+            "{locked}"
         );
-        assert_eq!(ms(50), 8000);
-    }
-
-    #[test]
-    fn failures_count_in_a_row_and_reset_on_success() {
-        let f = Failures::default();
-        let a: IpAddr = [10, 0, 0, 1].into();
-        let b: IpAddr = [10, 0, 0, 2].into();
-        assert_eq!(f.fail(a), 1);
-        assert_eq!(f.fail(a), 2);
-        assert_eq!(f.fail(b), 1);
-        f.succeed(a);
-        assert_eq!(f.fail(a), 1);
+        assert_eq!(rounded_up(Duration::from_millis(200)), "1 s");
+        assert_eq!(rounded_up(Duration::from_secs(119)), "119 s");
+        assert_eq!(rounded_up(Duration::from_secs(121)), "3 min");
     }
 }

@@ -163,6 +163,15 @@ struct Args {
     /// need an admin user.
     #[arg(long, conflicts_with = "no_state")]
     users: bool,
+    /// Failed logins in a row that lock an account, with --users (0: never
+    /// lock). Attempts on an account, or from an address that failed, wait
+    /// 0.5 s, 1 s, 2 s... up to 8 s between them in any case.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    login_lock_after: u32,
+    /// How long a locked account refuses every login, the right password
+    /// included; `balancer user unlock NAME` lifts it sooner.
+    #[arg(long, default_value = "15m", value_parser = parse_duration, value_name = "DURATION")]
+    login_lock_for: Duration,
     /// With --backend-wire legacy: drive original servers anyway, which
     /// cannot prove the cluster key (the key then guards registrations
     /// only). Logged as a warning at start.
@@ -390,6 +399,11 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         ticket_ttl: args.ticket_ttl,
         allow_unauthenticated_legacy: args.allow_unauthenticated_legacy,
         users: args.users,
+        logins: lbft::balancer::logins::Settings {
+            lock_after: args.login_lock_after,
+            lock_for: args.login_lock_for,
+            ..Default::default()
+        },
         max_document_size: args.max_document_size,
         max_file_size: args.max_file_size,
     })?;

@@ -652,6 +652,10 @@ pub enum ErrorCode {
     Unauthenticated,
     /// The user is logged in but may not do this (admin requests).
     Forbidden,
+    /// A login refused without looking at the password: too many failed
+    /// logins on the account or from the address (try again later), or
+    /// the account is locked (an admin unlocks it).
+    Throttled,
     /// A document is larger than the balancer's `--max-document-size`.
     TooLarge,
     /// The server's disk is full: nothing was stored; another server may

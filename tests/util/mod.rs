@@ -233,7 +233,20 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).unwrap();
+        Raw::with_timeouts(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Connects from the loopback address `source` (any of 127.0.0.0/8),
+    /// as another client machine would.
+    pub fn connect_from(addr: SocketAddr, source: [u8; 4]) -> Raw {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        Raw::with_timeouts(socket.into())
+    }
+
+    fn with_timeouts(stream: TcpStream) -> Raw {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).unwrap();
         Raw { stream }
@@ -311,6 +324,27 @@ impl Raw {
         let mut byte = [0u8; 1];
         matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
     }
+}
+
+/// `balancer --state PATH user ...`, with `password` (if any) as the one
+/// line of standard input.
+pub fn user_cmd(state: &Path, args: &[&str], password: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(balancer_bin())
+        .arg("--state")
+        .arg(state)
+        .arg("user")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(p) = password {
+        writeln!(stdin, "{p}").unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
 }
 
 /// Runs the client binary with `args` after `--balancer ADDR`, in `cwd`.
