@@ -310,3 +310,20 @@ fn files_need_a_login_too() {
         "{listing}"
     );
 }
+
+#[test]
+fn a_password_needs_eight_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("balancer.db");
+    let out = user_cmd(&state, &["add", "carol"], Some("seven c"));
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the password is too short: it has 7 characters, it needs at least 8"),
+        "{err}"
+    );
+    let list = user_cmd(&state, &["list"], None);
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("carol"));
+    let out = user_cmd(&state, &["add", "carol"], Some("eight ch"));
+    assert!(out.status.success(), "{out:?}");
+}

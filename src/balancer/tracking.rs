@@ -1273,7 +1273,7 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        assert!(crate::balancer::users::add(&path, "bob", "pw", false).unwrap());
+        assert!(crate::balancer::users::add(&path, "bob", "bob's pw", false).unwrap());
     }
 
     #[test]

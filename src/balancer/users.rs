@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// Longest user name; names are also shown in logs and tables.
 pub const MAX_NAME: usize = 64;
+/// Shortest password `add` takes, in characters.
+pub const MIN_PASSWORD: usize = 8;
 /// Longest password taken (hashing cost grows with it).
 pub const MAX_PASSWORD: usize = 1024;
 /// Idle read connections kept for logins.
@@ -209,15 +211,30 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `password` may be a new password: at least `MIN_PASSWORD`
+/// characters (a short one falls to guessing despite the login delays),
+/// at most `MAX_PASSWORD` bytes.
+pub fn check_password(password: &str) -> Result<(), String> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD {
+        return Err(format!(
+            "the password is too short: it has {chars} characters, it needs at least {MIN_PASSWORD}"
+        ));
+    }
+    if password.len() > MAX_PASSWORD {
+        return Err(format!(
+            "the password is too long: it has {} bytes, it may have at most {MAX_PASSWORD}",
+            password.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Adds a user, or sets the password (and admin flag) of an existing one.
 /// Returns whether the user is new.
 pub fn add(path: &Path, name: &str, password: &str, admin: bool) -> Result<bool, Error> {
     check_name(name).map_err(Error::Config)?;
-    if password.is_empty() || password.len() > MAX_PASSWORD {
-        return Err(Error::Config(format!(
-            "the password must have 1 to {MAX_PASSWORD} bytes"
-        )));
-    }
+    check_password(password).map_err(Error::Config)?;
     let hashed = hash(password).map_err(Error::Config)?;
     let conn = tracking::open_writer(path).map_err(state_error(path))?;
     let existed: bool = conn
@@ -351,15 +368,20 @@ mod tests {
     }
 
     #[test]
-    fn names_are_checked() {
+    fn names_and_passwords_are_checked() {
         assert!(check_name("alice.b-c_d@x").is_ok());
         assert!(check_name("").is_err());
         assert!(check_name("a b").is_err());
         assert!(check_name(&"x".repeat(65)).is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("balancer.db");
-        assert!(add(&path, "a\nb", "x", false).is_err());
+        assert!(add(&path, "a\nb", "long enough", false).is_err());
         assert!(add(&path, "a", "", false).is_err());
+        let short = add(&path, "a", "seven c", false).unwrap_err().to_string();
+        assert!(short.contains("at least 8"), "{short}");
+        // Characters, not bytes: eight accented letters are enough.
+        assert!(add(&path, "a", "àèìòùàèì", false).is_ok());
+        assert!(add(&path, "a", &"x".repeat(MAX_PASSWORD + 1), false).is_err());
     }
 
     #[test]

@@ -189,9 +189,9 @@ struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum UserAction {
-    /// Add a user, or set an existing user's password. The password is
-    /// asked for without echo on a terminal, or read as one line from
-    /// standard input otherwise (for scripts).
+    /// Add a user, or set an existing user's password (at least 8
+    /// characters). The password is asked for without echo on a terminal,
+    /// or read as one line from standard input otherwise (for scripts).
     Add {
         /// 1 to 64 letters, digits, -, _, . or @.
         name: String,
