@@ -327,3 +327,44 @@ fn a_password_needs_eight_characters() {
     let out = user_cmd(&state, &["add", "carol"], Some("eight ch"));
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn the_client_reads_a_piped_password() {
+    let cluster = cluster();
+    let documents = sample_documents();
+    let mut child = Command::new(client_bin())
+        .args(["--balancer", &cluster.balancer.addr.to_string()])
+        .args(["--user", "alice", "--documents"])
+        .arg(documents.path())
+        .args(["ftp", "1"])
+        .env_remove("FTP_PASSWORD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, format!("{}\n", pw("alice")).as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut alice = logged_in(&cluster, "alice", &pw("alice"));
+    alice.send_json(&json!({"type": "transfers", "id": 1}));
+    match alice.reply() {
+        Reply::Transfers(list) => assert_eq!(list.transfers.len(), 1, "{list:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Nothing piped in, no terminal: a clear error, no login tried.
+    let out = Command::new(client_bin())
+        .args(["--balancer", &cluster.balancer.addr.to_string()])
+        .args(["--user", "alice", "transfers"])
+        .env_remove("FTP_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give the password as its first line"),
+        "{out:?}"
+    );
+}

@@ -68,8 +68,10 @@ struct Args {
         default_value = "cluster.key"
     )]
     cluster_key_file: PathBuf,
-    /// Log in as this user (balancers started with --users); the password
-    /// comes from the FTP_PASSWORD environment variable, or is asked for.
+    /// Log in as this user (balancers started with --users). The password
+    /// comes from the FTP_PASSWORD environment variable; without it, from
+    /// the first line of standard input when that is not a terminal
+    /// (`echo "$PW" | client --user NAME ...`); else it is asked for.
     #[arg(long, global = true, value_name = "NAME")]
     user: Option<String>,
     #[command(subcommand)]
@@ -228,7 +230,7 @@ fn main() -> ExitCode {
         Some(Ok(credentials)) => Some(credentials),
         Some(Err(e)) => {
             eprintln!(
-                "client: cannot read the password ({e}); set {} to give it",
+                "client: cannot read the password ({e}); set {} or pipe it in to give it",
                 client::login::PASSWORD_VAR
             );
             return ExitCode::FAILURE;

@@ -5,7 +5,7 @@ use super::{Config, Error};
 use crate::net::Stream;
 use crate::proto::{self, Password, Reply, Request};
 use std::fmt;
-use std::io;
+use std::io::{self, BufRead, IsTerminal};
 
 /// The environment variable a password may come from (for scripts).
 pub const PASSWORD_VAR: &str = "FTP_PASSWORD";
@@ -26,15 +26,31 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// The password from `FTP_PASSWORD`, or else asked for without echo
-    /// on the terminal.
+    /// The password from `FTP_PASSWORD`; else, when standard input is not
+    /// a terminal (`echo "$PW" | client --user alice ...`), its first
+    /// line; else asked for without echo on the terminal.
     pub fn for_user(user: String) -> io::Result<Credentials> {
         let password = match std::env::var(PASSWORD_VAR) {
             Ok(p) => p,
+            Err(_) if !io::stdin().is_terminal() => first_line(&mut io::stdin().lock())?,
             Err(_) => rpassword::prompt_password(format!("password for {user}: "))?,
         };
         Ok(Credentials { user, password })
     }
+}
+
+/// The first line of `input`, without its line end. The rest stays
+/// unread (commands, at the interactive prompt).
+fn first_line(input: &mut impl BufRead) -> io::Result<String> {
+    let mut line = String::new();
+    if input.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "standard input is empty, and it is not a terminal to ask on: \
+             give the password as its first line",
+        ));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
 /// Connects to the balancer and, with credentials, logs in.
@@ -67,5 +83,21 @@ pub(crate) fn login(stream: &Stream, credentials: &Credentials) -> Result<(), St
         Ok(Reply::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_is_the_first_line_of_its_input() {
+        let mut input = io::Cursor::new("pass word\r\nftp 3\n");
+        assert_eq!(first_line(&mut input).unwrap(), "pass word");
+        let mut rest = String::new();
+        input.read_line(&mut rest).unwrap();
+        assert_eq!(rest, "ftp 3\n");
+        let empty = first_line(&mut io::Cursor::new("")).unwrap_err();
+        assert_eq!(empty.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
