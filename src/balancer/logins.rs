@@ -270,9 +270,10 @@ impl Schedule {
             return Admission::Throttled(wait);
         }
         // The turn after this one waits as if this one fails; a success
-        // gives the time back. Attempts on one account never overlap,
-        // while an address without failures (many users behind one NAT)
-        // logs in in parallel.
+        // gives the time back. So attempts on one account start at least
+        // `first_delay` apart, ten times what a hash takes, and do not
+        // overlap; an address without failures (many users behind one
+        // NAT) logs in in parallel.
         let settings = self.settings;
         let entry = self.accounts.entry(&account, now);
         entry.pending += 1;
