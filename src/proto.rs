@@ -105,6 +105,50 @@ mod tests {
         ));
     }
 
+    /// Bytes in memory behind a deadline that never passes.
+    struct Unhurried<'a>(&'a [u8]);
+
+    impl std::io::Read for Unhurried<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Deadline for Unhurried<'_> {
+        fn set_deadline(&mut self, _: Option<std::time::Instant>) {}
+    }
+
+    #[test]
+    fn a_payload_is_admitted_piece_by_piece_as_it_arrives() {
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let payload = vec![7u8; ADMIT_PIECE * 2 + 10];
+        let bytes = framed(&payload);
+        let mut reader = FrameReader::new(Unhurried(&bytes), 1 << 20);
+        let len = reader.header().unwrap().unwrap();
+        let mut admitted = Vec::new();
+        let got = reader.payload_by(len, far, |n| admitted.push(n)).unwrap();
+        assert_eq!(got, payload);
+        assert_eq!(admitted, [ADMIT_PIECE, ADMIT_PIECE, 10]);
+
+        // A header and nothing more: nothing admitted.
+        let header_only = 1000u32.to_be_bytes();
+        let mut reader = FrameReader::new(Unhurried(&header_only), 1 << 20);
+        let len = reader.header().unwrap().unwrap();
+        admitted.clear();
+        let cut = reader.payload_by(len, far, |n| admitted.push(n));
+        assert!(
+            matches!(
+                cut,
+                Err(FrameError::Truncated {
+                    expected: 1004,
+                    got: 4
+                })
+            ),
+            "{cut:?}"
+        );
+        assert!(admitted.is_empty(), "{admitted:?}");
+    }
+
     #[test]
     fn store_request_wire_shape() {
         let req = Request::Store(StoreRequest {

@@ -3,9 +3,10 @@
 //! answer them (in any order; each reply carries its request id).
 //!
 //! Flow control: before reading a request the reader takes a slot of the
-//! connection's window and, once the frame header tells its size, that
-//! many bytes of the balancer-wide budget. At either limit it waits, and
-//! TCP slows the client down. Both are given back when the job is done.
+//! connection's window and, as the frame's payload arrives, its bytes from
+//! the balancer-wide budget (a header alone takes none). At either limit
+//! it waits, and TCP slows the client down. Both are given back when the
+//! job is done.
 //!
 //! The writer stops when the reader and every job of this connection have
 //! dropped their reply senders, so no reply is cut off. When the balancer
@@ -14,7 +15,7 @@
 
 use super::client_out::{ClientOut, ClientWriter};
 use super::dispatch::{Change, Event, Job, Shared, Work};
-use super::flow::{Budget, Hold, Window};
+use super::flow::{Budget, Hold, Reservation, Window};
 use super::limits::Limit;
 use super::link::Pool;
 use super::relay::{FileSettings, Next};
@@ -24,8 +25,7 @@ use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, Chunk, Deadline, ErrorCode, FrameError, FrameReader, Reply, Request, ServerList,
-    TransferList,
+    self, Chunk, ErrorCode, FrameError, FrameReader, Reply, Request, ServerList, TransferList,
 };
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::io::BufReader;
@@ -198,26 +198,14 @@ impl Conn {
                     return (received, work_received);
                 }
             };
-            let bytes = match self.budget.try_acquire(len) {
-                Some(bytes) => bytes,
-                None => {
-                    self.stats.limits.hit(Limit::QueuedBytes, || {
-                        format!(
-                            "{} bytes queued or in flight (--max-queued-bytes); reading connection from {peer} paused",
-                            self.budget.used()
-                        )
-                    });
-                    self.budget.acquire(len)
-                }
-            };
             // The rest of the frame has --frame-timeout to arrive, however
-            // it trickles in (as in `FrameReader::message_within`, with the
-            // bytes reserved in between).
-            reader
-                .get_mut()
-                .set_deadline(Some(Instant::now() + self.settings.frame_timeout));
-            let payload = reader.payload(len);
-            reader.get_mut().set_deadline(None);
+            // it trickles in (waits for the budget aside), and takes its
+            // bytes of the budget as they come.
+            let mut bytes = self.budget.open();
+            let deadline = Instant::now() + self.settings.frame_timeout;
+            let payload =
+                reader.payload_by(len, deadline, |piece| self.take_budget(&mut bytes, piece));
+            bytes.complete();
             let payload = match payload {
                 Ok(p) => p,
                 Err(e) => {
@@ -414,6 +402,22 @@ impl Conn {
                 return (received, work_received);
             }
         }
+    }
+
+    /// Takes `piece` more bytes of the budget for a request arriving; at
+    /// the limit, counts it and waits.
+    fn take_budget(&self, bytes: &mut Reservation, piece: usize) {
+        if bytes.try_grow(piece) {
+            return;
+        }
+        let peer = self.peer;
+        self.stats.limits.hit(Limit::QueuedBytes, || {
+            format!(
+                "{} bytes queued or in flight (--max-queued-bytes); reading connection from {peer} paused",
+                self.budget.used()
+            )
+        });
+        bytes.grow(piece);
     }
 
     /// Hands a membership request to the dispatcher, which answers it.

@@ -3,7 +3,13 @@
 //! flight (`Window`), and all connections together only so many payload
 //! bytes (`Budget`). At either limit the connection's reader simply waits,
 //! stops reading its socket, and TCP slows the client down: nothing fails.
+//!
+//! A framed request takes its bytes as they arrive (`Budget::open`, then
+//! `Reservation::grow` per piece read), not when its header announces
+//! them: a peer that announces a large frame and sends nothing holds
+//! nothing.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Payload bytes held by queued and in-flight requests, across all
@@ -18,10 +24,37 @@ pub struct Budget {
 #[derive(Debug, Default)]
 struct Used {
     bytes: usize,
-    /// Callers of `acquire` waiting for bytes to be given back: only then
-    /// does giving back notify (a notify is a system call even when no
-    /// one waits, and bytes are given back for every request).
+    /// Callers of `acquire` and `grow` waiting for bytes to be given back:
+    /// only then does giving back notify (a notify is a system call even
+    /// when no one waits, and bytes are given back for every request).
     waiting: usize,
+    /// Requests still arriving, numbered in the order they began, and the
+    /// bytes they hold between them.
+    arriving: BTreeSet<u64>,
+    arriving_bytes: usize,
+    next: u64,
+}
+
+impl Used {
+    /// Whether a holder of `held` bytes (numbered `arriving` while its
+    /// request arrives) may take `more` without waiting. Alone, a request
+    /// larger than the whole budget still goes through. The request that
+    /// began arriving first does not wait for the others still arriving,
+    /// only for whole ones to be done with: requests arriving together
+    /// never wait on each other for ever, each holding a part and none
+    /// able to finish.
+    fn take(&mut self, bytes: usize, arriving: bool) {
+        self.bytes += bytes;
+        if arriving {
+            self.arriving_bytes += bytes;
+        }
+    }
+
+    fn room(&self, max: usize, held: usize, more: usize, arriving: Option<u64>) -> bool {
+        let first = arriving.is_some_and(|n| self.arriving.first() == Some(&n));
+        let whole = self.bytes - self.arriving_bytes;
+        self.bytes == held || self.bytes + more <= max || first && whole + held + more <= max
+    }
 }
 
 /// Bytes taken from a `Budget`, given back when dropped.
@@ -29,6 +62,8 @@ struct Used {
 pub struct Reservation {
     budget: Arc<Budget>,
     bytes: usize,
+    /// Its number among the requests still arriving, until `complete`.
+    arriving: Option<u64>,
 }
 
 impl Budget {
@@ -44,34 +79,86 @@ impl Budget {
     /// larger than the whole budget waits until nothing else is held, so it
     /// still goes through, alone.
     pub fn acquire(self: &Arc<Self>, bytes: usize) -> Reservation {
-        let mut used = crate::net::lock(&self.used);
-        while used.bytes > 0 && used.bytes + bytes > self.max {
-            used.waiting += 1;
-            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
-            used.waiting -= 1;
-        }
-        used.bytes += bytes;
-        Reservation {
-            budget: self.clone(),
-            bytes,
-        }
+        let mut reservation = self.reservation(None);
+        reservation.grow(bytes);
+        reservation
     }
 
     /// Takes `bytes` if that needs no wait (see `acquire`).
     pub fn try_acquire(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        let mut reservation = self.reservation(None);
+        reservation.try_grow(bytes).then_some(reservation)
+    }
+
+    /// An empty reservation for a request that has begun to arrive; it
+    /// grows as its bytes do (`Reservation::grow`) until `complete`.
+    pub fn open(self: &Arc<Self>) -> Reservation {
         let mut used = crate::net::lock(&self.used);
-        if used.bytes > 0 && used.bytes + bytes > self.max {
-            return None;
-        }
-        used.bytes += bytes;
-        Some(Reservation {
+        let number = used.next;
+        used.next += 1;
+        used.arriving.insert(number);
+        drop(used);
+        self.reservation(Some(number))
+    }
+
+    fn reservation(self: &Arc<Self>, arriving: Option<u64>) -> Reservation {
+        Reservation {
             budget: self.clone(),
-            bytes,
-        })
+            bytes: 0,
+            arriving,
+        }
     }
 
     pub fn used(&self) -> usize {
         crate::net::lock(&self.used).bytes
+    }
+
+    /// Wakes the waiters, if any, once `used` is released.
+    fn wake(&self, used: std::sync::MutexGuard<'_, Used>) {
+        let wake = used.waiting > 0;
+        drop(used);
+        if wake {
+            self.freed.notify_all();
+        }
+    }
+}
+
+impl Reservation {
+    /// Takes `more` bytes, waiting while that would pass the maximum (see
+    /// `Used::room` for who need not wait).
+    pub fn grow(&mut self, more: usize) {
+        let budget = &self.budget;
+        let mut used = crate::net::lock(&budget.used);
+        while !used.room(budget.max, self.bytes, more, self.arriving) {
+            used.waiting += 1;
+            used = budget.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+            used.waiting -= 1;
+        }
+        used.take(more, self.arriving.is_some());
+        self.bytes += more;
+    }
+
+    /// Takes `more` bytes if that needs no wait.
+    pub fn try_grow(&mut self, more: usize) -> bool {
+        let budget = &self.budget;
+        let mut used = crate::net::lock(&budget.used);
+        if !used.room(budget.max, self.bytes, more, self.arriving) {
+            return false;
+        }
+        used.take(more, self.arriving.is_some());
+        self.bytes += more;
+        true
+    }
+
+    /// The request has arrived whole: it takes nothing more, and no longer
+    /// goes first among those arriving.
+    pub fn complete(&mut self) {
+        if let Some(number) = self.arriving.take() {
+            let mut used = crate::net::lock(&self.budget.used);
+            used.arriving.remove(&number);
+            used.arriving_bytes -= self.bytes;
+            self.budget.wake(used);
+        }
     }
 }
 
@@ -79,11 +166,11 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         let mut used = crate::net::lock(&self.budget.used);
         used.bytes -= self.bytes;
-        let wake = used.waiting > 0;
-        drop(used);
-        if wake {
-            self.budget.freed.notify_all();
+        if let Some(number) = self.arriving {
+            used.arriving.remove(&number);
+            used.arriving_bytes -= self.bytes;
         }
+        self.budget.wake(used);
     }
 }
 
@@ -149,6 +236,55 @@ mod tests {
         assert_eq!(budget.used(), 50);
         drop(big);
         let _small = budget.acquire(5);
+    }
+
+    #[test]
+    fn an_arriving_request_holds_only_what_has_arrived() {
+        let budget = Budget::new(100);
+        let mut arriving = budget.open();
+        assert_eq!(budget.used(), 0, "announced, nothing arrived yet");
+        arriving.grow(30);
+        arriving.grow(30);
+        assert_eq!(budget.used(), 60);
+        arriving.complete();
+        assert_eq!(budget.used(), 60, "held until the job is done");
+        let mut other = budget.open();
+        assert!(!other.try_grow(50), "nothing else is arriving first");
+        assert!(other.try_grow(40));
+        drop(arriving);
+        assert_eq!(budget.used(), 40);
+        drop(other);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn the_first_request_arriving_may_always_grow() {
+        let budget = Budget::new(100);
+        let mut first = budget.open();
+        let mut second = budget.open();
+        first.grow(60);
+        second.grow(40);
+        // Both partly there, the budget full: the first goes on past it, so
+        // neither waits for the other for ever.
+        assert!(!second.try_grow(10));
+        assert!(first.try_grow(10));
+        assert_eq!(budget.used(), 110);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let waiter = thread::spawn(move || {
+            second.grow(10);
+            tx.send(()).unwrap();
+            second
+        });
+        // Whole, the first holds its bytes until done with; only then is
+        // there room for the second.
+        first.complete();
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let second = waiter.join().unwrap();
+        assert_eq!(budget.used(), 50);
+        drop(second);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::message::{decode, encode, DecodeError, ErrorCode, ErrorReply, Message};
 use serde::Serialize;
 use std::fmt;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::time::{Duration, Instant};
 
 /// Default cap on one frame: generous for text documents, small enough that a
@@ -285,6 +285,9 @@ pub trait Deadline {
     fn set_deadline(&mut self, deadline: Option<Instant>);
 }
 
+/// The most of a payload read at once by `FrameReader::payload_by`.
+pub const ADMIT_PIECE: usize = 64 * 1024;
+
 impl<R: Read + Deadline> FrameReader<R> {
     /// Like `message`, but once a frame's header has arrived the rest of it
     /// must arrive within `limit`, however it trickles in.
@@ -299,6 +302,80 @@ impl<R: Read + Deadline> FrameReader<R> {
         let payload = self.payload(len);
         self.get_mut().set_deadline(None);
         Ok(Some(decode(&payload?)))
+    }
+
+    /// Like `message`, but the whole frame, header included, must arrive
+    /// by `deadline` (a connection's first request).
+    pub fn message_by<T: Message>(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<Result<T, DecodeError>>, FrameError> {
+        self.get_mut().set_deadline(Some(deadline));
+        let header = self.header();
+        self.get_mut().set_deadline(None);
+        let Some(len) = header? else {
+            return Ok(None);
+        };
+        let payload = self.payload_by(len, deadline, |_| {})?;
+        Ok(Some(decode(&payload)))
+    }
+
+    /// Reads the `len` bytes of a payload whose header has arrived, all by
+    /// `deadline`, in pieces of at most `ADMIT_PIECE` bytes: once a piece's
+    /// first byte is there, `admit(n)` is called before its `n` bytes are
+    /// read, so that a caller can take room for them as they arrive (and
+    /// wait for it: time spent in `admit` moves the deadline back).
+    pub fn payload_by(
+        &mut self,
+        len: usize,
+        deadline: Instant,
+        mut admit: impl FnMut(usize),
+    ) -> Result<Vec<u8>, FrameError> {
+        let mut deadline = deadline;
+        let mut payload = Vec::with_capacity(len.min(INITIAL_PAYLOAD_CAPACITY));
+        let read = loop {
+            if payload.len() == len {
+                break Ok(payload);
+            }
+            self.get_mut().set_deadline(Some(deadline));
+            match self.inner.fill_buf() {
+                Ok([]) => {
+                    break Err(FrameError::Truncated {
+                        expected: len + 4,
+                        got: payload.len() + 4,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) => break Err(FrameError::Timeout { mid_frame: true }),
+                Err(e) => break Err(FrameError::Io(e)),
+            }
+            let piece = (len - payload.len()).min(ADMIT_PIECE);
+            let admitting = Instant::now();
+            admit(piece);
+            deadline += admitting.elapsed();
+            self.get_mut().set_deadline(Some(deadline));
+            match read_payload_into(&mut self.inner, piece, &mut payload) {
+                Ok(()) => {}
+                // What arrived of the piece stays in `payload`.
+                Err(FrameError::Truncated { .. }) => {
+                    break Err(FrameError::Truncated {
+                        expected: len + 4,
+                        got: payload.len() + 4,
+                    })
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.get_mut().set_deadline(None);
+        read
+    }
+}
+
+/// A buffered stream with a deadline sets it on the stream below.
+impl<R: Read + Deadline> Deadline for BufReader<R> {
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.get_mut().set_deadline(deadline);
     }
 }
 
