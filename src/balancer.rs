@@ -92,10 +92,11 @@ pub struct Config {
     pub queue_timeout: Duration,
     pub server_timeout: Duration,
     pub client_timeout: Duration,
-    /// A frame's payload must arrive within this once its header has.
+    /// A frame's payload must arrive within this once its header has, and
+    /// a connection's first whole request within this of connecting.
     pub frame_timeout: Duration,
-    /// Idle limit for clients of the original format, which keep one
-    /// connection open for a whole interactive session.
+    /// Idle limit between documents for clients of the original format,
+    /// which keep one connection open for a whole interactive session.
     pub legacy_client_timeout: Duration,
     pub max_attempts: u32,
     /// Requests on the wire to one server at once (its link's connections).

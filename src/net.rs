@@ -13,7 +13,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Connections waiting to be accepted before the kernel holds back new
 /// ones (capped by the system's `somaxconn`); std's `bind` asks for 128,
@@ -122,15 +122,37 @@ pub enum Wire {
     Refused,
 }
 
-/// Waits for the first byte (up to the stream's read timeout) without
-/// consuming it. With TLS on (`tls::install` with a certificate), a peer
-/// starting a handshake gets one (within the handshake timeout) and then
-/// speaks frames inside it; any other peer is refused, except one of the
-/// original format when `--allow-legacy-plaintext` says so.
-pub fn detect_wire(stream: &Stream) -> io::Result<Wire> {
+/// Waits for the first byte, until `by` at the latest (a connection's
+/// first request is due then: `--frame-timeout` after it was accepted),
+/// without consuming it. With TLS on (`tls::install` with a certificate),
+/// a peer starting a handshake gets one (within the handshake timeout, and
+/// by `by`) and then speaks frames inside it; any other peer is refused,
+/// except one of the original format when `--allow-legacy-plaintext` says
+/// so. A peer that sends nothing in time is an error of kind `TimedOut`.
+pub fn detect_wire(stream: &Stream, by: Instant) -> io::Result<Wire> {
+    let left = || by.saturating_duration_since(Instant::now());
     let mut first = [0u8; 1];
-    if stream.tcp().peek(&mut first)? == 0 {
-        return Ok(Wire::Closed);
+    let idle = stream.tcp().read_timeout()?;
+    // A zero timeout means none to the socket: wait at least a moment.
+    let wait = left().max(Duration::from_millis(1));
+    let due_first = idle.is_none_or(|idle| wait <= idle);
+    stream.tcp().set_read_timeout(Some(if due_first {
+        wait
+    } else {
+        idle.unwrap_or(wait)
+    }))?;
+    let peeked = stream.tcp().peek(&mut first);
+    stream.tcp().set_read_timeout(idle)?;
+    match peeked {
+        Ok(0) => return Ok(Wire::Closed),
+        Ok(_) => {}
+        Err(e) if due_first && e.kind() == io::ErrorKind::WouldBlock => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "nothing arrived within --frame-timeout",
+            ))
+        }
+        Err(e) => return Err(e),
     }
     let first = first[0];
     let peer = stream
@@ -153,7 +175,10 @@ pub fn detect_wire(stream: &Stream) -> io::Result<Wire> {
         });
     };
     if first == tls::HANDSHAKE_RECORD {
-        return match tls::Session::accept(config.clone(), stream.tcp(), tls.handshake_timeout()) {
+        let timeout = tls
+            .handshake_timeout()
+            .min(left().max(Duration::from_millis(1)));
+        return match tls::Session::accept(config.clone(), stream.tcp(), timeout) {
             Ok(session) => {
                 stream.set_tls(session);
                 Ok(Wire::Framed)

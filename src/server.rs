@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::handshake::Gate;
 use crate::ids::{self, Generator, Source};
 use crate::net::{self, Wire};
-use crate::proto::legacy::{LegacyReader, LegacyRequest};
+use crate::proto::legacy::{LegacyError, LegacyReader, LegacyRequest};
 use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, Request};
 use crossbeam_channel::{Receiver, Sender};
 use files::FileStore;
@@ -35,7 +35,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storage::{Claim, Storage, StoreError};
 
 #[derive(Debug, Clone)]
@@ -58,7 +58,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Connections open at once; more wait in the listen backlog.
     pub max_connections: usize,
-    /// A frame must arrive whole within this once its length has.
+    /// A frame must arrive whole within this once its length has, and a
+    /// connection's first whole request within this of connecting.
     pub frame_timeout: Duration,
     /// Node id (0..=511) in the request numbers this server gives documents
     /// that arrive without one; `None` picks one at random.
@@ -326,11 +327,31 @@ fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
         return;
     }
     let read_half = stream.clone();
-    match net::detect_wire(&stream) {
+    // Every connection owes a whole first request within --frame-timeout
+    // of arriving (see `request_too_slow`).
+    let first_by = Instant::now() + shared.config.frame_timeout;
+    match net::detect_wire(&stream, first_by) {
         Ok(Wire::Closed | Wire::Refused) => {}
-        Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, shared),
-        Ok(Wire::Framed) => serve_framed(read_half, stream, peer, shared),
+        Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, first_by, shared),
+        Ok(Wire::Framed) => serve_framed(read_half, stream, peer, first_by, shared),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => request_too_slow(peer, shared),
         Err(e) => log::info!("server {addr}: connection from {peer} sent nothing: {e}"),
+    }
+}
+
+/// A connection whose request did not arrive whole in time (its first one
+/// since it connected, or a later one since it began): logged once per
+/// burst, as a flood of them must not flood the log.
+fn request_too_slow(peer: SocketAddr, shared: &Shared) {
+    static LATE: std::sync::OnceLock<crate::throttle::Throttle<()>> = std::sync::OnceLock::new();
+    let late = LATE.get_or_init(|| crate::throttle::Throttle::new(Duration::from_secs(10)));
+    if let Some(skipped) = late.check(&()) {
+        log::warn!(
+            "server {}: connection from {peer} did not send a whole request in time (--frame-timeout {:?}); closed{}",
+            shared.addr,
+            shared.config.frame_timeout,
+            crate::throttle::more(skipped)
+        );
     }
 }
 
@@ -338,6 +359,7 @@ fn serve_framed(
     read_half: net::Stream,
     write_half: net::Stream,
     peer: SocketAddr,
+    first_by: Instant,
     shared: &Shared,
 ) {
     let addr = shared.addr;
@@ -353,9 +375,29 @@ fn serve_framed(
     let paced = net::Paced::new(read_half, shared.config.idle_timeout);
     let mut reader = FrameReader::new(paced, shared.frame_limit());
     let mut writer = FrameWriter::new(write_half);
+    let mut first = true;
     loop {
-        let reply = match reader.message_within::<Request>(shared.config.frame_timeout) {
+        let message = if first {
+            reader.message_by::<Request>(first_by)
+        } else {
+            reader.message_within::<Request>(shared.config.frame_timeout)
+        };
+        let was_first = std::mem::take(&mut first);
+        let reply = match message {
             Ok(None) => break,
+            Err(proto::FrameError::Timeout { .. }) if was_first && Instant::now() >= first_by => {
+                request_too_slow(peer, shared);
+                let late = Reply::error(
+                    None,
+                    ErrorCode::Timeout,
+                    format!(
+                        "no whole request within --frame-timeout ({:?}) of connecting",
+                        shared.config.frame_timeout
+                    ),
+                );
+                let _ = writer.message(&late);
+                break;
+            }
             Err(e) => {
                 log::warn!("server {addr}: connection from {peer}: {e}");
                 if let Some(r) = e.reply() {
@@ -449,10 +491,19 @@ fn serve_legacy(
     read_half: net::Stream,
     mut write_half: net::Stream,
     peer: SocketAddr,
+    first_by: Instant,
     shared: &Shared,
 ) {
     let addr = shared.addr;
-    let reader = LegacyReader::new(BufReader::new(read_half), shared.frame_limit());
+    // Idle up to --idle-timeout between objects, each whole within
+    // --frame-timeout once begun.
+    let paced = net::Paced::new(read_half, shared.config.idle_timeout);
+    let reader = LegacyReader::paced(
+        BufReader::new(paced),
+        shared.frame_limit(),
+        shared.config.frame_timeout,
+        first_by,
+    );
     for request in reader {
         match request {
             Ok(LegacyRequest::Status) => {
@@ -469,6 +520,10 @@ fn serve_legacy(
                 // The original balancer reads no reply; the outcome is only
                 // logged (by `store_legacy`).
                 store_legacy(&doc, request_number, shared);
+            }
+            Err(LegacyError::Timeout { mid_object: true }) => {
+                request_too_slow(peer, shared);
+                return;
             }
             Err(e) => {
                 log::warn!("server {addr}: original-format connection from {peer}: {e}");

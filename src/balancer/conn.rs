@@ -23,9 +23,10 @@ use super::session::{Access, Session, Verdict};
 use super::stats::Stats;
 use super::tracking::{Tracker, TransferFilter};
 use crate::net::{self, Wire};
-use crate::proto::legacy::{LegacyReader, LegacyRequest};
+use crate::proto::legacy::{LegacyError, LegacyReader, LegacyRequest};
 use crate::proto::{
-    self, Chunk, ErrorCode, FrameError, FrameReader, Reply, Request, ServerList, TransferList,
+    self, Chunk, Deadline, ErrorCode, FrameError, FrameReader, Reply, Request, ServerList,
+    TransferList,
 };
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::io::BufReader;
@@ -42,7 +43,8 @@ pub struct ConnSettings {
     /// The same for clients of the original format.
     pub legacy_idle_timeout: Duration,
     pub max_frame: usize,
-    /// A frame's payload must arrive within this, once its header has.
+    /// A frame's payload must arrive within this, once its header has; and
+    /// a connection's first whole request within this of connecting.
     pub frame_timeout: Duration,
     /// Requests one connection may have queued or in flight.
     pub window: usize,
@@ -95,7 +97,11 @@ impl Conn {
             return;
         }
         let read_half = stream.clone();
-        match net::detect_wire(&stream) {
+        // Every connection owes a whole first request (frame, or object of
+        // the original format) within --frame-timeout of arriving: one that
+        // says nothing, or begins and stalls, holds its place no longer.
+        let first_by = Instant::now() + settings.frame_timeout;
+        match net::detect_wire(&stream, first_by) {
             Ok(Wire::Closed) => {
                 log::debug!("connection from {peer} closed without sending anything");
             }
@@ -108,22 +114,23 @@ impl Conn {
                 );
             }
             Ok(Wire::Legacy) => {
-                if let Err(e) = read_half
-                    .tcp()
-                    .set_read_timeout(Some(settings.legacy_idle_timeout))
-                {
-                    log::warn!("connection from {peer}: cannot set up: {e}");
-                    return;
-                }
-                let received = self.read_legacy_documents(read_half);
+                let received = self.read_legacy_documents(read_half, first_by);
                 log::info!("original-format connection from {peer} closed ({received} documents)");
             }
-            Ok(Wire::Framed) => self.serve_framed(stream, read_half),
+            Ok(Wire::Framed) => self.serve_framed(stream, read_half, first_by),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.stats.limits.hit(Limit::FrameTimeout, || {
+                    format!(
+                        "connection from {peer} sent nothing within --frame-timeout ({:?}); closed",
+                        settings.frame_timeout
+                    )
+                });
+            }
             Err(e) => log::info!("connection from {peer} sent nothing: {e}"),
         }
     }
 
-    fn serve_framed(&self, stream: net::Stream, read_half: net::Stream) {
+    fn serve_framed(&self, stream: net::Stream, read_half: net::Stream, first_by: Instant) {
         let peer = self.peer;
         let closing = stream.clone();
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
@@ -141,7 +148,7 @@ impl Conn {
                 return;
             }
         };
-        let (received, work) = self.read_requests(read_half, &reply_tx, &out);
+        let (received, work) = self.read_requests(read_half, first_by, &reply_tx, &out);
         drop(reply_tx);
         let _ = writer.join();
         let sent = net::lock(&out).written;
@@ -158,8 +165,9 @@ impl Conn {
     }
 
     /// Reads requests until the client closes, stalls or breaks framing, or
-    /// the balancer shuts down. Returns how many requests arrived, and how
-    /// many of them were work (store or calc).
+    /// the balancer shuts down; the first must be whole by `first_by`.
+    /// Returns how many requests arrived, and how many of them were work
+    /// (store or calc).
     ///
     /// The connection's `Session` says who is on the other end: requests
     /// that touch what a user owns filter by `session.user()` or
@@ -167,6 +175,7 @@ impl Conn {
     fn read_requests(
         &self,
         stream: net::Stream,
+        first_by: Instant,
         replies: &Sender<Reply>,
         out: &ClientWriter,
     ) -> (u64, u64) {
@@ -178,6 +187,8 @@ impl Conn {
         let mut session = Session::new(self.access.clone(), peer, local);
         let mut received = 0;
         let mut work_received = 0;
+        // Until the first whole frame, its deadline.
+        let mut first = Some(first_by);
         loop {
             // Only this thread takes slots: a full window now stays full
             // until a job gives one back.
@@ -190,11 +201,12 @@ impl Conn {
                 });
             }
             let permit = window.acquire();
+            reader.get_mut().set_deadline(first);
             let len = match reader.header() {
                 Ok(Some(len)) => len,
                 Ok(None) => return (received, work_received),
                 Err(e) => {
-                    self.read_failed(e, replies);
+                    self.read_failed(e, first, replies);
                     return (received, work_received);
                 }
             };
@@ -202,17 +214,18 @@ impl Conn {
             // it trickles in (waits for the budget aside), and takes its
             // bytes of the budget as they come.
             let mut bytes = self.budget.open();
-            let deadline = Instant::now() + self.settings.frame_timeout;
+            let deadline = first.unwrap_or_else(|| Instant::now() + self.settings.frame_timeout);
             let payload =
                 reader.payload_by(len, deadline, |piece| self.take_budget(&mut bytes, piece));
             bytes.complete();
             let payload = match payload {
                 Ok(p) => p,
                 Err(e) => {
-                    self.read_failed(e, replies);
+                    self.read_failed(e, first, replies);
                     return (received, work_received);
                 }
             };
+            first = None;
             // Whatever was read after the shutdown began is left unanswered:
             // the final `shutting_down` reply says so.
             if self.shutting_down() {
@@ -472,8 +485,26 @@ impl Conn {
         }
     }
 
-    fn read_failed(&self, e: FrameError, replies: &Sender<Reply>) {
+    /// Logs and counts why reading stopped, and tells the client when it
+    /// can still be told. `first`: when the first request was due, if it
+    /// had not arrived whole yet.
+    fn read_failed(&self, e: FrameError, first: Option<Instant>, replies: &Sender<Reply>) {
         let peer = self.peer;
+        let late = first.is_some_and(|by| Instant::now() >= by);
+        if late && matches!(e, FrameError::Timeout { .. }) {
+            let timeout = self.settings.frame_timeout;
+            self.stats.limits.hit(Limit::FrameTimeout, || {
+                format!(
+                    "connection from {peer} sent no whole request within --frame-timeout ({timeout:?}) of connecting; closed"
+                )
+            });
+            let _ = replies.send(Reply::error(
+                None,
+                ErrorCode::Timeout,
+                format!("no whole request within --frame-timeout ({timeout:?}) of connecting"),
+            ));
+            return;
+        }
         match &e {
             FrameError::TooLarge { len, max } => self.stats.limits.hit(Limit::FrameTooLarge, || {
                 format!("connection from {peer} announced a frame of {len} bytes (--max-frame {max}); closed")
@@ -540,13 +571,22 @@ impl Conn {
 
     /// A client of the original system: unframed JSON documents, no replies
     /// expected. Outcomes are only logged (by the dispatcher and the links).
-    fn read_legacy_documents(&self, stream: net::Stream) -> u64 {
+    fn read_legacy_documents(&self, stream: net::Stream, first_by: Instant) -> u64 {
         let peer = self.peer;
+        let settings = self.settings;
         // Replies have nowhere to go: the original client never reads.
         let (discard, _) = crossbeam_channel::bounded(0);
-        let window = Window::new(self.settings.window);
+        let window = Window::new(settings.window);
         let mut received = 0;
-        let reader = LegacyReader::new(BufReader::new(stream), self.settings.max_frame);
+        // Idle up to --legacy-client-timeout between documents, each whole
+        // within --frame-timeout once begun.
+        let paced = net::Paced::new(stream, settings.legacy_idle_timeout);
+        let reader = LegacyReader::paced(
+            BufReader::new(paced),
+            settings.max_frame,
+            settings.frame_timeout,
+            first_by,
+        );
         for (index, request) in reader.enumerate() {
             if self.shutting_down() {
                 break;
@@ -574,6 +614,22 @@ impl Conn {
                     log::warn!(
                         "original-format connection from {peer}: ignoring a request that is not a document"
                     );
+                }
+                Err(LegacyError::Timeout { mid_object: true }) => {
+                    self.stats.limits.hit(Limit::FrameTimeout, || {
+                        format!(
+                            "original-format connection from {peer}: a document not whole within --frame-timeout ({:?}); closed",
+                            settings.frame_timeout
+                        )
+                    });
+                    break;
+                }
+                Err(LegacyError::Timeout { mid_object: false }) => {
+                    log::info!(
+                        "original-format connection from {peer}: idle for {:?}, closing",
+                        settings.legacy_idle_timeout
+                    );
+                    break;
                 }
                 Err(e) => {
                     log::warn!("original-format connection from {peer}: {e}");

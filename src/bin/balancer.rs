@@ -84,11 +84,13 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     client_timeout: Duration,
     /// A frame must arrive whole within this once its length has: a peer
-    /// sending a byte now and then (slowloris) is cut off.
+    /// sending a byte now and then (slowloris) is cut off. A new connection
+    /// must send its first whole request within this of connecting.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     frame_timeout: Duration,
-    /// Idle limit for clients of the original format, which keep one
-    /// connection open for a whole session.
+    /// Idle limit between documents for clients of the original format,
+    /// which keep one connection open for a whole session (each document
+    /// must still arrive within --frame-timeout once begun).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     legacy_client_timeout: Duration,
     /// Forwards of one document that may reach a server before giving up.

@@ -55,7 +55,8 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=511))]
     server_id: Option<u16>,
     /// A frame must arrive whole within this once its length has: a peer
-    /// sending a byte now and then (slowloris) is cut off.
+    /// sending a byte now and then (slowloris) is cut off. A new connection
+    /// must send its first whole request within this of connecting.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     frame_timeout: Duration,
     /// Connections open at once; more wait in the listen backlog until one

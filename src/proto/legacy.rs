@@ -13,12 +13,13 @@
 //! connection starts with a length prefix, whose first byte is `{` (0x7B)
 //! only for frames of almost 2 GiB, far above any maximum.
 
-use super::Document;
+use super::{Deadline, Document};
 use serde_json::Value;
 use std::cell::Cell;
 use std::fmt;
 use std::io::{self, Read};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 /// The request type of a document.
 pub const DOCUMENT_TYPE: &str = "file_di_testo";
@@ -53,6 +54,11 @@ pub enum LegacyError {
     TooLarge(usize),
     /// The stream ended inside an object.
     Truncated,
+    /// No byte within the read timeout: `mid_object` tells a peer that
+    /// began an object and did not finish it in time from an idle one.
+    Timeout {
+        mid_object: bool,
+    },
     Io(io::Error),
 }
 
@@ -65,6 +71,10 @@ impl fmt::Display for LegacyError {
                 write!(f, "original-format object larger than {max} bytes")
             }
             LegacyError::Truncated => f.write_str("connection closed in the middle of an object"),
+            LegacyError::Timeout { mid_object: true } => {
+                f.write_str("an object did not arrive whole within --frame-timeout")
+            }
+            LegacyError::Timeout { mid_object: false } => f.write_str("idle for too long"),
             LegacyError::Io(e) => e.fmt(f),
         }
     }
@@ -113,22 +123,57 @@ pub fn parse(value: Value) -> Result<LegacyRequest, LegacyError> {
     })
 }
 
-/// A reader that refuses to give more than a budget of bytes; the budget is
-/// reset between objects.
+/// Where the reading of the current object stands; reset between objects.
+struct Progress {
+    /// Bytes it may still take.
+    remaining: Cell<usize>,
+    /// Whether its first byte (whitespace aside) has arrived.
+    begun: Cell<bool>,
+    /// Its deadline when known before it begins: the first object's.
+    due: Cell<Option<Instant>>,
+    /// A deadline to set on the stream before its next read.
+    pending: Cell<Option<Option<Instant>>>,
+}
+
+/// How long an object may take to arrive once begun, and how to tell the
+/// stream (see `LegacyReader::paced`).
+struct Pace<R> {
+    limit: Duration,
+    set: fn(&mut R, Option<Instant>),
+}
+
+/// A reader that refuses to give more than a budget of bytes (reset
+/// between objects), and, when paced, gives each object its deadline once
+/// its first byte arrives.
 struct Budgeted<R> {
     inner: R,
-    remaining: Rc<Cell<usize>>,
+    progress: Rc<Progress>,
+    pace: Option<Pace<R>>,
 }
 
 impl<R: Read> Read for Budgeted<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let remaining = self.remaining.get();
+        let progress = &self.progress;
+        let remaining = progress.remaining.get();
         if remaining == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, OverBudget));
         }
+        if let (Some(pace), Some(deadline)) = (&self.pace, progress.pending.take()) {
+            (pace.set)(&mut self.inner, deadline);
+        }
         let n = buf.len().min(remaining);
         let got = self.inner.read(&mut buf[..n])?;
-        self.remaining.set(remaining - got);
+        progress.remaining.set(remaining - got);
+        if !progress.begun.get() && buf[..got].iter().any(|b| !b.is_ascii_whitespace()) {
+            progress.begun.set(true);
+            if let Some(pace) = &self.pace {
+                let deadline = progress
+                    .due
+                    .get()
+                    .unwrap_or_else(|| Instant::now() + pace.limit);
+                (pace.set)(&mut self.inner, Some(deadline));
+            }
+        }
         Ok(got)
     }
 }
@@ -146,7 +191,7 @@ impl std::error::Error for OverBudget {}
 /// they are split across reads.
 pub struct LegacyReader<R: Read> {
     values: serde_json::StreamDeserializer<'static, serde_json::de::IoRead<Budgeted<R>>, Value>,
-    remaining: Rc<Cell<usize>>,
+    progress: Rc<Progress>,
     max: usize,
 }
 
@@ -154,16 +199,40 @@ impl<R: Read> LegacyReader<R> {
     /// `max` bounds the size of one object. `inner` should be buffered: the
     /// JSON reader asks for one byte at a time.
     pub fn new(inner: R, max: usize) -> Self {
-        let remaining = Rc::new(Cell::new(max));
+        Self::with_pace(inner, max, None, None)
+    }
+
+    fn with_pace(inner: R, max: usize, pace: Option<Pace<R>>, first_by: Option<Instant>) -> Self {
+        let progress = Rc::new(Progress {
+            remaining: Cell::new(max),
+            begun: Cell::new(false),
+            due: Cell::new(first_by),
+            pending: Cell::new(first_by.map(Some)),
+        });
         let reader = Budgeted {
             inner,
-            remaining: remaining.clone(),
+            progress: progress.clone(),
+            pace,
         };
         LegacyReader {
             values: serde_json::Deserializer::from_reader(reader).into_iter(),
-            remaining,
+            progress,
             max,
         }
+    }
+}
+
+impl<R: Read + Deadline> LegacyReader<R> {
+    /// Like `new`, with deadlines: the first object must arrive whole by
+    /// `first_by`, and each later one within `limit` of its first byte.
+    /// Between objects only the stream's own read timeout applies (the
+    /// original client keeps one connection for a whole session).
+    pub fn paced(inner: R, max: usize, limit: Duration, first_by: Instant) -> Self {
+        let pace = Pace {
+            limit,
+            set: |stream: &mut R, deadline| stream.set_deadline(deadline),
+        };
+        Self::with_pace(inner, max, Some(pace), Some(first_by))
     }
 }
 
@@ -171,24 +240,39 @@ impl<R: Read> Iterator for LegacyReader<R> {
     type Item = Result<LegacyRequest, LegacyError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.remaining.set(self.max);
-        let item = match self.values.next()? {
-            Ok(value) => parse(value),
-            Err(e) if e.is_io() => {
+        let progress = &self.progress;
+        progress.remaining.set(self.max);
+        let item = match self.values.next() {
+            None => None,
+            Some(Ok(value)) => Some(parse(value)),
+            Some(Err(e)) if e.is_io() => {
                 let io_err = io::Error::from(e);
-                if io_err
-                    .get_ref()
-                    .is_some_and(|inner| inner.is::<OverBudget>())
-                {
-                    Err(LegacyError::TooLarge(self.max))
-                } else {
-                    Err(LegacyError::Io(io_err))
-                }
+                Some(Err(
+                    if io_err
+                        .get_ref()
+                        .is_some_and(|inner| inner.is::<OverBudget>())
+                    {
+                        LegacyError::TooLarge(self.max)
+                    } else if matches!(
+                        io_err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) {
+                        LegacyError::Timeout {
+                            mid_object: progress.begun.get(),
+                        }
+                    } else {
+                        LegacyError::Io(io_err)
+                    },
+                ))
             }
-            Err(e) if e.is_eof() => Err(LegacyError::Truncated),
-            Err(e) => Err(LegacyError::InvalidJson(e.to_string())),
+            Some(Err(e)) if e.is_eof() => Some(Err(LegacyError::Truncated)),
+            Some(Err(e)) => Some(Err(LegacyError::InvalidJson(e.to_string()))),
         };
-        Some(item)
+        // The next object has no deadline until its first byte arrives.
+        progress.begun.set(false);
+        progress.due.set(None);
+        progress.pending.set(Some(None));
+        item
     }
 }
 
@@ -291,6 +375,62 @@ mod tests {
             }
         ));
         assert_eq!(items[2], LegacyRequest::Status);
+    }
+
+    /// Gives its bytes, then times out; records the deadlines it is given.
+    struct Recorded<'a> {
+        bytes: &'a [u8],
+        deadlines: Rc<std::cell::RefCell<Vec<Option<Instant>>>>,
+    }
+
+    impl Read for Recorded<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.bytes.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.bytes.read(buf)
+        }
+    }
+
+    impl Deadline for Recorded<'_> {
+        fn set_deadline(&mut self, deadline: Option<Instant>) {
+            self.deadlines.borrow_mut().push(deadline);
+        }
+    }
+
+    #[test]
+    fn paced_objects_get_their_deadline_at_their_first_byte() {
+        let deadlines = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let stream = Recorded {
+            bytes: br#"{"request_type": "x"}  {"request_type": "#,
+            deadlines: deadlines.clone(),
+        };
+        let first_by = Instant::now() + Duration::from_secs(5);
+        let limit = Duration::from_secs(60);
+        let mut reader = LegacyReader::paced(stream, 1024, limit, first_by);
+        assert_eq!(reader.next().unwrap().unwrap(), LegacyRequest::Status);
+        // The first object is due by `first_by`, from the start.
+        assert_eq!(deadlines.borrow()[..], [Some(first_by), Some(first_by)]);
+        // The second one begun and not finished: a stall, not idleness.
+        let started = Instant::now();
+        assert!(matches!(
+            reader.next(),
+            Some(Err(LegacyError::Timeout { mid_object: true }))
+        ));
+        let set = deadlines.borrow()[2..].to_vec();
+        assert_eq!(set[0], None, "no deadline between objects");
+        assert!(set[1].is_some_and(|d| d >= started + limit), "{set:?}");
+
+        let stream = Recorded {
+            bytes: br#"{"request_type": "x"} "#,
+            deadlines: deadlines.clone(),
+        };
+        let mut reader = LegacyReader::paced(stream, 1024, limit, first_by);
+        assert!(reader.next().unwrap().is_ok());
+        assert!(matches!(
+            reader.next(),
+            Some(Err(LegacyError::Timeout { mid_object: false }))
+        ));
     }
 
     #[test]
