@@ -108,8 +108,13 @@ pub struct Config {
     pub client_window: usize,
     /// On shutdown, how long queued and in-flight requests may take.
     pub drain_timeout: Duration,
-    /// Client connections open at once; more wait in the listen backlog.
+    /// Client connections open at once. Past it, or past
+    /// `max_connections_per_ip` from one address, a new connection takes
+    /// the place of an idle one (see `net::admission`); with every one at
+    /// work, new ones wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
     /// The node part of request numbers (see `ids`); random when `None`.
     pub balancer_id: Option<u16>,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -167,6 +172,7 @@ impl Default for Config {
             client_window: 1024,
             drain_timeout: Duration::from_secs(30),
             max_connections: net::default_max_connections(),
+            max_connections_per_ip: net::default_max_per_ip(net::default_max_connections()),
             balancer_id: None,
             metrics: None,
             policy: PolicyKind::RoundRobin,
@@ -400,7 +406,10 @@ impl Balancer {
                 max_file_size: config.max_file_size,
             }),
             tracker,
-            max_connections: config.max_connections,
+            admission: net::Policy {
+                max_connections: config.max_connections,
+                max_per_ip: config.max_connections_per_ip,
+            },
             access: access.clone(),
         };
         threads.insert(
@@ -548,7 +557,7 @@ struct Acceptor {
     stop: Receiver<()>,
     tracker: Option<tracking::Tracker>,
     files: Arc<relay::FileSettings>,
-    max_connections: usize,
+    admission: net::Policy,
     access: Arc<session::Access>,
 }
 
@@ -565,18 +574,27 @@ impl Acceptor {
             stop,
             tracker,
             files,
-            max_connections,
+            admission,
             access,
         } = self;
         let conn_stop = stop.clone();
         let counted = stats.clone();
-        net::serve_connections_counting(
+        let hits = &counted.limits;
+        let admission = net::Admission {
+            policy: admission,
+            names: net::CapNames::OPTIONS,
+            counters: net::Counters {
+                waited: Some(hits.counter(limits::Limit::MaxConnections)),
+                evicted: Some(hits.counter(limits::Limit::ConnectionsEvicted)),
+                refused: Some(hits.counter(limits::Limit::MaxConnectionsPerIp)),
+            },
+        };
+        net::serve_connections(
             &listener,
             &stop,
-            max_connections,
-            Some(counted.limits.counter(limits::Limit::MaxConnections)),
+            admission,
             |seq| format!("conn{seq}"),
-            move |stream, peer| {
+            move |stream, peer, mark| {
                 let conn = conn::Conn {
                     peer,
                     jobs: jobs.clone(),
@@ -589,6 +607,7 @@ impl Acceptor {
                     tracker: tracker.clone(),
                     files: files.clone(),
                     access: access.clone(),
+                    mark,
                 };
                 conn.serve(stream);
             },

@@ -8,8 +8,9 @@
 //! - `proto`: the wire — frames, message types, size caps. Nobody else
 //!   touches protocol bytes.
 //! - `net`: sockets — connect with timeouts, first-byte detection, accept
-//!   loops that stop when a channel disconnects; TLS under the same
-//!   `Stream` (`net::tls`, and `gen-certs`).
+//!   loops that stop when a channel disconnects and, when slots run short,
+//!   close idle connections to make room (`net::admission`); TLS under the
+//!   same `Stream` (`net::tls`, and `gen-certs`).
 //! - `ids`: request numbers that never repeat.
 //! - `balancer`: accept loop, flow control, dispatcher and pool membership,
 //!   server links (one backend per wire), health monitor, transfer

@@ -1,16 +1,20 @@
 //! Sockets: connecting with timeouts, preparing accepted streams, telling
 //! which wire a peer speaks from its first byte, and accept loops that stop
-//! when told. TLS plugs in here (`tls`): `connect` and `detect_wire` set it
-//! up, and a `Stream` reads and writes plaintext either way.
+//! when told and, when slots run short, close idle connections before
+//! turning new ones away (`admission`). TLS plugs in here (`tls`):
+//! `connect` and `detect_wire` set it up, and a `Stream` reads and writes
+//! plaintext either way.
 
+pub mod admission;
 pub mod tls;
 
+pub use admission::{Admission, Busy, CapNames, Counters, Mark, Policy};
+
 use crate::proto::legacy;
-use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
-use std::collections::HashMap;
+use admission::Registry;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -213,45 +217,24 @@ pub fn detect_wire(stream: &Stream, by: Instant) -> io::Result<Wire> {
 
 /// Accepts connections and hands each to `handle` until `stop` is
 /// disconnected (checked after every accept, so whoever disconnects it must
-/// then wake the loop with `wake`). Accept errors (out of descriptors, a
-/// connection reset before it was accepted) back off 10 ms, 20 ms, ... up
-/// to 1 s instead of spinning.
-pub fn accept_loop(
+/// then wake the loop with `wake`). While every slot is taken by
+/// connections at work it does not accept: new connections wait in the
+/// listen backlog (`Registry::wait_for_room`). Accept errors (out of
+/// descriptors, a connection reset before it was accepted) back off 10 ms,
+/// 20 ms, ... up to 1 s instead of spinning.
+fn accept_loop(
     listener: &TcpListener,
     stop: &Receiver<()>,
-    slots: Option<&Slots>,
-    at_cap_count: Option<&AtomicU64>,
-    mut handle: impl FnMut(TcpStream, SocketAddr, Option<Slot>),
+    registry: &Registry,
+    counters: &Counters,
+    mut handle: impl FnMut(TcpStream, SocketAddr),
 ) {
     let mut backoff = Duration::ZERO;
     let mut errors = 0u64;
-    let mut at_cap = false;
     loop {
-        // A connection slot first: at --max-connections new clients wait
-        // in the listen backlog instead of taking descriptors the
-        // balancer needs for its servers.
-        let slot = match slots {
-            Some(slots) => {
-                if slots.in_use() >= slots.capacity() && !at_cap {
-                    log::warn!(
-                        "{} connections open (--max-connections): new ones wait until one closes",
-                        slots.in_use()
-                    );
-                }
-                at_cap = slots.in_use() >= slots.capacity();
-                if at_cap {
-                    // Counted each time, logged once per burst (above).
-                    if let Some(count) = at_cap_count {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                match slots.acquire_or_stop(stop) {
-                    Some(slot) => Some(slot),
-                    None => return,
-                }
-            }
-            None => None,
-        };
+        if !registry.wait_for_room(stop, counters) {
+            return;
+        }
         let accepted = listener.accept();
         if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
             return;
@@ -263,7 +246,7 @@ pub fn accept_loop(
                     errors = 0;
                 }
                 backoff = Duration::ZERO;
-                handle(stream, peer, slot);
+                handle(stream, peer);
             }
             Err(e) => {
                 errors += 1;
@@ -280,8 +263,8 @@ pub fn accept_loop(
 }
 
 /// A counting semaphore: a bounded channel whose free capacity is the
-/// number of free slots. Used for connection slots (`--max-connections`)
-/// and for the requests one connection may have outstanding.
+/// number of free slots. Used for the requests one connection may have
+/// outstanding.
 #[derive(Debug, Clone)]
 pub struct Slots {
     take: Sender<()>,
@@ -305,15 +288,6 @@ impl Slots {
         Slot(self.give_back.clone())
     }
 
-    /// Waits for a free slot, or returns `None` once `stop` is
-    /// disconnected.
-    pub fn acquire_or_stop(&self, stop: &Receiver<()>) -> Option<Slot> {
-        select! {
-            send(self.take, ()) -> _ => Some(Slot(self.give_back.clone())),
-            recv(stop) -> _ => None,
-        }
-    }
-
     pub fn in_use(&self) -> usize {
         self.take.len()
     }
@@ -334,6 +308,14 @@ impl Drop for Slot {
 /// rest for server links, probes, logs and the state file.
 pub fn default_max_connections() -> usize {
     open_files_limit().map_or(768, |limit| (limit as usize / 4 * 3).max(16))
+}
+
+/// A default for `--max-connections-per-ip`: half of `--max-connections`.
+/// One address (a flood, a runaway client) then gets at most half the
+/// slots and the other half stays for everyone else, while many clients
+/// behind one address (a NAT, a deployment on one host) still have room.
+pub fn default_max_per_ip(max_connections: usize) -> usize {
+    (max_connections / 2).max(1)
 }
 
 /// The soft limit on open files, from /proc/self/limits.
@@ -653,76 +635,57 @@ impl io::Read for Paced {
 }
 
 /// Accepts connections until `stop` is disconnected (see `accept_loop`),
-/// serving each on its own thread named by `thread_name`. Then ends reading
-/// on every open connection (a blocked read sees end of stream, replies can
-/// still be written) and joins every connection thread. Returns how many
-/// of them panicked.
+/// admitting each as `admission` says (see `admission`) and serving it on
+/// its own thread named by `thread_name`, with the `Mark` through which
+/// that thread keeps its standing up to date. Then ends reading on every
+/// open connection (a blocked read sees end of stream, replies can still be
+/// written) and joins every connection thread. Returns how many of them
+/// panicked.
 pub fn serve_connections<F>(
     listener: &TcpListener,
     stop: &Receiver<()>,
-    max_connections: usize,
+    admission: Admission<'_>,
     thread_name: impl Fn(u64) -> String,
     serve: F,
 ) -> usize
 where
-    F: Fn(Stream, SocketAddr) + Send + Sync + 'static,
-{
-    serve_connections_counting(listener, stop, max_connections, None, thread_name, serve)
-}
-
-/// `serve_connections`, counting in `at_cap` each time a connection had to
-/// wait because `max_connections` were open.
-pub fn serve_connections_counting<F>(
-    listener: &TcpListener,
-    stop: &Receiver<()>,
-    max_connections: usize,
-    at_cap: Option<&AtomicU64>,
-    thread_name: impl Fn(u64) -> String,
-    serve: F,
-) -> usize
-where
-    F: Fn(Stream, SocketAddr) + Send + Sync + 'static,
+    F: Fn(Stream, SocketAddr, Mark) + Send + Sync + 'static,
 {
     let serve = Arc::new(serve);
-    let connections = Arc::new(Connections::default());
+    let registry = Registry::new(admission.policy, admission.names);
+    let counters = admission.counters;
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     let mut panicked = 0;
     let mut seq = 0u64;
-    let slots = Slots::new(max_connections);
-    accept_loop(
-        listener,
-        stop,
-        Some(&slots),
-        at_cap,
-        |stream, peer, slot| {
-            seq += 1;
-            // Finished threads are joined as we go, so the list holds mostly
-            // open connections; every 64th accept, so that a burst of
-            // thousands does not rescan the list each time.
-            if seq.is_multiple_of(64) {
-                panicked += join_finished(&mut workers);
-            }
-            // Registered here, not in the connection thread, so that once the
-            // loop has stopped every accepted connection is in the registry.
-            let stream = Stream::new(stream);
-            connections.register(seq, &stream);
-            let registration = Registration {
-                connections: connections.clone(),
-                id: seq,
-                _slot: slot,
-            };
-            let serve = serve.clone();
-            // Default stack size: parsing deeply nested JSON recurses.
-            match spawn_named(thread_name(seq), None, move || {
-                let _registration = registration;
-                serve(stream, peer);
-            }) {
-                Ok(handle) => workers.push(handle),
-                Err(e) => log::error!("dropping connection from {peer}: {e}"),
-            }
-        },
-    );
-    let open = connections.end_reading();
+    accept_loop(listener, stop, &registry, &counters, |stream, peer| {
+        seq += 1;
+        // Finished threads are joined as we go, so the list holds mostly
+        // open connections; every 64th accept, so that a burst of
+        // thousands does not rescan the list each time.
+        if seq.is_multiple_of(64) {
+            panicked += join_finished(&mut workers);
+        }
+        // Registered here, not in the connection thread, so that once the
+        // loop has stopped every accepted connection is in the registry.
+        let stream = Stream::new(stream);
+        let Some(mark) = registry.admit(seq, &stream, peer, stop, &counters) else {
+            return;
+        };
+        let registration = Registration {
+            registry: registry.clone(),
+            id: seq,
+        };
+        let serve = serve.clone();
+        // Default stack size: parsing deeply nested JSON recurses.
+        match spawn_named(thread_name(seq), None, move || {
+            let _registration = registration;
+            serve(stream, peer, mark);
+        }) {
+            Ok(handle) => workers.push(handle),
+            Err(e) => log::error!("dropping connection from {peer}: {e}"),
+        }
+    });
+    let open = registry.end_reading();
     if open > 0 {
         log::info!("stopped accepting; waiting for {open} connections to finish");
     }
@@ -737,45 +700,16 @@ where
     panicked
 }
 
-/// Open connections, so that a shutdown can end their reading.
-#[derive(Default)]
-struct Connections {
-    open: Mutex<HashMap<u64, Stream>>,
-}
-
-impl Connections {
-    fn register(&self, id: u64, stream: &Stream) {
-        lock(&self.open).insert(id, stream.clone());
-    }
-
-    fn remove(&self, id: u64) {
-        lock(&self.open).remove(&id);
-    }
-
-    /// Shuts down the read half of every open connection. Returns how many
-    /// there were.
-    fn end_reading(&self) -> usize {
-        let open: Vec<(u64, Stream)> = lock(&self.open).drain().collect();
-        for (_, stream) in &open {
-            // Fails only if the peer is already gone, which ends it too.
-            let _ = stream.tcp().shutdown(Shutdown::Read);
-        }
-        open.len()
-    }
-}
-
 /// Removes a connection from the registry when its thread ends, even by
-/// a panic.
+/// a panic; its slot is free again.
 struct Registration {
-    connections: Arc<Connections>,
+    registry: Arc<Registry>,
     id: u64,
-    /// Its `--max-connections` slot, free again when the thread ends.
-    _slot: Option<Slot>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.connections.remove(self.id);
+        self.registry.leave(self.id);
     }
 }
 

@@ -56,8 +56,13 @@ pub struct Config {
     pub max_frame: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
-    /// Connections open at once; more wait in the listen backlog.
+    /// Connections open at once. Past it, or past `max_connections_per_ip`
+    /// from one address, a new connection takes the place of an idle one
+    /// (see `net::admission`); with every one at work, new ones wait in the
+    /// listen backlog.
     pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
     /// A frame must arrive whole within this once its length has, and a
     /// connection's first whole request within this of connecting.
     pub frame_timeout: Duration,
@@ -90,6 +95,7 @@ impl Default for Config {
             max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
             max_connections: net::default_max_connections(),
+            max_connections_per_ip: net::default_max_per_ip(net::default_max_connections()),
             frame_timeout: Duration::from_secs(30),
             server_id: None,
             partial_ttl: Duration::from_secs(24 * 3600),
@@ -311,16 +317,24 @@ fn accept_connections(
 ) -> usize {
     let port = shared.addr.port();
     let shared = shared.clone();
+    let admission = net::Admission {
+        policy: net::Policy {
+            max_connections: shared.config.max_connections,
+            max_per_ip: shared.config.max_connections_per_ip,
+        },
+        names: net::CapNames::OPTIONS,
+        counters: net::Counters::default(),
+    };
     net::serve_connections(
         listener,
         stopped,
-        shared.config.max_connections,
+        admission,
         |seq| format!("srv{port}-conn{seq}"),
-        move |stream, peer| serve_connection(stream, peer, &shared),
+        move |stream, peer, mark| serve_connection(stream, peer, &mark, &shared),
     )
 }
 
-fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
+fn serve_connection(stream: net::Stream, peer: SocketAddr, mark: &net::Mark, shared: &Shared) {
     let addr = shared.addr;
     if let Err(e) = net::prepare(stream.tcp(), shared.config.idle_timeout) {
         log::warn!("server {addr}: cannot set up connection from {peer}: {e}");
@@ -332,8 +346,8 @@ fn serve_connection(stream: net::Stream, peer: SocketAddr, shared: &Shared) {
     let first_by = Instant::now() + shared.config.frame_timeout;
     match net::detect_wire(&stream, first_by) {
         Ok(Wire::Closed | Wire::Refused) => {}
-        Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, first_by, shared),
-        Ok(Wire::Framed) => serve_framed(read_half, stream, peer, first_by, shared),
+        Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, first_by, mark, shared),
+        Ok(Wire::Framed) => serve_framed(read_half, stream, peer, first_by, mark, shared),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => request_too_slow(peer, shared),
         Err(e) => log::info!("server {addr}: connection from {peer} sent nothing: {e}"),
     }
@@ -360,6 +374,7 @@ fn serve_framed(
     write_half: net::Stream,
     peer: SocketAddr,
     first_by: Instant,
+    mark: &net::Mark,
     shared: &Shared,
 ) {
     let addr = shared.addr;
@@ -383,6 +398,12 @@ fn serve_framed(
             reader.message_within::<Request>(shared.config.frame_timeout)
         };
         let was_first = std::mem::take(&mut first);
+        // A whole request in: at work until it is answered (a transfer,
+        // until it ends).
+        let _working = matches!(message, Ok(Some(_))).then(|| {
+            mark.arrived();
+            mark.busy()
+        });
         let reply = match message {
             Ok(None) => break,
             Err(proto::FrameError::Timeout { .. }) if was_first && Instant::now() >= first_by => {
@@ -464,6 +485,11 @@ fn serve_framed(
                 },
             },
         };
+        // The balancer's links and probes: closed to make room only after
+        // every connection that has proved nothing.
+        if gate.proven() {
+            mark.trust();
+        }
         if let Err(e) = writer.message(&reply) {
             log::warn!("server {addr}: cannot reply to {peer}: {e}");
             break;
@@ -492,6 +518,7 @@ fn serve_legacy(
     mut write_half: net::Stream,
     peer: SocketAddr,
     first_by: Instant,
+    mark: &net::Mark,
     shared: &Shared,
 ) {
     let addr = shared.addr;
@@ -505,6 +532,10 @@ fn serve_legacy(
         first_by,
     );
     for request in reader {
+        let _working = request.is_ok().then(|| {
+            mark.arrived();
+            mark.busy()
+        });
         match request {
             Ok(LegacyRequest::Status) => {
                 let byte = u8::from(shared.load.overloaded());

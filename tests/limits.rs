@@ -1,5 +1,6 @@
-//! Limits that hold against abuse: a cap on open connections, and log
-//! lines a peer cannot forge.
+//! Limits that hold against abuse: caps on open connections (idle ones
+//! make room, busy ones make newcomers wait), and log lines a peer cannot
+//! forge.
 
 mod util;
 
@@ -8,37 +9,150 @@ use std::io::{Read, Write};
 use std::time::Duration;
 use util::*;
 
-#[test]
-fn connections_past_the_cap_wait_until_one_closes() {
-    let cluster = Cluster::start(1, &[], &["--max-connections", "3"]);
-    let idle: Vec<Raw> = (0..3)
-        .map(|_| Raw::connect(cluster.balancer.addr))
-        .collect();
-    // The kernel completes the handshake; the balancer does not take the
-    // connection while three are open.
-    let mut waiting = Raw::connect(cluster.balancer.addr);
-    waiting.store(1, "waited", "its turn came");
-    waiting
-        .stream
+/// The balancer's metric `lbft_limit_hits_total{limit="..."}`, or
+/// another counter by its full name.
+fn metric(metrics: std::net::SocketAddr, name: &str) -> u64 {
+    let mut stream = std::net::TcpStream::connect(metrics).unwrap();
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let name = if name.starts_with("lbft_") {
+        format!("{name} ")
+    } else {
+        format!("lbft_limit_hits_total{{limit=\"{name}\"}} ")
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// True when nothing comes back on `raw` for a moment (it has not been
+/// answered, nor closed).
+fn unanswered_for_now(raw: &mut Raw) -> bool {
+    raw.stream
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let mut byte = [0u8; 1];
-    let early = waiting.stream.read(&mut byte);
-    assert!(
-        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-            || e.kind() == std::io::ErrorKind::TimedOut),
-        "answered while at the cap: {early:?}"
+    let early = raw.stream.read(&mut byte);
+    raw.stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        || e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+#[test]
+fn past_the_cap_idle_connections_make_room_and_busy_ones_make_newcomers_wait() {
+    // 40 ms a character: a document of 50 keeps its connection busy 2 s.
+    let cluster = Cluster::start(
+        1,
+        &["--char-delay-ms", "40"],
+        &[
+            "--max-connections",
+            "3",
+            "--max-connections-per-ip",
+            "3",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
     );
-    waiting
-        .stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .unwrap();
-    drop(idle);
+    let addr = cluster.balancer.addr;
+    let metrics = metrics_addr(&cluster.balancer);
+
+    // Three connections that never send a whole request: a newcomer takes
+    // the place of the oldest at once.
+    let mut silent: Vec<Raw> = (0..3).map(|_| Raw::connect(addr)).collect();
+    let mut newcomer = Raw::connect(addr);
+    newcomer.store(1, "newcomer", "x");
+    assert!(matches!(newcomer.reply(), Reply::Stored(_)));
+    assert!(silent[0].is_closed(), "the oldest silent one is closed");
+    assert!(unanswered_for_now(&mut silent[1]), "only the oldest");
+    assert!(metric(metrics, "connections_evicted") >= 1);
+    drop((silent, newcomer));
+
+    // Three connections at work (each one's request read before the next
+    // one connects: until then it would be the first to make room): a
+    // newcomer waits until one is done.
+    let received = || metric(metrics, "lbft_requests_received_total");
+    let mut busy = Vec::new();
+    for i in 0..3 {
+        let before = received();
+        let mut raw = Raw::connect(addr);
+        raw.store(i, "slow", &"b".repeat(50));
+        assert!(eventually(|| received() == before + 1));
+        busy.push(raw);
+    }
+    let mut waiting = Raw::connect(addr);
+    waiting.store(9, "waited", "its turn came");
+    assert!(
+        unanswered_for_now(&mut waiting),
+        "answered while all were at work"
+    );
+    for raw in &mut busy {
+        assert!(matches!(raw.reply(), Reply::Stored(_)));
+    }
     match waiting.reply() {
-        Reply::Stored(s) => assert_eq!(s.id, 1),
+        Reply::Stored(s) => assert_eq!(s.id, 9),
         other => panic!("{other:?}"),
     }
-    assert!(cluster.log().contains("(--max-connections)"));
+    assert!(metric(metrics, "max_connections") >= 1);
+    let log = cluster.log();
+    assert!(log.contains("all at work: new ones wait"), "{log}");
+    assert!(
+        log.contains("closed a connection with no whole request yet"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_address_at_its_cap_with_every_connection_at_work_is_refused() {
+    let cluster = Cluster::start(
+        1,
+        &["--char-delay-ms", "40"],
+        &[
+            "--max-connections",
+            "10",
+            "--max-connections-per-ip",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = cluster.balancer.addr;
+    let metrics = metrics_addr(&cluster.balancer);
+    let received = || metric(metrics, "lbft_requests_received_total");
+    let mut busy = Vec::new();
+    for i in 0..2 {
+        let mut raw = Raw::connect(addr);
+        raw.store(i, "slow", &"b".repeat(50));
+        assert!(eventually(|| received() == i + 1));
+        busy.push(raw);
+    }
+    let mut refused = Raw::connect(addr);
+    refused.store(3, "refused", "x");
+    assert!(refused.is_closed(), "a third connection from 127.0.0.1");
+    // Another address is not held to 127.0.0.1's cap.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut other = Raw {
+        stream: socket.into(),
+    };
+    other.stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    other.store(4, "other address", "x");
+    assert!(matches!(other.reply(), Reply::Stored(_)));
+    for raw in &mut busy {
+        assert!(matches!(raw.reply(), Reply::Stored(_)));
+    }
+    assert!(cluster
+        .log()
+        .contains("(--max-connections-per-ip 2), all at work"));
+    assert_eq!(metric(metrics, "max_connections_per_ip"), 1);
 }
 
 #[test]

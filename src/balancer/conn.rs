@@ -28,7 +28,7 @@ use crate::proto::{
     self, Chunk, Deadline, ErrorCode, FrameError, FrameReader, Reply, Request, ServerList,
     TransferList,
 };
-use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -73,6 +73,9 @@ pub struct Conn {
     pub files: Arc<FileSettings>,
     /// Who may ask what (cluster key, users).
     pub access: Arc<Access>,
+    /// This connection's standing, for admission: whether it has sent a
+    /// whole request, has work outstanding, is trusted.
+    pub mark: net::Mark,
 }
 
 impl Conn {
@@ -138,8 +141,13 @@ impl Conn {
         let name = format!("{}-w", std::thread::current().name().unwrap_or("conn"));
         let (out, nudges) = ClientOut::new(stream);
         let writer_out = out.clone();
+        // Replies waiting to be written keep the connection at work.
+        let queued = (reply_rx.clone(), nudges.clone());
+        self.mark
+            .watch_output(move || !queued.0.is_empty() || !queued.1.is_empty());
+        let mark = self.mark.clone();
         let writer = net::spawn_named(name, Some(256 * 1024), move || {
-            write_replies(&writer_out, peer, reply_rx, nudges, stop)
+            write_replies(&writer_out, peer, reply_rx, nudges, stop, mark)
         });
         let writer = match writer {
             Ok(w) => w,
@@ -226,6 +234,7 @@ impl Conn {
                 }
             };
             first = None;
+            self.mark.arrived();
             // Whatever was read after the shutdown began is left unanswered:
             // the final `shutting_down` reply says so.
             if self.shutting_down() {
@@ -249,7 +258,13 @@ impl Conn {
             };
             drop(payload);
             received += 1;
-            match session.admit(&request, &self.stop) {
+            let verdict = session.admit(&request, &self.stop);
+            // A server that proved the cluster key, a user who logged in:
+            // closed to make room only after everyone else idle.
+            if session.trusted() {
+                self.mark.trust();
+            }
+            match verdict {
                 Verdict::Proceed => {}
                 Verdict::Answer(reply) => {
                     let _ = replies.send(reply);
@@ -260,6 +275,9 @@ impl Conn {
                     return (received, work_received);
                 }
             }
+            // At work while this thread carries the request out (a file
+            // transfer, a listing); a job handed on holds its own mark.
+            let _working = self.mark.busy();
             let request_kind = request.kind();
             let (id, work) = match request {
                 Request::Store(store)
@@ -400,6 +418,7 @@ impl Conn {
             let hold = Hold {
                 permit: Some(permit),
                 bytes: Some(bytes),
+                busy: Some(self.mark.busy()),
             };
             let mut job = Job::new(id, work, peer, replies.clone(), hold);
             job.user = session.user_name();
@@ -593,6 +612,7 @@ impl Conn {
             }
             match request {
                 Ok(LegacyRequest::Document { doc, .. }) => {
+                    self.mark.arrived();
                     received += 1;
                     log::info!(
                         "document received from {peer}: \"{}\" (original format, {} bytes)",
@@ -602,6 +622,7 @@ impl Conn {
                     let hold = Hold {
                         permit: Some(window.acquire()),
                         bytes: Some(self.budget.acquire(doc.content.len())),
+                        busy: Some(self.mark.busy()),
                     };
                     let work = Work::store(&doc);
                     let job = Job::new(index as u64 + 1, work, peer, discard.clone(), hold);
@@ -611,6 +632,7 @@ impl Conn {
                     }
                 }
                 Ok(LegacyRequest::Status) => {
+                    self.mark.arrived();
                     log::warn!(
                         "original-format connection from {peer}: ignoring a request that is not a document"
                     );
@@ -669,6 +691,7 @@ fn write_replies(
     replies: Receiver<Reply>,
     nudges: Receiver<()>,
     stop: Receiver<()>,
+    mark: net::Mark,
 ) {
     let mut broken = false;
     let fail = |e: std::io::Error| {
@@ -678,19 +701,27 @@ fn write_replies(
     // Keep draining after a write error so that the channel empties and the
     // jobs of this connection are not held up.
     loop {
-        select! {
-            recv(replies) -> reply => match reply {
-                Ok(_) if broken => {}
-                Ok(reply) => {
-                    if let Err(e) = net::lock(out).message(&reply) {
-                        broken = fail(e);
-                    }
+        let mut ready = Select::new();
+        ready.recv(&replies);
+        ready.recv(&nudges);
+        ready.ready();
+        // At work from before a reply leaves its queue until it is written,
+        // so that it is not cut off by closing the connection to make room
+        // (see `Mark::watch_output`).
+        let _writing = mark.busy();
+        match replies.try_recv() {
+            Ok(_) if broken => {}
+            Ok(reply) => {
+                if let Err(e) = net::lock(out).message(&reply) {
+                    broken = fail(e);
                 }
-                Err(_) => break,
-            },
-            recv(nudges) -> _ => {
-                if let Err(e) = net::lock(out).finish_unsent() {
-                    broken = broken || fail(e);
+            }
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                if nudges.try_recv().is_ok() {
+                    if let Err(e) = net::lock(out).finish_unsent() {
+                        broken = broken || fail(e);
+                    }
                 }
             }
         }

@@ -182,11 +182,13 @@ pub type Window = crate::net::Slots;
 pub type Permit = crate::net::Slot;
 
 /// What a queued request holds until it is done with: its connection's
-/// window slot and its share of the byte budget.
+/// window slot, its share of the byte budget, and its connection's mark of
+/// being at work (so that it is not closed to make room meanwhile).
 #[derive(Debug, Default)]
 pub struct Hold {
     pub permit: Option<Permit>,
     pub bytes: Option<Reservation>,
+    pub busy: Option<crate::net::Busy>,
 }
 
 #[cfg(test)]

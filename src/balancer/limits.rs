@@ -20,9 +20,15 @@ pub enum Limit {
     ClientWindow,
     /// All connections together held `--max-queued-bytes`: a reader paused.
     QueuedBytes,
-    /// `--max-connections` were open: a new connection waited in the
-    /// listen backlog.
+    /// `--max-connections` were open, every one at work: a new connection
+    /// waited in the listen backlog.
     MaxConnections,
+    /// An idle connection, or one with no whole request yet, was closed to
+    /// make room at `--max-connections` or `--max-connections-per-ip`.
+    ConnectionsEvicted,
+    /// `--max-connections-per-ip` were open from one address, every one at
+    /// work: a new connection from it was refused.
+    MaxConnectionsPerIp,
     /// A frame did not arrive whole within `--frame-timeout`.
     FrameTimeout,
     /// A login with wrong credentials.
@@ -37,11 +43,13 @@ pub enum Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 11] = [
         Limit::FrameTooLarge,
         Limit::ClientWindow,
         Limit::QueuedBytes,
         Limit::MaxConnections,
+        Limit::ConnectionsEvicted,
+        Limit::MaxConnectionsPerIp,
         Limit::FrameTimeout,
         Limit::LoginFailed,
         Limit::LoginThrottled,
@@ -56,6 +64,8 @@ impl Limit {
             Limit::ClientWindow => "client_window",
             Limit::QueuedBytes => "max_queued_bytes",
             Limit::MaxConnections => "max_connections",
+            Limit::ConnectionsEvicted => "connections_evicted",
+            Limit::MaxConnectionsPerIp => "max_connections_per_ip",
             Limit::FrameTimeout => "frame_timeout",
             Limit::LoginFailed => "login_failed",
             Limit::LoginThrottled => "login_throttled",
@@ -100,8 +110,9 @@ impl LimitHits {
         }
     }
 
-    /// The counter itself, for code that logs on its own (the accept
-    /// loop, at `--max-connections`; logins, by account).
+    /// The counter itself, for code that logs on its own (admission, at
+    /// `--max-connections` and `--max-connections-per-ip`; logins, by
+    /// account).
     pub fn counter(&self, limit: Limit) -> &AtomicU64 {
         &self.counts[limit.index()]
     }

@@ -2,7 +2,9 @@
 //! balancer's numbers in the text exposition format. One request per
 //! connection, up to `MAX_CONCURRENT` at once, each on its own thread and
 //! with `TIMEOUT` for the whole request to arrive, so silent or slow
-//! scrapers cannot hold up the others.
+//! scrapers cannot hold up the others: at the cap, a new connection closes
+//! the oldest one whose request has not arrived yet rather than wait
+//! behind it.
 
 use super::stats::Stats;
 use crate::net;
@@ -15,7 +17,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-/// Requests served at once; more wait in the listen backlog.
+/// Connections open at once. Past it, a new one takes the place of the
+/// oldest whose request has not arrived yet; with all of them answering,
+/// new ones wait in the listen backlog.
 const MAX_CONCURRENT: usize = 16;
 /// Longest request head read; the rest is ignored.
 const MAX_HEAD: usize = 8 * 1024;
@@ -28,13 +32,25 @@ pub fn spawn(
     stop: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     net::spawn_named("metrics".into(), None, move || {
+        // Scrapers often come from one address: no cap of its own.
+        let admission = net::Admission {
+            policy: net::Policy {
+                max_connections: MAX_CONCURRENT,
+                max_per_ip: MAX_CONCURRENT,
+            },
+            names: net::CapNames {
+                total: "metrics endpoint, at most",
+                per_ip: "metrics endpoint, at most",
+            },
+            counters: net::Counters::default(),
+        };
         net::serve_connections(
             &listener,
             &stop,
-            MAX_CONCURRENT,
+            admission,
             |seq| format!("metrics{seq}"),
-            move |stream, _| {
-                if let Err(e) = respond(stream, &stats) {
+            move |stream, _, mark| {
+                if let Err(e) = respond(stream, &mark, &stats) {
                     log::debug!("metrics request failed: {e}");
                 }
             },
@@ -42,11 +58,13 @@ pub fn spawn(
     })
 }
 
-fn respond(mut stream: net::Stream, stats: &Stats) -> std::io::Result<()> {
+fn respond(mut stream: net::Stream, mark: &net::Mark, stats: &Stats) -> std::io::Result<()> {
     net::prepare(stream.tcp(), TIMEOUT)?;
     let mut request = net::Paced::new(stream.clone(), TIMEOUT);
     request.set_deadline(Some(Instant::now() + TIMEOUT));
     let head = read_head(&mut request)?;
+    mark.arrived();
+    let _answering = mark.busy();
     let (status, body) = route(&head, stats);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -188,6 +188,11 @@ impl Session {
         self.user.as_ref()
     }
 
+    /// Whether the peer proved the cluster key or a user logged in.
+    pub fn trusted(&self) -> bool {
+        self.gate.proven() || self.user.is_some()
+    }
+
     /// The logged-in user's name, for jobs to carry into the state file.
     pub fn user_name(&self) -> Option<Arc<str>> {
         self.user_name.clone()

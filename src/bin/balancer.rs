@@ -124,10 +124,19 @@ struct Args {
     /// before answering the rest `shutting_down`.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Client connections open at once; more wait in the listen backlog
-    /// until one closes. Default: three quarters of the open-file limit.
+    /// Client connections open at once. Past it a new connection takes the
+    /// place of an idle one (first one that has sent no whole request, then
+    /// the longest idle; logged-in users and servers last; never one at
+    /// work); with every one at work, new ones wait in the listen backlog.
+    /// Default: three quarters of the open-file limit.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Client connections open at once from one IP address. Past it a new
+    /// one from that address takes the place of an idle one of its own, or
+    /// is refused if they are all at work. Default: half of
+    /// --max-connections, so one address never holds more than half.
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
     /// This balancer's id (0-511) inside request numbers, so that several
     /// balancers in front of the same servers never give the same number.
     /// Default: random, logged at start.
@@ -364,6 +373,9 @@ fn run(args: Args) -> Result<(), lbft::Error> {
             Vec::new(),
         ),
     };
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(lbft::net::default_max_connections);
     let balancer = Balancer::bind(Config {
         listen: args.listen,
         servers,
@@ -384,9 +396,10 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_queued_bytes: args.max_queued_bytes,
         client_window: args.client_window,
         drain_timeout: args.drain_timeout,
-        max_connections: args
-            .max_connections
-            .unwrap_or_else(lbft::net::default_max_connections),
+        max_connections,
+        max_connections_per_ip: args
+            .max_connections_per_ip
+            .unwrap_or_else(|| lbft::net::default_max_per_ip(max_connections)),
         balancer_id: args.balancer_id,
         metrics: args.metrics,
         policy: args.policy,

@@ -59,10 +59,20 @@ struct Args {
     /// must send its first whole request within this of connecting.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     frame_timeout: Duration,
-    /// Connections open at once; more wait in the listen backlog until one
-    /// closes. Default: three quarters of the open-file limit.
+    /// Connections open at once. Past it a new connection takes the place
+    /// of an idle one (first one that has sent no whole request, then the
+    /// longest idle; those that proved the cluster key, as the balancer's
+    /// links and probes do, last; never one at work); with every one at
+    /// work, new ones wait in the listen backlog. Default: three quarters
+    /// of the open-file limit.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Connections open at once from one IP address. Past it a new one
+    /// from that address takes the place of an idle one of its own, or is
+    /// refused if they are all at work. Default: half of --max-connections,
+    /// so one address never holds more than half.
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
     /// Join these balancers' pools (comma separated): register, repeat it
     /// every --heartbeat, and on SIGINT/SIGTERM leave once the balancers
     /// have let the requests in flight finish.
@@ -125,6 +135,9 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         (None, None) => defaults.listen,
     };
     let cluster_key = args.key.load("this server")?;
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(lbft::net::default_max_connections);
     let server = Server::bind(Config {
         listen,
         dir: args.dir,
@@ -135,9 +148,10 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         max_frame: args.max_frame,
         idle_timeout: args.idle_timeout,
         frame_timeout: args.frame_timeout,
-        max_connections: args
-            .max_connections
-            .unwrap_or_else(lbft::net::default_max_connections),
+        max_connections,
+        max_connections_per_ip: args
+            .max_connections_per_ip
+            .unwrap_or_else(|| lbft::net::default_max_per_ip(max_connections)),
         server_id: args.server_id,
         partial_ttl: args.partial_ttl,
         max_file_size: args.max_file_size,
