@@ -195,6 +195,43 @@ fn connections_announcing_large_frames_hold_no_budget() {
 }
 
 #[test]
+fn uploads_announcing_large_chunks_hold_no_budget() {
+    let cluster = Cluster::start(1, &[], &["--max-queued-bytes", "64MiB"]);
+    let balancer = cluster.balancer.addr;
+    // 32 uploads, each announcing an 8 MiB chunk (four times the budget in
+    // all) and sending only its body frame's header.
+    let announced: Vec<Raw> = (0..32)
+        .map(|i| {
+            let mut raw = Raw::connect(balancer);
+            raw.send_json(&serde_json::json!({
+                "type": "upload", "id": 1, "upload_id": format!("stalled-upload-{i:04}"),
+                "name": "big.bin", "size": 8 * 1024 * 1024
+            }));
+            match raw.reply() {
+                Reply::UploadReady(r) => assert_eq!(r.offset, 0),
+                other => panic!("{other:?}"),
+            }
+            raw.send_json(&serde_json::json!({
+                "type": "chunk", "id": 1, "offset": 0, "body_len": 8 * 1024 * 1024
+            }));
+            raw.send_bytes(&(8u32 * 1024 * 1024).to_be_bytes());
+            raw
+        })
+        .collect();
+    // A document of 1 MiB needs room in the budget: it gets it.
+    let started = Instant::now();
+    let mut raw = Raw::connect(balancer);
+    raw.store(1, "behind the chunks", &"a".repeat(1024 * 1024));
+    match raw.reply() {
+        Reply::Stored(_) => {}
+        other => panic!("{other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    drop(announced);
+}
+
+#[test]
 fn idle_sockets_from_one_address_do_not_lock_out_a_balancer() {
     let work = tempfile::tempdir().unwrap();
     let server = start_server(&work.path().join("s"), &[]);

@@ -13,7 +13,7 @@ use super::flow::Reservation;
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{read_body_into, valid_upload_id};
+use crate::proto::file::{valid_upload_id, BodyError};
 use crate::proto::FrameError;
 use crate::proto::{
     Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, Redirect, Reply,
@@ -452,13 +452,15 @@ impl Conn {
                         );
                         return Err(stopped(describe(&reply), Some(reply)));
                     }
-                    let reserved = self.budget.acquire(chunk.body_len as usize);
+                    // Budget is taken as the body's bytes arrive, so a
+                    // chunk announced and never sent holds none.
+                    let mut reserved = self.budget.open();
                     let mut body = spare.try_recv().unwrap_or_default();
-                    reader
-                        .get_mut()
-                        .set_deadline(Some(Instant::now() + frame_timeout));
-                    let read = read_body_into(reader, chunk.body_len, &mut body);
-                    reader.get_mut().set_deadline(None);
+                    let deadline = Instant::now() + frame_timeout;
+                    let read = read_chunk_body(reader, chunk.body_len, deadline, &mut body, |n| {
+                        reserved.grow(n)
+                    });
+                    reserved.complete();
                     if let Err(e) = read {
                         let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
                         return Err(stopped(e.to_string(), Some(reply)));
@@ -680,6 +682,45 @@ impl Conn {
         );
         Next::Continue
     }
+}
+
+/// Reads the raw frame of a chunk's body, `expected` bytes long, whole by
+/// `deadline`; `admit(n)` runs before each piece of `n` bytes is read.
+fn read_chunk_body(
+    reader: &mut FrameReader<net::Paced>,
+    expected: u64,
+    deadline: Instant,
+    body: &mut Vec<u8>,
+    admit: impl FnMut(usize),
+) -> Result<(), BodyError> {
+    reader.get_mut().set_deadline(Some(deadline));
+    let header = reader.header();
+    reader.get_mut().set_deadline(None);
+    let len = match header {
+        Ok(Some(len)) if len as u64 == expected => len,
+        Ok(Some(len)) => {
+            return Err(BodyError::Length {
+                declared: expected,
+                got: len as u64,
+            })
+        }
+        Ok(None) => {
+            return Err(BodyError::Frame(FrameError::Truncated {
+                expected: 4,
+                got: 0,
+            }))
+        }
+        Err(FrameError::TooLarge { len, .. }) => {
+            return Err(BodyError::Length {
+                declared: expected,
+                got: len,
+            })
+        }
+        Err(e) => return Err(BodyError::Frame(e)),
+    };
+    reader
+        .payload_into_by(len, deadline, body, admit)
+        .map_err(BodyError::Frame)
 }
 
 /// Chunks read from the client and not yet written to the server, at most.

@@ -329,13 +329,27 @@ impl<R: Read + Deadline> FrameReader<R> {
         &mut self,
         len: usize,
         deadline: Instant,
-        mut admit: impl FnMut(usize),
+        admit: impl FnMut(usize),
     ) -> Result<Vec<u8>, FrameError> {
-        let mut deadline = deadline;
         let mut payload = Vec::with_capacity(len.min(INITIAL_PAYLOAD_CAPACITY));
+        self.payload_into_by(len, deadline, &mut payload, admit)?;
+        Ok(payload)
+    }
+
+    /// `payload_by` into `payload`, which is cleared first (its allocation
+    /// is kept: a relay passes the same few buffers around).
+    pub fn payload_into_by(
+        &mut self,
+        len: usize,
+        deadline: Instant,
+        payload: &mut Vec<u8>,
+        mut admit: impl FnMut(usize),
+    ) -> Result<(), FrameError> {
+        let mut deadline = deadline;
+        payload.clear();
         let read = loop {
             if payload.len() == len {
-                break Ok(payload);
+                break Ok(());
             }
             self.get_mut().set_deadline(Some(deadline));
             match self.inner.fill_buf() {
@@ -355,7 +369,7 @@ impl<R: Read + Deadline> FrameReader<R> {
             admit(piece);
             deadline += admitting.elapsed();
             self.get_mut().set_deadline(Some(deadline));
-            match read_payload_into(&mut self.inner, piece, &mut payload) {
+            match read_payload_into(&mut self.inner, piece, payload) {
                 Ok(()) => {}
                 // What arrived of the piece stays in `payload`.
                 Err(FrameError::Truncated { .. }) => {
