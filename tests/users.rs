@@ -368,3 +368,39 @@ fn the_client_reads_a_piped_password() {
         "{out:?}"
     );
 }
+
+#[test]
+fn no_error_names_what_another_user_sent() {
+    let cluster = cluster();
+    // Bob starts an upload and leaves it unfinished.
+    let mut bob = logged_in(&cluster, "bob", &pw("bob"));
+    bob.send_json(&json!({
+        "type": "upload", "id": 1, "upload_id": "shared-upload-id-1",
+        "name": "bobs-secret-plan.pdf", "size": 987654
+    }));
+    assert!(matches!(bob.reply(), Reply::UploadReady(_)));
+    drop(bob);
+
+    // Alice, with the same upload id and other names, through every door
+    // she has: upload, list, transfers and servers.
+    let mut alice = logged_in(&cluster, "alice", &pw("alice"));
+    let mut said = Vec::new();
+    for request in [
+        json!({"type": "upload", "id": 2, "upload_id": "shared-upload-id-1",
+               "name": "mine.pdf", "size": 10}),
+        json!({"type": "list", "id": 4}),
+        json!({"type": "transfers", "id": 5}),
+    ] {
+        let mut raw = logged_in(&cluster, "alice", &pw("alice"));
+        raw.send_json(&request);
+        said.push(format!("{:?}", raw.reply()));
+    }
+    alice.send_json(&json!({"type": "servers", "id": 6}));
+    said.push(format!("{:?}", alice.reply()));
+    for text in &said {
+        for secret in ["bobs-secret-plan", "987654", "bob"] {
+            assert!(!text.contains(secret), "`{secret}` leaked: {text}");
+        }
+    }
+    assert!(said[0].contains("belongs to someone else"), "{}", said[0]);
+}
