@@ -15,20 +15,29 @@
 //! `logins` holds back (`session::spawn_failure_log`).
 
 pub mod backend;
+pub mod board;
 pub mod client_out;
 pub mod conn;
+pub mod context;
 pub mod dispatch;
+pub mod errands;
+pub mod event;
 pub mod flow;
+pub mod handlers;
+pub mod intake;
+pub mod lane;
 pub mod limits;
 pub mod link;
 pub mod logins;
 pub mod metrics;
 pub mod monitor;
+pub mod outcome;
 pub mod relay;
 pub mod session;
 pub mod stats;
 pub mod tracking;
 pub mod users;
+pub mod work;
 
 use crate::error::Error;
 use crate::ids;
@@ -99,8 +108,10 @@ pub struct Config {
     /// which keep one connection open for a whole interactive session.
     pub legacy_client_timeout: Duration,
     pub max_attempts: u32,
-    /// Requests on the wire to one server at once (its link's connections).
+    /// Requests on the wire to one server at once.
     pub max_in_flight: usize,
+    /// Connections to each server, each carrying many requests at once.
+    pub server_connections: usize,
     pub max_frame: usize,
     /// Payload bytes all connections together may have queued or in flight.
     pub max_queued_bytes: usize,
@@ -166,7 +177,8 @@ impl Default for Config {
             frame_timeout: Duration::from_secs(30),
             legacy_client_timeout: Duration::from_secs(3600),
             max_attempts: 3,
-            max_in_flight: 32,
+            max_in_flight: 256,
+            server_connections: 2,
             max_frame: proto::DEFAULT_MAX_FRAME,
             max_queued_bytes: 256 * 1024 * 1024,
             client_window: 1024,
@@ -301,9 +313,8 @@ impl Balancer {
             );
             threads.push(metrics::spawn(listener, stats.clone(), stop_rx.clone())?);
         }
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(1024);
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-
+        let board = Arc::new(board::Board::new(config.policy, config.max_in_flight));
         let backend_settings = BackendSettings {
             connect_timeout: config.probe_timeout,
             io_timeout: config.server_timeout,
@@ -313,29 +324,42 @@ impl Balancer {
             key: config.cluster_key.clone(),
         };
         let link_threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let reporter = link::Reporter::new(events_tx.clone());
-        let spawner = link::Spawner {
-            workers: config.max_in_flight,
-            reporter: reporter.clone(),
-            settings: backend_settings.clone(),
+        let outcomes = Arc::new(outcome::Outcomes {
+            board: board.clone(),
+            events: events_tx.clone(),
             stats: stats.clone(),
-            threads: link_threads.clone(),
             tracker: tracker.clone(),
-        };
+        });
+        let links = Arc::new(link::Links::new(
+            backend_settings.clone(),
+            config.server_connections,
+            outcomes,
+            link_threads.clone(),
+        ));
         if config.servers.is_empty() {
             log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
         }
         let roster = monitor::Roster::default();
-        let addrs = pool_at_start(&config, tracker.as_ref());
+        let (addrs, banned) = pool_at_start(&config, tracker.as_ref());
+        let mut servers = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let (id, stats, link) = links.start(addr)?;
+            servers.push(event::NewLink { id, stats, link });
+        }
+        let numbers = Arc::new(ids::Generator::new(ids::Source::Balancer, node));
+        let (errands_tx, errands_rx) = crossbeam_channel::unbounded();
+        threads.push(errands::spawn(
+            errands_rx,
+            events_tx.clone(),
+            backend_settings.clone(),
+        )?);
         let dispatcher = Dispatcher::new(
-            &addrs,
-            Box::new(spawner),
+            servers,
+            board.clone(),
             roster.clone(),
-            config.policy.build(),
-            ids::Generator::new(ids::Source::Balancer, node),
+            numbers.clone(),
             Settings {
                 max_attempts: config.max_attempts,
-                max_in_flight: config.max_in_flight,
                 queue_timeout: config.queue_timeout,
                 drain_timeout: config.drain_timeout,
                 forget: config.backend_wire == BackendWire::Framed,
@@ -343,18 +367,17 @@ impl Balancer {
                 fall: config.fall,
             },
             stats.clone(),
-        )?
-        .with_tracker(tracker.clone());
-        let dispatcher = dispatch::Shared::new(dispatcher, events_tx.clone());
-        reporter.attach(&dispatcher);
+            tracker.clone(),
+            errands_tx,
+        )
+        .with_banned(banned);
         // The monitor runs as long as the dispatcher: it needs health news
         // while draining, and stops when this sender drops with it.
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         let dispatcher_stop = stop_rx.clone();
-        let shared = dispatcher.clone();
         threads.push(net::spawn_named("dispatcher".into(), None, move || {
             let _alive = alive_tx;
-            shared.run(jobs_rx, events_rx, dispatcher_stop)
+            dispatcher.run(events_rx, dispatcher_stop)
         })?);
         threads.push(monitor::spawn(
             roster,
@@ -381,12 +404,13 @@ impl Balancer {
         let advertise = self.listener.local_addr().ok();
         let accept = Acceptor {
             listener: self.listener,
-            jobs: jobs_tx,
-            dispatcher,
+            board,
+            links,
+            numbers,
             events: events_tx,
             stats: stats.clone(),
             budget: flow::Budget::new(config.max_queued_bytes),
-            settings: conn::ConnSettings {
+            settings: context::ConnSettings {
                 idle_timeout: config.client_timeout,
                 legacy_idle_timeout: config.legacy_client_timeout,
                 max_frame: config.max_frame,
@@ -435,42 +459,60 @@ impl Balancer {
 }
 
 /// The servers to start with: those configured, and those the state file
-/// remembers from the last run (servers that joined since, and not left).
-/// The configured ones are remembered from now on too.
-fn pool_at_start(config: &Config, tracker: Option<&tracking::Tracker>) -> Vec<SocketAddr> {
-    let mut addrs: Vec<SocketAddr> = config.servers.iter().map(|b| b.addr).collect();
+/// remembers from the last run (servers that joined since, and not left);
+/// and those that stay out, configured or not, because an operator drained
+/// or removed them (until one adds them again). The configured ones are
+/// remembered from now on too.
+fn pool_at_start(
+    config: &Config,
+    tracker: Option<&tracking::Tracker>,
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    let configured: Vec<SocketAddr> = config.servers.iter().map(|b| b.addr).collect();
     let Some(tracker) = tracker else {
-        return addrs;
+        return (configured, Vec::new());
     };
-    let saved = match tracker.servers() {
-        Ok(saved) => saved,
-        Err(e) => {
-            log::warn!("cannot read the servers remembered in the state file: {e}");
+    let read = |what: &str, list: Result<Vec<String>, Error>| -> Vec<SocketAddr> {
+        let list = list.unwrap_or_else(|e| {
+            log::warn!("cannot read the {what} servers in the state file: {e}");
             Vec::new()
-        }
+        });
+        list.iter()
+            .filter_map(|text| match net::resolve(text) {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    log::warn!("state file: skipping server {text}: {e}");
+                    None
+                }
+            })
+            .collect()
     };
+    let banned = read("drained or removed", tracker.banned_servers());
+    let saved = read("remembered", tracker.servers());
+    let mut addrs = Vec::new();
+    for addr in &configured {
+        if banned.contains(addr) {
+            log::warn!(
+                "server {addr} stays out of the pool: an operator drained or removed it \
+                 (`client admin add {addr}` brings it back)"
+            );
+        } else if !addrs.contains(addr) {
+            addrs.push(*addr);
+        }
+    }
     let mut remembered = 0;
-    for text in &saved {
-        match net::resolve(text) {
-            Ok(addr) if !addrs.contains(&addr) => {
-                addrs.push(addr);
-                remembered += 1;
-            }
-            Ok(_) => {}
-            Err(e) => log::warn!("state file: skipping server {text}: {e}"),
+    for addr in saved {
+        if !addrs.contains(&addr) && !banned.contains(&addr) {
+            addrs.push(addr);
+            remembered += 1;
         }
     }
     if remembered > 0 {
         log::info!("{remembered} servers remembered from the last run");
     }
-    for backend in &config.servers {
-        if !saved.contains(&backend.addr.to_string()) {
-            if let Err(e) = tracker.save_server(&backend.addr.to_string()) {
-                log::warn!("cannot remember server {}: {e}", backend.addr);
-            }
-        }
+    for addr in &addrs {
+        tracker.note_server(&addr.to_string(), tracking::PoolChange::Joined);
     }
-    addrs
+    (addrs, banned)
 }
 
 /// Tells a running balancer to shut down; cheap to clone, for signal
@@ -548,12 +590,13 @@ impl Handle {
 /// The accept loop and the client connections it started.
 struct Acceptor {
     listener: TcpListener,
-    jobs: Sender<dispatch::Job>,
-    dispatcher: Arc<dispatch::Shared>,
-    events: Sender<dispatch::Event>,
+    board: Arc<board::Board>,
+    links: Arc<link::Links>,
+    numbers: Arc<ids::Generator>,
+    events: Sender<event::Event>,
     stats: Arc<stats::Stats>,
     budget: Arc<flow::Budget>,
-    settings: conn::ConnSettings,
+    settings: context::ConnSettings,
     stop: Receiver<()>,
     tracker: Option<tracking::Tracker>,
     files: Arc<relay::FileSettings>,
@@ -565,8 +608,9 @@ impl Acceptor {
     fn run(self) {
         let Acceptor {
             listener,
-            jobs,
-            dispatcher,
+            board,
+            links,
+            numbers,
             events,
             stats,
             budget,
@@ -595,10 +639,11 @@ impl Acceptor {
             admission,
             |seq| format!("conn{seq}"),
             move |stream, peer, mark| {
-                let conn = conn::Conn {
+                let conn = context::Conn {
                     peer,
-                    jobs: jobs.clone(),
-                    dispatcher: dispatcher.clone(),
+                    board: board.clone(),
+                    links: links.clone(),
+                    numbers: numbers.clone(),
                     events: events.clone(),
                     settings,
                     stats: stats.clone(),

@@ -15,10 +15,11 @@ pub enum Error {
     /// The log file could not be opened.
     Log { path: PathBuf, source: io::Error },
     /// The balancer's state file (`--state`) cannot be opened or used; a
-    /// damaged or foreign file is reported, never replaced.
+    /// damaged or foreign file is reported, never replaced. (The store's
+    /// own error says why.)
     State {
         path: PathBuf,
-        source: crate::balancer::tracking::StateError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A setting makes no sense.
     Config(String),
@@ -51,7 +52,7 @@ impl std::error::Error for Error {
             Error::Bind { source, .. }
             | Error::Storage { source, .. }
             | Error::Log { source, .. } => Some(source),
-            Error::State { source, .. } => Some(source),
+            Error::State { source, .. } => Some(source.as_ref()),
             Error::Io(e) => Some(e),
             Error::Config(_) => None,
         }

@@ -142,6 +142,11 @@ impl Health {
         self.state
     }
 
+    /// Storage errors counted since the last successful forward.
+    pub fn storage_errors(&self) -> u32 {
+        self.storage_errors
+    }
+
     /// Whether new requests may be sent to this server.
     pub fn accepts_requests(&self) -> bool {
         self.state == State::Up

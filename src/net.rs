@@ -439,6 +439,11 @@ impl Stream {
         }
     }
 
+    /// Whether `other` is a handle on this same connection.
+    pub fn same(&self, other: &Stream) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         self.0.tls.get().is_some()

@@ -6,6 +6,8 @@
 //! keeps only a cursor between picks; what it knows of the servers comes
 //! in with every call, so servers may come and go between picks.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// A server's resources as its last status report gave them.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Load {
@@ -56,6 +58,33 @@ impl PolicyKind {
         }
     }
 
+    /// Picks with `next` as the cursor, which then moves past the pick
+    /// (see each policy).
+    pub fn pick_from(self, next: &mut usize, candidates: &[Candidate]) -> Option<usize> {
+        match self {
+            PolicyKind::RoundRobin => round_robin(next, candidates),
+            PolicyKind::LeastActive => lowest_from(next, candidates, |c| c.in_flight as f64),
+            PolicyKind::Resources => by_resources(next, candidates),
+        }
+    }
+
+    /// Picks with a cursor that several threads share: each pick moves it
+    /// past the server picked, as one thread's picks would, so that round
+    /// robin stays exact whoever picks.
+    pub fn pick_shared(self, cursor: &AtomicUsize, candidates: &[Candidate]) -> Option<usize> {
+        loop {
+            let current = cursor.load(Ordering::Relaxed);
+            let mut next = current;
+            let chosen = self.pick_from(&mut next, candidates)?;
+            if cursor
+                .compare_exchange(current, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(chosen);
+            }
+        }
+    }
+
     /// The name on the command line and in logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -79,12 +108,16 @@ pub struct RoundRobin {
     next: usize,
 }
 
+fn round_robin(next: &mut usize, candidates: &[Candidate]) -> Option<usize> {
+    let n = candidates.len();
+    let chosen = circle(*next, n).find(|&i| candidates[i].eligible)?;
+    *next = (chosen + 1) % n;
+    Some(chosen)
+}
+
 impl Policy for RoundRobin {
     fn pick(&mut self, candidates: &[Candidate]) -> Option<usize> {
-        let n = candidates.len();
-        let chosen = circle(self.next, n).find(|&i| candidates[i].eligible)?;
-        self.next = (chosen + 1) % n;
-        Some(chosen)
+        round_robin(&mut self.next, candidates)
     }
 
     fn name(&self) -> &'static str {
@@ -124,7 +157,7 @@ pub struct LeastActive {
 
 impl Policy for LeastActive {
     fn pick(&mut self, candidates: &[Candidate]) -> Option<usize> {
-        lowest_from(&mut self.next, candidates, |c| c.in_flight as f64)
+        PolicyKind::LeastActive.pick_from(&mut self.next, candidates)
     }
 
     fn name(&self) -> &'static str {
@@ -171,20 +204,24 @@ pub fn resource_score(load: &Load, in_flight: usize) -> f64 {
     cpu + memory + (1.0 - free) + nearly_full + IN_FLIGHT_WEIGHT * in_flight as f64
 }
 
+fn by_resources(next: &mut usize, candidates: &[Candidate]) -> Option<usize> {
+    let all_known = candidates
+        .iter()
+        .filter(|c| c.eligible)
+        .all(|c| c.load.is_some());
+    if all_known {
+        lowest_from(next, candidates, |c| match &c.load {
+            Some(load) => resource_score(load, c.in_flight),
+            None => f64::INFINITY,
+        })
+    } else {
+        lowest_from(next, candidates, |c| c.in_flight as f64)
+    }
+}
+
 impl Policy for Resources {
     fn pick(&mut self, candidates: &[Candidate]) -> Option<usize> {
-        let all_known = candidates
-            .iter()
-            .filter(|c| c.eligible)
-            .all(|c| c.load.is_some());
-        if all_known {
-            lowest_from(&mut self.next, candidates, |c| match &c.load {
-                Some(load) => resource_score(load, c.in_flight),
-                None => f64::INFINITY,
-            })
-        } else {
-            lowest_from(&mut self.next, candidates, |c| c.in_flight as f64)
-        }
+        by_resources(&mut self.next, candidates)
     }
 
     fn name(&self) -> &'static str {
@@ -298,6 +335,46 @@ mod tests {
                 assert_ne!(p.pick(&c), Some(1), "{}", p.name());
             }
         }
+    }
+
+    #[test]
+    fn a_shared_cursor_picks_as_one_policy_would() {
+        for kind in all_kinds() {
+            let cursor = AtomicUsize::new(0);
+            let mut alone = kind.build();
+            let c = cands(&[true, false, true, true]);
+            for _ in 0..12 {
+                assert_eq!(
+                    kind.pick_shared(&cursor, &c),
+                    alone.pick(&c),
+                    "{}",
+                    kind.name()
+                );
+            }
+        }
+        // Threads picking at once still give each server its turn.
+        let cursor = AtomicUsize::new(0);
+        let c = cands(&[true; 3]);
+        let counts: Vec<usize> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut counts = [0usize; 3];
+                        for _ in 0..3000 {
+                            counts[PolicyKind::RoundRobin.pick_shared(&cursor, &c).unwrap()] += 1;
+                        }
+                        counts
+                    })
+                })
+                .collect();
+            handles.into_iter().fold(vec![0; 3], |mut all, h| {
+                for (a, b) in all.iter_mut().zip(h.join().unwrap()) {
+                    *a += b;
+                }
+                all
+            })
+        });
+        assert_eq!(counts, [4000, 4000, 4000]);
     }
 
     #[test]

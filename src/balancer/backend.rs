@@ -1,25 +1,23 @@
-//! The seam between the balancer and one kind of storage server: a
-//! `Backend` carries out requests and answers status probes over one wire.
-//! `Framed` speaks our protocol (acknowledged, persistent connection);
-//! `Legacy` speaks the original system's (one connection per document, no
-//! acknowledgement, a one-byte status). TLS sits under `Framed`, in
-//! `net::connect`; the original format is always plaintext.
+//! How the balancer reaches one kind of storage server: status probes,
+//! framed connections that proved the cluster key (the lanes of a link
+//! carry requests on them), and the original system's wire (one
+//! connection per document, no acknowledgement, a one-byte status). TLS
+//! sits under the framed wire, in `net::connect`; the original format is
+//! always plaintext.
 
-use super::dispatch::Work;
+use super::work::Failure;
 use super::BackendWire;
 use crate::auth::ClusterKey;
 use crate::handshake::{self, HandshakeError};
 use crate::health::Observation;
 use crate::net;
 use crate::policy::Load;
-use crate::proto::{self, legacy, CallError, Connection, Reply, Request, StatusReport};
+use crate::proto::{self, legacy, Connection, Reply, Request, StatusReport};
 use crate::throttle::{self, Throttle};
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
@@ -33,21 +31,6 @@ pub struct BackendSettings {
     /// With a key, every connection starts with the cluster handshake: a
     /// server that cannot prove the key gets nothing.
     pub key: Option<ClusterKey>,
-}
-
-/// Why a forward failed on the connection itself.
-#[derive(Debug)]
-pub struct LinkError {
-    pub reason: String,
-    /// The request was written, so the server may have carried it out.
-    pub delivered: bool,
-}
-
-/// One connection's worth of talking to a server.
-pub trait Backend: Send {
-    /// Carries out one request and returns the server's reply. `number` is
-    /// the request number (and the id on this connection).
-    fn forward(&mut self, number: u64, work: &Work) -> Result<Reply, LinkError>;
 }
 
 /// Asks a server for its status, on a fresh connection.
@@ -83,200 +66,50 @@ pub fn probe(
     }
 }
 
-/// Open connections of one server's link, so that they can be cut off at
-/// once (shutting down past `--drain-timeout`).
-#[derive(Debug, Default)]
-pub struct Connections(Mutex<HashMap<usize, net::Stream>>);
-
-impl Connections {
-    fn set(&self, slot: usize, stream: Option<net::Stream>) {
-        let mut map = crate::net::lock(&self.0);
-        match stream {
-            Some(s) => map.insert(slot, s),
-            None => map.remove(&slot),
-        };
+/// A framed connection to a server, the cluster key proven when there is
+/// one (ids 0 and 1 of the handshake, below any request number). The
+/// error says why not, for logs and for the jobs that waited for it.
+pub fn connect_framed(addr: SocketAddr, settings: &BackendSettings) -> Result<net::Stream, String> {
+    let stream = net::connect(&addr, settings.connect_timeout, settings.io_timeout)
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    if let Some(key) = &settings.key {
+        let mut conn = Connection::new(stream.clone(), settings.max_frame);
+        handshake::initiate(&mut conn, key, addr, 0).map_err(|e| unproven(&addr, &e))?;
     }
-
-    /// Shuts every open connection down; blocked reads and writes fail.
-    pub fn cut_all(&self) {
-        for stream in crate::net::lock(&self.0).values() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
+    Ok(stream)
 }
 
-/// A backend for one worker of a link.
-pub fn open(
+/// Sends a document the way the original balancer did: a new connection,
+/// one `json.dumps` text, close. The original server never acknowledges,
+/// so a complete write is the best evidence of success there is.
+pub fn send_legacy(
     addr: SocketAddr,
     settings: &BackendSettings,
-    connections: Arc<Connections>,
-    slot: usize,
-) -> Box<dyn Backend> {
-    match settings.wire {
-        BackendWire::Framed => Box::new(Framed {
-            addr,
-            settings: settings.clone(),
-            conn: None,
-            connections,
-            slot,
-        }),
-        BackendWire::Legacy => Box::new(Legacy {
-            addr,
-            settings: settings.clone(),
-        }),
-    }
-}
-
-/// Unix time in milliseconds.
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
-struct Framed {
-    addr: SocketAddr,
-    settings: BackendSettings,
-    conn: Option<Connection<net::Stream>>,
-    connections: Arc<Connections>,
-    slot: usize,
-}
-
-impl Backend for Framed {
-    /// A reused connection that turns out dead (the server closed it while
-    /// idle, or restarted) is replaced once before giving up.
-    fn forward(&mut self, number: u64, work: &Work) -> Result<Reply, LinkError> {
-        let payload = match work {
-            // A server must not store it past half the time the balancer
-            // waits for its answer: after that the balancer may retry it
-            // elsewhere, and a late copy would be a duplicate.
-            Work::Store(doc) => proto::encode_forward(
-                number,
-                number,
-                Some(unix_ms() + self.settings.io_timeout.as_millis() as u64 / 2),
-                &doc.fields,
-            ),
-            Work::Calc(operation) => proto::encode(&Request::Calc {
-                id: number,
-                operation: *operation,
-            }),
-            Work::Forget(numbers) => proto::encode(&Request::Forget {
-                id: number,
-                numbers: numbers.clone(),
-            }),
-        };
-        let reused = self.conn.is_some();
-        let reply = match self.exchange(&payload) {
-            Err((first, cause)) if reused && !cause_is_timeout(&cause) => {
-                log::debug!(
-                    "link to {}: stale connection ({cause}), reconnecting",
-                    self.addr
-                );
-                self.exchange(&payload).map_err(|(mut e, _)| {
-                    // The first try may have reached the server even if the
-                    // second could not connect.
-                    e.delivered |= first.delivered;
-                    e
-                })
-            }
-            other => other.map_err(|e| e.0),
-        }?;
-        if let Reply::Error(e) = &reply {
-            if e.code == proto::ErrorCode::Unauthenticated {
-                self.close();
-                return Err(LinkError {
-                    reason: format!(
-                        "the server wants the cluster handshake (start the balancer with --cluster-key-file): {}",
-                        e.message
-                    ),
-                    delivered: false,
-                });
-            }
-        }
-        if reply.id().is_some_and(|id| id != number) {
-            self.close();
-            return Err(LinkError {
-                reason: format!("reply for id {:?} while waiting for {number}", reply.id()),
-                delivered: true,
-            });
-        }
-        Ok(reply)
-    }
-}
-
-fn cause_is_timeout(cause: &CallError) -> bool {
-    matches!(cause, CallError::Frame(proto::FrameError::Timeout { .. }))
-}
-
-impl Framed {
-    fn close(&mut self) {
-        self.conn = None;
-        self.connections.set(self.slot, None);
-    }
-
-    fn connect(&mut self) -> Result<Connection<net::Stream>, LinkError> {
-        let s = &self.settings;
-        let stream =
-            net::connect(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| LinkError {
-                reason: format!("cannot connect: {e}"),
-                delivered: false,
-            })?;
-        self.connections.set(self.slot, stream.try_clone().ok());
-        // Replies are small; requests may be forwarded with headroom.
-        let mut conn = Connection::new(stream, s.max_frame + proto::FORWARD_HEADROOM);
-        if let Some(key) = &s.key {
-            // Ids of the handshake: 0 and 1, below any request number.
-            if let Err(e) = handshake::initiate(&mut conn, key, self.addr, 0) {
-                self.connections.set(self.slot, None);
-                return Err(LinkError {
-                    reason: unproven(&self.addr, &e),
-                    delivered: false,
-                });
-            }
-        }
-        Ok(conn)
-    }
-
-    fn exchange(&mut self, payload: &[u8]) -> Result<Reply, (LinkError, CallError)> {
-        let mut conn = match self.conn.take() {
-            Some(c) if !c.get_ref().peer_closed() => c,
-            // Gone while idle (a restart, a kill): a fresh connection, so
-            // that nothing is written to a peer that can no longer read it.
-            Some(_) => {
-                self.close();
-                self.connect().map_err(|e| (e, CallError::Closed))?
-            }
-            None => self.connect().map_err(|e| (e, CallError::Closed))?,
-        };
-        if let Err(e) = conn.send_payload(payload) {
-            self.close();
-            let err = LinkError {
-                reason: format!("cannot send: {e}"),
-                delivered: false,
-            };
-            return Err((err, e.into()));
-        }
-        match conn.recv::<Reply>() {
-            Ok(reply) => {
-                self.conn = Some(conn);
-                Ok(reply)
-            }
-            Err(e) => {
-                self.close();
-                // A reset means the request was never read: a server that
-                // read it and then died would have closed with an end of
-                // stream (its receive queue empty), not a reset.
-                let reset = matches!(&e, CallError::Frame(proto::FrameError::Io(io))
-                    if io.kind() == std::io::ErrorKind::ConnectionReset);
-                let err = LinkError {
-                    reason: format!("no reply: {e}"),
-                    delivered: !reset,
-                };
-                Err((err, e))
-            }
-        }
-    }
+    number: u64,
+    fields: &[u8],
+) -> Result<Reply, (Failure, bool)> {
+    let doc = proto::decode_document_fields(fields).map_err(|e| {
+        (
+            Failure::Link(format!("cannot re-read the document: {e}")),
+            false,
+        )
+    })?;
+    let not_sent = |e: std::io::Error, what: &str| (Failure::Link(format!("{what}: {e}")), false);
+    let mut stream = net::connect_plain(&addr, settings.connect_timeout, settings.io_timeout)
+        .map_err(|e| not_sent(e, "cannot connect"))?;
+    let text = legacy::dumps_document(&doc, Some(number));
+    stream
+        .write_all(text.as_bytes())
+        .and_then(|()| stream.flush())
+        .map_err(|e| not_sent(e, "cannot send"))?;
+    Ok(Reply::Stored(proto::Stored {
+        id: number,
+        server: addr.to_string(),
+        request_number: number,
+        file: legacy::original_file_name(number, &doc.title),
+        a_count: crate::text::count_a(&doc.content),
+        existing: false,
+    }))
 }
 
 /// Why a server is refused after a failed handshake; an impostor gets a
@@ -335,57 +168,6 @@ fn load_of(report: &StatusReport) -> Load {
         memory_fraction: fraction(report.memory_used_bytes, report.memory_total_bytes)
             .unwrap_or(0.0),
         disk_free_fraction: fraction(report.disk_free_bytes, disk_total).unwrap_or(1.0),
-    }
-}
-
-struct Legacy {
-    addr: SocketAddr,
-    settings: BackendSettings,
-}
-
-impl Backend for Legacy {
-    /// Sends a document the way the original balancer did: a new connection,
-    /// one `json.dumps` text, close. The original server never acknowledges,
-    /// so a complete write is the best evidence of success there is.
-    fn forward(&mut self, number: u64, work: &Work) -> Result<Reply, LinkError> {
-        let fields = match work {
-            Work::Store(doc) => &doc.fields,
-            Work::Calc(_) | Work::Forget(_) => {
-                return Ok(Reply::error(
-                    Some(number),
-                    proto::ErrorCode::BadRequest,
-                    "servers of the original format only store documents",
-                ))
-            }
-        };
-        let doc = proto::decode_document_fields(fields).map_err(|e| LinkError {
-            reason: format!("cannot re-read the document: {e}"),
-            delivered: false,
-        })?;
-        let s = &self.settings;
-        let mut stream =
-            net::connect_plain(&self.addr, s.connect_timeout, s.io_timeout).map_err(|e| {
-                LinkError {
-                    reason: format!("cannot connect: {e}"),
-                    delivered: false,
-                }
-            })?;
-        let text = legacy::dumps_document(&doc, Some(number));
-        stream
-            .write_all(text.as_bytes())
-            .and_then(|()| stream.flush())
-            .map_err(|e| LinkError {
-                reason: format!("cannot send: {e}"),
-                delivered: false,
-            })?;
-        Ok(Reply::Stored(proto::Stored {
-            id: number,
-            server: self.addr.to_string(),
-            request_number: number,
-            file: legacy::original_file_name(number, &doc.title),
-            a_count: crate::text::count_a(&doc.content),
-            existing: false,
-        }))
     }
 }
 

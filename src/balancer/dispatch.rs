@@ -1,283 +1,113 @@
-//! The dispatcher: the request queue, the health of every server and the
-//! balancing policy, behind one lock (`Shared`). Its thread handles the
-//! monitor's probes, membership, file transfers' picks, retries and the
-//! queue's timers. The path of a request needs no hand-off to it: under the
-//! lock, a connection thread submits the job itself (`submit_now`: to a
-//! link, or into the queue) or, when its client has nothing else
-//! outstanding, takes a server and forwards the job itself (`take_now`); a
-//! link counts off a finished job (`Event::Done`) the same way, and hands
-//! the next queued job to a link.
+//! The dispatcher: one thread that owns the queue of jobs waiting for a
+//! server, the health of every server and the pool's membership. Others
+//! talk to it through its inbox (`event::Event`) and it takes everything
+//! waiting there at each wake-up. It does no I/O: it hands jobs to a
+//! link's writer (`Link::enqueue`), has its errand thread carry out what
+//! needs a connection (`errands`), and its tracker commit what is to be
+//! remembered. It publishes what a pick needs on the `Board`, where
+//! connection threads find a server for their requests without waking it.
 //!
-//! A job stays in the queue until a server can take it: one that is up and
-//! has fewer than `--max-in-flight` requests on the wire. Waiting for a
-//! busy server is not a failure; `--queue-timeout` runs only while no
-//! server can take work at all (every one down or overloaded). A job that
-//! fails on a server is retried ahead of newer ones, on a server it has not
-//! tried while there is one. When a server goes down, the jobs handed to
-//! its link but not yet sent come straight back.
+//! A job waits in the queue only when no server can take it: none that is
+//! up, not draining and below `--max-in-flight`. Waiting for a busy server
+//! is not a failure; `--queue-timeout` runs only while no server can take
+//! work at all (every one down or overloaded). A job that fails on a
+//! server goes back to the front of the queue and to a server it has not
+//! tried while there is one.
 //!
 //! Exactly once: a job keeps its request number across retries, and
 //! remembers the servers that may have stored it without answering. Once
 //! it is stored on another one, each of those is told to `forget` it as
-//! soon as it is up again.
+//! soon as it is up again. A job cut off from a server an operator removed
+//! goes elsewhere only once that server has forgotten it, or can no longer
+//! store it (its `not_after_ms` has passed).
 //!
-//! Membership (`membership.rs`): servers join (an operator's `add_server`,
-//! a server's `register`) and leave (`drain_server`, `deregister`: no new
-//! work, gone once their requests are done; `remove_server`: gone now, its
-//! requests retried elsewhere) while everything runs.
-//!
-//! Shutting down: when `stop` disconnects (or every job sender is gone),
-//! the queue and the requests on the wire are finished until
-//! `--drain-timeout`; what is left then gets a `shutting_down` reply.
+//! Membership (`membership.rs`): servers join and leave while everything
+//! runs. Shutting down: when `stop` disconnects, the queue and the
+//! requests on the wire are finished until `--drain-timeout`; what is left
+//! then gets a `shutting_down` reply.
 
-use super::flow::Hold;
-use super::link::{LinkHandle, LinkSpawner, Pool};
+use super::board::{Board, Gate};
+use super::errands::Errand;
+use super::event::{Event, Picked};
 use super::monitor::Roster;
 use super::stats::Stats;
-use super::tracking::Tracker;
+use super::tracking::{TrackEvent, Tracker};
+use super::work::{now_ms, Failure, Job, Work};
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
-use crate::policy::{Candidate, Load, Policy};
-use crate::proto::{self, ErrorCode, Operation, Reply};
-use crossbeam_channel::Sender;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use crate::proto::{ErrorCode, Reply};
+use crossbeam_channel::{select, Receiver, Sender};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod membership;
-mod shared;
-pub use membership::Change;
-pub use shared::Shared;
 
-/// Most jobs held waiting for a server; past this the dispatcher stops
-/// taking new jobs and connection threads wait (the byte budget and the
-/// per-connection windows usually bind first).
-const MAX_WAITING: usize = 100_000;
+/// File transfers waiting for a server, at most (the oldest is dropped
+/// past it: its connection has given up by then).
+const MAX_PARKED: usize = 100_000;
 /// Request numbers sent to a server in one `forget`.
 const FORGET_BATCH: usize = 1024;
 /// After the drain deadline, how long requests cut off on the wire may take
 /// to come back before the dispatcher stops anyway.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
+/// Messages handled per wake-up at most, so that timers are not starved.
+const INBOX_BATCH: usize = 4096;
 
-/// A document as the balancer keeps it: encoded once, forwarded as is.
-#[derive(Debug)]
-pub struct StoreWork {
-    /// For logs only, shortened.
-    pub title: String,
-    /// `"titolo":…,"contenuto":…` (see `proto::encode_document_fields`).
-    pub fields: Vec<u8>,
-    pub content_len: usize,
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_attempts: u32,
+    pub queue_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Servers can be told to forget numbers (not so the original format).
+    pub forget: bool,
+    /// Good status probes in a row that bring a down server back.
+    pub rise: u32,
+    /// Failed status probes in a row that take a server down.
+    pub fall: u32,
 }
 
-/// What a job asks of a server.
-#[derive(Debug)]
-pub enum Work {
-    Store(StoreWork),
-    Calc(Operation),
-    /// Request numbers the server should drop: stored elsewhere.
-    Forget(Vec<u64>),
-}
-
-impl Work {
-    /// How logs name it.
-    pub fn describe(&self) -> String {
-        match self {
-            Work::Store(doc) => format!("\"{}\"", doc.title),
-            Work::Calc(op) => format!("calc {op}"),
-            Work::Forget(numbers) => format!("forget {} request numbers", numbers.len()),
-        }
-    }
-
-    pub fn store(doc: &proto::Document) -> Work {
-        Work::store_fields(doc, None)
-    }
-
-    /// A document to store, forwarded as `fields` (from
-    /// `proto::raw_document_fields`) when given, else encoded from `doc`.
-    pub fn store_fields(doc: &proto::Document, fields: Option<Vec<u8>>) -> Work {
-        Work::Store(StoreWork {
-            title: proto::truncate(&doc.title, 80),
-            fields: fields.unwrap_or_else(|| proto::encode_document_fields(doc)),
-            content_len: doc.content.len(),
-        })
-    }
-}
-
-/// One request (a document to store, an operation to compute) on its way
-/// to a server.
-#[derive(Debug)]
-pub struct Job {
-    /// The client's request id, echoed in the reply.
-    pub id: u64,
-    pub work: Work,
-    pub client: SocketAddr,
-    /// When the balancer received it.
-    pub received: Instant,
-    pub reply: Sender<Reply>,
-    /// Assigned when first sent and kept across retries, so that a server
-    /// can tell a retried document from a new one.
-    pub request_number: Option<u64>,
-    /// Forwards that may have reached a server.
-    pub attempts: u32,
-    /// Servers already tried, avoided while others are available.
-    pub tried: Vec<ServerId>,
-    /// Servers that may hold it: the request reached them, no answer came.
-    pub uncertain: Vec<ServerId>,
-    /// When it last started waiting in the queue.
-    pub queued_at: Instant,
-    /// The connection's window slot and byte budget, given back on drop.
-    pub hold: Hold,
-    /// The user who sent it (with `--users`), recorded with the transfer.
-    pub user: Option<Arc<str>>,
-    /// The client's connection, when a link may write the reply to it
-    /// straight away (framed clients); else the reply goes by `reply`.
-    pub out: Option<super::client_out::ClientWriter>,
-}
-
-impl Job {
-    pub fn new(id: u64, work: Work, client: SocketAddr, reply: Sender<Reply>, hold: Hold) -> Job {
-        let now = Instant::now();
-        Job {
-            id,
-            work,
-            client,
-            received: now,
-            reply,
-            request_number: None,
-            attempts: 0,
-            tried: Vec::new(),
-            uncertain: Vec::new(),
-            queued_at: now,
-            hold,
-            user: None,
-            out: None,
-        }
-    }
-
-    pub fn fail(self, code: ErrorCode, message: String, stats: &Stats) {
-        stats.failed.fetch_add(1, Relaxed);
-        // The client may have gone; its reply has nowhere to go then.
-        let _ = self.reply.send(Reply::error(Some(self.id), code, message));
-    }
-
-    pub fn label(&self) -> String {
-        match self.request_number {
-            Some(n) => format!("request {n}"),
-            None => format!("request from {} (id {})", self.client, self.id),
-        }
-    }
-}
-
-/// What links and the monitor tell the dispatcher.
-#[derive(Debug)]
-pub enum Event {
-    /// One round of status probes, applied together so that no server gets
-    /// a head start.
-    Probes(Vec<(ServerId, Observation)>),
-    /// A link answered the client (stored or computed).
-    Done {
-        server: ServerId,
-        number: u64,
-        /// Other servers that may hold the same request number.
-        uncertain: Vec<ServerId>,
-    },
-    /// A link answered the client with an error that retrying cannot fix.
-    Failed { server: ServerId },
-    /// A `forget` came back; `ok` when the server carried it out.
-    Forgotten {
-        server: ServerId,
-        numbers: Vec<u64>,
-        ok: bool,
-    },
-    /// A server joins or leaves; the answer goes to `reply` with `id`.
-    Membership {
-        change: Change,
-        id: u64,
-        reply: Sender<Reply>,
-    },
-    /// A connection needs a server for a file transfer: `prefer` when it
-    /// can take work, else the policy's choice among the others not in
-    /// `avoid`. The answer carries a request number for tracking.
-    PickServer {
-        prefer: Option<String>,
-        avoid: Vec<String>,
-        reply: Sender<Option<Picked>>,
-    },
-    /// Nothing: the dispatcher thread looks at its timer again (a call
-    /// made under the lock by another thread brought it forward).
-    Wake,
-    /// A link could not complete a job; it goes back to the queue.
-    Retry {
-        server: ServerId,
-        job: Box<Job>,
-        reason: String,
-        /// The connection to the server failed (as opposed to an error
-        /// reply): the server is marked down until a probe says otherwise.
-        link_failed: bool,
-        /// The request may have reached the server; counts as an attempt.
-        delivered: bool,
-    },
-}
-
-/// A file transfer's request for a server: preferred, avoided, answer.
-type ParkedPick = (Option<String>, Vec<String>, Sender<Option<Picked>>);
-
-/// The server chosen for a file transfer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Picked {
-    pub name: String,
-    pub addr: SocketAddr,
-    /// The transfer's request number.
-    pub number: u64,
-}
-
-/// The dispatcher's view of one server.
+/// The dispatcher's view of one server in the pool.
 struct Slot {
-    name: String,
-    addr: SocketAddr,
+    gate: Arc<Gate>,
     health: Health,
     /// Leaving once its requests in flight are done; whom to tell then.
     draining: Option<Vec<(u64, Sender<Reply>)>>,
-    /// Its figures from the last status probe that gave some.
-    load: Option<Load>,
-    /// Jobs handed to its link and not yet answered.
-    in_flight: usize,
-    link: LinkHandle,
     /// Request numbers it may hold that are stored on another server.
     forget: BTreeSet<u64>,
     forget_in_flight: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub max_attempts: u32,
-    pub max_in_flight: usize,
-    pub queue_timeout: Duration,
-    pub drain_timeout: Duration,
-    /// Servers can be told to forget numbers (not so the original format).
-    pub forget: bool,
-    /// Good probes in a row that bring a down server back.
-    pub rise: u32,
-    /// Failed probes in a row that take a server down.
-    pub fall: u32,
+/// A server an operator removed, while the jobs cut off from it are not
+/// all settled.
+struct Leaving {
+    gate: Arc<Gate>,
+    /// Cut off from it, waiting to go elsewhere until it has forgotten
+    /// them (or can no longer store them).
+    held: Vec<Job>,
+    /// Numbers asked to be forgotten, not yet answered.
+    asked: BTreeSet<u64>,
+    /// It could not be asked: held jobs wait for `release_at`.
+    unreachable: bool,
+    /// When held jobs it could not be asked about may go elsewhere: their
+    /// `not_after_ms` has passed.
+    release_at: Option<Instant>,
 }
 
 pub struct Dispatcher {
     slots: BTreeMap<ServerId, Slot>,
-    /// Starts links for servers that join.
-    links: Box<dyn LinkSpawner>,
+    leaving: BTreeMap<ServerId, Leaving>,
+    board: Arc<Board>,
     /// The servers the monitor probes: the slots' ids and addresses.
     roster: Roster,
-    next_server: u32,
     /// Addresses an operator drained or removed: their heartbeats do not
     /// bring them back; `add_server` does.
     banned: BTreeSet<SocketAddr>,
-    policy: Box<dyn Policy>,
     waiting: VecDeque<Job>,
-    numbers: ids::Generator,
+    numbers: Arc<ids::Generator>,
     settings: Settings,
     stats: Arc<Stats>,
     /// Since when no server can take work, if that is the case now.
@@ -289,35 +119,39 @@ pub struct Dispatcher {
     /// Set once shutting down: when the remaining work is cut off.
     drain_deadline: Option<Instant>,
     aborted: bool,
-    /// Records what happens to store jobs, when tracking is on.
+    /// Records what happens to store jobs, and the pool.
     tracker: Option<Tracker>,
-    /// Set while a worker of this server's link reports a job done (see
-    /// `on_done_handing_back`): the first job then dispatched to that
-    /// server is kept here for the worker, not sent through the channel.
-    hand_back: Option<(ServerId, Option<Job>)>,
-    /// Names of servers that left the pool, for the jobs that outlive
-    /// them (a retry, or a failure that names where a copy may be).
+    /// Names of servers that left, for the jobs that outlive them.
     former: BTreeMap<ServerId, String>,
+    /// What needs a connection of its own (see `errands`).
+    errands: Sender<Errand>,
+    /// The slots' gates changed: publish them.
+    changed: bool,
 }
 
+/// A file transfer's request for a server: preferred, avoided, answer.
+type ParkedPick = (Option<String>, Vec<String>, Sender<Option<Picked>>);
+
 impl Dispatcher {
-    /// A dispatcher over `servers` (more may join later).
+    /// A dispatcher over the servers given (more may join later), with no
+    /// thread of its own yet (`run`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        servers: &[SocketAddr],
-        links: Box<dyn LinkSpawner>,
+        servers: Vec<super::event::NewLink>,
+        board: Arc<Board>,
         roster: Roster,
-        policy: Box<dyn Policy>,
-        numbers: ids::Generator,
+        numbers: Arc<ids::Generator>,
         settings: Settings,
         stats: Arc<Stats>,
-    ) -> std::io::Result<Self> {
+        tracker: Option<Tracker>,
+        errands: Sender<Errand>,
+    ) -> Dispatcher {
         let mut d = Dispatcher {
             slots: BTreeMap::new(),
-            links,
+            leaving: BTreeMap::new(),
+            board,
             roster,
-            next_server: 0,
             banned: BTreeSet::new(),
-            policy,
             waiting: VecDeque::new(),
             numbers,
             settings,
@@ -327,49 +161,122 @@ impl Dispatcher {
             parked_picks: VecDeque::new(),
             drain_deadline: None,
             aborted: false,
-            tracker: None,
-            hand_back: None,
+            tracker,
             former: BTreeMap::new(),
+            errands,
+            changed: true,
         };
-        for addr in servers {
-            d.add_slot(*addr)?;
+        for new in servers {
+            d.add_slot(new);
         }
-        Ok(d)
+        d.publish();
+        d
     }
 
-    /// Records store jobs' dispatches, retries and failures with `tracker`.
-    pub fn with_tracker(mut self, tracker: Option<Tracker>) -> Self {
-        self.tracker = tracker;
+    /// Addresses that stay out until an operator adds them again.
+    pub fn with_banned(mut self, banned: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.banned.extend(banned);
+        self.board.set_banned(self.banned.iter().copied().collect());
         self
     }
 
-    fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.slots.values().all(|s| s.in_flight == 0)
+    /// Runs the dispatcher until shut down (`stop` disconnected) and
+    /// drained. The servers' links are dropped at the end, so that their
+    /// threads stop.
+    pub fn run(mut self, inbox: Receiver<Event>, stop: Receiver<()>) {
+        log::info!(
+            "dispatcher: {} policy over {} servers",
+            self.board.policy().name(),
+            self.slots.len()
+        );
+        loop {
+            if self.drain_deadline.is_some() && self.is_idle() {
+                break;
+            }
+            let timer = match self.next_timer() {
+                Some(at) => crossbeam_channel::at(at),
+                None => crossbeam_channel::never(),
+            };
+            let stop_in = if self.drain_deadline.is_some() {
+                crossbeam_channel::never()
+            } else {
+                stop.clone()
+            };
+            select! {
+                recv(inbox) -> event => {
+                    // Disconnected only once every other thread is gone.
+                    let Ok(event) = event else { break };
+                    self.on_event(event);
+                    for event in inbox.try_iter().take(INBOX_BATCH) {
+                        self.on_event(event);
+                    }
+                }
+                recv(stop_in) -> _ => self.begin_drain(Instant::now()),
+                recv(timer) -> _ => {
+                    if self.on_timer(Instant::now()) {
+                        break;
+                    }
+                }
+            }
+            self.after_wake();
+        }
+        let forgets: usize = self.slots.values().map(|s| s.forget.len()).sum();
+        if forgets > 0 {
+            log::warn!("shutting down with {forgets} duplicate copies not yet removed from servers that were away");
+        }
+        self.board.publish(Vec::new());
+        self.slots.clear();
+        self.leaving.clear();
+        log::info!("dispatcher stopped");
     }
 
-    pub(crate) fn begin_drain(&mut self, now: Instant) {
+    /// What every wake-up ends with: waiting jobs go to servers that can
+    /// take them, settled servers leave, and the board shows the result.
+    fn after_wake(&mut self) {
+        self.dispatch_waiting();
+        self.settle_leaving(Instant::now());
+        self.finish_draining();
+        self.publish();
+        self.stats
+            .queue_depth
+            .store(self.waiting.len() as u64, Relaxed);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.waiting.is_empty()
+            && self.leaving.is_empty()
+            && self.slots.values().all(|s| s.gate.in_flight() == 0)
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
         if self.drain_deadline.is_none() {
             log::info!(
                 "shutting down: finishing {} queued and {} in-flight requests (at most {:?})",
                 self.waiting.len(),
-                self.slots.values().map(|s| s.in_flight).sum::<usize>(),
+                self.slots
+                    .values()
+                    .map(|s| s.gate.in_flight())
+                    .sum::<usize>(),
                 self.settings.drain_timeout
             );
             self.drain_deadline = Some(now + self.settings.drain_timeout);
+            self.board.set_draining();
         }
     }
 
     fn next_timer(&self) -> Option<Instant> {
-        match self.drain_deadline {
+        let leaving = self.leaving.values().filter_map(|l| l.release_at).min();
+        let own = match self.drain_deadline {
             Some(deadline) if self.aborted => Some(deadline + ABORT_GRACE),
             Some(deadline) => Some(self.next_expiry.map_or(deadline, |e| e.min(deadline))),
             None => self.next_expiry,
-        }
+        };
+        [own, leaving].into_iter().flatten().min()
     }
 
     /// Expires jobs and cuts off a drain that took too long. True when the
     /// dispatcher must stop now.
-    pub(crate) fn on_timer(&mut self, now: Instant) -> bool {
+    fn on_timer(&mut self, now: Instant) -> bool {
         if self.next_expiry.is_some_and(|at| at <= now) {
             self.expire(now);
         }
@@ -387,27 +294,89 @@ impl Dispatcher {
     }
 
     /// The drain deadline has passed: queued jobs are refused, requests on
-    /// the wire are cut off (their links answer them as failed).
+    /// the wire are cut off (they come back as retries, and are refused).
     fn abort(&mut self) {
         self.aborted = true;
         let queued = self.waiting.len();
         let msg = "the balancer shut down before a server took this request; it was not stored";
-        for job in self.waiting.drain(..) {
-            if let Some(t) = &self.tracker {
-                t.failed(&job, ErrorCode::ShuttingDown, msg);
-            }
+        self.board.dequeued(queued);
+        for job in std::mem::take(&mut self.waiting) {
+            self.track(job.failed_event(ErrorCode::ShuttingDown, msg));
             job.fail(ErrorCode::ShuttingDown, msg.into(), &self.stats);
         }
-        let on_wire: usize = self.slots.values().map(|s| s.in_flight).sum();
+        let on_wire: usize = self.slots.values().map(|s| s.gate.in_flight()).sum();
         log::warn!("--drain-timeout reached: refused {queued} queued requests, cutting off {on_wire} in flight");
         for slot in self.slots.values() {
-            slot.link.abort();
+            slot.gate.link.close();
+        }
+        for leaving in std::mem::take(&mut self.leaving).into_values() {
+            for job in leaving.held {
+                job.fail(ErrorCode::ShuttingDown, msg.into(), &self.stats);
+            }
         }
     }
 
-    pub(crate) fn submit(&mut self, mut job: Job) {
-        job.queued_at = Instant::now();
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Submit(job) => self.submit(*job),
+            Event::Freed(_) => {}
+            Event::Served(server) => self.observe(server, &Observation::Served),
+            Event::Retry {
+                server,
+                job,
+                failure,
+                delivered,
+            } => self.on_retry(server, *job, failure, delivered),
+            Event::Doubt {
+                server,
+                number,
+                uncertain,
+            } => self.doubt(server, number, uncertain),
+            Event::Forgotten {
+                server,
+                numbers,
+                ok,
+            } => self.forgotten(server, numbers, ok),
+            Event::Probes(observations) => {
+                for (server, observation) in &observations {
+                    if let (Observation::ProbeOk { load, .. }, Some(slot)) =
+                        (observation, self.slots.get(server))
+                    {
+                        slot.gate.set_load(*load);
+                    }
+                    self.observe(*server, observation);
+                }
+                self.send_forgets();
+            }
+            Event::Membership {
+                change,
+                id,
+                reply,
+                link,
+            } => self.change_membership(change, id, reply, link),
+            Event::PickServer {
+                prefer,
+                avoid,
+                reply,
+            } => match self.pick_for_file(prefer.as_deref(), &avoid) {
+                Some(picked) => {
+                    let _ = reply.send(Some(picked));
+                }
+                None => {
+                    if self.parked_picks.len() >= MAX_PARKED {
+                        self.parked_picks.pop_front();
+                    }
+                    self.parked_picks.push_back((prefer, avoid, reply));
+                }
+            },
+        }
+    }
+
+    /// A job a connection thread could not send itself (it counted it on
+    /// the board as queued).
+    fn submit(&mut self, mut job: Job) {
         if self.aborted {
+            self.board.dequeued(1);
             job.fail(
                 ErrorCode::ShuttingDown,
                 "the balancer is shutting down; the request was not stored".into(),
@@ -416,22 +385,17 @@ impl Dispatcher {
             return;
         }
         if self.waiting.is_empty() {
-            if let Some(job) = self.try_dispatch(job) {
-                // Logged once per wait, not once per request.
-                log::info!(
-                    "{}: no server can take it now (down, overloaded or at --max-in-flight); queueing",
-                    job.label()
-                );
-                self.enqueue(job, false);
-            }
-        } else {
-            self.enqueue(job, false);
-            self.drain();
+            log::info!(
+                "{}: no server can take it now (down, overloaded or at --max-in-flight); queueing",
+                job.label()
+            );
         }
+        job.queued_at = Instant::now();
+        self.enqueue(job, false);
     }
 
-    /// Puts a job in the queue: at the front for a retry, which keeps its
-    /// place ahead of newer jobs.
+    /// Puts a job in the queue (already counted on the board): at the
+    /// front for a retry, which keeps its place ahead of newer jobs.
     fn enqueue(&mut self, job: Job, front: bool) {
         if let Some(since) = self.outage_since {
             let expiry = since.max(job.queued_at) + self.settings.queue_timeout;
@@ -444,55 +408,11 @@ impl Dispatcher {
         }
     }
 
-    /// Dispatches waiting jobs in order while servers can take them (and
-    /// answers file transfers waiting for a server).
-    fn drain(&mut self) {
-        if !self.parked_picks.is_empty() {
-            self.answer_parked_picks();
-        }
-        while let Some(job) = self.waiting.pop_front() {
-            if let Some(job) = self.try_dispatch(job) {
-                self.waiting.push_front(job);
-                break;
-            }
-        }
-    }
-
-    fn candidates(&self, avoid: &[ServerId]) -> Vec<Candidate> {
-        self.slots
-            .iter()
-            .map(|(id, s)| Candidate {
-                eligible: s.health.accepts_requests()
-                    && s.draining.is_none()
-                    && s.in_flight < self.settings.max_in_flight
-                    && !avoid.contains(id),
-                in_flight: s.in_flight,
-                load: s.load,
-            })
-            .collect()
-    }
-
-    /// Keeps a file transfer's request for a server until one can take it
-    /// (the connection gives up after its own timeout).
-    fn park_pick(
-        &mut self,
-        prefer: Option<String>,
-        avoid: Vec<String>,
-        reply: Sender<Option<Picked>>,
-    ) {
-        if self.parked_picks.len() >= MAX_WAITING {
-            // The oldest has surely been given up on by now.
-            self.parked_picks.pop_front();
-        }
-        self.parked_picks.push_back((prefer, avoid, reply));
-    }
-
-    /// Answers parked file transfers while servers can take them.
-    fn answer_parked_picks(&mut self) {
+    /// Hands waiting jobs, in order, to servers that can take them, each
+    /// server's together; answers file transfers waiting for a server.
+    fn dispatch_waiting(&mut self) {
         while let Some((prefer, avoid, reply)) = self.parked_picks.pop_front() {
             match self.pick_for_file(prefer.as_deref(), &avoid) {
-                // A connection that gave up has dropped its receiver: the
-                // number is spent, nothing else.
                 Some(picked) => {
                     let _ = reply.send(Some(picked));
                 }
@@ -502,269 +422,105 @@ impl Dispatcher {
                 }
             }
         }
+        if self.waiting.is_empty() || self.aborted {
+            return;
+        }
+        let servers: Vec<Arc<Gate>> = self.slots.values().map(|s| s.gate.clone()).collect();
+        let mut batches: HashMap<ServerId, (Arc<Gate>, Vec<Job>)> = HashMap::new();
+        let mut taken = 0;
+        while let Some(job) = self.waiting.front() {
+            let Some(gate) = self.board.take(&servers, &job.tried) else {
+                break;
+            };
+            let mut job = self.waiting.pop_front().expect("looked at above");
+            taken += 1;
+            for (at, event) in job.bind(gate.id, gate.name(), &self.numbers) {
+                if let Some(t) = &self.tracker {
+                    t.record_at(at, event);
+                }
+            }
+            gate.stats.requests.fetch_add(1, Relaxed);
+            batches
+                .entry(gate.id)
+                .or_insert_with(|| (gate.clone(), Vec::new()))
+                .1
+                .push(job);
+        }
+        self.board.dequeued(taken);
+        for (gate, jobs) in batches.into_values() {
+            gate.link.enqueue(jobs);
+        }
     }
 
-    /// A server for a file transfer (see `Event::PickServer`). Files do not
-    /// use the links, so a server's in-flight documents do not rule it out.
+    /// A server for a file transfer (see `Event::PickServer`).
     fn pick_for_file(&mut self, prefer: Option<&str>, avoid: &[String]) -> Option<Picked> {
-        let usable = |s: &Slot| {
-            s.health.accepts_requests() && s.draining.is_none() && !avoid.contains(&s.name)
-        };
-        let chosen = match self
-            .slots
-            .values()
-            .find(|s| Some(s.name.as_str()) == prefer)
-        {
-            Some(s) if usable(s) => s,
-            _ => {
-                let candidates: Vec<Candidate> = self
-                    .slots
-                    .values()
-                    .map(|s| Candidate {
-                        eligible: usable(s),
-                        in_flight: s.in_flight,
-                        load: s.load,
-                    })
-                    .collect();
-                let index = self.policy.pick(&candidates)?;
-                self.slots.values().nth(index)?
-            }
-        };
-        let (name, addr) = (chosen.name.clone(), chosen.addr);
+        let gate = self.board.pick_for_file(prefer, avoid)?;
         Some(Picked {
-            name,
-            addr,
+            name: gate.name().to_string(),
+            addr: gate.addr,
             number: self.numbers.next(),
         })
     }
 
-    /// Hands the job to a server's link, or gives it back when no server can
-    /// take it now.
-    fn try_dispatch(&mut self, mut job: Job) -> Option<Job> {
-        match self.choose(&mut job) {
-            Some(id) => self.send(id, job),
-            None => Some(job),
+    fn on_retry(&mut self, server: ServerId, job: Job, failure: Failure, delivered: bool) {
+        match &failure {
+            Failure::Link(why) => {
+                self.observe(server, &Observation::LinkFailed(why.clone()));
+            }
+            Failure::Refused {
+                code: ErrorCode::DiskFull,
+                ..
+            } => self.observe(server, &Observation::DiskFull(failure.to_string())),
+            Failure::Refused {
+                code: ErrorCode::Storage,
+                ..
+            } => self.observe(server, &Observation::StorageFailed(failure.to_string())),
+            Failure::Refused { .. } | Failure::Cut => {}
         }
+        // Cut off from a server being removed: held until it has
+        // forgotten the job (see `settle_leaving`).
+        if let (Failure::Cut, false, Some(leaving)) =
+            (&failure, self.aborted, self.leaving.get_mut(&server))
+        {
+            leaving.held.push(job);
+            return;
+        }
+        // A server that refused it did not store it, except one storing
+        // the same number on another connection right now.
+        let maybe_stored = match &failure {
+            Failure::Refused { code, .. } => *code == ErrorCode::InProgress,
+            _ => delivered,
+        };
+        self.retry(server, job, &failure.to_string(), delivered, maybe_stored);
     }
 
-    /// For a connection thread: submits the job under the lock, without
-    /// waking the dispatcher thread (to a link now, or into the queue). Gives
-    /// it back while shutting down or with the queue full: the dispatcher
-    /// thread takes it then, when it can.
-    pub fn submit_now(&mut self, job: Job) -> Option<Job> {
-        if self.drain_deadline.is_some() || self.waiting.len() >= MAX_WAITING {
-            return Some(job);
-        }
-        self.submit(job);
-        None
-    }
-
-    /// For a connection thread that forwards its client's request itself:
-    /// the connections of a server that can take the job now, which is then
-    /// counted in flight there. None when the job has to wait its turn
-    /// (others are queued, no server can take it, shutting down).
-    pub fn take_now(&mut self, job: &mut Job) -> Option<Arc<Pool>> {
-        if self.drain_deadline.is_some() || !self.waiting.is_empty() {
-            return None;
-        }
-        let id = self.choose(job)?;
-        self.count_in(id);
-        Some(self.slots[&id].link.pool.clone())
-    }
-
-    /// Picks the server for a job (one it has not tried while there is
-    /// one), gives it its request number and records the dispatch. None
-    /// when no server can take it now.
-    fn choose(&mut self, job: &mut Job) -> Option<ServerId> {
-        let mut candidates = self.candidates(&job.tried);
-        let untried_up = self.slots.iter().any(|(id, s)| {
-            s.health.accepts_requests() && s.draining.is_none() && !job.tried.contains(id)
-        });
-        if !untried_up {
-            // Every server not yet tried is down or overloaded: trying one
-            // again beats waiting. (One that is up but busy is worth the
-            // wait: it is soon free.)
-            candidates = self.candidates(&[]);
-        }
-        let index = self.policy.pick(&candidates)?;
-        let &id = self.slots.keys().nth(index)?;
-        let number = *job
-            .request_number
-            .get_or_insert_with(|| self.numbers.next());
-        let slot = &self.slots[&id];
-        log::debug!(
-            "request {number}: {} from {} -> server {}{}",
-            job.work.describe(),
-            job.client,
-            slot.name,
-            if job.tried.is_empty() {
-                String::new()
-            } else {
-                format!(" (retry {})", job.tried.len())
-            }
-        );
-        if let Some(t) = &self.tracker {
-            t.dispatched(job, &slot.name);
-        }
-        job.tried.push(id);
-        Some(id)
-    }
-
-    /// Counts one more request on the wire to a server.
-    fn count_in(&mut self, id: ServerId) {
-        let slot = self.slots.get_mut(&id).expect("known server");
-        slot.in_flight += 1;
-        self.stats
-            .server(id)
-            .in_flight
-            .store(slot.in_flight as u64, Relaxed);
-    }
-
-    /// Gives a job to a server's link and counts it in flight.
-    fn send(&mut self, id: ServerId, job: Job) -> Option<Job> {
-        self.count_in(id);
-        if let Some((server, held)) = &mut self.hand_back {
-            if *server == id && held.is_none() {
-                *held = Some(job);
-                return None;
-            }
-        }
-        let slot = &self.slots[&id];
-        match slot.link.jobs.send(job) {
-            Ok(()) => None,
-            Err(returned) => {
-                // The link's threads are gone, which only a bug can cause;
-                // keep the job and stop using that server.
-                log::error!("server {}: link has stopped", slot.name);
-                self.finished(id);
-                self.observe(id, &Observation::LinkFailed("link stopped".into()));
-                Some(returned.into_inner())
-            }
-        }
-    }
-
-    /// `on_event` for a job that a worker of a server's link finished: the
-    /// job dispatched to that server as a result, if any, is returned for that
-    /// worker to carry out next. Under load, when every server is at
-    /// `--max-in-flight`, the place just freed is the only one, so the
-    /// worker goes straight on instead of waking another one through the
-    /// channel and going to sleep.
-    pub(crate) fn on_done_handing_back(&mut self, event: Event) -> Option<Job> {
-        if let Event::Done { server, .. } = event {
-            self.hand_back = Some((server, None));
-        }
-        self.on_event(event);
-        self.hand_back.take().and_then(|(_, job)| job)
-    }
-
-    pub(crate) fn on_event(&mut self, event: Event) {
-        match event {
-            Event::Probes(observations) => {
-                for (server, observation) in &observations {
-                    if let (
-                        Observation::ProbeOk {
-                            load: Some(load), ..
-                        },
-                        Some(slot),
-                    ) = (observation, self.slots.get_mut(server))
-                    {
-                        slot.load = Some(*load);
-                    }
-                    self.observe(*server, observation);
-                }
-                self.send_forgets();
-            }
-            Event::Done {
-                server,
-                number,
-                uncertain,
-            } => {
-                self.finished(server);
-                self.observe(server, &Observation::Served);
-                for other in uncertain.into_iter().filter(|s| *s != server) {
-                    if let Some(slot) = self.slots.get_mut(&other) {
-                        log::warn!(
-                            "request {number}: stored on server {}, may also be on server {}; it will be told to forget it",
-                            self.stats.server(server).name,
-                            slot.name
-                        );
-                        slot.forget.insert(number);
-                    }
-                }
-            }
-            Event::Failed { server } => {
-                self.stats.failed.fetch_add(1, Relaxed);
-                self.finished(server);
-            }
-            Event::Forgotten {
-                server,
-                numbers,
-                ok,
-            } => {
-                self.finished(server);
-                if let Some(slot) = self.slots.get_mut(&server) {
-                    slot.forget_in_flight = false;
-                    if ok {
-                        for n in &numbers {
-                            slot.forget.remove(n);
-                        }
-                    }
-                }
-            }
-            Event::Membership { change, id, reply } => self.change_membership(change, id, reply),
-            Event::Wake => {}
-            Event::PickServer {
-                prefer,
-                avoid,
-                reply,
-            } => match self.pick_for_file(prefer.as_deref(), &avoid) {
-                Some(picked) => {
-                    let _ = reply.send(Some(picked));
-                }
-                None => self.park_pick(prefer, avoid, reply),
-            },
-            Event::Retry {
-                server,
-                job,
-                reason,
-                link_failed,
-                delivered,
-            } => {
-                self.finished(server);
-                if link_failed {
-                    self.observe(server, &Observation::LinkFailed(reason.clone()));
-                } else if reason.starts_with(&format!("{}:", ErrorCode::DiskFull)) {
-                    self.observe(server, &Observation::DiskFull(reason.clone()));
-                } else if reason.starts_with(&format!("{}:", ErrorCode::Storage)) {
-                    // The link words an error reply as "<code>: <message>".
-                    self.observe(server, &Observation::StorageFailed(reason.clone()));
-                }
-                self.retry(server, *job, reason, delivered);
-            }
-        }
-        self.drain();
-    }
-
-    fn retry(&mut self, server: ServerId, mut job: Job, reason: String, delivered: bool) {
-        if delivered {
+    /// A job that failed on `server` goes back to the front of the queue,
+    /// or is given up after `--max-attempts` forwards that reached a server.
+    fn retry(
+        &mut self,
+        server: ServerId,
+        mut job: Job,
+        reason: &str,
+        attempted: bool,
+        maybe_stored: bool,
+    ) {
+        if attempted {
             job.attempts += 1;
-            if !job.uncertain.contains(&server) {
-                job.uncertain.push(server);
-            }
+        }
+        if maybe_stored && !job.uncertain.contains(&server) {
+            job.uncertain.push(server);
         }
         let name = self.server_name(server);
         if self.aborted {
             let msg = format!(
                 "the balancer shut down while server {name} was handling this request; {}",
-                if delivered {
+                if maybe_stored {
                     "it may have been stored"
                 } else {
                     "it was not stored"
                 }
             );
-            if let Some(t) = &self.tracker {
-                t.failed(&job, ErrorCode::ShuttingDown, &msg);
-            }
+            self.track(job.failed_event(ErrorCode::ShuttingDown, &msg));
             job.fail(ErrorCode::ShuttingDown, msg, &self.stats);
         } else if job.attempts >= self.settings.max_attempts {
             log::error!(
@@ -779,160 +535,17 @@ impl Dispatcher {
             );
             self.give_up(job, ErrorCode::ServerFailed, msg);
         } else {
-            if let Some(t) = &self.tracker {
-                t.retried(&job, &name, &reason);
+            self.track(job.retried_event(&name, reason));
+            if let Some(slot) = self.slots.get(&server) {
+                slot.gate.stats.retries.fetch_add(1, Relaxed);
             }
-            self.stats.server(server).retries.fetch_add(1, Relaxed);
             log::warn!(
                 "{}: failed on server {name} ({reason}); trying another server",
                 job.label()
             );
             job.queued_at = Instant::now();
-            if let Some(job) = self.try_dispatch(job) {
-                self.enqueue(job, true);
-            }
-        }
-    }
-
-    fn finished(&mut self, server: ServerId) {
-        if let Some(slot) = self.slots.get_mut(&server) {
-            slot.in_flight = slot.in_flight.saturating_sub(1);
-            self.stats
-                .server(server)
-                .in_flight
-                .store(slot.in_flight as u64, Relaxed);
-            if slot.in_flight == 0 && slot.draining.is_some() {
-                self.remove_slot(server, "drained");
-            }
-        }
-    }
-
-    fn observe(&mut self, server: ServerId, observation: &Observation) {
-        let Some(slot) = self.slots.get_mut(&server) else {
-            return;
-        };
-        let Some(t) = slot.health.observe(observation) else {
-            return;
-        };
-        self.stats.server(server).set_state(t.to);
-        let line = format!("server {} is {}", slot.name, t.describe());
-        match t.to {
-            State::Up => log::info!("{line}"),
-            _ => log::warn!("{line}"),
-        }
-        if t.to == State::Down {
-            self.reclaim_unsent(server);
-        }
-        self.update_outage();
-    }
-
-    /// Takes back the jobs a down server's link has not started sending, so
-    /// they go to another server now rather than wait for this one.
-    fn reclaim_unsent(&mut self, server: ServerId) {
-        let mut reclaimed = Vec::new();
-        if let Some(slot) = self.slots.get(&server) {
-            while let Ok(job) = slot.link.unsent.try_recv() {
-                reclaimed.push(job);
-            }
-        }
-        if reclaimed.is_empty() {
-            return;
-        }
-        log::warn!(
-            "server {} is down: {} requests not yet sent to it go to other servers",
-            self.stats.server(server).name,
-            reclaimed.len()
-        );
-        for job in reclaimed.into_iter().rev() {
-            self.finished(server);
-            if let Work::Forget(_) = job.work {
-                if let Some(slot) = self.slots.get_mut(&server) {
-                    slot.forget_in_flight = false;
-                }
-                continue;
-            }
-            if let Some(t) = &self.tracker {
-                let name = &self.stats.server(server).name;
-                t.retried(&job, name, "server went down before it was sent");
-            }
+            self.board.enqueued();
             self.enqueue(job, true);
-        }
-    }
-
-    fn update_outage(&mut self) {
-        let available = self
-            .slots
-            .values()
-            .any(|s| s.health.accepts_requests() && s.draining.is_none());
-        match (available, self.outage_since) {
-            (true, Some(_)) => {
-                self.outage_since = None;
-                self.next_expiry = None;
-            }
-            (false, None) => {
-                let now = Instant::now();
-                log::error!("no server can take work: {}", self.describe_servers());
-                self.outage_since = Some(now);
-                self.next_expiry = self
-                    .waiting
-                    .iter()
-                    .map(|j| now.max(j.queued_at))
-                    .min()
-                    .map(|t| t + self.settings.queue_timeout);
-            }
-            _ => {}
-        }
-    }
-
-    fn describe_servers(&self) -> String {
-        self.slots
-            .values()
-            .map(|s| format!("{} {}", s.name, s.health.state()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// Why no server can take work, for the clients whose requests expire.
-    fn outage_reason(&self) -> String {
-        if self.slots.is_empty() {
-            return format!(
-                "no server available for --queue-timeout ({:?}): the pool is empty (no \
-                 server joined, or every one left or was removed)",
-                self.settings.queue_timeout
-            );
-        }
-        let states: BTreeSet<State> = self.slots.values().map(|s| s.health.state()).collect();
-        let what = match states.iter().copied().collect::<Vec<_>>()[..] {
-            [State::Down] => "every server is down",
-            [State::Overloaded] => "every server is overloaded",
-            [State::Unknown] => "no server has answered a status check yet",
-            _ => "every server is down or overloaded",
-        };
-        format!(
-            "no server available for --queue-timeout ({:?}): {what} ({})",
-            self.settings.queue_timeout,
-            self.describe_servers()
-        )
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let Some(since) = self.outage_since else {
-            self.next_expiry = None;
-            return;
-        };
-        let timeout = self.settings.queue_timeout;
-        let expires = |j: &Job| since.max(j.queued_at) + timeout;
-        let (expired, kept): (Vec<Job>, Vec<Job>) =
-            self.waiting.drain(..).partition(|j| expires(j) <= now);
-        self.waiting = kept.into();
-        self.next_expiry = self.waiting.iter().map(expires).min();
-        if expired.is_empty() {
-            return;
-        }
-        let msg = self.outage_reason();
-        log::error!("{} requests: {msg}; giving up", expired.len());
-        for job in expired {
-            self.give_up(job, ErrorCode::NoServer, msg.clone());
         }
     }
 
@@ -956,18 +569,244 @@ impl Dispatcher {
                 ),
             )
         };
-        if let Some(t) = &self.tracker {
-            t.failed(&job, code, &msg);
-        }
+        self.track(job.failed_event(code, &msg));
         job.fail(code, msg, &self.stats);
+    }
+
+    fn track(&self, event: Option<TrackEvent>) {
+        if let (Some(t), Some(event)) = (&self.tracker, event) {
+            t.record(event);
+        }
     }
 
     /// A server's name, also after it left the pool.
     fn server_name(&self, id: ServerId) -> String {
-        match (self.slots.get(&id), self.former.get(&id)) {
-            (Some(slot), _) => slot.name.clone(),
-            (None, Some(name)) => name.clone(),
-            (None, None) => format!("#{}", id.0),
+        if let Some(slot) = self.slots.get(&id) {
+            return slot.gate.name().to_string();
+        }
+        if let Some(leaving) = self.leaving.get(&id) {
+            return leaving.gate.name().to_string();
+        }
+        self.former
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", id.0))
+    }
+
+    /// A job stored on `server` after others may have stored it too.
+    fn doubt(&mut self, server: ServerId, number: u64, uncertain: Vec<ServerId>) {
+        let stored_on = self.server_name(server);
+        for other in uncertain.into_iter().filter(|s| *s != server) {
+            if let Some(slot) = self.slots.get_mut(&other) {
+                log::warn!(
+                    "request {number}: stored on server {stored_on}, may also be on server {}; it will be told to forget it",
+                    slot.gate.name()
+                );
+                slot.forget.insert(number);
+            }
+        }
+    }
+
+    fn forgotten(&mut self, server: ServerId, numbers: Vec<u64>, ok: bool) {
+        if let Some(slot) = self.slots.get_mut(&server) {
+            slot.forget_in_flight = false;
+            if ok {
+                for n in &numbers {
+                    slot.forget.remove(n);
+                }
+            }
+        }
+        let Some(leaving) = self.leaving.get_mut(&server) else {
+            return;
+        };
+        let numbers: BTreeSet<u64> = numbers.into_iter().collect();
+        leaving.asked.retain(|n| !numbers.contains(n));
+        let (answered, held): (Vec<Job>, Vec<Job>) = std::mem::take(&mut leaving.held)
+            .into_iter()
+            .partition(|j| numbers.contains(&j.request_number.unwrap_or_default()));
+        leaving.held = held;
+        if ok {
+            // It will never store them: they go elsewhere as if never sent.
+            for job in answered {
+                let reason = "cut off: the server was removed, and forgot it";
+                self.retry(server, job, reason, true, false);
+            }
+            return;
+        }
+        // It could not be asked: they go once it can no longer store them.
+        let latest = answered.iter().map(|j| j.not_after_ms).max().unwrap_or(0);
+        let at = Instant::now() + Duration::from_millis(latest.saturating_sub(now_ms()));
+        let leaving = self.leaving.get_mut(&server).expect("looked up above");
+        leaving.unreachable = true;
+        leaving.release_at = Some(leaving.release_at.map_or(at, |r| r.max(at)));
+        leaving.held.extend(answered);
+    }
+
+    /// Asks removed servers to forget the jobs cut off from them, lets
+    /// through those they forgot or can no longer store, and drops the
+    /// servers with nothing left to settle.
+    fn settle_leaving(&mut self, now: Instant) {
+        let mut done = Vec::new();
+        let mut released = Vec::new();
+        for (id, leaving) in &mut self.leaving {
+            let unasked: Vec<u64> = leaving
+                .held
+                .iter()
+                .filter_map(|j| j.request_number)
+                .filter(|n| !leaving.asked.contains(n))
+                .collect();
+            if leaving.unreachable {
+                // Later ones wait as long as the first did.
+                let latest = leaving
+                    .held
+                    .iter()
+                    .map(|j| j.not_after_ms)
+                    .max()
+                    .unwrap_or(0);
+                let at = now + Duration::from_millis(latest.saturating_sub(now_ms()));
+                if !unasked.is_empty() {
+                    leaving.release_at = Some(leaving.release_at.map_or(at, |r| r.max(at)));
+                    leaving.asked.extend(&unasked);
+                }
+            } else if !unasked.is_empty() {
+                leaving.asked.extend(&unasked);
+                let errand = Errand::Forget {
+                    server: *id,
+                    addr: leaving.gate.addr,
+                    numbers: unasked,
+                };
+                if self.errands.send(errand).is_err() {
+                    // No errand thread (shutting down): wait as if asked
+                    // in vain.
+                    leaving.unreachable = true;
+                    let latest = leaving
+                        .held
+                        .iter()
+                        .map(|j| j.not_after_ms)
+                        .max()
+                        .unwrap_or(0);
+                    leaving.release_at =
+                        Some(now + Duration::from_millis(latest.saturating_sub(now_ms())));
+                }
+            }
+            if leaving.release_at.is_some_and(|at| at <= now) {
+                leaving.release_at = None;
+                released.push((*id, std::mem::take(&mut leaving.held)));
+            }
+            if leaving.held.is_empty()
+                && leaving.gate.in_flight() == 0
+                && leaving.release_at.is_none()
+            {
+                done.push(*id);
+            }
+        }
+        for (id, jobs) in released {
+            for job in jobs {
+                let reason = "cut off: the server was removed and could not be asked to forget it";
+                self.retry(id, job, reason, true, true);
+            }
+        }
+        for id in done {
+            if let Some(leaving) = self.leaving.remove(&id) {
+                self.former.insert(id, leaving.gate.name().to_string());
+            }
+        }
+    }
+
+    fn observe(&mut self, server: ServerId, observation: &Observation) {
+        let Some(slot) = self.slots.get_mut(&server) else {
+            return;
+        };
+        let transition = slot.health.observe(observation);
+        // Storage errors are counted from the answers: watch its ends.
+        let counting = slot.health.storage_errors() > 0;
+        slot.gate.set_watched(counting || slot.draining.is_some());
+        let Some(t) = transition else {
+            return;
+        };
+        slot.gate.stats.set_state(t.to);
+        slot.gate
+            .set_accepting(slot.health.accepts_requests() && slot.draining.is_none());
+        let line = format!("server {} is {}", slot.gate.name(), t.describe());
+        match t.to {
+            State::Up => log::info!("{line}"),
+            _ => log::warn!("{line}"),
+        }
+        self.update_outage();
+    }
+
+    fn update_outage(&mut self) {
+        let available = self.slots.values().any(|s| s.gate.accepting());
+        match (available, self.outage_since) {
+            (true, Some(_)) => {
+                self.outage_since = None;
+                self.next_expiry = None;
+            }
+            (false, None) => {
+                let now = Instant::now();
+                log::error!("no server can take work: {}", self.describe_servers());
+                self.outage_since = Some(now);
+                self.next_expiry = self
+                    .waiting
+                    .iter()
+                    .map(|j| now.max(j.queued_at))
+                    .min()
+                    .map(|t| t + self.settings.queue_timeout);
+            }
+            _ => {}
+        }
+    }
+
+    fn describe_servers(&self) -> String {
+        self.slots
+            .values()
+            .map(|s| format!("{} {}", s.gate.name(), s.health.state()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Why no server can take work, for the clients whose requests expire.
+    fn outage_reason(&self) -> String {
+        if self.slots.is_empty() {
+            return format!(
+                "no server available for --queue-timeout ({:?}): the pool is empty (no \
+                 server joined, or every one left or was removed)",
+                self.settings.queue_timeout
+            );
+        }
+        let states: BTreeSet<State> = self.slots.values().map(|s| s.health.state()).collect();
+        let what = match states.iter().copied().collect::<Vec<_>>()[..] {
+            [State::Down] => "every server is down",
+            [State::Overloaded] => "every server is overloaded",
+            [State::Unknown] => "no server has answered a status check yet",
+            _ => "every server is down, overloaded or draining",
+        };
+        format!(
+            "no server available for --queue-timeout ({:?}): {what} ({})",
+            self.settings.queue_timeout,
+            self.describe_servers()
+        )
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let Some(since) = self.outage_since else {
+            self.next_expiry = None;
+            return;
+        };
+        let timeout = self.settings.queue_timeout;
+        let expires = |j: &Job| since.max(j.queued_at) + timeout;
+        let (expired, kept): (Vec<Job>, Vec<Job>) =
+            self.waiting.drain(..).partition(|j| expires(j) <= now);
+        self.waiting = kept.into();
+        self.next_expiry = self.waiting.iter().map(expires).min();
+        if expired.is_empty() {
+            return;
+        }
+        self.board.dequeued(expired.len());
+        let msg = self.outage_reason();
+        log::error!("{} requests: {msg}; giving up", expired.len());
+        for job in expired {
+            self.give_up(job, ErrorCode::NoServer, msg.clone());
         }
     }
 
@@ -977,37 +816,37 @@ impl Dispatcher {
         if !self.settings.forget || self.drain_deadline.is_some() {
             return;
         }
-        let ready: Vec<ServerId> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| {
-                s.health.accepts_requests() && !s.forget.is_empty() && !s.forget_in_flight
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ready {
-            let slot = self.slots.get_mut(&id).expect("listed above");
+        for slot in self.slots.values_mut() {
+            if !slot.gate.accepting() || slot.forget.is_empty() || slot.forget_in_flight {
+                continue;
+            }
             let numbers: Vec<u64> = slot.forget.iter().take(FORGET_BATCH).copied().collect();
             slot.forget_in_flight = true;
             log::info!(
                 "server {}: telling it to forget {} request numbers stored elsewhere",
-                slot.name,
+                slot.gate.name(),
                 numbers.len()
             );
             // Nobody waits for the answer but the dispatcher (an event).
             let (reply, _) = crossbeam_channel::bounded(1);
-            let job = Job::new(
+            let mut job = Job::new(
                 0,
                 Work::Forget(numbers),
                 SocketAddr::from(([0, 0, 0, 0], 0)),
                 reply,
-                Hold::default(),
+                Default::default(),
             );
-            if self.send(id, job).is_some() {
-                if let Some(slot) = self.slots.get_mut(&id) {
-                    slot.forget_in_flight = false;
-                }
-            }
+            job.request_number = Some(self.numbers.next());
+            slot.gate.take();
+            slot.gate.link.enqueue(vec![job]);
+        }
+    }
+
+    /// Shows the pool on the board, when it changed.
+    fn publish(&mut self) {
+        if std::mem::take(&mut self.changed) {
+            self.board
+                .publish(self.slots.values().map(|s| s.gate.clone()).collect());
         }
     }
 }
@@ -1015,73 +854,58 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::RoundRobin;
+    use crate::balancer::event::{Change, NewLink};
+    use crate::balancer::flow::Hold;
+    use crate::balancer::link::Link;
+    use crate::balancer::stats::ServerStats;
+    use crate::policy::PolicyKind;
+    use crate::proto::Operation;
     use crossbeam_channel::Receiver;
-
-    struct FakeLink {
-        jobs: Receiver<Job>,
-    }
-
-    /// Plays the links: every server that joins gets a channel the test
-    /// reads.
-    #[derive(Clone, Default)]
-    struct FakeSpawner(Arc<std::sync::Mutex<Vec<Receiver<Job>>>>);
-
-    impl LinkSpawner for FakeSpawner {
-        fn spawn(&mut self, _: ServerId, _: SocketAddr) -> std::io::Result<LinkHandle> {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            self.0.lock().unwrap().push(rx.clone());
-            Ok(LinkHandle::detached(tx, rx))
-        }
-    }
-
-    impl FakeSpawner {
-        fn links(&self) -> Vec<FakeLink> {
-            let links = self.0.lock().unwrap();
-            links
-                .iter()
-                .map(|rx| FakeLink { jobs: rx.clone() })
-                .collect()
-        }
-    }
 
     fn addr(i: usize) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 5001 + i as u16))
     }
 
-    fn setup_with(servers: usize, settings: Settings) -> (Dispatcher, FakeSpawner) {
+    struct Setup {
+        d: Dispatcher,
+        /// What each server's link was handed.
+        links: Vec<Receiver<Job>>,
+        errands: Receiver<Errand>,
+    }
+
+    fn setup(servers: usize, max_in_flight: usize) -> Setup {
         let stats = Arc::new(Stats::default());
-        let spawner = FakeSpawner::default();
-        let addrs: Vec<SocketAddr> = (0..servers).map(addr).collect();
-        let d = Dispatcher::new(
-            &addrs,
-            Box::new(spawner.clone()),
-            Roster::default(),
-            Box::<RoundRobin>::default(),
-            ids::Generator::new(ids::Source::Balancer, 1),
-            settings,
-            stats,
-        )
-        .unwrap();
-        (d, spawner)
-    }
-
-    fn setup(servers: usize, settings: Settings) -> (Dispatcher, Vec<FakeLink>) {
-        let (d, spawner) = setup_with(servers, settings);
-        (d, spawner.links())
-    }
-
-    fn settings() -> Settings {
-        Settings {
-            max_attempts: 3,
-            max_in_flight: 2,
-            queue_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(30),
-            forget: true,
-            // One probe decides, as these tests were written for.
-            rise: 1,
-            fall: 1,
+        let mut new = Vec::new();
+        let mut links = Vec::new();
+        for i in 0..servers {
+            let (link, jobs) = Link::channel();
+            new.push(NewLink {
+                id: ServerId(i as u32),
+                stats: ServerStats::named(addr(i).to_string()),
+                link,
+            });
+            links.push(jobs);
         }
+        let (errands_tx, errands) = crossbeam_channel::unbounded();
+        let d = Dispatcher::new(
+            new,
+            Arc::new(Board::new(PolicyKind::RoundRobin, max_in_flight)),
+            Roster::default(),
+            Arc::new(ids::Generator::new(ids::Source::Balancer, 1)),
+            Settings {
+                max_attempts: 3,
+                queue_timeout: Duration::from_secs(10),
+                drain_timeout: Duration::from_secs(30),
+                forget: true,
+                // One probe decides.
+                rise: 1,
+                fall: 1,
+            },
+            stats,
+            None,
+            errands_tx,
+        );
+        Setup { d, links, errands }
     }
 
     fn job(id: u64) -> (Job, Receiver<Reply>) {
@@ -1096,468 +920,185 @@ mod tests {
         (job, rx)
     }
 
-    fn all_up(d: &mut Dispatcher, n: usize) {
-        let obs = (0..n)
-            .map(|i| (ServerId(i as u32), Observation::probe_ok(false)))
+    fn probes(d: &mut Dispatcher, up: &[bool]) {
+        let obs = up
+            .iter()
+            .enumerate()
+            .map(|(i, &up)| {
+                let o = if up {
+                    Observation::probe_ok(false)
+                } else {
+                    Observation::ProbeFailed("down".into())
+                };
+                (ServerId(i as u32), o)
+            })
             .collect();
         d.on_event(Event::Probes(obs));
+        d.after_wake();
     }
 
-    fn probe(d: &mut Dispatcher, server: u32, obs: Observation) {
-        d.on_event(Event::Probes(vec![(ServerId(server), obs)]));
+    /// A job as a connection thread queues it.
+    fn submit(d: &mut Dispatcher, job: Job) {
+        d.board.enqueued();
+        d.on_event(Event::Submit(Box::new(job)));
+        d.after_wake();
     }
 
-    fn done_event(server: u32, job: &Job) -> Event {
-        Event::Done {
-            server: ServerId(server),
-            number: job.request_number.unwrap(),
-            uncertain: job.uncertain.clone(),
+    fn handed(link: &Receiver<Job>) -> Vec<Job> {
+        link.try_iter().collect()
+    }
+
+    /// What a link does when a job ends on its server.
+    fn end(d: &mut Dispatcher, server: usize, event: Event) {
+        d.board.servers()[server]
+            .stats
+            .in_flight
+            .fetch_sub(1, Relaxed);
+        d.on_event(event);
+        d.after_wake();
+    }
+
+    #[test]
+    fn jobs_wait_while_no_server_is_up_and_go_when_one_is() {
+        let mut s = setup(2, 4);
+        let (a, _) = job(1);
+        submit(&mut s.d, a);
+        assert!(handed(&s.links[0]).is_empty() && handed(&s.links[1]).is_empty());
+        assert_eq!((s.d.waiting.len(), s.d.board.queued()), (1, 1));
+        probes(&mut s.d, &[false, true]);
+        let sent = handed(&s.links[1]);
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].request_number.is_some());
+        assert_eq!((s.d.waiting.len(), s.d.board.queued()), (0, 0));
+    }
+
+    #[test]
+    fn a_full_server_holds_jobs_until_a_place_is_freed() {
+        let mut s = setup(1, 2);
+        probes(&mut s.d, &[true]);
+        for id in 1..=3 {
+            submit(&mut s.d, job(id).0);
+        }
+        assert_eq!(handed(&s.links[0]).len(), 2);
+        assert_eq!(s.d.waiting.len(), 1);
+        end(&mut s.d, 0, Event::Freed(ServerId(0)));
+        assert_eq!(handed(&s.links[0]).len(), 1);
+        assert_eq!(s.d.board.queued(), 0);
+    }
+
+    #[test]
+    fn a_failed_job_goes_to_a_server_it_has_not_tried_and_is_given_up_after_max_attempts() {
+        let mut s = setup(2, 4);
+        probes(&mut s.d, &[true, true]);
+        submit(&mut s.d, job(1).0);
+        let mut j = handed(&s.links[0]).pop().expect("to the first server");
+        let refused = || Failure::Refused {
+            code: ErrorCode::Storage,
+            message: "disk error".into(),
+        };
+        let retry = |job| Event::Retry {
+            server: ServerId(0),
+            job: Box::new(job),
+            failure: refused(),
+            delivered: true,
+        };
+        end(&mut s.d, 0, retry(j));
+        j = handed(&s.links[1]).pop().expect("to the other server");
+        assert_eq!(j.tried, [ServerId(0), ServerId(1)]);
+        assert!(j.uncertain.is_empty(), "a refusal is not a maybe-stored");
+        // Third attempt: given up.
+        let (mut last, answers) = job(2);
+        last.attempts = 2;
+        last.request_number = Some(7);
+        s.d.slots.get(&ServerId(0)).unwrap().gate.take();
+        end(&mut s.d, 0, retry(last));
+        match answers.try_recv().unwrap() {
+            Reply::Error(e) => assert_eq!(e.code, ErrorCode::ServerFailed, "{e:?}"),
+            other => panic!("{other:?}"),
         }
     }
 
-    fn done(d: &mut Dispatcher, server: u32, job: &Job) {
-        d.on_event(done_event(server, job));
-    }
-
-    /// Submits jobs 0..n; their reply channels.
-    fn submit_jobs(d: &mut Dispatcher, n: u64) -> Vec<Receiver<Reply>> {
-        (0..n)
-            .map(|i| {
-                let (j, rx) = job(i);
-                d.submit(j);
-                rx
-            })
-            .collect()
-    }
-
     #[test]
-    fn waits_at_max_in_flight_without_failing_while_servers_are_up() {
-        let (mut d, links) = setup(1, settings());
-        all_up(&mut d, 1);
-        let replies = submit_jobs(&mut d, 5);
-        assert_eq!(links[0].jobs.len(), 2, "only --max-in-flight on the wire");
-        assert_eq!(d.waiting.len(), 3);
-        // Long past the queue timeout: a busy server is no outage.
-        assert!(!d.on_timer(Instant::now() + Duration::from_secs(60)));
-        assert_eq!(d.waiting.len(), 3);
-        assert!(replies.iter().all(|r| r.is_empty()));
-        let first = links[0].jobs.recv().unwrap();
-        done(&mut d, 0, &first);
-        assert_eq!(links[0].jobs.len(), 2);
-        assert_eq!(d.waiting.len(), 2);
-    }
-
-    #[test]
-    fn a_job_taken_now_counts_in_flight_and_waits_its_turn_behind_queued_ones() {
-        let (mut d, links) = setup(1, settings());
-        // No server up yet: nothing to take.
-        let (mut first, _rx) = job(1);
-        assert!(d.take_now(&mut first).is_none());
-        all_up(&mut d, 1);
-        assert!(d.take_now(&mut first).is_some());
-        assert!(first.request_number.is_some());
-        assert_eq!(first.tried, vec![ServerId(0)]);
-        // It holds one of the two places on the wire.
-        let (second, _rx2) = job(2);
-        d.submit(second);
-        let (third, _rx3) = job(3);
-        d.submit(third);
-        assert_eq!(links[0].jobs.len(), 1);
-        assert_eq!(d.waiting.len(), 1);
-        // Queued work goes first: a new job is not taken past it.
-        let (mut fourth, _rx4) = job(4);
-        assert!(d.take_now(&mut fourth).is_none());
-        assert!(fourth.request_number.is_none());
-        done(&mut d, 0, &first);
-        assert_eq!(links[0].jobs.len(), 2, "the queued job took the place");
-        assert!(d.waiting.is_empty());
-    }
-
-    #[test]
-    fn a_worker_that_frees_a_place_gets_the_next_job_for_its_server_back() {
-        let (mut d, links) = setup(2, settings());
-        all_up(&mut d, 2);
-        let _replies = submit_jobs(&mut d, 6);
-        assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 2));
-        assert_eq!(d.waiting.len(), 2);
-        // Server 1 frees a place: the only free one, so the next queued job
-        // comes back to its worker, and nothing goes through a channel.
-        let first = links[1].jobs.recv().unwrap();
-        let next = d
-            .on_done_handing_back(done_event(1, &first))
-            .expect("handed back");
-        assert_eq!(next.tried, vec![ServerId(1)]);
-        assert_eq!(d.slots[&ServerId(1)].in_flight, 2, "counted in flight");
-        assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 1));
-        assert_eq!(d.waiting.len(), 1);
-        assert!(d.hand_back.is_none());
-        // With nothing queued, nothing comes back.
-        let (mut d, links) = setup(2, settings());
-        all_up(&mut d, 2);
-        let (j, _rx) = job(9);
-        d.submit(j);
-        let only = links[0].jobs.recv().unwrap();
-        let back = d.on_done_handing_back(done_event(0, &only));
-        assert!(back.is_none());
-        assert_eq!(d.slots[&ServerId(0)].in_flight, 0);
-    }
-
-    #[test]
-    fn a_job_queued_by_another_thread_in_an_outage_wakes_the_dispatcher_for_its_timeout() {
-        let (d, links) = setup(1, settings());
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let shared = Shared::new(d, events_tx);
-        // No server up: the job waits, and the dispatcher thread must now
-        // sleep only until its --queue-timeout.
-        let (first, _rx) = job(1);
-        assert!(shared.submit_now(first).is_none());
-        assert!(matches!(events.try_recv(), Ok(Event::Wake)));
-        // A second one expires later: no earlier timer, no wake.
-        let (second, _rx2) = job(2);
-        assert!(shared.submit_now(second).is_none());
-        assert!(events.try_recv().is_err());
-        assert!(links[0].jobs.is_empty());
-    }
-
-    #[test]
-    fn queue_timeout_runs_only_while_no_server_can_take_work() {
-        let (mut d, _links) = setup(2, settings());
-        all_up(&mut d, 2);
-        probe(&mut d, 0, Observation::ProbeFailed("refused".into()));
-        probe(&mut d, 1, Observation::ProbeFailed("refused".into()));
-        let (j, rx) = job(1);
-        d.submit(j);
-        let expiry = d.next_expiry.expect("an outage arms the timer");
-        d.on_timer(expiry - Duration::from_millis(1));
-        assert!(rx.is_empty());
-        d.on_timer(expiry);
-        match rx.try_recv().unwrap() {
+    fn a_job_lost_with_its_connection_may_be_stored_and_says_so_when_given_up() {
+        let mut s = setup(1, 4);
+        probes(&mut s.d, &[true]);
+        let (a, answers) = job(1);
+        submit(&mut s.d, a);
+        let sent = handed(&s.links[0]).pop().unwrap();
+        end(
+            &mut s.d,
+            0,
+            Event::Retry {
+                server: ServerId(0),
+                job: Box::new(sent),
+                failure: Failure::Link("the server closed the connection".into()),
+                delivered: true,
+            },
+        );
+        // The server went down with it: the queue times out.
+        assert!(s.d.outage_since.is_some());
+        s.d.expire(Instant::now() + Duration::from_secs(11));
+        match answers.try_recv().unwrap() {
             Reply::Error(e) => {
-                assert_eq!(e.code, ErrorCode::NoServer);
-                assert!(e.message.contains("every server is down"), "{}", e.message);
+                assert_eq!(e.code, ErrorCode::MaybeStored, "{e:?}");
+                assert!(e.message.contains("127.0.0.1:5001"), "{}", e.message);
             }
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
-    fn a_server_coming_back_ends_the_outage_clock() {
-        let (mut d, links) = setup(1, settings());
-        let (j, rx) = job(1);
-        d.submit(j);
-        assert!(d.next_expiry.is_some());
-        all_up(&mut d, 1);
-        assert!(d.next_expiry.is_none());
-        assert_eq!(links[0].jobs.len(), 1);
-        assert!(rx.is_empty());
-    }
-
-    #[test]
-    fn retry_goes_first_and_to_another_server() {
-        let (mut d, links) = setup(
-            2,
-            Settings {
-                max_in_flight: 1,
-                ..settings()
-            },
-        );
-        all_up(&mut d, 2);
-        let (a, _ra) = job(1);
-        let (b, _rb) = job(2);
-        let (c, _rc) = job(3);
-        d.submit(a);
-        d.submit(b);
-        d.submit(c);
-        let a = links[0].jobs.recv().unwrap();
-        assert_eq!(a.id, 1);
-        let number = a.request_number;
-        // Server 0 answers with an error: job 1 goes before job 3, to the
-        // other server once that one is free.
-        d.on_event(Event::Retry {
-            server: ServerId(0),
-            job: Box::new(a),
-            reason: "storage: disk full".into(),
-            link_failed: false,
-            delivered: true,
-        });
-        let b = links[1].jobs.recv().unwrap();
-        assert_eq!(b.id, 2);
-        done(&mut d, 1, &b);
-        let again = links[1].jobs.recv().unwrap();
-        assert_eq!((again.id, again.request_number), (1, number));
-        assert_eq!(again.tried, [ServerId(0), ServerId(1)]);
-        assert_eq!(links[0].jobs.recv().unwrap().id, 3);
-    }
-
-    #[test]
-    fn the_same_server_again_only_when_no_other_can_take_it() {
-        let (mut d, links) = setup(2, settings());
-        all_up(&mut d, 2);
-        probe(&mut d, 1, Observation::probe_ok(true));
-        let (a, _ra) = job(1);
-        d.submit(a);
-        let a = links[0].jobs.recv().unwrap();
-        d.on_event(Event::Retry {
-            server: ServerId(0),
-            job: Box::new(a),
-            reason: "timeout".into(),
-            link_failed: false,
-            delivered: true,
-        });
-        let a = links[0].jobs.recv().unwrap();
-        assert_eq!(a.tried, [ServerId(0), ServerId(0)]);
-        assert_eq!(a.attempts, 1);
-    }
-
-    #[test]
-    fn storage_errors_in_a_row_take_a_server_down_and_probes_give_its_load() {
-        let (mut d, links) = setup(
-            1,
-            Settings {
-                max_attempts: 5,
-                ..settings()
-            },
-        );
-        let load = Load {
-            cpu_percent: 50.0,
-            ..Load::default()
-        };
-        probe(
-            &mut d,
+    fn jobs_cut_off_by_a_removal_wait_until_the_server_has_forgotten_them() {
+        let mut s = setup(2, 4);
+        probes(&mut s.d, &[true, true]);
+        submit(&mut s.d, job(1).0);
+        let cut = handed(&s.links[0]).pop().unwrap();
+        let number = cut.request_number.unwrap();
+        let (reply, _) = crossbeam_channel::unbounded();
+        s.d.change_membership(Change::Remove(addr(0)), 1, reply, None);
+        end(
+            &mut s.d,
             0,
-            Observation::ProbeOk {
-                overloaded: false,
-                can_store: true,
-                load: Some(load),
-            },
-        );
-        assert_eq!(d.candidates(&[])[0].load, Some(load));
-        let (a, _ra) = job(1);
-        d.submit(a);
-        for _ in 0..3 {
-            let a = links[0]
-                .jobs
-                .try_recv()
-                .expect("sent again to the only server");
-            d.on_event(Event::Retry {
+            Event::Retry {
                 server: ServerId(0),
-                job: Box::new(a),
-                reason: "storage: disk full".into(),
-                link_failed: false,
+                job: Box::new(cut),
+                failure: Failure::Cut,
                 delivered: true,
-            });
-        }
-        assert_eq!(d.slots[&ServerId(0)].health.state(), State::Down);
-        assert_eq!(d.waiting.len(), 1, "waits for a server that can store");
-    }
-
-    #[test]
-    fn a_down_server_gives_back_what_it_has_not_sent() {
-        let (mut d, links) = setup(
-            2,
-            Settings {
-                max_in_flight: 4,
-                ..settings()
             },
         );
-        probe(&mut d, 0, Observation::probe_ok(false));
-        let mut replies = Vec::new();
-        for i in 0..3 {
-            let (j, rx) = job(i);
-            replies.push(rx);
-            d.submit(j);
+        // Held, and the removed server is asked to forget it.
+        assert!(handed(&s.links[1]).is_empty());
+        match s.errands.try_recv().unwrap() {
+            Errand::Forget { numbers, .. } => assert_eq!(numbers, [number]),
         }
-        assert_eq!(links[0].jobs.len(), 3);
-        probe(&mut d, 1, Observation::probe_ok(false));
-        probe(&mut d, 0, Observation::ProbeFailed("hung".into()));
-        assert_eq!(links[0].jobs.len(), 0);
-        let moved: Vec<u64> = links[1].jobs.try_iter().map(|j| j.id).collect();
-        assert_eq!(moved, [0, 1, 2]);
-    }
-
-    #[test]
-    fn a_server_that_may_hold_a_copy_is_told_to_forget_it() {
-        let (mut d, links) = setup(2, settings());
-        all_up(&mut d, 2);
-        let (a, _ra) = job(1);
-        d.submit(a);
-        let a = links[0].jobs.recv().unwrap();
-        let number = a.request_number.unwrap();
-        d.on_event(Event::Retry {
-            server: ServerId(0),
-            job: Box::new(a),
-            reason: "no reply: connection reset".into(),
-            link_failed: true,
-            delivered: true,
-        });
-        let a = links[1].jobs.recv().unwrap();
-        assert_eq!(a.uncertain, [ServerId(0)]);
-        done(&mut d, 1, &a);
-        // Server 0 is down: nothing is sent until it is back.
-        assert!(links[0].jobs.is_empty());
-        all_up(&mut d, 2);
-        let forget = links[0].jobs.recv().unwrap();
-        match &forget.work {
-            Work::Forget(numbers) => assert_eq!(numbers, &[number]),
-            other => panic!("{other:?}"),
-        }
-        d.on_event(Event::Forgotten {
+        s.d.on_event(Event::Forgotten {
             server: ServerId(0),
             numbers: vec![number],
             ok: true,
         });
-        all_up(&mut d, 2);
-        assert!(links[0].jobs.is_empty(), "forgotten once only");
+        s.d.after_wake();
+        let moved = handed(&s.links[1]).pop().expect("goes to the other server");
+        assert!(moved.uncertain.is_empty());
+        assert!(s.d.leaving.is_empty(), "nothing left to settle");
     }
 
     #[test]
-    fn drain_refuses_what_is_left_at_the_deadline() {
-        let (mut d, links) = setup(
-            1,
-            Settings {
-                max_in_flight: 1,
-                ..settings()
-            },
-        );
-        all_up(&mut d, 1);
-        let (a, _ra) = job(1);
-        let (b, rb) = job(2);
-        d.submit(a);
-        d.submit(b);
-        let now = Instant::now();
-        d.begin_drain(now);
-        assert!(!d.is_idle());
-        assert!(!d.on_timer(now + Duration::from_secs(30)));
-        match rb.try_recv().unwrap() {
-            Reply::Error(e) => assert_eq!(e.code, ErrorCode::ShuttingDown),
-            other => panic!("{other:?}"),
-        }
-        // The request on the wire comes back cut off.
-        let a = links[0].jobs.recv().unwrap();
-        let (tx, ra) = crossbeam_channel::unbounded();
-        let a = Job { reply: tx, ..a };
-        d.on_event(Event::Retry {
-            server: ServerId(0),
-            job: Box::new(a),
-            reason: "aborted".into(),
-            link_failed: true,
-            delivered: true,
-        });
-        match ra.try_recv().unwrap() {
-            Reply::Error(e) => {
-                assert_eq!(e.code, ErrorCode::ShuttingDown);
-                assert!(e.message.contains("may have been stored"), "{}", e.message);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(d.is_idle());
-    }
-
-    fn change(d: &mut Dispatcher, change: Change) -> Reply {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        d.on_event(Event::Membership {
-            change,
-            id: 7,
-            reply: tx,
-        });
-        rx.try_recv().expect("answered at once")
-    }
-
-    #[test]
-    fn a_server_added_at_run_time_takes_work_once_up() {
-        let (mut d, spawner) = setup_with(1, settings());
-        all_up(&mut d, 1);
-        match change(&mut d, Change::Add(addr(1))) {
-            Reply::Membership { id: 7, message } => assert!(message.contains("joined")),
-            other => panic!("{other:?}"),
-        }
+    fn a_draining_server_gets_nothing_new_and_leaves_when_idle() {
+        let mut s = setup(2, 4);
+        probes(&mut s.d, &[true, true]);
+        submit(&mut s.d, job(1).0);
+        assert_eq!(handed(&s.links[0]).len(), 1);
+        let (reply, answers) = crossbeam_channel::unbounded();
+        s.d.change_membership(Change::Deregister(addr(0)), 5, reply, None);
+        submit(&mut s.d, job(2).0);
+        submit(&mut s.d, job(3).0);
+        assert_eq!(handed(&s.links[1]).len(), 2);
+        assert!(answers.try_recv().is_err(), "answered once it is idle");
+        end(&mut s.d, 0, Event::Freed(ServerId(0)));
         assert!(matches!(
-            change(&mut d, Change::Add(addr(1))),
-            Reply::Error(e) if e.message.contains("already in the pool")
+            answers.try_recv(),
+            Ok(Reply::Membership { id: 5, .. })
         ));
-        // Registering again is the server's heartbeat: fine.
-        assert!(matches!(
-            change(&mut d, Change::Register(addr(1))),
-            Reply::Membership { .. }
-        ));
-        all_up(&mut d, 2);
-        for i in 0..4 {
-            d.submit(job(i).0);
-        }
-        let links = spawner.links();
-        assert_eq!((links[0].jobs.len(), links[1].jobs.len()), (2, 2));
-        assert_eq!(crate::net::lock(&d.roster).len(), 2);
-    }
-
-    #[test]
-    fn a_draining_server_gets_nothing_new_and_leaves_when_done() {
-        let (mut d, links) = setup(2, settings());
-        all_up(&mut d, 2);
-        d.submit(job(1).0);
-        let on_first = links[0].jobs.recv().unwrap();
-        // The server itself leaves: the answer waits until it is idle.
-        let (tx, rx) = crossbeam_channel::unbounded();
-        d.on_event(Event::Membership {
-            change: Change::Deregister(addr(0)),
-            id: 9,
-            reply: tx,
-        });
-        assert!(rx.is_empty());
-        d.submit(job(2).0);
-        d.submit(job(3).0);
-        assert!(links[0].jobs.is_empty());
-        assert_eq!(links[1].jobs.len(), 2);
-        done(&mut d, 0, &on_first);
-        assert!(matches!(
-            rx.try_recv().unwrap(),
-            Reply::Membership { id: 9, .. }
-        ));
-        assert_eq!(d.slots.len(), 1);
-        assert_eq!(crate::net::lock(&d.roster).len(), 1);
-    }
-
-    #[test]
-    fn a_removed_server_gives_its_work_back_and_stays_out() {
-        let (mut d, links) = setup(
-            2,
-            Settings {
-                max_in_flight: 4,
-                ..settings()
-            },
-        );
-        probe(&mut d, 0, Observation::probe_ok(false));
-        for i in 0..3 {
-            d.submit(job(i).0);
-        }
-        let first = links[0].jobs.recv().unwrap();
-        assert!(matches!(
-            change(&mut d, Change::Remove(addr(0))),
-            Reply::Membership { .. }
-        ));
-        // Not yet sent: back in the queue; the one on the wire comes back
-        // from its cut connection.
-        assert_eq!(d.waiting.len(), 2);
-        d.on_event(Event::Retry {
-            server: ServerId(0),
-            job: Box::new(first),
-            reason: "cut".into(),
-            link_failed: true,
-            delivered: true,
-        });
-        assert_eq!(d.waiting.len(), 3);
-        probe(&mut d, 1, Observation::probe_ok(false));
-        assert_eq!(links[1].jobs.len(), 3);
-        assert!(matches!(
-            change(&mut d, Change::Register(addr(0))),
-            Reply::Error(e) if e.message.contains("client admin add")
-        ));
-        assert!(matches!(
-            change(&mut d, Change::Drain(addr(0))),
-            Reply::Error(e) if e.message.contains("not in the pool")
-        ));
-        assert!(matches!(
-            change(&mut d, Change::Add(addr(0))),
-            Reply::Membership { .. }
-        ));
+        assert_eq!(s.d.slots.len(), 1);
     }
 }

@@ -4,7 +4,7 @@
 //! dispatcher does (the `until` channel disconnects).
 
 use super::backend::{self, BackendSettings};
-use super::dispatch::Event;
+use super::event::Event;
 use super::stats::Stats;
 use super::ServerId;
 use crate::health::Observation;

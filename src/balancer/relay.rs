@@ -7,8 +7,9 @@
 //! balancer holds one chunk at a time per transfer.
 
 use super::client_out::ClientWriter;
-use super::conn::Conn;
-use super::dispatch::{Event, Picked};
+use super::context::Conn;
+pub use super::context::{FileSettings, Mode};
+use super::event::{Event, Picked};
 use super::flow::Reservation;
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
@@ -23,34 +24,6 @@ use crossbeam_channel::Sender;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// How clients reach servers for file uploads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Through the balancer, which relays every chunk.
-    #[default]
-    Proxy,
-    /// Straight to a server the balancer names, with a signed ticket.
-    Redirect,
-}
-
-#[derive(Debug, Clone)]
-pub struct FileSettings {
-    pub mode: Mode,
-    /// Signs tickets (redirect mode, and proxy-mode uploads to servers that
-    /// hold the key).
-    pub key: Option<ClusterKey>,
-    pub ticket_ttl: Duration,
-    pub connect_timeout: Duration,
-    /// How long a server may take over one exchange.
-    pub server_timeout: Duration,
-    /// How long an upload waits for a server to be able to take it.
-    pub wait: Duration,
-    /// Where servers report redirected uploads (this balancer's address).
-    pub advertise: Option<SocketAddr>,
-    /// Largest file an upload may announce (`--max-file-size`).
-    pub max_file_size: u64,
-}
 
 /// How a conversation ended for the client connection.
 pub enum Next {

@@ -32,12 +32,23 @@ pub struct ServerStats {
     state: AtomicU8,
     /// Taking no new work, leaving once its requests are done.
     pub draining: AtomicBool,
+    /// Every end of a request on it is reported to the dispatcher (it
+    /// drains, or its storage errors are being counted).
+    pub watched: AtomicBool,
     check_micros: AtomicU64,
     /// The last report and when it came.
     last_status: Mutex<Option<(StatusReport, Instant)>>,
 }
 
 impl ServerStats {
+    /// Fresh counters for the server called `name`.
+    pub fn named(name: String) -> Arc<ServerStats> {
+        Arc::new(ServerStats {
+            name,
+            ..ServerStats::default()
+        })
+    }
+
     pub fn set_state(&self, state: State) {
         self.state.store(state_code(state), Relaxed);
     }
@@ -137,12 +148,14 @@ impl Stats {
 
     /// Starts counting for a server that joined.
     pub fn add(&self, id: ServerId, name: String) -> Arc<ServerStats> {
-        let server = Arc::new(ServerStats {
-            name,
-            ..ServerStats::default()
-        });
-        write(&self.servers).insert(id, server.clone());
+        let server = ServerStats::named(name);
+        self.insert(id, server.clone());
         server
+    }
+
+    /// Shows the counters of a server that joined with them.
+    pub fn insert(&self, id: ServerId, server: Arc<ServerStats>) {
+        write(&self.servers).insert(id, server);
     }
 
     /// Forgets a server that left.

@@ -20,7 +20,6 @@
 
 mod rows;
 
-use super::dispatch::{Job, Work};
 use crate::error::Error;
 use crate::proto::{ErrorCode, TransferView};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -337,6 +336,20 @@ enum Msg {
 enum ServerChange {
     Save(String),
     Remove(String),
+    /// It left by itself: not remembered, not kept out either.
+    Leave(String),
+}
+
+/// What happened to a server of the pool, to be remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolChange {
+    /// It joined: a restarted balancer starts with it.
+    Joined,
+    /// It left by itself (`deregister`).
+    Left,
+    /// An operator drained or removed it: it stays out, across restarts
+    /// too, until an operator adds it again.
+    Banned,
 }
 
 struct Shared {
@@ -399,9 +412,9 @@ impl Tracker {
         path: &Path,
         capacity: usize,
     ) -> Result<(Tracker, Receiver<Msg>, Connection), Error> {
-        let state_error = |source| Error::State {
+        let state_error = |source: StateError| Error::State {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         };
         let conn = open_writer(path).map_err(state_error)?;
         let reader = open_reader(path).map_err(state_error)?;
@@ -447,69 +460,6 @@ impl Tracker {
         }
     }
 
-    /// A store job handed to a server: `Received` the first time, then
-    /// `Sent`. Call before the job records the server in `tried`.
-    pub fn dispatched(&self, job: &Job, server: &str) {
-        let (Work::Store(doc), Some(number)) = (&job.work, job.request_number) else {
-            return;
-        };
-        let now = now_ms();
-        if job.tried.is_empty() {
-            let waited = job.received.elapsed().as_millis() as u64;
-            self.record_at(
-                now.saturating_sub(waited),
-                TrackEvent::Received {
-                    number,
-                    client: job.client.to_string(),
-                    title: doc.title.clone(),
-                    size: doc.content_len as u64,
-                    user: job.user.as_deref().map(str::to_owned),
-                },
-            );
-        }
-        self.record_at(
-            now,
-            TrackEvent::Sent {
-                number,
-                server: server.to_string(),
-            },
-        );
-    }
-
-    /// A store job that failed on `server` and will be tried again.
-    pub fn retried(&self, job: &Job, server: &str, reason: &str) {
-        if let Some(number) = tracked_number(job) {
-            self.record(TrackEvent::Retried {
-                number,
-                server: server.to_string(),
-                reason: reason.to_string(),
-            });
-        }
-    }
-
-    /// A store job given up on. Jobs never dispatched have no number and
-    /// no record.
-    pub fn failed(&self, job: &Job, code: ErrorCode, reason: &str) {
-        if let Some(number) = tracked_number(job) {
-            self.record(TrackEvent::Failed {
-                number,
-                code,
-                reason: reason.to_string(),
-            });
-        }
-    }
-
-    /// A store job acknowledged by `server` as `file`.
-    pub fn stored(&self, job: &Job, server: &str, file: &str) {
-        if let Some(number) = tracked_number(job) {
-            self.record(TrackEvent::Stored {
-                number,
-                server: server.to_string(),
-                file: file.to_string(),
-            });
-        }
-    }
-
     /// Transfers matching `filter`, newest first. Sees every event recorded
     /// before the call (unless dropped).
     pub fn query(&self, filter: &TransferFilter) -> Result<Vec<TransferRecord>, Error> {
@@ -525,6 +475,39 @@ impl Tracker {
     /// Forgets a storage server; its row stays, marked `removed`.
     pub fn remove_server(&self, addr: &str) -> Result<(), Error> {
         self.change_server(ServerChange::Remove(addr.to_string()))
+    }
+
+    /// Remembers a change of the pool, without waiting for the commit
+    /// (for the dispatcher, which waits on nothing).
+    pub fn note_server(&self, addr: &str, change: PoolChange) {
+        let addr = addr.to_string();
+        let change = match change {
+            PoolChange::Joined => ServerChange::Save(addr),
+            PoolChange::Left => ServerChange::Leave(addr),
+            PoolChange::Banned => ServerChange::Remove(addr),
+        };
+        // Nobody waits for the answer.
+        let (done, _) = crossbeam_channel::bounded(1);
+        let msg = Msg::Server {
+            change,
+            at_ms: now_ms(),
+            done,
+        };
+        if self.events.try_send(msg).is_err() {
+            self.shared.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The servers an operator drained or removed, which stay out until
+    /// one adds them again.
+    pub fn banned_servers(&self) -> Result<Vec<String>, Error> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT address FROM servers WHERE state = 'removed' ORDER BY address",
+            )?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
     }
 
     /// The servers saved and not removed, oldest first.
@@ -552,9 +535,9 @@ impl Tracker {
     }
 
     fn change_server(&self, change: ServerChange) -> Result<(), Error> {
-        let error = |source| Error::State {
+        let error = |source: StateError| Error::State {
             path: self.shared.path.clone(),
-            source,
+            source: Box::new(source),
         };
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let msg = Msg::Server {
@@ -574,9 +557,9 @@ impl Tracker {
 
     /// Runs `f` on an idle read connection (a new one if none is idle).
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StateError>) -> Result<T, Error> {
-        let error = |source| Error::State {
+        let error = |source: StateError| Error::State {
             path: self.shared.path.clone(),
-            source,
+            source: Box::new(source),
         };
         let idle = crate::net::lock(&self.shared.readers).pop();
         let conn = match idle {
@@ -586,13 +569,6 @@ impl Tracker {
         let result = f(&conn).map_err(error);
         crate::net::lock(&self.shared.readers).push(conn);
         result
-    }
-}
-
-fn tracked_number(job: &Job) -> Option<u64> {
-    match job.work {
-        Work::Store(_) => job.request_number,
-        _ => None,
     }
 }
 
@@ -883,11 +859,16 @@ fn apply_server(
         ServerChange::Save(addr) => tx.execute(
             "INSERT INTO servers (address, added_ms, state) VALUES (?1, ?2, 'active')
              ON CONFLICT (address) DO UPDATE SET state = 'active',
-                 added_ms = CASE WHEN state = 'removed' THEN excluded.added_ms ELSE added_ms END",
+                 added_ms = CASE WHEN state <> 'active' THEN excluded.added_ms ELSE added_ms END",
             params![addr, at_ms as i64],
         )?,
         ServerChange::Remove(addr) => tx.execute(
-            "UPDATE servers SET state = 'removed' WHERE address = ?1",
+            "INSERT INTO servers (address, added_ms, state) VALUES (?1, ?2, 'removed')
+             ON CONFLICT (address) DO UPDATE SET state = 'removed'",
+            params![addr, at_ms as i64],
+        )?,
+        ServerChange::Leave(addr) => tx.execute(
+            "UPDATE servers SET state = 'left' WHERE address = ?1",
             params![addr],
         )?,
     };
@@ -1355,11 +1336,9 @@ mod tests {
         let err = Tracker::open(&foreign).unwrap_err();
         assert!(
             matches!(
-                err,
-                Error::State {
-                    source: StateError::Foreign,
-                    ..
-                }
+                &err,
+                Error::State { source, .. }
+                    if matches!(source.downcast_ref::<StateError>(), Some(StateError::Foreign))
             ),
             "{err:?}"
         );

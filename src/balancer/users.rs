@@ -86,9 +86,9 @@ pub struct Users {
 }
 
 fn state_error(path: &Path) -> impl Fn(StateError) -> Error + '_ {
-    move |source| Error::State {
+    move |source: StateError| Error::State {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     }
 }
 

@@ -96,10 +96,13 @@ struct Args {
     /// Forwards of one document that may reach a server before giving up.
     #[arg(long, default_value_t = 3)]
     max_attempts: u32,
-    /// Requests on the wire to one server at once (one persistent
-    /// connection each); more wait in the queue.
-    #[arg(long, default_value_t = 32)]
+    /// Requests on the wire to one server at once; more wait in the queue.
+    #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
+    /// Connections to each server, each carrying many requests at once
+    /// (pipelined; the server answers them in any order).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    server_connections: usize,
     /// Largest frame accepted (e.g. 8MiB).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     max_frame: usize,
@@ -392,6 +395,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         legacy_client_timeout: args.legacy_client_timeout,
         max_attempts: args.max_attempts,
         max_in_flight: args.max_in_flight,
+        server_connections: args.server_connections,
         max_frame: args.max_frame,
         max_queued_bytes: args.max_queued_bytes,
         client_window: args.client_window,

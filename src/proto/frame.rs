@@ -266,6 +266,19 @@ impl<R: Read> FrameReader<R> {
         !self.inner.buffer().is_empty()
     }
 
+    /// Whether the next frame is already read whole: taking it needs no
+    /// wait on the stream.
+    pub fn frame_buffered(&self) -> bool {
+        let buffered = self.inner.buffer();
+        match buffered.get(..4) {
+            Some(header) => {
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+                buffered.len() - 4 >= len as usize
+            }
+            None => false,
+        }
+    }
+
     /// The stream under the read buffer, for writes on a connection that
     /// both reads and writes through this reader.
     pub fn get_mut(&mut self) -> &mut R {

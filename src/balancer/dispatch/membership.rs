@@ -1,41 +1,37 @@
 //! Servers joining and leaving the pool while the dispatcher runs.
 //!
 //! A server joins with its own `register` (repeated as a heartbeat, so a
-//! restarted balancer learns it again) or an operator's `add_server`. It
-//! leaves by `deregister` (the server is stopping) or `drain_server` (an
+//! restarted balancer learns it again) or an operator's `add_server`; the
+//! thread that received either started its link. It leaves by
+//! `deregister` (the server is stopping) or `drain_server` (an
 //! operator's): it gets no new work and leaves once its requests in flight
 //! are done; the answer to `deregister` waits for that, so the server can
 //! stop without cutting anything. `remove_server` takes it out at once:
-//! its requests in flight are cut off and retried elsewhere. An address an
-//! operator drained or removed does not come back by its heartbeat, only by
-//! `add_server`.
+//! its requests in flight are cut off, and go elsewhere once it has
+//! forgotten them (see `Dispatcher::settle_leaving`), so that none ends up
+//! stored twice. An address an operator drained or removed does not come
+//! back by its heartbeat, only by `add_server`, also after a restart (the
+//! state file remembers it).
 
-use super::{Dispatcher, Slot};
+use super::{Dispatcher, Leaving, Slot};
+use crate::balancer::board::Gate;
+use crate::balancer::event::{Change, NewLink};
 use crate::balancer::ServerId;
 use crate::health::Health;
 use crate::proto::{ErrorCode, Reply};
 use crossbeam_channel::Sender;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-
-/// A membership request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    /// An operator adds a server.
-    Add(SocketAddr),
-    /// A server announces itself (also its heartbeat).
-    Register(SocketAddr),
-    /// An operator drains a server.
-    Drain(SocketAddr),
-    /// A server leaves.
-    Deregister(SocketAddr),
-    /// An operator removes a server now.
-    Remove(SocketAddr),
-}
+use std::sync::Arc;
 
 impl Dispatcher {
-    pub(crate) fn change_membership(&mut self, change: Change, id: u64, reply: Sender<Reply>) {
+    pub(super) fn change_membership(
+        &mut self,
+        change: Change,
+        id: u64,
+        reply: Sender<Reply>,
+        link: Option<NewLink>,
+    ) {
         let answer = |result: Result<String, String>| {
             let reply_msg = match result {
                 Ok(message) => Reply::Membership { id, message },
@@ -46,36 +42,62 @@ impl Dispatcher {
         if self.drain_deadline.is_some() {
             return answer(Err("the balancer is shutting down".into()));
         }
-        let member = self.find(match change {
-            Change::Add(a)
-            | Change::Register(a)
-            | Change::Drain(a)
-            | Change::Deregister(a)
-            | Change::Remove(a) => a,
-        });
-        match (change, member) {
-            (Change::Add(addr), Some(_)) => {
+        let addr = change.addr();
+        let member = self
+            .slots
+            .iter()
+            .find(|(_, s)| s.gate.addr == addr)
+            .map(|(id, _)| *id);
+        // A registration that changes nothing is a heartbeat: quiet.
+        if !matches!((change, member), (Change::Register(_), Some(_))) {
+            log::info!("{change}");
+        }
+        match (change, member, link) {
+            (Change::Add(addr), Some(_), _) => {
                 answer(Err(format!("{addr} is already in the pool")));
             }
-            (Change::Add(addr), None) => {
-                self.banned.remove(&addr);
-                answer(self.join(addr, "added by an operator"));
-            }
-            (Change::Register(addr), None) if self.banned.contains(&addr) => {
+            (Change::Register(addr), None, _) if self.banned.contains(&addr) => {
                 answer(Err(format!(
                     "{addr} was taken out of the pool by an operator; it comes back with `client admin add {addr}`"
                 )));
             }
-            (Change::Register(addr), None) => answer(self.join(addr, "registered")),
-            (Change::Register(addr), Some(id)) => {
-                let draining = self.slots.get(&id).is_some_and(|s| s.draining.is_some());
+            (Change::Add(addr) | Change::Register(addr), None, Some(new)) => {
+                if matches!(change, Change::Add(_)) {
+                    self.banned.remove(&addr);
+                    self.board.set_banned(self.banned.iter().copied().collect());
+                }
+                let why = match change {
+                    Change::Add(_) => "added by an operator",
+                    _ => "registered",
+                };
+                log::info!(
+                    "server {addr} joined the pool ({why}) as server id {}",
+                    new.id.0
+                );
+                self.add_slot(new);
+                if let Some(tracker) = &self.tracker {
+                    tracker.note_server(
+                        &addr.to_string(),
+                        crate::balancer::tracking::PoolChange::Joined,
+                    );
+                }
+                answer(Ok(format!(
+                    "{addr} joined the pool; it takes work once a status check answers"
+                )));
+            }
+            // Its link could not be started (out of threads): it says why.
+            (Change::Add(addr) | Change::Register(addr), None, None) => {
+                answer(Err(format!("cannot add {addr} now; try again")));
+            }
+            (Change::Register(addr), Some(server), _) => {
+                let draining = self.slots[&server].draining.is_some();
                 answer(Ok(if draining {
                     format!("{addr} is draining")
                 } else {
                     format!("{addr} is in the pool")
                 }));
             }
-            (Change::Drain(addr) | Change::Remove(addr) | Change::Deregister(addr), None) => {
+            (Change::Drain(addr) | Change::Remove(addr) | Change::Deregister(addr), None, _) => {
                 if matches!(change, Change::Deregister(_)) {
                     // Leaving anyway: nothing to wait for.
                     answer(Ok(format!("{addr} is not in the pool")));
@@ -83,86 +105,57 @@ impl Dispatcher {
                     answer(Err(format!("{addr} is not in the pool")));
                 }
             }
-            (Change::Drain(addr), Some(server)) => {
-                self.banned.insert(addr);
-                let in_flight = self.slots.get(&server).map_or(0, |s| s.in_flight);
+            (Change::Drain(addr), Some(server), _) => {
+                self.ban(addr);
+                let in_flight = self.slots[&server].gate.in_flight();
                 answer(Ok(format!(
                     "{addr} is draining: {in_flight} requests in flight; it leaves when they are done"
                 )));
                 self.drain_slot(server, None, "drained by an operator");
             }
-            (Change::Deregister(_), Some(server)) => {
+            (Change::Deregister(_), Some(server), _) => {
                 // Answered once the server has nothing in flight.
                 self.drain_slot(server, Some((id, reply)), "deregistered");
             }
-            (Change::Remove(addr), Some(server)) => {
-                self.banned.insert(addr);
-                let in_flight = self.slots.get(&server).map_or(0, |s| s.in_flight);
+            (Change::Remove(addr), Some(server), _) => {
+                self.ban(addr);
+                let in_flight = self.slots[&server].gate.in_flight();
                 self.remove_slot(server, "removed by an operator");
                 answer(Ok(format!(
-                    "{addr} removed: {in_flight} requests in flight go to other servers"
+                    "{addr} removed: its {in_flight} requests in flight go to other servers once it has forgotten them"
                 )));
             }
         }
     }
 
-    fn find(&self, addr: SocketAddr) -> Option<ServerId> {
-        self.slots
-            .iter()
-            .find(|(_, s)| s.addr == addr)
-            .map(|(id, _)| *id)
+    /// An address that stays out until an operator adds it again, also
+    /// after a restart.
+    fn ban(&mut self, addr: std::net::SocketAddr) {
+        self.banned.insert(addr);
+        self.board.set_banned(self.banned.iter().copied().collect());
     }
 
-    fn join(&mut self, addr: SocketAddr, why: &str) -> Result<String, String> {
-        match self.add_slot(addr) {
-            Ok(id) => {
-                log::info!(
-                    "server {addr} joined the pool ({why}) as server id {}",
-                    id.0
-                );
-                if let Some(tracker) = &self.tracker {
-                    if let Err(e) = tracker.save_server(&addr.to_string()) {
-                        log::warn!("cannot remember server {addr} in the state file: {e}");
-                    }
-                }
-                Ok(format!(
-                    "{addr} joined the pool; it takes work once a status check answers"
-                ))
-            }
-            Err(e) => {
-                log::error!("server {addr} cannot join: {e}");
-                Err(format!("cannot add {addr}: {e}"))
-            }
-        }
-    }
-
-    /// A new slot with its link; up once a probe answers.
-    pub(super) fn add_slot(&mut self, addr: SocketAddr) -> std::io::Result<ServerId> {
-        let id = ServerId(self.next_server);
-        let name = addr.to_string();
-        self.stats.add(id, name.clone());
-        let link = match self.links.spawn(id, addr) {
-            Ok(link) => link,
-            Err(e) => {
-                self.stats.remove(id);
-                return Err(e);
-            }
+    /// A new slot behind the link started for it; up once a probe answers.
+    pub(super) fn add_slot(&mut self, new: NewLink) {
+        let NewLink { id, stats, link } = new;
+        let addr: std::net::SocketAddr = match stats.name.parse() {
+            Ok(a) => a,
+            Err(_) => return,
         };
-        self.next_server += 1;
-        let slot = Slot {
-            name,
-            addr,
-            health: Health::new(self.settings.rise, self.settings.fall),
-            draining: None,
-            load: None,
-            in_flight: 0,
-            link,
-            forget: BTreeSet::new(),
-            forget_in_flight: false,
-        };
-        self.slots.insert(id, slot);
+        self.stats.insert(id, stats.clone());
+        let gate = Arc::new(Gate::new(id, addr, stats, link));
+        self.slots.insert(
+            id,
+            Slot {
+                gate,
+                health: Health::new(self.settings.rise, self.settings.fall),
+                draining: None,
+                forget: BTreeSet::new(),
+                forget_in_flight: false,
+            },
+        );
         crate::net::lock(&self.roster).push((id, addr));
-        Ok(id)
+        self.changed = true;
     }
 
     fn drain_slot(&mut self, server: ServerId, waiter: Option<(u64, Sender<Reply>)>, why: &str) {
@@ -171,49 +164,91 @@ impl Dispatcher {
         };
         let waiters = slot.draining.get_or_insert_with(Vec::new);
         waiters.extend(waiter);
+        slot.gate.set_accepting(false);
+        slot.gate.set_watched(true);
+        slot.gate.stats.draining.store(true, Relaxed);
         log::info!(
             "server {} is draining ({why}): {} requests in flight",
-            slot.name,
-            slot.in_flight
+            slot.gate.name(),
+            slot.gate.in_flight()
         );
-        self.stats.server(server).draining.store(true, Relaxed);
-        self.reclaim_unsent(server);
-        if self.slots.get(&server).is_some_and(|s| s.in_flight == 0) {
-            self.remove_slot(server, why);
-        }
         self.update_outage();
+        self.finish_draining();
     }
 
-    /// Takes a server out: what its link had not sent goes back to the
-    /// queue, what is on the wire is cut off and comes back as retries.
-    pub(super) fn remove_slot(&mut self, server: ServerId, why: &str) {
-        self.reclaim_unsent(server);
-        let Some(slot) = self.slots.remove(&server) else {
-            return;
-        };
-        slot.link.abort();
-        self.former.insert(server, slot.name.clone());
-        crate::net::lock(&self.roster).retain(|(id, _)| *id != server);
-        self.stats.remove(server);
-        if !slot.forget.is_empty() {
-            log::warn!(
-                "server {} left with {} duplicate copies it was not told to set aside",
-                slot.name,
-                slot.forget.len()
-            );
-        }
-        log::info!("server {} left the pool ({why})", slot.name);
-        if let Some(tracker) = &self.tracker {
-            if let Err(e) = tracker.remove_server(&slot.addr.to_string()) {
-                log::warn!("cannot forget server {} in the state file: {e}", slot.name);
+    /// Drained servers with nothing in flight any more leave.
+    pub(super) fn finish_draining(&mut self) {
+        let done: Vec<ServerId> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.draining.is_some() && s.gate.in_flight() == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for server in done {
+            let Some(slot) = self.take_slot(server) else {
+                continue;
+            };
+            log::info!("server {} left the pool (drained)", slot.gate.name());
+            self.former.insert(server, slot.gate.name().to_string());
+            for (id, reply) in slot.draining.into_iter().flatten() {
+                let _ = reply.send(Reply::Membership {
+                    id,
+                    message: format!("{} left the pool", slot.gate.name()),
+                });
             }
         }
+    }
+
+    /// Takes a server out now: what is on the wire to it is cut off and
+    /// held until it has forgotten it.
+    fn remove_slot(&mut self, server: ServerId, why: &str) {
+        let Some(slot) = self.take_slot(server) else {
+            return;
+        };
+        log::info!("server {} left the pool ({why})", slot.gate.name());
         for (id, reply) in slot.draining.into_iter().flatten() {
             let _ = reply.send(Reply::Membership {
                 id,
-                message: format!("{} left the pool", slot.name),
+                message: format!("{} left the pool", slot.gate.name()),
             });
         }
+        slot.gate.link.close();
+        self.leaving.insert(
+            server,
+            Leaving {
+                gate: slot.gate,
+                held: Vec::new(),
+                asked: BTreeSet::new(),
+                unreachable: false,
+                release_at: None,
+            },
+        );
+    }
+
+    /// Takes a slot out of the pool: nothing new goes to it, the monitor
+    /// stops probing it, the state file forgets it.
+    fn take_slot(&mut self, server: ServerId) -> Option<Slot> {
+        let slot = self.slots.remove(&server)?;
+        slot.gate.set_accepting(false);
+        crate::net::lock(&self.roster).retain(|(id, _)| *id != server);
+        self.stats.remove(server);
+        self.changed = true;
+        if !slot.forget.is_empty() {
+            log::warn!(
+                "server {} left with {} duplicate copies it was not told to set aside",
+                slot.gate.name(),
+                slot.forget.len()
+            );
+        }
+        if let Some(tracker) = &self.tracker {
+            let change = if self.banned.contains(&slot.gate.addr) {
+                crate::balancer::tracking::PoolChange::Banned
+            } else {
+                crate::balancer::tracking::PoolChange::Left
+            };
+            tracker.note_server(&slot.gate.addr.to_string(), change);
+        }
         self.update_outage();
+        Some(slot)
     }
 }

@@ -1,0 +1,149 @@
+//! Documents and computations: each becomes a job for a server. While a
+//! server can take it and nothing waits before it, the connection's own
+//! thread picks the server on the board and sends it there; the jobs of
+//! one read (a client that pipelines) go together, one write per server
+//! connection. Otherwise it waits in the dispatcher's queue.
+
+use super::{Flow, Held, Io};
+use crate::balancer::board::Gate;
+use crate::balancer::context::Conn;
+use crate::balancer::event::Event;
+use crate::balancer::flow::Hold;
+use crate::balancer::limits::Limit;
+use crate::balancer::session::Session;
+use crate::balancer::work::{Job, Work};
+use crate::proto::{self, ErrorCode, Operation, Reply, StoreRequest};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Jobs picked for servers on this thread and not yet sent: a client's
+/// whole read goes to each server in one write.
+#[derive(Default)]
+pub struct Outbox {
+    jobs: Vec<(Arc<Gate>, Job)>,
+}
+
+impl Outbox {
+    fn push(&mut self, gate: Arc<Gate>, job: Job) {
+        self.jobs.push((gate, job));
+    }
+
+    /// Sends what was picked, each server's jobs together.
+    pub fn flush(&mut self) {
+        let mut groups: Vec<(Arc<Gate>, Vec<Job>)> = Vec::new();
+        for (gate, job) in self.jobs.drain(..) {
+            match groups.iter_mut().find(|(g, _)| g.id == gate.id) {
+                Some((_, jobs)) => jobs.push(job),
+                None => groups.push((gate, vec![job])),
+            }
+        }
+        for (gate, jobs) in groups {
+            gate.link.send(jobs);
+        }
+    }
+}
+
+pub fn store(
+    conn: &Conn,
+    session: &Session,
+    store: StoreRequest,
+    raw_fields: Option<Vec<u8>>,
+    held: Held,
+    io: &mut Io<'_>,
+) -> Flow {
+    let peer = conn.peer;
+    let size = store.doc.content.len();
+    if let Some(max) = conn.settings.max_document_size.filter(|&max| size > max) {
+        conn.stats.limits.hit(Limit::DocumentTooLarge, || {
+            format!("connection from {peer} sent a document of {size} bytes (--max-document-size {max})")
+        });
+        let _ = io.replies.send(Reply::error(
+            Some(store.id),
+            ErrorCode::TooLarge,
+            format!(
+                "the document has {size} bytes of content, more than this balancer takes (--max-document-size {max})"
+            ),
+        ));
+        return Flow::Continue;
+    }
+    log::debug!(
+        "document received from {peer}: \"{}\" (id {}, {size} bytes)",
+        proto::truncate(&store.doc.title, 80),
+        store.id,
+    );
+    let work = Work::store_fields(&store.doc, raw_fields);
+    submit(conn, session, store.id, work, held, io)
+}
+
+pub fn calc(
+    conn: &Conn,
+    session: &Session,
+    id: u64,
+    operation: Operation,
+    held: Held,
+    io: &mut Io<'_>,
+) -> Flow {
+    log::debug!(
+        "calc request received from {}: {operation} (id {id})",
+        conn.peer
+    );
+    submit(conn, session, id, Work::Calc(operation), held, io)
+}
+
+/// Sends the job to a server that can take it now, or queues it.
+fn submit(
+    conn: &Conn,
+    session: &Session,
+    id: u64,
+    work: Work,
+    held: Held,
+    io: &mut Io<'_>,
+) -> Flow {
+    let hold = Hold {
+        permit: Some(held.permit),
+        bytes: Some(held.bytes),
+        busy: Some(conn.mark.busy()),
+    };
+    let mut job = Job::new(id, work, conn.peer, io.replies.clone(), hold);
+    job.user = session.user_name();
+    job.out = Some(io.out.clone());
+    dispatch(conn, job, |gate, job| io.outbox.push(gate, job))
+}
+
+/// A document of the original format: no reply goes anywhere (the
+/// original client reads none); what happens is logged.
+pub fn legacy_document(conn: &Conn, id: u64, doc: &proto::Document, hold: Hold) -> Flow {
+    let (discard, _) = crossbeam_channel::bounded(0);
+    let job = Job::new(id, Work::store(doc), conn.peer, discard, hold);
+    dispatch(conn, job, |gate, job| gate.link.send(vec![job]))
+}
+
+/// Gives the job to `send` with a server that can take it now, or to the
+/// dispatcher's queue. `Close` when the balancer is shutting down.
+fn dispatch(conn: &Conn, mut job: Job, send: impl FnOnce(Arc<Gate>, Job)) -> Flow {
+    conn.stats.received.fetch_add(1, Relaxed);
+    if let Some(gate) = conn.board.take_now(&job.tried) {
+        for (at, event) in job.bind(gate.id, gate.name(), &conn.numbers) {
+            if let Some(t) = &conn.tracker {
+                t.record_at(at, event);
+            }
+        }
+        gate.stats.requests.fetch_add(1, Relaxed);
+        send(gate, job);
+        return Flow::Continue;
+    }
+    // Counted before it goes, so that no other thread overtakes it.
+    conn.board.enqueued();
+    if let Err(e) = conn.events.send(Event::Submit(Box::new(job))) {
+        conn.board.dequeued(1);
+        if let Event::Submit(job) = e.into_inner() {
+            job.fail(
+                ErrorCode::ShuttingDown,
+                "the balancer is shutting down; the request was not stored".into(),
+                &conn.stats,
+            );
+        }
+        return Flow::Close;
+    }
+    Flow::Continue
+}
