@@ -514,14 +514,12 @@ fn documents_keep_flowing_while_a_large_upload_is_open() {
 }
 
 #[test]
+#[cfg_attr(lbft_not_root, ignore = "needs root: mounts a small tmpfs")]
 fn a_disk_that_fills_up_mid_file_is_a_clear_error_and_the_server_keeps_storing() {
     let dir = tempfile::tempdir().unwrap();
     let disk = match SmallDisk::mount(dir.path().join("disk"), "4m") {
         Ok(d) => d,
-        Err(why) => {
-            eprintln!("skipped: cannot mount a small tmpfs to fill up ({why}); needs root");
-            return;
-        }
+        Err(why) => panic!("cannot mount a small tmpfs to fill up, as root: {why}"),
     };
     // Declared after the disk, so the server stops before it is unmounted.
     let server = start_server(&disk.path.join("s"), &["--no-cluster-key"]);

@@ -1,6 +1,10 @@
 //! Test helpers: start the real binaries on port 0, wait for their
 //! "listening on ADDR" line, talk the protocol with raw frames, and clean
 //! up every child process on drop.
+//!
+//! A child's log (its standard error) goes to a file of its own, not to the
+//! test's output: a passing test prints nothing, and a failing one prints
+//! the end of each of its children's logs as it unwinds.
 #![allow(dead_code)]
 
 use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
@@ -16,6 +20,8 @@ use std::time::Duration;
 
 /// How long a child may take to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lines of a child's log shown when its test fails.
+const LOG_TAIL: usize = 40;
 /// Read timeout for replies in tests.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -26,6 +32,8 @@ pub struct Proc {
     /// Lines printed before the readiness line (embedded servers...).
     pub banner: Vec<String>,
     pub stdout: mpsc::Receiver<String>,
+    /// Its standard error: every log line it printed.
+    pub log: ChildLog,
 }
 
 impl Proc {
@@ -39,6 +47,63 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
+        // Dropped while a failed assertion unwinds: show what it logged.
+        if thread::panicking() {
+            self.log.print_tail();
+        }
+    }
+}
+
+/// A child's standard error, kept in a temporary file of its own.
+pub struct ChildLog {
+    name: String,
+    file: tempfile::NamedTempFile,
+}
+
+impl ChildLog {
+    /// A new log for a child called `name` (the program's file name).
+    pub fn new(bin: &str) -> ChildLog {
+        let name = Path::new(bin)
+            .file_name()
+            .map_or_else(|| bin.to_string(), |n| n.to_string_lossy().into_owned());
+        let file = tempfile::Builder::new()
+            .prefix(&format!("lbft-test-{name}-"))
+            .suffix(".log")
+            .tempfile()
+            .expect("a temporary file for a child's log");
+        ChildLog { name, file }
+    }
+
+    /// Where the child writes: hand it as its standard error.
+    pub fn stdio(&self) -> Stdio {
+        Stdio::from(self.file.reopen().expect("the child's log reopens"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(self.file.path()).unwrap_or_default()
+    }
+
+    /// The last lines, for a test that failed.
+    pub fn tail(&self, lines: usize) -> String {
+        let text = self.text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn print_tail(&self) {
+        let tail = self.tail(LOG_TAIL);
+        if !tail.is_empty() {
+            eprintln!(
+                "--- last {LOG_TAIL} lines logged by {} ({}) ---\n{tail}\n---",
+                self.name,
+                self.file.path().display()
+            );
+        }
     }
 }
 
@@ -58,13 +123,14 @@ fn forward_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
 /// Spawns `bin` with `args` in `cwd` and waits for its "listening on ADDR"
 /// line.
 pub fn start(bin: &str, args: &[String], cwd: &Path) -> Proc {
+    let log = ChildLog::new(bin);
     let mut child = Command::new(bin)
         .args(args)
         .current_dir(cwd)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log.stdio())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
     let stdout = forward_lines(child.stdout.take().expect("piped stdout"));
@@ -79,6 +145,7 @@ pub fn start(bin: &str, args: &[String], cwd: &Path) -> Proc {
                         addr,
                         banner,
                         stdout,
+                        log,
                     };
                 }
                 banner.push(line);
@@ -87,7 +154,9 @@ pub fn start(bin: &str, args: &[String], cwd: &Path) -> Proc {
                 let _ = child.kill();
                 let status = child.wait();
                 panic!(
-                    "{bin} never said it was listening ({e}); exit: {status:?}; output: {banner:?}"
+                    "{bin} never said it was listening ({e}); exit: {status:?}; output: {banner:?}; \
+                     its log ends:\n{}",
+                    log.tail(LOG_TAIL)
                 );
             }
         }
