@@ -349,7 +349,7 @@ fn serve_connection(stream: net::Stream, peer: SocketAddr, mark: &net::Mark, sha
         Ok(Wire::Legacy) => serve_legacy(read_half, stream, peer, first_by, mark, shared),
         Ok(Wire::Framed) => serve_framed(read_half, stream, peer, first_by, mark, shared),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => request_too_slow(peer, shared),
-        Err(e) => log::info!("server {addr}: connection from {peer} sent nothing: {e}"),
+        Err(e) => log::debug!("server {addr}: connection from {peer} sent nothing: {e}"),
     }
 }
 

@@ -170,7 +170,7 @@ impl Conn {
                     break;
                 }
                 Err(LegacyError::Timeout { mid_object: false }) => {
-                    log::info!(
+                    log::debug!(
                         "original-format connection from {peer}: idle for {:?}, closing",
                         settings.legacy_idle_timeout
                     );

@@ -385,7 +385,7 @@ impl Dispatcher {
             return;
         }
         if self.waiting.is_empty() {
-            log::info!(
+            log::debug!(
                 "{}: no server can take it now (down, overloaded or at --max-in-flight); queueing",
                 job.label()
             );

@@ -231,7 +231,7 @@ fn read_failed(conn: &Conn, e: FrameError, first: Option<Instant>, replies: &Sen
         _ => {}
     }
     match e {
-        FrameError::Timeout { mid_frame: false } => log::info!(
+        FrameError::Timeout { mid_frame: false } => log::debug!(
             "connection from {peer}: idle for {:?}, closing",
             conn.settings.idle_timeout
         ),

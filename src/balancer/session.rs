@@ -224,7 +224,7 @@ impl Session {
                 return Verdict::Close(answer.reply);
             }
             if self.gate.proven() {
-                log::info!("connection from {}: proved the cluster key", self.peer);
+                log::debug!("connection from {}: proved the cluster key", self.peer);
             }
             return Verdict::Answer(answer.reply);
         }
