@@ -501,7 +501,7 @@ impl<W: Write> Observer<String> for &mut Batch<'_, W> {
             self.refused += 1;
         }
         let (line, verdict) = report::describe(id - 1, self.count, title.as_deref(), &fate);
-        self.printer.line(&line, verdict, made);
+        self.printer.line(&line, verdict);
     }
 
     fn quiet(&mut self) {
@@ -510,9 +510,9 @@ impl<W: Write> Observer<String> for &mut Batch<'_, W> {
 }
 
 impl<W: Write> Observer<()> for &mut Batch<'_, W> {
-    fn report(&mut self, id: u64, made: Option<()>, fate: Fate) {
+    fn report(&mut self, id: u64, _made: Option<()>, fate: Fate) {
         let (line, verdict) = report::describe_calc(id - 1, self.count, &fate);
-        self.printer.line(&line, verdict, made.is_some());
+        self.printer.line(&line, verdict);
     }
 
     fn quiet(&mut self) {
@@ -583,12 +583,11 @@ impl<'a, W: Write> Printer<'a, W> {
         }
     }
 
-    /// Records one request; `made` is false for a request the connection
-    /// ended before it was made (a long batch counts those in the summary
-    /// instead of listing them).
-    fn line(&mut self, line: &str, verdict: Verdict<'_>, made: bool) {
+    /// Records one request. A long batch lists every request that was not
+    /// done (failed, unknown, not sent), and only counts those done.
+    fn line(&mut self, line: &str, verdict: Verdict<'_>) {
         self.tally.add(verdict);
-        let listed = made && !matches!(verdict, Verdict::Done(_));
+        let listed = !matches!(verdict, Verdict::Done(_));
         match &mut self.display {
             Display::Lines => self.write(line),
             Display::Bar(bar) => {
@@ -674,19 +673,28 @@ const HELP: &str = "commands:
   FTP [N]    send N documents picked at random from the documents folder
   CALC [N]   send N compute requests with random operations
   help       show this help
-  exit       quit (end of input quits too)
-commands are case-insensitive; without N you are asked for it";
+  exit       quit (end of input, Ctrl-D, quits too)
+commands are case-insensitive; without N you are asked for it, and there an
+empty line goes back, and exit or another command is taken as typed";
+
+/// The words the prompt takes as commands.
+const COMMANDS: [&str; 6] = ["ftp", "calc", "help", "?", "exit", "quit"];
 
 /// What the user answered when asked for a count.
+#[derive(Debug, PartialEq)]
 enum CountAnswer {
     Count(u64),
     /// An empty line: back to the prompt.
     Cancel,
+    /// A command instead of a count (`exit`, `ftp 3`...): to be run as if
+    /// typed at the prompt.
+    Command(String),
     EndOfInput,
 }
 
-/// Asks for a count until a valid one is typed; `given` is what was typed
-/// after the command, if anything.
+/// Asks for a count until one is typed, or something else that answers:
+/// an empty line, another command, the end of input. `given` is what was
+/// typed after the command, if anything.
 fn ask_count(
     input: &mut impl BufRead,
     out: &mut impl Write,
@@ -704,9 +712,16 @@ fn ask_count(
         if answer.is_empty() {
             return Ok(CountAnswer::Cancel);
         }
+        let first = answer.split_whitespace().next().unwrap_or("");
+        if COMMANDS.contains(&first.to_ascii_lowercase().as_str()) {
+            return Ok(CountAnswer::Command(answer));
+        }
         match crate::cli::parse_count(&answer) {
             Ok(n) => return Ok(CountAnswer::Count(n)),
-            Err(e) => writeln!(out, "{e} (an empty line goes back to the prompt)")?,
+            Err(e) => writeln!(
+                out,
+                "{e} (an empty line goes back to the prompt; exit quits)"
+            )?,
         }
     }
 }
@@ -728,7 +743,16 @@ pub fn interactive(
     }
     writeln!(out, "{HELP}")?;
     let mut all_ok = true;
-    while let Some(line) = prompt(input, out, "command> ")? {
+    // A command typed where a count was asked for runs next.
+    let mut typed: Option<String> = None;
+    loop {
+        let line = match typed.take() {
+            Some(line) => line,
+            None => match prompt(input, out, "command> ")? {
+                Some(line) => line,
+                None => break,
+            },
+        };
         let line = line.to_ascii_lowercase();
         let mut words = line.split_whitespace();
         let command = words.next().unwrap_or("");
@@ -750,6 +774,10 @@ pub fn interactive(
                 let n = match ask_count(input, out, question, given)? {
                     CountAnswer::Count(n) => n,
                     CountAnswer::Cancel => continue,
+                    CountAnswer::Command(line) => {
+                        typed = Some(line);
+                        continue;
+                    }
                     CountAnswer::EndOfInput => break,
                 };
                 let result = if command == "ftp" {
@@ -760,6 +788,9 @@ pub fn interactive(
                 match result {
                     Ok(ok) => all_ok &= ok,
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
+                    Err(Error::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                        return Err(Error::Io(e))
+                    }
                     Err(e) => {
                         all_ok = false;
                         writeln!(out, "error: {e}")?;
@@ -878,5 +909,56 @@ mod tests {
         assert!(text.contains("a count must be at least 1"), "{text}");
         assert_eq!(text.matches("how many documents? ").count(), 4, "{text}");
         assert!(text.trim_end().ends_with("bye"));
+    }
+
+    /// What the prompt printed for `input`, with a documents folder.
+    fn prompt_output(input: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.json"),
+            r#"{"titolo":"t","contenuto":"c"}"#,
+        )
+        .unwrap();
+        let config = Config {
+            documents: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let mut out = Vec::new();
+        interactive(&config, &mut &input[..], &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_question_for_a_count_always_lets_the_user_out() {
+        // `exit` quits.
+        let text = prompt_output(b"FTP abc\nexit\nftp 1\n");
+        assert_eq!(text.matches("how many documents? ").count(), 1, "{text}");
+        assert!(text.trim_end().ends_with("bye"), "{text}");
+        assert!(!text.contains("sending"), "{text}");
+        // The end of input (Ctrl-D) quits.
+        let text = prompt_output(b"FTP abc\n");
+        assert!(text.trim_end().ends_with("bye"), "{text}");
+        // Another command is taken as typed: `ftp 0` says why not and
+        // asks for its own count; `help` answers and goes back.
+        let text = prompt_output(b"FTP abc\nftp 0\nquit\n");
+        assert!(text.contains("a count must be at least 1"), "{text}");
+        assert_eq!(text.matches("how many documents? ").count(), 2, "{text}");
+        let text = prompt_output(b"calc x\nHELP\nexit\n");
+        assert_eq!(text.matches("how many requests? ").count(), 1, "{text}");
+        assert_eq!(text.matches("commands:").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn count_answers() {
+        let ask = |typed: &str| {
+            let mut out = Vec::new();
+            ask_count(&mut typed.as_bytes(), &mut out, "n? ", None).unwrap()
+        };
+        assert_eq!(ask("3\n"), CountAnswer::Count(3));
+        assert_eq!(ask("\n"), CountAnswer::Cancel);
+        assert_eq!(ask(""), CountAnswer::EndOfInput);
+        assert_eq!(ask("x\nExit\n"), CountAnswer::Command("Exit".into()));
+        assert_eq!(ask("CALC 2\n"), CountAnswer::Command("CALC 2".into()));
+        assert_eq!(ask("0\n\n"), CountAnswer::Cancel);
     }
 }

@@ -27,6 +27,10 @@ pub use connection::{CallError, Connection};
 pub use frame::*;
 pub use message::*;
 
+/// The most transfers one `transfers` request is answered with, whatever
+/// its `limit` (PROTOCOL.md).
+pub const MAX_TRANSFERS_LIMIT: u32 = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

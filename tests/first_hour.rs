@@ -266,7 +266,7 @@ fn documents_given_by_the_user_are_checked_and_the_good_ones_sent() {
     let big = line("[4/4]");
     assert!(big.contains("too large") && big.contains("1.0K"), "{big}");
     assert!(
-        stdout.contains("4 documents: 2 stored, 2 failed"),
+        stdout.contains("4 documents: 2 stored, 0 failed, 2 not sent"),
         "{stdout}"
     );
     assert!(

@@ -49,7 +49,7 @@ pub const SCHEMA_VERSION: i64 = 3;
 /// Records one query returns when it asks for no limit.
 pub const DEFAULT_LIMIT: u32 = 100;
 /// Records one query returns at most, so that the reply fits in a frame.
-pub const MAX_LIMIT: u32 = 10_000;
+pub const MAX_LIMIT: u32 = crate::proto::MAX_TRANSFERS_LIMIT;
 /// How long a query or a membership change waits for the writer.
 const WRITER_WAIT: Duration = Duration::from_secs(5);
 /// How long SQLite retries when another process (a second balancer on the

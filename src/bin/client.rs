@@ -154,8 +154,8 @@ enum Command {
         /// Only transfers received within this long (e.g. 10m).
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
-        /// At most this many (default 100).
-        #[arg(long, value_name = "N")]
+        /// At most this many (default 100, at most 10000).
+        #[arg(long, value_name = "N", value_parser = parse_limit)]
         limit: Option<u32>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
@@ -174,6 +174,17 @@ enum Admin {
     Drain { addr: String },
     /// Take the server out now; its requests in flight go to other servers.
     Remove { addr: String },
+}
+
+fn parse_limit(s: &str) -> Result<u32, String> {
+    let max = lbft::proto::MAX_TRANSFERS_LIMIT;
+    match s.parse::<u64>() {
+        Ok(n) if (1..=u64::from(max)).contains(&n) => Ok(n as u32),
+        Ok(n) if n > u64::from(max) => Err(format!(
+            "{n} is more than the balancer shows at once: at most {max}"
+        )),
+        _ => Err(format!("`{s}` is not a whole number from 1 to {max}")),
+    }
 }
 
 fn parse_window(s: &str) -> Result<usize, String> {
@@ -310,6 +321,9 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(client::Error::Interrupted) => ExitCode::from(130),
+        // The reader went away (`client transfers | head`): nothing more
+        // is wanted, and nothing went wrong.
+        Err(client::Error::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("client: {e}");
             ExitCode::FAILURE

@@ -9,6 +9,12 @@ use std::collections::BTreeMap;
 /// Shown for a request the balancer announced it would not read.
 pub const SHUTTING_DOWN: &str = "not sent: the balancer is shutting down";
 
+/// The tag of each line: what became of the request, at a glance.
+const DONE_TAG: &str = "  ok    ";
+const FAILED_TAG: &str = "  FAIL  ";
+const UNKNOWN_TAG: &str = "  ??    ";
+const NOT_SENT_TAG: &str = "  --    ";
+
 /// Shown for a stored document whose fate the connection took with it.
 pub const UNKNOWN_STORE: &str =
     "unknown: the connection closed before an answer; it may have been stored";
@@ -22,7 +28,11 @@ pub enum Verdict<'a> {
     /// Done by the named server.
     Done(&'a str),
     Failed,
+    /// It may or may not have been carried out.
     Unknown,
+    /// It never reached the balancer, or the balancer said it did not read
+    /// it: certainly not carried out.
+    NotSent,
 }
 
 /// Running counts for the summary line.
@@ -31,6 +41,7 @@ pub struct Tally {
     done: usize,
     failed: usize,
     unknown: usize,
+    not_sent: usize,
     /// Requests done per server; a handful of servers, whatever the count.
     per_server: BTreeMap<String, usize>,
 }
@@ -49,25 +60,27 @@ impl Tally {
             }
             Verdict::Failed => self.failed += 1,
             Verdict::Unknown => self.unknown += 1,
+            Verdict::NotSent => self.not_sent += 1,
         }
     }
 
     pub fn total(&self) -> usize {
-        self.done + self.failed + self.unknown
+        self.done + self.failed + self.unknown + self.not_sent
     }
 
     /// True when every request was done.
     pub fn all_done(&self) -> bool {
-        self.failed == 0 && self.unknown == 0
+        self.failed == 0 && self.unknown == 0 && self.not_sent == 0
     }
 
     pub fn failed(&self) -> usize {
         self.failed
     }
 
-    /// `"{n} {noun}s: {done} {verb}, {failed} failed[, {unknown} unknown]
-    /// (per server: a: x, b: y)"`; `noun` is singular; the unknown count and
-    /// the per-server part only when there is something to show.
+    /// `"{n} {noun}s: {done} {verb}, {failed} failed[, {unknown}
+    /// unknown][, {not_sent} not sent] (per server: a: x, b: y)"`; `noun`
+    /// is singular; the unknown and not-sent counts and the per-server
+    /// part only when there is something to show.
     pub fn summary(&self, noun: &str, verb: &str) -> String {
         let head = counted(self.total() as u64, noun);
         self.summary_after(&head, verb, "")
@@ -97,6 +110,9 @@ impl Tally {
         let mut text = format!("{head}: {} {verb}, {} failed", self.done, self.failed);
         if self.unknown > 0 {
             text.push_str(&format!(", {} unknown", self.unknown));
+        }
+        if self.not_sent > 0 {
+            text.push_str(&format!(", {} not sent", self.not_sent));
         }
         text.push_str(rest);
         if !self.per_server.is_empty() {
@@ -155,14 +171,20 @@ pub fn describe<'a>(
     let at = position(index, total);
     let fail = |text: String| {
         (
-            format!("  FAIL  {at} {}{text}", quoted(title)),
+            format!("{FAILED_TAG}{at} {}{text}", quoted(title)),
             Verdict::Failed,
+        )
+    };
+    let not_sent = |text: &str| {
+        (
+            format!("{NOT_SENT_TAG}{at} {}{text}", quoted(title)),
+            Verdict::NotSent,
         )
     };
     match fate {
         Fate::Answered(Ok(Reply::Stored(s))) => (
             format!(
-                "  ok    {at} \"{}\" -> server {}, request #{}, stored as {}, {} letters A",
+                "{DONE_TAG}{at} \"{}\" -> server {}, request #{}, stored as {}, {} letters A",
                 proto::truncate(title.unwrap_or_default(), 60),
                 s.server,
                 s.request_number,
@@ -174,14 +196,19 @@ pub fn describe<'a>(
         Fate::Answered(Ok(other)) => fail(format!("unexpected reply {other:?}")),
         // The balancer gave up, but a server may hold it: not a failure.
         Fate::Answered(Err(e)) if e.code == ErrorCode::MaybeStored => (
-            format!("  ??    {at} {}{}: {}", quoted(title), e.code, e.message),
+            format!(
+                "{UNKNOWN_TAG}{at} {}{}: {}",
+                quoted(title),
+                e.code,
+                e.message
+            ),
             Verdict::Unknown,
         ),
         Fate::Answered(Err(e)) => fail(format!("{}: {}", e.code, e.message)),
-        Fate::NotSent(why) => fail(format!("not sent: {why}")),
-        Fate::ShuttingDown => fail(format!("{}: {SHUTTING_DOWN}", ErrorCode::ShuttingDown)),
+        Fate::NotSent(why) => not_sent(&format!("not sent: {why}")),
+        Fate::ShuttingDown => not_sent(SHUTTING_DOWN),
         Fate::Unknown => (
-            format!("  ??    {at} {}{UNKNOWN_STORE}", quoted(title)),
+            format!("{UNKNOWN_TAG}{at} {}{UNKNOWN_STORE}", quoted(title)),
             Verdict::Unknown,
         ),
     }
@@ -190,11 +217,12 @@ pub fn describe<'a>(
 /// One line per computation, and how it counts.
 pub fn describe_calc(index: u64, total: u64, fate: &Fate) -> (String, Verdict<'_>) {
     let at = position(index, total);
-    let fail = |text: String| (format!("  FAIL  {at} {text}"), Verdict::Failed);
+    let fail = |text: String| (format!("{FAILED_TAG}{at} {text}"), Verdict::Failed);
+    let not_sent = |text: &str| (format!("{NOT_SENT_TAG}{at} {text}"), Verdict::NotSent);
     match fate {
         Fate::Answered(Ok(Reply::Calc(c))) => (
             format!(
-                "  ok    {at} {} {} {} = {} ({}) computed by server {}",
+                "{DONE_TAG}{at} {} {} {} = {} ({}) computed by server {}",
                 c.a,
                 c.operation.symbol(),
                 c.b,
@@ -205,10 +233,18 @@ pub fn describe_calc(index: u64, total: u64, fate: &Fate) -> (String, Verdict<'_
             Verdict::Done(&c.server),
         ),
         Fate::Answered(Ok(other)) => fail(format!("unexpected reply {other:?}")),
+        // The balancer gave up on a server that had it: it may have run.
+        Fate::Answered(Err(e)) if e.code == ErrorCode::MaybeStored => (
+            format!("{UNKNOWN_TAG}{at} {}: {}", e.code, e.message),
+            Verdict::Unknown,
+        ),
         Fate::Answered(Err(e)) => fail(format!("{}: {}", e.code, e.message)),
-        Fate::NotSent(why) => fail(format!("not sent: {why}")),
-        Fate::ShuttingDown => fail(format!("{}: {SHUTTING_DOWN}", ErrorCode::ShuttingDown)),
-        Fate::Unknown => (format!("  ??    {at} {UNKNOWN_CALC}"), Verdict::Unknown),
+        Fate::NotSent(why) => not_sent(&format!("not sent: {why}")),
+        Fate::ShuttingDown => not_sent(SHUTTING_DOWN),
+        Fate::Unknown => (
+            format!("{UNKNOWN_TAG}{at} {UNKNOWN_CALC}"),
+            Verdict::Unknown,
+        ),
     }
 }
 
@@ -261,14 +297,27 @@ mod tests {
         ]);
         assert_eq!(
             t.summary("document", "stored"),
-            "4 documents: 1 stored, 1 failed, 2 unknown (per server: s1: 1)"
+            "4 documents: 1 stored, 0 failed, 2 unknown, 1 not sent (per server: s1: 1)"
         );
         assert!(!t.all_done());
         let t = tally(&[Fate::NotSent("gone".into())]);
         assert_eq!(
             t.summary("document", "stored"),
-            "1 document: 0 stored, 1 failed"
+            "1 document: 0 stored, 0 failed, 1 not sent"
         );
+        assert!(!t.all_done());
+        let maybe = Fate::Answered(Err(ErrorReply {
+            id: Some(1),
+            code: ErrorCode::MaybeStored,
+            message: "it may have been stored on s1".into(),
+        }));
+        let t = tally(&[maybe.clone()]);
+        assert_eq!(
+            t.summary("document", "stored"),
+            "1 document: 0 stored, 0 failed, 1 unknown"
+        );
+        let (line, verdict) = describe_calc(0, 1, &maybe);
+        assert_eq!(verdict, Verdict::Unknown, "{line}");
         let t = tally(&[stored("s1", 1)]);
         assert!(t.all_done());
         assert!(Tally::default().all_done());
@@ -286,9 +335,9 @@ mod tests {
         let (line, verdict) = describe(11, 12, Some("x"), &Fate::ShuttingDown);
         assert_eq!(
             line,
-            "  FAIL  [12/12] \"x\": shutting_down: not sent: the balancer is shutting down"
+            "  --    [12/12] \"x\": not sent: the balancer is shutting down"
         );
-        assert_eq!(verdict, Verdict::Failed);
+        assert_eq!(verdict, Verdict::NotSent);
         let (line, verdict) = describe(2, 12, Some("x"), &Fate::Unknown);
         assert_eq!(
             line,
@@ -304,7 +353,7 @@ mod tests {
         );
         assert_eq!(
             line,
-            "  FAIL  [ 4/12] not sent: the balancer closed the connection"
+            "  --    [ 4/12] not sent: the balancer closed the connection"
         );
     }
 
@@ -322,7 +371,7 @@ mod tests {
         let t = tally(&[stored("s1", 1), Fate::NotSent("too large".into())]);
         assert_eq!(
             t.summary_interrupted(10, "document", "stored", 3, 5),
-            "interrupted after 2 of 10 documents: 1 stored, 1 failed, \
+            "interrupted after 2 of 10 documents: 1 stored, 0 failed, 1 not sent, \
              3 in flight (may still be stored), 5 never sent (per server: s1: 1)"
         );
     }
@@ -332,9 +381,9 @@ mod tests {
         let (line, verdict) = describe_calc(0, 3, &Fate::ShuttingDown);
         assert_eq!(
             line,
-            "  FAIL  [1/3] shutting_down: not sent: the balancer is shutting down"
+            "  --    [1/3] not sent: the balancer is shutting down"
         );
-        assert_eq!(verdict, Verdict::Failed);
+        assert_eq!(verdict, Verdict::NotSent);
         let (line, verdict) = describe_calc(1, 3, &Fate::Unknown);
         assert_eq!(
             line,
