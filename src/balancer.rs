@@ -95,6 +95,10 @@ impl Backend {
 pub struct Config {
     pub listen: SocketAddr,
     pub servers: Vec<Backend>,
+    /// Whether `servers` join the pool the state file remembers. Servers
+    /// started inside this process (`--local-servers`) do not: they end
+    /// with it, and on free ports the next run's are others.
+    pub remember_servers: bool,
     pub backend_wire: BackendWire,
     pub check_interval: Duration,
     pub probe_timeout: Duration,
@@ -168,6 +172,7 @@ impl Default for Config {
             servers: (5001..=5003)
                 .map(|p| Backend::new(SocketAddr::from(([127, 0, 0, 1], p))))
                 .collect(),
+            remember_servers: true,
             backend_wire: BackendWire::Framed,
             check_interval: Duration::from_millis(500),
             probe_timeout: Duration::from_secs(1),
@@ -462,7 +467,8 @@ impl Balancer {
 /// remembers from the last run (servers that joined since, and not left);
 /// and those that stay out, configured or not, because an operator drained
 /// or removed them (until one adds them again). The configured ones are
-/// remembered from now on too.
+/// remembered from now on too, unless they are this process's own
+/// (`remember_servers`).
 fn pool_at_start(
     config: &Config,
     tracker: Option<&tracking::Tracker>,
@@ -509,7 +515,8 @@ fn pool_at_start(
     if remembered > 0 {
         log::info!("{remembered} servers remembered from the last run");
     }
-    for addr in &addrs {
+    let configured = configured.iter().filter(|_| config.remember_servers);
+    for addr in configured.filter(|a| !banned.contains(a)) {
         tracker.note_server(&addr.to_string(), tracking::PoolChange::Joined);
     }
     (addrs, banned)

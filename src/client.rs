@@ -87,7 +87,10 @@ pub enum Error {
     BadDocument(PathBuf, String),
     /// A file could not be sent or fetched, and why.
     File(PathBuf, String),
+    /// No balancer answers at the address.
     Connect(SocketAddr, io::Error),
+    /// No server answers at the address (`list --server`, `get --server`).
+    ConnectServer(SocketAddr, io::Error),
     /// The user interrupted a batch; its summary has been printed.
     Interrupted,
     Io(io::Error),
@@ -136,6 +139,7 @@ impl fmt::Display for Error {
                  (or `balancer --local-servers 3` after `cargo install --path .`), \
                  or give the address of yours with --balancer HOST:PORT"
             ),
+            Error::ConnectServer(addr, e) => write!(f, "no server answers at {addr} ({e})"),
             Error::Interrupted => f.write_str("interrupted"),
             Error::Io(e) => e.fmt(f),
         }
@@ -338,9 +342,14 @@ pub fn send_paths(
         all_ok &= send_files(config, documents, out)?;
     }
     for path in files {
-        if let Err(e) = files::upload(config, &path, out) {
-            writeln!(out, "not stored: {e}")?;
-            all_ok = false;
+        match files::upload(config, &path, out) {
+            Ok(_) => {}
+            // No balancer: said once, as every command says it.
+            Err(e @ Error::Connect(..)) => return Err(e),
+            Err(e) => {
+                writeln!(out, "not stored: {e}")?;
+                all_ok = false;
+            }
         }
     }
     Ok(all_ok)

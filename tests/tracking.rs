@@ -180,7 +180,7 @@ fn tracking_off_is_said_plainly_and_servers_refuse_transfers() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("transfer tracking is off (start the balancer with --state)"),
+        stderr.contains("transfer tracking is off: this balancer runs with --no-state"),
         "{stderr}"
     );
     assert!(!cluster.dir.path().join("balancer.db").exists());

@@ -382,6 +382,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     let balancer = Balancer::bind(Config {
         listen: args.listen,
         servers,
+        remember_servers: args.local_servers.is_none(),
         backend_wire: match args.backend_wire {
             Wire::Framed => BackendWire::Framed,
             Wire::Legacy => BackendWire::Legacy,

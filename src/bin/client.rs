@@ -133,9 +133,10 @@ enum Command {
         /// Stop after this many samples (default: once, or forever with --watch).
         #[arg(long)]
         count: Option<u64>,
-        /// Append every sample to this file, one JSON object per line.
-        #[arg(long, default_value = "historico.json")]
-        history: PathBuf,
+        /// Append every sample to this file, one JSON object per line
+        /// (created if missing). Without it nothing is written.
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
     },
     /// The balancer's pool of servers: list, add, drain, remove.
     Admin {

@@ -34,6 +34,28 @@ enum Stop {
     Retry { server: Option<String>, why: String },
     /// Another attempt would fail the same way.
     Fatal(String),
+    /// Nothing answers at the address: said as every command says it when
+    /// nothing was done yet, else worth another attempt.
+    Unreachable(SocketAddr, io::Error),
+}
+
+impl Stop {
+    /// An unreachable peer as a reason to try again.
+    fn or_retry(self) -> Stop {
+        match self {
+            Stop::Unreachable(addr, e) => retry(None, format!("cannot connect to {addr}: {e}")),
+            other => other,
+        }
+    }
+}
+
+/// What nothing answering at `addr` reads as, in every command.
+fn unreachable(config: &Config, addr: SocketAddr, e: io::Error) -> Error {
+    if addr == config.balancer {
+        Error::Connect(addr, e)
+    } else {
+        Error::ConnectServer(addr, e)
+    }
 }
 
 fn retry(server: Option<&str>, why: impl ToString) -> Stop {
@@ -66,7 +88,7 @@ fn refused(server: Option<&str>, code: ErrorCode, message: &str) -> Stop {
 /// server it redirected an upload to.
 fn connect(addr: SocketAddr, config: &Config) -> Result<Connection<crate::net::Stream>, Stop> {
     let stream = crate::net::connect(&addr, config.connect_timeout, config.reply_timeout)
-        .map_err(|e| retry(None, format!("cannot connect to {addr}: {e}")))?;
+        .map_err(|e| Stop::Unreachable(addr, e))?;
     if let (true, Some(credentials)) = (addr == config.balancer, &config.login) {
         super::login::login(&stream, credentials).map_err(|e| {
             Stop::Fatal(format!(
@@ -169,7 +191,15 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
             ticket: None,
             owner: None,
         };
-        match attempt_upload(config, &mut file, &request, &bar, out) {
+        let attempted = match attempt_upload(config, &mut file, &request, &bar, out) {
+            // No balancer at all: said at once, as every command says it.
+            Err(Stop::Unreachable(addr, e)) if attempt == 1 && addr == config.balancer => {
+                bar.abandon();
+                return Err(Error::Connect(addr, e));
+            }
+            other => other.map_err(Stop::or_retry),
+        };
+        match attempted {
             Ok(stored) => {
                 bar.finish_and_clear();
                 let secs = started.elapsed().as_secs_f64().max(1e-3);
@@ -194,9 +224,18 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
                 bar.abandon();
                 return Err(fail(why));
             }
+            Err(Stop::Unreachable(addr, e)) => {
+                bar.abandon();
+                return Err(unreachable(config, addr, e));
+            }
             Err(Stop::Retry { server: s, why }) => {
                 bar.suspend(|| {
-                    let _ = writeln!(out, "{}: {why}; trying again", path.display());
+                    let _ = writeln!(
+                        out,
+                        "{}: {why}; trying again ({} of {MAX_ATTEMPTS})",
+                        path.display(),
+                        attempt + 1
+                    );
                 });
                 if why.starts_with("storage:") {
                     // That server cannot store it: let the balancer choose.
@@ -340,27 +379,34 @@ pub fn list(
     server: Option<SocketAddr>,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
-    let addr = server.unwrap_or(config.balancer);
-    let mut conn = match connect(addr, config) {
-        Ok(c) => c,
-        Err(_) => {
-            return Err(Error::Connect(
-                addr,
-                io::Error::new(io::ErrorKind::ConnectionRefused, "no answer"),
-            ))
+    let request = Request::List { id: 1, owner: None };
+    let reply = match server {
+        // Through the balancer: asked as every other request is.
+        None => super::ask(config, &request)?,
+        Some(addr) => {
+            let mut conn = match connect(addr, config) {
+                Ok(c) => c,
+                Err(Stop::Unreachable(addr, e)) => return Err(unreachable(config, addr, e)),
+                Err(Stop::Retry { why, .. } | Stop::Fatal(why)) => {
+                    return Err(Error::Io(io::Error::other(why)))
+                }
+            };
+            let reply = conn.call(&request).map_err(|e| {
+                Error::Io(io::Error::other(format!(
+                    "the server at {addr} did not answer the `list` request: {e}"
+                )))
+            })?;
+            if let Reply::Error(e) = reply {
+                return Err(Error::Io(io::Error::other(format!(
+                    "the server at {addr} refused the `list` request: {}: {}",
+                    e.code, e.message
+                ))));
+            }
+            reply
         }
     };
-    let reply = conn
-        .call(&Request::List { id: 1, owner: None })
-        .map_err(|e| Error::Io(io::Error::other(format!("{addr} did not answer: {e}"))))?;
     let list = match reply {
         Reply::Files(list) => list,
-        Reply::Error(e) => {
-            return Err(Error::Io(io::Error::other(format!(
-                "{addr} refused: {}: {}",
-                e.code, e.message
-            ))))
-        }
         other => {
             return Err(Error::Io(io::Error::other(format!(
                 "unexpected answer {other:?}"
@@ -452,7 +498,14 @@ pub fn get(
         if attempt > 1 {
             std::thread::sleep(Duration::from_millis(200 * u64::from(attempt - 1).min(10)));
         }
-        match attempt_get(config, addr, name, &part, attempt, out) {
+        let attempted = match attempt_get(config, addr, name, &part, attempt, out) {
+            // Nothing there at all: said at once, as every command says it.
+            Err(Stop::Unreachable(addr, e)) if attempt == 1 => {
+                return Err(unreachable(config, addr, e))
+            }
+            other => other.map_err(Stop::or_retry),
+        };
+        match attempted {
             Ok(header) => {
                 std::fs::rename(&part, &output).map_err(|e| Error::ReadFile(output.clone(), e))?;
                 let secs = started.elapsed().as_secs_f64().max(1e-3);
@@ -468,8 +521,13 @@ pub fn get(
                 return Ok(header);
             }
             Err(Stop::Fatal(why)) => return Err(fail(why)),
+            Err(Stop::Unreachable(addr, e)) => return Err(unreachable(config, addr, e)),
             Err(Stop::Retry { why, .. }) => {
-                writeln!(out, "{name}: {why}; trying again")?;
+                writeln!(
+                    out,
+                    "{name}: {why}; trying again ({} of {MAX_ATTEMPTS})",
+                    attempt + 1
+                )?;
                 last = why;
             }
         }

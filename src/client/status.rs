@@ -1,5 +1,6 @@
 //! `client status`: the servers known to the balancer, as a table, once or
-//! refreshed (`--watch`), with averages every 10 samples and a history file.
+//! refreshed (`--watch`), with averages every 10 samples and, when asked
+//! for (`--history FILE`), a history file.
 //!
 //! Each sample is one `servers` request to the balancer. The formatting
 //! (`table`, `human_bytes`, `human_duration`, `Averages::report`) is pure so
@@ -24,8 +25,9 @@ pub struct StatusOptions {
     pub interval: Duration,
     /// Stop after this many samples (for scripts and tests).
     pub count: Option<u64>,
-    /// Every sample is appended here as one JSON line.
-    pub history: PathBuf,
+    /// Every sample is appended here as one JSON line, when given. Nothing
+    /// is written otherwise: a look at the servers leaves no file behind.
+    pub history: Option<PathBuf>,
 }
 
 /// Shows the servers' status; returns whether the balancer answered.
@@ -36,7 +38,7 @@ pub struct StatusOptions {
 /// error); in watch mode a later failure is printed and sampling goes on, and
 /// the result is `Ok(false)` if any sample failed.
 pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Result<bool, Error> {
-    let mut history = History::open(&options.history)?;
+    let mut history = options.history.as_deref().map(History::open).transpose()?;
     let total = match (options.count, options.watch) {
         (Some(n), _) => Some(n),
         (None, true) => None,
@@ -56,7 +58,9 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
             Ok(views) => {
                 writeln!(out, "{}", header(&time, &config.balancer.to_string()))?;
                 write!(out, "{}", table(&views))?;
-                history.append(&time, &config.balancer.to_string(), &views)?;
+                if let Some(history) = &mut history {
+                    history.append(&time, &config.balancer.to_string(), &views)?;
+                }
                 averages.add(&views);
                 if averages.samples() >= AVERAGE_WINDOW {
                     writeln!(out)?;

@@ -20,7 +20,7 @@ pub fn transfers(
         return Reply::error(
             Some(id),
             ErrorCode::BadRequest,
-            "transfer tracking is off (start the balancer with --state)",
+            "transfer tracking is off: this balancer runs with --no-state",
         );
     };
     let filter = TransferFilter {
