@@ -660,6 +660,7 @@ impl Acceptor {
                     files: files.clone(),
                     access: access.clone(),
                     mark,
+                    open: stats::OpenConnection::new(&stats),
                 };
                 conn.serve(stream);
             },

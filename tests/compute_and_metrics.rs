@@ -153,18 +153,19 @@ fn metrics_endpoint_counts_requests_bytes_and_latency() {
     let mut total_bytes = 0.0;
     for server in &cluster.servers {
         let label = format!("{{server=\"{}\"}}", server.addr);
+        let documents = format!("{{server=\"{}\",kind=\"document\"}}", server.addr);
         assert_eq!(
-            s[&format!("lbft_server_requests_total{label}")],
+            s[&format!("lbft_server_requests_total{documents}")],
             2.0,
             "{body}"
         );
-        assert_eq!(s[&format!("lbft_server_failures_total{label}")], 0.0);
+        assert_eq!(s[&format!("lbft_server_failures_total{documents}")], 0.0);
         assert_eq!(s[&format!("lbft_server_retries_total{label}")], 0.0);
         assert_eq!(s[&format!("lbft_server_up{label}")], 1.0);
         assert_eq!(s[&format!("lbft_server_overloaded{label}")], 0.0);
         let check = s[&format!("lbft_server_check_seconds{label}")];
         assert!(check > 0.0 && check < 1.0, "check latency {check}");
-        total_bytes += s[&format!("lbft_server_bytes_total{label}")];
+        total_bytes += s[&format!("lbft_server_bytes_total{documents}")];
     }
     assert_eq!(total_bytes, bytes as f64);
     assert_eq!(s["lbft_requests_received_total"], 6.0);
@@ -183,6 +184,10 @@ fn metrics_endpoint_counts_requests_bytes_and_latency() {
         "cumulative: {buckets:?}"
     );
 
+    let (head, page) = http(metrics_addr, "GET / HTTP/1.1\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("Content-Type: text/html"), "{head}");
+    assert!(page.contains("<a href=\"/metrics\">"), "{page}");
     let (head, _) = http(metrics_addr, "GET /nope HTTP/1.1\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let (head, _) = http(metrics_addr, "POST /metrics HTTP/1.1\r\n\r\n");

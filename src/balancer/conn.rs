@@ -22,7 +22,6 @@ use crate::proto::{self, ErrorCode, Reply};
 use crossbeam_channel::{Receiver, Select, TryRecvError};
 use std::io::BufReader;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 impl Conn {
@@ -31,9 +30,7 @@ impl Conn {
         // Queries (`client status --watch`) open a connection per sample:
         // only connections that carried work are logged at info.
         log::debug!("connection accepted from {peer}");
-        self.stats.connections.fetch_add(1, Relaxed);
         self.serve_stream(stream);
-        self.stats.connections.fetch_sub(1, Relaxed);
     }
 
     fn serve_stream(&self, stream: net::Stream) {

@@ -90,6 +90,8 @@ pub struct Conn {
     /// This connection's standing, for admission: whether it has sent a
     /// whole request, has work outstanding, is trusted.
     pub mark: net::Mark,
+    /// Counts it open, as a client's or a server's.
+    pub open: super::stats::OpenConnection,
 }
 
 impl Conn {

@@ -439,7 +439,7 @@ impl Dispatcher {
                     t.record_at(at, event);
                 }
             }
-            gate.stats.requests.fetch_add(1, Relaxed);
+            job.count_started(&gate.stats);
             batches
                 .entry(gate.id)
                 .or_insert_with(|| (gate.clone(), Vec::new()))

@@ -1,5 +1,6 @@
 //! A minimal HTTP responder for Prometheus: `GET /metrics` returns the
-//! balancer's numbers in the text exposition format. One request per
+//! balancer's numbers in the text exposition format, and `GET /` a short
+//! page that says what is here and links to them. One request per
 //! connection, up to `MAX_CONCURRENT` at once, each on its own thread and
 //! with `TIMEOUT` for the whole request to arrive, so silent or slow
 //! scrapers cannot hold up the others: at the cap, a new connection closes
@@ -65,9 +66,9 @@ fn respond(mut stream: net::Stream, mark: &net::Mark, stats: &Stats) -> std::io:
     let head = read_head(&mut request)?;
     mark.arrived();
     let _answering = mark.busy();
-    let (status, body) = route(&head, stats);
+    let (status, content_type, body) = route(&head, stats);
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes())?;
@@ -87,15 +88,44 @@ fn read_head(stream: &mut impl Read) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
-/// The status line and body for a request head.
-fn route(head: &str, stats: &Stats) -> (&'static str, String) {
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
+const HTML: &str = "text/html; charset=utf-8";
+
+/// What `GET /` answers: where the numbers are, for whoever opens the
+/// address in a browser.
+const INDEX: &str = "<!DOCTYPE html>
+<html lang=\"en\">
+<head><meta charset=\"utf-8\"><title>lbft balancer metrics</title></head>
+<body>
+<h1>lbft balancer</h1>
+<p>Metrics in the Prometheus text format: <a href=\"/metrics\">/metrics</a>.</p>
+<p>Per server: work sent, bytes carried and failures by kind (document, calc,
+upload, download), file transfers under way, health and probe latency.
+Overall: requests received, failed and unknown, queue depth, file transfers,
+connections, logins, limit hits and request latency.</p>
+</body>
+</html>
+";
+
+/// The status line, content type and body for a request head.
+fn route(head: &str, stats: &Stats) -> (&'static str, &'static str, String) {
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     match (method, path) {
-        ("GET", "/metrics") => ("200 OK", stats.render()),
-        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".into()),
-        _ => ("405 Method Not Allowed", "only GET is served\n".into()),
+        ("GET", "/metrics") => ("200 OK", PROMETHEUS_TEXT, stats.render()),
+        ("GET", "/") => ("200 OK", HTML, INDEX.into()),
+        ("GET", _) => (
+            "404 Not Found",
+            PLAIN_TEXT,
+            "not found: try /metrics\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            PLAIN_TEXT,
+            "only GET is served\n".into(),
+        ),
     }
 }
 
@@ -108,7 +138,10 @@ mod tests {
         let stats = Stats::new(["s".to_string()]);
         assert_eq!(route("GET /metrics HTTP/1.1\r\n", &stats).0, "200 OK");
         assert_eq!(route("GET /metrics?x=1 HTTP/1.0\r\n", &stats).0, "200 OK");
-        assert_eq!(route("GET / HTTP/1.1\r\n", &stats).0, "404 Not Found");
+        let (status, content_type, body) = route("GET / HTTP/1.1\r\n", &stats);
+        assert_eq!((status, content_type), ("200 OK", HTML));
+        assert!(body.contains("<a href=\"/metrics\">"), "{body}");
+        assert_eq!(route("GET /nope HTTP/1.1\r\n", &stats).0, "404 Not Found");
         assert_eq!(
             route("POST /metrics HTTP/1.1\r\n", &stats).0,
             "405 Method Not Allowed"

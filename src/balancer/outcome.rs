@@ -9,7 +9,7 @@
 use super::board::Board;
 use super::event::Event;
 use super::lane::Finish;
-use super::stats::{ServerStats, Stats};
+use super::stats::{Kind, ServerStats, Stats};
 use super::tracking::Tracker;
 use super::work::{Failure, Job, Work};
 use super::ServerId;
@@ -83,7 +83,7 @@ impl Finish for Outcomes {
                 );
                 let reason = format!("server {}: {}", server.name, e.message);
                 self.track(job.failed_event(e.code, &reason));
-                server.failures.fetch_add(1, Relaxed);
+                job.count_failed(server);
                 self.stats.failed.fetch_add(1, Relaxed);
                 e.id = Some(job.id);
                 job.deliver(Reply::Error(e));
@@ -138,7 +138,10 @@ impl Outcomes {
         // after the acknowledgement sees it.
         self.track(job.stored_event(&server.name, &stored.file));
         if let Work::Store(doc) = &job.work {
-            server.bytes.fetch_add(doc.content_len as u64, Relaxed);
+            server
+                .carried(Kind::Document)
+                .bytes
+                .fetch_add(doc.content_len as u64, Relaxed);
         }
         let uncertain = std::mem::take(&mut job.uncertain);
         if !uncertain.is_empty() {
@@ -163,7 +166,7 @@ impl Outcomes {
         failure: Failure,
         delivered: bool,
     ) {
-        server.failures.fetch_add(1, Relaxed);
+        job.count_failed(server);
         let event = Event::Retry {
             server: id,
             job: Box::new(job),

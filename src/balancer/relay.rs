@@ -11,6 +11,7 @@ use super::context::Conn;
 pub use super::context::{FileSettings, Mode};
 use super::event::{Event, Picked};
 use super::flow::Reservation;
+use super::stats::{Ended, Kind, Transfer};
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
@@ -22,7 +23,8 @@ use crate::proto::{
 };
 use crossbeam_channel::Sender;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How a conversation ended for the client connection.
@@ -126,6 +128,7 @@ impl Conn {
             let Some(Picked { name, addr, number }) =
                 self.pick_server(up.server.as_deref(), &avoid)
             else {
+                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
                 let _ = replies.send(Reply::error(
                     Some(id),
                     ErrorCode::NoServer,
@@ -169,6 +172,9 @@ impl Conn {
                         "upload {} from {peer}: cannot reach {name}: {e}",
                         up.upload_id
                     );
+                    let server = self.stats.server_named(&name);
+                    server.carried(Kind::Upload).started.fetch_add(1, Relaxed);
+                    server.carried(Kind::Upload).failures.fetch_add(1, Relaxed);
                     avoid.push(name);
                 }
             }
@@ -180,13 +186,19 @@ impl Conn {
             .key
             .as_ref()
             .map(|k| ticket(k, &up, &server_name, self.files.ticket_ttl, number, None));
+        // Counted on its server from here, under way until this returns.
+        let transfer = self.stats.server_named(&server_name).transfer(Kind::Upload);
         let ready = match server.call(&Request::Upload(up.clone())) {
             Ok(Reply::UploadReady(r)) => r,
             Ok(other) => {
+                transfer.failed();
+                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
                 let _ = replies.send(other);
                 return Next::Continue;
             }
             Err(e) => {
+                transfer.failed();
+                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
                 let _ = replies.send(server_failed(id, &server_name, &e.to_string()));
                 return Next::Continue;
             }
@@ -204,11 +216,12 @@ impl Conn {
         );
         self.track_start(number, &up, &server_name, user);
         let _ = replies.send(Reply::UploadReady(ready));
-        let (reply, next) = match self.relay_chunks(&up, &server_name, server, reader) {
+        let (reply, next) = match self.relay_chunks(&up, &server_name, server, reader, &transfer) {
             Ok(reply) => (Some(reply), Next::Continue),
             Err(stopped) => {
                 let Stopped { why, reply } = *stopped;
                 if reply.is_none() {
+                    self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
                     log::info!("upload {} from {peer}: {why}", up.upload_id);
                     self.track(TrackEvent::Failed {
                         number,
@@ -232,8 +245,16 @@ impl Conn {
                     server: server_name.clone(),
                     file: s.name.clone(),
                 });
+                self.stats.transfer_ended(Kind::Upload, Ended::Done);
             }
             Some(other) => {
+                // The client's own mistakes are not the server's failures.
+                if by_the_client(other) {
+                    self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
+                } else {
+                    transfer.failed();
+                    self.stats.transfer_ended(Kind::Upload, Ended::Failed);
+                }
                 log::warn!("upload {} from {peer}: {}", up.upload_id, describe(other));
                 self.track(TrackEvent::Failed {
                     number,
@@ -243,6 +264,8 @@ impl Conn {
             }
             None => {}
         }
+        // Counted done before the client hears of it.
+        drop(transfer);
         if let Some(reply) = reply {
             let _ = replies.send(reply);
         }
@@ -288,6 +311,7 @@ impl Conn {
         server_name: &str,
         server: Connection<net::Stream>,
         reader: &mut FrameReader<net::Paced>,
+        transfer: &Transfer,
     ) -> Result<Reply, Box<Stopped>> {
         let (to_server, chunks) = crossbeam_channel::bounded::<Relayed>(RELAY_DEPTH);
         let (spare_tx, spare) = crossbeam_channel::bounded::<Vec<u8>>(RELAY_DEPTH + 1);
@@ -300,7 +324,9 @@ impl Conn {
         std::thread::scope(|scope| {
             let writer = std::thread::Builder::new()
                 .name(format!("{name}-up"))
-                .spawn_scoped(scope, move || write_chunks(server, chunks, spare_tx));
+                .spawn_scoped(scope, move || {
+                    write_chunks(server, chunks, spare_tx, transfer.byte_counter())
+                });
             let writer = match writer {
                 Ok(w) => w,
                 Err(e) => return Err(stopped(format!("cannot start a thread: {e}"), None)),
@@ -484,6 +510,23 @@ impl Conn {
                 _ => String::new(),
             }
         );
+        // Straight to the server: it is a member of the cluster, and what
+        // it reports is counted as relayed uploads are, bytes aside.
+        self.open.is_a_server();
+        let counted = self.stats.server_named(&server);
+        let upload = counted.carried(Kind::Upload);
+        match state.as_str() {
+            "started" => upload.started.fetch_add(1, Relaxed),
+            "stored" => {
+                self.stats.transfer_ended(Kind::Upload, Ended::Done);
+                0
+            }
+            _ => {
+                upload.failures.fetch_add(1, Relaxed);
+                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
+                0
+            }
+        };
         match state.as_str() {
             "started" => self.track(TrackEvent::Sent { number, server }),
             "stored" => self.track(TrackEvent::Stored {
@@ -569,7 +612,13 @@ impl Conn {
                 owner: owner.clone(),
             };
             match server.call(&request) {
-                Ok(Reply::File(header)) => return self.relay_download(header, server, out),
+                Ok(Reply::File(header)) => {
+                    let transfer = self
+                        .stats
+                        .server_named(&server_name)
+                        .transfer(Kind::Download);
+                    return self.relay_download(header, server, out, &transfer);
+                }
                 Ok(Reply::Error(e)) if e.code == ErrorCode::NotFound => {}
                 Ok(other) => problems.push(format!("{server_name}: {}", describe(&other))),
                 Err(e) => problems.push(format!("{server_name}: {e}")),
@@ -594,12 +643,19 @@ impl Conn {
         header: FileHeader,
         mut server: Connection<net::Stream>,
         out: &ClientWriter,
+        transfer: &Transfer,
     ) -> Next {
         let (id, peer) = (header.id, self.peer);
+        let ended = |how| self.stats.transfer_ended(Kind::Download, how);
+        let server_failed_it = || {
+            transfer.failed();
+            ended(Ended::Failed);
+        };
         if net::lock(out)
             .message(&Reply::File(header.clone()))
             .is_err()
         {
+            ended(Ended::Abandoned);
             return Next::Close;
         }
         let mut at = header.offset;
@@ -615,10 +671,12 @@ impl Conn {
                             format!("server {} sent an unexpected reply", header.server),
                         ),
                     };
+                    server_failed_it();
                     let _ = net::lock(out).message(&reply);
                     return Next::Close;
                 }
                 Err(e) => {
+                    server_failed_it();
                     let reply = server_failed(id, &header.server, &e.to_string());
                     let _ = net::lock(out).message(&reply);
                     return Next::Close;
@@ -627,6 +685,7 @@ impl Conn {
             let body = match server.read_body(chunk.body_len) {
                 Ok(b) => b,
                 Err(e) => {
+                    server_failed_it();
                     let reply = server_failed(id, &header.server, &e.to_string());
                     let _ = net::lock(out).message(&reply);
                     return Next::Close;
@@ -642,10 +701,13 @@ impl Conn {
             .is_err()
             {
                 log::info!("download of {} by {peer}: client left", header.name);
+                ended(Ended::Abandoned);
                 return Next::Close;
             }
+            transfer.bytes(chunk.body_len);
             at += chunk.body_len;
         }
+        ended(Ended::Done);
         log::info!(
             "download of {} ({} bytes from byte {}) by {peer} from {} done",
             header.name,
@@ -709,6 +771,7 @@ fn write_chunks(
     mut server: Connection<net::Stream>,
     chunks: crossbeam_channel::Receiver<Relayed>,
     spare: Sender<Vec<u8>>,
+    relayed: &AtomicU64,
 ) -> (Connection<net::Stream>, Result<(), (u64, String)>) {
     for (chunk, body, reserved) in chunks {
         let offset = chunk.offset;
@@ -719,6 +782,7 @@ fn write_chunks(
         if let Err(e) = sent {
             return (server, Err((offset, e.to_string())));
         }
+        relayed.fetch_add(body.len() as u64, Ordering::Relaxed);
         let _ = spare.try_send(body);
     }
     (server, Ok(()))
@@ -771,6 +835,25 @@ fn server_failed(id: u64, server: &str, why: &str) -> Reply {
         Some(id),
         ErrorCode::ServerFailed,
         format!("server {server} failed during the transfer: {why}"),
+    )
+}
+
+/// Whether an upload ended on a mistake of the client's (its frames, its
+/// sizes, its checksum) rather than a failure of the server's.
+fn by_the_client(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::Error(e) if matches!(
+            e.code,
+            ErrorCode::BadRequest
+                | ErrorCode::SizeMismatch
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::InvalidJson
+                | ErrorCode::UnknownType
+                | ErrorCode::BadOffset
+                | ErrorCode::TooLarge
+                | ErrorCode::ChecksumMismatch
+        )
     )
 }
 

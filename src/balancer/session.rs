@@ -378,6 +378,10 @@ impl Session {
             return Reply::error(Some(id), ErrorCode::Unauthenticated, INVALID_LOGIN);
         };
         access.schedule().succeeded(turn, Instant::now());
+        access
+            .stats
+            .logins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         log::info!(
             "connection from {}: user {} logged in{}",
             self.peer,

@@ -17,15 +17,56 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// The kinds of work a server carries, each counted apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Document,
+    Calc,
+    /// A file sent to the server (relayed, or straight in redirect mode).
+    Upload,
+    /// A file relayed from the server to a client.
+    Download,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Document, Kind::Calc, Kind::Upload, Kind::Download];
+
+    /// Its label in the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Document => "document",
+            Kind::Calc => "calc",
+            Kind::Upload => "upload",
+            Kind::Download => "download",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What a server carried of one kind of work.
+#[derive(Debug, Default)]
+pub struct Carried {
+    /// Sent to the server: forwards of documents and computations (each
+    /// attempt), file transfers begun.
+    pub started: AtomicU64,
+    /// Bytes carried: a document's content once acknowledged, a file's
+    /// bytes as they are relayed.
+    pub bytes: AtomicU64,
+    /// Failed on the server: an error answer, a broken or closed
+    /// connection, no answer in time, the server killed mid-transfer.
+    pub failures: AtomicU64,
+    /// Under way now (file transfers).
+    pub active: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 pub struct ServerStats {
     pub name: String,
-    /// Forwards sent to this server.
-    pub requests: AtomicU64,
-    /// Content bytes it acknowledged.
-    pub bytes: AtomicU64,
-    /// Forwards that failed on it (error reply or broken connection).
-    pub failures: AtomicU64,
+    /// By kind of work (see `Kind`).
+    carried: [Carried; Kind::ALL.len()],
     /// Requests that failed on it and were sent to another server.
     pub retries: AtomicU64,
     pub in_flight: AtomicU64,
@@ -47,6 +88,26 @@ impl ServerStats {
             name,
             ..ServerStats::default()
         })
+    }
+
+    pub fn carried(&self, kind: Kind) -> &Carried {
+        &self.carried[kind.index()]
+    }
+
+    /// A file transfer begins on this server: counted, and under way until
+    /// the guard drops.
+    pub fn transfer(self: &Arc<Self>, kind: Kind) -> Transfer {
+        let carried = self.carried(kind);
+        carried.started.fetch_add(1, Relaxed);
+        carried.active.fetch_add(1, Relaxed);
+        Transfer {
+            server: self.clone(),
+            kind,
+        }
+    }
+
+    fn total(&self, field: impl Fn(&Carried) -> &AtomicU64) -> u64 {
+        self.carried.iter().map(|c| field(c).load(Relaxed)).sum()
     }
 
     pub fn set_state(&self, state: State) {
@@ -85,8 +146,106 @@ impl ServerStats {
             status_age_ms: last.as_ref().map(|(_, at)| at.elapsed().as_millis() as u64),
             status: last.map(|(report, _)| report),
             check_ms: (check > 0).then(|| check as f64 / 1000.0),
-            requests: self.requests.load(Relaxed),
-            failures: self.failures.load(Relaxed),
+            requests: self.total(|c| &c.started),
+            failures: self.total(|c| &c.failures),
+        }
+    }
+}
+
+/// A file transfer under way on a server, counted in its `active` gauge
+/// until dropped. Its bytes and how it ended are counted as they happen.
+#[derive(Debug)]
+pub struct Transfer {
+    server: Arc<ServerStats>,
+    kind: Kind,
+}
+
+impl Transfer {
+    /// `n` more bytes carried.
+    pub fn bytes(&self, n: u64) {
+        self.server.carried(self.kind).bytes.fetch_add(n, Relaxed);
+    }
+
+    /// The counter of this transfer's bytes, for a thread that carries
+    /// them without the guard.
+    pub fn byte_counter(&self) -> &AtomicU64 {
+        &self.server.carried(self.kind).bytes
+    }
+
+    /// It failed on the server's side.
+    pub fn failed(&self) {
+        self.server
+            .carried(self.kind)
+            .failures
+            .fetch_add(1, Relaxed);
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        self.server.carried(self.kind).active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// How a file transfer through the balancer ended, for
+/// `lbft_file_transfers_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Stored (an upload) or delivered whole (a download).
+    Done,
+    /// The server failed, refused, or no server could take it.
+    Failed,
+    /// The client left or broke the exchange.
+    Abandoned,
+}
+
+impl Ended {
+    const ALL: [Ended; 3] = [Ended::Done, Ended::Failed, Ended::Abandoned];
+
+    fn name(self) -> &'static str {
+        match self {
+            Ended::Done => "done",
+            Ended::Failed => "failed",
+            Ended::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Counts one open client connection in `Stats`, as a client's until it
+/// turns out to be a server's registrations and heartbeats; uncounted when
+/// dropped.
+#[derive(Debug)]
+pub struct OpenConnection {
+    stats: Arc<Stats>,
+    server: AtomicBool,
+}
+
+impl OpenConnection {
+    pub fn new(stats: &Arc<Stats>) -> OpenConnection {
+        stats.connections.fetch_add(1, Relaxed);
+        stats.accepted.fetch_add(1, Relaxed);
+        OpenConnection {
+            stats: stats.clone(),
+            server: AtomicBool::new(false),
+        }
+    }
+
+    /// It registers a server (or deregisters one, or reports a transfer
+    /// for one): a member of the cluster, not a client.
+    pub fn is_a_server(&self) {
+        if !self.server.swap(true, Relaxed) {
+            self.stats.connections.fetch_sub(1, Relaxed);
+            self.stats.server_connections.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.server.load(Relaxed) {
+            self.stats.server_connections.fetch_sub(1, Relaxed);
+        } else {
+            self.stats.connections.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -127,9 +286,21 @@ pub struct Stats {
     /// Requests answered with an error after queueing (no server, failed
     /// everywhere).
     pub failed: AtomicU64,
+    /// Requests given up on while a server may hold them (`maybe_stored`):
+    /// their outcome is unknown, so they are not counted failed.
+    pub unknown: AtomicU64,
     /// Requests waiting for a server.
     pub queue_depth: AtomicU64,
+    /// Open connections of clients (see `OpenConnection`).
     pub connections: AtomicU64,
+    /// Open connections on which servers register and send heartbeats.
+    pub server_connections: AtomicU64,
+    /// Connections accepted since the start.
+    pub accepted: AtomicU64,
+    /// Logins that succeeded (the failed ones are limit hits).
+    pub logins: AtomicU64,
+    /// File transfers through the balancer by kind and how they ended.
+    transfers_ended: [[AtomicU64; 3]; 2],
     /// Time from receiving a request to its successful reply.
     pub latency: Histogram,
     /// Limits clients ran into.
@@ -158,6 +329,23 @@ impl Stats {
         write(&self.servers).insert(id, server);
     }
 
+    /// The counters of the server of that name (as `Backend::name`), or
+    /// detached ones when none is in the pool.
+    pub fn server_named(&self, name: &str) -> Arc<ServerStats> {
+        read(&self.servers)
+            .values()
+            .find(|s| s.name == name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A file transfer through the balancer ended.
+    pub fn transfer_ended(&self, kind: Kind, ended: Ended) {
+        let row = usize::from(kind == Kind::Download);
+        let column = Ended::ALL.iter().position(|e| *e == ended).unwrap_or(0);
+        self.transfers_ended[row][column].fetch_add(1, Relaxed);
+    }
+
     /// Forgets a server that left.
     pub fn remove(&self, id: ServerId) {
         write(&self.servers).remove(&id);
@@ -183,13 +371,17 @@ impl Stats {
     /// The Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        let servers = self.all();
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
         let per_server = |out: &mut String,
                           name: &str,
                           kind: &str,
                           help: &str,
                           value: &dyn Fn(&ServerStats) -> String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for s in &self.all() {
+            head(out, name, kind, help);
+            for s in &servers {
                 let _ = writeln!(
                     out,
                     "{name}{{server=\"{}\"}} {}",
@@ -198,27 +390,58 @@ impl Stats {
                 );
             }
         };
+        // One series per server and kind of work.
+        let per_kind = |out: &mut String,
+                        name: &str,
+                        kind: &str,
+                        help: &str,
+                        kinds: &[Kind],
+                        field: &dyn Fn(&Carried) -> &AtomicU64| {
+            head(out, name, kind, help);
+            for s in &servers {
+                for k in kinds {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{server=\"{}\",kind=\"{}\"}} {}",
+                        escape_label(&s.name),
+                        k.name(),
+                        field(s.carried(*k)).load(Relaxed)
+                    );
+                }
+            }
+        };
         let n = |a: &AtomicU64| a.load(Relaxed).to_string();
-        per_server(
+        per_kind(
             &mut out,
             "lbft_server_requests_total",
             "counter",
-            "Requests forwarded to the server.",
-            &|s| n(&s.requests),
+            "Work sent to the server: documents and computations forwarded (each attempt), file uploads and downloads begun.",
+            &Kind::ALL,
+            &|c| &c.started,
         );
-        per_server(
+        per_kind(
             &mut out,
             "lbft_server_bytes_total",
             "counter",
-            "Content bytes the server acknowledged.",
-            &|s| n(&s.bytes),
+            "Bytes carried to or from the server: document content acknowledged, file bytes relayed.",
+            &[Kind::Document, Kind::Upload, Kind::Download],
+            &|c| &c.bytes,
         );
-        per_server(
+        per_kind(
             &mut out,
             "lbft_server_failures_total",
             "counter",
-            "Forwards that failed on the server.",
-            &|s| n(&s.failures),
+            "Work that failed on the server: an error answer, a broken connection, no answer in time, a transfer cut off.",
+            &Kind::ALL,
+            &|c| &c.failures,
+        );
+        per_kind(
+            &mut out,
+            "lbft_server_transfers_active",
+            "gauge",
+            "File transfers under way through the balancer with the server.",
+            &[Kind::Upload, Kind::Download],
+            &|c| &c.active,
         );
         per_server(
             &mut out,
@@ -231,7 +454,7 @@ impl Stats {
             &mut out,
             "lbft_server_in_flight",
             "gauge",
-            "Requests sent to the server and not yet answered (active transfers).",
+            "Documents and computations sent to the server and not yet answered.",
             &|s| n(&s.in_flight),
         );
         per_server(
@@ -256,24 +479,29 @@ impl Stats {
             &|s| format!("{}", s.check_micros.load(Relaxed) as f64 / 1e6),
         );
         let scalar = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            head(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
         };
         scalar(
             &mut out,
             "lbft_requests_received_total",
             "counter",
-            "Requests received from clients.",
+            "Documents and computations received from clients.",
             self.received.load(Relaxed),
         );
         scalar(
             &mut out,
             "lbft_requests_failed_total",
             "counter",
-            "Requests answered with an error after queueing.",
+            "Documents and computations answered with an error after queueing (no server, failed everywhere).",
             self.failed.load(Relaxed),
+        );
+        scalar(
+            &mut out,
+            "lbft_requests_unknown_total",
+            "counter",
+            "Documents and computations given up on while a server may have carried them out (maybe_stored).",
+            self.unknown.load(Relaxed),
         );
         scalar(
             &mut out,
@@ -282,13 +510,61 @@ impl Stats {
             "Requests waiting for a server.",
             self.queue_depth.load(Relaxed),
         );
+        let name = "lbft_file_transfers_total";
+        head(
+            &mut out,
+            name,
+            "counter",
+            "File transfers through the balancer that ended: done, failed (a server failed or refused, or none could take it) or abandoned (the client left).",
+        );
+        for (row, kind) in [Kind::Upload, Kind::Download].iter().enumerate() {
+            for (column, ended) in Ended::ALL.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{kind=\"{}\",result=\"{}\"}} {}",
+                    kind.name(),
+                    ended.name(),
+                    self.transfers_ended[row][column].load(Relaxed)
+                );
+            }
+        }
         scalar(
             &mut out,
             "lbft_client_connections",
             "gauge",
-            "Open client connections.",
+            "Open connections of clients (not servers' registrations and heartbeats).",
             self.connections.load(Relaxed),
         );
+        scalar(
+            &mut out,
+            "lbft_registration_connections",
+            "gauge",
+            "Open connections on which servers register and send heartbeats.",
+            self.server_connections.load(Relaxed),
+        );
+        scalar(
+            &mut out,
+            "lbft_connections_accepted_total",
+            "counter",
+            "Connections accepted (clients and servers' registrations).",
+            self.accepted.load(Relaxed),
+        );
+        let name = "lbft_logins_total";
+        head(
+            &mut out,
+            name,
+            "counter",
+            "Logins (with --users) by result: ok, failed (wrong credentials), throttled, locked.",
+        );
+        use super::limits::Limit;
+        for (result, count) in [
+            ("ok", self.logins.load(Relaxed)),
+            ("failed", self.limits.count(Limit::LoginFailed)),
+            ("throttled", self.limits.count(Limit::LoginThrottled)),
+            ("locked", self.limits.count(Limit::LoginLocked)),
+        ] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {count}");
+        }
 
         self.limits.render(&mut out);
 
@@ -332,7 +608,11 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let stats = Stats::new(["127.0.0.1:5001".to_string(), "b\"x".to_string()]);
-        stats.server(ServerId(0)).requests.fetch_add(3, Relaxed);
+        stats
+            .server(ServerId(0))
+            .carried(Kind::Document)
+            .started
+            .fetch_add(3, Relaxed);
         stats.server(ServerId(0)).set_state(State::Up);
         stats.queue_depth.store(2, Relaxed);
         stats.latency.observe(Duration::from_millis(3));
@@ -340,7 +620,9 @@ mod tests {
         stats.latency.observe(Duration::from_secs(60));
         let text = stats.render();
         assert!(
-            text.contains("lbft_server_requests_total{server=\"127.0.0.1:5001\"} 3\n"),
+            text.contains(
+                "lbft_server_requests_total{server=\"127.0.0.1:5001\",kind=\"document\"} 3\n"
+            ),
             "{text}"
         );
         assert!(text.contains("lbft_server_up{server=\"127.0.0.1:5001\"} 1\n"));
@@ -352,6 +634,47 @@ mod tests {
         assert!(text.contains("lbft_request_duration_seconds_bucket{le=\"10\"} 2\n"));
         assert!(text.contains("lbft_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("lbft_request_duration_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn connections_are_counted_by_kind_and_transfers_while_under_way() {
+        let stats = Arc::new(Stats::new(["s".to_string()]));
+        let client = OpenConnection::new(&stats);
+        let heartbeats = OpenConnection::new(&stats);
+        heartbeats.is_a_server();
+        heartbeats.is_a_server();
+        let text = stats.render();
+        assert!(text.contains("lbft_client_connections 1\n"), "{text}");
+        assert!(text.contains("lbft_registration_connections 1\n"), "{text}");
+        assert!(
+            text.contains("lbft_connections_accepted_total 2\n"),
+            "{text}"
+        );
+        drop((client, heartbeats));
+        let text = stats.render();
+        assert!(text.contains("lbft_client_connections 0\n"), "{text}");
+        assert!(text.contains("lbft_registration_connections 0\n"), "{text}");
+
+        let upload = stats.server_named("s").transfer(Kind::Upload);
+        upload.bytes(10);
+        upload.byte_counter().fetch_add(5, Relaxed);
+        let text = stats.render();
+        let series = "{server=\"s\",kind=\"upload\"}";
+        assert!(text.contains(&format!("lbft_server_transfers_active{series} 1\n")));
+        assert!(text.contains(&format!("lbft_server_bytes_total{series} 15\n")));
+        upload.failed();
+        drop(upload);
+        stats.transfer_ended(Kind::Upload, Ended::Failed);
+        let text = stats.render();
+        assert!(text.contains(&format!("lbft_server_transfers_active{series} 0\n")));
+        assert!(text.contains(&format!("lbft_server_failures_total{series} 1\n")));
+        assert!(text.contains(&format!("lbft_server_requests_total{series} 1\n")));
+        assert!(text.contains("lbft_file_transfers_total{kind=\"upload\",result=\"failed\"} 1\n"));
+        assert_eq!(stats.views()[0].requests, 1);
+        assert_eq!(stats.views()[0].failures, 1);
+        // A server not in the pool: counted nowhere, and no harm done.
+        stats.server_named("gone").transfer(Kind::Download).bytes(1);
+        assert!(!stats.render().contains("gone"));
     }
 
     #[test]

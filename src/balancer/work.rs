@@ -5,7 +5,7 @@
 
 use super::client_out::ClientWriter;
 use super::flow::Hold;
-use super::stats::Stats;
+use super::stats::{Kind, ServerStats, Stats};
 use super::tracking::TrackEvent;
 use super::ServerId;
 use crate::proto::{self, ErrorCode, Operation, Reply};
@@ -42,6 +42,15 @@ impl Work {
             Work::Store(doc) => format!("\"{}\"", doc.title),
             Work::Calc(op) => format!("calc {op}"),
             Work::Forget(numbers) => format!("forget {} request numbers", numbers.len()),
+        }
+    }
+
+    /// The counters it goes to; the balancer's own `forget` goes to none.
+    pub fn kind(&self) -> Option<Kind> {
+        match self {
+            Work::Store(_) => Some(Kind::Document),
+            Work::Calc(_) => Some(Kind::Calc),
+            Work::Forget(_) => None,
         }
     }
 
@@ -168,9 +177,29 @@ impl Job {
         let _ = self.reply.send(reply);
     }
 
+    /// Counts it sent to `server`.
+    pub fn count_started(&self, server: &ServerStats) {
+        if let Some(kind) = self.work.kind() {
+            server.carried(kind).started.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts it failed on `server`.
+    pub fn count_failed(&self, server: &ServerStats) {
+        if let Some(kind) = self.work.kind() {
+            server.carried(kind).failures.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Answers the client with an error; the job ends.
     pub fn fail(self, code: ErrorCode, message: String, stats: &Stats) {
-        stats.failed.fetch_add(1, Relaxed);
+        // A server may hold it: not known to have failed.
+        let counter = if code == ErrorCode::MaybeStored {
+            &stats.unknown
+        } else {
+            &stats.failed
+        };
+        counter.fetch_add(1, Relaxed);
         self.deliver(Reply::error(Some(self.id), code, message));
     }
 

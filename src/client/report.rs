@@ -311,7 +311,7 @@ mod tests {
             code: ErrorCode::MaybeStored,
             message: "it may have been stored on s1".into(),
         }));
-        let t = tally(&[maybe.clone()]);
+        let t = tally(std::slice::from_ref(&maybe));
         assert_eq!(
             t.summary("document", "stored"),
             "1 document: 0 stored, 0 failed, 1 unknown"

@@ -128,7 +128,7 @@ fn dispatch(conn: &Conn, mut job: Job, send: impl FnOnce(Arc<Gate>, Job)) -> Flo
                 t.record_at(at, event);
             }
         }
-        gate.stats.requests.fetch_add(1, Relaxed);
+        job.count_started(&gate.stats);
         send(gate, job);
         return Flow::Continue;
     }

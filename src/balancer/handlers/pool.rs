@@ -36,6 +36,9 @@ pub fn membership(conn: &Conn, id: u64, addr: &str, kind: Kind, io: &mut Io<'_>)
             return Flow::Continue;
         }
     };
+    if matches!(kind, Kind::Register | Kind::Deregister) {
+        conn.open.is_a_server();
+    }
     let change = match kind {
         Kind::Register => Change::Register(addr),
         Kind::Deregister => Change::Deregister(addr),
