@@ -348,6 +348,33 @@ fn the_readme_and_the_help_match_the_programs() {
     for command in ["FTP", "CALC", "help", "exit"] {
         assert!(client_help.contains(command), "{client_help}");
     }
+    // The client's options, and those of each of its commands.
+    for command in [
+        "",
+        "ftp",
+        "send",
+        "list",
+        "get",
+        "calc",
+        "status",
+        "admin",
+        "transfers",
+    ] {
+        let out = Command::new(client_bin())
+            .args([command, "--help"].iter().filter(|a| !a.is_empty()))
+            .output()
+            .unwrap();
+        for option in text(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '-')))
+        {
+            assert!(
+                readme.contains(&format!("`{option}")),
+                "README does not document client {command} {option}"
+            );
+        }
+    }
     // Every command shown works as written from a fresh clone.
     for line in readme.lines() {
         let line = line.trim_start_matches("$ ");

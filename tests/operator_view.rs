@@ -401,3 +401,32 @@ fn local_servers_on_free_ports_are_not_remembered_across_a_restart() {
         .collect();
     assert_eq!(listed, second_locals, "the first run had {first_locals:?}");
 }
+
+#[test]
+fn the_example_dashboard_imports_and_shows_only_series_the_balancer_serves() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
+    assert_eq!(dashboard["__inputs"][0]["pluginId"], "prometheus");
+    let served = lbft::balancer::stats::Stats::new(["s".to_string()]).render();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().expect("an expression");
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("lbft_"));
+            for name in names {
+                assert!(
+                    served.contains(&format!("\n{name}{{"))
+                        || served.contains(&format!("\n{name} ")),
+                    "{}: {name} is not served",
+                    panel["title"]
+                );
+            }
+        }
+    }
+}

@@ -18,11 +18,13 @@ use std::time::Duration;
 /// stored. Without a command it starts an interactive prompt (commands FTP,
 /// CALC, help and exit). Results are printed as they arrive, in the order
 /// the servers finish them; batches of more than 50 show progress and list
-/// only failures. At most --window requests are unanswered at a time, so any
-/// count runs in the same memory. Ctrl-C stops a batch with a summary of
-/// what was done (exit code 130). Exits 0 only when every document sent was
-/// stored (or every computation done): a failed or unknown one (the
-/// connection closed before its answer) makes the exit code 1.
+/// only the documents not stored (failed, unknown, not sent). At most
+/// --window requests are unanswered at a time, so any count runs in the
+/// same memory. Ctrl-C stops a batch with a summary of what was done (exit
+/// code 130). Exits 0 only when every document was stored (or every
+/// computation done): a failed, unknown (the connection closed before its
+/// answer) or unsent one makes the exit code 1. Output into a pipe that
+/// closes early ends the client quietly, with exit code 0.
 #[derive(Parser, Debug)]
 #[command(
     version,
