@@ -387,9 +387,20 @@ impl Conn {
                     Some(reply),
                 ))
             }
-            (Err(stop), Ok(())) => match refusal(Duration::ZERO) {
-                Some(reply) => Err(stopped(describe(&reply), Some(reply))),
-                None => Err(stop),
+            (Err(stop), Ok(())) => match said.recv_timeout(Duration::ZERO) {
+                Ok(Ok(Reply::Error(mut e))) => {
+                    e.id = Some(id);
+                    let reply = Reply::Error(e);
+                    Err(stopped(describe(&reply), Some(reply)))
+                }
+                // The server broke or closed while the client was sending
+                // (the watcher ended the reading): its failure, and the
+                // client is told so.
+                Ok(Err(why)) => {
+                    let reply = server_failed(id, server_name, &why);
+                    Err(stopped(describe(&reply), Some(reply)))
+                }
+                _ => Err(stop),
             },
             (Ok((end_id, sha256)), Ok(())) => {
                 let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
@@ -810,10 +821,12 @@ fn watch_server(
             Err(e) => break Err(e.to_string()),
         }
     };
+    // Handed on before the client's reading ends, so that the relay finds
+    // why it ended.
+    let _ = said.send(answer);
     if reading_client.load(Ordering::SeqCst) {
         client.end_reading();
     }
-    let _ = said.send(answer);
 }
 
 /// Why an upload stopped before `upload_end`, and the reply worth sending
