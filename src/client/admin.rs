@@ -39,7 +39,8 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
     }
     let reply = conn.call(&request).map_err(|e| {
         Error::Io(io::Error::other(format!(
-            "the balancer at {addr} did not answer: {e}"
+            "the balancer at {addr} did not answer the `{}` request: {e}",
+            request.kind()
         )))
     })?;
     match reply {
