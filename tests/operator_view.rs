@@ -433,3 +433,28 @@ fn the_example_dashboard_imports_and_shows_only_series_the_balancer_serves() {
         }
     }
 }
+
+#[test]
+fn heartbeats_are_counted_apart_from_clients_and_logged_only_when_they_change_the_pool() {
+    let cluster = Cluster::start(1, &[], &["--metrics", "127.0.0.1:0"]);
+    // Started in the cluster's folder: it shares the cluster's key.
+    let joining = util::start_server(&cluster.dir.path().join("joining"), &[]);
+    // Register and repeat it as a server's heartbeats do, on one
+    // connection that proved the cluster key.
+    let key = util::default_key(cluster.dir.path());
+    let mut beats = Raw::connect_proven(cluster.balancer.addr, &key);
+    for id in 1..=5 {
+        beats.send_json(&json!({"type": "register", "id": id, "addr": joining.addr.to_string()}));
+        match beats.reply() {
+            Reply::Membership { message, .. } => assert!(message.contains("pool"), "{message}"),
+            other => panic!("expected the membership answer, got {other:?}"),
+        }
+    }
+    let s = scrape(metrics_addr(&cluster.balancer));
+    assert_eq!(s["lbft_registration_connections"], 1.0, "{s:?}");
+    assert_eq!(s["lbft_client_connections"], 0.0, "{s:?}");
+
+    let log = cluster.log();
+    assert_eq!(log.matches("joined the pool").count(), 1, "{log}");
+    assert!(!log.contains(" register "), "{log}");
+}
