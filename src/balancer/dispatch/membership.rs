@@ -48,10 +48,6 @@ impl Dispatcher {
             .iter()
             .find(|(_, s)| s.gate.addr == addr)
             .map(|(id, _)| *id);
-        // A registration that changes nothing is a heartbeat: quiet.
-        if !matches!((change, member), (Change::Register(_), Some(_))) {
-            log::info!("{change}");
-        }
         match (change, member, link) {
             (Change::Add(addr), Some(_), _) => {
                 answer(Err(format!("{addr} is already in the pool")));
