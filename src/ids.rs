@@ -15,7 +15,7 @@
 //! millisecond. The generator never goes backwards even if the clock does,
 //! and waits for the next millisecond rather than overflow the sequence.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// 2025-01-01T00:00:00Z in Unix milliseconds.
@@ -56,12 +56,14 @@ pub fn parts(number: u64) -> Parts {
     }
 }
 
-/// Hands out request numbers; cheap to call from many threads.
-#[derive(Debug)]
+/// Hands out request numbers; cheap to call from many threads. Clones
+/// share one sequence, so the parts of a process that number things (the
+/// dispatcher, file transfers) never give out the same number.
+#[derive(Debug, Clone)]
 pub struct Generator {
     prefix: u64,
     /// (millisecond, last sequence used in it)
-    last: Mutex<(u64, u64)>,
+    last: Arc<Mutex<(u64, u64)>>,
 }
 
 impl Generator {
@@ -70,7 +72,7 @@ impl Generator {
         let source_bit = u64::from(source == Source::Server);
         Generator {
             prefix: (source_bit << NODE_BITS | u64::from(node & MAX_NODE)) << SEQ_BITS,
-            last: Mutex::new((0, MAX_SEQ)),
+            last: Arc::new(Mutex::new((0, MAX_SEQ))),
         }
     }
 
@@ -149,6 +151,17 @@ mod tests {
             }
         }
         assert_eq!(parts(gens[2].next()).source, Source::Server);
+    }
+
+    #[test]
+    fn clones_share_one_sequence() {
+        let a = Generator::new(Source::Balancer, 4);
+        let b = a.clone();
+        let mut seen = HashSet::new();
+        for _ in 0..5_000 {
+            assert!(seen.insert(a.next()));
+            assert!(seen.insert(b.next()));
+        }
     }
 
     #[test]
