@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(e.code, ErrorCode::InvalidJson);
         let e = decode::<Request>(b"[1,2]").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidJson);
-        let e = decode::<Request>(br#"{"type":"delete","id":3}"#).unwrap_err();
+        let e = decode::<Request>(br#"{"type":"rename","id":3}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::UnknownType, Some(3)));
         let e = decode::<Request>(br#"{"type":"store","id":4,"titolo":"x"}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(4)));

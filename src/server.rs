@@ -14,6 +14,7 @@
 //! stored, because the original balancer reuses numbers across runs.
 
 pub mod files;
+mod listing;
 pub mod load;
 pub mod registrar;
 pub mod storage;
@@ -481,6 +482,23 @@ fn serve_framed(
                             transfer::Next::Close => break,
                         }
                     }
+                    Request::List { id, owner, kind } => {
+                        let owner = owner.as_deref();
+                        if let Err(e) = listing::list(id, owner, kind, &mut writer, shared) {
+                            log::warn!("server {addr}: cannot reply to {peer}: {e}");
+                            break;
+                        }
+                        continue;
+                    }
+                    Request::Delete {
+                        id,
+                        name,
+                        owner,
+                        upload_id,
+                    } => {
+                        let (owner, upload) = (owner.as_deref(), upload_id.as_deref());
+                        transfer::delete(id, &name, owner, upload, peer, shared)
+                    }
                     request => handle(request, shared),
                 },
             },
@@ -584,7 +602,12 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             })
         }
         Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
-        Request::List { id, owner } => transfer::list(id, owner.as_deref(), shared),
+        Request::Inventory { id } => listing::inventory(id, shared),
+        Request::List { id, .. } | Request::Delete { id, .. } => Reply::error(
+            Some(id),
+            ErrorCode::Internal,
+            "`list` and `delete` are answered by the connection loop",
+        ),
         Request::Upload(r) => out_of_upload(r.id),
         Request::Chunk(c) => out_of_upload(c.id),
         Request::UploadEnd { id, .. } => out_of_upload(id),

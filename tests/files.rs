@@ -368,7 +368,11 @@ fn bad_uploads_get_clear_errors_and_leave_nothing_visible() {
     first.send_json(&json!({"type": "upload_end", "id": 3, "sha256": sha(b"abcdef")}));
     match first.reply() {
         Reply::FileStored(s) => {
-            assert_eq!(s.name, "etc_passwd");
+            // Kept as sent; stored under a safe name.
+            assert_eq!(
+                (s.name.as_str(), s.file.as_str()),
+                ("../../etc/passwd", "etc_passwd")
+            );
             assert_eq!((s.size, s.sha256), (6, sha(b"abcdef")));
         }
         other => panic!("{other:?}"),

@@ -4,10 +4,11 @@
 // without panicking and without allocating more than the cap.
 
 use lbft::proto::{
-    decode, encode, read_frame, write_frame, Chunk, Computed, Document, ErrorCode, ErrorReply,
-    FileEntry, FileHeader, FileList, FileStored, FrameError, FrameReader, Operation, Password,
-    Redirect, Reply, Request, ServerList, ServerView, StatusReport, StoreRequest, Stored, Ticket,
-    TransferEvent, TransferList, TransferView, UploadReady, UploadRequest,
+    decode, encode, read_frame, write_frame, Chunk, Computed, Deleted, Document, EntryKind,
+    ErrorCode, ErrorReply, FileEntry, FileHeader, FileList, FileStored, FrameError, FrameReader,
+    InventoryReport, ListKind, Operation, Password, Redirect, Reply, Request, ServerList,
+    ServerView, StatusReport, StoreRequest, Stored, StoredFile, Ticket, TransferEvent,
+    TransferList, TransferView, UploadReady, UploadRequest,
 };
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -107,6 +108,8 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
         ErrorCode::TooLarge,
+        ErrorCode::Exists,
+        ErrorCode::Unavailable,
     ])
 }
 
@@ -131,6 +134,8 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Request::UploadEnd { .. }
         | Request::List { .. }
         | Request::Get { .. }
+        | Request::Delete { .. }
+        | Request::Inventory { .. }
         | Request::TransferEvent(_)
         | Request::Hello { .. }
         | Request::HelloProof { .. }
@@ -151,6 +156,8 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Reply::FileStored(_)
         | Reply::Files(_)
         | Reply::File(_)
+        | Reply::Deleted(_)
+        | Reply::Inventory(_)
         | Reply::Recorded { .. }
         | Reply::Hello { .. }
         | Reply::Welcome { .. } => {}
@@ -205,13 +212,37 @@ fn file_and_user_request() -> impl Strategy<Value = Request> {
                     size,
                     server,
                     ticket,
+                    no_clobber: size % 2 == 0,
                     owner,
                 })
             }),
         chunk().prop_map(Request::Chunk),
         (any::<u64>(), text()).prop_map(|(id, sha256)| Request::UploadEnd { id, sha256 }),
-        (any::<u64>(), proptest::option::of(text()))
-            .prop_map(|(id, owner)| Request::List { id, owner }),
+        (any::<u64>(), proptest::option::of(text()), 0..4u8).prop_map(|(id, owner, kind)| {
+            Request::List {
+                id,
+                owner,
+                kind: [
+                    None,
+                    Some(ListKind::Files),
+                    Some(ListKind::Documents),
+                    Some(ListKind::All),
+                ][kind as usize],
+            }
+        }),
+        (
+            any::<u64>(),
+            text(),
+            proptest::option::of(text()),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, name, owner, upload_id)| Request::Delete {
+                id,
+                name,
+                owner,
+                upload_id
+            }),
+        any::<u64>().prop_map(|id| Request::Inventory { id }),
         (
             any::<u64>(),
             text(),
@@ -237,6 +268,14 @@ fn file_and_user_request() -> impl Strategy<Value = Request> {
                     id,
                     number,
                     server,
+                    stored: file.clone().map(|name| StoredFile {
+                        name,
+                        owner: error.clone(),
+                        size: number / 3,
+                        sha256: mac.clone(),
+                        upload_id: state.clone(),
+                        stored_ms: id,
+                    }),
                     state,
                     file,
                     error,
@@ -260,12 +299,17 @@ fn file_entry() -> impl Strategy<Value = FileEntry> {
     )
         .prop_map(
             |((name, size, sha256, server), (stored_ms, owner))| FileEntry {
-                name,
-                size,
-                sha256,
-                server,
-                stored_ms,
+                kind: if size % 3 == 0 {
+                    EntryKind::Document
+                } else {
+                    EntryKind::File
+                },
+                number: (size % 3 == 0).then_some(stored_ms),
+                file: owner.clone().unwrap_or_default(),
+                upload_id: owner.clone(),
+                available: size % 2 == 0,
                 owner,
+                ..FileEntry::file(&name, size, &sha256, &server, stored_ms)
             },
         )
 }
@@ -298,6 +342,12 @@ fn file_and_user_reply() -> impl Strategy<Value = Reply> {
                 |((id, upload_id, name, size), (sha256, server, existing))| {
                     Reply::FileStored(FileStored {
                         id,
+                        stored_ms: size / 2,
+                        file: if existing {
+                            name.clone()
+                        } else {
+                            String::new()
+                        },
                         upload_id,
                         name,
                         size,
@@ -314,9 +364,31 @@ fn file_and_user_reply() -> impl Strategy<Value = Reply> {
         )
             .prop_map(|(id, files, unreachable)| Reply::Files(FileList {
                 id,
+                more: files.len() == 1,
+                rebuilding: unreachable.iter().rev().cloned().collect(),
                 files,
-                unreachable
+                unreachable,
             })),
+        (
+            any::<u64>(),
+            text(),
+            proptest::collection::vec(text(), 0..2),
+            proptest::collection::vec(text(), 0..2)
+        )
+            .prop_map(|(id, name, servers, pending)| Reply::Deleted(Deleted {
+                id,
+                name,
+                servers,
+                pending
+            })),
+        (any::<u64>(), any::<u64>(), text(), any::<u64>()).prop_map(
+            |(id, files, files_digest, documents)| Reply::Inventory(InventoryReport {
+                id,
+                files,
+                files_digest,
+                documents
+            })
+        ),
         (
             (any::<u64>(), text(), any::<u64>()),
             (text(), text(), any::<u64>())

@@ -129,7 +129,7 @@ pub fn measure(temp: &Path, targets: &Targets, options: &Options) -> Bulk {
             let on_disk: u64 = targets
                 .dirs
                 .iter()
-                .filter_map(|d| std::fs::metadata(d.join("files").join(&stored.name)).ok())
+                .filter_map(|d| std::fs::metadata(d.join("files").join(&stored.file)).ok())
                 .map(|m| m.len())
                 .sum();
             assert_eq!(on_disk, bytes, "bulk {}: bytes on disk", route.name());

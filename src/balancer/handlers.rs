@@ -113,6 +113,9 @@ fn refusal(request: &Request) -> Reply {
         Request::Chunk(_) | Request::UploadEnd { .. } => {
             "no upload in progress on this connection (send `upload` first)"
         }
+        Request::Delete { .. } | Request::Inventory { .. } => {
+            "`delete` and `inventory` are answered by storage servers"
+        }
         // Answered by the session before they get here.
         _ => "handshake or login out of place",
     };

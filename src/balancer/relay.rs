@@ -243,7 +243,7 @@ impl Conn {
                 self.track(TrackEvent::Stored {
                     number,
                     server: server_name.clone(),
-                    file: s.name.clone(),
+                    file: s.file.clone(),
                 });
                 self.stats.transfer_ended(Kind::Upload, Ended::Done);
             }
@@ -572,6 +572,8 @@ impl Conn {
             id,
             files: Vec::new(),
             unreachable: Vec::new(),
+            rebuilding: Vec::new(),
+            more: false,
         };
         for (name, addr) in self.file_servers() {
             let answer = self
@@ -581,6 +583,7 @@ impl Conn {
                     c.call(&Request::List {
                         id,
                         owner: owner.clone(),
+                        kind: None,
                     })
                     .map_err(|e| e.to_string())
                 });

@@ -190,6 +190,7 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
             server: server.clone(),
             ticket: None,
             owner: None,
+            no_clobber: false,
         };
         let attempted = match attempt_upload(config, &mut file, &request, &bar, out) {
             // No balancer at all: said at once, as every command says it.
@@ -379,7 +380,11 @@ pub fn list(
     server: Option<SocketAddr>,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
-    let request = Request::List { id: 1, owner: None };
+    let request = Request::List {
+        id: 1,
+        owner: None,
+        kind: None,
+    };
     let reply = match server {
         // Through the balancer: asked as every other request is.
         None => super::ask(config, &request)?,

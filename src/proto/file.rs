@@ -40,6 +40,10 @@ pub struct UploadRequest {
     /// (a client's value is replaced); a ticket's owner wins over it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Refuse (`exists`) instead of replacing a file of the same name
+    /// (balancer only; `client send --no-clobber`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_clobber: bool,
 }
 
 /// Permission from the balancer to upload one file to one server, signed
@@ -110,13 +114,32 @@ pub struct TransferEvent {
     /// From the ticket.
     pub number: u64,
     pub server: String,
-    /// `started`, `stored` or `failed`.
+    /// `started`, `stored`, `interrupted` (the client went away; the bytes
+    /// so far are kept for a resume) or `failed`.
     pub state: String,
+    /// The name of the file on the server, once stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the balancer's catalog needs of a stored file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<StoredFile>,
     pub mac: String,
+}
+
+/// A stored file as the catalog records it: the name its user sent, its
+/// owner, size, checksum, and the upload that wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    pub size: u64,
+    pub sha256: String,
+    pub upload_id: String,
+    /// Unix milliseconds.
+    pub stored_ms: u64,
 }
 
 impl TransferEvent {
@@ -128,6 +151,10 @@ impl TransferEvent {
             self.state.as_bytes().to_vec(),
             self.file.clone().unwrap_or_default().into_bytes(),
             self.error.clone().unwrap_or_default().into_bytes(),
+            self.stored
+                .as_ref()
+                .map(|s| serde_json::to_vec(s).unwrap_or_default())
+                .unwrap_or_default(),
         ]
     }
 
@@ -181,39 +208,200 @@ pub struct Chunk {
 pub struct FileStored {
     pub id: u64,
     pub upload_id: String,
-    /// Its name on the server (the safe form of the name sent, with `~N`
-    /// before the extension when another file had that name).
+    /// The name the file was sent with, which `get` takes.
     pub name: String,
+    /// Its name in the server's folder (the safe form of the name sent,
+    /// with `~N` before the extension when another file had that name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub file: String,
     pub size: u64,
     pub sha256: String,
     pub server: String,
+    /// When the server put it in place (Unix milliseconds; 0 if not said).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stored_ms: u64,
     /// The upload had already completed (an attempt whose answer was lost).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub existing: bool,
 }
 
-/// One stored file in a listing.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a listing entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A file sent with `upload`.
+    #[default]
+    File,
+    /// A document sent with `store`.
+    Document,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Document => "document",
+        }
+    }
+
+    fn is_file(&self) -> bool {
+        *self == EntryKind::File
+    }
+}
+
+/// One stored file (or document) in a listing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
+    /// A file: the name it was sent with (what `get` takes). A document:
+    /// its title.
     pub name: String,
     pub size: u64,
+    /// Files only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// The server holding it.
     pub server: String,
     /// Unix milliseconds.
     pub stored_ms: u64,
     /// The user it belongs to, when users are on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "EntryKind::is_file")]
+    pub kind: EntryKind,
+    /// Its name in the server's folder, when it differs from `name`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub file: String,
+    /// A document's request number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<u64>,
+    /// A file's upload (servers' listings, for the balancer's catalog).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// False when every server holding it is down (balancer only): `get`
+    /// has to wait until `server` is back.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub available: bool,
 }
 
-/// The answer to `list`.
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl FileEntry {
+    /// A file entry with nothing optional set.
+    pub fn file(name: &str, size: u64, sha256: &str, server: &str, stored_ms: u64) -> FileEntry {
+        FileEntry {
+            name: name.to_string(),
+            size,
+            sha256: sha256.to_string(),
+            server: server.to_string(),
+            stored_ms,
+            owner: None,
+            kind: EntryKind::File,
+            file: String::new(),
+            number: None,
+            upload_id: None,
+            available: true,
+        }
+    }
+
+    /// Its name in the server's folder.
+    pub fn server_file(&self) -> &str {
+        if self.file.is_empty() {
+            &self.name
+        } else {
+            &self.file
+        }
+    }
+}
+
+/// The answer to `list`: one frame of it. A long listing comes as several
+/// `files` frames with the request's `id`, each but the last with `more`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileList {
     pub id: u64,
     pub files: Vec<FileEntry>,
-    /// Servers that could not be asked (balancer only), with why.
+    /// Servers that could not be asked (balancer without a state file),
+    /// with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<String>,
+    /// Servers whose listing the balancer is still taking into its
+    /// catalog: their files may be missing from this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rebuilding: Vec<String>,
+    /// More `files` frames follow for this request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+/// Entries per `files` frame of a long listing.
+pub const LIST_PAGE: usize = 1000;
+
+/// Which entries a `list` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListKind {
+    Files,
+    Documents,
+    /// Both (the balancer's default).
+    All,
+}
+
+impl ListKind {
+    pub fn has(self, kind: EntryKind) -> bool {
+        match self {
+            ListKind::All => true,
+            ListKind::Files => kind == EntryKind::File,
+            ListKind::Documents => kind == EntryKind::Document,
+        }
+    }
+}
+
+/// What a server holds, in short: the balancer compares it with its
+/// catalog to tell whether it is in step (`inventory`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReport {
+    pub id: u64,
+    /// Complete files.
+    pub files: u64,
+    /// The XOR of `file_digest` over them, 16 hex digits.
+    pub files_digest: String,
+    /// Stored documents.
+    pub documents: u64,
+}
+
+/// A complete file's part of `InventoryReport::files_digest`: the first 8
+/// bytes of SHA-256 over its name in the server's folder and its checksum.
+pub fn file_digest(file: &str, sha256: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(file.as_bytes());
+    h.update([0]);
+    h.update(sha256.to_ascii_lowercase().as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// Answer to `delete`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub id: u64,
+    pub name: String,
+    /// Servers whose copy was removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+    /// Servers that were down: their copy is removed once they are back
+    /// (balancer only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
 }
 
 /// The answer to `get`: the file's bytes from `offset` follow in chunks.
@@ -365,12 +553,25 @@ mod tests {
             state: "stored".into(),
             file: Some("f".into()),
             error: None,
+            stored: Some(StoredFile {
+                name: "f.txt".into(),
+                owner: Some("ann".into()),
+                size: 3,
+                sha256: "ab".into(),
+                upload_id: "upload-1234".into(),
+                stored_ms: 5,
+            }),
             mac: String::new(),
         }
         .signed(&key);
         assert!(e.is_signed(&key));
         let mut bad = e.clone();
         bad.state = "failed".into();
+        assert!(!bad.is_signed(&key));
+        let mut bad = e.clone();
+        if let Some(s) = &mut bad.stored {
+            s.owner = Some("bob".into());
+        }
         assert!(!bad.is_signed(&key));
     }
 

@@ -2,8 +2,8 @@
 //! payload is decoded into one with a precise error.
 
 pub use super::file::{
-    Chunk, FileEntry, FileHeader, FileList, FileStored, Redirect, Ticket, TransferEvent,
-    UploadReady, UploadRequest,
+    Chunk, Deleted, EntryKind, FileEntry, FileHeader, FileList, FileStored, InventoryReport,
+    ListKind, Redirect, StoredFile, Ticket, TransferEvent, UploadReady, UploadRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -256,13 +256,18 @@ pub enum Request {
     /// Every byte has been sent: check the checksum and put the file in
     /// place.
     UploadEnd { id: u64, sha256: String },
-    /// Stored files (of this server, or of every server via the balancer).
+    /// Stored files and documents (of this server, or the balancer's
+    /// catalog of every server).
     List {
         id: u64,
         /// Only files of this user (set by the balancer when users are
         /// on; a client's value is replaced).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<String>,
+        /// Files, documents or both; absent: both from the balancer,
+        /// files from a server.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<ListKind>,
     },
     /// Download a stored file from `offset` on.
     Get {
@@ -274,6 +279,23 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<String>,
     },
+    /// Remove a stored file (its bytes and, at the balancer, its catalog
+    /// entry); to a server with only `upload_id`, a partial upload.
+    Delete {
+        id: u64,
+        #[serde(default)]
+        name: String,
+        /// At the balancer: whose file, for an admin (others delete only
+        /// their own). At a server: only a file of this user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        /// At a server: only if the file was written by this upload (the
+        /// balancer never removes a newer copy that took the name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload_id: Option<String>,
+    },
+    /// What a server holds, in short (servers only; see `InventoryReport`).
+    Inventory { id: u64 },
     /// A server reports a redirected upload's progress to the balancer.
     TransferEvent(TransferEvent),
     /// First message of a cluster handshake (balancer -> server, server ->
@@ -324,6 +346,8 @@ impl Request {
             Request::UploadEnd { .. } => "upload_end",
             Request::List { .. } => "list",
             Request::Get { .. } => "get",
+            Request::Delete { .. } => "delete",
+            Request::Inventory { .. } => "inventory",
             Request::TransferEvent(_) => "transfer_event",
             Request::Hello { .. } => "hello",
             Request::HelloProof { .. } => "hello_proof",
@@ -350,6 +374,8 @@ impl Request {
             | Request::UploadEnd { id, .. }
             | Request::List { id, .. }
             | Request::Get { id, .. }
+            | Request::Delete { id, .. }
+            | Request::Inventory { id }
             | Request::Hello { id, .. }
             | Request::HelloProof { id, .. }
             | Request::Login { id, .. } => *id,
@@ -375,6 +401,8 @@ impl Message for Request {
         "upload_end",
         "list",
         "get",
+        "delete",
+        "inventory",
         "transfer_event",
         "hello",
         "hello_proof",
@@ -665,6 +693,10 @@ pub enum ErrorCode {
     /// never answered (it died, hung or was removed with the document on
     /// the wire): it may be stored there, as the message says.
     MaybeStored,
+    /// `upload` with `no_clobber` of a name that is taken.
+    Exists,
+    /// Every server holding the file is down: the message names them.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -726,6 +758,10 @@ pub enum Reply {
     FileStored(FileStored),
     Files(FileList),
     File(FileHeader),
+    /// Answer to `delete`.
+    Deleted(Deleted),
+    /// Answer to `inventory`.
+    Inventory(InventoryReport),
     /// A `transfer_event` was recorded.
     Recorded {
         id: u64,
@@ -768,6 +804,8 @@ impl Reply {
             Reply::FileStored(r) => Some(r.id),
             Reply::Files(r) => Some(r.id),
             Reply::File(r) => Some(r.id),
+            Reply::Deleted(r) => Some(r.id),
+            Reply::Inventory(r) => Some(r.id),
             Reply::Recorded { id } => Some(*id),
         }
     }
@@ -797,6 +835,8 @@ impl Message for Reply {
         "file_stored",
         "files",
         "file",
+        "deleted",
+        "inventory",
         "recorded",
         "hello",
         "welcome",

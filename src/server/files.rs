@@ -7,9 +7,15 @@
 //! - `.partial/<upload id>` holds an upload's bytes so far, with
 //!   `<upload id>.json` (name, size); it survives restarts so an upload can
 //!   resume, and is removed once complete, or after `ttl` without writes.
-//! - `.uploads/<upload id>.json` records each complete upload (name, size,
-//!   checksum, time): a repeated `upload` of a finished id answers with the
-//!   file in place instead of storing it twice, and `list` reads these.
+//! - `.uploads/<upload id>.json` records each complete upload (its name in
+//!   `files/`, the name it was sent with, owner, size, checksum, time): a
+//!   repeated `upload` of a finished id answers with the file in place
+//!   instead of storing it twice, and `list` reads these.
+//!
+//! Files are removed only by `delete` (the balancer replacing a file by a
+//! newer one of the same name, or a user's `delete`), record and bytes
+//! together. The store keeps a digest of what it holds (`Inventory`), so
+//! the balancer can tell cheaply whether its catalog is in step.
 
 use crate::text::to_hex;
 use serde::{Deserialize, Serialize};
@@ -39,6 +45,21 @@ pub struct FileMeta {
     /// The user it belongs to, when the balancer has users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The name it was sent with, when `name` differs from it (records of
+    /// older servers have none: `name` is all there is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+}
+
+impl FileMeta {
+    /// The name it was sent with: what users call it.
+    pub fn sent_as(&self) -> &str {
+        self.original.as_deref().unwrap_or(&self.name)
+    }
+
+    fn digest(&self) -> u64 {
+        crate::proto::file::file_digest(&self.name, &self.sha256)
+    }
 }
 
 /// What `.partial/<id>.json` records about an upload under way.
@@ -70,6 +91,11 @@ pub enum FileError {
         got: String,
     },
     NotFound(String),
+    /// The file of that name was written by another upload (a newer one).
+    Replaced {
+        name: String,
+        upload_id: String,
+    },
     Io(io::Error),
 }
 
@@ -93,6 +119,11 @@ impl fmt::Display for FileError {
                 "checksum mismatch: the client sent sha256 {expected}, the bytes received have {got}; nothing was stored"
             ),
             FileError::NotFound(name) => write!(f, "no file named {name:?} on this server"),
+            FileError::Replaced { name, upload_id } => write!(
+                f,
+                "{name:?} on this server was written by upload {upload_id}, not the one given; \
+                 left in place"
+            ),
             FileError::Io(e) if super::storage::is_disk_full(e) => write!(
                 f,
                 "the server's disk is full ({e}); nothing was stored and the partial upload was removed"
@@ -123,10 +154,31 @@ pub struct FileStore {
     uploads: PathBuf,
     /// Upload ids being received now.
     active: Mutex<HashSet<String>>,
-    /// Serialises putting files in place and reading the records.
-    place: Mutex<()>,
+    /// Serialises putting files in place, removing them and reading the
+    /// records; guards the inventory of what is in place.
+    place: Mutex<Inventory>,
     ttl: Duration,
     last_sweep: Mutex<SystemTime>,
+}
+
+/// The complete files, in short: how many, and the XOR of their digests
+/// (see `proto::file::file_digest`), which changes with any file stored or
+/// removed whatever the order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Inventory {
+    pub files: u64,
+    pub digest: u64,
+}
+
+impl Inventory {
+    fn toggle(&mut self, meta: &FileMeta, added: bool) {
+        self.digest ^= meta.digest();
+        if added {
+            self.files += 1;
+        } else {
+            self.files = self.files.saturating_sub(1);
+        }
+    }
 }
 
 /// Result of `FileStore::begin`.
@@ -145,15 +197,25 @@ impl FileStore {
             partial: dir.join(PARTIAL_DIR),
             uploads: dir.join(UPLOADS_DIR),
             active: Mutex::new(HashSet::new()),
-            place: Mutex::new(()),
+            place: Mutex::new(Inventory::default()),
             ttl,
             last_sweep: Mutex::new(SystemTime::UNIX_EPOCH),
         };
         for d in [&store.files, &store.partial, &store.uploads] {
             fs::create_dir_all(d)?;
         }
+        let mut inventory = Inventory::default();
+        for meta in store.records()? {
+            inventory.toggle(&meta, true);
+        }
+        *Self::lock(&store.place) = inventory;
         store.sweep();
         Ok(store)
+    }
+
+    /// What is in place, in short.
+    pub fn inventory(&self) -> Inventory {
+        *Self::lock(&self.place)
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -295,49 +357,141 @@ impl FileStore {
         }
     }
 
-    /// Every complete file whose bytes are still in place, by name; only
-    /// `owner`'s when given.
-    pub fn list(&self, owner: Option<&str>) -> io::Result<Vec<FileMeta>> {
-        let _place = Self::lock(&self.place);
+    /// Every record of a complete upload whose bytes are in place. The
+    /// caller holds `place`, or is opening the store.
+    fn records(&self) -> io::Result<Vec<FileMeta>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.uploads)? {
             let entry = entry?;
+            let name = entry.file_name();
+            if !name.to_string_lossy().ends_with(".json") {
+                continue;
+            }
             let Ok(bytes) = fs::read(entry.path()) else {
                 continue;
             };
             let Ok(meta) = serde_json::from_slice::<FileMeta>(&bytes) else {
                 continue;
             };
-            if owner.is_some_and(|o| meta.owner.as_deref() != Some(o)) {
-                continue;
-            }
             if self.files.join(&meta.name).is_file() {
                 out.push(meta);
             }
         }
+        Ok(out)
+    }
+
+    /// Every complete file whose bytes are still in place, by name in the
+    /// folder; only `owner`'s when given.
+    pub fn list(&self, owner: Option<&str>) -> io::Result<Vec<FileMeta>> {
+        let mut out = {
+            let _place = Self::lock(&self.place);
+            self.records()?
+        };
+        out.retain(|meta| owner.is_none_or(|o| meta.owner.as_deref() == Some(o)));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    /// Opens a complete file for reading (only one of `owner`'s when
-    /// given).
+    /// The complete file called `name` in the folder, or else the newest
+    /// one sent as `name` (only `owner`'s when given).
+    fn find(&self, name: &str, owner: Option<&str>) -> Result<FileMeta, FileError> {
+        let files = self.list(owner)?;
+        if let Some(meta) = files.iter().find(|m| m.name == name) {
+            return Ok(meta.clone());
+        }
+        files
+            .into_iter()
+            .filter(|m| m.sent_as() == name)
+            .max_by_key(|m| m.stored_ms)
+            .ok_or_else(|| FileError::NotFound(name.to_string()))
+    }
+
+    /// Opens a complete file for reading: by its name in the folder, or
+    /// the name it was sent with (only one of `owner`'s when given).
     pub fn open_file(
         &self,
         name: &str,
         owner: Option<&str>,
     ) -> Result<(File, FileMeta), FileError> {
-        let meta = self
-            .list(owner)?
-            .into_iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| FileError::NotFound(name.to_string()))?;
+        let meta = self.find(name, owner)?;
         let file = File::open(self.files.join(&meta.name))?;
         Ok((file, meta))
     }
 
+    /// Removes a complete file, bytes and record, made durable before it
+    /// returns: `name` as for `open_file`, only `owner`'s when given, and
+    /// only the copy `upload_id` wrote when given.
+    pub fn delete(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        upload_id: Option<&str>,
+    ) -> Result<FileMeta, FileError> {
+        let meta = self.find(name, owner)?;
+        if let Some(wanted) = upload_id {
+            if meta.upload_id != wanted {
+                return Err(FileError::Replaced {
+                    name: meta.name,
+                    upload_id: meta.upload_id,
+                });
+            }
+        }
+        let mut inventory = Self::lock(&self.place);
+        // The record first: a crash in between leaves bytes nobody lists,
+        // never a record of bytes that are gone.
+        let record = self.uploads.join(format!("{}.json", meta.upload_id));
+        match fs::remove_file(&record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FileError::NotFound(name.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        sync_dir(&self.uploads)?;
+        match fs::remove_file(self.files.join(&meta.name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        sync_dir(&self.files)?;
+        inventory.toggle(&meta, false);
+        Ok(meta)
+    }
+
+    /// Removes the partial upload `upload_id` (only `owner`'s when given):
+    /// the balancer stored the file elsewhere. A partial being received
+    /// now stays (`InProgress`).
+    pub fn delete_partial(&self, upload_id: &str, owner: Option<&str>) -> Result<(), FileError> {
+        if !crate::proto::file::valid_upload_id(upload_id) {
+            return Err(FileError::Invalid(
+                "upload_id must be 8 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        if !Self::lock(&self.active).insert(upload_id.to_string()) {
+            return Err(FileError::InProgress(upload_id.to_string()));
+        }
+        let _guard = ActiveGuard {
+            store: self,
+            id: upload_id,
+        };
+        let meta_path = self.partial.join(format!("{upload_id}.json"));
+        let meta: Option<PartialMeta> = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(meta) = meta else {
+            return Err(FileError::NotFound(upload_id.to_string()));
+        };
+        if owner.is_some_and(|o| meta.owner.as_deref() != Some(o)) {
+            return Err(FileError::NotFound(upload_id.to_string()));
+        }
+        let _ = fs::remove_file(self.partial.join(upload_id));
+        fs::remove_file(&meta_path)?;
+        Ok(())
+    }
+
     /// How many complete files there are.
     pub fn count(&self) -> u64 {
-        fs::read_dir(&self.uploads).map_or(0, |d| d.count() as u64)
+        self.inventory().files
     }
 }
 
@@ -429,10 +583,11 @@ impl Receiving<'_> {
             });
         }
         self.file.sync_all()?;
-        let _place = FileStore::lock(&store.place);
+        let mut inventory = FileStore::lock(&store.place);
         let name = link_unique(&data_path, &store.files, &safe_title(&self.name))?;
         let meta = FileMeta {
             upload_id: self.id.clone(),
+            original: (name != self.name).then(|| self.name.clone()),
             name,
             size: self.size,
             sha256: got,
@@ -445,6 +600,8 @@ impl Receiving<'_> {
         )?;
         sync_dir(&store.files)?;
         sync_dir(&store.uploads)?;
+        inventory.toggle(&meta, true);
+        drop(inventory);
         fs::remove_file(&data_path)?;
         fs::remove_file(&meta_path)?;
         Ok(meta)
@@ -639,15 +796,101 @@ mod tests {
         assert_eq!(names(Some("ann")), ["same.txt"]);
         assert_eq!(names(Some("bob")), ["same~1.txt"]);
         assert_eq!(names(None).len(), 2);
+        // Each opens their own by the name they sent; nobody else's.
+        assert_eq!(
+            store.open_file("same.txt", Some("bob")).unwrap().1.name,
+            "same~1.txt"
+        );
+        assert_eq!(
+            store.open_file("same.txt", Some("ann")).unwrap().1.name,
+            "same.txt"
+        );
         assert!(matches!(
-            store.open_file("same.txt", Some("bob")),
+            store.open_file("same~1.txt", Some("ann")),
             Err(FileError::NotFound(_))
         ));
-        assert!(store.open_file("same.txt", Some("ann")).is_ok());
+        assert!(matches!(
+            store.open_file("same.txt", Some("carl")),
+            Err(FileError::NotFound(_))
+        ));
         // Another user cannot take over an upload id.
         assert!(matches!(
             store.begin("upload-ann-1", "same.txt", 2, Some("bob".into())),
             Err(FileError::Invalid(_))
+        ));
+    }
+
+    fn store_file(store: &FileStore, id: &str, name: &str, bytes: &[u8]) -> FileMeta {
+        let mut r = receiving(store, id, name, bytes.len() as u64);
+        r.write(0, bytes).unwrap();
+        r.finish(&sha(bytes)).unwrap()
+    }
+
+    #[test]
+    fn delete_removes_bytes_and_record_and_the_inventory_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let empty = store.inventory();
+        let old = store_file(&store, "upload-del-1", "x y.txt", b"old");
+        let new = store_file(&store, "upload-del-2", "x y.txt", b"newer");
+        assert_eq!(
+            (old.name.as_str(), new.name.as_str()),
+            ("x_y.txt", "x_y~1.txt")
+        );
+        // The name sent is kept beside the name in the folder.
+        assert_eq!((old.sent_as(), new.sent_as()), ("x y.txt", "x y.txt"));
+        let both = store.inventory();
+        assert_eq!(both.files, 2);
+        // Only the copy of the upload named goes.
+        assert!(matches!(
+            store.delete("x_y~1.txt", None, Some("upload-del-1")),
+            Err(FileError::Replaced { .. })
+        ));
+        assert_eq!(
+            store.delete("x_y.txt", None, Some("upload-del-1")).unwrap(),
+            old
+        );
+        assert!(!dir.path().join("files/x_y.txt").exists());
+        assert!(matches!(
+            store.delete("x_y.txt", None, Some("upload-del-1")),
+            Err(FileError::NotFound(_))
+        ));
+        let one = store.inventory();
+        assert_eq!(one.files, 1);
+        assert_eq!(one.digest, empty.digest ^ new.digest());
+        // By the name sent: the newest of that name.
+        assert_eq!(store.open_file("x y.txt", None).unwrap().1, new);
+        // Reopened, the store counts the same.
+        drop(store);
+        let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(store.inventory(), one);
+        // A deleted upload's id starts afresh.
+        assert_eq!(receiving(&store, "upload-del-1", "x y.txt", 3).offset(), 0);
+    }
+
+    #[test]
+    fn a_partial_upload_can_be_removed_unless_it_is_being_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut r = receiving(&store, "upload-part-1", "p.bin", 10);
+        r.write(0, b"abc").unwrap();
+        assert!(matches!(
+            store.delete_partial("upload-part-1", None),
+            Err(FileError::InProgress(_))
+        ));
+        drop(r);
+        assert!(matches!(
+            store.delete_partial("upload-part-1", Some("someone")),
+            Err(FileError::NotFound(_))
+        ));
+        store.delete_partial("upload-part-1", None).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path().join(PARTIAL_DIR)).unwrap().count(),
+            0
+        );
+        assert!(matches!(
+            store.delete_partial("upload-part-1", None),
+            Err(FileError::NotFound(_))
         ));
     }
 

@@ -609,13 +609,13 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// A stored document's file name: visible (no leading dot) `.json`.
-fn is_document_name(name: &str) -> bool {
+pub(crate) fn is_document_name(name: &str) -> bool {
     !name.starts_with('.') && name.ends_with(".json")
 }
 
 /// The request number and `~N` suffix (0 when none) of a stored file name:
 /// `{number}_{title}.json` or `{number}_{title}~N.json`.
-fn parse_name(name: &str) -> Option<(u64, u32)> {
+pub(crate) fn parse_name(name: &str) -> Option<(u64, u32)> {
     let stem = name.strip_suffix(".json")?;
     let (number, title) = stem.split_once('_')?;
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {

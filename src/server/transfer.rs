@@ -1,12 +1,12 @@
 //! The server's side of file conversations on a connection: receiving an
-//! upload chunk by chunk, sending a file back, listing files.
+//! upload chunk by chunk, sending a file back, removing one.
 
 use super::files::{Begun, FileError, FileMeta, Receiving};
 use super::Shared;
 use crate::proto::file::{read_body, BodyError, CHUNK_SIZE};
 use crate::proto::{
-    Chunk, Connection, Deadline, ErrorCode, FileEntry, FileHeader, FileList, FileStored,
-    FrameReader, FrameWriter, Reply, Request, TransferEvent, UploadReady, UploadRequest,
+    Chunk, Connection, Deadline, Deleted, ErrorCode, FileHeader, FileStored, FrameReader,
+    FrameWriter, Reply, Request, StoredFile, TransferEvent, UploadReady, UploadRequest,
 };
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
@@ -28,7 +28,7 @@ impl FileError {
             FileError::Offset { .. } => ErrorCode::BadOffset,
             FileError::Size { .. } => ErrorCode::SizeMismatch,
             FileError::Checksum { .. } => ErrorCode::ChecksumMismatch,
-            FileError::NotFound(_) => ErrorCode::NotFound,
+            FileError::NotFound(_) | FileError::Replaced { .. } => ErrorCode::NotFound,
             FileError::Io(e) if super::storage::is_disk_full(e) => ErrorCode::DiskFull,
             FileError::Io(_) => ErrorCode::Storage,
         }
@@ -69,21 +69,54 @@ fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
+/// How an upload went, for the balancer that signed its ticket.
+enum Outcome<'a> {
+    Started,
+    Stored(&'a FileMeta),
+    /// The client went away; the bytes so far stay for a resume.
+    Interrupted,
+    Failed(String),
+}
+
+/// How long a report to the balancer may take.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Tells the balancer that signed the upload's ticket how it goes
-/// (redirect mode), on a thread of its own so the client never waits.
-fn report(
-    shared: &Shared,
-    req: &UploadRequest,
-    state: &str,
-    file: Option<String>,
-    error: Option<String>,
-) {
+/// (redirect mode). A stored file is reported before the client gets its
+/// answer (at most `REPORT_TIMEOUT`), so that the balancer's catalog
+/// points at it by then; the rest on a thread of its own, so the client
+/// never waits for them.
+fn report(shared: &Shared, req: &UploadRequest, outcome: Outcome<'_>) {
     let (Some(key), Some(ticket)) = (&shared.config.cluster_key, &req.ticket) else {
         return;
     };
     let Some(balancer) = ticket.report_to.as_deref().and_then(|a| a.parse().ok()) else {
         return;
     };
+    let (state, file, error, stored) = match outcome {
+        Outcome::Started => ("started", None, None, None),
+        Outcome::Stored(meta) => (
+            "stored",
+            Some(meta.name.clone()),
+            None,
+            Some(StoredFile {
+                name: meta.sent_as().to_string(),
+                owner: meta.owner.clone(),
+                size: meta.size,
+                sha256: meta.sha256.clone(),
+                upload_id: meta.upload_id.clone(),
+                stored_ms: meta.stored_ms,
+            }),
+        ),
+        Outcome::Interrupted => (
+            "interrupted",
+            None,
+            Some("the client went away; the bytes so far are kept for a resume".to_string()),
+            None,
+        ),
+        Outcome::Failed(why) => ("failed", None, Some(why), None),
+    };
+    let wait = stored.is_some();
     let event = TransferEvent {
         id: 1,
         number: ticket.number,
@@ -91,14 +124,13 @@ fn report(
         state: state.to_string(),
         file,
         error,
+        stored,
         mac: String::new(),
     }
     .signed(key);
     let addr = shared.addr;
-    let name = format!("srv{}-report", addr.port());
-    let sent = crate::net::spawn_named(name, Some(128 * 1024), move || {
-        let timeout = Duration::from_secs(2);
-        let answer = crate::net::connect(&balancer, timeout, timeout)
+    let send = move || {
+        let answer = crate::net::connect(&balancer, REPORT_TIMEOUT, REPORT_TIMEOUT)
             .map_err(|e| e.to_string())
             .and_then(|stream| {
                 Connection::new(stream, 64 * 1024)
@@ -114,8 +146,13 @@ fn report(
                 log::warn!("server {addr}: cannot report a transfer to balancer {balancer}: {e}")
             }
         }
-    });
-    if let Err(e) = sent {
+    };
+    if wait {
+        send();
+        return;
+    }
+    let name = format!("srv{}-report", addr.port());
+    if let Err(e) = crate::net::spawn_named(name, Some(128 * 1024), send) {
         log::warn!("server {addr}: cannot report a transfer: {e}");
     }
 }
@@ -123,11 +160,13 @@ fn report(
 fn stored(id: u64, meta: FileMeta, existing: bool, shared: &Shared) -> Reply {
     Reply::FileStored(FileStored {
         id,
-        upload_id: meta.upload_id,
-        name: meta.name,
+        upload_id: meta.upload_id.clone(),
+        name: meta.sent_as().to_string(),
+        file: meta.name,
         size: meta.size,
         sha256: meta.sha256,
         server: shared.addr.to_string(),
+        stored_ms: meta.stored_ms,
         existing,
     })
 }
@@ -216,20 +255,17 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
         return Next::Close;
     }
     let upload_id = req.upload_id.clone();
-    report(shared, &req, "started", None, None);
+    report(shared, &req, Outcome::Started);
     // The upload is given back (ended) before the reply goes out, so a
     // client that resumes at once finds it free.
-    let (next, reply) = take_chunks(upload, id, reader, peer, shared);
-    match &reply {
-        Some(Reply::FileStored(s)) => report(shared, &req, "stored", Some(s.name.clone()), None),
-        Some(Reply::Error(e)) => report(shared, &req, "failed", None, Some(e.message.clone())),
-        _ => report(
-            shared,
-            &req,
-            "failed",
-            None,
-            Some("the upload was interrupted".into()),
-        ),
+    let (next, reply, meta) = take_chunks(upload, id, reader, peer, shared);
+    match (&reply, &meta) {
+        (_, Some(meta)) => report(shared, &req, Outcome::Stored(meta)),
+        (Some(Reply::Error(e)), _) if client_left(e.code) => {
+            report(shared, &req, Outcome::Interrupted)
+        }
+        (Some(Reply::Error(e)), _) => report(shared, &req, Outcome::Failed(e.message.clone())),
+        _ => report(shared, &req, Outcome::Interrupted),
     }
     match reply {
         Some(reply) => {
@@ -248,16 +284,22 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
     }
 }
 
+/// Whether an upload's error says its sender went away (a frame cut
+/// short, or never finished) rather than that something was wrong.
+fn client_left(code: ErrorCode) -> bool {
+    code == ErrorCode::Timeout
+}
+
 /// Takes chunks until `upload_end` (then puts the file in place) or until
-/// something goes wrong. Returns what the connection does next and the
-/// reply to send.
+/// something goes wrong. Returns what the connection does next, the
+/// reply to send, and the file once in place.
 fn take_chunks<R: Read + Deadline>(
     mut upload: Receiving<'_>,
     id: u64,
     reader: &mut FrameReader<R>,
     peer: SocketAddr,
     shared: &Shared,
-) -> (Next, Option<Reply>) {
+) -> (Next, Option<Reply>, Option<FileMeta>) {
     let addr = shared.addr;
     let started = Instant::now();
     let from = upload.offset();
@@ -271,10 +313,10 @@ fn take_chunks<R: Read + Deadline>(
                     upload.offset(),
                     upload.size()
                 );
-                return (Next::Close, None);
+                return (Next::Close, None, None);
             }
-            Err(e) => return (Next::Close, e.reply().map(Reply::Error)),
-            Ok(Some(Err(bad))) => return (Next::Close, Some(Reply::Error(bad.into()))),
+            Err(e) => return (Next::Close, e.reply().map(Reply::Error), None),
+            Ok(Some(Err(bad))) => return (Next::Close, Some(Reply::Error(bad.into())), None),
         };
         match request {
             Request::Chunk(Chunk {
@@ -286,7 +328,7 @@ fn take_chunks<R: Read + Deadline>(
                         ErrorCode::FrameTooLarge,
                         format!("chunk of {body_len} bytes exceeds the maximum of {max_body}"),
                     );
-                    return (Next::Close, Some(reply));
+                    return (Next::Close, Some(reply), None);
                 }
                 let deadline = Instant::now() + shared.config.frame_timeout;
                 reader.get_mut().set_deadline(Some(deadline));
@@ -296,15 +338,17 @@ fn take_chunks<R: Read + Deadline>(
                     Ok(b) => b,
                     Err(e @ BodyError::Length { .. }) => {
                         let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
-                        return (Next::Close, Some(reply));
+                        return (Next::Close, Some(reply), None);
                     }
-                    Err(BodyError::Frame(e)) => return (Next::Close, e.reply().map(Reply::Error)),
+                    Err(BodyError::Frame(e)) => {
+                        return (Next::Close, e.reply().map(Reply::Error), None)
+                    }
                 };
                 if let Err(e) = upload.write(offset, &body) {
                     if e.code() == ErrorCode::DiskFull {
                         shared.load.note_disk_full(shared.storage.dir());
                     }
-                    return (Next::Close, Some(e.reply(id)));
+                    return (Next::Close, Some(e.reply(id)), None);
                 }
             }
             Request::UploadEnd { id: end_id, sha256 } => {
@@ -318,19 +362,20 @@ fn take_chunks<R: Read + Deadline>(
                             meta.size,
                             (size - from) as f64 / secs / 1e6
                         );
-                        (Next::Continue, Some(stored(end_id, meta, false, shared)))
+                        let reply = stored(end_id, meta.clone(), false, shared);
+                        (Next::Continue, Some(reply), Some(meta))
                     }
                     Err(e) => {
                         if e.code() == ErrorCode::DiskFull {
                             shared.load.note_disk_full(shared.storage.dir());
                         }
-                        (Next::Continue, Some(e.reply(end_id)))
+                        (Next::Continue, Some(e.reply(end_id)), None)
                     }
                 };
             }
             other => {
                 let reply = crate::proto::file::out_of_step(&other);
-                return (Next::Close, Some(reply));
+                return (Next::Close, Some(reply), None);
             }
         }
     }
@@ -369,7 +414,7 @@ pub(super) fn send<W: Write>(
     let _active = shared.load.begin();
     let header = Reply::File(FileHeader {
         id,
-        name: meta.name.clone(),
+        name: meta.sent_as().to_string(),
         size: meta.size,
         sha256: meta.sha256.clone(),
         server: addr.to_string(),
@@ -402,28 +447,41 @@ pub(super) fn send<W: Write>(
     }
 }
 
-/// The files this server holds.
-pub(super) fn list(id: u64, owner: Option<&str>, shared: &Shared) -> Reply {
-    match shared.files.list(owner) {
-        Ok(files) => Reply::Files(FileList {
-            id,
-            files: files
-                .into_iter()
-                .map(|m| FileEntry {
-                    name: m.name,
-                    size: m.size,
-                    sha256: m.sha256,
-                    server: shared.addr.to_string(),
-                    stored_ms: m.stored_ms,
-                    owner: m.owner,
-                })
-                .collect(),
-            unreachable: Vec::new(),
-        }),
-        Err(e) => Reply::error(
-            Some(id),
-            ErrorCode::Storage,
-            format!("cannot list files: {e}"),
-        ),
+/// `delete`: a complete file (by its name in the folder, or the name it
+/// was sent with; only `owner`'s, and only the copy `upload_id` wrote,
+/// when given), or with no name, the partial upload `upload_id`.
+pub(super) fn delete(
+    id: u64,
+    name: &str,
+    owner: Option<&str>,
+    upload_id: Option<&str>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Reply {
+    let addr = shared.addr;
+    let done = match (name, upload_id) {
+        ("", Some(upload_id)) => shared
+            .files
+            .delete_partial(upload_id, owner)
+            .map(|()| upload_id.to_string()),
+        ("", None) => Err(FileError::Invalid(
+            "`delete` needs a name (or, for a partial upload, an upload_id)".into(),
+        )),
+        (name, upload_id) => shared
+            .files
+            .delete(name, owner, upload_id)
+            .map(|meta| meta.name),
+    };
+    match done {
+        Ok(removed) => {
+            log::info!("server {addr}: removed {removed:?} (asked by {peer})");
+            Reply::Deleted(Deleted {
+                id,
+                name: removed,
+                servers: vec![addr.to_string()],
+                pending: Vec::new(),
+            })
+        }
+        Err(e) => e.reply(id),
     }
 }
