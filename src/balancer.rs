@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod board;
+pub mod catalog;
 pub mod client_out;
 pub mod conn;
 pub mod context;

@@ -13,13 +13,17 @@
 //! what it holds, so a transfer already acknowledged to a client is seen.
 //!
 //! The file also keeps the set of storage servers (`servers` table), for
-//! membership changes to survive restarts, and the users of `--users`
-//! (`users` table, see `users`). Schema 2 added the users and the user who
-//! sent each transfer, schema 3 the lock of a user after too many failed
-//! logins; a file of an older schema is brought up to date when opened.
+//! membership changes to survive restarts, the users of `--users`
+//! (`users` table, see `users`) and the catalog of stored files and
+//! documents (see `catalog`, which owns its SQL; its changes are committed
+//! by the same writer). Schema 2 added the users and the user who sent
+//! each transfer, schema 3 the lock of a user after too many failed
+//! logins, schema 4 the catalog; a file of an older schema is brought up
+//! to date when opened.
 
 mod rows;
 
+use super::catalog::{self, Change, Entry, Figures, Removal};
 use crate::error::Error;
 use crate::proto::{ErrorCode, TransferView};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -45,7 +49,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// load); a flush waits at most this long to be seen.
 const GATHER_PAUSE: Duration = Duration::from_millis(5);
 /// `PRAGMA user_version` of the schema below.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Records one query returns when it asks for no limit.
 pub const DEFAULT_LIMIT: u32 = 100;
 /// Records one query returns at most, so that the reply fits in a frame.
@@ -98,7 +102,8 @@ ALTER TABLE users ADD COLUMN locked_until_ms INTEGER;
 ";
 
 /// The upgrades, in order: `MIGRATIONS[i]` brings schema `i + 1` to `i + 2`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [MIGRATE_TO_2, MIGRATE_TO_3];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] =
+    [MIGRATE_TO_2, MIGRATE_TO_3, catalog::MIGRATION];
 
 /// Why the state file cannot be used.
 #[derive(Debug)]
@@ -163,8 +168,11 @@ pub enum TransferState {
     /// be stored there (`maybe_stored`).
     Unknown,
     /// Open when the balancer stopped without finishing it (a crash or a
-    /// kill); marked so when the balancer starts again.
+    /// kill); marked so when the balancer starts again. Also an upload
+    /// whose client went away: its bytes so far are kept for a resume.
     Interrupted,
+    /// A file its user deleted (recorded when the catalog forgot it).
+    Deleted,
 }
 
 impl TransferState {
@@ -190,6 +198,7 @@ impl TransferState {
             TransferState::Failed => "failed",
             TransferState::Unknown => "unknown",
             TransferState::Interrupted => "interrupted",
+            TransferState::Deleted => "deleted",
         }
     }
 
@@ -210,7 +219,7 @@ impl TransferState {
     fn parse(s: &str) -> Option<TransferState> {
         [
             Self::ACTIVE.as_slice(),
-            &[Self::Stored],
+            &[Self::Stored, Self::Deleted],
             Self::NOT_STORED.as_slice(),
         ]
         .concat()
@@ -225,8 +234,9 @@ impl fmt::Display for TransferState {
     }
 }
 
-/// Something that happened to a transfer. Store jobs only; `number` is the
-/// request number.
+/// Something that happened to a transfer: a document (`store` jobs) or an
+/// upload; `number` is the request number. `Stored` is a document's (the
+/// catalog records it); an upload is stored by `Change::FileStored`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrackEvent {
     Received {
@@ -254,6 +264,11 @@ pub enum TrackEvent {
     Failed {
         number: u64,
         code: ErrorCode,
+        reason: String,
+    },
+    /// An upload whose client went away before the end.
+    Interrupted {
+        number: u64,
         reason: String,
     },
 }
@@ -330,6 +345,12 @@ enum Msg {
         change: ServerChange,
         at_ms: u64,
         done: Sender<Result<(), String>>,
+    },
+    /// A catalog change, committed before the answer (if one is wanted).
+    Catalog {
+        change: Change,
+        at_ms: u64,
+        done: Option<Sender<Result<catalog::Outcome, String>>>,
     },
 }
 
@@ -521,6 +542,103 @@ impl Tracker {
         })
     }
 
+    /// Makes a catalog change and waits for its commit; returns the
+    /// removals it leaves to carry out.
+    pub fn catalog_change(&self, change: Change) -> Result<Vec<Removal>, Error> {
+        self.catalog_change_within(change, WRITER_WAIT)
+    }
+
+    /// `catalog_change`, waiting up to `wait` for the commit (taking in a
+    /// long listing takes longer than the usual change).
+    pub fn catalog_change_within(
+        &self,
+        change: Change,
+        wait: Duration,
+    ) -> Result<Vec<Removal>, Error> {
+        let error = |source: StateError| Error::State {
+            path: self.shared.path.clone(),
+            source: Box::new(source),
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let msg = Msg::Catalog {
+            change,
+            at_ms: now_ms(),
+            done: Some(done_tx),
+        };
+        self.events
+            .send_timeout(msg, WRITER_WAIT)
+            .map_err(|_| error(StateError::WriterGone))?;
+        match done_rx.recv_timeout(wait) {
+            Ok(Ok(removals)) => Ok(removals),
+            Ok(Err(e)) => Err(error(StateError::Write(e))),
+            Err(_) => Err(error(StateError::WriterGone)),
+        }
+    }
+
+    /// Makes a catalog change without waiting for it (never blocks, like
+    /// `record`).
+    pub fn catalog_note(&self, change: Change) {
+        let msg = Msg::Catalog {
+            change,
+            at_ms: now_ms(),
+            done: None,
+        };
+        if self.events.try_send(msg).is_err() {
+            self.shared.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The file entries called `name` (`owner`'s, or everyone's).
+    pub fn catalog_files(&self, owner: Option<&str>, name: &str) -> Result<Vec<Entry>, Error> {
+        self.flush();
+        self.read(|conn| Ok(catalog::find_files(conn, owner, name)?))
+    }
+
+    /// A page of the catalog (see `catalog::page`). `fresh` first has the
+    /// writer commit what it holds.
+    pub fn catalog_page(
+        &self,
+        owner: Option<&str>,
+        kind: crate::proto::EntryKind,
+        after: &catalog::Cursor,
+        limit: usize,
+        fresh: bool,
+    ) -> Result<Vec<Entry>, Error> {
+        if fresh {
+            self.flush();
+        }
+        self.read(|conn| Ok(catalog::page(conn, owner, kind, after, limit)?))
+    }
+
+    /// The server to resume upload `upload_id` of `owner` on, if the
+    /// catalog knows.
+    pub fn catalog_upload_server(
+        &self,
+        upload_id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<String>, Error> {
+        self.read(|conn| Ok(catalog::upload_server(conn, upload_id, owner)?))
+    }
+
+    /// Whether `file` on `server` is a copy the catalog points at (as
+    /// committed now).
+    pub fn catalog_is_copy(&self, server: &str, file: &str) -> Result<bool, Error> {
+        self.read(|conn| Ok(catalog::is_copy(conn, server, file)?))
+    }
+
+    /// Removals not carried out yet.
+    pub fn catalog_removals(&self) -> Result<Vec<Removal>, Error> {
+        self.flush();
+        self.read(|conn| Ok(catalog::removals(conn)?))
+    }
+
+    /// What the catalog says `server` holds; `None` if it never took that
+    /// server's listing in.
+    pub fn catalog_figures(&self, server: &str) -> Result<Option<Figures>, Error> {
+        self.flush();
+        self.read(|conn| Ok(catalog::figures(conn, server)?))
+    }
+
     /// Waits (boundedly) until the writer has committed what was sent
     /// before; a writer that does not answer in time is read around.
     fn flush(&self) {
@@ -667,7 +785,13 @@ fn write_loop(mut conn: Connection, messages: &Receiver<Msg>, shared: &Shared) -
         let deadline = Instant::now() + BATCH_WINDOW;
         let mut batch = vec![first];
         let mut disconnected = false;
-        while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Msg::Flush(_))) {
+        // Someone waits on a flush or a catalog change: commit now.
+        while batch.len() < MAX_BATCH
+            && !matches!(
+                batch.last(),
+                Some(Msg::Flush(_) | Msg::Catalog { done: Some(_), .. })
+            )
+        {
             match messages.try_recv() {
                 Ok(msg) => {
                     batch.push(msg);
@@ -712,6 +836,7 @@ fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
     let mut events = 0;
     let mut flushed = Vec::new();
     let mut changed = Vec::new();
+    let mut cataloged = Vec::new();
     let result = (|| -> Result<(), rusqlite::Error> {
         let tx = conn.transaction()?;
         let mut new_rows = rows::NewRows::default();
@@ -732,6 +857,19 @@ fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
                     apply_server(&tx, at_ms, &change)?;
                     changed.push(done);
                 }
+                Msg::Catalog {
+                    change,
+                    at_ms,
+                    done,
+                } => {
+                    // A catalog change may touch a transfer received in
+                    // this batch: its row goes in first.
+                    std::mem::take(&mut new_rows).insert(&tx)?;
+                    let removals = catalog::apply(&tx, at_ms, change)?;
+                    if let Some(done) = done {
+                        cataloged.push((done, removals));
+                    }
+                }
             }
         }
         new_rows.insert(&tx)?;
@@ -751,6 +889,9 @@ fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
     };
     for done in changed {
         let _ = done.send(outcome.clone());
+    }
+    for (done, removals) in cataloged {
+        let _ = done.send(outcome.clone().map(|()| removals));
     }
     for done in flushed {
         let _ = done.send(());
@@ -820,12 +961,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusq
             server,
             file,
         } => {
+            let found = tx
+                .prepare_cached(
+                    "UPDATE transfers SET state = 'stored', server = ?2, file = ?3, ended_ms = ?4,
+                         duration_ms = max(0, ?4 - started_ms)
+                     WHERE number = ?1",
+                )?
+                .execute(params![*number as i64, server, file, at])?;
+            if found > 0 {
+                catalog::document_stored(tx, *number, server, file, at_ms)?;
+            }
+        }
+        TrackEvent::Interrupted { number, reason } => {
             tx.prepare_cached(
-                "UPDATE transfers SET state = 'stored', server = ?2, file = ?3, ended_ms = ?4,
-                     duration_ms = max(0, ?4 - started_ms)
-                 WHERE number = ?1",
+                "UPDATE transfers SET state = 'interrupted', last_error = ?2, ended_ms = ?3,
+                     duration_ms = max(0, ?3 - started_ms)
+                 WHERE number = ?1 AND state <> 'stored'",
             )?
-            .execute(params![*number as i64, server, file, at])?;
+            .execute(params![*number as i64, reason, at])?;
         }
         TrackEvent::Failed {
             number,
@@ -1283,7 +1436,7 @@ mod tests {
             .unwrap()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, SCHEMA_VERSION);
         let known = users::Users::new(&path);
         let account = known.lookup("alice").unwrap();
         assert!(users::Users::check("alice", account.as_ref(), "alice's pw").is_some());

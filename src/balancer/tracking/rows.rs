@@ -4,7 +4,7 @@
 //! third of an `INSERT` and two `UPDATE`s. What a query sees after the
 //! commit is the same.
 
-use super::{TrackEvent, TransferState};
+use super::{catalog, TrackEvent, TransferState};
 use rusqlite::{params, Transaction};
 use std::collections::HashMap;
 
@@ -68,7 +68,8 @@ impl NewRows {
             | TrackEvent::Sent { number, .. }
             | TrackEvent::Retried { number, .. }
             | TrackEvent::Stored { number, .. }
-            | TrackEvent::Failed { number, .. } => *number,
+            | TrackEvent::Failed { number, .. }
+            | TrackEvent::Interrupted { number, .. } => *number,
         };
         let Some(&i) = self.index.get(&number) else {
             return Some(event);
@@ -98,12 +99,18 @@ impl NewRows {
                 row.last_error = Some(format!("{code}: {reason}"));
                 row.ended_ms = Some(at_ms);
             }
+            TrackEvent::Interrupted { reason, .. } if row.state != TransferState::Stored => {
+                row.state = TransferState::Interrupted;
+                row.last_error = Some(reason);
+                row.ended_ms = Some(at_ms);
+            }
             _ => {}
         }
         None
     }
 
-    /// Inserts the rows, each as it stands at the end of the batch.
+    /// Inserts the rows, each as it stands at the end of the batch; a
+    /// stored document also goes into the catalog.
     pub(super) fn insert(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO transfers (number, client, title, size, servers, state, server, file,
@@ -131,6 +138,20 @@ impl NewRows {
                 row.last_error,
                 row.user
             ])?;
+            if let (TransferState::Stored, Some(server), Some(file), Some(at_ms)) =
+                (row.state, &row.server, &row.file, row.ended_ms)
+            {
+                let doc = catalog::NewDocument {
+                    number: row.number,
+                    owner: row.user.as_deref().unwrap_or(""),
+                    title: &row.title,
+                    size: row.size,
+                    server,
+                    file,
+                    at_ms,
+                };
+                catalog::new_document(tx, &doc)?;
+            }
         }
         Ok(())
     }
