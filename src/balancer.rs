@@ -12,7 +12,9 @@
 //! metrics live in `stats`. `Balancer::start` returns a `Handle`: its
 //! `Stopper` begins a drained shutdown, `join` waits for every thread.
 //! With `--users`, one more thread writes the failed-login lines that
-//! `logins` holds back (`session::spawn_failure_log`).
+//! `logins` holds back (`session::spawn_failure_log`). With a state file,
+//! the `catalog` of stored files and documents lives there too, and one
+//! thread keeps it in step with the servers (`catalog::sync`).
 
 pub mod backend;
 pub mod board;
@@ -408,6 +410,27 @@ impl Balancer {
             threads.push(session::spawn_failure_log(access.clone(), stop_rx.clone())?);
         }
         let advertise = self.listener.local_addr().ok();
+        let reach = relay::ServerReach {
+            key: config.cluster_key.clone(),
+            connect_timeout: config.probe_timeout,
+            server_timeout: config.server_timeout,
+            max_frame: config.max_frame,
+        };
+        let catalog = match &tracker {
+            Some(tracker) => {
+                let progress = Arc::new(catalog::sync::Progress::default());
+                let syncer = catalog::sync::Syncer {
+                    tracker: tracker.clone(),
+                    stats: stats.clone(),
+                    reach: reach.clone(),
+                    progress: progress.clone(),
+                    every: catalog::sync::LOOK_EVERY,
+                };
+                threads.push(syncer.spawn(stop_rx.clone())?);
+                Some(progress)
+            }
+            None => None,
+        };
         let accept = Acceptor {
             listener: self.listener,
             board,
@@ -434,6 +457,8 @@ impl Balancer {
                 wait: config.queue_timeout,
                 advertise,
                 max_file_size: config.max_file_size,
+                reach,
+                catalog,
             }),
             tracker,
             admission: net::Policy {

@@ -321,31 +321,30 @@ fn store_documents(
     Ok(all_done)
 }
 
-/// Sends the given files, each read when its turn comes; a file that cannot
-/// be read or is not a document is reported as failed and not sent. Prints
-/// a line per document and a summary; returns whether every document was
-/// stored.
-/// Sends the given paths: JSON documents (`titolo` and `contenuto`) as
-/// documents, unless `as_files`, and anything else as files, streamed in
-/// chunks. Returns whether every one was stored.
+/// Sends the given paths: `.json` files as documents, unless `as_files`,
+/// and anything else as files, streamed in chunks. A `.json` file that is
+/// not a document is reported with its reason and not sent (`--file` sends
+/// it as a plain file). Returns whether every one was stored.
 pub fn send_paths(
     config: &Config,
     paths: Vec<PathBuf>,
     as_files: bool,
+    options: files::SendOptions,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
-    let (documents, files): (Vec<PathBuf>, Vec<PathBuf>) = paths
-        .into_iter()
-        .partition(|p| !as_files && is_document_file(p));
+    let (documents, files): (Vec<PathBuf>, Vec<PathBuf>) =
+        paths.into_iter().partition(|p| !as_files && is_json(p));
     let mut all_ok = true;
     if !documents.is_empty() {
         all_ok &= send_files(config, documents, out)?;
     }
     for path in files {
-        match files::upload(config, &path, out) {
+        match files::upload_with(config, &path, options, out) {
             Ok(_) => {}
             // No balancer: said once, as every command says it.
             Err(e @ Error::Connect(..)) => return Err(e),
+            // Where it stopped has been said; the rest is not sent.
+            Err(Error::Interrupted) => return Err(Error::Interrupted),
             Err(e) => {
                 writeln!(out, "not stored: {e}")?;
                 all_ok = false;
@@ -355,42 +354,45 @@ pub fn send_paths(
     Ok(all_ok)
 }
 
-/// Whether a path goes as a document: a `.json` file meant as one — an
-/// object with `titolo` or `contenuto` (a mistake in it is reported, not
-/// sent as a file), or a file that cannot be read (reported with the
-/// documents). Other JSON data, and files larger than a document can be,
-/// go as files.
-fn is_document_file(path: &Path) -> bool {
-    if path.extension().is_none_or(|e| e != "json") {
-        return false;
-    }
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > proto::DEFAULT_MAX_FRAME as u64 => false,
-        Ok(_) => {
-            let Ok(bytes) = std::fs::read(path) else {
-                return true;
-            };
-            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-            match serde_json::from_slice::<serde_json::Value>(bytes) {
-                Ok(serde_json::Value::Object(o)) => {
-                    o.contains_key("titolo") || o.contains_key("contenuto")
-                }
-                _ => false,
-            }
-        }
-        Err(_) => true,
-    }
+/// Whether a path is meant as a document: a `.json` file.
+fn is_json(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
+/// Sends the given `.json` files as documents, each read when its turn
+/// comes; one that cannot be read or is not a document is reported with
+/// its reason and not sent. Prints a line per document and a summary;
+/// returns whether every document was stored.
 pub fn send_files(
     config: &Config,
     files: Vec<PathBuf>,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
     let count = files.len() as u64;
+    let max_frame = config.max_frame as u64;
     let make = move |index: u64| {
         let path = &files[index as usize];
-        load_document(path).map_err(|e| (path.display().to_string(), e.reason()))
+        let shown = path.display().to_string();
+        let as_file = "`send --file` stores it as a plain file";
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > max_frame => {
+                return Err((
+                    shown,
+                    format!(
+                        "not a document: {} is more than a document request may carry \
+                         ({}, --max-frame) ({as_file})",
+                        status::human_bytes(m.len()),
+                        status::human_bytes(max_frame)
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        load_document(path).map_err(|e| match e {
+            Error::BadDocument(..) => (shown, format!("{} ({as_file})", e.reason())),
+            other => (shown, other.reason()),
+        })
     };
     store_documents(config, count, make, out)
 }

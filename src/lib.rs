@@ -14,12 +14,15 @@
 //! - `ids`: request numbers that never repeat.
 //! - `balancer`: accept loop, flow control, dispatcher and pool membership,
 //!   server links (one backend per wire), health monitor, transfer
-//!   tracking (SQLite), start and shutdown.
+//!   tracking and the catalog of stored files and documents (SQLite, kept
+//!   in step with the servers' own listings), start and shutdown.
 //! - `health`: pure state machine of one server's health.
 //! - `policy`: pure balancing policies behind one trait.
 //! - `server`: storage server — connections, storage folder (group commit,
-//!   exactly-once index), own load, registration with balancers.
-//! - `client`: sending documents and reporting what happened to them.
+//!   exactly-once index), files and their listings, own load, registration
+//!   with balancers.
+//! - `client`: sending documents and files and reporting what happened to
+//!   them; listing, getting and deleting what is stored.
 //! - `cli`: command-line values the binaries share (addresses with host
 //!   names, counts, durations, sizes).
 //! - `logging`: the logger the binaries install.

@@ -135,7 +135,7 @@ fn any_file_goes_through_the_balancer_and_comes_back() {
     let out = client(cluster.balancer.addr, work, &["get", "nowhere.bin"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("no server holds a file named \"nowhere.bin\""),
+        text(&out).contains("not_found: no file named \"nowhere.bin\""),
         "{}",
         text(&out)
     );

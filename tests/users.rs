@@ -290,27 +290,62 @@ fn files_need_a_login_too() {
     let out = client(Some("bob"), &["get", "photo.bin", "-o", &copy_arg]);
     assert!(!out.status.success(), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no server holds a file named"),
+        String::from_utf8_lossy(&out.stderr).contains("no file named"),
         "{out:?}"
     );
     assert!(!copy.exists());
+    assert!(!cluster.dir.path().join("bob-copy.bin.part").exists());
     std::fs::write(&file, vec![9u8; 1000]).unwrap();
     let out = client(Some("bob"), &["send", &file.display().to_string()]);
     assert!(out.status.success(), "{out:?}");
-    let out = client(Some("bob"), &["get", "photo~1.bin", "-o", &copy_arg]);
+    // His is photo.bin too, by the name he sent: names are per user.
+    let out = client(Some("bob"), &["get", "photo.bin", "-o", &copy_arg]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&copy).unwrap(), vec![9u8; 1000]);
     let out = client(Some("alice"), &["get", "photo.bin", "-o", &copy_arg]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 100_000]);
-    // An admin sees both, each by the name its user sent.
-    let out = client(Some("root"), &["list"]);
+    // An admin sees both, with their owners, and says whose to get one.
+    let out = client(Some("root"), &["list", "--files"]);
     let listing = String::from_utf8_lossy(&out.stdout);
-    let rows: Vec<&str> = listing.lines().filter(|l| l.contains("photo.bin")).collect();
+    let rows: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("photo.bin"))
+        .collect();
     assert_eq!(rows.len(), 2, "{listing}");
     assert!(
         rows.iter().any(|r| r.contains("alice")) && rows.iter().any(|r| r.contains("bob")),
         "{listing}"
+    );
+    let out = client(Some("root"), &["get", "photo.bin", "-o", &copy_arg]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("several users have a file named"),
+        "{out:?}"
+    );
+    let out = client(
+        Some("root"),
+        &["get", "photo.bin", "--owner", "bob", "-o", &copy_arg],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&copy).unwrap(), vec![9u8; 1000]);
+    // Bob cannot delete hers; he deletes his own; an admin deletes hers.
+    let out = client(Some("bob"), &["delete", "photo.bin", "--owner", "alice"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{out:?}"
+    );
+    let out = client(Some("bob"), &["delete", "photo.bin"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = client(Some("alice"), &["get", "photo.bin", "-o", &copy_arg]);
+    assert!(out.status.success(), "{out:?}");
+    let out = client(Some("root"), &["delete", "photo.bin", "--owner", "alice"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = client(Some("root"), &["list", "--files"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("photo.bin"),
+        "{out:?}"
     );
 }
 

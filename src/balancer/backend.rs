@@ -66,6 +66,33 @@ pub fn probe(
     }
 }
 
+/// How the balancer opens a connection of its own to a server: timeouts,
+/// and the cluster key it proves first when there is one.
+#[derive(Debug, Clone)]
+pub struct ServerReach {
+    pub key: Option<ClusterKey>,
+    pub connect_timeout: Duration,
+    /// How long a server may take over one exchange.
+    pub server_timeout: Duration,
+    pub max_frame: usize,
+}
+
+impl ServerReach {
+    /// A connection to `addr` that has proved the cluster key (see
+    /// `handshake`).
+    pub fn connect(&self, addr: SocketAddr) -> std::io::Result<Connection<net::Stream>> {
+        let stream = net::connect(&addr, self.connect_timeout, self.server_timeout)?;
+        let mut conn = Connection::new(stream, self.max_frame + crate::proto::FORWARD_HEADROOM);
+        if let Some(key) = &self.key {
+            crate::handshake::initiate(&mut conn, key, addr, 0).map_err(|e| {
+                log::warn!("server {addr} did not prove the cluster key: {e}; no file goes to it");
+                std::io::Error::other(format!("server {addr} did not prove the cluster key: {e}"))
+            })?;
+        }
+        Ok(conn)
+    }
+}
+
 /// A framed connection to a server, the cluster key proven when there is
 /// one (ids 0 and 1 of the handshake, below any request number). The
 /// error says why not, for logs and for the jobs that waited for it.

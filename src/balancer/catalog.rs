@@ -16,7 +16,10 @@
 //! - `partials` remembers which server holds the bytes of an upload under
 //!   way, so that running the same `send` again resumes there.
 //! - Servers are the source of truth for bytes: `sync` replaces what the
-//!   catalog says of one server with that server's own listing.
+//!   catalog says of one server with that server's own listing (see
+//!   `catalog::sync` for when).
+
+pub mod sync;
 
 use crate::proto::{EntryKind, FileEntry};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};

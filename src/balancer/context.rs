@@ -45,6 +45,11 @@ pub struct FileSettings {
     pub advertise: Option<SocketAddr>,
     /// Largest file an upload may announce (`--max-file-size`).
     pub max_file_size: u64,
+    /// How servers are reached for files (shared with the catalog's sync).
+    pub reach: super::backend::ServerReach,
+    /// How far the catalog's first look at the servers has got (with a
+    /// state file).
+    pub catalog: Option<Arc<super::catalog::sync::Progress>>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -13,6 +13,7 @@ pub use documents::{legacy_document, Outbox};
 use super::client_out::ClientWriter;
 use super::context::Conn;
 use super::flow::{Permit, Reservation};
+use super::relay::whose;
 use super::session::Session;
 use crate::net;
 use crate::proto::{ErrorCode, FrameReader, Reply, Request};
@@ -92,9 +93,21 @@ pub fn handle(
             session.user_name().as_deref(),
         ),
         Request::Get {
-            id, name, offset, ..
-        } => conn.get(id, &name, offset, session.owner_filter(), io.out),
-        Request::List { id, .. } => answer(conn.list(id, session.owner_filter())),
+            id,
+            name,
+            offset,
+            owner,
+        } => match whose(id, session.owner_filter(), owner) {
+            Ok(owner) => conn.get(id, &name, offset, owner, io.out),
+            Err(refusal) => answer(*refusal),
+        },
+        Request::List { id, kind, .. } => conn.list(id, session.owner_filter(), kind, io.out),
+        Request::Delete {
+            id, name, owner, ..
+        } => answer(match whose(id, session.owner_filter(), owner) {
+            Ok(owner) => conn.delete(id, &name, owner, session.user_name().as_deref()),
+            Err(refusal) => *refusal,
+        }),
         Request::TransferEvent(event) => answer(conn.transfer_event(event)),
         // Requests for other peers, or out of their place.
         other => answer(refusal(&other)),
@@ -113,9 +126,7 @@ fn refusal(request: &Request) -> Reply {
         Request::Chunk(_) | Request::UploadEnd { .. } => {
             "no upload in progress on this connection (send `upload` first)"
         }
-        Request::Delete { .. } | Request::Inventory { .. } => {
-            "`delete` and `inventory` are answered by storage servers"
-        }
+        Request::Inventory { .. } => "`inventory` is answered by storage servers",
         // Answered by the session before they get here.
         _ => "handshake or login out of place",
     };

@@ -1,11 +1,18 @@
 //! Files through the balancer: uploads relayed chunk by chunk to one
 //! server (proxy mode) or handed a ticket to go there directly (redirect
-//! mode), downloads relayed back, and listings gathered from every server.
+//! mode), downloads relayed back, listings and deletes. With a state file
+//! these go by the catalog (`catalog`): a stored file takes the entry of
+//! its name, `list` reads the catalog, `get` goes straight to a server
+//! that holds the file, and an upload resumes on the server that holds its
+//! bytes so far. Without one, listings and downloads ask every server.
 //!
 //! A file transfer has a connection to its server of its own, opened for
 //! it, so a large file never holds up the links that carry documents. The
 //! balancer holds one chunk at a time per transfer.
 
+pub use super::backend::ServerReach;
+use super::catalog::sync;
+use super::catalog::{Change, Cursor, Entry, FileRecord, Recorded, Removal};
 use super::client_out::ClientWriter;
 use super::context::Conn;
 pub use super::context::{FileSettings, Mode};
@@ -15,13 +22,15 @@ use super::stats::{Ended, Kind, Transfer};
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{valid_upload_id, BodyError};
+use crate::proto::file::{valid_upload_id, BodyError, LIST_PAGE};
 use crate::proto::FrameError;
 use crate::proto::{
-    Chunk, Connection, Deadline, ErrorCode, FileHeader, FileList, FrameReader, Redirect, Reply,
-    Request, Ticket, TransferEvent, UploadRequest,
+    Chunk, Connection, Deadline, Deleted, EntryKind, ErrorCode, FileEntry, FileHeader, FileList,
+    FileStored, FrameReader, ListKind, Redirect, Reply, Request, Ticket, TransferEvent,
+    UploadRequest,
 };
 use crossbeam_channel::Sender;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,19 +85,64 @@ impl Conn {
     /// A connection of its own to a server, which proves the cluster key
     /// first when there is one (see `handshake`).
     fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<net::Stream>> {
-        let s = &self.files;
-        let stream = net::connect(&addr, s.connect_timeout, s.server_timeout)?;
-        let mut conn = Connection::new(
-            stream,
-            self.settings.max_frame + crate::proto::FORWARD_HEADROOM,
-        );
-        if let Some(key) = &self.access.cluster_key {
-            crate::handshake::initiate(&mut conn, key, addr, 0).map_err(|e| {
-                log::warn!("server {addr} did not prove the cluster key: {e}; no file goes to it");
-                std::io::Error::other(format!("server {addr} did not prove the cluster key: {e}"))
-            })?;
+        self.files.reach.connect(addr)
+    }
+
+    /// Where an upload's bytes so far are, for a client that does not say
+    /// (a new run of the same `send`): the catalog remembers.
+    fn resume_server(&self, up: &UploadRequest) -> Option<String> {
+        if up.server.is_some() {
+            return up.server.clone();
         }
-        Ok(conn)
+        let tracker = self.tracker.as_ref()?;
+        tracker
+            .catalog_upload_server(&up.upload_id, up.owner.as_deref())
+            .unwrap_or_else(|e| {
+                log::warn!("cannot read the catalog: {e}");
+                None
+            })
+    }
+
+    /// Refuses an upload with `no_clobber` whose name is taken.
+    fn clobbers(&self, up: &UploadRequest) -> Option<Reply> {
+        if !up.no_clobber {
+            return None;
+        }
+        let tracker = self.tracker.as_ref()?;
+        match tracker.catalog_files(Some(up.owner.as_deref().unwrap_or("")), &up.name) {
+            Ok(found) if !found.is_empty() => Some(Reply::error(
+                Some(up.id),
+                ErrorCode::Exists,
+                format!(
+                    "a file named {:?} exists already (sent without --no-clobber, a new file \
+                     replaces it)",
+                    crate::proto::truncate(&up.name, 200)
+                ),
+            )),
+            Ok(_) => None,
+            Err(e) => Some(Reply::error(
+                Some(up.id),
+                ErrorCode::Internal,
+                format!("cannot read the catalog: {e}"),
+            )),
+        }
+    }
+
+    /// Records that `server` holds (or is to hold) the bytes of `up`, so
+    /// that the same `send` run again resumes there; waits for the commit.
+    fn note_partial(&self, up: &UploadRequest, server: &str) {
+        if let Some(tracker) = &self.tracker {
+            let change = Change::UploadStarted {
+                upload_id: up.upload_id.clone(),
+                server: server.to_string(),
+                owner: up.owner.clone(),
+                name: up.name.clone(),
+                size: up.size,
+            };
+            if let Err(e) = tracker.catalog_change(change) {
+                log::warn!("upload {}: cannot record where it goes: {e}", up.upload_id);
+            }
+        }
     }
 
     /// An `upload` from the client: picks a server, then either redirects
@@ -123,10 +177,16 @@ impl Conn {
             ));
             return Next::Continue;
         }
+        if let Some(refusal) = self.clobbers(&up) {
+            let _ = replies.send(refusal);
+            return Next::Continue;
+        }
+        // A new run of the same `send` goes back to the bytes it left.
+        let resume_on = self.resume_server(&up);
         let mut avoid = Vec::new();
         let (server_name, number, mut server) = loop {
             let Some(Picked { name, addr, number }) =
-                self.pick_server(up.server.as_deref(), &avoid)
+                self.pick_server(resume_on.as_deref(), &avoid)
             else {
                 self.stats.transfer_ended(Kind::Upload, Ended::Failed);
                 let _ = replies.send(Reply::error(
@@ -156,6 +216,7 @@ impl Conn {
                     crate::proto::truncate(&up.name, 80),
                     up.size
                 );
+                self.note_partial(&up, &name);
                 self.track_start(number, &up, &name, user);
                 let _ = replies.send(Reply::Redirect(Redirect {
                     id,
@@ -179,8 +240,9 @@ impl Conn {
                 }
             }
         };
-        let resumed_elsewhere = up.server.as_ref().is_some_and(|s| *s != server_name);
+        let resumed_elsewhere = resume_on.as_ref().is_some_and(|s| *s != server_name);
         up.server = None;
+        up.no_clobber = false;
         up.ticket = self
             .files
             .key
@@ -214,14 +276,31 @@ impl Conn {
                 (n, _) => format!(" (resuming at byte {n})"),
             }
         );
+        self.note_partial(&up, &server_name);
         self.track_start(number, &up, &server_name, user);
         let _ = replies.send(Reply::UploadReady(ready));
         let (reply, next) = match self.relay_chunks(&up, &server_name, server, reader, &transfer) {
             Ok(reply) => (Some(reply), Next::Continue),
             Err(stopped) => {
-                let Stopped { why, reply } = *stopped;
-                if reply.is_none() {
+                let Stopped {
+                    why,
+                    reply,
+                    client_left,
+                } = *stopped;
+                if client_left || reply.is_none() {
                     self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
+                }
+                if client_left {
+                    log::info!(
+                        "upload {} from {peer}: the client went away ({why}); \
+                         {server_name} keeps the bytes for a resume",
+                        up.upload_id
+                    );
+                    self.track(TrackEvent::Interrupted {
+                        number,
+                        reason: format!("the client went away: {why}"),
+                    });
+                } else if reply.is_none() {
                     log::info!("upload {} from {peer}: {why}", up.upload_id);
                     self.track(TrackEvent::Failed {
                         number,
@@ -229,47 +308,109 @@ impl Conn {
                         reason: why,
                     });
                 }
-                (reply, Next::Close)
+                (reply.filter(|_| !client_left), Next::Close)
             }
         };
-        match &reply {
-            Some(Reply::FileStored(s)) => {
+        let reply = match reply {
+            Some(Reply::FileStored(stored)) => {
                 log::info!(
                     "upload {} from {peer}: stored as {} on {server_name} ({} bytes)",
                     up.upload_id,
-                    s.name,
-                    s.size
+                    stored.file,
+                    stored.size
                 );
-                self.track(TrackEvent::Stored {
-                    number,
-                    server: server_name.clone(),
-                    file: s.file.clone(),
-                });
                 self.stats.transfer_ended(Kind::Upload, Ended::Done);
+                Some(self.file_stored(Some(number), stored, up.owner.clone()))
             }
             Some(other) => {
                 // The client's own mistakes are not the server's failures.
-                if by_the_client(other) {
+                if by_the_client(&other) {
                     self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
                 } else {
                     transfer.failed();
                     self.stats.transfer_ended(Kind::Upload, Ended::Failed);
                 }
-                log::warn!("upload {} from {peer}: {}", up.upload_id, describe(other));
+                log::warn!("upload {} from {peer}: {}", up.upload_id, describe(&other));
+                let (code, reason) = error_parts(&other);
                 self.track(TrackEvent::Failed {
                     number,
-                    code: error_code(other),
-                    reason: describe(other),
+                    code,
+                    reason,
                 });
+                Some(other)
             }
-            None => {}
-        }
+            None => None,
+        };
         // Counted done before the client hears of it.
         drop(transfer);
         if let Some(reply) = reply {
             let _ = replies.send(reply);
         }
         next
+    }
+
+    /// A server stored a file: the catalog gives its name to it, then the
+    /// older file of that name is removed from its server. Returns the
+    /// answer for the client. Without a state file only the transfer is
+    /// recorded (there is none either).
+    fn file_stored(&self, number: Option<u64>, stored: FileStored, owner: Option<String>) -> Reply {
+        let Some(tracker) = &self.tracker else {
+            return Reply::FileStored(stored);
+        };
+        let record = FileRecord {
+            owner,
+            name: stored.name.clone(),
+            size: stored.size,
+            sha256: stored.sha256.clone(),
+            upload_id: stored.upload_id.clone(),
+            server: stored.server.clone(),
+            file: if stored.file.is_empty() {
+                stored.name.clone()
+            } else {
+                stored.file.clone()
+            },
+            // The server's clock, as in its listings, which a rebuild
+            // compares.
+            stored_ms: if stored.stored_ms > 0 {
+                stored.stored_ms
+            } else {
+                now_ms()
+            },
+        };
+        match tracker.catalog_change(Change::FileStored { number, record }) {
+            Ok(removals) => {
+                self.remove(removals);
+            }
+            // The bytes are stored; the catalog takes them in at its next
+            // look at that server.
+            Err(e) => log::error!(
+                "upload {}: stored on {}, but the catalog cannot record it: {e}",
+                stored.upload_id,
+                stored.server
+            ),
+        }
+        Reply::FileStored(stored)
+    }
+
+    /// Carries out removals on servers that are up; the others wait in the
+    /// catalog for the server to be back. Returns the servers done and
+    /// those left for later.
+    fn remove(&self, removals: Vec<Removal>) -> (Vec<String>, Vec<String>) {
+        let Some(tracker) = &self.tracker else {
+            return (Vec::new(), Vec::new());
+        };
+        let down = self.down_servers();
+        sync::carry_out(tracker, &self.files.reach, &down, removals)
+    }
+
+    /// Servers the balancer knows to be down, and why.
+    fn down_servers(&self) -> HashMap<String, String> {
+        let views = self.stats.views();
+        views
+            .into_iter()
+            .filter(|v| v.state == "down")
+            .map(|v| (v.name, "down".to_string()))
+            .collect()
     }
 
     fn track(&self, event: TrackEvent) {
@@ -383,25 +524,34 @@ impl Conn {
                 let reply = refusal(Duration::from_millis(500))
                     .unwrap_or_else(|| server_failed(id, server_name, &e));
                 Err(stopped(
-                    format!("stopped at byte {offset}: {}", describe(&reply)),
+                    format!("stopped at byte {offset}: {}", error_parts(&reply).1),
                     Some(reply),
                 ))
             }
-            (Err(stop), Ok(())) => match said.recv_timeout(Duration::ZERO) {
-                Ok(Ok(Reply::Error(mut e))) => {
-                    e.id = Some(id);
-                    let reply = Reply::Error(e);
-                    Err(stopped(describe(&reply), Some(reply)))
+            // A refusal ends the reading of the client too (it looks as if
+            // the client went away): it comes first.
+            (Err(stop), Ok(())) => {
+                let wait = if stop.client_left {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::ZERO
+                };
+                match said.recv_timeout(wait) {
+                    Ok(Ok(Reply::Error(mut e))) => {
+                        e.id = Some(id);
+                        let reply = Reply::Error(e);
+                        Err(stopped(error_parts(&reply).1, Some(reply)))
+                    }
+                    // The server broke or closed while the client was
+                    // sending (the watcher ended the reading): its failure,
+                    // and the client is told so.
+                    Ok(Err(why)) => {
+                        let reply = server_failed(id, server_name, &why);
+                        Err(stopped(describe(&reply), Some(reply)))
+                    }
+                    _ => Err(stop),
                 }
-                // The server broke or closed while the client was sending
-                // (the watcher ended the reading): its failure, and the
-                // client is told so.
-                Ok(Err(why)) => {
-                    let reply = server_failed(id, server_name, &why);
-                    Err(stopped(describe(&reply), Some(reply)))
-                }
-                _ => Err(stop),
-            },
+            }
             (Ok((end_id, sha256)), Ok(())) => {
                 let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
                 Ok(match said.recv_timeout(self.files.server_timeout) {
@@ -443,10 +593,11 @@ impl Conn {
         loop {
             let request = match reader.message_within::<Request>(frame_timeout) {
                 Ok(Some(Ok(r))) => r,
-                Ok(None) => return Err(stopped(format!("client left after byte {at}"), None)),
+                Ok(None) => return Err(left(format!("the connection closed after byte {at}"))),
+                Err(e) if went_away(&e) => return Err(left(format!("after byte {at}: {e}"))),
                 Err(e) => return Err(stopped(e.to_string(), e.reply().map(Reply::Error))),
                 Ok(Some(Err(bad))) => {
-                    return Err(stopped(bad.to_string(), Some(Reply::Error(bad.into()))))
+                    return Err(stopped(bad.message.clone(), Some(Reply::Error(bad.into()))))
                 }
             };
             match request {
@@ -471,9 +622,16 @@ impl Conn {
                         reserved.grow(n)
                     });
                     reserved.complete();
-                    if let Err(e) = read {
-                        let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
-                        return Err(stopped(e.to_string(), Some(reply)));
+                    match read {
+                        Ok(()) => {}
+                        Err(BodyError::Frame(e)) if went_away(&e) => {
+                            return Err(left(format!("in the chunk at byte {at}: {e}")))
+                        }
+                        Err(e) => {
+                            let reply =
+                                Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
+                            return Err(stopped(e.to_string(), Some(reply)));
+                        }
                     }
                     at = chunk.offset + chunk.body_len;
                     if to_server.send((chunk, body, reserved)).is_err() {
@@ -484,14 +642,16 @@ impl Conn {
                 Request::UploadEnd { id: end_id, sha256 } => return Ok((end_id, sha256)),
                 other => {
                     let reply = crate::proto::file::out_of_step(&other);
-                    return Err(stopped(describe(&reply), Some(reply)));
+                    return Err(stopped(error_parts(&reply).1, Some(reply)));
                 }
             }
         }
     }
 
     /// A server's report on a redirected upload, signed with the cluster
-    /// key: recorded like any other transfer.
+    /// key: recorded like any other transfer, and a stored file goes into
+    /// the catalog before the answer (the server waits for it before it
+    /// answers its client).
     pub(super) fn transfer_event(&self, event: TransferEvent) -> Reply {
         let id = event.id;
         if !self.files.key.as_ref().is_some_and(|k| event.is_signed(k)) {
@@ -511,6 +671,7 @@ impl Conn {
             state,
             file,
             error,
+            stored,
             ..
         } = event;
         log::info!(
@@ -521,29 +682,33 @@ impl Conn {
                 _ => String::new(),
             }
         );
-        // Straight to the server: it is a member of the cluster, and what
-        // it reports is counted as relayed uploads are, bytes aside.
-        self.open.is_a_server();
-        let counted = self.stats.server_named(&server);
-        let upload = counted.carried(Kind::Upload);
-        match state.as_str() {
-            "started" => upload.started.fetch_add(1, Relaxed),
-            "stored" => {
-                self.stats.transfer_ended(Kind::Upload, Ended::Done);
-                0
+        self.count_reported(&server, &state);
+        match (state.as_str(), stored) {
+            ("started", _) => self.track(TrackEvent::Sent { number, server }),
+            ("stored", Some(s)) => {
+                let stored = FileStored {
+                    id,
+                    upload_id: s.upload_id,
+                    name: s.name,
+                    file: file.unwrap_or_default(),
+                    size: s.size,
+                    sha256: s.sha256,
+                    server,
+                    stored_ms: s.stored_ms,
+                    existing: false,
+                };
+                self.file_stored(Some(number), stored, s.owner);
             }
-            _ => {
-                upload.failures.fetch_add(1, Relaxed);
-                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
-                0
+            ("stored", None) => {
+                return Reply::error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    "a `stored` transfer_event must say what was stored (`stored`)",
+                )
             }
-        };
-        match state.as_str() {
-            "started" => self.track(TrackEvent::Sent { number, server }),
-            "stored" => self.track(TrackEvent::Stored {
+            ("interrupted", _) => self.track(TrackEvent::Interrupted {
                 number,
-                server,
-                file: file.unwrap_or_default(),
+                reason: error.unwrap_or_else(|| "the client went away".into()),
             }),
             _ => self.track(TrackEvent::Failed {
                 number,
@@ -552,6 +717,24 @@ impl Conn {
             }),
         }
         Reply::Recorded { id }
+    }
+
+    /// A redirected upload's report, counted as relayed uploads are (bytes
+    /// aside). The reporter is a member of the cluster.
+    fn count_reported(&self, server: &str, state: &str) {
+        self.open.is_a_server();
+        let upload = self.stats.server_named(server);
+        let upload = upload.carried(Kind::Upload);
+        match state {
+            "started" => {
+                upload.started.fetch_add(1, Relaxed);
+            }
+            "stored" => self.stats.transfer_ended(Kind::Upload, Ended::Done),
+            _ => {
+                upload.failures.fetch_add(1, Relaxed);
+                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
+            }
+        }
     }
 
     /// The servers to ask for files: every one in the pool that is not
@@ -565,9 +748,109 @@ impl Conn {
             .collect()
     }
 
-    /// `list`: every server's files, one listing (only `owner`'s when
-    /// given).
-    pub(super) fn list(&self, id: u64, owner: Option<String>) -> Reply {
+    /// `list`: the catalog's files and documents (only `owner`'s when
+    /// given), in `files` frames of at most `LIST_PAGE` entries; without a
+    /// state file, every server's files, asked now.
+    pub(super) fn list(
+        &self,
+        id: u64,
+        owner: Option<String>,
+        kind: Option<ListKind>,
+        out: &ClientWriter,
+    ) -> Next {
+        let Some(tracker) = &self.tracker else {
+            return send_to(out, &self.list_servers(id, owner));
+        };
+        let rebuilding = self.catalog_rebuilding();
+        let kind = kind.unwrap_or(ListKind::All);
+        let reachable = self.reachable();
+        let mut page: Vec<FileEntry> = Vec::new();
+        let mut first = true;
+        for entry_kind in [EntryKind::File, EntryKind::Document] {
+            if !kind.has(entry_kind) {
+                continue;
+            }
+            let mut after = Cursor::default();
+            loop {
+                let entries = match tracker.catalog_page(
+                    owner.as_deref(),
+                    entry_kind,
+                    &after,
+                    LIST_PAGE,
+                    first,
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let reply = Reply::error(
+                            Some(id),
+                            ErrorCode::Internal,
+                            format!("cannot read the catalog: {e}"),
+                        );
+                        return send_to(out, &reply);
+                    }
+                };
+                first = false;
+                let Some(last) = entries.last() else { break };
+                after = Cursor {
+                    name: last.name.clone(),
+                    id: last.id,
+                };
+                let full = entries.len() == LIST_PAGE;
+                for e in &entries {
+                    if let Some(listed) = listed(e, &reachable) {
+                        page.push(listed);
+                    }
+                }
+                if page.len() >= LIST_PAGE {
+                    let frame = FileList {
+                        id,
+                        files: std::mem::take(&mut page),
+                        unreachable: Vec::new(),
+                        rebuilding: Vec::new(),
+                        more: true,
+                    };
+                    if let Next::Close = send_to(out, &Reply::Files(frame)) {
+                        return Next::Close;
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        let last = FileList {
+            id,
+            files: page,
+            unreachable: Vec::new(),
+            rebuilding,
+            more: false,
+        };
+        send_to(out, &Reply::Files(last))
+    }
+
+    /// Servers whose listing the catalog has not taken in yet; waits a
+    /// little for the first look at the servers after a start.
+    fn catalog_rebuilding(&self) -> Vec<String> {
+        match &self.files.catalog {
+            Some(progress) => {
+                progress.wait_first_look(self.files.wait);
+                progress.rebuilding()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Every server in the pool, with whether it is down.
+    fn reachable(&self) -> HashMap<String, bool> {
+        self.stats
+            .views()
+            .into_iter()
+            .map(|v| (v.name, v.state != "down"))
+            .collect()
+    }
+
+    /// `list` without a catalog: every server's files, asked now.
+    fn list_servers(&self, id: u64, owner: Option<String>) -> Reply {
         let mut all = FileList {
             id,
             files: Vec::new(),
@@ -580,18 +863,11 @@ impl Conn {
                 .connect_server(addr)
                 .map_err(|e| e.to_string())
                 .and_then(|mut c| {
-                    c.call(&Request::List {
-                        id,
-                        owner: owner.clone(),
-                        kind: None,
-                    })
-                    .map_err(|e| e.to_string())
+                    sync::fetch_listing(&mut c, id, owner.clone(), ListKind::Files)
+                        .map_err(|e| e.to_string())
                 });
             match answer {
-                Ok(Reply::Files(list)) => all.files.extend(list.files),
-                Ok(other) => all
-                    .unreachable
-                    .push(format!("{name}: {}", describe(&other))),
+                Ok(files) => all.files.extend(files),
                 Err(e) => all.unreachable.push(format!("{name}: {e}")),
             }
         }
@@ -600,9 +876,161 @@ impl Conn {
         Reply::Files(all)
     }
 
-    /// `get`: finds a server holding the file (one of `owner`'s, when
-    /// given) and relays it to the client.
+    /// `get`: the file `name` of `owner` (everyone's for an admin, then
+    /// the only one of that name), from a server holding it, relayed to
+    /// the client. Without a state file, the first server holding a file
+    /// of that name.
     pub(super) fn get(
+        &self,
+        id: u64,
+        name: &str,
+        offset: u64,
+        owner: Option<String>,
+        out: &ClientWriter,
+    ) -> Next {
+        let Some(tracker) = &self.tracker else {
+            return self.get_from_any(id, name, offset, owner, out);
+        };
+        let rebuilding = self.catalog_rebuilding();
+        let entry = match self.one_entry(tracker, id, owner.as_deref(), name, &rebuilding) {
+            Ok(e) => e,
+            Err(reply) => return send_to(out, &reply),
+        };
+        let reachable = self.reachable();
+        let mut down = Vec::new();
+        let mut gone = Vec::new();
+        // Servers that are up first.
+        let mut copies = entry.copies.clone();
+        copies.sort_by_key(|c| !reachable.get(&c.server).copied().unwrap_or(false));
+        for copy in &copies {
+            match reachable.get(&copy.server) {
+                Some(true) => {}
+                Some(false) => {
+                    down.push(format!("{} (down)", copy.server));
+                    continue;
+                }
+                None => {
+                    down.push(format!("{} (not in the pool)", copy.server));
+                    continue;
+                }
+            }
+            let Ok(addr) = copy.server.parse::<SocketAddr>() else {
+                down.push(format!("{} (not an address)", copy.server));
+                continue;
+            };
+            let mut server = match self.connect_server(addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    down.push(format!("{} (not answering: {e})", copy.server));
+                    continue;
+                }
+            };
+            let request = Request::Get {
+                id,
+                name: copy.file.clone(),
+                offset,
+                owner: entry.owner.clone(),
+            };
+            match server.call(&request) {
+                Ok(Reply::File(header)) => {
+                    let transfer = self
+                        .stats
+                        .server_named(&copy.server)
+                        .transfer(Kind::Download);
+                    return self.relay_download(header, server, out, &transfer);
+                }
+                Ok(Reply::Error(e)) if e.code == ErrorCode::NotFound => {
+                    gone.push(copy.server.clone())
+                }
+                Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => {
+                    return send_to(
+                        out,
+                        &Reply::Error(crate::proto::ErrorReply { id: Some(id), ..e }),
+                    )
+                }
+                Ok(other) => down.push(format!("{} ({})", copy.server, describe(&other))),
+                Err(e) => down.push(format!("{} (failed: {e})", copy.server)),
+            }
+        }
+        let shown = crate::proto::truncate(name, 200);
+        let reply = if !down.is_empty() {
+            Reply::error(
+                Some(id),
+                ErrorCode::Unavailable,
+                format!(
+                    "{shown:?} is stored on {}, which cannot be reached now; try again once it is \
+                     back",
+                    down.join(", ")
+                ),
+            )
+        } else {
+            Reply::error(
+                Some(id),
+                ErrorCode::NotFound,
+                format!(
+                    "{shown:?} was listed on {}, which no longer holds it; the catalog is brought \
+                     in step at its next look at the servers",
+                    gone.join(", ")
+                ),
+            )
+        };
+        send_to(out, &reply)
+    }
+
+    /// The one file entry `name` a request means: `owner`'s, or for an
+    /// admin (no owner) the only one of that name. Else the error reply.
+    fn one_entry(
+        &self,
+        tracker: &super::tracking::Tracker,
+        id: u64,
+        owner: Option<&str>,
+        name: &str,
+        rebuilding: &[String],
+    ) -> Result<Entry, Box<Reply>> {
+        let shown = crate::proto::truncate(name, 200);
+        let mut entries = tracker.catalog_files(owner, name).map_err(|e| {
+            Box::new(Reply::error(
+                Some(id),
+                ErrorCode::Internal,
+                format!("cannot read the catalog: {e}"),
+            ))
+        })?;
+        match entries.len() {
+            0 => {
+                let mut message = format!("no file named {shown:?}");
+                if !rebuilding.is_empty() {
+                    message.push_str(&format!(
+                        " (the catalog is still taking in the listing of {})",
+                        rebuilding.join(", ")
+                    ));
+                }
+                Err(Box::new(Reply::error(
+                    Some(id),
+                    ErrorCode::NotFound,
+                    message,
+                )))
+            }
+            1 => Ok(entries.remove(0)),
+            _ => {
+                let owners: Vec<String> = entries
+                    .iter()
+                    .map(|e| e.owner.clone().unwrap_or_else(|| "nobody".into()))
+                    .collect();
+                Err(Box::new(Reply::error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    format!(
+                        "several users have a file named {shown:?} ({}): say whose with --owner",
+                        owners.join(", ")
+                    ),
+                )))
+            }
+        }
+    }
+
+    /// `get` without a catalog: the first server holding a file of that
+    /// name.
+    fn get_from_any(
         &self,
         id: u64,
         name: &str,
@@ -645,11 +1073,75 @@ impl Conn {
         if !problems.is_empty() {
             message.push_str(&format!(" (could not ask: {})", problems.join("; ")));
         }
-        let reply = Reply::error(Some(id), ErrorCode::NotFound, message);
-        match net::lock(out).message(&reply) {
-            Ok(()) => Next::Continue,
-            Err(_) => Next::Close,
-        }
+        send_to(out, &Reply::error(Some(id), ErrorCode::NotFound, message))
+    }
+
+    /// `delete`: removes the file `name` of `owner` (for an admin, of the
+    /// user given, or the only one of that name) from the catalog, then
+    /// its bytes from the servers that hold them (those down, once they
+    /// are back); recorded as a transfer.
+    pub(super) fn delete(
+        &self,
+        id: u64,
+        name: &str,
+        owner: Option<String>,
+        user: Option<&str>,
+    ) -> Reply {
+        let Some(tracker) = &self.tracker else {
+            return Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "`delete` needs the balancer's catalog, kept in its state file (this balancer \
+                 runs with --no-state)",
+            );
+        };
+        let rebuilding = self.catalog_rebuilding();
+        let entry = match self.one_entry(tracker, id, owner.as_deref(), name, &rebuilding) {
+            Ok(e) => e,
+            Err(reply) => return *reply,
+        };
+        let number = self.numbers.next();
+        let change = Change::Delete {
+            entry: entry.id,
+            transfer: Recorded {
+                number,
+                client: self.peer.to_string(),
+                user: user.map(str::to_owned),
+            },
+        };
+        let removals = match tracker.catalog_change(change) {
+            Ok(r) => r,
+            Err(e) => {
+                return Reply::error(
+                    Some(id),
+                    ErrorCode::Internal,
+                    format!("cannot change the catalog: {e}"),
+                )
+            }
+        };
+        let (servers, pending) = self.remove(removals);
+        log::info!(
+            "{:?} of {} deleted by {} (transfer {number}): removed from {}{}",
+            crate::proto::truncate(name, 80),
+            entry.owner.as_deref().unwrap_or("nobody"),
+            self.peer,
+            if servers.is_empty() {
+                "no server".to_string()
+            } else {
+                servers.join(", ")
+            },
+            if pending.is_empty() {
+                String::new()
+            } else {
+                format!("; from {} once back", pending.join(", "))
+            }
+        );
+        Reply::Deleted(Deleted {
+            id,
+            name: entry.name,
+            servers,
+            pending,
+        })
     }
 
     fn relay_download(
@@ -837,20 +1329,82 @@ fn watch_server(
 struct Stopped {
     why: String,
     reply: Option<Reply>,
+    /// The client went away (closed, cut off, or stalled mid-frame): the
+    /// upload is interrupted, its bytes so far kept for a resume.
+    client_left: bool,
 }
 
 fn stopped(why: impl Into<String>, reply: Option<Reply>) -> Box<Stopped> {
     Box::new(Stopped {
         why: why.into(),
         reply,
+        client_left: false,
     })
+}
+
+fn left(why: impl Into<String>) -> Box<Stopped> {
+    Box::new(Stopped {
+        why: why.into(),
+        reply: None,
+        client_left: true,
+    })
+}
+
+/// Whether a read error of the client's stream means it went away.
+fn went_away(e: &FrameError) -> bool {
+    matches!(
+        e,
+        FrameError::Truncated { .. } | FrameError::Io(_) | FrameError::Timeout { .. }
+    )
+}
+
+/// How a listing shows `entry`: from a copy on a server that can be
+/// reached, else (unavailable) from its first copy. None for an entry with
+/// no copy.
+fn listed(entry: &Entry, reachable: &HashMap<String, bool>) -> Option<FileEntry> {
+    let up = entry
+        .copies
+        .iter()
+        .find(|c| reachable.get(&c.server).copied().unwrap_or(false));
+    match up {
+        Some(copy) => Some(entry.listed(copy, true)),
+        None => entry.copies.first().map(|c| entry.listed(c, false)),
+    }
+}
+
+/// Whose file a `get` or `delete` means: the user's own (`filter`, when
+/// users are on and they are not an admin), or for an admin (or anyone
+/// without users) the user they name, if any. Naming another user without
+/// being an admin is refused.
+pub(super) fn whose(
+    id: u64,
+    filter: Option<String>,
+    asked: Option<String>,
+) -> Result<Option<String>, Box<Reply>> {
+    match (filter, asked) {
+        (Some(mine), Some(other)) if mine != other => Err(Box::new(Reply::error(
+            Some(id),
+            ErrorCode::Forbidden,
+            "only an admin may name another user's file (--owner)",
+        ))),
+        (Some(mine), _) => Ok(Some(mine)),
+        (None, asked) => Ok(asked),
+    }
+}
+
+/// Writes one reply to the client; `Close` when it cannot take it.
+fn send_to(out: &ClientWriter, reply: &Reply) -> Next {
+    match net::lock(out).message(reply) {
+        Ok(()) => Next::Continue,
+        Err(_) => Next::Close,
+    }
 }
 
 fn server_failed(id: u64, server: &str, why: &str) -> Reply {
     Reply::error(
         Some(id),
         ErrorCode::ServerFailed,
-        format!("server {server} failed during the transfer: {why}"),
+        format!("server {server} failed during the transfer: {why}; send again to resume"),
     )
 }
 
@@ -873,10 +1427,12 @@ fn by_the_client(reply: &Reply) -> bool {
     )
 }
 
-fn error_code(reply: &Reply) -> ErrorCode {
+/// An error reply's code and message (its message says what it is; the
+/// code goes beside it, not into it).
+fn error_parts(reply: &Reply) -> (ErrorCode, String) {
     match reply {
-        Reply::Error(e) => e.code,
-        _ => ErrorCode::ServerFailed,
+        Reply::Error(e) => (e.code, e.message.clone()),
+        other => (ErrorCode::ServerFailed, describe(other)),
     }
 }
 

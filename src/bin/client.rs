@@ -5,6 +5,7 @@ use lbft::client::admin::AdminCommand;
 use lbft::client::status::StatusOptions;
 use lbft::client::transfers::TransfersOptions;
 use lbft::client::{self, Config};
+use lbft::proto::ListKind;
 use signal_hook::consts::SIGINT;
 use signal_hook::iterator::{Handle, Signals};
 use std::io::{self, IsTerminal, Write};
@@ -87,27 +88,42 @@ enum Command {
         #[arg(value_parser = parse_count)]
         count: u64,
     },
-    /// Send files. A .json file holding {"titolo": ..., "contenuto": ...}
-    /// goes as a document; any other file (binary included, any size) is
-    /// streamed in chunks with a SHA-256 checksum the server verifies, and
-    /// resumes by itself if the connection, the balancer or the server
-    /// breaks (on another server if that one is gone).
+    /// Send files. A .json file goes as a document: one that is not a
+    /// document ({"titolo": ..., "contenuto": ...}) is reported with its
+    /// reason and not sent, unless --file. Any other file (binary
+    /// included, any size) is streamed in chunks with a SHA-256 checksum
+    /// the server verifies, and resumes by itself if the connection, the
+    /// balancer or the server breaks (on another server if that one is
+    /// gone). A file of a name you sent before replaces it once stored.
+    /// After Ctrl-C or a crash, the same command resumes where it stopped.
     Send {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Send .json documents as plain files too.
+        /// Send .json files as plain files, documents or not.
         #[arg(long)]
         file: bool,
+        /// Refuse a file whose name you already have a file of, instead of
+        /// replacing it.
+        #[arg(long)]
+        no_clobber: bool,
     },
-    /// List the files stored on every server (name, size, server, time,
-    /// SHA-256), or on one with --server.
+    /// List the files and documents in the balancer's catalog (name, size,
+    /// server, time, SHA-256; a file whose server is down is shown
+    /// unavailable), or the files on one server with --server.
     List {
         /// Ask this server directly instead of the balancer.
         #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
         server: Option<SocketAddr>,
+        /// Only files.
+        #[arg(long, conflicts_with = "docs")]
+        files: bool,
+        /// Only documents.
+        #[arg(long)]
+        docs: bool,
     },
-    /// Download a stored file from whichever server holds it, verified by
-    /// its checksum. An interrupted download resumes from <OUTPUT>.part.
+    /// Download a stored file, by the name it was sent with, from a server
+    /// that holds it, verified by its checksum. An interrupted download
+    /// resumes from <OUTPUT>.part.
     Get {
         name: String,
         /// Where to write it (default: NAME in the current folder).
@@ -116,6 +132,17 @@ enum Command {
         /// Ask this server directly instead of the balancer.
         #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
         server: Option<SocketAddr>,
+        /// Whose file (an admin, when several users have one of that name).
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
+    },
+    /// Delete a stored file: its bytes on the servers and its catalog
+    /// entry (recorded in `transfers`). Your own files; an admin's, anyone's.
+    Delete {
+        name: String,
+        /// Whose file (an admin, when several users have one of that name).
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Send N compute requests, each with an operation drawn at random
     /// (somma, sottrazione, moltiplicazione, divisione).
@@ -266,13 +293,42 @@ fn main() -> ExitCode {
     let result = match args.command {
         None => client::interactive(&config, &mut io::stdin().lock(), &mut out),
         Some(Command::Ftp { count }) => client::ftp(&config, count, &mut out),
-        Some(Command::Send { paths, file }) => client::send_paths(&config, paths, file, &mut out),
-        Some(Command::List { server }) => client::files::list(&config, server, &mut out),
+        Some(Command::Send {
+            paths,
+            file,
+            no_clobber,
+        }) => {
+            let options = client::files::SendOptions { no_clobber };
+            client::send_paths(&config, paths, file, options, &mut out)
+        }
+        Some(Command::List {
+            server,
+            files,
+            docs,
+        }) => {
+            let kind = match (files, docs) {
+                (true, _) => Some(ListKind::Files),
+                (_, true) => Some(ListKind::Documents),
+                _ => None,
+            };
+            client::files::list(&config, server, kind, &mut out)
+        }
         Some(Command::Get {
             name,
             output,
             server,
-        }) => client::files::get(&config, &name, output, server, &mut out).map(|_| true),
+            owner,
+        }) => {
+            let options = client::files::GetOptions {
+                output,
+                server,
+                owner,
+            };
+            client::files::get(&config, &name, options, &mut out).map(|_| true)
+        }
+        Some(Command::Delete { name, owner }) => {
+            client::files::delete(&config, &name, owner, &mut out)
+        }
         Some(Command::Calc { count }) => client::calc(&config, count, &mut out),
         Some(Command::Status {
             watch,

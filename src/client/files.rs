@@ -1,24 +1,31 @@
 //! Files of any size: `send` streams a file in chunks (resuming after a
-//! broken connection, balancer or server), `get` downloads one (resuming
-//! from what is already on disk), `list` shows what the servers hold.
+//! broken connection, balancer or server, and across runs), `get`
+//! downloads one (resuming from what is already on disk), `list` shows the
+//! balancer's catalog of files and documents, `delete` removes a file.
 //!
 //! No whole file is ever in memory: one chunk at a time, with SHA-256
 //! computed as the bytes go by and checked by whoever receives them.
+//!
+//! An upload's id is made from the file (its path, size and modification
+//! time) and the user: running the same `send` again after Ctrl-C, a crash
+//! or a lost network asks for the same upload, which the balancer sends
+//! back to the server holding its bytes so far.
 
 use super::{Config, Error};
 use crate::proto::file::CHUNK_SIZE;
 use crate::proto::{
-    Chunk, Connection, ErrorCode, FileEntry, FileHeader, FileStored, Reply, Request, UploadReady,
-    UploadRequest,
+    Chunk, Connection, EntryKind, ErrorCode, FileEntry, FileHeader, FileStored, ListKind, Reply,
+    Request, UploadReady, UploadRequest,
 };
 use crate::text::to_hex;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Attempts at one file before giving up (each resumes where the last
@@ -37,6 +44,8 @@ enum Stop {
     /// Nothing answers at the address: said as every command says it when
     /// nothing was done yet, else worth another attempt.
     Unreachable(SocketAddr, io::Error),
+    /// The user pressed Ctrl-C after `offset` bytes went to `server`.
+    Interrupted { offset: u64, server: String },
 }
 
 impl Stop {
@@ -56,6 +65,13 @@ fn unreachable(config: &Config, addr: SocketAddr, e: io::Error) -> Error {
     } else {
         Error::ConnectServer(addr, e)
     }
+}
+
+/// How `send` treats a file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    /// Refuse instead of replacing a file of the same name.
+    pub no_clobber: bool,
 }
 
 fn retry(server: Option<&str>, why: impl ToString) -> Stop {
@@ -100,11 +116,91 @@ fn connect(addr: SocketAddr, config: &Config) -> Result<Connection<crate::net::S
     Ok(Connection::new(stream, config.max_frame + 1024))
 }
 
-/// A new upload id: 24 random hex digits.
-fn new_upload_id() -> String {
-    let mut bytes = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    to_hex(&bytes)
+/// The upload id of `path` as it is now (24 hex digits): the same for
+/// the same file, unchanged, sent by the same user, so that a new run
+/// resumes where the last one stopped; another as soon as the file
+/// changes. (Should two runs mistake a changed file for the same one, the
+/// server's SHA-256 check refuses the mixture and the upload starts over.)
+fn upload_id_for(path: &Path, meta: &std::fs::Metadata, user: Option<&str>) -> String {
+    let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut h = Sha256::new();
+    h.update(b"lbft upload\0");
+    h.update(full.to_string_lossy().as_bytes());
+    h.update(b"\0");
+    h.update(meta.len().to_be_bytes());
+    h.update(modified.to_be_bytes());
+    h.update(user.unwrap_or("").as_bytes());
+    to_hex(&h.finalize()[..12])
+}
+
+/// Watches for Ctrl-C (a message on `config.interrupt`) while an upload
+/// writes to `stream`: a write blocked on a slow peer would not see it, so
+/// the watcher shuts the stream down, and the upload, finding its write
+/// failed, asks `interrupted`.
+struct Watch {
+    flag: Arc<AtomicBool>,
+    done: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn new(config: &Config, stream: crate::net::Stream) -> Watch {
+        let flag = Arc::new(AtomicBool::new(false));
+        let Some(interrupt) = config.interrupt.clone() else {
+            return Watch {
+                flag,
+                done: None,
+                thread: None,
+            };
+        };
+        let (done, stop) = crossbeam_channel::bounded::<()>(0);
+        let seen = flag.clone();
+        let thread = crate::net::spawn_named("send-watch".into(), None, move || {
+            crossbeam_channel::select! {
+                recv(interrupt) -> signal => if signal.is_ok() {
+                    seen.store(true, Ordering::SeqCst);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                },
+                recv(stop) -> _ => {}
+            }
+        })
+        .ok();
+        Watch {
+            flag,
+            done: Some(done),
+            thread,
+        }
+    }
+
+    fn interrupted(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.done.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits `wait` before another attempt; false when the user pressed
+/// Ctrl-C meanwhile.
+fn pause(config: &Config, wait: Duration) -> bool {
+    match &config.interrupt {
+        Some(interrupt) => interrupt.recv_timeout(wait).is_err(),
+        None => {
+            std::thread::sleep(wait);
+            true
+        }
+    }
 }
 
 /// SHA-256 of the first `len` bytes of `file`, leaving it positioned at
@@ -162,25 +258,47 @@ pub fn human_bytes(n: u64) -> String {
 /// Uploads one file, resuming as often as needed; returns what the server
 /// said once it is in place.
 pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<FileStored, Error> {
+    upload_with(config, path, SendOptions::default(), out)
+}
+
+/// `upload` with options.
+pub fn upload_with(
+    config: &Config,
+    path: &Path,
+    options: SendOptions,
+    out: &mut impl Write,
+) -> Result<FileStored, Error> {
     let fail = |why: String| Error::File(path.to_path_buf(), why);
     let mut file = File::open(path).map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
-    let size = file
+    let meta = file
         .metadata()
-        .map_err(|e| Error::ReadFile(path.to_path_buf(), e))?
-        .len();
+        .map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
+    let size = meta.len();
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    let upload_id = new_upload_id();
+    let user = config.login.as_ref().map(|c| c.user.as_str());
+    let upload_id = upload_id_for(path, &meta, user);
     let bar = progress(config, size, "sending", &name);
     let started = Instant::now();
     let mut server: Option<String> = None;
     let mut last = String::new();
     for attempt in 1..=MAX_ATTEMPTS {
-        if attempt > 1 {
-            // Give a restarting balancer or server a moment; longer each time.
-            std::thread::sleep(Duration::from_millis(200 * u64::from(attempt - 1).min(10)));
+        // Give a restarting balancer or server a moment; longer each time.
+        let wait = Duration::from_millis(200 * u64::from(attempt - 1).min(10));
+        if attempt > 1 && !pause(config, wait) {
+            bar.abandon();
+            writeln!(
+                out,
+                "interrupted: {} was not stored; run the same command again to resume{}",
+                path.display(),
+                server
+                    .as_ref()
+                    .map(|s| format!(" from what {s} holds"))
+                    .unwrap_or_default()
+            )?;
+            return Err(Error::Interrupted);
         }
         let request = UploadRequest {
             id: u64::from(attempt),
@@ -190,7 +308,7 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
             server: server.clone(),
             ticket: None,
             owner: None,
-            no_clobber: false,
+            no_clobber: options.no_clobber,
         };
         let attempted = match attempt_upload(config, &mut file, &request, &bar, out) {
             // No balancer at all: said at once, as every command says it.
@@ -204,9 +322,14 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
             Ok(stored) => {
                 bar.finish_and_clear();
                 let secs = started.elapsed().as_secs_f64().max(1e-3);
+                let on_server = if stored.file.is_empty() || stored.file == stored.name {
+                    String::new()
+                } else {
+                    format!(" (as {} there)", stored.file)
+                };
                 writeln!(
                     out,
-                    "stored {} as {} on {} ({}, {:.1} MB/s, sha256 {}){}",
+                    "stored {} as {} on {}{on_server} ({}, {:.1} MB/s, sha256 {}){}",
                     path.display(),
                     stored.name,
                     stored.server,
@@ -228,6 +351,16 @@ pub fn upload(config: &Config, path: &Path, out: &mut impl Write) -> Result<File
             Err(Stop::Unreachable(addr, e)) => {
                 bar.abandon();
                 return Err(unreachable(config, addr, e));
+            }
+            Err(Stop::Interrupted { offset, server }) => {
+                bar.abandon();
+                writeln!(
+                    out,
+                    "interrupted: {} stopped after {offset} of {size} bytes were sent to {server}; \
+                     run the same command again to resume from what {server} holds",
+                    path.display()
+                )?;
+                return Err(Error::Interrupted);
             }
             Err(Stop::Retry { server: s, why }) => {
                 bar.suspend(|| {
@@ -308,6 +441,7 @@ fn attempt_upload(
             Some(format!("{before} is gone: starting again on {server}"))
         }
         (_, 0) => None,
+        (_, n) if n == size => None,
         (_, n) => Some(format!("resuming at byte {n} of {size} on {server}")),
     };
     if let Some(note) = note {
@@ -320,7 +454,11 @@ fn attempt_upload(
     let mut offset = ready.offset;
     bar.set_position(offset);
     let mut buf = vec![0u8; CHUNK_SIZE];
+    let watch = Watch::new(config, conn.get_ref().clone());
     while offset < size {
+        if watch.interrupted() {
+            return Err(Stop::Interrupted { offset, server });
+        }
         let want = (size - offset).min(CHUNK_SIZE as u64) as usize;
         file.read_exact(&mut buf[..want]).map_err(local)?;
         let chunk = Chunk {
@@ -332,6 +470,9 @@ fn attempt_upload(
             .send(&Request::Chunk(chunk))
             .and_then(|()| conn.send_payload(&buf[..want]));
         if let Err(e) = sent {
+            if watch.interrupted() {
+                return Err(Stop::Interrupted { offset, server });
+            }
             return Err(explain_break(&mut conn, &server, offset, e));
         }
         hasher.update(&buf[..want]);
@@ -347,6 +488,7 @@ fn attempt_upload(
         Ok(Reply::FileStored(stored)) => Ok(stored),
         Ok(Reply::Error(e)) => Err(refused(Some(&server), e.code, &e.message)),
         Ok(other) => Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
+        Err(_) if watch.interrupted() => Err(Stop::Interrupted { offset, server }),
         Err(e) => Err(retry(
             Some(&server),
             format!("no answer after the last byte: {e}"),
@@ -374,55 +516,114 @@ fn explain_break(
     }
 }
 
-/// `list`: the files of every server (through the balancer) or of one.
+/// `list`: the balancer's catalog of files and documents (`kind`), or
+/// the files of one server. Returns false when part of it could not be
+/// read (servers the balancer could not ask).
 pub fn list(
     config: &Config,
     server: Option<SocketAddr>,
+    kind: Option<ListKind>,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
+    let addr = server.unwrap_or(config.balancer);
+    let mut conn = match connect(addr, config) {
+        Ok(c) => c,
+        Err(Stop::Unreachable(addr, e)) => return Err(unreachable(config, addr, e)),
+        Err(Stop::Retry { why, .. } | Stop::Fatal(why)) => {
+            return Err(Error::Io(io::Error::other(why)))
+        }
+        Err(Stop::Interrupted { .. }) => return Err(Error::Interrupted),
+    };
     let request = Request::List {
         id: 1,
         owner: None,
-        kind: None,
+        kind,
     };
-    let reply = match server {
-        // Through the balancer: asked as every other request is.
-        None => super::ask(config, &request)?,
-        Some(addr) => {
-            let mut conn = match connect(addr, config) {
-                Ok(c) => c,
-                Err(Stop::Unreachable(addr, e)) => return Err(unreachable(config, addr, e)),
-                Err(Stop::Retry { why, .. } | Stop::Fatal(why)) => {
-                    return Err(Error::Io(io::Error::other(why)))
+    let failed = |why: String| Error::Io(io::Error::other(why));
+    conn.send(&request)
+        .map_err(|e| failed(format!("{addr} did not answer: {e}")))?;
+    let mut files = Vec::new();
+    let mut unreachable = Vec::new();
+    let mut rebuilding = Vec::new();
+    loop {
+        match conn.recv::<Reply>() {
+            Ok(Reply::Files(page)) => {
+                files.extend(page.files);
+                unreachable.extend(page.unreachable);
+                rebuilding.extend(page.rebuilding);
+                if !page.more {
+                    break;
                 }
-            };
-            let reply = conn.call(&request).map_err(|e| {
-                Error::Io(io::Error::other(format!(
-                    "the server at {addr} did not answer the `list` request: {e}"
-                )))
-            })?;
-            if let Reply::Error(e) = reply {
-                return Err(Error::Io(io::Error::other(format!(
-                    "the server at {addr} refused the `list` request: {}: {}",
-                    e.code, e.message
-                ))));
             }
-            reply
+            Ok(Reply::Error(e)) => {
+                return Err(failed(format!("{addr} refused: {}: {}", e.code, e.message)))
+            }
+            Ok(other) => return Err(failed(format!("unexpected answer {other:?}"))),
+            Err(e) => return Err(failed(format!("{addr} did not answer: {e}"))),
         }
-    };
-    let list = match reply {
-        Reply::Files(list) => list,
-        other => {
-            return Err(Error::Io(io::Error::other(format!(
-                "unexpected answer {other:?}"
-            ))))
+    }
+    let (mut documents, files): (Vec<FileEntry>, Vec<FileEntry>) = files
+        .into_iter()
+        .partition(|f| f.kind == EntryKind::Document);
+    // Request numbers are in the order documents were received.
+    documents.sort_by_key(|d| d.number);
+    let wants = kind.unwrap_or(if server.is_some() {
+        ListKind::Files
+    } else {
+        ListKind::All
+    });
+    if wants.has(EntryKind::File) {
+        write_listing(&files, out)?;
+    }
+    if wants.has(EntryKind::Document) {
+        if wants.has(EntryKind::File) {
+            writeln!(out)?;
         }
-    };
-    write_listing(&list.files, out)?;
-    for problem in &list.unreachable {
+        write_documents(&documents, out)?;
+    }
+    let unavailable: Vec<&FileEntry> = files
+        .iter()
+        .chain(&documents)
+        .filter(|f| !f.available)
+        .collect();
+    if !unavailable.is_empty() {
+        let mut servers: Vec<&str> = unavailable.iter().map(|f| f.server.as_str()).collect();
+        servers.sort_unstable();
+        servers.dedup();
+        writeln!(
+            out,
+            "{} unavailable: held only by {}, which cannot be reached now; `get` works again \
+             once {} back",
+            super::report::counted(unavailable.len() as u64, "entry"),
+            servers.join(", "),
+            if servers.len() == 1 {
+                "it is"
+            } else {
+                "they are"
+            }
+        )?;
+    }
+    if !rebuilding.is_empty() {
+        writeln!(
+            out,
+            "the balancer is still taking in the listing of {}: entries may be missing",
+            rebuilding.join(", ")
+        )?;
+    }
+    for problem in &unreachable {
         writeln!(out, "not listed: {problem}")?;
     }
-    Ok(list.unreachable.is_empty())
+    Ok(unreachable.is_empty())
+}
+
+/// Where an entry is, as a table shows it: its server, and whether that
+/// is down.
+fn location(f: &FileEntry) -> String {
+    if f.available {
+        f.server.clone()
+    } else {
+        format!("{} (unavailable)", f.server)
+    }
 }
 
 fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
@@ -434,6 +635,12 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .map(|f| f.name.chars().count())
         .max()
         .unwrap_or(4);
+    let where_width = files
+        .iter()
+        .map(|f| location(f).chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(21);
     // The owner column only when users are on (an admin's listing).
     let owners = files.iter().any(|f| f.owner.is_some());
     let owner = |f: Option<&FileEntry>| match (owners, f) {
@@ -443,7 +650,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     };
     writeln!(
         out,
-        "{:<width$}  {}{:>10}  {:<21}  {:<24}  sha256",
+        "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  sha256",
         "name",
         owner(None),
         "size",
@@ -454,11 +661,11 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         let at = std::time::UNIX_EPOCH + Duration::from_millis(f.stored_ms);
         writeln!(
             out,
-            "{:<width$}  {}{:>10}  {:<21}  {:<24}  {}",
+            "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  {}",
             f.name,
             owner(Some(f)),
             human_bytes(f.size),
-            f.server,
+            location(f),
             crate::text::rfc3339(at),
             f.sha256
         )?;
@@ -472,18 +679,77 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     )
 }
 
+fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
+    if docs.is_empty() {
+        return writeln!(out, "no documents stored");
+    }
+    let width = docs
+        .iter()
+        .map(|f| f.name.chars().count())
+        .max()
+        .unwrap_or(5)
+        .clamp(5, 40);
+    let owners = docs.iter().any(|f| f.owner.is_some());
+    let owner = |f: Option<&FileEntry>| match (owners, f) {
+        (false, _) => String::new(),
+        (true, None) => format!("{:<12}  ", "owner"),
+        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
+    };
+    writeln!(
+        out,
+        "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  file",
+        "document",
+        "title",
+        owner(None),
+        "size",
+        "server",
+        "stored at"
+    )?;
+    for d in docs {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(d.stored_ms);
+        writeln!(
+            out,
+            "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  {}",
+            d.number.map_or("-".to_string(), |n| n.to_string()),
+            crate::proto::truncate(&d.name, 40),
+            owner(Some(d)),
+            human_bytes(d.size),
+            location(d),
+            crate::text::rfc3339(at),
+            d.server_file()
+        )?;
+    }
+    let total: u64 = docs.iter().map(|f| f.size).sum();
+    writeln!(
+        out,
+        "{}, {}",
+        super::report::counted(docs.len() as u64, "document"),
+        human_bytes(total)
+    )
+}
+
+/// Which file `get` fetches and where it puts it.
+#[derive(Debug, Clone, Default)]
+pub struct GetOptions {
+    /// Where to write it (default: the name, in the current folder).
+    pub output: Option<PathBuf>,
+    /// Ask this server directly instead of the balancer.
+    pub server: Option<SocketAddr>,
+    /// Whose file, for an admin.
+    pub owner: Option<String>,
+}
+
 /// `get`: downloads `name` into `output` (default: the name, in the
 /// current folder). Bytes arrive in `<output>.part` first, which a later
 /// `get` resumes from; the file takes its name only once its checksum
-/// matches.
+/// matches. Nothing is written before a server has the file.
 pub fn get(
     config: &Config,
     name: &str,
-    output: Option<PathBuf>,
-    server: Option<SocketAddr>,
+    options: GetOptions,
     out: &mut impl Write,
 ) -> Result<FileHeader, Error> {
-    let output = output.unwrap_or_else(|| {
+    let output = options.output.clone().unwrap_or_else(|| {
         // Only the last component of the name: never outside this folder.
         PathBuf::from(
             Path::new(name)
@@ -495,7 +761,7 @@ pub fn get(
     let mut part = output.clone().into_os_string();
     part.push(".part");
     let part = PathBuf::from(part);
-    let addr = server.unwrap_or(config.balancer);
+    let addr = options.server.unwrap_or(config.balancer);
     let fail = |why: String| Error::File(PathBuf::from(name), why);
     let started = Instant::now();
     let mut last = String::new();
@@ -503,7 +769,14 @@ pub fn get(
         if attempt > 1 {
             std::thread::sleep(Duration::from_millis(200 * u64::from(attempt - 1).min(10)));
         }
-        let attempted = match attempt_get(config, addr, name, &part, attempt, out) {
+        let fetch = Fetch {
+            addr,
+            name,
+            owner: options.owner.as_deref(),
+            part: &part,
+            attempt,
+        };
+        let attempted = match attempt_get(config, &fetch, out) {
             // Nothing there at all: said at once, as every command says it.
             Err(Stop::Unreachable(addr, e)) if attempt == 1 => {
                 return Err(unreachable(config, addr, e))
@@ -527,6 +800,7 @@ pub fn get(
             }
             Err(Stop::Fatal(why)) => return Err(fail(why)),
             Err(Stop::Unreachable(addr, e)) => return Err(unreachable(config, addr, e)),
+            Err(Stop::Interrupted { .. }) => return Err(Error::Interrupted),
             Err(Stop::Retry { why, .. }) => {
                 writeln!(
                     out,
@@ -542,15 +816,53 @@ pub fn get(
     )))
 }
 
+/// One attempt of `get`.
+struct Fetch<'a> {
+    addr: SocketAddr,
+    name: &'a str,
+    owner: Option<&'a str>,
+    part: &'a Path,
+    attempt: u32,
+}
+
 fn attempt_get(
     config: &Config,
-    addr: SocketAddr,
-    name: &str,
-    part: &Path,
-    attempt: u32,
+    fetch: &Fetch<'_>,
     out: &mut impl Write,
 ) -> Result<FileHeader, Stop> {
+    let Fetch {
+        addr,
+        name,
+        part,
+        attempt,
+        ..
+    } = *fetch;
     let local = |e: io::Error| Stop::Fatal(format!("cannot write {}: {e}", part.display()));
+    // What an earlier attempt left; nothing is created until the file is
+    // found.
+    let held = match std::fs::metadata(part) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(local(e)),
+    };
+    let mut conn = connect(addr, config)?;
+    let request = Request::Get {
+        id: u64::from(attempt),
+        name: name.to_string(),
+        offset: held,
+        owner: fetch.owner.map(str::to_owned),
+    };
+    let header = match conn.call(&request) {
+        Ok(Reply::File(h)) => h,
+        Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => {
+            // What is on disk is not a prefix of this file: start over.
+            let _ = std::fs::remove_file(part);
+            return Err(retry(None, format!("{}: starting over", e.message)));
+        }
+        Ok(Reply::Error(e)) => return Err(refused(None, e.code, &e.message)),
+        Ok(other) => return Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
+        Err(e) => return Err(retry(None, format!("{addr} did not answer: {e}"))),
+    };
     let mut file = File::options()
         .create(true)
         .truncate(false)
@@ -558,25 +870,6 @@ fn attempt_get(
         .write(true)
         .open(part)
         .map_err(local)?;
-    let held = file.metadata().map_err(local)?.len();
-    let mut conn = connect(addr, config)?;
-    let request = Request::Get {
-        id: u64::from(attempt),
-        name: name.to_string(),
-        offset: held,
-        owner: None,
-    };
-    let header = match conn.call(&request) {
-        Ok(Reply::File(h)) => h,
-        Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => {
-            // What is on disk is not a prefix of this file: start over.
-            file.set_len(0).map_err(local)?;
-            return Err(retry(None, format!("{}: starting over", e.message)));
-        }
-        Ok(Reply::Error(e)) => return Err(refused(None, e.code, &e.message)),
-        Ok(other) => return Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
-        Err(e) => return Err(retry(None, format!("{addr} did not answer: {e}"))),
-    };
     if held > 0 {
         let _ = writeln!(
             out,
@@ -632,4 +925,38 @@ fn attempt_get(
         ));
     }
     Ok(header)
+}
+
+/// `delete`: removes the file `name` (for an admin, of user `owner`, or
+/// the only one of that name) from the catalog and from its servers.
+pub fn delete(
+    config: &Config,
+    name: &str,
+    owner: Option<String>,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    let request = Request::Delete {
+        id: 1,
+        name: name.to_string(),
+        owner,
+        upload_id: None,
+    };
+    let reply = super::ask(config, &request)?;
+    let Reply::Deleted(deleted) = reply else {
+        return Err(Error::Io(io::Error::other(format!(
+            "unexpected answer {reply:?}"
+        ))));
+    };
+    let mut line = format!("deleted {}", deleted.name);
+    if !deleted.servers.is_empty() {
+        line.push_str(&format!(": removed from {}", deleted.servers.join(", ")));
+    }
+    if !deleted.pending.is_empty() {
+        line.push_str(&format!(
+            "; {} cannot be reached now: the copy there goes once it is back",
+            deleted.pending.join(", ")
+        ));
+    }
+    writeln!(out, "{line}")?;
+    Ok(true)
 }
