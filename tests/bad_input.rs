@@ -286,11 +286,11 @@ fn invalid_utf8_gets_error_and_connection_stays_open() {
 #[test]
 fn unknown_type_gets_error_with_its_id_and_connection_stays_open() {
     let e = bad_frame_keeps_connection_open(
-        json!({"type": "delete", "id": 9}).to_string().as_bytes(),
+        json!({"type": "rename", "id": 9}).to_string().as_bytes(),
         ErrorCode::UnknownType,
         Some(9),
     );
-    assert!(e.message.contains("`delete`"), "{e:?}");
+    assert!(e.message.contains("`rename`"), "{e:?}");
 }
 
 /// Case 5, a known type the balancer does not answer itself.
@@ -667,7 +667,7 @@ fn server_rejects_garbage_and_keeps_serving() {
         (b"{not json", ErrorCode::InvalidJson, None),
         (b"\xff\xfe\xfd", ErrorCode::InvalidUtf8, None),
         (
-            br#"{"type":"delete","id":9}"#,
+            br#"{"type":"rename","id":9}"#,
             ErrorCode::UnknownType,
             Some(9),
         ),
