@@ -529,29 +529,23 @@ impl Conn {
                 ))
             }
             // A refusal ends the reading of the client too (it looks as if
-            // the client went away): it comes first.
-            (Err(stop), Ok(())) => {
-                let wait = if stop.client_left {
-                    Duration::from_millis(100)
-                } else {
-                    Duration::ZERO
-                };
-                match said.recv_timeout(wait) {
-                    Ok(Ok(Reply::Error(mut e))) => {
-                        e.id = Some(id);
-                        let reply = Reply::Error(e);
-                        Err(stopped(error_parts(&reply).1, Some(reply)))
-                    }
-                    // The server broke or closed while the client was
-                    // sending (the watcher ended the reading): its failure,
-                    // and the client is told so.
-                    Ok(Err(why)) => {
-                        let reply = server_failed(id, server_name, &why);
-                        Err(stopped(describe(&reply), Some(reply)))
-                    }
-                    _ => Err(stop),
+            // the client went away): it comes first (the watcher hands it
+            // on before it ends the reading).
+            (Err(stop), Ok(())) => match said.recv_timeout(Duration::ZERO) {
+                Ok(Ok(Reply::Error(mut e))) => {
+                    e.id = Some(id);
+                    let reply = Reply::Error(e);
+                    Err(stopped(error_parts(&reply).1, Some(reply)))
                 }
-            }
+                // The server broke or closed while the client was sending
+                // (the watcher ended the reading): its failure, and the
+                // client is told so.
+                Ok(Err(why)) => {
+                    let reply = server_failed(id, server_name, &why);
+                    Err(stopped(describe(&reply), Some(reply)))
+                }
+                _ => Err(stop),
+            },
             (Ok((end_id, sha256)), Ok(())) => {
                 let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
                 Ok(match said.recv_timeout(self.files.server_timeout) {
@@ -759,7 +753,7 @@ impl Conn {
         out: &ClientWriter,
     ) -> Next {
         let Some(tracker) = &self.tracker else {
-            return send_to(out, &self.list_servers(id, owner));
+            return send_to(out, &self.list_servers(id, owner, kind));
         };
         let rebuilding = self.catalog_rebuilding();
         let kind = kind.unwrap_or(ListKind::All);
@@ -849,8 +843,10 @@ impl Conn {
             .collect()
     }
 
-    /// `list` without a catalog: every server's files, asked now.
-    fn list_servers(&self, id: u64, owner: Option<String>) -> Reply {
+    /// `list` without a catalog: every server's files (and documents, as
+    /// `kind` asks), asked now.
+    fn list_servers(&self, id: u64, owner: Option<String>, kind: Option<ListKind>) -> Reply {
+        let kind = kind.unwrap_or(ListKind::All);
         let mut all = FileList {
             id,
             files: Vec::new(),
@@ -863,8 +859,17 @@ impl Conn {
                 .connect_server(addr)
                 .map_err(|e| e.to_string())
                 .and_then(|mut c| {
-                    sync::fetch_listing(&mut c, id, owner.clone(), ListKind::Files)
-                        .map_err(|e| e.to_string())
+                    let mut listed = Vec::new();
+                    for part in [ListKind::Files, ListKind::Documents] {
+                        let wanted = match part {
+                            ListKind::Documents => kind.has(EntryKind::Document),
+                            _ => kind.has(EntryKind::File),
+                        };
+                        if wanted {
+                            listed.extend(sync::fetch_listing(&mut c, id, owner.clone(), part)?);
+                        }
+                    }
+                    Ok(listed)
                 });
             match answer {
                 Ok(files) => all.files.extend(files),
@@ -1316,8 +1321,8 @@ fn watch_server(
             Err(e) => break Err(e.to_string()),
         }
     };
-    // Handed on before the client's reading ends, so that the relay finds
-    // why it ended.
+    // Handed on first: whoever finds the client's reading ended looks for
+    // it.
     let _ = said.send(answer);
     if reading_client.load(Ordering::SeqCst) {
         client.end_reading();

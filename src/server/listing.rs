@@ -18,8 +18,8 @@ use std::io::{self, Write};
 use std::path::Path;
 
 /// `list`: files (the default) or documents, in pages; only `owner`'s
-/// files when given (documents carry no owner on a server). An error is
-/// one `error` frame instead.
+/// files when given (and then no documents: they carry no owner on a
+/// server). An error is one `error` frame instead.
 pub(super) fn list<W: Write>(
     id: u64,
     owner: Option<&str>,
@@ -46,7 +46,8 @@ pub(super) fn list<W: Write>(
         writer,
         page: entries,
     };
-    if kind.has(EntryKind::Document) {
+    // Documents carry no owner here: only a listing of everyone's has them.
+    if kind.has(EntryKind::Document) && owner.is_none() {
         if let Err(e) = documents(shared.storage.dir(), &addr, &mut |entry| pages.push(entry)) {
             // What went out already stands; the rest is an error.
             return pages.writer.message(&cannot_list(id, &e));
