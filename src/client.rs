@@ -375,13 +375,15 @@ pub fn send_files(
         let path = &files[index as usize];
         let shown = path.display().to_string();
         let as_file = "`send --file` stores it as a plain file";
+        // Not read at all when even its shortest form (escapes undone)
+        // would not fit in a request.
         match std::fs::metadata(path) {
-            Ok(m) if m.len() > max_frame => {
+            Ok(m) if m.len() > max_frame.saturating_mul(6) => {
                 return Err((
                     shown,
                     format!(
-                        "not a document: {} is more than a document request may carry \
-                         ({}, --max-frame) ({as_file})",
+                        "too large: {}, more than a document request may carry ({}, \
+                         --max-frame) ({as_file})",
                         status::human_bytes(m.len()),
                         status::human_bytes(max_frame)
                     ),

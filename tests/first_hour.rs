@@ -232,8 +232,8 @@ fn documents_given_by_the_user_are_checked_and_the_good_ones_sent() {
         b"\xEF\xBB\xBF{\"titolo\": \"bom\", \"contenuto\": \"x\"}",
     )
     .unwrap();
-    // Meant as a document, with a mistake: reported, not sent. (JSON that
-    // is no document at all, such as an array, goes as a plain file.)
+    // Meant as a document, with a mistake: reported, not sent (as is any
+    // .json file that is not a document; `send --file` sends it as a file).
     std::fs::write(dir.join("array.json"), r#"{"titolo": 5, "contenuto": "x"}"#).unwrap();
     let big = format!(
         r#"{{"titolo": "big", "contenuto": "{}"}}"#,
