@@ -355,6 +355,7 @@ fn the_readme_and_the_help_match_the_programs() {
         "send",
         "list",
         "get",
+        "delete",
         "calc",
         "status",
         "admin",
