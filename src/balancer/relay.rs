@@ -1409,7 +1409,7 @@ fn server_failed(id: u64, server: &str, why: &str) -> Reply {
     Reply::error(
         Some(id),
         ErrorCode::ServerFailed,
-        format!("server {server} failed during the transfer: {why}; send again to resume"),
+        format!("server {server} failed during the transfer: {why}"),
     )
 }
 
