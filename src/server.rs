@@ -48,6 +48,8 @@ pub struct Config {
     pub clean: bool,
     /// Sleep per character of content while counting, to simulate load.
     pub char_delay: Duration,
+    /// How the committer makes a batch of documents durable.
+    pub sync: storage::SyncMode,
     pub max_active: u64,
     pub max_memory_mb: u64,
     /// Largest frame a client of the balancer may send; the server reads
@@ -90,6 +92,7 @@ impl Default for Config {
             storage_root: PathBuf::from("json_files"),
             clean: false,
             char_delay: Duration::ZERO,
+            sync: storage::SyncMode::default(),
             max_active: 64,
             max_memory_mb: 1024,
             max_frame: proto::DEFAULT_MAX_FRAME,
@@ -155,7 +158,8 @@ impl Server {
             dir: dir.clone(),
             source,
         };
-        let storage = Storage::open(&dir).map_err(storage_err)?;
+        let committer = format!("srv{}-commit", addr.port());
+        let storage = Storage::open_with(&dir, config.sync, committer).map_err(storage_err)?;
         let files = FileStore::open(&dir, config.partial_ttl).map_err(storage_err)?;
         if config.clean {
             let removed = storage.clean().map_err(storage_err)?;

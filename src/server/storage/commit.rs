@@ -1,0 +1,539 @@
+//! The committer: one thread per storage folder that makes the stores of
+//! every connection durable together. At each wake-up it takes every
+//! commit waiting (it never waits for more to arrive), writes each
+//! document to a temporary file, makes all their bytes durable, links each
+//! into place under its name (never over an existing file), makes the
+//! folder's new names durable, and only then completes each store. So a
+//! store is answered `stored` once its bytes and its name are on disk, and
+//! a crash at any point leaves no visible document whose bytes were not
+//! durable before its name appeared (at restart the index would answer a
+//! repeated store of its number "already stored" from it).
+//!
+//! Under load the batches grow by themselves: commits arriving while one
+//! batch is on its way to disk make up the next one.
+
+use super::{copy_error, link_unique, Claimed, Folder, StoreError};
+use crossbeam_channel::{Receiver, Sender};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// How a batch's documents are made durable before their names appear.
+/// Either way the new names are then made durable with one fsync of the
+/// folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SyncMode {
+    /// One `syncfs` of the folder's file system for the whole batch (a
+    /// batch of one document: its own `fdatasync`, which costs no more and
+    /// flushes nobody else's data). Much cheaper per document once several
+    /// commit together, but it also writes out whatever other programs
+    /// have left unwritten on the same file system, and waits for it.
+    #[default]
+    Syncfs,
+    /// One `fdatasync` per document: for a folder on a file system that
+    /// other programs keep busy with writes.
+    Fdatasync,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SyncMode, String> {
+        match s {
+            "syncfs" => Ok(SyncMode::Syncfs),
+            "fdatasync" => Ok(SyncMode::Fdatasync),
+            other => Err(format!("{other}: not syncfs or fdatasync")),
+        }
+    }
+}
+
+/// Where a store's outcome goes. Called on the committer's thread, for
+/// every store of a batch, before any of them is delivered: it must not
+/// block. It may return what delivers it (and the outcomes that came with
+/// it), which the committer runs once every outcome of the batch is taken,
+/// so that a connection with several stores in a batch gets their replies
+/// in one write.
+pub trait Done: Send {
+    fn done(self: Box<Self>, outcome: Result<String, StoreError>) -> Option<Deliver>;
+}
+
+/// Delivers outcomes (see `Done`).
+pub type Deliver = Box<dyn FnOnce() + Send>;
+
+/// A caller that waits for its outcome (`waiter`).
+impl Done for Sender<Result<String, StoreError>> {
+    fn done(self: Box<Self>, outcome: Result<String, StoreError>) -> Option<Deliver> {
+        // A caller that stopped waiting has nobody to tell.
+        let _ = self.send(outcome);
+        None
+    }
+}
+
+/// A `Done` for a caller that waits, and where it waits.
+pub(super) fn waiter() -> (Box<dyn Done>, Outcome) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    (Box::new(tx), Outcome(rx))
+}
+
+pub(super) struct Outcome(Receiver<Result<String, StoreError>>);
+
+impl Outcome {
+    pub(super) fn wait(self) -> Result<String, StoreError> {
+        self.0
+            .recv()
+            .unwrap_or_else(|_| Err(StoreError::Io(stopped())))
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the storage committer has stopped")
+}
+
+/// One document for the committer.
+pub struct Commit {
+    bytes: io::Result<Vec<u8>>,
+    /// Its file name without the `~N` suffix and `.json`.
+    base: String,
+    kind: Kind,
+    done: Box<dyn Done>,
+}
+
+pub(super) enum Kind {
+    /// A framed store: it holds its number's claim, may still be refused
+    /// right before its name appears, and is then indexed by its number.
+    Framed {
+        claim: Claimed,
+        not_after_ms: Option<u64>,
+    },
+    /// An original-format copy: always stored, never indexed by number.
+    Copy,
+}
+
+impl Commit {
+    pub(super) fn new(
+        bytes: io::Result<Vec<u8>>,
+        base: String,
+        kind: Kind,
+        done: Box<dyn Done>,
+    ) -> Commit {
+        Commit {
+            bytes,
+            base,
+            kind,
+            done,
+        }
+    }
+
+    /// Ends the commit: its claim first (a sender told "failed" may retry at
+    /// once), then its outcome.
+    fn end(self, outcome: Result<String, StoreError>) -> Option<Deliver> {
+        let Commit { kind, done, .. } = self;
+        drop(kind);
+        done.done(outcome)
+    }
+}
+
+/// The calls that make things durable, apart so that tests can make them
+/// fail.
+pub(super) trait Disk: Send {
+    /// A file's bytes and size (`fdatasync`).
+    fn sync_file(&mut self, file: &File) -> io::Result<()>;
+    /// Everything written to the file system holding `dir` (`syncfs`).
+    fn sync_fs(&mut self, dir: &File) -> io::Result<()>;
+    /// A folder's entries (`fsync` of the folder).
+    fn sync_folder(&mut self, dir: &File) -> io::Result<()>;
+}
+
+struct RealDisk;
+
+impl Disk for RealDisk {
+    fn sync_file(&mut self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn sync_fs(&mut self, dir: &File) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: `dir` is an open descriptor for the whole call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn sync_folder(&mut self, dir: &File) -> io::Result<()> {
+        dir.sync_all()
+    }
+}
+
+/// Whether `syncfs` reports write errors, as Linux does from 5.8 on.
+/// Before, it returned 0 whatever became of the data, and a store whose
+/// bytes never reached the disk would be acknowledged.
+fn syncfs_reports_errors() -> bool {
+    // SAFETY: `uname` fills the struct it is given; an all-zero `utsname`
+    // is a valid value of it.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return false;
+    }
+    let release: String = name
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    at_least_5_8(&release)
+}
+
+/// Whether a Linux release (`6.1.0-13-amd64`) is 5.8 or later.
+fn at_least_5_8(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version >= (5, 8)
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    syncs: AtomicU64,
+}
+
+/// The committer's handle: its queue and its thread. Dropping it closes
+/// the queue; the committer finishes what it holds and ends, and the drop
+/// waits for it.
+pub(super) struct Committer {
+    commits: Option<Sender<Vec<Commit>>>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+}
+
+impl Committer {
+    pub(super) fn start(folder: Arc<Folder>, sync: SyncMode, name: String) -> io::Result<Self> {
+        Committer::start_with(folder, sync, name, Box::new(RealDisk))
+    }
+
+    pub(super) fn start_with(
+        folder: Arc<Folder>,
+        mut sync: SyncMode,
+        name: String,
+        disk: Box<dyn Disk>,
+    ) -> io::Result<Self> {
+        if sync == SyncMode::Syncfs && !syncfs_reports_errors() {
+            log::warn!(
+                "storage {}: this kernel's syncfs does not report write errors (before Linux 5.8): \
+                 making each document durable with its own fdatasync instead",
+                folder.dir.display()
+            );
+            sync = SyncMode::Fdatasync;
+        }
+        // Opened once: `syncfs` reports the errors of writes since the
+        // descriptor was opened.
+        let dir = File::open(&folder.dir)?;
+        let counters = Arc::new(Counters::default());
+        let (commits, queue) = crossbeam_channel::unbounded();
+        let stage = Stage {
+            folder,
+            dir,
+            sync,
+            disk,
+            counters: counters.clone(),
+            committed: 0,
+            batches: 0,
+        };
+        let thread = crate::net::spawn_named(name, None, move || stage.run(&queue))?;
+        Ok(Committer {
+            commits: Some(commits),
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    pub(super) fn submit(&self, commits: Vec<Commit>) {
+        if commits.is_empty() {
+            return;
+        }
+        let Some(queue) = &self.commits else {
+            return;
+        };
+        if let Err(refused) = queue.send(commits) {
+            // The committer ended (it panicked): nothing is stored.
+            let deliveries: Vec<Deliver> = refused
+                .into_inner()
+                .into_iter()
+                .filter_map(|c| c.end(Err(StoreError::Io(stopped()))))
+                .collect();
+            deliveries.into_iter().for_each(|deliver| deliver());
+        }
+    }
+
+    pub(super) fn syncs(&self) -> u64 {
+        self.counters.syncs.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        drop(self.commits.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the storage committer panicked");
+            }
+        }
+    }
+}
+
+/// The committer's own state, on its thread.
+struct Stage {
+    folder: Arc<Folder>,
+    /// The folder, open for syncs.
+    dir: File,
+    sync: SyncMode,
+    disk: Box<dyn Disk>,
+    counters: Arc<Counters>,
+    committed: u64,
+    batches: u64,
+}
+
+/// What went wrong writing one temporary file.
+enum Failure {
+    /// Only this document fails.
+    Write(io::Error),
+    /// Its sync failed: the whole batch fails.
+    Sync(io::Error),
+}
+
+impl Stage {
+    /// Commits batches until the queue is closed and empty.
+    fn run(mut self, queue: &Receiver<Vec<Commit>>) {
+        while let Ok(mut batch) = queue.recv() {
+            for more in queue.try_iter() {
+                batch.extend(more);
+            }
+            for deliver in self.commit(batch) {
+                deliver();
+            }
+        }
+        log::info!(
+            "storage {}: {} documents made durable in {} commits with {} syncs",
+            self.folder.dir.display(),
+            self.committed,
+            self.batches,
+            self.counters.syncs.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Commits one batch; returns what delivers its outcomes.
+    fn commit(&mut self, batch: Vec<Commit>) -> Vec<Deliver> {
+        self.batches += 1;
+        let size = batch.len();
+        let mut ended: Vec<(Commit, Result<String, StoreError>)> = Vec::with_capacity(size);
+        let staged = self.stage(batch, &mut ended);
+        let linked = self.link(staged, &mut ended);
+        self.make_names_durable(linked, &mut ended);
+        let stored = ended.iter().filter(|(_, r)| r.is_ok()).count();
+        self.committed += stored as u64;
+        log::debug!(
+            "storage {}: committed {stored} of {size} documents together",
+            self.folder.dir.display()
+        );
+        ended
+            .into_iter()
+            .filter_map(|(commit, outcome)| commit.end(outcome))
+            .collect()
+    }
+
+    /// Writes each document to a temporary file and makes their bytes
+    /// durable. Returns the commits staged, with their temporary files;
+    /// those that failed go to `ended`.
+    fn stage(
+        &mut self,
+        batch: Vec<Commit>,
+        ended: &mut Vec<(Commit, Result<String, StoreError>)>,
+    ) -> Vec<(Commit, PathBuf)> {
+        let by_file = self.sync == SyncMode::Fdatasync || batch.len() == 1;
+        let mut staged = Vec::with_capacity(batch.len());
+        let mut failed: Option<io::Error> = None;
+        for commit in batch {
+            if let Some(e) = &failed {
+                ended.push((commit, Err(copy_error(e).into())));
+                continue;
+            }
+            let temp = self.folder.temp_path();
+            match self.write_temp(&temp, &commit.bytes, by_file) {
+                Ok(()) => staged.push((commit, temp)),
+                Err(Failure::Write(e)) => {
+                    let _ = fs::remove_file(&temp);
+                    ended.push((commit, Err(e.into())));
+                }
+                Err(Failure::Sync(e)) => {
+                    let _ = fs::remove_file(&temp);
+                    ended.push((commit, Err(copy_error(&e).into())));
+                    failed = Some(e);
+                }
+            }
+        }
+        if failed.is_none() && !by_file && !staged.is_empty() {
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.disk.sync_fs(&self.dir) {
+                failed = Some(e);
+            }
+        }
+        let Some(e) = failed else {
+            return staged;
+        };
+        log::error!(
+            "storage {}: cannot make a batch of {} documents durable: {e}",
+            self.folder.dir.display(),
+            staged.len() + ended.len()
+        );
+        for (commit, temp) in staged {
+            let _ = fs::remove_file(&temp);
+            ended.push((commit, Err(copy_error(&e).into())));
+        }
+        Vec::new()
+    }
+
+    /// Creates the temporary file and writes the document into it; with
+    /// `by_file`, syncs it too.
+    fn write_temp(
+        &mut self,
+        temp: &std::path::Path,
+        bytes: &io::Result<Vec<u8>>,
+        by_file: bool,
+    ) -> Result<(), Failure> {
+        let bytes = bytes.as_ref().map_err(|e| Failure::Write(copy_error(e)))?;
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(temp)
+            .map_err(Failure::Write)?;
+        file.write_all(bytes).map_err(Failure::Write)?;
+        if by_file {
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            self.disk.sync_file(&file).map_err(Failure::Sync)?;
+        }
+        Ok(())
+    }
+
+    /// Links each staged file into place under its name, checking right
+    /// before that it may still appear. Returns the names linked.
+    fn link(
+        &mut self,
+        staged: Vec<(Commit, PathBuf)>,
+        ended: &mut Vec<(Commit, Result<String, StoreError>)>,
+    ) -> Vec<(Commit, String)> {
+        let mut linked = Vec::with_capacity(staged.len());
+        for (commit, temp) in staged {
+            let folder = &self.folder;
+            let check = || match &commit.kind {
+                Kind::Framed {
+                    claim,
+                    not_after_ms,
+                } => folder.may_store(claim.number, *not_after_ms),
+                Kind::Copy => Ok(()),
+            };
+            let name = link_unique(&temp, &folder.dir, &commit.base, &check);
+            // The temporary name was only a staging area; whatever
+            // happened, it must not linger.
+            let _ = fs::remove_file(&temp);
+            match name {
+                Ok(name) => linked.push((commit, name)),
+                Err(e) => ended.push((commit, Err(e))),
+            }
+        }
+        linked
+    }
+
+    /// Makes the new names durable with one fsync of the folder, then
+    /// indexes them. If it fails, none of them is kept: not acknowledged,
+    /// the sender stores them elsewhere, and a copy here would be a
+    /// duplicate.
+    fn make_names_durable(
+        &mut self,
+        linked: Vec<(Commit, String)>,
+        ended: &mut Vec<(Commit, Result<String, StoreError>)>,
+    ) {
+        if linked.is_empty() {
+            return;
+        }
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.disk.sync_folder(&self.dir) {
+            log::error!(
+                "storage {}: cannot make {} new names durable: {e}; removing them",
+                self.folder.dir.display(),
+                linked.len()
+            );
+            for (commit, name) in linked {
+                let _ = fs::remove_file(self.folder.dir.join(&name));
+                ended.push((commit, Err(copy_error(&e).into())));
+            }
+            return;
+        }
+        for (commit, name) in linked {
+            let outcome = match &commit.kind {
+                Kind::Framed { claim, .. } => self.folder.add_stored(claim.number, name),
+                Kind::Copy => {
+                    self.folder.index().documents += 1;
+                    Ok(name)
+                }
+            };
+            ended.push((commit, outcome));
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// Real syncs, except those `fail` names (`file`, `fs`, `folder`),
+    /// which fail with `disk gone`.
+    pub struct FailingDisk {
+        pub fail: Arc<std::sync::Mutex<Vec<&'static str>>>,
+    }
+
+    impl Disk for FailingDisk {
+        fn sync_file(&mut self, file: &File) -> io::Result<()> {
+            self.check("file")?;
+            RealDisk.sync_file(file)
+        }
+
+        fn sync_fs(&mut self, dir: &File) -> io::Result<()> {
+            self.check("fs")?;
+            RealDisk.sync_fs(dir)
+        }
+
+        fn sync_folder(&mut self, dir: &File) -> io::Result<()> {
+            self.check("folder")?;
+            RealDisk.sync_folder(dir)
+        }
+    }
+
+    impl FailingDisk {
+        fn check(&self, what: &str) -> io::Result<()> {
+            if crate::net::lock(&self.fail).contains(&what) {
+                Err(io::Error::other(format!("disk gone ({what})")))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn syncfs_reports_errors_from_linux_5_8() {
+        for (release, newer) in [
+            ("5.8.0", true),
+            ("6.18.44-fc-v1272", true),
+            ("5.10.0-28-amd64", true),
+            ("5.7.19", false),
+            ("4.19.0-26-amd64", false),
+            ("", false),
+        ] {
+            assert_eq!(at_least_5_8(release), newer, "{release}");
+        }
+    }
+}
