@@ -1,7 +1,14 @@
 //! A storage server: accepts connections (from the balancer, or any client
 //! speaking the protocol), stores documents in its folder and answers status
-//! probes. One named thread per connection; requests on a connection are
-//! handled in order.
+//! probes. One named thread per connection reads its requests: on a framed
+//! connection it keeps reading while earlier stores commit, hands every
+//! store it has read to the storage's committer (which makes the stores of
+//! all connections durable together and answers each), and answers the
+//! other requests itself; replies go out through the connection's
+//! `outbox`, several in one write when they are ready together, so their
+//! order may differ from the requests'. Uploads, downloads and the cluster
+//! handshake remain conversations: they start once everything before them
+//! is answered.
 //!
 //! Lifecycle: `Server::bind` opens the listener and the folder;
 //! `Server::start` runs the accept loop, the connections and the load
@@ -15,6 +22,7 @@
 
 pub mod files;
 pub mod load;
+mod outbox;
 pub mod registrar;
 pub mod storage;
 mod transfer;
@@ -29,6 +37,7 @@ use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, R
 use crossbeam_channel::{Receiver, Sender};
 use files::FileStore;
 use load::{Limits, Load};
+use outbox::Outbox;
 use rand::Rng;
 use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -114,6 +123,7 @@ struct Shared {
     storage: Storage,
     files: FileStore,
     load: Arc<Load>,
+    replies: Arc<StoreReplies>,
     /// Numbers documents that arrive without one (sent straight to a server
     /// rather than through the balancer), apart from every balancer's.
     numbers: Generator,
@@ -182,6 +192,11 @@ impl Server {
             max_active: config.max_active,
             max_memory_bytes: config.max_memory_mb.saturating_mul(1024 * 1024),
         }));
+        let replies = Arc::new(StoreReplies {
+            addr,
+            load: load.clone(),
+            dir: storage.dir().to_path_buf(),
+        });
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
@@ -189,6 +204,7 @@ impl Server {
                 storage,
                 files,
                 load,
+                replies,
                 numbers: Generator::new(Source::Server, node),
                 config,
             }),
@@ -373,6 +389,8 @@ fn request_too_slow(peer: SocketAddr, shared: &Shared) {
     }
 }
 
+/// A framed connection: its thread reads requests while earlier stores
+/// commit, and every reply goes through the connection's `Outbox`.
 fn serve_framed(
     read_half: net::Stream,
     write_half: net::Stream,
@@ -382,122 +400,337 @@ fn serve_framed(
     shared: &Shared,
 ) {
     let addr = shared.addr;
-    let local = read_half.tcp().local_addr().unwrap_or(addr);
-    let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
-    // A listener that lets peers in without a certificate
-    // (--tls-client-certs optional, for clients uploading with a ticket in
-    // redirect mode) gives such peers nothing else.
-    let uploads_only = read_half.is_tls()
-        && !read_half.peer_certified()
-        && net::tls::installed()
-            .is_some_and(|t| t.client_certs() == net::tls::ClientCerts::Optional);
-    let paced = net::Paced::new(read_half, shared.config.idle_timeout);
-    let mut reader = FrameReader::new(paced, shared.frame_limit());
-    let mut writer = FrameWriter::new(write_half);
-    let mut first = true;
-    loop {
-        let message = if first {
-            reader.message_by::<Request>(first_by)
-        } else {
-            reader.message_within::<Request>(shared.config.frame_timeout)
-        };
-        let was_first = std::mem::take(&mut first);
-        // A whole request in: at work until it is answered (a transfer,
-        // until it ends).
-        let _working = matches!(message, Ok(Some(_))).then(|| {
-            mark.arrived();
-            mark.busy()
-        });
-        let reply = match message {
-            Ok(None) => break,
-            Err(proto::FrameError::Timeout { .. }) if was_first && Instant::now() >= first_by => {
-                request_too_slow(peer, shared);
-                let late = Reply::error(
-                    None,
-                    ErrorCode::Timeout,
-                    format!(
-                        "no whole request within --frame-timeout ({:?}) of connecting",
-                        shared.config.frame_timeout
-                    ),
+    let name = format!("{}-w", thread::current().name().unwrap_or("srv-conn"));
+    let (outbox, writer) = match Outbox::start(write_half, peer, name, mark.clone()) {
+        Ok(started) => started,
+        Err(e) => {
+            log::error!("server {addr}: connection from {peer}: {e}");
+            return;
+        }
+    };
+    let mut conn = Framed {
+        shared,
+        peer,
+        mark,
+        outbox,
+        stores: Vec::new(),
+    };
+    conn.read_requests(read_half, first_by);
+    // Every store read gets its reply before the connection closes.
+    conn.hand_over();
+    conn.outbox.wait_idle();
+    conn.outbox.close();
+    if writer.join().is_err() {
+        log::error!("server {addr}: the reply writer of {peer} panicked");
+    }
+}
+
+/// A framed connection's thread.
+struct Framed<'a> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    mark: &'a net::Mark,
+    outbox: Arc<Outbox>,
+    /// Stores claimed since the last hand-over to the committer.
+    stores: Vec<storage::Commit>,
+}
+
+impl Framed<'_> {
+    /// Reads requests until the peer closes, stalls, breaks framing or
+    /// fails the handshake, or the server shuts down; the first must be
+    /// whole by `first_by`. Every request already read is handled before
+    /// the thread waits for more: stores go to the committer together,
+    /// other replies out in one write.
+    fn read_requests(&mut self, read_half: net::Stream, first_by: Instant) {
+        let (shared, peer, addr) = (self.shared, self.peer, self.shared.addr);
+        let local = read_half.tcp().local_addr().unwrap_or(addr);
+        let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
+        // A listener that lets peers in without a certificate
+        // (--tls-client-certs optional, for clients uploading with a ticket
+        // in redirect mode) gives such peers nothing else.
+        let uploads_only = read_half.is_tls()
+            && !read_half.peer_certified()
+            && net::tls::installed()
+                .is_some_and(|t| t.client_certs() == net::tls::ClientCerts::Optional);
+        let paced = net::Paced::new(read_half, shared.config.idle_timeout);
+        let mut reader = FrameReader::new(paced, shared.frame_limit());
+        let mut first = true;
+        loop {
+            // Before a read that may wait: what was read so far goes on.
+            if !reader.has_frame() {
+                self.hand_over();
+            }
+            if self.outbox.is_full() {
+                self.hand_over();
+                self.outbox.wait_for_room();
+            }
+            if self.outbox.is_broken() {
+                return;
+            }
+            let message = if first {
+                reader.message_by::<Request>(first_by)
+            } else {
+                reader.message_within::<Request>(shared.config.frame_timeout)
+            };
+            let was_first = std::mem::take(&mut first);
+            // A whole request in: at work until it is answered (a transfer,
+            // until it ends; a store, until the committer answers it).
+            let _working = matches!(message, Ok(Some(_))).then(|| {
+                self.mark.arrived();
+                self.mark.busy()
+            });
+            let reply = match message {
+                Ok(None) => return,
+                Err(proto::FrameError::Timeout { .. })
+                    if was_first && Instant::now() >= first_by =>
+                {
+                    request_too_slow(peer, shared);
+                    let late = Reply::error(
+                        None,
+                        ErrorCode::Timeout,
+                        format!(
+                            "no whole request within --frame-timeout ({:?}) of connecting",
+                            shared.config.frame_timeout
+                        ),
+                    );
+                    self.outbox.queue(&late);
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("server {addr}: connection from {peer}: {e}");
+                    if let Some(r) = e.reply() {
+                        self.outbox.queue(&Reply::Error(r));
+                    }
+                    return;
+                }
+                Ok(Some(Err(bad))) => {
+                    log::warn!("server {addr}: bad request from {peer}: {bad}");
+                    Reply::Error(bad.into())
+                }
+                Ok(Some(Ok(request))) => match gate.handle(&request) {
+                    Some(answer) => {
+                        // The handshake is a conversation of its own:
+                        // whatever came before it is answered first.
+                        self.hand_over();
+                        self.outbox.wait_idle();
+                        if answer.close {
+                            if let Some(skipped) = refusals().check(&peer.ip()) {
+                                log::warn!(
+                                    "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
+                                    error_text(&answer.reply),
+                                    crate::throttle::more(skipped)
+                                );
+                            }
+                            self.outbox.queue(&answer.reply);
+                            return;
+                        }
+                        answer.reply
+                    }
+                    // An upload straight from a client carries a signed
+                    // ticket instead (checked by `transfer::receive`).
+                    None if (uploads_only || (gate.keyed() && !gate.proven()))
+                        && !matches!(request, Request::Upload(_)) =>
+                    {
+                        if let Some(skipped) = refusals().check(&peer.ip()) {
+                            log::warn!(
+                                "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
+                                request.kind(),
+                                crate::throttle::more(skipped)
+                            );
+                        }
+                        Reply::error(
+                            Some(request.id()),
+                            ErrorCode::Unauthenticated,
+                            "this server takes requests only after the cluster handshake \
+                             (hello, see PROTOCOL.md), or uploads with a ticket",
+                        )
+                    }
+                    None => match request {
+                        Request::Store(store) => {
+                            self.store(store);
+                            continue;
+                        }
+                        // Uploads and downloads are conversations that
+                        // write to the socket themselves, one at a time.
+                        Request::Upload(upload) => {
+                            let mut writer = self.conversation();
+                            match transfer::receive(upload, &mut reader, &mut writer, peer, shared)
+                            {
+                                transfer::Next::Continue => continue,
+                                transfer::Next::Close => return,
+                            }
+                        }
+                        Request::Get {
+                            id,
+                            name,
+                            offset,
+                            owner,
+                        } => {
+                            let owner = owner.as_deref();
+                            let mut writer = self.conversation();
+                            match transfer::send(
+                                id,
+                                &name,
+                                offset,
+                                owner,
+                                &mut writer,
+                                peer,
+                                shared,
+                            ) {
+                                transfer::Next::Continue => continue,
+                                transfer::Next::Close => return,
+                            }
+                        }
+                        request => handle(request, shared),
+                    },
+                },
+            };
+            // The balancer's links and probes: closed to make room only
+            // after every connection that has proved nothing.
+            if gate.proven() {
+                self.mark.trust();
+            }
+            self.outbox.queue(&reply);
+        }
+    }
+
+    /// Hands the stores read so far to the committer, together, and writes
+    /// the replies ready.
+    fn hand_over(&mut self) {
+        self.shared.storage.submit(std::mem::take(&mut self.stores));
+        self.outbox.flush();
+    }
+
+    /// A writer for a conversation, once everything before it is answered.
+    fn conversation(&mut self) -> FrameWriter<net::Stream> {
+        self.hand_over();
+        self.outbox.conversation()
+    }
+
+    /// A framed store: at most once per request number. Answered here when
+    /// it is already stored or refused; otherwise claimed, and answered by
+    /// the committer once durable.
+    fn store(&mut self, store: proto::StoreRequest) {
+        let shared = self.shared;
+        let replies = &shared.replies;
+        let active = shared.load.begin_owned();
+        let id = store.id;
+        let number = store
+            .request_number
+            .unwrap_or_else(|| shared.numbers.next());
+        let writer = match shared.storage.claim(number, store.not_after_ms) {
+            Ok(Claim::New(writer)) => writer,
+            Ok(Claim::Existing { file }) => {
+                let a_count = shared
+                    .storage
+                    .stored_a_count(&file)
+                    .unwrap_or_else(|| crate::text::count_a(&store.doc.content));
+                log::info!(
+                    "server {}: request {number} is already stored as {file}; not storing it again",
+                    shared.addr
                 );
-                let _ = writer.message(&late);
-                break;
+                self.outbox
+                    .queue(&replies.stored(id, number, file, a_count, true));
+                return;
             }
             Err(e) => {
-                log::warn!("server {addr}: connection from {peer}: {e}");
-                if let Some(r) = e.reply() {
-                    let _ = writer.message(&Reply::Error(r));
-                }
-                break;
+                self.outbox.queue(&replies.refused(id, number, e));
+                return;
             }
-            Ok(Some(Err(bad))) => {
-                log::warn!("server {addr}: bad request from {peer}: {bad}");
-                Reply::Error(bad.into())
-            }
-            Ok(Some(Ok(request))) => match gate.handle(&request) {
-                Some(answer) if answer.close => {
-                    if let Some(skipped) = refusals().check(&peer.ip()) {
-                        log::warn!(
-                            "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
-                            error_text(&answer.reply),
-                            crate::throttle::more(skipped)
-                        );
-                    }
-                    let _ = writer.message(&answer.reply);
-                    break;
-                }
-                Some(answer) => answer.reply,
-                // An upload straight from a client carries a signed ticket
-                // instead (checked by `transfer::receive`).
-                None if (uploads_only || (gate.keyed() && !gate.proven()))
-                    && !matches!(request, Request::Upload(_)) =>
-                {
-                    if let Some(skipped) = refusals().check(&peer.ip()) {
-                        log::warn!(
-                            "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
-                            request.kind(),
-                            crate::throttle::more(skipped)
-                        );
-                    }
-                    Reply::error(
-                        Some(request.id()),
-                        ErrorCode::Unauthenticated,
-                        "this server takes requests only after the cluster handshake \
-                         (hello, see PROTOCOL.md), or uploads with a ticket",
-                    )
-                }
-                None => match request {
-                    Request::Upload(upload) => {
-                        match transfer::receive(upload, &mut reader, &mut writer, peer, shared) {
-                            transfer::Next::Continue => continue,
-                            transfer::Next::Close => break,
-                        }
-                    }
-                    Request::Get {
-                        id,
-                        name,
-                        offset,
-                        owner,
-                    } => {
-                        let owner = owner.as_deref();
-                        match transfer::send(id, &name, offset, owner, &mut writer, peer, shared) {
-                            transfer::Next::Continue => continue,
-                            transfer::Next::Close => break,
-                        }
-                    }
-                    request => handle(request, shared),
-                },
-            },
         };
-        // The balancer's links and probes: closed to make room only after
-        // every connection that has proved nothing.
-        if gate.proven() {
-            mark.trust();
+        if !shared.config.char_delay.is_zero() {
+            // Counting will take a while: the stores before it go on.
+            self.hand_over();
         }
-        if let Err(e) = writer.message(&reply) {
-            log::warn!("server {addr}: cannot reply to {peer}: {e}");
-            break;
+        let a_count = count_a_with_delay(&store.doc.content, shared.config.char_delay);
+        let bytes = store.doc.title.len() + store.doc.content.len();
+        let done = StoreDone {
+            outbox: self.outbox.clone(),
+            replies: replies.clone(),
+            id,
+            number,
+            a_count,
+            title: proto::truncate(&store.doc.title, 80),
+            bytes,
+            _active: active,
+            _busy: self.mark.busy(),
+        };
+        self.outbox.store_begun(bytes);
+        self.stores
+            .push(writer.commit(&store.doc, a_count, Box::new(done)));
+    }
+}
+
+/// A store in the committer: its reply goes to its connection's outbox.
+struct StoreDone {
+    outbox: Arc<Outbox>,
+    replies: Arc<StoreReplies>,
+    id: u64,
+    number: u64,
+    a_count: u64,
+    /// Its title, cut for the log.
+    title: String,
+    /// Bytes of its document, counted by the outbox.
+    bytes: usize,
+    _active: load::Active,
+    _busy: net::Busy,
+}
+
+impl storage::Done for StoreDone {
+    fn done(self: Box<Self>, outcome: Result<String, StoreError>) -> Option<storage::Deliver> {
+        let replies = &self.replies;
+        let reply = match outcome {
+            Ok(file) => {
+                log_stored(replies.addr, self.number, &self.title, &file, self.a_count);
+                replies.stored(self.id, self.number, file, self.a_count, false)
+            }
+            Err(e) => replies.refused(self.id, self.number, e),
+        };
+        let first = self.outbox.queue_store_reply(&reply, self.bytes);
+        let outbox = self.outbox.clone();
+        first.then(|| Box::new(move || outbox.flush()) as storage::Deliver)
+    }
+}
+
+/// What a store's reply needs, on whichever thread makes it: the
+/// connection's or the committer's. Not `Shared`: the last reference to
+/// the storage must never be dropped on its own committer's thread.
+struct StoreReplies {
+    addr: SocketAddr,
+    load: Arc<Load>,
+    dir: PathBuf,
+}
+
+impl StoreReplies {
+    fn stored(&self, id: u64, number: u64, file: String, a_count: u64, existing: bool) -> Reply {
+        Reply::Stored(proto::Stored {
+            id,
+            server: self.addr.to_string(),
+            request_number: number,
+            file,
+            a_count,
+            existing,
+        })
+    }
+
+    fn refused(&self, id: u64, number: u64, e: StoreError) -> Reply {
+        let addr = self.addr;
+        let code = match &e {
+            StoreError::Expired { .. } | StoreError::Forgotten(_) => ErrorCode::Expired,
+            StoreError::InProgress(_) => ErrorCode::InProgress,
+            StoreError::Io(e) if storage::is_disk_full(e) => ErrorCode::DiskFull,
+            StoreError::Io(_) => ErrorCode::Storage,
+        };
+        if code == ErrorCode::DiskFull {
+            self.load.note_disk_full(&self.dir);
         }
+        if matches!(code, ErrorCode::Storage | ErrorCode::DiskFull) {
+            log::error!("server {addr}: cannot store request {number}: {e}");
+        } else {
+            // The balancer retries elsewhere or has already: routine.
+            log::info!("server {addr}: refused request {number}: {e}");
+        }
+        Reply::error(Some(id), code, format!("server {addr}: {e}"))
     }
 }
 
@@ -572,7 +805,11 @@ fn serve_legacy(
 
 fn handle(request: Request, shared: &Shared) -> Reply {
     match request {
-        Request::Store(store) => handle_store(store, shared),
+        Request::Store(store) => Reply::error(
+            Some(store.id),
+            ErrorCode::Internal,
+            "`store` is answered by the connection loop",
+        ),
         Request::Status { id } => Reply::Status(status_report(id, shared)),
         Request::Calc { id, operation } => {
             let _active = shared.load.begin();
@@ -658,73 +895,13 @@ fn status_report(id: u64, shared: &Shared) -> proto::StatusReport {
     }
 }
 
-/// A framed store: at most once per request number.
-fn handle_store(store: proto::StoreRequest, shared: &Shared) -> Reply {
-    let _active = shared.load.begin();
-    let addr = shared.addr;
-    let id = store.id;
-    let number = store
-        .request_number
-        .unwrap_or_else(|| shared.numbers.next());
-    let stored = |file: String, a_count: u64, existing: bool| {
-        Reply::Stored(proto::Stored {
-            id,
-            server: addr.to_string(),
-            request_number: number,
-            file,
-            a_count,
-            existing,
-        })
-    };
-    let refused = |e: StoreError| {
-        let code = match &e {
-            StoreError::Expired { .. } | StoreError::Forgotten(_) => ErrorCode::Expired,
-            StoreError::InProgress(_) => ErrorCode::InProgress,
-            StoreError::Io(e) if storage::is_disk_full(e) => ErrorCode::DiskFull,
-            StoreError::Io(_) => ErrorCode::Storage,
-        };
-        if code == ErrorCode::DiskFull {
-            shared.load.note_disk_full(shared.storage.dir());
-        }
-        if matches!(code, ErrorCode::Storage | ErrorCode::DiskFull) {
-            log::error!("server {addr}: cannot store request {number}: {e}");
-        } else {
-            // The balancer retries elsewhere or has already: routine.
-            log::info!("server {addr}: refused request {number}: {e}");
-        }
-        Reply::error(Some(id), code, format!("server {addr}: {e}"))
-    };
-    let writer = match shared.storage.claim(number, store.not_after_ms) {
-        Ok(Claim::New(writer)) => writer,
-        Ok(Claim::Existing { file }) => {
-            let a_count = shared
-                .storage
-                .stored_a_count(&file)
-                .unwrap_or_else(|| crate::text::count_a(&store.doc.content));
-            log::info!(
-                "server {addr}: request {number} is already stored as {file}; not storing it again"
-            );
-            return stored(file, a_count, true);
-        }
-        Err(e) => return refused(e),
-    };
-    let a_count = count_a_with_delay(&store.doc.content, shared.config.char_delay);
-    match writer.write(&store.doc, a_count) {
-        Ok(file) => {
-            log_stored(number, &store.doc, &file, a_count, shared);
-            stored(file, a_count, false)
-        }
-        Err(e) => refused(e),
-    }
-}
-
 /// A document in the original format: always stored, whatever its number.
 fn store_legacy(doc: &Document, request_number: Option<u64>, shared: &Shared) {
     let _active = shared.load.begin();
     let number = request_number.unwrap_or_else(|| shared.numbers.next());
     let a_count = count_a_with_delay(&doc.content, shared.config.char_delay);
     match shared.storage.store_copy(number, doc, a_count) {
-        Ok(file) => log_stored(number, doc, &file, a_count, shared),
+        Ok(file) => log_stored(shared.addr, number, &doc.title, &file, a_count),
         Err(e) if storage::is_disk_full(&e) => {
             shared.load.note_disk_full(shared.storage.dir());
             log::error!(
@@ -739,11 +916,10 @@ fn store_legacy(doc: &Document, request_number: Option<u64>, shared: &Shared) {
     }
 }
 
-fn log_stored(number: u64, doc: &Document, file: &str, a_count: u64, shared: &Shared) {
+fn log_stored(addr: SocketAddr, number: u64, title: &str, file: &str, a_count: u64) {
     log::info!(
-        "server {}: stored request {number} \"{}\" as {file} ({a_count} letters A)",
-        shared.addr,
-        proto::truncate(&doc.title, 80)
+        "server {addr}: stored request {number} \"{}\" as {file} ({a_count} letters A)",
+        proto::truncate(title, 80)
     );
 }
 

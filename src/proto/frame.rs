@@ -266,6 +266,16 @@ impl<R: Read> FrameReader<R> {
         !self.inner.buffer().is_empty()
     }
 
+    /// Whether a whole frame is already read from the stream: the next
+    /// `message` returns without waiting for the peer.
+    pub fn has_frame(&self) -> bool {
+        let buffered = self.inner.buffer();
+        match buffered.get(..4) {
+            Some(&[a, b, c, d]) => buffered.len() - 4 >= u32::from_be_bytes([a, b, c, d]) as usize,
+            _ => false,
+        }
+    }
+
     /// The stream under the read buffer, for writes on a connection that
     /// both reads and writes through this reader.
     pub fn get_mut(&mut self) -> &mut R {
