@@ -644,6 +644,8 @@ impl Framed<'_> {
         }
         let a_count = count_a_with_delay(&store.doc.content, shared.config.char_delay);
         let bytes = store.doc.title.len() + store.doc.content.len();
+        // Counted before its `StoreDone` exists, which counts it off.
+        self.outbox.store_begun(bytes);
         let done = StoreDone {
             outbox: self.outbox.clone(),
             replies: replies.clone(),
@@ -652,10 +654,10 @@ impl Framed<'_> {
             a_count,
             title: proto::truncate(&store.doc.title, 80),
             bytes,
+            answered: false,
             _active: active,
             _busy: self.mark.busy(),
         };
-        self.outbox.store_begun(bytes);
         self.stores
             .push(writer.commit(&store.doc, a_count, Box::new(done)));
     }
@@ -672,12 +674,14 @@ struct StoreDone {
     title: String,
     /// Bytes of its document, counted by the outbox.
     bytes: usize,
+    /// Set once its reply is queued.
+    answered: bool,
     _active: load::Active,
     _busy: net::Busy,
 }
 
 impl storage::Done for StoreDone {
-    fn done(self: Box<Self>, outcome: Result<String, StoreError>) -> Option<storage::Deliver> {
+    fn done(mut self: Box<Self>, outcome: Result<String, StoreError>) -> Option<storage::Deliver> {
         let replies = &self.replies;
         let reply = match outcome {
             Ok(file) => {
@@ -687,8 +691,24 @@ impl storage::Done for StoreDone {
             Err(e) => replies.refused(self.id, self.number, e),
         };
         let first = self.outbox.queue_store_reply(&reply, self.bytes);
+        self.answered = true;
         let outbox = self.outbox.clone();
         first.then(|| Box::new(move || outbox.flush()) as storage::Deliver)
+    }
+}
+
+/// A store dropped unanswered (the committer died with it) still gets a
+/// reply, and stops counting: its connection waits for every store.
+impl Drop for StoreDone {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let e = StoreError::Io(io::Error::other("the storage committer stopped"));
+        let reply = self.replies.refused(self.id, self.number, e);
+        if self.outbox.queue_store_reply(&reply, self.bytes) {
+            self.outbox.flush();
+        }
     }
 }
 
