@@ -399,20 +399,12 @@ fn serve_framed(
     mark: &net::Mark,
     shared: &Shared,
 ) {
-    let addr = shared.addr;
     let name = format!("{}-w", thread::current().name().unwrap_or("srv-conn"));
-    let (outbox, writer) = match Outbox::start(write_half, peer, name, mark.clone()) {
-        Ok(started) => started,
-        Err(e) => {
-            log::error!("server {addr}: connection from {peer}: {e}");
-            return;
-        }
-    };
     let mut conn = Framed {
         shared,
         peer,
         mark,
-        outbox,
+        outbox: Outbox::new(write_half, peer, name, mark.clone()),
         stores: Vec::new(),
     };
     conn.read_requests(read_half, first_by);
@@ -420,9 +412,6 @@ fn serve_framed(
     conn.hand_over();
     conn.outbox.wait_idle();
     conn.outbox.close();
-    if writer.join().is_err() {
-        log::error!("server {addr}: the reply writer of {peer} panicked");
-    }
 }
 
 /// A framed connection's thread.

@@ -4,7 +4,8 @@
 //! the order they become durable). Whoever holds replies queues them here
 //! and writes them under the outbox's lock, as far as the socket takes them
 //! at once; what would block is left to the connection's writer thread,
-//! which waits for the socket. Nothing else touches the socket, except a
+//! which waits for the socket (started the first time it is needed: most
+//! connections never need one). Nothing else touches the socket, except a
 //! conversation (an upload, a download) while nothing else is outstanding.
 //!
 //! The outbox also counts the connection's stores in the committer, so
@@ -14,7 +15,7 @@
 
 use crate::net::{self, lock};
 use crate::proto::{self, FrameWriter, Reply};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -33,8 +34,13 @@ pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 pub struct Outbox {
     stream: net::Stream,
     peer: SocketAddr,
+    /// The writer thread's name, and the connection's standing, which it
+    /// keeps at work while it writes.
+    writer_name: String,
+    mark: net::Mark,
     state: Mutex<State>,
-    /// Signalled when a store ends, the queue empties or writing fails.
+    /// Signalled when a store ends, the queue empties, the writer has
+    /// started, or writing fails.
     changed: Condvar,
 }
 
@@ -50,41 +56,68 @@ struct State {
     /// Stores in the committer, and the bytes of their documents.
     stores: usize,
     store_bytes: usize,
-    /// Wakes the writer thread; taken when the connection ends, which
-    /// ends the writer.
-    nudge: Option<Sender<()>>,
+    writer: Writer,
+    /// The connection's thread waits for `changed` (only it ever does).
+    waiting: bool,
+}
+
+/// The connection's writer thread.
+#[derive(Default)]
+enum Writer {
+    #[default]
+    NotNeeded,
+    /// Being started, outside the lock.
+    Starting,
+    /// Its nudges (closing them ends it) and its thread.
+    Running(Sender<()>, JoinHandle<()>),
 }
 
 impl Outbox {
-    /// An outbox on `stream`, and its writer thread, called `name`, which
-    /// marks the connection busy while it writes.
-    pub fn start(
+    /// An outbox on `stream`; its writer thread, when one is needed, is
+    /// called `writer_name`.
+    pub fn new(
         stream: net::Stream,
         peer: SocketAddr,
-        name: String,
+        writer_name: String,
         mark: net::Mark,
-    ) -> io::Result<(Arc<Outbox>, JoinHandle<()>)> {
-        let (nudge, nudges) = crossbeam_channel::unbounded();
+    ) -> Arc<Outbox> {
         let outbox = Arc::new(Outbox {
             stream,
             peer,
-            state: Mutex::new(State {
-                nudge: Some(nudge),
-                ..State::default()
-            }),
+            writer_name,
+            mark: mark.clone(),
+            state: Mutex::new(State::default()),
             changed: Condvar::new(),
         });
-        let watched = outbox.clone();
-        mark.watch_output(move || watched.has_output());
-        let writer = outbox.clone();
-        let thread = net::spawn_named(name, Some(128 * 1024), move || {
-            writer.write_when_nudged(&nudges, &mark)
-        })?;
-        Ok((outbox, thread))
+        // Weak: the outbox holds the mark, which holds this.
+        let watched = Arc::downgrade(&outbox);
+        mark.watch_output(move || watched.upgrade().is_some_and(|o| o.has_output()));
+        outbox
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// Wakes the connection's thread if it waits (a notification costs a
+    /// system call even when nobody waits, and stores end by thousands).
+    fn notify(&self, state: &State) {
+        if state.waiting {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits on the connection's thread while `blocked` holds.
+    fn wait_while(&self, blocked: impl Fn(&State) -> bool) {
+        let mut state = self.state();
+        while blocked(&state) {
+            state.waiting = true;
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting = false;
+        }
     }
 
     /// Queues a reply behind those not written yet. True when the caller
@@ -103,13 +136,13 @@ impl Outbox {
         state.stores -= 1;
         state.store_bytes -= bytes;
         let first = state.push(&frame);
-        self.changed.notify_all();
+        self.notify(&state);
         first
     }
 
     /// Writes what is queued, as far as the socket takes it now; the rest
     /// goes to the writer thread.
-    pub fn flush(&self) {
+    pub fn flush(self: &Arc<Self>) {
         let mut state = self.state();
         if state.writing || state.broken || state.queued.is_empty() {
             return;
@@ -117,16 +150,60 @@ impl Outbox {
         match self.stream.send_now(&state.queued) {
             Some(Ok(n)) if n == state.queued.len() => {
                 state.queued.clear();
-                self.changed.notify_all();
+                self.notify(&state);
+                return;
             }
             Some(Ok(n)) => {
                 state.queued.drain(..n);
-                state.hand_to_writer();
             }
             // TLS records cannot be cut short: the writer sends them.
-            None => state.hand_to_writer(),
-            Some(Err(e)) => self.fail(&mut state, &e),
+            None => {}
+            Some(Err(e)) => {
+                self.fail(&mut state, &e);
+                return;
+            }
         }
+        state.writing = true;
+        match &state.writer {
+            Writer::Running(nudge, _) => {
+                let _ = nudge.send(());
+            }
+            // Its first pass writes what is queued.
+            Writer::Starting => {}
+            Writer::NotNeeded => {
+                state.writer = Writer::Starting;
+                drop(state);
+                self.start_writer();
+            }
+        }
+    }
+
+    /// Starts the writer thread. Not under the lock: no thread starts
+    /// while one is held.
+    fn start_writer(self: &Arc<Self>) {
+        let (nudge, nudges) = crossbeam_channel::unbounded::<()>();
+        let outbox = self.clone();
+        let started = net::spawn_named(self.writer_name.clone(), Some(128 * 1024), move || {
+            while nudges.recv().is_ok() {
+                outbox.write_queued();
+            }
+            // The connection has ended: what is left.
+            outbox.write_queued();
+        });
+        let mut state = self.state();
+        match started {
+            Ok(thread) => {
+                // Whatever was queued while it started is written now;
+                // from here on, `flush` nudges it.
+                let _ = nudge.send(());
+                state.writer = Writer::Running(nudge, thread);
+            }
+            Err(e) => {
+                state.writer = Writer::NotNeeded;
+                self.fail(&mut state, &e);
+            }
+        }
+        self.notify(&state);
     }
 
     /// Counts a store handed to the committer, with the bytes of its
@@ -148,24 +225,18 @@ impl Outbox {
     /// Waits until the connection may read on (see `is_full`). Its own
     /// stores must all be handed over first.
     pub fn wait_for_room(&self) {
-        let state = self.state();
-        let _state = self
-            .changed
-            .wait_while(state, |s| s.is_full() && !s.broken)
-            .unwrap_or_else(PoisonError::into_inner);
+        self.wait_while(|s| s.is_full() && !s.broken);
     }
 
     /// Waits until every store of the connection is answered and every
     /// reply written (or writing failed). Its own stores must all be
     /// handed over first, and its own replies flushed.
     pub fn wait_idle(&self) {
-        let state = self.state();
-        let _state = self
-            .changed
-            .wait_while(state, |s| {
-                s.stores > 0 || (!s.broken && (s.writing || !s.queued.is_empty()))
-            })
-            .unwrap_or_else(PoisonError::into_inner);
+        self.wait_while(|s| {
+            s.stores > 0
+                || matches!(s.writer, Writer::Starting)
+                || (!s.broken && (s.writing || !s.queued.is_empty()))
+        });
     }
 
     /// A writer straight on the socket, for a conversation that writes
@@ -181,11 +252,17 @@ impl Outbox {
         self.state().broken
     }
 
-    /// Ends the connection's output: the writer thread writes what is
-    /// left and ends. Called once every store is answered (`wait_idle`).
+    /// Ends the connection's output: the writer thread, if one was
+    /// started, writes what is left and ends, and is joined. Called once
+    /// every store is answered (`wait_idle`).
     pub fn close(&self) {
-        let nudge = self.state().nudge.take();
-        drop(nudge);
+        let writer = std::mem::take(&mut self.state().writer);
+        if let Writer::Running(nudge, thread) = writer {
+            drop(nudge);
+            if thread.join().is_err() {
+                log::error!("the reply writer of {} panicked", self.peer);
+            }
+        }
     }
 
     /// Output on its way: queued, or being written.
@@ -194,30 +271,23 @@ impl Outbox {
         state.writing || !state.queued.is_empty()
     }
 
-    /// The writer thread: at each nudge, writes what is queued, waiting
-    /// for the socket as long as it takes (up to its write timeout); once
-    /// the connection ends, writes what is left.
-    fn write_when_nudged(&self, nudges: &Receiver<()>, mark: &net::Mark) {
-        while nudges.recv().is_ok() {
-            self.write_queued(mark);
-        }
-        self.write_queued(mark);
-    }
-
-    fn write_queued(&self, mark: &net::Mark) {
+    /// On the writer thread: writes what is queued, waiting for the socket
+    /// as long as it takes (up to its write timeout), until nothing is
+    /// queued.
+    fn write_queued(&self) {
         loop {
             // At work from before the bytes leave the queue until they are
             // written (see `Mark::watch_output`).
-            let _busy = mark.busy();
+            let _busy = self.mark.busy();
             let bytes = {
                 let mut state = self.state();
                 if state.broken || state.queued.is_empty() {
                     state.writing = false;
-                    self.changed.notify_all();
+                    self.notify(&state);
                     return;
                 }
                 state.writing = true;
-                self.changed.notify_all();
+                self.notify(&state);
                 std::mem::take(&mut state.queued)
             };
             if let Err(e) = (&self.stream).write_all(&bytes) {
@@ -238,7 +308,7 @@ impl Outbox {
         state.writing = false;
         state.queued = Vec::new();
         self.stream.end_reading();
-        self.changed.notify_all();
+        self.notify(state);
     }
 }
 
@@ -250,13 +320,6 @@ impl State {
         let first = self.queued.is_empty() && !self.writing;
         self.queued.extend_from_slice(frame);
         first
-    }
-
-    fn hand_to_writer(&mut self) {
-        self.writing = true;
-        if let Some(nudge) = &self.nudge {
-            let _ = nudge.send(());
-        }
     }
 
     fn is_full(&self) -> bool {
