@@ -201,6 +201,8 @@ impl Index {
 /// committer share.
 struct Folder {
     dir: PathBuf,
+    /// `TEMP_PREFIX` and the process id: the start of temporary names.
+    temp_prefix: String,
     temp_seq: AtomicU64,
     index: Mutex<Index>,
 }
@@ -432,6 +434,7 @@ impl Folder {
         }
         Ok(Arc::new(Folder {
             dir: dir.to_path_buf(),
+            temp_prefix: format!("{TEMP_PREFIX}{}-", std::process::id()),
             temp_seq: AtomicU64::new(0),
             index: Mutex::new(index),
         }))
@@ -442,10 +445,9 @@ impl Folder {
     }
 
     /// A new name for a temporary file in the folder.
-    fn temp_path(&self) -> PathBuf {
+    fn temp_name(&self) -> String {
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        self.dir
-            .join(format!("{TEMP_PREFIX}{}-{seq}", std::process::id()))
+        format!("{}{seq}", self.temp_prefix)
     }
 
     /// A framed store of `number` whose file and name are durable now:
@@ -492,7 +494,8 @@ impl Folder {
         fs::create_dir_all(&duplicates)?;
         let from = self.dir.join(file);
         let base = file.strip_suffix(".json").unwrap_or(file);
-        link_unique(&from, &duplicates, base, &|| Ok(())).map_err(|e| match e {
+        let link = |name: &str| fs::hard_link(&from, duplicates.join(name));
+        link_unique(base, &|| Ok(()), &link).map_err(|e| match e {
             StoreError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })?;
@@ -549,14 +552,15 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Links `from` into `dir` as `{base}.json`, or `{base}~N.json` with the
-/// first free N, and returns the name. `before_link` runs right before each
-/// attempt and may refuse.
+/// Links a file into place as `{base}.json`, or `{base}~N.json` with the
+/// first free N, and returns the name: `link(name)` makes the hard link,
+/// which fails if the name exists (unlike a rename), so two documents can
+/// never overwrite each other. `before_link` runs right before each attempt
+/// and may refuse.
 fn link_unique(
-    from: &Path,
-    dir: &Path,
     base: &str,
     before_link: &dyn Fn() -> Result<(), StoreError>,
+    link: &dyn Fn(&str) -> io::Result<()>,
 ) -> Result<String, StoreError> {
     for n in 0u32.. {
         let name = if n == 0 {
@@ -565,9 +569,7 @@ fn link_unique(
             format!("{base}~{n}.json")
         };
         before_link()?;
-        // A hard link fails if the name exists, unlike rename, so two
-        // documents can never overwrite each other.
-        match fs::hard_link(from, dir.join(&name)) {
+        match link(&name) {
             Ok(()) => return Ok(name),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e.into()),

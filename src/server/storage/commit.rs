@@ -14,9 +14,10 @@
 
 use super::{copy_error, link_unique, Claimed, Folder, StoreError};
 use crossbeam_channel::{Receiver, Sender};
-use std::fs::{self, File};
+use std::ffi::CString;
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -155,17 +156,62 @@ impl Disk for RealDisk {
     }
 
     fn sync_fs(&mut self, dir: &File) -> io::Result<()> {
-        use std::os::unix::io::AsRawFd;
         // SAFETY: `dir` is an open descriptor for the whole call.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        check(unsafe { libc::syncfs(dir.as_raw_fd()) })
     }
 
     fn sync_folder(&mut self, dir: &File) -> io::Result<()> {
         dir.sync_all()
+    }
+}
+
+/// The folder, open: the committer names files relative to it, so that
+/// the kernel does not walk the folder's whole path for each of the four
+/// calls a document takes.
+struct Dir(File);
+
+impl Dir {
+    /// Creates a file that must not exist yet, for writing.
+    fn create_new(&self, name: &str) -> io::Result<File> {
+        let name = c_name(name)?;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
+        // SAFETY: `name` is a NUL-terminated string and the folder's
+        // descriptor is open for the whole call.
+        let fd = unsafe { libc::openat(self.0.as_raw_fd(), name.as_ptr(), flags, 0o666) };
+        check(fd)?;
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Links `from` as `to` (both in the folder); fails if `to` exists.
+    fn link(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from, to) = (c_name(from)?, c_name(to)?);
+        let dir = self.0.as_raw_fd();
+        // SAFETY: both names are NUL-terminated strings and the folder's
+        // descriptor is open for the whole call.
+        check(unsafe { libc::linkat(dir, from.as_ptr(), dir, to.as_ptr(), 0) })
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let name = c_name(name)?;
+        // SAFETY: as in `link`.
+        check(unsafe { libc::unlinkat(self.0.as_raw_fd(), name.as_ptr(), 0) })
+    }
+}
+
+/// A file name in the folder for a system call. Stored names never hold a
+/// NUL (see `safe_title`); one that did would be refused.
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))
+}
+
+/// The result of a system call that returns -1 on error.
+fn check(result: libc::c_int) -> io::Result<()> {
+    if result == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -232,7 +278,7 @@ impl Committer {
         }
         // Opened once: `syncfs` reports the errors of writes since the
         // descriptor was opened.
-        let dir = File::open(&folder.dir)?;
+        let dir = Dir(File::open(&folder.dir)?);
         let counters = Arc::new(Counters::default());
         let (commits, queue) = crossbeam_channel::unbounded();
         let stage = Stage {
@@ -289,8 +335,8 @@ impl Drop for Committer {
 /// The committer's own state, on its thread.
 struct Stage {
     folder: Arc<Folder>,
-    /// The folder, open for syncs.
-    dir: File,
+    /// The folder, open: for names in it, and for syncs.
+    dir: Dir,
     sync: SyncMode,
     disk: Box<dyn Disk>,
     counters: Arc<Counters>,
@@ -353,7 +399,7 @@ impl Stage {
         &mut self,
         batch: Vec<Commit>,
         ended: &mut Vec<(Commit, Result<String, StoreError>)>,
-    ) -> Vec<(Commit, PathBuf)> {
+    ) -> Vec<(Commit, String)> {
         let by_file = self.sync == SyncMode::Fdatasync || batch.len() == 1;
         let mut staged = Vec::with_capacity(batch.len());
         let mut failed: Option<io::Error> = None;
@@ -362,15 +408,15 @@ impl Stage {
                 ended.push((commit, Err(copy_error(e).into())));
                 continue;
             }
-            let temp = self.folder.temp_path();
+            let temp = self.folder.temp_name();
             match self.write_temp(&temp, &commit.bytes, by_file) {
                 Ok(()) => staged.push((commit, temp)),
                 Err(Failure::Write(e)) => {
-                    let _ = fs::remove_file(&temp);
+                    let _ = self.dir.remove(&temp);
                     ended.push((commit, Err(e.into())));
                 }
                 Err(Failure::Sync(e)) => {
-                    let _ = fs::remove_file(&temp);
+                    let _ = self.dir.remove(&temp);
                     ended.push((commit, Err(copy_error(&e).into())));
                     failed = Some(e);
                 }
@@ -378,7 +424,7 @@ impl Stage {
         }
         if failed.is_none() && !by_file && !staged.is_empty() {
             self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.disk.sync_fs(&self.dir) {
+            if let Err(e) = self.disk.sync_fs(&self.dir.0) {
                 failed = Some(e);
             }
         }
@@ -391,7 +437,7 @@ impl Stage {
             staged.len() + ended.len()
         );
         for (commit, temp) in staged {
-            let _ = fs::remove_file(&temp);
+            let _ = self.dir.remove(&temp);
             ended.push((commit, Err(copy_error(&e).into())));
         }
         Vec::new()
@@ -401,16 +447,12 @@ impl Stage {
     /// `by_file`, syncs it too.
     fn write_temp(
         &mut self,
-        temp: &std::path::Path,
+        temp: &str,
         bytes: &io::Result<Vec<u8>>,
         by_file: bool,
     ) -> Result<(), Failure> {
         let bytes = bytes.as_ref().map_err(|e| Failure::Write(copy_error(e)))?;
-        let mut file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(temp)
-            .map_err(Failure::Write)?;
+        let mut file = self.dir.create_new(temp).map_err(Failure::Write)?;
         file.write_all(bytes).map_err(Failure::Write)?;
         if by_file {
             self.counters.syncs.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +465,7 @@ impl Stage {
     /// before that it may still appear. Returns the names linked.
     fn link(
         &mut self,
-        staged: Vec<(Commit, PathBuf)>,
+        staged: Vec<(Commit, String)>,
         ended: &mut Vec<(Commit, Result<String, StoreError>)>,
     ) -> Vec<(Commit, String)> {
         let mut linked = Vec::with_capacity(staged.len());
@@ -436,10 +478,11 @@ impl Stage {
                 } => folder.may_store(claim.number, *not_after_ms),
                 Kind::Copy => Ok(()),
             };
-            let name = link_unique(&temp, &folder.dir, &commit.base, &check);
+            let dir = &self.dir;
+            let name = link_unique(&commit.base, &check, &|name| dir.link(&temp, name));
             // The temporary name was only a staging area; whatever
             // happened, it must not linger.
-            let _ = fs::remove_file(&temp);
+            let _ = dir.remove(&temp);
             match name {
                 Ok(name) => linked.push((commit, name)),
                 Err(e) => ended.push((commit, Err(e))),
@@ -461,14 +504,14 @@ impl Stage {
             return;
         }
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.disk.sync_folder(&self.dir) {
+        if let Err(e) = self.disk.sync_folder(&self.dir.0) {
             log::error!(
                 "storage {}: cannot make {} new names durable: {e}; removing them",
                 self.folder.dir.display(),
                 linked.len()
             );
             for (commit, name) in linked {
-                let _ = fs::remove_file(self.folder.dir.join(&name));
+                let _ = self.dir.remove(&name);
                 ended.push((commit, Err(copy_error(&e).into())));
             }
             return;
