@@ -567,6 +567,36 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_file_is_linked_into_place_only_where_nothing_is() {
+        let folder = tempfile::tempdir().unwrap();
+        let dir = Dir(File::open(folder.path()).unwrap());
+        let names = || {
+            let mut names: Vec<String> = std::fs::read_dir(folder.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        for (name, body) in [("a", "first"), ("b", "second")] {
+            let mut file = dir.create_new(name).unwrap();
+            file.write_all(body.as_bytes()).unwrap();
+        }
+        assert_eq!(
+            dir.create_new("a").unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        dir.link("a", "x.json").unwrap();
+        let e = dir.link("b", "x.json").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        let kept = std::fs::read_to_string(folder.path().join("x.json")).unwrap();
+        assert_eq!(kept, "first");
+        dir.remove("a").unwrap();
+        dir.remove("b").unwrap();
+        assert_eq!(names(), ["x.json"]);
+    }
+
+    #[test]
     fn syncfs_reports_errors_from_linux_5_8() {
         for (release, newer) in [
             ("5.8.0", true),
