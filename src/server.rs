@@ -445,6 +445,11 @@ impl Framed<'_> {
         let mut reader = FrameReader::new(paced, shared.frame_limit());
         let mut first = true;
         loop {
+            // The balancer's links and probes: closed to make room only
+            // after every connection that has proved nothing.
+            if gate.proven() {
+                self.mark.trust();
+            }
             // Before a read that may wait: what was read so far goes on.
             if !reader.has_frame() {
                 self.hand_over();
@@ -574,11 +579,6 @@ impl Framed<'_> {
                     },
                 },
             };
-            // The balancer's links and probes: closed to make room only
-            // after every connection that has proved nothing.
-            if gate.proven() {
-                self.mark.trust();
-            }
             self.outbox.queue(&reply);
         }
     }
