@@ -215,6 +215,17 @@ fn check(result: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Files a batch synced one by one keeps open at once: its files are
+/// synced in groups of this many.
+const OPEN_AT_ONCE: usize = 64;
+
+/// Starts writing a file's bytes out without waiting (`sync_file_range`);
+/// only a hint, its sync is what makes them durable.
+fn start_writeback(file: &File) {
+    // SAFETY: `file` is an open descriptor for the whole call.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// Whether `syncfs` reports write errors, as Linux does from 5.8 on.
 /// Before, it returned 0 whatever became of the data, and a store whose
 /// bytes never reached the disk would be acknowledged.
@@ -344,14 +355,6 @@ struct Stage {
     batches: u64,
 }
 
-/// What went wrong writing one temporary file.
-enum Failure {
-    /// Only this document fails.
-    Write(io::Error),
-    /// Its sync failed: the whole batch fails.
-    Sync(io::Error),
-}
-
 impl Stage {
     /// Commits batches until the queue is closed and empty.
     fn run(mut self, queue: &Receiver<Vec<Commit>>) {
@@ -400,33 +403,50 @@ impl Stage {
         batch: Vec<Commit>,
         ended: &mut Vec<(Commit, Result<String, StoreError>)>,
     ) -> Vec<(Commit, String)> {
-        let by_file = self.sync == SyncMode::Fdatasync || batch.len() == 1;
+        let together = batch.len() > 1;
+        let by_file = self.sync == SyncMode::Fdatasync || !together;
         let mut staged = Vec::with_capacity(batch.len());
+        // By file: the files written and not synced yet, kept open.
+        let mut unsynced = Vec::new();
         let mut failed: Option<io::Error> = None;
+        // Not written, as a sync failed first: they fail with it.
+        let mut skipped = Vec::new();
         for commit in batch {
-            if let Some(e) = &failed {
-                ended.push((commit, Err(copy_error(e).into())));
+            if failed.is_some() {
+                skipped.push(commit);
                 continue;
             }
             let temp = self.folder.temp_name();
-            match self.write_temp(&temp, &commit.bytes, by_file) {
-                Ok(()) => staged.push((commit, temp)),
-                Err(Failure::Write(e)) => {
+            match self.write_temp(&temp, &commit.bytes) {
+                Ok(file) => {
+                    if by_file {
+                        if together {
+                            // Written out at once, all the batch together:
+                            // each sync then finds its bytes on their way
+                            // (and a journal commit the others' share).
+                            start_writeback(&file);
+                        }
+                        unsynced.push(file);
+                        if unsynced.len() == OPEN_AT_ONCE {
+                            failed = self.sync_files(&mut unsynced).err();
+                        }
+                    }
+                    staged.push((commit, temp));
+                }
+                Err(e) => {
                     let _ = self.dir.remove(&temp);
                     ended.push((commit, Err(e.into())));
                 }
-                Err(Failure::Sync(e)) => {
-                    let _ = self.dir.remove(&temp);
-                    ended.push((commit, Err(copy_error(&e).into())));
-                    failed = Some(e);
-                }
             }
         }
-        if failed.is_none() && !by_file && !staged.is_empty() {
-            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.disk.sync_fs(&self.dir.0) {
-                failed = Some(e);
-            }
+        if failed.is_none() && !staged.is_empty() {
+            let synced = if by_file {
+                self.sync_files(&mut unsynced)
+            } else {
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                self.disk.sync_fs(&self.dir.0)
+            };
+            failed = synced.err();
         }
         let Some(e) = failed else {
             return staged;
@@ -434,29 +454,31 @@ impl Stage {
         log::error!(
             "storage {}: cannot make a batch of {} documents durable: {e}",
             self.folder.dir.display(),
-            staged.len() + ended.len()
+            staged.len() + skipped.len() + ended.len()
         );
         for (commit, temp) in staged {
             let _ = self.dir.remove(&temp);
             ended.push((commit, Err(copy_error(&e).into())));
         }
+        for commit in skipped {
+            ended.push((commit, Err(copy_error(&e).into())));
+        }
         Vec::new()
     }
 
-    /// Creates the temporary file and writes the document into it; with
-    /// `by_file`, syncs it too.
-    fn write_temp(
-        &mut self,
-        temp: &str,
-        bytes: &io::Result<Vec<u8>>,
-        by_file: bool,
-    ) -> Result<(), Failure> {
-        let bytes = bytes.as_ref().map_err(|e| Failure::Write(copy_error(e)))?;
-        let mut file = self.dir.create_new(temp).map_err(Failure::Write)?;
-        file.write_all(bytes).map_err(Failure::Write)?;
-        if by_file {
+    /// Creates the temporary file and writes the document into it.
+    fn write_temp(&mut self, temp: &str, bytes: &io::Result<Vec<u8>>) -> io::Result<File> {
+        let bytes = bytes.as_ref().map_err(copy_error)?;
+        let mut file = self.dir.create_new(temp)?;
+        file.write_all(bytes)?;
+        Ok(file)
+    }
+
+    /// Syncs each of `files` and closes them.
+    fn sync_files(&mut self, files: &mut Vec<File>) -> io::Result<()> {
+        for file in files.drain(..) {
             self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-            self.disk.sync_file(&file).map_err(Failure::Sync)?;
+            self.disk.sync_file(&file)?;
         }
         Ok(())
     }
