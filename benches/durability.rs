@@ -19,13 +19,16 @@
 //! created soon after many removals are several times slower to create).
 //! Each method and batch size writes `--files` files (2000) of `--size`
 //! bytes (1024) into a folder of its own, which is kept. `--busy-writer`
-//! keeps another thread writing a large file on the same file system
+//! keeps another thread overwriting a large file on the same file system
 //! meanwhile, without syncing it: what `syncfs` must then write out too.
 //!
 //! Methods, per batch of files:
 //! - `fsync-each`: each file on its own, as a server did before its
 //!   committer: fsync the file, link, fsync the folder (batch size 1 only);
 //! - `fdatasync`: fdatasync each file, link them all, one folder fsync;
+//! - `fdatasync-started`: the same, the writing out of every file of the
+//!   batch started first (`sync_file_range`), as `server --sync fdatasync`
+//!   does;
 //! - `syncfs`: write them all, one syncfs, link them all, one folder fsync;
 //! - `syncfs-twice`: the same with a second syncfs instead of the folder
 //!   fsync.
@@ -89,6 +92,7 @@ fn number(arg: &str, value: &str) -> Result<usize, String> {
 enum Method {
     FsyncEach,
     Fdatasync,
+    FdatasyncStarted,
     Syncfs,
     SyncfsTwice,
 }
@@ -98,6 +102,7 @@ impl Method {
         match self {
             Method::FsyncEach => "fsync-each",
             Method::Fdatasync => "fdatasync",
+            Method::FdatasyncStarted => "fdatasync-started",
             Method::Syncfs => "syncfs",
             Method::SyncfsTwice => "syncfs-twice",
         }
@@ -189,6 +194,7 @@ fn run(dir: &Path, method: Method, batch: usize, options: &Options) -> Measured 
         let temps: Vec<PathBuf> = (done..done + count)
             .map(|i| dir.join(format!(".tmp-{i}")))
             .collect();
+        let mut started = Vec::new();
         for temp in &temps {
             let mut file = File::options()
                 .write(true)
@@ -199,8 +205,19 @@ fn run(dir: &Path, method: Method, batch: usize, options: &Options) -> Measured 
             match method {
                 Method::FsyncEach => file.sync_all().unwrap(),
                 Method::Fdatasync => file.sync_data().unwrap(),
+                Method::FdatasyncStarted => {
+                    // SAFETY: `file` is an open descriptor for the call.
+                    let fd = file.as_raw_fd();
+                    unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+                    started.push(file);
+                    continue;
+                }
                 Method::Syncfs | Method::SyncfsTwice => continue,
             }
+            syncs += 1;
+        }
+        for file in started {
+            file.sync_data().unwrap();
             syncs += 1;
         }
         if matches!(method, Method::Syncfs | Method::SyncfsTwice) {
@@ -230,21 +247,28 @@ fn run(dir: &Path, method: Method, batch: usize, options: &Options) -> Measured 
     }
 }
 
-/// Writes a large file over and over in `dir` without syncing it, until
-/// `stop` is set: another program keeping the file system busy.
+/// Keeps overwriting a 256 MiB file in `dir`, 1 MiB at a time, never
+/// syncing it, until `stop` is set: another program keeping the file
+/// system busy, whose data is dirty again soon after any sync writes it
+/// out. The file is written whole and synced first.
 fn busy_writer(dir: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    const CHUNKS: u64 = 256;
+    let path = dir.join("busy-writer.bin");
+    let file = File::create(&path).unwrap();
+    let chunk = vec![b'b'; CHUNK as usize];
+    for i in 0..CHUNKS {
+        file.write_all_at(&chunk, i * CHUNK).unwrap();
+    }
+    file.sync_all().unwrap();
     std::thread::spawn(move || {
-        let chunk = vec![b'b'; 1 << 20];
-        let path = dir.join("busy-writer.bin");
+        let mut i = 0;
         while !stop.load(Ordering::Relaxed) {
-            let mut file = File::create(&path).unwrap();
-            for _ in 0..256 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                file.write_all(&chunk).unwrap();
-            }
+            file.write_all_at(&chunk, (i % CHUNKS) * CHUNK).unwrap();
+            i += 1;
         }
+        drop(file);
         let _ = fs::remove_file(&path);
     })
 }
@@ -262,6 +286,7 @@ fn main() {
             temp.path().to_path_buf()
         }
     };
+    fs::create_dir_all(&root).expect("cannot create the folder");
     let stop = Arc::new(AtomicBool::new(false));
     let writer = options
         .busy_writer
@@ -281,7 +306,12 @@ fn main() {
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let mut rows = vec![(Method::FsyncEach, 1)];
     for &batch in &options.batches {
-        for method in [Method::Fdatasync, Method::Syncfs, Method::SyncfsTwice] {
+        for method in [
+            Method::Fdatasync,
+            Method::FdatasyncStarted,
+            Method::Syncfs,
+            Method::SyncfsTwice,
+        ] {
             rows.push((method, batch));
         }
     }
