@@ -38,9 +38,9 @@ struct Args {
     /// How documents stored together are made durable before their names
     /// appear: `syncfs`, one sync of the folder's whole file system per
     /// batch (a batch of one: its own fdatasync), or `fdatasync`, one per
-    /// document. Choose fdatasync when other programs keep the same file
-    /// system busy with writes: syncfs writes out their data too, and
-    /// waits for it.
+    /// document, the batch written out together first. Choose fdatasync
+    /// when other programs keep the same file system busy with writes:
+    /// syncfs writes out their data too, and waits for it.
     #[arg(long, default_value = "syncfs", value_name = "MODE")]
     sync: lbft::server::storage::SyncMode,
     /// Report overloaded when this many documents are being stored at once
