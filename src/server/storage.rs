@@ -1081,6 +1081,22 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_stored_in_a_folder_moved_away() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("store");
+        let storage = Storage::open(&dir).unwrap();
+        let moved = root.path().join("store.moved");
+        fs::rename(&dir, &moved).unwrap();
+        fs::create_dir(&dir).unwrap();
+        for outcome in commit_together(&storage, &[1, 2]) {
+            let e = outcome.unwrap_err();
+            assert!(e.to_string().contains("no longer the folder"), "{e}");
+        }
+        assert!(listing(&moved).is_empty(), "{:?}", listing(&moved));
+        assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
+    }
+
+    #[test]
     fn a_refusal_right_before_the_link_fails_only_its_own_store() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();

@@ -408,9 +408,10 @@ impl Stage {
         let mut staged = Vec::with_capacity(batch.len());
         // By file: the files written and not synced yet, kept open.
         let mut unsynced = Vec::new();
-        let mut failed: Option<io::Error> = None;
-        // Not written, as a sync failed first: they fail with it.
+        // Not written, as a sync failed first (or the folder is gone):
+        // they fail with it.
         let mut skipped = Vec::new();
+        let mut failed = self.check_folder().err();
         for commit in batch {
             if failed.is_some() {
                 skipped.push(commit);
@@ -464,6 +465,25 @@ impl Stage {
             ended.push((commit, Err(copy_error(&e).into())));
         }
         Vec::new()
+    }
+
+    /// Whether the folder at the storage's path is still the one opened:
+    /// files are named from its descriptor, and must not land in a folder
+    /// moved away (or replaced) since.
+    fn check_folder(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let opened = self.dir.0.metadata()?;
+        let at_path = std::fs::metadata(&self.folder.dir)?;
+        if (opened.dev(), opened.ino()) == (at_path.dev(), at_path.ino()) {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is no longer the folder this server opened (moved or replaced)",
+                self.folder.dir.display()
+            ),
+        ))
     }
 
     /// Creates the temporary file and writes the document into it.
