@@ -10,7 +10,9 @@
 //! repeated store of its number "already stored" from it).
 //!
 //! Under load the batches grow by themselves: commits arriving while one
-//! batch is on its way to disk make up the next one.
+//! batch is on its way to disk make up the next one. Files are named from
+//! the folder's open descriptor, checked at each batch to be still the
+//! folder at the storage's path.
 
 use super::{copy_error, link_unique, Claimed, Folder, StoreError};
 use crossbeam_channel::{Receiver, Sender};
@@ -34,8 +36,10 @@ pub enum SyncMode {
     /// have left unwritten on the same file system, and waits for it.
     #[default]
     Syncfs,
-    /// One `fdatasync` per document: for a folder on a file system that
-    /// other programs keep busy with writes.
+    /// One `fdatasync` per document, the writing out of the whole batch
+    /// started first so that the syncs find their bytes on the way (and,
+    /// journaled, share commits): for a folder on a file system that other
+    /// programs keep busy with writes.
     Fdatasync,
 }
 
