@@ -80,18 +80,18 @@ mod tests {
         // The second frame cut short: its end has not arrived.
         bytes.truncate(bytes.len() - 2);
         let mut reader = FrameReader::new(&bytes[..], 64);
-        assert!(!reader.has_frame(), "nothing read yet");
+        assert!(!reader.frame_buffered(), "nothing read yet");
         assert_eq!(reader.frame().unwrap().unwrap(), b"first");
-        assert!(reader.has_buffered() && !reader.has_frame());
+        assert!(reader.has_buffered() && !reader.frame_buffered());
         let empty = framed(b"");
         let mut reader = FrameReader::new(&empty[..], 64);
         reader.frame().unwrap();
-        assert!(!reader.has_frame());
+        assert!(!reader.frame_buffered());
         let both = [framed(b"a"), framed(b"")].concat();
         let mut reader = FrameReader::new(&both[..], 64);
         reader.frame().unwrap();
         assert!(
-            reader.has_frame(),
+            reader.frame_buffered(),
             "an empty frame is whole with its header"
         );
     }

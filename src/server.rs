@@ -451,7 +451,7 @@ impl Framed<'_> {
                 self.mark.trust();
             }
             // Before a read that may wait: what was read so far goes on.
-            if !reader.has_frame() {
+            if !reader.frame_buffered() {
                 self.hand_over();
             }
             if self.outbox.is_full() {

@@ -266,13 +266,16 @@ impl<R: Read> FrameReader<R> {
         !self.inner.buffer().is_empty()
     }
 
-    /// Whether a whole frame is already read from the stream: the next
-    /// `message` returns without waiting for the peer.
-    pub fn has_frame(&self) -> bool {
+    /// Whether the next frame is already read whole: taking it needs no
+    /// wait on the stream.
+    pub fn frame_buffered(&self) -> bool {
         let buffered = self.inner.buffer();
         match buffered.get(..4) {
-            Some(&[a, b, c, d]) => buffered.len() - 4 >= u32::from_be_bytes([a, b, c, d]) as usize,
-            _ => false,
+            Some(header) => {
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+                buffered.len() - 4 >= len as usize
+            }
+            None => false,
         }
     }
 
