@@ -78,6 +78,29 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_tells_whether_a_whole_frame_is_buffered() {
+        let mut bytes = framed(b"first");
+        bytes.extend(framed(b"second"));
+        // The second frame cut short: its end has not arrived.
+        bytes.truncate(bytes.len() - 2);
+        let mut reader = FrameReader::new(&bytes[..], 64);
+        assert!(!reader.frame_buffered(), "nothing read yet");
+        assert_eq!(reader.frame().unwrap().unwrap(), b"first");
+        assert!(reader.has_buffered() && !reader.frame_buffered());
+        let empty = framed(b"");
+        let mut reader = FrameReader::new(&empty[..], 64);
+        reader.frame().unwrap();
+        assert!(!reader.frame_buffered());
+        let both = [framed(b"a"), framed(b"")].concat();
+        let mut reader = FrameReader::new(&both[..], 64);
+        reader.frame().unwrap();
+        assert!(
+            reader.frame_buffered(),
+            "an empty frame is whole with its header"
+        );
+    }
+
+    #[test]
     fn oversized_length_is_refused_before_allocating() {
         let bytes = u32::MAX.to_be_bytes();
         match read_frame(&mut &bytes[..], 1024) {

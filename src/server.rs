@@ -1,7 +1,14 @@
 //! A storage server: accepts connections (from the balancer, or any client
 //! speaking the protocol), stores documents in its folder and answers status
-//! probes. One named thread per connection; requests on a connection are
-//! handled in order.
+//! probes. One named thread per connection reads its requests: on a framed
+//! connection it keeps reading while earlier stores commit, hands every
+//! store it has read to the storage's committer (which makes the stores of
+//! all connections durable together and answers each), and answers the
+//! other requests itself; replies go out through the connection's
+//! `outbox`, several in one write when they are ready together, so their
+//! order may differ from the requests'. Uploads, downloads and the cluster
+//! handshake remain conversations: they start once everything before them
+//! is answered.
 //!
 //! Lifecycle: `Server::bind` opens the listener and the folder;
 //! `Server::start` runs the accept loop, the connections and the load
@@ -16,6 +23,7 @@
 pub mod files;
 mod listing;
 pub mod load;
+mod outbox;
 pub mod registrar;
 pub mod storage;
 mod transfer;
@@ -30,6 +38,7 @@ use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, R
 use crossbeam_channel::{Receiver, Sender};
 use files::FileStore;
 use load::{Limits, Load};
+use outbox::Outbox;
 use rand::Rng;
 use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -49,6 +58,8 @@ pub struct Config {
     pub clean: bool,
     /// Sleep per character of content while counting, to simulate load.
     pub char_delay: Duration,
+    /// How the committer makes a batch of documents durable.
+    pub sync: storage::SyncMode,
     pub max_active: u64,
     pub max_memory_mb: u64,
     /// Largest frame a client of the balancer may send; the server reads
@@ -91,7 +102,8 @@ impl Default for Config {
             storage_root: PathBuf::from("json_files"),
             clean: false,
             char_delay: Duration::ZERO,
-            max_active: 64,
+            sync: storage::SyncMode::default(),
+            max_active: DEFAULT_MAX_ACTIVE,
             max_memory_mb: 1024,
             max_frame: proto::DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
@@ -106,12 +118,18 @@ impl Default for Config {
     }
 }
 
+/// Documents stored at once past which a server reports itself
+/// overloaded: four times a balancer's default `--max-in-flight` (256), so
+/// that the traffic of a few balancers at their limit is not overload.
+pub const DEFAULT_MAX_ACTIVE: u64 = 1024;
+
 /// What every connection thread of one server shares.
 struct Shared {
     addr: SocketAddr,
     storage: Storage,
     files: FileStore,
     load: Arc<Load>,
+    replies: Arc<StoreReplies>,
     /// Numbers documents that arrive without one (sent straight to a server
     /// rather than through the balancer), apart from every balancer's.
     numbers: Generator,
@@ -156,7 +174,8 @@ impl Server {
             dir: dir.clone(),
             source,
         };
-        let storage = Storage::open(&dir).map_err(storage_err)?;
+        let committer = format!("srv{}-commit", addr.port());
+        let storage = Storage::open_with(&dir, config.sync, committer).map_err(storage_err)?;
         let files = FileStore::open(&dir, config.partial_ttl).map_err(storage_err)?;
         if config.clean {
             let removed = storage.clean().map_err(storage_err)?;
@@ -179,6 +198,11 @@ impl Server {
             max_active: config.max_active,
             max_memory_bytes: config.max_memory_mb.saturating_mul(1024 * 1024),
         }));
+        let replies = Arc::new(StoreReplies {
+            addr,
+            load: load.clone(),
+            dir: storage.dir().to_path_buf(),
+        });
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
@@ -186,6 +210,7 @@ impl Server {
                 storage,
                 files,
                 load,
+                replies,
                 numbers: Generator::new(Source::Server, node),
                 config,
             }),
@@ -370,6 +395,8 @@ fn request_too_slow(peer: SocketAddr, shared: &Shared) {
     }
 }
 
+/// A framed connection: its thread reads requests while earlier stores
+/// commit, and every reply goes through the connection's `Outbox`.
 fn serve_framed(
     read_half: net::Stream,
     write_half: net::Stream,
@@ -378,140 +405,400 @@ fn serve_framed(
     mark: &net::Mark,
     shared: &Shared,
 ) {
-    let addr = shared.addr;
-    let local = read_half.tcp().local_addr().unwrap_or(addr);
-    let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
-    // A listener that lets peers in without a certificate
-    // (--tls-client-certs optional, for clients uploading with a ticket in
-    // redirect mode) gives such peers nothing else.
-    let uploads_only = read_half.is_tls()
-        && !read_half.peer_certified()
-        && net::tls::installed()
-            .is_some_and(|t| t.client_certs() == net::tls::ClientCerts::Optional);
-    let paced = net::Paced::new(read_half, shared.config.idle_timeout);
-    let mut reader = FrameReader::new(paced, shared.frame_limit());
-    let mut writer = FrameWriter::new(write_half);
-    let mut first = true;
-    loop {
-        let message = if first {
-            reader.message_by::<Request>(first_by)
-        } else {
-            reader.message_within::<Request>(shared.config.frame_timeout)
+    let name = thread::current().name().unwrap_or("srv-conn").to_string();
+    // Slow stores (--char-delay-ms) are counted on threads of this scope,
+    // which ends once every one of them has handed its store on.
+    thread::scope(|scope| {
+        let mut conn = Framed {
+            shared,
+            peer,
+            mark,
+            outbox: Outbox::new(write_half, peer, format!("{name}-w"), mark.clone()),
+            stores: Vec::new(),
+            slow: scope,
+            name,
         };
-        let was_first = std::mem::take(&mut first);
-        // A whole request in: at work until it is answered (a transfer,
-        // until it ends).
-        let _working = matches!(message, Ok(Some(_))).then(|| {
-            mark.arrived();
-            mark.busy()
-        });
-        let reply = match message {
-            Ok(None) => break,
-            Err(proto::FrameError::Timeout { .. }) if was_first && Instant::now() >= first_by => {
-                request_too_slow(peer, shared);
-                let late = Reply::error(
-                    None,
-                    ErrorCode::Timeout,
-                    format!(
-                        "no whole request within --frame-timeout ({:?}) of connecting",
-                        shared.config.frame_timeout
-                    ),
+        conn.read_requests(read_half, first_by);
+        // Every store read gets its reply before the connection closes.
+        conn.hand_over();
+        // (Stores still being counted are among those waited for.)
+        conn.outbox.wait_idle();
+        conn.outbox.close();
+    });
+}
+
+/// A framed connection's thread.
+struct Framed<'s, 'a> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    mark: &'a net::Mark,
+    outbox: Arc<Outbox>,
+    /// Stores claimed since the last hand-over to the committer.
+    stores: Vec<storage::Commit>,
+    /// Where stores slowed by --char-delay-ms are counted, each on a
+    /// thread of its own, so that one does not hold up the next.
+    slow: &'s thread::Scope<'s, 'a>,
+    /// The connection thread's name, for those threads' names.
+    name: String,
+}
+
+impl<'s, 'a> Framed<'s, 'a> {
+    /// Reads requests until the peer closes, stalls, breaks framing or
+    /// fails the handshake, or the server shuts down; the first must be
+    /// whole by `first_by`. Every request already read is handled before
+    /// the thread waits for more: stores go to the committer together,
+    /// other replies out in one write.
+    fn read_requests(&mut self, read_half: net::Stream, first_by: Instant) {
+        let (shared, peer, addr) = (self.shared, self.peer, self.shared.addr);
+        let local = read_half.tcp().local_addr().unwrap_or(addr);
+        let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
+        // A listener that lets peers in without a certificate
+        // (--tls-client-certs optional, for clients uploading with a ticket
+        // in redirect mode) gives such peers nothing else.
+        let uploads_only = read_half.is_tls()
+            && !read_half.peer_certified()
+            && net::tls::installed()
+                .is_some_and(|t| t.client_certs() == net::tls::ClientCerts::Optional);
+        let paced = net::Paced::new(read_half, shared.config.idle_timeout);
+        let mut reader = FrameReader::new(paced, shared.frame_limit());
+        let mut first = true;
+        loop {
+            // The balancer's links and probes: closed to make room only
+            // after every connection that has proved nothing.
+            if gate.proven() {
+                self.mark.trust();
+            }
+            // Before a read that may wait: what was read so far goes on.
+            if !reader.frame_buffered() {
+                self.hand_over();
+            }
+            if self.outbox.is_full() {
+                self.hand_over();
+                self.outbox.wait_for_room();
+            }
+            if self.outbox.is_broken() {
+                return;
+            }
+            let message = if first {
+                reader.message_by::<Request>(first_by)
+            } else {
+                reader.message_within::<Request>(shared.config.frame_timeout)
+            };
+            let was_first = std::mem::take(&mut first);
+            // A whole request in: at work until it is answered (a transfer,
+            // until it ends; a store, until the committer answers it).
+            let _working = matches!(message, Ok(Some(_))).then(|| {
+                self.mark.arrived();
+                self.mark.busy()
+            });
+            let reply = match message {
+                Ok(None) => return,
+                Err(proto::FrameError::Timeout { .. })
+                    if was_first && Instant::now() >= first_by =>
+                {
+                    request_too_slow(peer, shared);
+                    let late = Reply::error(
+                        None,
+                        ErrorCode::Timeout,
+                        format!(
+                            "no whole request within --frame-timeout ({:?}) of connecting",
+                            shared.config.frame_timeout
+                        ),
+                    );
+                    self.outbox.queue(&late);
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("server {addr}: connection from {peer}: {e}");
+                    if let Some(r) = e.reply() {
+                        self.outbox.queue(&Reply::Error(r));
+                    }
+                    return;
+                }
+                Ok(Some(Err(bad))) => {
+                    log::warn!("server {addr}: bad request from {peer}: {bad}");
+                    Reply::Error(bad.into())
+                }
+                Ok(Some(Ok(request))) => match gate.handle(&request) {
+                    Some(answer) => {
+                        // The handshake is a conversation of its own:
+                        // whatever came before it is answered first.
+                        self.hand_over();
+                        self.outbox.wait_idle();
+                        if answer.close {
+                            if let Some(skipped) = refusals().check(&peer.ip()) {
+                                log::warn!(
+                                    "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
+                                    error_text(&answer.reply),
+                                    crate::throttle::more(skipped)
+                                );
+                            }
+                            self.outbox.queue(&answer.reply);
+                            return;
+                        }
+                        answer.reply
+                    }
+                    // An upload straight from a client carries a signed
+                    // ticket instead (checked by `transfer::receive`).
+                    None if (uploads_only || (gate.keyed() && !gate.proven()))
+                        && !matches!(request, Request::Upload(_)) =>
+                    {
+                        if let Some(skipped) = refusals().check(&peer.ip()) {
+                            log::warn!(
+                                "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
+                                request.kind(),
+                                crate::throttle::more(skipped)
+                            );
+                        }
+                        Reply::error(
+                            Some(request.id()),
+                            ErrorCode::Unauthenticated,
+                            "this server takes requests only after the cluster handshake \
+                             (hello, see PROTOCOL.md), or uploads with a ticket",
+                        )
+                    }
+                    None => match request {
+                        Request::Store(store) => {
+                            self.store(store);
+                            continue;
+                        }
+                        // Uploads and downloads are conversations that
+                        // write to the socket themselves, one at a time.
+                        Request::Upload(upload) => {
+                            let mut writer = self.conversation();
+                            match transfer::receive(upload, &mut reader, &mut writer, peer, shared)
+                            {
+                                transfer::Next::Continue => continue,
+                                transfer::Next::Close => return,
+                            }
+                        }
+                        Request::Get {
+                            id,
+                            name,
+                            offset,
+                            owner,
+                        } => {
+                            let owner = owner.as_deref();
+                            let mut writer = self.conversation();
+                            match transfer::send(
+                                id,
+                                &name,
+                                offset,
+                                owner,
+                                &mut writer,
+                                peer,
+                                shared,
+                            ) {
+                                transfer::Next::Continue => continue,
+                                transfer::Next::Close => return,
+                            }
+                        }
+                        // A listing may take several frames: a conversation
+                        // too, after the stores before it.
+                        Request::List { id, owner, kind } => {
+                            let owner = owner.as_deref();
+                            let mut writer = self.conversation();
+                            if let Err(e) = listing::list(id, owner, kind, &mut writer, shared) {
+                                log::warn!("server {addr}: cannot reply to {peer}: {e}");
+                                return;
+                            }
+                            continue;
+                        }
+                        Request::Delete {
+                            id,
+                            name,
+                            owner,
+                            upload_id,
+                        } => {
+                            let (owner, upload) = (owner.as_deref(), upload_id.as_deref());
+                            transfer::delete(id, &name, owner, upload, peer, shared)
+                        }
+                        request => handle(request, shared),
+                    },
+                },
+            };
+            self.outbox.queue(&reply);
+        }
+    }
+
+    /// Hands the stores read so far to the committer, together, and writes
+    /// the replies ready.
+    fn hand_over(&mut self) {
+        self.shared.storage.submit(std::mem::take(&mut self.stores));
+        self.outbox.flush();
+    }
+
+    /// A writer for a conversation, once everything before it is answered.
+    fn conversation(&mut self) -> FrameWriter<net::Stream> {
+        self.hand_over();
+        self.outbox.conversation()
+    }
+
+    /// A framed store: at most once per request number. Answered here when
+    /// it is already stored or refused; otherwise claimed, and answered by
+    /// the committer once durable.
+    fn store(&mut self, store: proto::StoreRequest) {
+        let shared = self.shared;
+        let replies = &shared.replies;
+        let active = shared.load.begin_owned();
+        let id = store.id;
+        let number = store
+            .request_number
+            .unwrap_or_else(|| shared.numbers.next());
+        let writer = match shared.storage.claim(number, store.not_after_ms) {
+            Ok(Claim::New(writer)) => writer,
+            Ok(Claim::Existing { file }) => {
+                let a_count = shared
+                    .storage
+                    .stored_a_count(&file)
+                    .unwrap_or_else(|| crate::text::count_a(&store.doc.content));
+                log::info!(
+                    "server {}: request {number} is already stored as {file}; not storing it again",
+                    shared.addr
                 );
-                let _ = writer.message(&late);
-                break;
+                self.outbox
+                    .queue(&replies.stored(id, number, file, a_count, true));
+                return;
             }
             Err(e) => {
-                log::warn!("server {addr}: connection from {peer}: {e}");
-                if let Some(r) = e.reply() {
-                    let _ = writer.message(&Reply::Error(r));
-                }
-                break;
+                self.outbox.queue(&replies.refused(id, number, e));
+                return;
             }
-            Ok(Some(Err(bad))) => {
-                log::warn!("server {addr}: bad request from {peer}: {bad}");
-                Reply::Error(bad.into())
-            }
-            Ok(Some(Ok(request))) => match gate.handle(&request) {
-                Some(answer) if answer.close => {
-                    if let Some(skipped) = refusals().check(&peer.ip()) {
-                        log::warn!(
-                            "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
-                            error_text(&answer.reply),
-                            crate::throttle::more(skipped)
-                        );
-                    }
-                    let _ = writer.message(&answer.reply);
-                    break;
-                }
-                Some(answer) => answer.reply,
-                // An upload straight from a client carries a signed ticket
-                // instead (checked by `transfer::receive`).
-                None if (uploads_only || (gate.keyed() && !gate.proven()))
-                    && !matches!(request, Request::Upload(_)) =>
-                {
-                    if let Some(skipped) = refusals().check(&peer.ip()) {
-                        log::warn!(
-                            "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
-                            request.kind(),
-                            crate::throttle::more(skipped)
-                        );
-                    }
-                    Reply::error(
-                        Some(request.id()),
-                        ErrorCode::Unauthenticated,
-                        "this server takes requests only after the cluster handshake \
-                         (hello, see PROTOCOL.md), or uploads with a ticket",
-                    )
-                }
-                None => match request {
-                    Request::Upload(upload) => {
-                        match transfer::receive(upload, &mut reader, &mut writer, peer, shared) {
-                            transfer::Next::Continue => continue,
-                            transfer::Next::Close => break,
-                        }
-                    }
-                    Request::Get {
-                        id,
-                        name,
-                        offset,
-                        owner,
-                    } => {
-                        let owner = owner.as_deref();
-                        match transfer::send(id, &name, offset, owner, &mut writer, peer, shared) {
-                            transfer::Next::Continue => continue,
-                            transfer::Next::Close => break,
-                        }
-                    }
-                    Request::List { id, owner, kind } => {
-                        let owner = owner.as_deref();
-                        if let Err(e) = listing::list(id, owner, kind, &mut writer, shared) {
-                            log::warn!("server {addr}: cannot reply to {peer}: {e}");
-                            break;
-                        }
-                        continue;
-                    }
-                    Request::Delete {
-                        id,
-                        name,
-                        owner,
-                        upload_id,
-                    } => {
-                        let (owner, upload) = (owner.as_deref(), upload_id.as_deref());
-                        transfer::delete(id, &name, owner, upload, peer, shared)
-                    }
-                    request => handle(request, shared),
-                },
-            },
         };
-        // The balancer's links and probes: closed to make room only after
-        // every connection that has proved nothing.
-        if gate.proven() {
-            mark.trust();
+        let delay = shared.config.char_delay;
+        let bytes = store.doc.title.len() + store.doc.content.len();
+        // Counted before its `StoreDone` exists, which counts it off.
+        self.outbox.store_begun(bytes);
+        let mut done = StoreDone {
+            outbox: self.outbox.clone(),
+            replies: replies.clone(),
+            id,
+            number,
+            a_count: 0,
+            title: proto::truncate(&store.doc.title, 80),
+            bytes,
+            answered: false,
+            _active: active,
+            _busy: self.mark.busy(),
+        };
+        if !delay.is_zero() {
+            self.count_slowly(writer, store.doc, done);
+            return;
         }
-        if let Err(e) = writer.message(&reply) {
-            log::warn!("server {addr}: cannot reply to {peer}: {e}");
-            break;
+        done.a_count = crate::text::count_a(&store.doc.content);
+        let a_count = done.a_count;
+        self.stores
+            .push(writer.commit(&store.doc, a_count, Box::new(done)));
+    }
+
+    /// A store slowed by --char-delay-ms (a server that takes a while over
+    /// each document, as the original did): counted on a thread of its
+    /// own, then handed to the committer, while the connection reads on.
+    /// Should the thread not start, its reply says so (`StoreDone` is
+    /// dropped unanswered).
+    fn count_slowly(&self, writer: storage::Writer<'a>, doc: proto::Document, mut done: StoreDone) {
+        let (storage, delay) = (&self.shared.storage, self.shared.config.char_delay);
+        let counted = thread::Builder::new()
+            .name(format!("{}-count", self.name))
+            .spawn_scoped(self.slow, move || {
+                done.a_count = count_a_with_delay(&doc.content, delay);
+                let a_count = done.a_count;
+                storage.submit(vec![writer.commit(&doc, a_count, Box::new(done))]);
+            });
+        if let Err(e) = counted {
+            log::error!("server {}: cannot start a thread: {e}", self.shared.addr);
         }
+    }
+}
+
+/// A store in the committer: its reply goes to its connection's outbox.
+struct StoreDone {
+    outbox: Arc<Outbox>,
+    replies: Arc<StoreReplies>,
+    id: u64,
+    number: u64,
+    a_count: u64,
+    /// Its title, cut for the log.
+    title: String,
+    /// Bytes of its document, counted by the outbox.
+    bytes: usize,
+    /// Set once its reply is queued.
+    answered: bool,
+    _active: load::Active,
+    _busy: net::Busy,
+}
+
+impl storage::Done for StoreDone {
+    fn done(mut self: Box<Self>, outcome: Result<String, StoreError>) -> Option<storage::Deliver> {
+        let replies = &self.replies;
+        let reply = match outcome {
+            Ok(file) => {
+                log_stored(replies.addr, self.number, &self.title, &file, self.a_count);
+                replies.stored(self.id, self.number, file, self.a_count, false)
+            }
+            Err(e) => replies.refused(self.id, self.number, e),
+        };
+        let first = self.outbox.queue_store_reply(&reply, self.bytes);
+        self.answered = true;
+        let outbox = self.outbox.clone();
+        first.then(|| Box::new(move || outbox.flush()) as storage::Deliver)
+    }
+}
+
+/// A store dropped unanswered (the committer died with it) still gets a
+/// reply, and stops counting: its connection waits for every store.
+impl Drop for StoreDone {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let e = StoreError::Io(io::Error::other("the storage committer stopped"));
+        let reply = self.replies.refused(self.id, self.number, e);
+        if self.outbox.queue_store_reply(&reply, self.bytes) {
+            self.outbox.flush();
+        }
+    }
+}
+
+/// What a store's reply needs, on whichever thread makes it: the
+/// connection's or the committer's. Not `Shared`: the last reference to
+/// the storage must never be dropped on its own committer's thread.
+struct StoreReplies {
+    addr: SocketAddr,
+    load: Arc<Load>,
+    dir: PathBuf,
+}
+
+impl StoreReplies {
+    fn stored(&self, id: u64, number: u64, file: String, a_count: u64, existing: bool) -> Reply {
+        Reply::Stored(proto::Stored {
+            id,
+            server: self.addr.to_string(),
+            request_number: number,
+            file,
+            a_count,
+            existing,
+        })
+    }
+
+    fn refused(&self, id: u64, number: u64, e: StoreError) -> Reply {
+        let addr = self.addr;
+        let code = match &e {
+            StoreError::Expired { .. } | StoreError::Forgotten(_) => ErrorCode::Expired,
+            StoreError::InProgress(_) => ErrorCode::InProgress,
+            StoreError::Io(e) if storage::is_disk_full(e) => ErrorCode::DiskFull,
+            StoreError::Io(_) => ErrorCode::Storage,
+        };
+        if code == ErrorCode::DiskFull {
+            self.load.note_disk_full(&self.dir);
+        }
+        if matches!(code, ErrorCode::Storage | ErrorCode::DiskFull) {
+            log::error!("server {addr}: cannot store request {number}: {e}");
+        } else {
+            // The balancer retries elsewhere or has already: routine.
+            log::info!("server {addr}: refused request {number}: {e}");
+        }
+        Reply::error(Some(id), code, format!("server {addr}: {e}"))
     }
 }
 
@@ -586,7 +873,11 @@ fn serve_legacy(
 
 fn handle(request: Request, shared: &Shared) -> Reply {
     match request {
-        Request::Store(store) => handle_store(store, shared),
+        Request::Store(store) => Reply::error(
+            Some(store.id),
+            ErrorCode::Internal,
+            "`store` is answered by the connection loop",
+        ),
         Request::Status { id } => Reply::Status(status_report(id, shared)),
         Request::Calc { id, operation } => {
             let _active = shared.load.begin();
@@ -677,73 +968,13 @@ fn status_report(id: u64, shared: &Shared) -> proto::StatusReport {
     }
 }
 
-/// A framed store: at most once per request number.
-fn handle_store(store: proto::StoreRequest, shared: &Shared) -> Reply {
-    let _active = shared.load.begin();
-    let addr = shared.addr;
-    let id = store.id;
-    let number = store
-        .request_number
-        .unwrap_or_else(|| shared.numbers.next());
-    let stored = |file: String, a_count: u64, existing: bool| {
-        Reply::Stored(proto::Stored {
-            id,
-            server: addr.to_string(),
-            request_number: number,
-            file,
-            a_count,
-            existing,
-        })
-    };
-    let refused = |e: StoreError| {
-        let code = match &e {
-            StoreError::Expired { .. } | StoreError::Forgotten(_) => ErrorCode::Expired,
-            StoreError::InProgress(_) => ErrorCode::InProgress,
-            StoreError::Io(e) if storage::is_disk_full(e) => ErrorCode::DiskFull,
-            StoreError::Io(_) => ErrorCode::Storage,
-        };
-        if code == ErrorCode::DiskFull {
-            shared.load.note_disk_full(shared.storage.dir());
-        }
-        if matches!(code, ErrorCode::Storage | ErrorCode::DiskFull) {
-            log::error!("server {addr}: cannot store request {number}: {e}");
-        } else {
-            // The balancer retries elsewhere or has already: routine.
-            log::info!("server {addr}: refused request {number}: {e}");
-        }
-        Reply::error(Some(id), code, format!("server {addr}: {e}"))
-    };
-    let writer = match shared.storage.claim(number, store.not_after_ms) {
-        Ok(Claim::New(writer)) => writer,
-        Ok(Claim::Existing { file }) => {
-            let a_count = shared
-                .storage
-                .stored_a_count(&file)
-                .unwrap_or_else(|| crate::text::count_a(&store.doc.content));
-            log::info!(
-                "server {addr}: request {number} is already stored as {file}; not storing it again"
-            );
-            return stored(file, a_count, true);
-        }
-        Err(e) => return refused(e),
-    };
-    let a_count = count_a_with_delay(&store.doc.content, shared.config.char_delay);
-    match writer.write(&store.doc, a_count) {
-        Ok(file) => {
-            log_stored(number, &store.doc, &file, a_count, shared);
-            stored(file, a_count, false)
-        }
-        Err(e) => refused(e),
-    }
-}
-
 /// A document in the original format: always stored, whatever its number.
 fn store_legacy(doc: &Document, request_number: Option<u64>, shared: &Shared) {
     let _active = shared.load.begin();
     let number = request_number.unwrap_or_else(|| shared.numbers.next());
     let a_count = count_a_with_delay(&doc.content, shared.config.char_delay);
     match shared.storage.store_copy(number, doc, a_count) {
-        Ok(file) => log_stored(number, doc, &file, a_count, shared),
+        Ok(file) => log_stored(shared.addr, number, &doc.title, &file, a_count),
         Err(e) if storage::is_disk_full(&e) => {
             shared.load.note_disk_full(shared.storage.dir());
             log::error!(
@@ -758,11 +989,10 @@ fn store_legacy(doc: &Document, request_number: Option<u64>, shared: &Shared) {
     }
 }
 
-fn log_stored(number: u64, doc: &Document, file: &str, a_count: u64, shared: &Shared) {
+fn log_stored(addr: SocketAddr, number: u64, title: &str, file: &str, a_count: u64) {
     log::info!(
-        "server {}: stored request {number} \"{}\" as {file} ({a_count} letters A)",
-        shared.addr,
-        proto::truncate(&doc.title, 80)
+        "server {addr}: stored request {number} \"{}\" as {file} ({a_count} letters A)",
+        proto::truncate(title, 80)
     );
 }
 

@@ -216,6 +216,6 @@ fn balancer_lists_its_servers_with_their_status() {
         assert!(status.memory_used_bytes > 0);
         assert!(status.cpu_percent >= 0.0);
         assert!(status.disk_free_bytes > 0);
-        assert_eq!(status.max_active, 64);
+        assert_eq!(status.max_active, 1024);
     }
 }

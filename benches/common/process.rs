@@ -1,7 +1,8 @@
 //! Child processes the benchmarks start (killed and reaped when dropped),
-//! and what /proc tells about a process: resident memory, threads, open
-//! files and its limit on them.
+//! and what /proc tells about a process: resident memory, CPU time,
+//! context switches, threads, open files and its limit on them.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -237,6 +238,88 @@ impl PeakRss {
     pub fn finish(self) -> f64 {
         drop(self.stop);
         self.sampler.join().expect("the memory sampler panicked")
+    }
+}
+
+/// Context switches (voluntary and not) of each live thread of a process,
+/// by thread id. `/proc/PID/status` counts only the main thread's, so the
+/// threads are read one by one.
+fn thread_switches(pid: u32) -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // it ended meanwhile
+        };
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(
+            tid,
+            field("voluntary_ctxt_switches:") + field("nonvoluntary_ctxt_switches:"),
+        );
+    }
+    out
+}
+
+/// Counts the context switches of some processes during a scenario: their
+/// threads are read every 50 ms from /proc (each thread's count from the
+/// first time it is seen, from zero for threads started after `start`),
+/// so threads that come and go are counted too, all but the switches a
+/// thread makes between its last sample and its end.
+pub struct Switches {
+    stop: mpsc::Sender<()>,
+    sampler: JoinHandle<u64>,
+}
+
+impl Switches {
+    pub fn start(pids: Vec<u32>) -> Switches {
+        let first: Vec<HashMap<u32, u64>> = pids.iter().map(|&p| thread_switches(p)).collect();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let sampler = thread::Builder::new()
+            .name("switch-sampler".into())
+            .spawn(move || {
+                let mut last = first.clone();
+                loop {
+                    let done = !matches!(
+                        stopped.recv_timeout(Duration::from_millis(50)),
+                        Err(RecvTimeoutError::Timeout)
+                    );
+                    for (seen, &pid) in last.iter_mut().zip(&pids) {
+                        seen.extend(thread_switches(pid));
+                    }
+                    if done {
+                        break;
+                    }
+                }
+                let mut total = 0;
+                for (seen, before) in last.iter().zip(&first) {
+                    for (tid, n) in seen {
+                        total += n.saturating_sub(before.get(tid).copied().unwrap_or(0));
+                    }
+                }
+                total
+            })
+            .expect("cannot start the context switch sampler");
+        Switches { stop, sampler }
+    }
+
+    /// Stops sampling (after one last sample) and returns the switches
+    /// counted.
+    pub fn finish(self) -> u64 {
+        drop(self.stop);
+        self.sampler
+            .join()
+            .expect("the context switch sampler panicked")
     }
 }
 

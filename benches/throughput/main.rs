@@ -56,7 +56,7 @@ mod report;
 
 use common::clients::{self, empty_folders, json_files, one_at_a_time, pipelined, warm_up};
 use common::haproxy;
-use common::process::{cpu_secs, Child, PeakRss};
+use common::process::{cpu_secs, Child, PeakRss, Switches};
 use common::{median, percentile_ms};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -280,6 +280,9 @@ pub struct Measured {
     /// CPU time the three servers together used per document, in µs: a
     /// path can make the servers' work dearer or cheaper.
     pub servers_cpu_us_per_doc: Option<f64>,
+    /// Context switches of the three servers' threads per document: what
+    /// a document costs them in wake-ups and hand-offs.
+    pub servers_switches_per_doc: f64,
 }
 
 impl Measured {
@@ -298,6 +301,9 @@ impl Measured {
             peak_mib: peaks.into_iter().reduce(f64::max),
             cpu_us_per_doc: (!cpu.is_empty()).then(|| median(cpu)),
             servers_cpu_us_per_doc: (!servers_cpu.is_empty()).then(|| median(servers_cpu)),
+            servers_switches_per_doc: median(
+                runs.iter().map(|m| m.servers_switches_per_doc).collect(),
+            ),
         }
     }
 }
@@ -351,6 +357,7 @@ fn run_once(
     let cpu_before = watched.and_then(cpu_secs);
     let servers_cpu = || -> Option<f64> { cluster.server_pids.iter().map(|&p| cpu_secs(p)).sum() };
     let servers_before = servers_cpu();
+    let switches = Switches::start(cluster.server_pids.clone());
     start.wait();
     let began = Instant::now();
     let mut latencies = Vec::with_capacity(docs);
@@ -363,6 +370,7 @@ fn run_once(
         }
     }
     let secs = began.elapsed().as_secs_f64();
+    let servers_switches = switches.finish();
     let peak_mib = memory.map(PeakRss::finish);
     let cpu_us_per_doc = match (watched.and_then(cpu_secs), cpu_before) {
         (Some(after), Some(before)) => Some((after - before) * 1e6 / docs as f64),
@@ -391,6 +399,7 @@ fn run_once(
         peak_mib,
         cpu_us_per_doc,
         servers_cpu_us_per_doc,
+        servers_switches_per_doc: servers_switches as f64 / docs as f64,
     }
 }
 
@@ -450,8 +459,9 @@ fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
                         .map(|c| format!(", servers {c:.0} µs/doc"))
                         .unwrap_or_default();
                     println!(
-                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}{cpu}{servers}",
-                        m.docs_per_sec, m.p50_ms, m.p99_ms
+                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}{cpu}{servers}, \
+                         servers {:.1} switches/doc",
+                        m.docs_per_sec, m.p50_ms, m.p99_ms, m.servers_switches_per_doc
                     );
                     runs[i].push(m);
                 }

@@ -111,7 +111,8 @@ impl Report<'_> {
              Median of {} runs; peak RSS is the largest resident memory of the balancer or \
              HAProxy sampled every 50 ms during the scenario's runs; CPU is the time the balancer \
              or HAProxy ran (user and system, from /proc) per document, servers CPU the same for the three \
-             servers together. A warm-up scenario runs first, not \
+             servers together, servers switches their threads' context switches (voluntary and not, \
+             from /proc/PID/task/*/status every 50 ms) per document. A warm-up scenario runs first, not \
              counted, and each run starts with another path. Between runs the stored files are \
              moved aside, not removed: on ext4 without a journal, creating files right after \
              many removals is several times slower. Direct: client i talks to server i mod 3; HAProxy pins each \
@@ -120,11 +121,11 @@ impl Report<'_> {
         );
         let _ = writeln!(
             out,
-            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB | CPU µs/doc | servers CPU µs/doc |"
+            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB | CPU µs/doc | servers CPU µs/doc | servers switches/doc |"
         );
         let _ = writeln!(
             out,
-            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for row in &self.rows {
             let direct = self.find(row.clients, row.mode, Route::Direct);
@@ -140,7 +141,7 @@ impl Report<'_> {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {:.1} |",
                 row.clients,
                 mode_name(row.mode, self.options.depth),
                 row.route.name(),
@@ -156,6 +157,7 @@ impl Report<'_> {
                 row.m
                     .servers_cpu_us_per_doc
                     .map_or(String::new(), |c| format!("{c:.0}")),
+                row.m.servers_switches_per_doc,
             );
         }
     }

@@ -35,10 +35,18 @@ struct Args {
     /// Sleep this long per character counted, to simulate a slow server.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     char_delay_ms: u64,
+    /// How documents stored together are made durable before their names
+    /// appear: `syncfs`, one sync of the folder's whole file system per
+    /// batch (a batch of one: its own fdatasync), or `fdatasync`, one per
+    /// document, the batch written out together first. Choose fdatasync
+    /// when other programs keep the same file system busy with writes:
+    /// syncfs writes out their data too, and waits for it.
+    #[arg(long, default_value = "syncfs", value_name = "MODE")]
+    sync: lbft::server::storage::SyncMode,
     /// Report overloaded when this many documents are being stored at once
-    /// (above the balancer's --max-in-flight, so that its own traffic does
-    /// not count as overload).
-    #[arg(long, default_value_t = 64)]
+    /// (well above the balancer's --max-in-flight, so that its own traffic
+    /// does not count as overload).
+    #[arg(long, default_value_t = lbft::server::DEFAULT_MAX_ACTIVE)]
     max_active: u64,
     /// Report overloaded when the process uses more memory than this.
     #[arg(long, default_value_t = 1024, value_name = "MB")]
@@ -143,6 +151,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         dir: args.dir,
         clean: args.clean,
         char_delay: Duration::from_millis(args.char_delay_ms),
+        sync: args.sync,
         max_active: args.max_active,
         max_memory_mb: args.max_memory_mb,
         max_frame: args.max_frame,

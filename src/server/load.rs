@@ -115,6 +115,13 @@ impl Load {
         ActiveGuard(self)
     }
 
+    /// Like `begin`, for a request that ends on another thread: a store
+    /// counts from when it is read until the committer has answered it.
+    pub fn begin_owned(self: &Arc<Load>) -> Active {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Active(self.clone())
+    }
+
     pub fn overloaded(&self) -> bool {
         is_overloaded(self.active(), self.sample().memory_bytes, self.limits)
     }
@@ -128,6 +135,15 @@ pub fn is_overloaded(active: u64, memory_bytes: u64, limits: Limits) -> bool {
 pub struct ActiveGuard<'a>(&'a Load);
 
 impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An owned `ActiveGuard` (see `Load::begin_owned`).
+pub struct Active(Arc<Load>);
+
+impl Drop for Active {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }

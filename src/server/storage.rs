@@ -1,10 +1,20 @@
 //! A server's storage folder: safe file names; durable, never-overwriting
-//! writes with a shared directory fsync (group commit); and an index of the
-//! request numbers held, so that a framed store is carried out at most once.
+//! writes, made durable together by the folder's committer (`commit`); and
+//! an index of the request numbers held, so that a framed store is carried
+//! out at most once.
+//!
+//! A store is claimed here by the thread that read it (`Storage::claim`),
+//! turned into a `Commit` there (the document's bytes are made on that
+//! thread), and handed to the committer, which completes it once its bytes
+//! and its name are on disk.
 //!
 //! Nothing here deletes a stored document: a document the balancer says is
 //! stored elsewhere (`forget`) is moved into `.duplicates/`, not removed.
 //! Only `clean`, on the operator's request, removes documents.
+
+mod commit;
+
+pub use commit::{Commit, Deliver, Done, SyncMode};
 
 use crate::net::lock;
 use crate::proto::Document;
@@ -16,7 +26,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest title part of a stored file name, in characters.
@@ -101,48 +111,55 @@ pub enum Claim<'a> {
     New(Writer<'a>),
 }
 
-/// The right to store one request number. Until it is dropped, other stores
-/// of the same number get `StoreError::InProgress`.
+/// The right to store one request number. Until it is dropped, or until
+/// the commit it becomes has ended, other stores of the same number get
+/// `StoreError::InProgress`.
 pub struct Writer<'a> {
     storage: &'a Storage,
-    number: u64,
+    claim: Claimed,
     not_after_ms: Option<u64>,
 }
 
 impl Writer<'_> {
-    /// Writes the document. The deadline and the `forget` list are checked
+    /// The document as a commit for `Storage::submit`; `done` gets the
+    /// stored file's name once its bytes and its name are durable, or why
+    /// it was not stored. The deadline and the `forget` list are checked
     /// once more right before the file becomes visible, so nothing appears
     /// after the deadline or after a `forget`.
+    pub fn commit(self, doc: &Document, a_count: u64, done: Box<dyn Done>) -> Commit {
+        let number = self.claim.number;
+        Commit::new(
+            record(number, doc, a_count, None),
+            base_name(number, &doc.title),
+            commit::Kind::Framed {
+                claim: self.claim,
+                not_after_ms: self.not_after_ms,
+            },
+            done,
+        )
+    }
+
+    /// Stores the document and waits until it is durable: a `commit` for
+    /// a caller with nothing else to do meanwhile.
     pub fn write(self, doc: &Document, a_count: u64) -> Result<String, StoreError> {
         let storage = self.storage;
-        let check = || storage.may_store(self.number, self.not_after_ms);
-        let file = storage.write_document(self.number, doc, a_count, None, &check)?;
-        let mut index = storage.index();
-        if index.forgotten.contains(&self.number) {
-            drop(index);
-            // A `forget` arrived between the last check and the link: the
-            // copy was never acknowledged, so it goes where forgotten
-            // copies go.
-            if let Err(e) = storage.move_aside(&file) {
-                log::error!(
-                    "cannot move request {} ({file}) to {DUPLICATES_DIR}: {e}",
-                    self.number
-                );
-            }
-            return Err(StoreError::Forgotten(self.number));
-        }
-        // In the same critical section as the end of `writing` (in `drop`),
-        // so a concurrent claim sees the number either in progress or
-        // stored, never neither.
-        index.add(self.number, file.clone());
-        index.writing.remove(&self.number);
-        Ok(file)
+        let (done, outcome) = commit::waiter();
+        storage.submit(vec![self.commit(doc, a_count, done)]);
+        outcome.wait()
     }
 }
 
-impl Drop for Writer<'_> {
+/// A request number being written: until it is dropped, other stores of
+/// it get `StoreError::InProgress`. Owned, as it goes to the committer
+/// with the document.
+struct Claimed {
+    folder: Arc<Folder>,
+    number: u64,
+}
+
+impl Drop for Claimed {
     fn drop(&mut self) {
-        self.storage.index().writing.remove(&self.number);
+        self.folder.index().writing.remove(&self.number);
     }
 }
 
@@ -180,89 +197,197 @@ impl Index {
     }
 }
 
-/// Group commit of the folder's fsync. A store must wait for an fsync of
-/// the folder that started after its link, so that its directory entry is
-/// durable; stores that link while one fsync runs all share the next one.
-#[derive(Debug, Default)]
-struct DirSync {
-    state: Mutex<SyncState>,
-    finished: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct SyncState {
-    /// Folder fsyncs started so far; the n-th is fsync number n.
-    started: u64,
-    /// The latest fsync finished. They run one at a time, so every fsync
-    /// up to this one has finished too.
-    finished: u64,
-    running: bool,
-    /// The latest fsync that failed, with its error.
-    failed: Option<(u64, io::ErrorKind, String)>,
-    /// Callers waiting for someone else's fsync (for tests).
-    waiting: usize,
-}
-
-impl DirSync {
-    /// Returns once a call of `sync` that started after this call began has
-    /// finished: by the first caller to find no fsync running, and shared by
-    /// every caller that arrived before it started.
-    fn wait_durable(&self, sync: impl Fn() -> io::Result<()>) -> io::Result<()> {
-        let mut state = lock(&self.state);
-        // Any fsync with a higher number starts after our link.
-        let needed = state.started + 1;
-        loop {
-            if state.finished >= needed {
-                return match &state.failed {
-                    // Conservative: after a failed fsync, a later success
-                    // does not prove our entry reached the disk.
-                    Some((n, kind, message)) if *n >= needed => {
-                        Err(io::Error::new(*kind, message.clone()))
-                    }
-                    _ => Ok(()),
-                };
-            }
-            if state.running {
-                state.waiting += 1;
-                state = self
-                    .finished
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-                state.waiting -= 1;
-                continue;
-            }
-            state.running = true;
-            state.started += 1;
-            let mine = state.started;
-            drop(state);
-            let result = sync();
-            state = lock(&self.state);
-            state.running = false;
-            state.finished = mine;
-            if let Err(e) = result {
-                state.failed = Some((mine, e.kind(), e.to_string()));
-            }
-            self.finished.notify_all();
-        }
-    }
-
-    fn count(&self) -> u64 {
-        lock(&self.state).started
-    }
+/// The folder and its index: what the threads that claim stores and the
+/// committer share.
+struct Folder {
+    dir: PathBuf,
+    /// `TEMP_PREFIX` and the process id: the start of temporary names.
+    temp_prefix: String,
+    temp_seq: AtomicU64,
+    index: Mutex<Index>,
 }
 
 pub struct Storage {
-    dir: PathBuf,
-    temp_seq: AtomicU64,
-    index: Mutex<Index>,
-    dir_sync: DirSync,
+    folder: Arc<Folder>,
+    committer: commit::Committer,
 }
 
 impl Storage {
-    /// Opens (creating if needed) a storage folder: removes staging files
-    /// left by a crash, and indexes the request numbers of stored files and
-    /// of `.duplicates/` (still forgotten after a restart).
+    /// `open_with` the default `SyncMode`, the committer's thread named
+    /// `storage-commit`.
     pub fn open(dir: &Path) -> io::Result<Storage> {
+        Storage::open_with(dir, SyncMode::default(), "storage-commit".into())
+    }
+
+    /// Opens (creating if needed) a storage folder: removes staging files
+    /// left by a crash, indexes the request numbers of stored files and of
+    /// `.duplicates/` (still forgotten after a restart), and starts the
+    /// folder's committer on a thread called `thread`, making stores
+    /// durable as `sync` says. Dropping the `Storage` ends the committer
+    /// once it has finished what it was given, and waits for it.
+    pub fn open_with(dir: &Path, sync: SyncMode, thread: String) -> io::Result<Storage> {
+        let folder = Folder::open(dir)?;
+        let committer = commit::Committer::start(folder.clone(), sync, thread)?;
+        Ok(Storage { folder, committer })
+    }
+
+    #[cfg(test)]
+    fn open_with_disk(dir: &Path, sync: SyncMode, disk: Box<dyn commit::Disk>) -> Storage {
+        let folder = Folder::open(dir).unwrap();
+        let committer =
+            commit::Committer::start_with(folder.clone(), sync, "test-commit".into(), disk)
+                .unwrap();
+        Storage { folder, committer }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.folder.dir
+    }
+
+    /// Number of stored documents (not counting `.duplicates/`).
+    pub fn count(&self) -> u64 {
+        self.folder.index().documents
+    }
+
+    /// How many syncs (of files, of the file system, of the folder) the
+    /// committer has done: fewer than stores when they commit together.
+    pub fn syncs(&self) -> u64 {
+        self.committer.syncs()
+    }
+
+    /// Hands commits to the committer, which completes each once it is
+    /// durable or has failed (see `Done`). Several commits handed over at
+    /// once are committed together.
+    pub fn submit(&self, commits: Vec<Commit>) {
+        self.committer.submit(commits);
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.folder.index()
+    }
+
+    /// Removes stored documents (and leftover temporary files). Only on an
+    /// explicit request from the operator; `.duplicates/` is kept.
+    pub fn clean(&self) -> io::Result<u64> {
+        let mut removed = 0;
+        for entry in fs::read_dir(self.dir())? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_file() && (is_document_name(name) || name.starts_with(TEMP_PREFIX)) {
+                fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+        let mut index = self.index();
+        index.files.clear();
+        index.documents = 0;
+        Ok(removed)
+    }
+
+    /// Decides what a framed store of `number` does: nothing (already
+    /// stored), write it (the returned `Writer` holds the number), or
+    /// refuse (past `not_after_ms`, forgotten, or being written right now).
+    pub fn claim(&self, number: u64, not_after_ms: Option<u64>) -> Result<Claim<'_>, StoreError> {
+        check_deadline(number, not_after_ms)?;
+        let mut index = self.index();
+        if index.forgotten.contains(&number) {
+            return Err(StoreError::Forgotten(number));
+        }
+        if let Some(files) = index.files.get_mut(&number) {
+            // Original-format copies indexed at start by their names are
+            // dropped from the index the first time their number comes up.
+            let copies: Vec<String> = files
+                .iter()
+                .filter(|f| self.folder.is_original_format_copy(f))
+                .cloned()
+                .collect();
+            files.retain(|f| !copies.contains(f));
+            if let Some(file) = files.first() {
+                return Ok(Claim::Existing { file: file.clone() });
+            }
+            index.files.remove(&number);
+        }
+        if !index.writing.insert(number) {
+            return Err(StoreError::InProgress(number));
+        }
+        Ok(Claim::New(Writer {
+            storage: self,
+            claim: Claimed {
+                folder: self.folder.clone(),
+                number,
+            },
+            not_after_ms,
+        }))
+    }
+
+    /// Stores a document from an original-format connection whatever
+    /// numbers are already held: the original balancer restarts its
+    /// numbering at 1, so a repeated number from it is a new document. The
+    /// copy is marked as such and kept out of the exactly-once index: a
+    /// peer that cannot prove the cluster key must not be able to store a
+    /// number ahead of the balancer and have the balancer's own store of
+    /// it answered "already stored".
+    pub fn store_copy(&self, number: u64, doc: &Document, a_count: u64) -> io::Result<String> {
+        let (done, outcome) = commit::waiter();
+        self.submit(vec![Commit::new(
+            record(number, doc, a_count, Some(ORIGINAL_FORMAT)),
+            base_name(number, &doc.title),
+            commit::Kind::Copy,
+            done,
+        )]);
+        outcome.wait().map_err(|e| match e {
+            StoreError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        })
+    }
+
+    /// The letter count recorded in a stored file, or counted again from
+    /// its content; `None` if the file cannot be read.
+    pub fn stored_a_count(&self, file: &str) -> Option<u64> {
+        let bytes = fs::read(self.dir().join(file)).ok()?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        value["a_count"]
+            .as_u64()
+            .or_else(|| value["contenuto"].as_str().map(count_a))
+    }
+
+    /// Marks `numbers` as stored on another server: they are never stored
+    /// here again, and the files already stored for them are moved into
+    /// `.duplicates/` (original-format copies that happen to carry the
+    /// same number are other documents, and stay).
+    pub fn forget(&self, numbers: &[u64]) -> Forgetting {
+        let mut to_move = Vec::new();
+        {
+            let mut index = self.index();
+            for &number in numbers {
+                index.forgotten.insert(number);
+                if let Some(files) = index.files.remove(&number) {
+                    let files: Vec<String> = files
+                        .into_iter()
+                        .filter(|f| !self.folder.is_original_format_copy(f))
+                        .collect();
+                    index.documents -= files.len() as u64;
+                    to_move.extend(files.into_iter().map(|f| (number, f)));
+                }
+            }
+        }
+        let mut done = Forgetting::default();
+        for (number, file) in to_move {
+            match self.folder.move_aside(&file) {
+                Ok(()) => done.moved.push((number, file)),
+                Err(e) => {
+                    // Still in the folder, so still counted.
+                    self.index().add(number, file.clone());
+                    done.failed.push((number, file, e));
+                }
+            }
+        }
+        done
+    }
+}
+
+impl Folder {
+    fn open(dir: &Path) -> io::Result<Arc<Folder>> {
         fs::create_dir_all(dir)?;
         let mut index = Index::default();
         let mut temps_removed = 0u64;
@@ -307,99 +432,43 @@ impl Storage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(Storage {
+        Ok(Arc::new(Folder {
             dir: dir.to_path_buf(),
+            temp_prefix: format!("{TEMP_PREFIX}{}-", std::process::id()),
             temp_seq: AtomicU64::new(0),
             index: Mutex::new(index),
-            dir_sync: DirSync::default(),
-        })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Number of stored documents (not counting `.duplicates/`).
-    pub fn count(&self) -> u64 {
-        self.index().documents
-    }
-
-    /// How many folder fsyncs stores have done (fewer than stores when
-    /// stores overlap).
-    pub fn dir_syncs(&self) -> u64 {
-        self.dir_sync.count()
+        }))
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {
         lock(&self.index)
     }
 
-    /// Removes stored documents (and leftover temporary files). Only on an
-    /// explicit request from the operator; `.duplicates/` is kept.
-    pub fn clean(&self) -> io::Result<u64> {
-        let mut removed = 0;
-        for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if path.is_file() && (is_document_name(name) || name.starts_with(TEMP_PREFIX)) {
-                fs::remove_file(&path)?;
-                removed += 1;
-            }
-        }
-        let mut index = self.index();
-        index.files.clear();
-        index.documents = 0;
-        Ok(removed)
+    /// A new name for a temporary file in the folder.
+    fn temp_name(&self) -> String {
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}{seq}", self.temp_prefix)
     }
 
-    /// Decides what a framed store of `number` does: nothing (already
-    /// stored), write it (the returned `Writer` holds the number), or
-    /// refuse (past `not_after_ms`, forgotten, or being written right now).
-    pub fn claim(&self, number: u64, not_after_ms: Option<u64>) -> Result<Claim<'_>, StoreError> {
-        check_deadline(number, not_after_ms)?;
+    /// A framed store of `number` whose file and name are durable now:
+    /// from now on the number is answered with `file`.
+    fn add_stored(&self, number: u64, file: String) -> Result<String, StoreError> {
         let mut index = self.index();
         if index.forgotten.contains(&number) {
+            drop(index);
+            // A `forget` arrived between the last check and the link: the
+            // copy was never acknowledged, so it goes where forgotten
+            // copies go.
+            if let Err(e) = self.move_aside(&file) {
+                log::error!("cannot move request {number} ({file}) to {DUPLICATES_DIR}: {e}");
+            }
             return Err(StoreError::Forgotten(number));
         }
-        if let Some(files) = index.files.get_mut(&number) {
-            // Original-format copies indexed at start by their names are
-            // dropped from the index the first time their number comes up.
-            let copies: Vec<String> = files
-                .iter()
-                .filter(|f| self.is_original_format_copy(f))
-                .cloned()
-                .collect();
-            files.retain(|f| !copies.contains(f));
-            if let Some(file) = files.first() {
-                return Ok(Claim::Existing { file: file.clone() });
-            }
-            index.files.remove(&number);
-        }
-        if !index.writing.insert(number) {
-            return Err(StoreError::InProgress(number));
-        }
-        Ok(Claim::New(Writer {
-            storage: self,
-            number,
-            not_after_ms,
-        }))
-    }
-
-    /// Stores a document from an original-format connection whatever
-    /// numbers are already held: the original balancer restarts its
-    /// numbering at 1, so a repeated number from it is a new document. The
-    /// copy is marked as such and kept out of the exactly-once index: a
-    /// peer that cannot prove the cluster key must not be able to store a
-    /// number ahead of the balancer and have the balancer's own store of
-    /// it answered "already stored".
-    pub fn store_copy(&self, number: u64, doc: &Document, a_count: u64) -> io::Result<String> {
-        let file = self
-            .write_document(number, doc, a_count, Some(ORIGINAL_FORMAT), &|| Ok(()))
-            .map_err(|e| match e {
-                StoreError::Io(e) => e,
-                other => io::Error::other(other.to_string()),
-            })?;
-        self.index().documents += 1;
+        // In the same critical section as the end of `writing` (the claim
+        // ends too), so a concurrent claim sees the number either in
+        // progress or stored, never neither.
+        index.add(number, file.clone());
+        index.writing.remove(&number);
         Ok(file)
     }
 
@@ -418,50 +487,6 @@ impl Storage {
             .is_ok_and(|o| o.stored_from.as_deref() == Some(ORIGINAL_FORMAT))
     }
 
-    /// The letter count recorded in a stored file, or counted again from
-    /// its content; `None` if the file cannot be read.
-    pub fn stored_a_count(&self, file: &str) -> Option<u64> {
-        let bytes = fs::read(self.dir.join(file)).ok()?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        value["a_count"]
-            .as_u64()
-            .or_else(|| value["contenuto"].as_str().map(count_a))
-    }
-
-    /// Marks `numbers` as stored on another server: they are never stored
-    /// here again, and the files already stored for them are moved into
-    /// `.duplicates/` (original-format copies that happen to carry the
-    /// same number are other documents, and stay).
-    pub fn forget(&self, numbers: &[u64]) -> Forgetting {
-        let mut to_move = Vec::new();
-        {
-            let mut index = self.index();
-            for &number in numbers {
-                index.forgotten.insert(number);
-                if let Some(files) = index.files.remove(&number) {
-                    let files: Vec<String> = files
-                        .into_iter()
-                        .filter(|f| !self.is_original_format_copy(f))
-                        .collect();
-                    index.documents -= files.len() as u64;
-                    to_move.extend(files.into_iter().map(|f| (number, f)));
-                }
-            }
-        }
-        let mut done = Forgetting::default();
-        for (number, file) in to_move {
-            match self.move_aside(&file) {
-                Ok(()) => done.moved.push((number, file)),
-                Err(e) => {
-                    // Still in the folder, so still counted.
-                    self.index().add(number, file.clone());
-                    done.failed.push((number, file, e));
-                }
-            }
-        }
-        done
-    }
-
     /// Moves a stored file into `.duplicates/`, never replacing a file
     /// there.
     fn move_aside(&self, file: &str) -> io::Result<()> {
@@ -469,7 +494,8 @@ impl Storage {
         fs::create_dir_all(&duplicates)?;
         let from = self.dir.join(file);
         let base = file.strip_suffix(".json").unwrap_or(file);
-        link_unique(&from, &duplicates, base, &|| Ok(())).map_err(|e| match e {
+        let link = |name: &str| fs::hard_link(&from, duplicates.join(name));
+        link_unique(base, &|| Ok(()), &link).map_err(|e| match e {
             StoreError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })?;
@@ -486,52 +512,6 @@ impl Storage {
         }
         Ok(())
     }
-
-    /// Writes a document and returns its file name, once both the file and
-    /// its directory entry are durable. The file appears whole or not at all
-    /// (temporary file, fsync, link into place), and an existing file is
-    /// never replaced: a clashing name gets a `~N` suffix. `before_link`
-    /// may still refuse right before the file becomes visible.
-    fn write_document(
-        &self,
-        number: u64,
-        doc: &Document,
-        a_count: u64,
-        stored_from: Option<&'static str>,
-        before_link: &dyn Fn() -> Result<(), StoreError>,
-    ) -> Result<String, StoreError> {
-        let record = StoredDocument {
-            titolo: &doc.title,
-            contenuto: &doc.content,
-            numero_richiesta: number,
-            a_count,
-            received_at: rfc3339(SystemTime::now()),
-            stored_from,
-        };
-        let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
-
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let temp = self
-            .dir
-            .join(format!("{TEMP_PREFIX}{}-{seq}", std::process::id()));
-        let result = write_synced(&temp, &bytes)
-            .map_err(StoreError::Io)
-            .and_then(|()| {
-                let base = format!("{number}_{}", safe_title(&doc.title));
-                link_unique(&temp, &self.dir, &base, before_link)
-            });
-        // The temporary name is only a staging area; whatever happened, it
-        // must not linger.
-        let _ = fs::remove_file(&temp);
-        let file = result?;
-        if let Err(e) = self.dir_sync.wait_durable(|| sync_dir(&self.dir)) {
-            // Not acknowledged, so not kept: the sender will store it
-            // elsewhere and a copy here would be a duplicate.
-            let _ = fs::remove_file(self.dir.join(&file));
-            return Err(e.into());
-        }
-        Ok(file)
-    }
 }
 
 /// Creates, writes and removes a small file in `dir`: what a store needs
@@ -545,24 +525,42 @@ pub fn check_writable(dir: &Path) -> io::Result<()> {
     removed
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::options().write(true).create_new(true).open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+/// The bytes of a stored document's file.
+fn record(
+    number: u64,
+    doc: &Document,
+    a_count: u64,
+    stored_from: Option<&'static str>,
+) -> io::Result<Vec<u8>> {
+    let record = StoredDocument {
+        titolo: &doc.title,
+        contenuto: &doc.content,
+        numero_richiesta: number,
+        a_count,
+        received_at: rfc3339(SystemTime::now()),
+        stored_from,
+    };
+    serde_json::to_vec_pretty(&record).map_err(io::Error::other)
+}
+
+/// A stored document's file name without its `~N` suffix and `.json`.
+fn base_name(number: u64, title: &str) -> String {
+    format!("{number}_{}", safe_title(title))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Links `from` into `dir` as `{base}.json`, or `{base}~N.json` with the
-/// first free N, and returns the name. `before_link` runs right before each
-/// attempt and may refuse.
+/// Links a file into place as `{base}.json`, or `{base}~N.json` with the
+/// first free N, and returns the name: `link(name)` makes the hard link,
+/// which fails if the name exists (unlike a rename), so two documents can
+/// never overwrite each other. `before_link` runs right before each attempt
+/// and may refuse.
 fn link_unique(
-    from: &Path,
-    dir: &Path,
     base: &str,
     before_link: &dyn Fn() -> Result<(), StoreError>,
+    link: &dyn Fn(&str) -> io::Result<()>,
 ) -> Result<String, StoreError> {
     for n in 0u32.. {
         let name = if n == 0 {
@@ -571,9 +569,7 @@ fn link_unique(
             format!("{base}~{n}.json")
         };
         before_link()?;
-        // A hard link fails if the name exists, unlike rename, so two
-        // documents can never overwrite each other.
-        match fs::hard_link(from, dir.join(&name)) {
+        match link(&name) {
             Ok(()) => return Ok(name),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e.into()),
@@ -595,6 +591,14 @@ fn check_deadline(number: u64, not_after_ms: Option<u64>) -> Result<(), StoreErr
         });
     }
     Ok(())
+}
+
+/// The same error again, for each of the stores a failed sync fails.
+fn copy_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
 }
 
 /// Whether an error says the file system has no room left.
@@ -668,7 +672,6 @@ pub fn safe_title(title: &str) -> String {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::Duration;
 
     #[test]
     fn hostile_titles_become_one_safe_component() {
@@ -948,7 +951,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_stores_all_land_and_share_folder_fsyncs() {
+    fn concurrent_stores_all_land_and_share_syncs() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let (threads, each) = (8u64, 10u64);
@@ -972,8 +975,9 @@ mod tests {
                 assert!(names.contains(&name), "{name} missing");
             }
         }
-        let syncs = storage.dir_syncs();
-        assert!((1..=threads * each).contains(&syncs), "{syncs} fsyncs");
+        // At most a fdatasync and a folder fsync each.
+        let syncs = storage.syncs();
+        assert!((2..=2 * threads * each).contains(&syncs), "{syncs} syncs");
     }
 
     #[test]
@@ -1000,59 +1004,126 @@ mod tests {
         assert_eq!(listing(dir.path()), ["42_t.json"]);
     }
 
-    /// Callers that arrive while a folder fsync runs all wait for the next
-    /// one, which only one of them performs.
-    #[test]
-    fn callers_during_an_fsync_share_the_next_one() {
-        let sync = Arc::new(DirSync::default());
-        let (entered_tx, entered) = crossbeam_channel::unbounded::<u64>();
-        let (release, gate) = crossbeam_channel::unbounded::<()>();
-        let calls = Arc::new(AtomicU64::new(0));
-        let fake_fsync = {
-            let calls = calls.clone();
-            move || {
-                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                entered_tx.send(n).unwrap();
-                gate.recv().unwrap();
-                Ok(())
-            }
-        };
-        let fake_fsync = Arc::new(fake_fsync);
-        let spawn = |sync: &Arc<DirSync>| {
-            let (sync, f) = (sync.clone(), fake_fsync.clone());
-            std::thread::spawn(move || sync.wait_durable(|| f()))
-        };
-        let first = spawn(&sync);
-        assert_eq!(entered.recv().unwrap(), 1);
-        let later: Vec<_> = (0..3).map(|_| spawn(&sync)).collect();
-        // Wait until all three are blocked behind fsync 1 (they linked
-        // after it started, so it does not cover them).
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while lock(&sync.state).waiting < 3 {
-            assert!(std::time::Instant::now() < deadline, "callers never waited");
-            std::thread::yield_now();
+    /// Claims `numbers` and commits them in one submission, each with a
+    /// waiter; returns the outcomes in order.
+    fn commit_together(storage: &Storage, numbers: &[u64]) -> Vec<Result<String, StoreError>> {
+        let mut commits = Vec::new();
+        let mut outcomes = Vec::new();
+        for &number in numbers {
+            let Claim::New(writer) = storage.claim(number, None).unwrap() else {
+                panic!("{number} already stored")
+            };
+            let (done, outcome) = commit::waiter();
+            commits.push(writer.commit(&doc("batch", "a"), 1, done));
+            outcomes.push(outcome);
         }
-        release.send(()).unwrap();
-        first.join().unwrap().unwrap();
-        // One of the three runs fsync 2 for all of them.
-        assert_eq!(entered.recv().unwrap(), 2);
-        release.send(()).unwrap();
-        for h in later {
-            h.join().unwrap().unwrap();
-        }
-        assert_eq!(sync.count(), 2);
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        storage.submit(commits);
+        outcomes.into_iter().map(commit::Outcome::wait).collect()
     }
 
     #[test]
-    fn a_failed_fsync_fails_every_caller_it_covered() {
-        let sync = DirSync::default();
-        let e = sync
-            .wait_durable(|| Err(io::Error::other("disk gone")))
-            .unwrap_err();
-        assert!(e.to_string().contains("disk gone"));
-        // A later caller needs a later fsync, which succeeds.
-        sync.wait_durable(|| Ok(())).unwrap();
-        assert_eq!(sync.count(), 2);
+    fn stores_handed_over_together_share_their_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let numbers: Vec<u64> = (1..=50).collect();
+        for (number, outcome) in numbers.iter().zip(commit_together(&storage, &numbers)) {
+            assert_eq!(outcome.unwrap(), format!("{number}_batch.json"));
+        }
+        // One syncfs for the files, one fsync for the folder's names.
+        assert_eq!(storage.syncs(), 2);
+        assert_eq!(storage.count(), 50);
+        assert_eq!(listing(dir.path()).len(), 50);
+        assert!(matches!(
+            storage.claim(7, None).unwrap(),
+            Claim::Existing { .. }
+        ));
+
+        // One fdatasync per file instead, still one fsync of the folder.
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Storage::open_with(dir.path(), SyncMode::Fdatasync, "test-commit".into()).unwrap();
+        for outcome in commit_together(&storage, &numbers) {
+            outcome.unwrap();
+        }
+        assert_eq!(storage.syncs(), 51);
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_store_of_its_batch_and_leaves_none_visible() {
+        for (sync, fail) in [
+            (SyncMode::Syncfs, "fs"),
+            (SyncMode::Syncfs, "folder"),
+            (SyncMode::Fdatasync, "file"),
+            (SyncMode::Fdatasync, "folder"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let failing = Arc::new(Mutex::new(vec![fail]));
+            let disk = commit::tests::FailingDisk {
+                fail: failing.clone(),
+            };
+            let storage = Storage::open_with_disk(dir.path(), sync, Box::new(disk));
+            // More than a batch synced by file keeps open at once.
+            let numbers: Vec<u64> = (1..=100).collect();
+            for outcome in commit_together(&storage, &numbers) {
+                let e = outcome.unwrap_err();
+                assert!(e.to_string().contains("disk gone"), "{sync:?} {fail}: {e}");
+            }
+            assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+            assert_eq!(storage.count(), 0);
+            // Refused, not stuck in progress: once the disk is back, the
+            // same numbers are stored.
+            failing.lock().unwrap().clear();
+            for outcome in commit_together(&storage, &numbers) {
+                outcome.unwrap();
+            }
+            assert_eq!(storage.count(), 100, "{sync:?} {fail}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_stored_in_a_folder_moved_away() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("store");
+        let storage = Storage::open(&dir).unwrap();
+        let moved = root.path().join("store.moved");
+        fs::rename(&dir, &moved).unwrap();
+        fs::create_dir(&dir).unwrap();
+        for outcome in commit_together(&storage, &[1, 2]) {
+            let e = outcome.unwrap_err();
+            assert!(e.to_string().contains("no longer the folder"), "{e}");
+        }
+        assert!(listing(&moved).is_empty(), "{:?}", listing(&moved));
+        assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
+    }
+
+    #[test]
+    fn a_refusal_right_before_the_link_fails_only_its_own_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let future = unix_ms(SystemTime::now()) + 60_000;
+        let mut commits = Vec::new();
+        let mut outcomes = Vec::new();
+        for number in 1..=3 {
+            let Claim::New(mut writer) = storage.claim(number, Some(future)).unwrap() else {
+                panic!()
+            };
+            if number == 2 {
+                // Its deadline passes while it waits for the committer.
+                writer.not_after_ms = Some(1);
+            }
+            let (done, outcome) = commit::waiter();
+            commits.push(writer.commit(&doc("t", "a"), 1, done));
+            outcomes.push(outcome);
+        }
+        storage.forget(&[3]);
+        storage.submit(commits);
+        let outcomes: Vec<_> = outcomes.into_iter().map(commit::Outcome::wait).collect();
+        assert_eq!(outcomes[0].as_deref().unwrap(), "1_t.json");
+        assert!(matches!(
+            outcomes[1],
+            Err(StoreError::Expired { number: 2, .. })
+        ));
+        assert!(matches!(outcomes[2], Err(StoreError::Forgotten(3))));
+        assert_eq!(listing(dir.path()), ["1_t.json"]);
     }
 }
