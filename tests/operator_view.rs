@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 use util::{
     balancer_bin, client_bin, metrics_addr, run_client, sample_documents, signal, start, strings,
     Cluster, Raw, REPLY_TIMEOUT,
@@ -162,6 +163,11 @@ fn metrics_count_file_bytes_both_ways_and_a_killed_uploads_failure() {
     // reading and closes.
     let mut offset = piece.len() as u64;
     let mut answer = None;
+    // Once the balancer has answered it reads no more; a write that finds
+    // the socket's buffers full for a while ends the sending too.
+    raw.stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     while offset < big {
         let header = json!({"type": "chunk", "id": 1, "offset": offset, "body_len": piece.len()});
         let frame = |payload: &[u8]| {

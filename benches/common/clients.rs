@@ -189,6 +189,17 @@ pub fn warm_up(addr: SocketAddr) {
 /// reach them as the balancer does (the key costs the balancer one
 /// handshake per connection, and its connections persist).
 pub fn start_servers(root: &Path, prefix: &str) -> (Vec<super::process::Child>, Vec<PathBuf>) {
+    start_servers_of(env!("CARGO_BIN_EXE_server"), true, root, prefix)
+}
+
+/// The same, from the server binary `bin`; `open` adds `--no-cluster-key`
+/// (a build from before cluster keys has no such flag and is open).
+pub fn start_servers_of(
+    bin: &str,
+    open: bool,
+    root: &Path,
+    prefix: &str,
+) -> (Vec<super::process::Child>, Vec<PathBuf>) {
     let mut servers = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..3 {
@@ -198,11 +209,14 @@ pub fn start_servers(root: &Path, prefix: &str) -> (Vec<super::process::Child>, 
             "127.0.0.1:0".into(),
             "--dir".into(),
             dir.display().to_string(),
-            "--no-cluster-key".into(),
         ];
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(open.then(|| "--no-cluster-key".to_string()))
+            .collect();
         servers.push(super::process::Child::start(
             &format!("server{i}"),
-            env!("CARGO_BIN_EXE_server"),
+            bin,
             &args,
         ));
         dirs.push(dir);

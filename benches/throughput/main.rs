@@ -59,7 +59,7 @@ use common::haproxy;
 use common::process::{cpu_secs, Child, PeakRss, Switches};
 use common::{median, percentile_ms};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Instant;
@@ -92,6 +92,10 @@ pub struct Options {
     keep: bool,
     /// Extra arguments for the balancer of the table (e.g. --no-state).
     balancer_args: Vec<String>,
+    /// A folder with `server` and `balancer` built from an earlier commit:
+    /// the table also runs every path on a cluster of those (rows marked
+    /// "base"), so that a change is measured against it in the same run.
+    pub base_bin: Option<PathBuf>,
 }
 
 impl Options {
@@ -123,6 +127,7 @@ fn parse_args() -> Result<Options, String> {
         write: None,
         keep: false,
         balancer_args: Vec::new(),
+        base_bin: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -194,6 +199,17 @@ fn parse_args() -> Result<Options, String> {
                     .ok_or(format!("--bulk-mib {value}: not a positive whole number"))?;
                 continue;
             }
+            "--base-bin" => {
+                let dir = PathBuf::from(args.next().ok_or("--base-bin needs a folder")?);
+                if !dir.join("server").is_file() || !dir.join("balancer").is_file() {
+                    return Err(format!(
+                        "--base-bin {}: no server and balancer binaries there",
+                        dir.display()
+                    ));
+                }
+                options.base_bin = Some(dir);
+                continue;
+            }
             "--write" => {
                 options.write = Some(args.next().ok_or("--write needs a file name")?.into());
                 continue;
@@ -240,6 +256,8 @@ impl Route {
 
 /// Everything a run needs to know about the cluster.
 struct Cluster<'a> {
+    /// Built from the `--base-bin` binaries.
+    base: bool,
     balancer: &'a Child,
     haproxy: Option<&'a Child>,
     servers: Vec<SocketAddr>,
@@ -283,6 +301,8 @@ pub struct Measured {
     /// Context switches of the three servers' threads per document: what
     /// a document costs them in wake-ups and hand-offs.
     pub servers_switches_per_doc: f64,
+    /// The same for the balancer or HAProxy.
+    pub switches_per_doc: Option<f64>,
 }
 
 impl Measured {
@@ -304,6 +324,10 @@ impl Measured {
             servers_switches_per_doc: median(
                 runs.iter().map(|m| m.servers_switches_per_doc).collect(),
             ),
+            switches_per_doc: {
+                let s: Vec<f64> = runs.iter().filter_map(|m| m.switches_per_doc).collect();
+                (!s.is_empty()).then(|| median(s))
+            },
         }
     }
 }
@@ -311,6 +335,8 @@ impl Measured {
 /// One line of the table.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// Measured on the `--base-bin` cluster.
+    pub base: bool,
     pub clients: usize,
     pub mode: Mode,
     pub route: Route,
@@ -358,6 +384,7 @@ fn run_once(
     let servers_cpu = || -> Option<f64> { cluster.server_pids.iter().map(|&p| cpu_secs(p)).sum() };
     let servers_before = servers_cpu();
     let switches = Switches::start(cluster.server_pids.clone());
+    let own_switches = watched.map(|pid| Switches::start(vec![pid]));
     start.wait();
     let began = Instant::now();
     let mut latencies = Vec::with_capacity(docs);
@@ -371,6 +398,7 @@ fn run_once(
     }
     let secs = began.elapsed().as_secs_f64();
     let servers_switches = switches.finish();
+    let own_switches = own_switches.map(Switches::finish);
     let peak_mib = memory.map(PeakRss::finish);
     let cpu_us_per_doc = match (watched.and_then(cpu_secs), cpu_before) {
         (Some(after), Some(before)) => Some((after - before) * 1e6 / docs as f64),
@@ -400,6 +428,7 @@ fn run_once(
         cpu_us_per_doc,
         servers_cpu_us_per_doc,
         servers_switches_per_doc: servers_switches as f64 / docs as f64,
+        switches_per_doc: own_switches.map(|n| n as f64 / docs as f64),
     }
 }
 
@@ -410,73 +439,160 @@ pub fn mode_name(mode: Mode, depth: usize) -> String {
     }
 }
 
-/// Every client count, mode and path, `--runs` times each.
-fn table(cluster: &Cluster, options: &Options) -> Vec<Row> {
+/// Every client count, mode and path (on each cluster), `--runs` times
+/// each.
+fn table(clusters: &[Cluster], options: &Options) -> Vec<Row> {
     // The first scenario after the servers start warms them up (thread
     // stacks, caches, the folder's first blocks): it is run first and not
     // counted.
     let clients = options.clients.iter().copied().max().unwrap_or(1);
-    run_once(
-        cluster,
-        options,
-        clients,
-        Mode::OneAtATime,
-        Route::Direct,
-        "settling run (not counted)",
-    );
+    for cluster in clusters {
+        run_once(
+            cluster,
+            options,
+            clients,
+            Mode::OneAtATime,
+            Route::Direct,
+            "settling run (not counted)",
+        );
+    }
+    let paths: Vec<(&Cluster, Route)> = clusters
+        .iter()
+        .flat_map(|c| c.routes().into_iter().map(move |r| (c, r)))
+        .filter(|(_, r)| options.paths.iter().any(|p| p == r.name()))
+        .collect();
     let mut rows = Vec::new();
     for &clients in &options.clients {
         for mode in [Mode::OneAtATime, Mode::Pipelined] {
-            let routes: Vec<Route> = cluster
-                .routes()
-                .into_iter()
-                .filter(|r| options.paths.iter().any(|p| p == r.name()))
-                .collect();
-            let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); routes.len()];
-            for run in 1..=options.runs {
-                // Each run starts with another path, so that whatever
-                // changes within a scenario (a folder that keeps growing,
-                // write-back of the last run) hits the paths alike.
-                let n = routes.len();
-                for i in (0..n).map(|k| (k + run - 1) % n) {
-                    let route = routes[i];
-                    let tag = format!(
-                        "{clients}c {} {} r{run}",
-                        mode_name(mode, options.depth),
-                        route.name()
-                    );
-                    let m = run_once(cluster, options, clients, mode, route, &tag);
-                    let memory = m
-                        .peak_mib
-                        .map(|p| format!(", peak RSS {p:.1} MiB"))
-                        .unwrap_or_default();
-                    let cpu = m
-                        .cpu_us_per_doc
-                        .map(|c| format!(", CPU {c:.0} µs/doc"))
-                        .unwrap_or_default();
-                    let servers = m
-                        .servers_cpu_us_per_doc
-                        .map(|c| format!(", servers {c:.0} µs/doc"))
-                        .unwrap_or_default();
-                    println!(
-                        "  {tag}: {:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{memory}{cpu}{servers}, \
-                         servers {:.1} switches/doc",
-                        m.docs_per_sec, m.p50_ms, m.p99_ms, m.servers_switches_per_doc
-                    );
-                    runs[i].push(m);
-                }
-            }
-            for (route, runs) in routes.into_iter().zip(runs) {
+            let runs = scenario(&paths, options, clients, mode);
+            for ((cluster, route), runs) in paths.iter().zip(runs) {
                 rows.push(Row {
+                    base: cluster.base,
                     clients,
                     mode,
-                    route,
+                    route: *route,
                     m: Measured::summary(&runs),
                 });
             }
         }
     }
     rows
+}
+
+/// The runs of one scenario on every path: each run starts with another
+/// path, so that whatever changes within a scenario (a folder that keeps
+/// growing, write-back of the last run) hits the paths alike.
+fn scenario(
+    paths: &[(&Cluster, Route)],
+    options: &Options,
+    clients: usize,
+    mode: Mode,
+) -> Vec<Vec<Measured>> {
+    let n = paths.len();
+    let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); n];
+    for run in 1..=options.runs {
+        for i in (0..n).map(|k| (k + run - 1) % n) {
+            let (cluster, route) = paths[i];
+            let tag = format!(
+                "{clients}c {} {}{} r{run}",
+                mode_name(mode, options.depth),
+                route.name(),
+                if cluster.base { " (base)" } else { "" }
+            );
+            let m = run_once(cluster, options, clients, mode, route, &tag);
+            println!("  {tag}: {}", m.line());
+            runs[i].push(m);
+        }
+    }
+    runs
+}
+
+impl Measured {
+    /// One run, as printed while the benchmark goes.
+    fn line(&self) -> String {
+        let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_default();
+        format!(
+            "{:.0} docs/s, p50 {:.2} ms, p99 {:.2} ms{}{}{}, servers {:.1} switches/doc{}",
+            self.docs_per_sec,
+            self.p50_ms,
+            self.p99_ms,
+            opt(self.peak_mib, &|p| format!(", peak RSS {p:.1} MiB")),
+            opt(self.cpu_us_per_doc, &|c| format!(", CPU {c:.0} µs/doc")),
+            opt(self.servers_cpu_us_per_doc, &|c| format!(
+                ", servers {c:.0} µs/doc"
+            )),
+            self.servers_switches_per_doc,
+            opt(self.switches_per_doc, &|c| format!(
+                ", proxy {c:.1} switches/doc"
+            )),
+        )
+    }
+}
+
+/// The processes of a cluster built from other binaries (`--base-bin`):
+/// three servers, a balancer and HAProxy in front of them.
+struct BaseCluster {
+    servers: Vec<Child>,
+    dirs: Vec<PathBuf>,
+    balancer: Child,
+    haproxy: Option<Child>,
+}
+
+impl BaseCluster {
+    fn start(bin: &Path, root: &Path, haproxy_bin: Option<&Path>) -> Self {
+        let server_bin = bin.join("server").display().to_string();
+        let open = help_mentions(&server_bin, "--no-cluster-key");
+        let base_root = root.join("base");
+        std::fs::create_dir_all(&base_root).expect("cannot create the base folder");
+        let (servers, dirs) = clients::start_servers_of(&server_bin, open, &base_root, "s");
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+        let balancer_bin = bin.join("balancer").display().to_string();
+        let balancer_open = help_mentions(&balancer_bin, "--no-cluster-key");
+        let args: Vec<String> = clients::balancer_args(
+            &addrs,
+            &base_root.join("lb.log"),
+            &["--check-interval", "100ms"],
+        )
+        .into_iter()
+        .filter(|a| balancer_open || a != "--no-cluster-key")
+        .collect();
+        let balancer = Child::start("base balancer", &balancer_bin, &args);
+        let haproxy = haproxy_bin.and_then(|h| {
+            haproxy::start(h, &base_root, &addrs)
+                .map_err(|e| eprintln!("haproxy (base): {e}; its rows are skipped"))
+                .ok()
+        });
+        warm_up(balancer.addr);
+        for addr in addrs.iter().chain(haproxy.as_ref().map(|h| &h.addr)) {
+            warm_up(*addr);
+        }
+        BaseCluster {
+            servers,
+            dirs,
+            balancer,
+            haproxy,
+        }
+    }
+
+    fn cluster(&self) -> Cluster<'_> {
+        Cluster {
+            base: true,
+            balancer: &self.balancer,
+            haproxy: self.haproxy.as_ref(),
+            servers: self.servers.iter().map(|s| s.addr).collect(),
+            server_pids: self.servers.iter().map(Child::pid).collect(),
+            dirs: self.dirs.clone(),
+        }
+    }
+}
+
+/// Whether `bin --help` mentions `flag`.
+fn help_mentions(bin: &str, flag: &str) -> bool {
+    std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false)
 }
 
 fn main() {
@@ -514,6 +630,7 @@ fn main() {
         warm_up(*addr);
     }
     let cluster = Cluster {
+        base: false,
         balancer: &balancer,
         haproxy: haproxy.as_ref(),
         servers: server_addrs.clone(),
@@ -535,7 +652,17 @@ fn main() {
     println!("lbft throughput: {setup}");
 
     let rows = if options.runs_part("table") {
-        table(&cluster, &options)
+        let base = options
+            .base_bin
+            .as_deref()
+            .map(|bin| BaseCluster::start(bin, temp.path(), haproxy_bin.as_deref()));
+        let mut clusters = vec![cluster];
+        clusters.extend(base.as_ref().map(BaseCluster::cluster));
+        let rows = table(&clusters, &options);
+        if let Some(base) = &base {
+            empty_folders(&base.dirs);
+        }
+        rows
     } else {
         Vec::new()
     };

@@ -57,9 +57,15 @@ fn ratio(a: f64, b: f64) -> String {
 
 impl Report<'_> {
     fn find(&self, clients: usize, mode: Mode, route: Route) -> Option<&Row> {
+        self.find_in(false, clients, mode, route)
+    }
+
+    /// The row of a path on this build's cluster or (`base`) on the
+    /// `--base-bin` one.
+    fn find_in(&self, base: bool, clients: usize, mode: Mode, route: Route) -> Option<&Row> {
         self.rows
             .iter()
-            .find(|r| r.clients == clients && r.mode == mode && r.route == route)
+            .find(|r| r.base == base && r.clients == clients && r.mode == mode && r.route == route)
     }
 
     pub fn markdown(&self) -> String {
@@ -111,55 +117,68 @@ impl Report<'_> {
              Median of {} runs; peak RSS is the largest resident memory of the balancer or \
              HAProxy sampled every 50 ms during the scenario's runs; CPU is the time the balancer \
              or HAProxy ran (user and system, from /proc) per document, servers CPU the same for the three \
-             servers together, servers switches their threads' context switches (voluntary and not, \
-             from /proc/PID/task/*/status every 50 ms) per document. A warm-up scenario runs first, not \
+             servers together; switches are the context switches (voluntary and not, from \
+             /proc/PID/task/*/status every 50 ms) per document of the balancer's or HAProxy's \
+             threads, and of the servers' threads together. A warm-up scenario runs first, not \
              counted, and each run starts with another path. Between runs the stored files are \
              moved aside, not removed: on ext4 without a journal, creating files right after \
              many removals is several times slower. Direct: client i talks to server i mod 3; HAProxy pins each \
              connection to one server, round robin.\n",
             self.options.runs
         );
-        let _ = writeln!(
-            out,
-            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB | CPU µs/doc | servers CPU µs/doc | servers switches/doc |"
-        );
-        let _ = writeln!(
-            out,
-            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-        );
-        for row in &self.rows {
-            let direct = self.find(row.clients, row.mode, Route::Direct);
-            let haproxy = self.find(row.clients, row.mode, Route::HaProxy);
-            let vs = |other: Option<&Row>| match (row.route, other) {
-                (Route::Direct, _) | (_, None) => String::new(),
-                (r, Some(o)) if r == o.route => String::new(),
-                (_, Some(o)) => ratio(row.m.docs_per_sec, o.m.docs_per_sec),
-            };
-            let vs_haproxy = match row.route {
-                Route::Balancer => vs(haproxy),
-                _ => String::new(),
-            };
+        if self.options.base_bin.is_some() {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {:.1} |",
-                row.clients,
-                mode_name(row.mode, self.options.depth),
-                row.route.name(),
-                row.m.docs_per_sec,
-                row.m.p50_ms,
-                row.m.p99_ms,
-                vs(direct),
-                vs_haproxy,
-                row.m.peak_mib.map_or(String::new(), |p| format!("{p:.1}")),
-                row.m
-                    .cpu_us_per_doc
-                    .map_or(String::new(), |c| format!("{c:.0}")),
-                row.m
-                    .servers_cpu_us_per_doc
-                    .map_or(String::new(), |c| format!("{c:.0}")),
-                row.m.servers_switches_per_doc,
+                "Rows marked (base) ran on a second cluster of servers and balancer built from \
+                 an earlier commit (`--base-bin`), in the same run, with the paths of both \
+                 clusters taking turns; its ratios are against its own direct and HAProxy rows.\n"
             );
         }
+        let _ = writeln!(
+            out,
+            "| clients | mode | path | docs/s | p50 ms | p99 ms | vs direct | vs haproxy | peak RSS MiB | CPU µs/doc | switches/doc | servers CPU µs/doc | servers switches/doc |"
+        );
+        let _ = writeln!(
+            out,
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for row in &self.rows {
+            self.table_row(out, row);
+        }
+    }
+
+    fn table_row(&self, out: &mut String, row: &Row) {
+        let direct = self.find_in(row.base, row.clients, row.mode, Route::Direct);
+        let haproxy = self.find_in(row.base, row.clients, row.mode, Route::HaProxy);
+        let vs = |other: Option<&Row>| match (row.route, other) {
+            (Route::Direct, _) | (_, None) => String::new(),
+            (r, Some(o)) if r == o.route => String::new(),
+            (_, Some(o)) => ratio(row.m.docs_per_sec, o.m.docs_per_sec),
+        };
+        let vs_haproxy = match row.route {
+            Route::Balancer => vs(haproxy),
+            _ => String::new(),
+        };
+        let num =
+            |v: Option<f64>, digits: usize| v.map_or(String::new(), |v| format!("{v:.digits$}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {}{} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {:.1} |",
+            row.clients,
+            mode_name(row.mode, self.options.depth),
+            row.route.name(),
+            if row.base { " (base)" } else { "" },
+            row.m.docs_per_sec,
+            row.m.p50_ms,
+            row.m.p99_ms,
+            vs(direct),
+            vs_haproxy,
+            num(row.m.peak_mib, 1),
+            num(row.m.cpu_us_per_doc, 0),
+            num(row.m.switches_per_doc, 1),
+            num(row.m.servers_cpu_us_per_doc, 0),
+            row.m.servers_switches_per_doc,
+        );
     }
 
     fn bulk(&self, out: &mut String) {
