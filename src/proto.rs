@@ -10,13 +10,14 @@
 //!
 //! Every request carries an `id` chosen by the sender; the reply to it echoes
 //! the same `id`, so one connection can carry many requests in flight.
-//! Submodules: `frame` (bytes to frames), `message` (frames to typed
-//! requests and replies), `file` (chunked uploads and downloads),
+//! Submodules: `frame` (bytes to frames), `message` (JSON to typed
+//! requests and replies), `codec` (frames that carry messages), `file` (chunked uploads and downloads),
 //! `connection` (a request/response stream) and `legacy` (the original system's unframed format).
 //!
 //! Italian field names (`titolo`, `contenuto`, `numero_richiesta`) exist only
 //! on the wire, for continuity with the original system.
 
+mod codec;
 mod connection;
 pub mod file;
 mod frame;
@@ -24,6 +25,10 @@ pub mod legacy;
 mod message;
 
 pub use connection::{CallError, Connection};
+pub use file::{
+    Chunk, Deleted, EntryKind, FileEntry, FileHeader, FileList, FileStored, InventoryReport,
+    ListKind, Redirect, StoredFile, Ticket, TransferEvent, UploadReady, UploadRequest,
+};
 pub use frame::*;
 pub use message::*;
 

@@ -635,7 +635,7 @@ impl Conn {
                 }
                 Request::UploadEnd { id: end_id, sha256 } => return Ok((end_id, sha256)),
                 other => {
-                    let reply = crate::proto::file::out_of_step(&other);
+                    let reply = crate::proto::out_of_step(&other);
                     return Err(stopped(error_parts(&reply).1, Some(reply)));
                 }
             }

@@ -415,19 +415,6 @@ pub struct FileHeader {
     pub offset: u64,
 }
 
-/// The answer to a request other than `chunk` or `upload_end` in the
-/// middle of an upload (the connection then closes).
-pub fn out_of_step(request: &super::Request) -> super::Reply {
-    super::Reply::error(
-        Some(request.id()),
-        super::ErrorCode::BadRequest,
-        format!(
-            "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
-            request.kind()
-        ),
-    )
-}
-
 /// Whether an upload id is acceptable: it names files on servers.
 pub fn valid_upload_id(id: &str) -> bool {
     (8..=64).contains(&id.len())

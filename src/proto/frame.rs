@@ -2,11 +2,9 @@
 //! checked against a maximum before reading, and the buffer grows as bytes
 //! arrive, so a peer that announces a large frame and stalls costs nothing.
 
-use super::message::{decode, encode, DecodeError, ErrorCode, ErrorReply, Message};
-use serde::Serialize;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Default cap on one frame: generous for text documents, small enough that a
 /// hostile length prefix cannot make a peer allocate gigabytes.
@@ -65,22 +63,6 @@ impl std::error::Error for FrameError {
             FrameError::Io(e) => Some(e),
             _ => None,
         }
-    }
-}
-
-impl FrameError {
-    /// The error reply worth sending to the peer before closing, if any.
-    pub fn reply(&self) -> Option<ErrorReply> {
-        let (code, message) = match self {
-            FrameError::TooLarge { .. } => (ErrorCode::FrameTooLarge, self.to_string()),
-            FrameError::Timeout { .. } => (ErrorCode::Timeout, self.to_string()),
-            FrameError::Truncated { .. } | FrameError::Io(_) => return None,
-        };
-        Some(ErrorReply {
-            id: None,
-            code,
-            message,
-        })
     }
 }
 
@@ -250,12 +232,6 @@ impl<R: Read> FrameReader<R> {
         read_payload(&mut self.inner, len)
     }
 
-    /// Next message of family `T`. The outer error closes the stream; the
-    /// inner one is a bad message on a stream that is still in step.
-    pub fn message<T: Message>(&mut self) -> Result<Option<Result<T, DecodeError>>, FrameError> {
-        Ok(self.frame()?.map(|payload| decode(&payload)))
-    }
-
     pub fn get_ref(&self) -> &R {
         self.inner.get_ref()
     }
@@ -302,37 +278,6 @@ pub trait Deadline {
 pub const ADMIT_PIECE: usize = 64 * 1024;
 
 impl<R: Read + Deadline> FrameReader<R> {
-    /// Like `message`, but once a frame's header has arrived the rest of it
-    /// must arrive within `limit`, however it trickles in.
-    pub fn message_within<T: Message>(
-        &mut self,
-        limit: Duration,
-    ) -> Result<Option<Result<T, DecodeError>>, FrameError> {
-        let Some(len) = self.header()? else {
-            return Ok(None);
-        };
-        self.get_mut().set_deadline(Some(Instant::now() + limit));
-        let payload = self.payload(len);
-        self.get_mut().set_deadline(None);
-        Ok(Some(decode(&payload?)))
-    }
-
-    /// Like `message`, but the whole frame, header included, must arrive
-    /// by `deadline` (a connection's first request).
-    pub fn message_by<T: Message>(
-        &mut self,
-        deadline: Instant,
-    ) -> Result<Option<Result<T, DecodeError>>, FrameError> {
-        self.get_mut().set_deadline(Some(deadline));
-        let header = self.header();
-        self.get_mut().set_deadline(None);
-        let Some(len) = header? else {
-            return Ok(None);
-        };
-        let payload = self.payload_by(len, deadline, |_| {})?;
-        Ok(Some(decode(&payload)))
-    }
-
     /// Reads the `len` bytes of a payload whose header has arrived, all by
     /// `deadline`, in pieces of at most `ADMIT_PIECE` bytes: once a piece's
     /// first byte is there, `admit(n)` is called before its `n` bytes are
@@ -416,10 +361,6 @@ impl<W: Write> FrameWriter<W> {
         FrameWriter {
             inner: BufWriter::new(inner),
         }
-    }
-
-    pub fn message<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
-        write_frame(&mut self.inner, &encode(msg))
     }
 
     /// A raw frame: the body announced by the message before it.

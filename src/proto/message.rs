@@ -1,9 +1,9 @@
 //! Messages: the JSON requests and replies carried in frames, and how a
 //! payload is decoded into one with a precise error.
 
-pub use super::file::{
-    Chunk, Deleted, EntryKind, FileEntry, FileHeader, FileList, FileStored, InventoryReport,
-    ListKind, Redirect, StoredFile, Ticket, TransferEvent, UploadReady, UploadRequest,
+use super::file::{
+    Chunk, Deleted, FileHeader, FileList, FileStored, InventoryReport, ListKind, Redirect,
+    TransferEvent, UploadReady, UploadRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -914,4 +914,17 @@ pub fn decode_document_fields(fields: &[u8]) -> Result<Document, serde_json::Err
     object.extend_from_slice(fields);
     object.push(b'}');
     serde_json::from_slice(&object)
+}
+
+/// The answer to a request other than `chunk` or `upload_end` in the
+/// middle of an upload (the connection then closes).
+pub fn out_of_step(request: &Request) -> Reply {
+    Reply::error(
+        Some(request.id()),
+        ErrorCode::BadRequest,
+        format!(
+            "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
+            request.kind()
+        ),
+    )
 }

@@ -374,7 +374,7 @@ fn take_chunks<R: Read + Deadline>(
                 };
             }
             other => {
-                let reply = crate::proto::file::out_of_step(&other);
+                let reply = crate::proto::out_of_step(&other);
                 return (Next::Close, Some(reply), None);
             }
         }
