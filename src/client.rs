@@ -285,6 +285,8 @@ fn store_documents(
             doc,
             request_number: None,
             not_after_ms: None,
+            key: None,
+            resent: false,
         });
         let size = proto::encoded_len(&request);
         if size > max_frame {

@@ -20,11 +20,13 @@
 mod connection;
 pub mod file;
 mod frame;
+mod key;
 pub mod legacy;
 mod message;
 
 pub use connection::{CallError, Connection};
 pub use frame::*;
+pub use key::{BadKey, ClientKey, HeldKey, KeyProbe};
 pub use message::*;
 
 /// The most transfers one `transfers` request is answered with, whatever
@@ -186,6 +188,8 @@ mod tests {
             },
             request_number: None,
             not_after_ms: None,
+            key: None,
+            resent: false,
         });
         let json: serde_json::Value = serde_json::from_slice(&encode(&req)).unwrap();
         assert_eq!(
@@ -211,6 +215,8 @@ mod tests {
                 doc: doc.clone(),
                 request_number: Some(42),
                 not_after_ms: Some(1_700),
+                key: None,
+                resent: false,
             })
         );
         let bytes = encode_forward(1, 2, None, &fields);
