@@ -219,26 +219,24 @@ impl Outcomes {
 
 /// Whether a `forget` was carried out, logged.
 fn forget_done(server: &ServerStats, result: &Result<Reply, (Failure, bool)>) -> bool {
-    {
-        match result {
-            Ok(Reply::Forgotten { moved, .. }) => {
-                log::info!(
-                    "server {}: forgot what is stored elsewhere ({moved} copies moved aside)",
-                    server.name,
-                );
-                true
-            }
-            Ok(other) => {
-                log::warn!(
-                    "server {}: unexpected answer to forget: {other:?}",
-                    server.name
-                );
-                false
-            }
-            Err((failure, _)) => {
-                log::warn!("server {}: forget failed: {failure}", server.name);
-                false
-            }
+    match result {
+        Ok(Reply::Forgotten { moved, .. }) => {
+            log::info!(
+                "server {}: forgot what is stored elsewhere ({moved} copies moved aside)",
+                server.name,
+            );
+            true
+        }
+        Ok(other) => {
+            log::warn!(
+                "server {}: unexpected answer to forget: {other:?}",
+                server.name
+            );
+            false
+        }
+        Err((failure, _)) => {
+            log::warn!("server {}: forget failed: {failure}", server.name);
+            false
         }
     }
 }
