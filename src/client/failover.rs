@@ -47,6 +47,9 @@ struct Source {
     /// Keys go with the documents (several balancers).
     keyed: bool,
     max_frame: usize,
+    /// What the last round said of the documents it never made (not sent,
+    /// or not read by a balancer shutting down).
+    unmade: Option<Fate>,
 }
 
 impl Source {
@@ -110,8 +113,12 @@ struct Round<'b, 'a, W: Write> {
 
 impl<W: Write> Observer<InFlight> for Round<'_, '_, W> {
     fn report(&mut self, _id: u64, meta: Option<InFlight>, fate: Fate) {
-        // Never made: the source makes it in the next round.
-        let Some(meta) = meta else { return };
+        // Never made: the source makes it in the next round, or says
+        // this of it at the end.
+        let Some(meta) = meta else {
+            crate::net::lock(&self.source).unmade.get_or_insert(fate);
+            return;
+        };
         let again = match &fate {
             Fate::Unknown | Fate::ShuttingDown => true,
             Fate::Answered(Err(e)) => e.code == ErrorCode::ShuttingDown,
@@ -151,6 +158,7 @@ pub(super) fn send<W: Write>(
         run: rand::random(),
         keyed: balancers.len() > 1,
         max_frame: config.max_frame,
+        unmade: None,
     }));
     let (mut at, mut stream) = first;
     // Each balancer may be tried twice over (one that restarted).
@@ -160,7 +168,11 @@ pub(super) fn send<W: Write>(
             balancer: balancers[at],
             ..config.clone()
         };
-        let left = crate::net::lock(&source).left();
+        let left = {
+            let mut source = crate::net::lock(&source);
+            source.unmade = None;
+            source.left()
+        };
         let made = source.clone();
         let make = move |id| crate::net::lock(&made).prepare(id);
         turns -= 1;
@@ -220,9 +232,10 @@ fn finish<W: Write>(
         let mut b = &mut *batch;
         Observer::<String>::report(&mut b, index + 1, Some(doc.title), Fate::Unknown);
     }
+    let fate = source.unmade.take().unwrap_or(Fate::NotSent(cause));
     for index in source.next..source.count {
         let mut b = &mut *batch;
-        Observer::<String>::report(&mut b, index + 1, None, Fate::NotSent(cause.clone()));
+        Observer::<String>::report(&mut b, index + 1, None, fate.clone());
     }
     source.next = source.count;
     outcome
