@@ -104,6 +104,8 @@ fn store_frame(id: u64, size: usize) -> Vec<u8> {
         },
         request_number: None,
         not_after_ms: None,
+        key: None,
+        resent: false,
     }))
 }
 

@@ -28,6 +28,7 @@ pub mod event;
 pub mod flow;
 pub mod handlers;
 pub mod intake;
+pub mod keys;
 pub mod lane;
 pub mod limits;
 pub mod link;
@@ -431,6 +432,12 @@ impl Balancer {
             }
             None => None,
         };
+        let keys = (config.backend_wire == BackendWire::Framed).then(|| {
+            Arc::new(keys::AskServers {
+                board: board.clone(),
+                reach: reach.clone(),
+            }) as Arc<dyn keys::KeyLookup>
+        });
         let accept = Acceptor {
             listener: self.listener,
             board,
@@ -466,6 +473,7 @@ impl Balancer {
                 max_per_ip: config.max_connections_per_ip,
             },
             access: access.clone(),
+            keys,
         };
         threads.insert(
             0,
@@ -635,6 +643,7 @@ struct Acceptor {
     files: Arc<relay::FileSettings>,
     admission: net::Policy,
     access: Arc<session::Access>,
+    keys: Option<Arc<dyn keys::KeyLookup>>,
 }
 
 impl Acceptor {
@@ -653,6 +662,7 @@ impl Acceptor {
             files,
             admission,
             access,
+            keys,
         } = self;
         let conn_stop = stop.clone();
         let counted = stats.clone();
@@ -674,6 +684,7 @@ impl Acceptor {
             move |stream, peer, mark| {
                 let conn = context::Conn {
                     peer,
+                    keys: keys.clone(),
                     board: board.clone(),
                     links: links.clone(),
                     numbers: numbers.clone(),

@@ -7,6 +7,7 @@
 //! summary comes from running counts (`report`).
 
 pub mod admin;
+pub mod failover;
 pub mod files;
 pub mod login;
 pub mod pipeline;
@@ -16,7 +17,8 @@ pub mod transfers;
 
 pub use pipeline::{Answer, Fate, DEFAULT_WINDOW};
 
-use crate::proto::{self, Document, Operation, Request, StoreRequest};
+use crate::net;
+use crate::proto::{self, Document, Operation, Request};
 use crossbeam_channel::Receiver;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use pipeline::{Observer, Outcome};
@@ -37,6 +39,9 @@ pub const LONG_BATCH: u64 = 50;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub balancer: SocketAddr,
+    /// Balancers to go on through when `balancer` fails mid-batch, in
+    /// turn (`--balancer A,B`); `balancer` is the first of them.
+    pub fallbacks: Vec<SocketAddr>,
     /// Folder of sample documents for `ftp`.
     pub documents: PathBuf,
     pub connect_timeout: Duration,
@@ -59,10 +64,20 @@ pub struct Config {
     pub cluster_key_file: Option<PathBuf>,
 }
 
+impl Config {
+    /// Every balancer to try, the first one first.
+    pub fn all_balancers(&self) -> Vec<SocketAddr> {
+        let mut all = vec![self.balancer];
+        all.extend(self.fallbacks.iter().filter(|a| **a != self.balancer));
+        all
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             balancer: SocketAddr::from(([127, 0, 0, 1], 60002)),
+            fallbacks: Vec::new(),
             documents: PathBuf::from("file"),
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(60),
@@ -264,44 +279,19 @@ fn folder(dir: &Path) -> String {
 fn store_documents(
     config: &Config,
     count: u64,
-    mut make: impl FnMut(u64) -> Result<Document, (String, String)> + Send + 'static,
+    make: impl FnMut(u64) -> Result<Document, (String, String)> + Send + 'static,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
     // Connect first: with no balancer there is nothing to announce.
-    let stream = pipeline::connect(config)?;
+    let first = connect_first(config)?;
     writeln!(
         out,
         "sending {} to {}",
         counted(count, "document"),
-        config.balancer
+        config.all_balancers()[first.0]
     )?;
-    let max_frame = config.max_frame;
-    // Only the title of an outstanding document is kept, to print its line.
-    let make_request = move |id: u64| {
-        let doc = make(id - 1)?;
-        let title = doc.title.clone();
-        let request = Request::Store(StoreRequest {
-            id,
-            doc,
-            request_number: None,
-            not_after_ms: None,
-        });
-        let size = proto::encoded_len(&request);
-        if size > max_frame {
-            return Err((
-                title,
-                format!(
-                    "too large: {} as a request, over the balancer's frame limit of {} \
-                     (--max-frame)",
-                    status::human_bytes(size as u64),
-                    status::human_bytes(max_frame as u64)
-                ),
-            ));
-        }
-        Ok((request, title))
-    };
     let mut batch = Batch::new(config, count, out);
-    let outcome = pipeline::run_on(stream, config, count, make_request, &mut batch)?;
+    let outcome = failover::send(config, count, Box::new(make), &mut batch, first)?;
     let refused = batch.refused;
     let printer = batch.printer;
     let all_done = printer.finish(outcome, "document", "stored")?;
@@ -319,6 +309,38 @@ fn store_documents(
         )?;
     }
     Ok(all_done)
+}
+
+/// Connects to the first of the balancers that answers; with none, the
+/// error of the first.
+fn connect_first(config: &Config) -> Result<(usize, net::Stream), Error> {
+    let mut first_error = None;
+    for (i, addr) in config.all_balancers().into_iter().enumerate() {
+        let config = Config {
+            balancer: addr,
+            ..config.clone()
+        };
+        match pipeline::connect(&config) {
+            Ok(stream) => return Ok((i, stream)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.expect("there is always a first balancer"))
+}
+
+/// Why a request is not sent: larger than the balancer's frame limit.
+fn too_large(request: &Request, max_frame: usize) -> Option<String> {
+    let size = proto::encoded_len(request);
+    (size > max_frame).then(|| {
+        format!(
+            "too large: {} as a request, over the balancer's frame limit of {} \
+             (--max-frame)",
+            status::human_bytes(size as u64),
+            status::human_bytes(max_frame as u64)
+        )
+    })
 }
 
 /// Sends the given paths: `.json` files as documents, unless `as_files`,

@@ -21,6 +21,7 @@ mod codec;
 mod connection;
 pub mod file;
 mod frame;
+mod key;
 pub mod legacy;
 mod message;
 
@@ -30,6 +31,7 @@ pub use file::{
     ListKind, Redirect, StoredFile, Ticket, TransferEvent, UploadReady, UploadRequest,
 };
 pub use frame::*;
+pub use key::{BadKey, ClientKey, HeldKey, KeyProbe};
 pub use message::*;
 
 /// The most transfers one `transfers` request is answered with, whatever
@@ -191,6 +193,8 @@ mod tests {
             },
             request_number: None,
             not_after_ms: None,
+            key: None,
+            resent: false,
         });
         let json: serde_json::Value = serde_json::from_slice(&encode(&req)).unwrap();
         assert_eq!(
@@ -216,6 +220,8 @@ mod tests {
                 doc: doc.clone(),
                 request_number: Some(42),
                 not_after_ms: Some(1_700),
+                key: None,
+                resent: false,
             })
         );
         let bytes = encode_forward(1, 2, None, &fields);

@@ -645,9 +645,14 @@ impl<'s, 'a> Framed<'s, 'a> {
         let number = store
             .request_number
             .unwrap_or_else(|| shared.numbers.next());
-        let writer = match shared.storage.claim(number, store.not_after_ms) {
+        let claim = shared
+            .storage
+            .claim_keyed(number, store.not_after_ms, store.key);
+        let writer = match claim {
             Ok(Claim::New(writer)) => writer,
             Ok(Claim::Existing { file }) => {
+                // A key may be held under another number: the copy's own.
+                let number = storage::parse_name(&file).map_or(number, |(n, _)| n);
                 let a_count = shared
                     .storage
                     .stored_a_count(&file)
@@ -892,7 +897,15 @@ fn handle(request: Request, shared: &Shared) -> Reply {
                 result: operation.apply(a, b),
             })
         }
-        Request::Forget { id, numbers } => handle_forget(id, &numbers, shared),
+        Request::Forget { id, numbers, keys } => handle_forget(id, &numbers, &keys, shared),
+        Request::Lookup { id, keys } => {
+            let found = shared.storage.lookup(&keys);
+            Reply::Keys {
+                id,
+                held: found.held,
+                busy: found.busy,
+            }
+        }
         Request::Inventory { id } => listing::inventory(id, shared),
         Request::List { id, .. } | Request::Delete { id, .. } => Reply::error(
             Some(id),
@@ -996,9 +1009,12 @@ fn log_stored(addr: SocketAddr, number: u64, title: &str, file: &str, a_count: u
     );
 }
 
-fn handle_forget(id: u64, numbers: &[u64], shared: &Shared) -> Reply {
+fn handle_forget(id: u64, numbers: &[u64], keys: &[proto::ClientKey], shared: &Shared) -> Reply {
     let addr = shared.addr;
-    let done = shared.storage.forget(numbers);
+    let mut done = shared.storage.forget(numbers);
+    let by_key = shared.storage.forget_keys(keys);
+    done.moved.extend(by_key.moved);
+    done.failed.extend(by_key.failed);
     for (number, file) in &done.moved {
         log::warn!(
             "server {addr}: request {number} is stored on another server; moved {file} to {}",
@@ -1071,6 +1087,8 @@ mod tests {
             },
             request_number: number,
             not_after_ms: None,
+            key: None,
+            resent: false,
         })
     }
 
@@ -1200,6 +1218,7 @@ mod tests {
             .call(&Request::Forget {
                 id: 4,
                 numbers: vec![9, 10],
+                keys: vec![],
             })
             .unwrap();
         assert_eq!(reply, Reply::Forgotten { id: 4, moved: 1 });

@@ -4,11 +4,11 @@
 // without panicking and without allocating more than the cap.
 
 use lbft::proto::{
-    decode, encode, read_frame, write_frame, Chunk, Computed, Deleted, Document, EntryKind,
-    ErrorCode, ErrorReply, FileEntry, FileHeader, FileList, FileStored, FrameError, FrameReader,
-    InventoryReport, ListKind, Operation, Password, Redirect, Reply, Request, ServerList,
-    ServerView, StatusReport, StoreRequest, Stored, StoredFile, Ticket, TransferEvent,
-    TransferList, TransferView, UploadReady, UploadRequest,
+    decode, encode, read_frame, write_frame, Chunk, ClientKey, Computed, Deleted, Document,
+    EntryKind, ErrorCode, ErrorReply, FileEntry, FileHeader, FileList, FileStored, FrameError,
+    FrameReader, HeldKey, InventoryReport, KeyProbe, ListKind, Operation, Password, Redirect,
+    Reply, Request, ServerList, ServerView, StatusReport, StoreRequest, Stored, StoredFile, Ticket,
+    TransferEvent, TransferList, TransferView, UploadReady, UploadRequest,
 };
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -123,6 +123,7 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Request::Status { .. }
         | Request::Servers { .. }
         | Request::Forget { .. }
+        | Request::Lookup { .. }
         | Request::Register { .. }
         | Request::Deregister { .. }
         | Request::AddServer { .. }
@@ -148,6 +149,7 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Reply::Servers(_)
         | Reply::Transfers(_)
         | Reply::Forgotten { .. }
+        | Reply::Keys { .. }
         | Reply::Membership { .. }
         | Reply::Error(_)
         | Reply::UploadReady(_)
@@ -431,13 +433,37 @@ fn request() -> impl Strategy<Value = Request> {
                     doc,
                     request_number,
                     not_after_ms,
+                    key: None,
+                    resent: false,
                 })
             }),
         (any::<u64>(), operation()).prop_map(|(id, operation)| Request::Calc { id, operation }),
         any::<u64>().prop_map(|id| Request::Status { id }),
         any::<u64>().prop_map(|id| Request::Servers { id }),
-        (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..8))
-            .prop_map(|(id, numbers)| Request::Forget { id, numbers }),
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<u64>(), 0..8),
+            proptest::collection::vec(any::<u128>(), 0..4)
+        )
+            .prop_map(|(id, numbers, keys)| Request::Forget {
+                id,
+                numbers,
+                keys: keys.into_iter().map(ClientKey).collect()
+            }),
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u128>(), any::<u64>()), 0..4)
+        )
+            .prop_map(|(id, keys)| Request::Lookup {
+                id,
+                keys: keys
+                    .into_iter()
+                    .map(|(key, request_number)| KeyProbe {
+                        key: ClientKey(key),
+                        request_number
+                    })
+                    .collect()
+            }),
         (any::<u64>(), text()).prop_map(|(id, addr)| Request::Register { id, addr }),
         (any::<u64>(), text()).prop_map(|(id, addr)| Request::Deregister { id, addr }),
         (any::<u64>(), text()).prop_map(|(id, addr)| Request::AddServer { id, addr }),
@@ -603,6 +629,24 @@ fn reply() -> impl Strategy<Value = Reply> {
         )
             .prop_map(|(id, transfers)| Reply::Transfers(TransferList { id, transfers })),
         (any::<u64>(), any::<u64>()).prop_map(|(id, moved)| Reply::Forgotten { id, moved }),
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u128>(), any::<u64>(), text(), any::<u64>()), 0..3),
+            proptest::collection::vec(any::<u128>(), 0..3)
+        )
+            .prop_map(|(id, held, busy)| Reply::Keys {
+                id,
+                held: held
+                    .into_iter()
+                    .map(|(key, request_number, file, a_count)| HeldKey {
+                        key: ClientKey(key),
+                        request_number,
+                        file,
+                        a_count
+                    })
+                    .collect(),
+                busy: busy.into_iter().map(ClientKey).collect()
+            }),
         (any::<u64>(), text()).prop_map(|(id, message)| Reply::Membership { id, message }),
         (any::<Option<u64>>(), error_code(), text())
             .prop_map(|(id, code, message)| Reply::Error(ErrorReply { id, code, message })),

@@ -35,6 +35,8 @@ fn send_batch(
                 },
                 request_number: None,
                 not_after_ms: None,
+                key: None,
+                resent: false,
             });
             proto::write_frame(&mut write_half, &proto::encode(&request)).unwrap();
         }

@@ -35,6 +35,8 @@ pub fn store_request(id: u64, title: String, content: &str) -> Request {
         },
         request_number: None,
         not_after_ms: None,
+        key: None,
+        resent: false,
     })
 }
 

@@ -72,6 +72,9 @@ pub struct ConnSettings {
 /// What a connection thread works with.
 pub struct Conn {
     pub peer: SocketAddr,
+    /// Where documents sent again may already be stored; `None` with
+    /// servers of the original format, which know no keys.
+    pub keys: Option<Arc<dyn super::keys::KeyLookup>>,
     pub settings: ConnSettings,
     /// Where servers are picked for this connection's requests.
     pub board: Arc<Board>,

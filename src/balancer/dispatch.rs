@@ -36,7 +36,7 @@ use super::work::{now_ms, Failure, Job, Work};
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
-use crate::proto::{ErrorCode, Reply};
+use crate::proto::{ClientKey, ErrorCode, Reply};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -79,6 +79,9 @@ struct Slot {
     /// Request numbers it may hold that are stored on another server.
     forget: BTreeSet<u64>,
     forget_in_flight: bool,
+    /// Client keys it may hold that are stored on another server.
+    forget_keys: BTreeSet<ClientKey>,
+    forget_keys_in_flight: bool,
 }
 
 /// A server an operator removed, while the jobs cut off from it are not
@@ -330,13 +333,24 @@ impl Dispatcher {
             Event::Doubt {
                 server,
                 number,
+                key,
                 uncertain,
-            } => self.doubt(server, number, uncertain),
+            } => self.doubt(server, number, key, uncertain),
             Event::Forgotten {
                 server,
                 numbers,
                 ok,
             } => self.forgotten(server, numbers, ok),
+            Event::KeysForgotten { server, keys, ok } => {
+                if let Some(slot) = self.slots.get_mut(&server) {
+                    slot.forget_keys_in_flight = false;
+                    if ok {
+                        keys.iter().for_each(|k| {
+                            slot.forget_keys.remove(k);
+                        });
+                    }
+                }
+            }
             Event::Probes(observations) => {
                 for (server, observation) in &observations {
                     if let (Observation::ProbeOk { load, .. }, Some(slot)) =
@@ -594,7 +608,13 @@ impl Dispatcher {
     }
 
     /// A job stored on `server` after others may have stored it too.
-    fn doubt(&mut self, server: ServerId, number: u64, uncertain: Vec<ServerId>) {
+    fn doubt(
+        &mut self,
+        server: ServerId,
+        number: u64,
+        key: Option<ClientKey>,
+        uncertain: Vec<ServerId>,
+    ) {
         let stored_on = self.server_name(server);
         for other in uncertain.into_iter().filter(|s| *s != server) {
             if let Some(slot) = self.slots.get_mut(&other) {
@@ -603,6 +623,7 @@ impl Dispatcher {
                     slot.gate.name()
                 );
                 slot.forget.insert(number);
+                slot.forget_keys.extend(key);
             }
         }
     }
@@ -817,28 +838,38 @@ impl Dispatcher {
             return;
         }
         for slot in self.slots.values_mut() {
-            if !slot.gate.accepting() || slot.forget.is_empty() || slot.forget_in_flight {
+            if !slot.gate.accepting() {
+                continue;
+            }
+            if !slot.forget_keys.is_empty() && !slot.forget_keys_in_flight {
+                let keys: Vec<ClientKey> = slot
+                    .forget_keys
+                    .iter()
+                    .take(FORGET_BATCH)
+                    .copied()
+                    .collect();
+                slot.forget_keys_in_flight = true;
+                log::info!(
+                    "server {}: telling it to forget {} client keys stored elsewhere",
+                    slot.gate.name(),
+                    keys.len()
+                );
+                send_forget(slot, Work::ForgetKeys(keys), &self.numbers);
+            }
+            if slot.forget_in_flight {
                 continue;
             }
             let numbers: Vec<u64> = slot.forget.iter().take(FORGET_BATCH).copied().collect();
+            if numbers.is_empty() {
+                continue;
+            }
             slot.forget_in_flight = true;
             log::info!(
                 "server {}: telling it to forget {} request numbers stored elsewhere",
                 slot.gate.name(),
                 numbers.len()
             );
-            // Nobody waits for the answer but the dispatcher (an event).
-            let (reply, _) = crossbeam_channel::bounded(1);
-            let mut job = Job::new(
-                0,
-                Work::Forget(numbers),
-                SocketAddr::from(([0, 0, 0, 0], 0)),
-                reply,
-                Default::default(),
-            );
-            job.request_number = Some(self.numbers.next());
-            slot.gate.take();
-            slot.gate.link.enqueue(vec![job]);
+            send_forget(slot, Work::Forget(numbers), &self.numbers);
         }
     }
 
@@ -849,6 +880,22 @@ impl Dispatcher {
                 .publish(self.slots.values().map(|s| s.gate.clone()).collect());
         }
     }
+}
+
+/// Hands a `forget` to a server's link; nobody waits for its answer but
+/// the dispatcher (an event).
+fn send_forget(slot: &Slot, work: Work, numbers: &ids::Generator) {
+    let (reply, _) = crossbeam_channel::bounded(1);
+    let mut job = Job::new(
+        0,
+        work,
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+        reply,
+        Default::default(),
+    );
+    job.request_number = Some(numbers.next());
+    slot.gate.take();
+    slot.gate.link.enqueue(vec![job]);
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ fn forget(addr: SocketAddr, settings: &BackendSettings, numbers: &[u64]) -> Resu
     let request = Request::Forget {
         id: 2,
         numbers: numbers.to_vec(),
+        keys: Vec::new(),
     };
     match conn.call(&request) {
         Ok(Reply::Forgotten { moved, .. }) => Ok(moved),

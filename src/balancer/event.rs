@@ -96,6 +96,9 @@ pub enum Event {
     Doubt {
         server: ServerId,
         number: u64,
+        /// The client's key of the document: forgotten by key too, since
+        /// another balancer may have sent it there under another number.
+        key: Option<crate::proto::ClientKey>,
         uncertain: Vec<ServerId>,
     },
     /// A forward was carried out on a server whose storage errors are
@@ -106,6 +109,12 @@ pub enum Event {
     Forgotten {
         server: ServerId,
         numbers: Vec<u64>,
+        ok: bool,
+    },
+    /// A `forget` of client keys came back (or could not be sent).
+    KeysForgotten {
+        server: ServerId,
+        keys: Vec<crate::proto::ClientKey>,
         ok: bool,
     },
     /// One round of status probes, applied together so that no server gets

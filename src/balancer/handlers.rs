@@ -54,7 +54,7 @@ pub fn handle(
     // Documents and computations go to servers, the rest is answered
     // here: documents picked so far leave first.
     if !matches!(request, Request::Store(_) | Request::Calc { .. }) {
-        io.outbox.flush();
+        io.outbox.flush(conn);
     }
     let answer = |reply: Reply| {
         let _ = io.replies.send(reply);
@@ -117,8 +117,8 @@ pub fn handle(
 /// The answer to a request the balancer does not carry out from a client.
 fn refusal(request: &Request) -> Reply {
     let message = match request {
-        Request::Forget { .. } => {
-            "`forget` is sent by the balancer to storage servers, not to the balancer"
+        Request::Forget { .. } | Request::Lookup { .. } => {
+            "`forget` and `lookup` are sent by the balancer to storage servers, not to the balancer"
         }
         Request::Status { .. } => {
             "`status` is answered by storage servers; ask the balancer for `servers`"

@@ -51,7 +51,7 @@ pub fn read_requests(
         // What was picked goes before this thread may wait: for the next
         // request to arrive, or for a place in the window.
         if !reader.frame_buffered() || window.in_use() >= window.capacity() {
-            outbox.flush();
+            outbox.flush(conn);
         }
         let Some((payload, held)) =
             read_one(conn, &mut reader, &window, &mut first, replies, &mut outbox)
@@ -115,7 +115,7 @@ pub fn read_requests(
             break;
         }
     }
-    outbox.flush();
+    outbox.flush(conn);
     carried
 }
 
@@ -185,7 +185,7 @@ fn take_budget(conn: &Conn, bytes: &mut Reservation, piece: usize, outbox: &mut 
     if bytes.try_grow(piece) {
         return;
     }
-    outbox.flush();
+    outbox.flush(conn);
     let peer = conn.peer;
     conn.stats.limits.hit(Limit::QueuedBytes, || {
         format!(

@@ -191,11 +191,13 @@ impl Links {
                                 Work::Store(doc) => {
                                     backend::send_legacy(addr, &settings, number, &doc.fields)
                                 }
-                                Work::Calc(_) | Work::Forget(_) => Ok(crate::proto::Reply::error(
-                                    Some(number),
-                                    crate::proto::ErrorCode::BadRequest,
-                                    "servers of the original format only store documents",
-                                )),
+                                Work::Calc(_) | Work::Forget(_) | Work::ForgetKeys(_) => {
+                                    Ok(crate::proto::Reply::error(
+                                        Some(number),
+                                        crate::proto::ErrorCode::BadRequest,
+                                        "servers of the original format only store documents",
+                                    ))
+                                }
                             };
                             finish.finish(id, &stats, job, result);
                         }

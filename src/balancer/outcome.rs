@@ -35,7 +35,7 @@ impl Finish for Outcomes {
     ) {
         server.in_flight.fetch_sub(1, Relaxed);
         let report = self.board.must_report(server);
-        if let Work::Forget(_) = job.work {
+        if let Work::Forget(_) | Work::ForgetKeys(_) = job.work {
             return self.forgotten(id, server, job, result);
         }
         let ended = match result {
@@ -145,9 +145,14 @@ impl Outcomes {
         }
         let uncertain = std::mem::take(&mut job.uncertain);
         if !uncertain.is_empty() {
+            let key = match &job.work {
+                Work::Store(doc) => doc.key,
+                _ => None,
+            };
             let _ = self.events.send(Event::Doubt {
                 server: id,
                 number,
+                key,
                 uncertain,
             });
         }
@@ -194,35 +199,44 @@ impl Outcomes {
         mut job: Job,
         result: Result<Reply, (Failure, bool)>,
     ) {
-        let Work::Forget(numbers) = &mut job.work else {
-            return;
+        let ok = forget_done(server, &result);
+        let event = match &mut job.work {
+            Work::Forget(numbers) => Event::Forgotten {
+                server: id,
+                numbers: std::mem::take(numbers),
+                ok,
+            },
+            Work::ForgetKeys(keys) => Event::KeysForgotten {
+                server: id,
+                keys: std::mem::take(keys),
+                ok,
+            },
+            _ => return,
         };
-        let numbers = std::mem::take(numbers);
-        let ok = match result {
-            Ok(Reply::Forgotten { moved, .. }) => {
-                log::info!(
-                    "server {}: forgot {} request numbers stored elsewhere ({moved} copies moved aside)",
-                    server.name,
-                    numbers.len()
-                );
-                true
-            }
-            Ok(other) => {
-                log::warn!(
-                    "server {}: unexpected answer to forget: {other:?}",
-                    server.name
-                );
-                false
-            }
-            Err((failure, _)) => {
-                log::warn!("server {}: forget failed: {failure}", server.name);
-                false
-            }
-        };
-        let _ = self.events.send(Event::Forgotten {
-            server: id,
-            numbers,
-            ok,
-        });
+        let _ = self.events.send(event);
+    }
+}
+
+/// Whether a `forget` was carried out, logged.
+fn forget_done(server: &ServerStats, result: &Result<Reply, (Failure, bool)>) -> bool {
+    match result {
+        Ok(Reply::Forgotten { moved, .. }) => {
+            log::info!(
+                "server {}: forgot what is stored elsewhere ({moved} copies moved aside)",
+                server.name,
+            );
+            true
+        }
+        Ok(other) => {
+            log::warn!(
+                "server {}: unexpected answer to forget: {other:?}",
+                server.name
+            );
+            false
+        }
+        Err((failure, _)) => {
+            log::warn!("server {}: forget failed: {failure}", server.name);
+            false
+        }
     }
 }

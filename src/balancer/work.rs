@@ -24,6 +24,11 @@ pub struct StoreWork {
     /// `"titolo":…,"contenuto":…` (see `proto::encode_document_fields`).
     pub fields: Vec<u8>,
     pub content_len: usize,
+    /// The client's key of the document, forwarded with it.
+    pub key: Option<proto::ClientKey>,
+    /// The client sent it again: the servers are asked for its key before
+    /// it is placed (`keys`).
+    pub resent: bool,
 }
 
 /// What a job asks of a server.
@@ -33,6 +38,8 @@ pub enum Work {
     Calc(Operation),
     /// Request numbers the server should drop: stored elsewhere.
     Forget(Vec<u64>),
+    /// Client keys the server should drop: stored elsewhere.
+    ForgetKeys(Vec<proto::ClientKey>),
 }
 
 impl Work {
@@ -42,6 +49,7 @@ impl Work {
             Work::Store(doc) => format!("\"{}\"", doc.title),
             Work::Calc(op) => format!("calc {op}"),
             Work::Forget(numbers) => format!("forget {} request numbers", numbers.len()),
+            Work::ForgetKeys(keys) => format!("forget {} client keys", keys.len()),
         }
     }
 
@@ -50,7 +58,7 @@ impl Work {
         match self {
             Work::Store(_) => Some(Kind::Document),
             Work::Calc(_) => Some(Kind::Calc),
-            Work::Forget(_) => None,
+            Work::Forget(_) | Work::ForgetKeys(_) => None,
         }
     }
 
@@ -65,6 +73,8 @@ impl Work {
             title: proto::truncate(&doc.title, 80),
             fields: fields.unwrap_or_else(|| proto::encode_document_fields(doc)),
             content_len: doc.content.len(),
+            key: None,
+            resent: false,
         })
     }
 
@@ -72,9 +82,13 @@ impl Work {
     /// request number, not to be stored after `not_after_ms`.
     pub fn encode(&self, number: u64, not_after_ms: u64) -> Vec<u8> {
         match self {
-            Work::Store(doc) => {
-                proto::encode_forward(number, number, Some(not_after_ms), &doc.fields)
-            }
+            Work::Store(doc) => proto::encode_forward_keyed(
+                number,
+                number,
+                Some(not_after_ms),
+                doc.key,
+                &doc.fields,
+            ),
             Work::Calc(operation) => proto::encode(&proto::Request::Calc {
                 id: number,
                 operation: *operation,
@@ -82,6 +96,12 @@ impl Work {
             Work::Forget(numbers) => proto::encode(&proto::Request::Forget {
                 id: number,
                 numbers: numbers.clone(),
+                keys: Vec::new(),
+            }),
+            Work::ForgetKeys(keys) => proto::encode(&proto::Request::Forget {
+                id: number,
+                numbers: Vec::new(),
+                keys: keys.clone(),
             }),
         }
     }

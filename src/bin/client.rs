@@ -32,9 +32,13 @@ use std::time::Duration;
     after_help = "Example: client ftp 20   (with a balancer started by `balancer --local-servers 3`)"
 )]
 struct Args {
-    /// Balancer address, HOST:PORT.
-    #[arg(long, global = true, default_value = "127.0.0.1:60002", value_parser = parse_addr)]
-    balancer: SocketAddr,
+    /// Balancer address, HOST:PORT; or several, comma-separated
+    /// (A,B): documents go to the first that answers and, if it fails in
+    /// the middle of a batch, on through the next, each document stored
+    /// once (ftp, send and the prompt; other commands use the first).
+    #[arg(long, global = true, default_value = "127.0.0.1:60002", value_parser = parse_addr,
+          value_delimiter = ',', value_name = "HOST:PORT[,HOST:PORT...]")]
+    balancer: Vec<SocketAddr>,
     /// Folder of sample documents picked by `ftp`.
     #[arg(long, global = true, default_value = "file", value_name = "DIR")]
     documents: PathBuf,
@@ -280,7 +284,8 @@ fn main() -> ExitCode {
     let config = Config {
         login,
         cluster_key_file: Some(args.cluster_key_file.clone()),
-        balancer: args.balancer,
+        balancer: args.balancer[0],
+        fallbacks: args.balancer[1..].to_vec(),
         documents: args.documents,
         reply_timeout: args.timeout,
         window: args.window,

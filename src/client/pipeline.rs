@@ -538,6 +538,8 @@ mod tests {
             },
             request_number: None,
             not_after_ms: None,
+            key: None,
+            resent: false,
         })
     }
 

@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+use super::key::{ClientKey, HeldKey, KeyProbe};
+
 /// Serialises a message to its frame payload.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serialising our own types to a Vec cannot fail: no maps with non-string
@@ -196,6 +198,14 @@ pub struct StoreRequest {
     /// have stored it elsewhere. Set by the balancer only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after_ms: Option<u64>,
+    /// The client's key of this document (see `ClientKey`): a server
+    /// stores a key once, whatever request number it comes with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<ClientKey>,
+    /// Set by a client sending a keyed document again through another
+    /// balancer: that balancer asks the servers for the key first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 /// Requests: client -> balancer, and balancer -> server.
@@ -217,7 +227,17 @@ pub enum Request {
     /// Tells a server that these request numbers are stored on another
     /// server (the balancer retried them after losing track of this one).
     /// The server moves its copies aside and never stores them again.
-    Forget { id: u64, numbers: Vec<u64> },
+    /// `keys` are client keys to forget likewise.
+    Forget {
+        id: u64,
+        numbers: Vec<u64>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keys: Vec<ClientKey>,
+    },
+    /// Which of these client keys does a server hold (balancer -> server)?
+    /// A key it neither holds nor is writing is from then on stored there
+    /// only under the request number given with it. Answered by `keys`.
+    Lookup { id: u64, keys: Vec<KeyProbe> },
     /// A server joins the balancer's pool (or says it is still there: it
     /// repeats this as its heartbeat). `addr` is where it takes requests.
     Register { id: u64, addr: String },
@@ -335,6 +355,7 @@ impl Request {
             Request::Status { .. } => "status",
             Request::Servers { .. } => "servers",
             Request::Forget { .. } => "forget",
+            Request::Lookup { .. } => "lookup",
             Request::Transfers { .. } => "transfers",
             Request::Register { .. } => "register",
             Request::Deregister { .. } => "deregister",
@@ -365,6 +386,7 @@ impl Request {
             | Request::Status { id }
             | Request::Servers { id }
             | Request::Forget { id, .. }
+            | Request::Lookup { id, .. }
             | Request::Register { id, .. }
             | Request::Deregister { id, .. }
             | Request::AddServer { id, .. }
@@ -390,6 +412,7 @@ impl Message for Request {
         "status",
         "servers",
         "forget",
+        "lookup",
         "transfers",
         "register",
         "deregister",
@@ -745,6 +768,14 @@ pub enum Reply {
         id: u64,
         moved: u64,
     },
+    /// Answer to `lookup`: the keys held, with their copies, and those
+    /// being written right now (ask again).
+    Keys {
+        id: u64,
+        held: Vec<HeldKey>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        busy: Vec<ClientKey>,
+    },
     /// Answer to a membership request: what the balancer did.
     Membership {
         id: u64,
@@ -794,6 +825,7 @@ impl Reply {
             Reply::Servers(r) => Some(r.id),
             Reply::Transfers(r) => Some(r.id),
             Reply::Forgotten { id, .. }
+            | Reply::Keys { id, .. }
             | Reply::Membership { id, .. }
             | Reply::Hello { id, .. }
             | Reply::Welcome { id, .. } => Some(*id),
@@ -827,6 +859,7 @@ impl Message for Reply {
         "servers",
         "transfers",
         "forgotten",
+        "keys",
         "membership",
         "error",
         "upload_ready",
@@ -896,9 +929,23 @@ pub fn encode_forward(
     not_after_ms: Option<u64>,
     fields: &[u8],
 ) -> Vec<u8> {
+    encode_forward_keyed(id, request_number, not_after_ms, None, fields)
+}
+
+/// `encode_forward` with the client's key of the document, if it has one.
+pub fn encode_forward_keyed(
+    id: u64,
+    request_number: u64,
+    not_after_ms: Option<u64>,
+    key: Option<ClientKey>,
+    fields: &[u8],
+) -> Vec<u8> {
     let mut head = format!(r#"{{"type":"store","id":{id},"numero_richiesta":{request_number},"#);
     if let Some(t) = not_after_ms {
         head.push_str(&format!(r#""not_after_ms":{t},"#));
+    }
+    if let Some(key) = key {
+        head.push_str(&format!(r#""key":"{key}","#));
     }
     let mut bytes = Vec::with_capacity(head.len() + fields.len() + 1);
     bytes.extend_from_slice(head.as_bytes());

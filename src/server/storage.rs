@@ -13,11 +13,13 @@
 //! Only `clean`, on the operator's request, removes documents.
 
 mod commit;
+mod keys;
 
 pub use commit::{Commit, Deliver, Done, SyncMode};
+pub use keys::Found;
 
 use crate::net::lock;
-use crate::proto::Document;
+use crate::proto::{ClientKey, Document, KeyProbe};
 use crate::text::{count_a, rfc3339};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -53,6 +55,9 @@ struct StoredDocument<'a> {
     /// stands for a framed store of that number (see `Storage::claim`).
     #[serde(skip_serializing_if = "Option::is_none")]
     stored_from: Option<&'static str>,
+    /// The client's key, also in the file's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<ClientKey>,
 }
 
 /// `stored_from` of a document stored from an original-format connection.
@@ -127,10 +132,10 @@ impl Writer<'_> {
     /// once more right before the file becomes visible, so nothing appears
     /// after the deadline or after a `forget`.
     pub fn commit(self, doc: &Document, a_count: u64, done: Box<dyn Done>) -> Commit {
-        let number = self.claim.number;
+        let (number, key) = (self.claim.number, self.claim.key);
         Commit::new(
-            record(number, doc, a_count, None),
-            base_name(number, &doc.title),
+            record(number, doc, a_count, None, key),
+            keyed_base_name(number, &doc.title, key),
             commit::Kind::Framed {
                 claim: self.claim,
                 not_after_ms: self.not_after_ms,
@@ -155,11 +160,17 @@ impl Writer<'_> {
 struct Claimed {
     folder: Arc<Folder>,
     number: u64,
+    /// The client's key, held while writing too.
+    key: Option<ClientKey>,
 }
 
 impl Drop for Claimed {
     fn drop(&mut self) {
-        self.folder.index().writing.remove(&self.number);
+        let mut index = self.folder.index();
+        index.writing.remove(&self.number);
+        if let Some(key) = self.key {
+            index.keys.writing.remove(&key);
+        }
     }
 }
 
@@ -188,10 +199,13 @@ struct Index {
     writing: HashSet<u64>,
     /// Numbers stored on another server (`forget`): never stored here.
     forgotten: HashSet<u64>,
+    /// The client keys held, being written, forgotten or fenced.
+    keys: keys::KeyIndex,
 }
 
 impl Index {
     fn add(&mut self, number: u64, file: String) {
+        self.keys.add(&file);
         self.files.entry(number).or_default().push(file);
         self.documents += 1;
     }
@@ -280,6 +294,7 @@ impl Storage {
         }
         let mut index = self.index();
         index.files.clear();
+        index.keys.files.clear();
         index.documents = 0;
         Ok(removed)
     }
@@ -288,6 +303,19 @@ impl Storage {
     /// stored), write it (the returned `Writer` holds the number), or
     /// refuse (past `not_after_ms`, forgotten, or being written right now).
     pub fn claim(&self, number: u64, not_after_ms: Option<u64>) -> Result<Claim<'_>, StoreError> {
+        self.claim_keyed(number, not_after_ms, None)
+    }
+
+    /// `claim` for a document with the client's `key`: a key already
+    /// stored is `Existing` whatever its number, one being written is
+    /// `InProgress`, one forgotten (or fenced to another number by a
+    /// `lookup`) is refused as forgotten.
+    pub fn claim_keyed(
+        &self,
+        number: u64,
+        not_after_ms: Option<u64>,
+        key: Option<ClientKey>,
+    ) -> Result<Claim<'_>, StoreError> {
         check_deadline(number, not_after_ms)?;
         let mut index = self.index();
         if index.forgotten.contains(&number) {
@@ -307,7 +335,18 @@ impl Storage {
             }
             index.files.remove(&number);
         }
+        if let Some(key) = key {
+            match index.keys.claim(key, number) {
+                keys::KeyClaim::New => {}
+                keys::KeyClaim::Existing(file) => return Ok(Claim::Existing { file }),
+                keys::KeyClaim::InProgress => return Err(StoreError::InProgress(number)),
+                keys::KeyClaim::Refused => return Err(StoreError::Forgotten(number)),
+            }
+        }
         if !index.writing.insert(number) {
+            if let Some(key) = key {
+                index.keys.writing.remove(&key);
+            }
             return Err(StoreError::InProgress(number));
         }
         Ok(Claim::New(Writer {
@@ -315,9 +354,21 @@ impl Storage {
             claim: Claimed {
                 folder: self.folder.clone(),
                 number,
+                key,
             },
             not_after_ms,
         }))
+    }
+
+    /// Which of the keys in `probes` are held here (with their copies) or
+    /// being written; the others are fenced to the number that came with
+    /// them (see `keys`).
+    pub fn lookup(&self, probes: &[KeyProbe]) -> Found {
+        let mut found = self.index().keys.lookup(probes);
+        for held in &mut found.held {
+            held.a_count = self.stored_a_count(&held.file).unwrap_or(0);
+        }
+        found
     }
 
     /// Stores a document from an original-format connection whatever
@@ -330,7 +381,7 @@ impl Storage {
     pub fn store_copy(&self, number: u64, doc: &Document, a_count: u64) -> io::Result<String> {
         let (done, outcome) = commit::waiter();
         self.submit(vec![Commit::new(
-            record(number, doc, a_count, Some(ORIGINAL_FORMAT)),
+            record(number, doc, a_count, Some(ORIGINAL_FORMAT), None),
             base_name(number, &doc.title),
             commit::Kind::Copy,
             done,
@@ -367,10 +418,45 @@ impl Storage {
                         .filter(|f| !self.folder.is_original_format_copy(f))
                         .collect();
                     index.documents -= files.len() as u64;
+                    files.iter().for_each(|f| index.keys.moved_aside(f));
                     to_move.extend(files.into_iter().map(|f| (number, f)));
                 }
             }
         }
+        self.move_all_aside(to_move)
+    }
+
+    /// Marks client `keys` as stored on another server, as `forget` does
+    /// request numbers: never stored here again, and their copies moved
+    /// into `.duplicates/`.
+    pub fn forget_keys(&self, keys: &[ClientKey]) -> Forgetting {
+        let mut to_move = Vec::new();
+        {
+            let mut index = self.index();
+            for key in keys {
+                index.keys.forgotten.insert(*key);
+                let Some(file) = index.keys.files.remove(key) else {
+                    continue;
+                };
+                let Some((number, _)) = parse_name(&file) else {
+                    continue;
+                };
+                if let Some(files) = index.files.get_mut(&number) {
+                    files.retain(|f| *f != file);
+                    if files.is_empty() {
+                        index.files.remove(&number);
+                    }
+                }
+                index.documents -= 1;
+                to_move.push((number, file));
+            }
+        }
+        self.move_all_aside(to_move)
+    }
+
+    /// Moves files taken out of the index into `.duplicates/`; one that
+    /// cannot be moved goes back into the index.
+    fn move_all_aside(&self, to_move: Vec<(u64, String)>) -> Forgetting {
         let mut done = Forgetting::default();
         for (number, file) in to_move {
             match self.folder.move_aside(&file) {
@@ -427,6 +513,9 @@ impl Folder {
                     if let Some((number, _)) = name.to_str().and_then(parse_name) {
                         index.forgotten.insert(number);
                     }
+                    if let Some(key) = name.to_str().and_then(keys::parse_key) {
+                        index.keys.forgotten.insert(key);
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -452,9 +541,11 @@ impl Folder {
 
     /// A framed store of `number` whose file and name are durable now:
     /// from now on the number is answered with `file`.
-    fn add_stored(&self, number: u64, file: String) -> Result<String, StoreError> {
+    fn add_stored(&self, claim: &Claimed, file: String) -> Result<String, StoreError> {
+        let number = claim.number;
         let mut index = self.index();
-        if index.forgotten.contains(&number) {
+        let key_forgotten = claim.key.is_some_and(|k| index.keys.forgotten.contains(&k));
+        if index.forgotten.contains(&number) || key_forgotten {
             drop(index);
             // A `forget` arrived between the last check and the link: the
             // copy was never acknowledged, so it goes where forgotten
@@ -469,6 +560,9 @@ impl Folder {
         // progress or stored, never neither.
         index.add(number, file.clone());
         index.writing.remove(&number);
+        if let Some(key) = claim.key {
+            index.keys.writing.remove(&key);
+        }
         Ok(file)
     }
 
@@ -505,9 +599,12 @@ impl Folder {
     }
 
     /// Whether `number` may still become visible now.
-    fn may_store(&self, number: u64, not_after_ms: Option<u64>) -> Result<(), StoreError> {
+    fn may_store(&self, claim: &Claimed, not_after_ms: Option<u64>) -> Result<(), StoreError> {
+        let number = claim.number;
         check_deadline(number, not_after_ms)?;
-        if self.index().forgotten.contains(&number) {
+        let index = self.index();
+        let key_forgotten = claim.key.is_some_and(|k| index.keys.forgotten.contains(&k));
+        if index.forgotten.contains(&number) || key_forgotten {
             return Err(StoreError::Forgotten(number));
         }
         Ok(())
@@ -531,6 +628,7 @@ fn record(
     doc: &Document,
     a_count: u64,
     stored_from: Option<&'static str>,
+    key: Option<ClientKey>,
 ) -> io::Result<Vec<u8>> {
     let record = StoredDocument {
         titolo: &doc.title,
@@ -539,6 +637,7 @@ fn record(
         a_count,
         received_at: rfc3339(SystemTime::now()),
         stored_from,
+        key,
     };
     serde_json::to_vec_pretty(&record).map_err(io::Error::other)
 }
@@ -546,6 +645,15 @@ fn record(
 /// A stored document's file name without its `~N` suffix and `.json`.
 fn base_name(number: u64, title: &str) -> String {
     format!("{number}_{}", safe_title(title))
+}
+
+/// `base_name`, with the client's key after the title when there is one:
+/// `{number}_{title}@{key}`.
+fn keyed_base_name(number: u64, title: &str, key: Option<ClientKey>) -> String {
+    match key {
+        Some(key) => format!("{}{}{key}", base_name(number, title), keys::KEY_MARK),
+        None => base_name(number, title),
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -473,6 +473,8 @@ pub fn send_batch(addr: SocketAddr, contents: Vec<String>, mut on_ack: impl FnMu
                 },
                 request_number: None,
                 not_after_ms: None,
+                key: None,
+                resent: false,
             });
             if proto::write_frame(&mut write_half, &proto::encode(&request)).is_err() {
                 return; // the balancer closed; the reader reports it

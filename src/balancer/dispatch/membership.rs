@@ -148,6 +148,8 @@ impl Dispatcher {
                 draining: None,
                 forget: BTreeSet::new(),
                 forget_in_flight: false,
+                forget_keys: Default::default(),
+                forget_keys_in_flight: false,
             },
         );
         crate::net::lock(&self.roster).push((id, addr));

@@ -9,10 +9,11 @@ use crate::balancer::board::Gate;
 use crate::balancer::context::Conn;
 use crate::balancer::event::Event;
 use crate::balancer::flow::Hold;
+use crate::balancer::keys::Placement;
 use crate::balancer::limits::Limit;
 use crate::balancer::session::Session;
 use crate::balancer::work::{Job, Work};
-use crate::proto::{self, ErrorCode, Operation, Reply, StoreRequest};
+use crate::proto::{self, ClientKey, ErrorCode, KeyProbe, Operation, Reply, StoreRequest};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -21,6 +22,9 @@ use std::sync::Arc;
 #[derive(Default)]
 pub struct Outbox {
     jobs: Vec<(Arc<Gate>, Job)>,
+    /// Documents sent again, to be looked up together before they are
+    /// placed (`keys`).
+    resent: Vec<(ClientKey, Job)>,
 }
 
 impl Outbox {
@@ -28,8 +32,14 @@ impl Outbox {
         self.jobs.push((gate, job));
     }
 
-    /// Sends what was picked, each server's jobs together.
-    pub fn flush(&mut self) {
+    /// Sends what was picked, each server's jobs together; documents sent
+    /// again are looked up first (all of this read at once) and placed
+    /// only if no server holds them.
+    pub fn flush(&mut self, conn: &Conn) {
+        if !self.resent.is_empty() {
+            let resent = std::mem::take(&mut self.resent);
+            settle_resent(conn, resent, |gate, job| self.push(gate, job));
+        }
         let mut groups: Vec<(Arc<Gate>, Vec<Job>)> = Vec::new();
         for (gate, job) in self.jobs.drain(..) {
             match groups.iter_mut().find(|(g, _)| g.id == gate.id) {
@@ -71,8 +81,74 @@ pub fn store(
         proto::truncate(&store.doc.title, 80),
         store.id,
     );
-    let work = Work::store_fields(&store.doc, raw_fields);
-    submit(conn, session, store.id, work, held, io)
+    let mut work = Work::store_fields(&store.doc, raw_fields);
+    let Work::Store(doc) = &mut work else {
+        unreachable!("store_fields makes a store");
+    };
+    doc.key = store.key;
+    doc.resent = store.resent;
+    match store.key.filter(|_| store.resent && conn.keys.is_some()) {
+        Some(key) => {
+            let job = new_job(conn, session, store.id, work, held, io);
+            io.outbox.resent.push((key, job));
+            Flow::Continue
+        }
+        None => submit(conn, session, store.id, work, held, io),
+    }
+}
+
+/// Documents sent again: their keys are looked up on the servers; one
+/// held somewhere is answered from there, the others are placed as usual,
+/// the servers that could not tell noted as ones that may hold a copy
+/// (told to forget it once it is stored elsewhere).
+fn settle_resent(conn: &Conn, resent: Vec<(ClientKey, Job)>, mut send: impl FnMut(Arc<Gate>, Job)) {
+    let Some(lookup) = &conn.keys else {
+        return;
+    };
+    let mut jobs = Vec::with_capacity(resent.len());
+    let mut probes = Vec::with_capacity(resent.len());
+    for (key, mut job) in resent {
+        // Numbered now: a server that finds the key absent lets only this
+        // number store it from then on.
+        let number = *job
+            .request_number
+            .get_or_insert_with(|| conn.numbers.next());
+        probes.push(KeyProbe {
+            key,
+            request_number: number,
+        });
+        jobs.push(job);
+    }
+    let placements = lookup.lookup(&probes);
+    for (mut job, placement) in jobs.into_iter().zip(placements) {
+        match placement {
+            Placement::Held { server, held } => {
+                log::info!(
+                    "{} sent again from {}: already stored on server {server} as {} (request {})",
+                    job.work.describe(),
+                    job.client,
+                    held.file,
+                    held.request_number
+                );
+                conn.stats.received.fetch_add(1, Relaxed);
+                conn.stats.latency.observe(job.received.elapsed());
+                job.deliver(Reply::Stored(proto::Stored {
+                    id: job.id,
+                    server,
+                    request_number: held.request_number,
+                    file: held.file,
+                    a_count: held.a_count,
+                    existing: true,
+                }));
+            }
+            Placement::Absent { silent } => {
+                job.uncertain = silent;
+                if let Flow::Close = dispatch(conn, job, &mut send) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 pub fn calc(
@@ -99,6 +175,11 @@ fn submit(
     held: Held,
     io: &mut Io<'_>,
 ) -> Flow {
+    let job = new_job(conn, session, id, work, held, io);
+    dispatch(conn, job, |gate, job| io.outbox.push(gate, job))
+}
+
+fn new_job(conn: &Conn, session: &Session, id: u64, work: Work, held: Held, io: &Io<'_>) -> Job {
     let hold = Hold {
         permit: Some(held.permit),
         bytes: Some(held.bytes),
@@ -107,7 +188,7 @@ fn submit(
     let mut job = Job::new(id, work, conn.peer, io.replies.clone(), hold);
     job.user = session.user_name();
     job.out = Some(io.out.clone());
-    dispatch(conn, job, |gate, job| io.outbox.push(gate, job))
+    job
 }
 
 /// A document of the original format: no reply goes anywhere (the

@@ -521,7 +521,7 @@ impl Stage {
                 Kind::Framed {
                     claim,
                     not_after_ms,
-                } => folder.may_store(claim.number, *not_after_ms),
+                } => folder.may_store(claim, *not_after_ms),
                 Kind::Copy => Ok(()),
             };
             let dir = &self.dir;
@@ -564,7 +564,7 @@ impl Stage {
         }
         for (commit, name) in linked {
             let outcome = match &commit.kind {
-                Kind::Framed { claim, .. } => self.folder.add_stored(claim.number, name),
+                Kind::Framed { claim, .. } => self.folder.add_stored(claim, name),
                 Kind::Copy => {
                     self.folder.index().documents += 1;
                     Ok(name)
