@@ -38,6 +38,7 @@ pub mod outcome;
 pub mod relay;
 pub mod session;
 pub mod stats;
+pub mod store;
 pub mod tracking;
 pub mod users;
 pub mod work;
@@ -51,7 +52,6 @@ use backend::BackendSettings;
 use crossbeam_channel::{Receiver, Sender};
 use dispatch::{Dispatcher, Settings};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -143,8 +143,9 @@ pub struct Config {
     pub rise: u32,
     /// Failed status probes in a row that take a server down.
     pub fall: u32,
-    /// The state file recording every transfer; `None` turns tracking off.
-    pub state: Option<PathBuf>,
+    /// The state recording every transfer (a SQLite file, or a PostgreSQL
+    /// database several balancers share); `None` turns tracking off.
+    pub state: Option<store::Location>,
     /// How file uploads reach servers: relayed, or redirected with a ticket.
     pub mode: relay::Mode,
     /// Signs redirect tickets (required in redirect mode); servers must
@@ -291,14 +292,15 @@ impl Balancer {
         let config = self.config;
         // First, so that a bad state file stops the start before any
         // thread runs.
+        let addr = self.listener.local_addr()?;
         let (tracker, tracker_thread) = match &config.state {
-            Some(path) => {
-                let (tracker, thread) = tracking::Tracker::open(path)?;
+            Some(location) => {
+                let (tracker, thread) =
+                    tracking::Tracker::open_as(location.clone(), Some(addr.to_string()))?;
                 (Some(tracker), Some(thread))
             }
             None => (None, None),
         };
-        let addr = self.listener.local_addr()?;
         let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
         let node = config.balancer_id.unwrap_or_else(ids::random_node);
         log::info!(
@@ -400,7 +402,7 @@ impl Balancer {
             cluster_key: config.cluster_key.clone(),
             users: config
                 .users
-                .then(|| config.state.as_deref().map(users::Users::new))
+                .then(|| config.state.as_ref().map(users::Users::new))
                 .flatten(),
             logins: Mutex::new(logins::Schedule::new(config.logins)),
             stats: stats.clone(),
