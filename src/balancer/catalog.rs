@@ -373,7 +373,11 @@ fn add_copy(
         "SELECT entry FROM copies WHERE server = ?1 AND file = ?2",
         sql_args![server, file],
     )?;
-    if other.map(|r| r.i64(0)).transpose()?.is_some_and(|e| e != entry) {
+    if other
+        .map(|r| r.i64(0))
+        .transpose()?
+        .is_some_and(|e| e != entry)
+    {
         drop_copy(db, server, file)?;
     }
     db.execute(
@@ -494,9 +498,20 @@ fn file_stored(
         "DELETE FROM partials WHERE upload_id = ?1 RETURNING server",
         sql_args![&rec.upload_id],
     )?;
-    for server in strays.iter().map(|r| r.text(0)).collect::<Result<Vec<_>, _>>()? {
+    for server in strays
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<Vec<_>, _>>()?
+    {
         if server != rec.server {
-            removals.push(add_removal(db, at_ms, &server, None, Some(&rec.upload_id), owner)?);
+            removals.push(add_removal(
+                db,
+                at_ms,
+                &server,
+                None,
+                Some(&rec.upload_id),
+                owner,
+            )?);
         }
     }
     if let Some(number) = number {
@@ -727,8 +742,14 @@ fn take_in_file(
     let mut removals = Vec::new();
     match file_entry(db, owner, &item.name)? {
         None => {
-            let id =
-                insert_file_entry(db, owner, &item.name, item.size, &item.sha256, item.stored_ms)?;
+            let id = insert_file_entry(
+                db,
+                owner,
+                &item.name,
+                item.size,
+                &item.sha256,
+                item.stored_ms,
+            )?;
             add_copy(db, id, EntryKind::File, server, file, upload)?;
         }
         Some((id, stored_ms)) if item.stored_ms >= stored_ms => {
@@ -790,7 +811,14 @@ fn take_in_document(db: &mut dyn Db, server: &str, item: &FileEntry) -> Result<(
             .i64(0)?
         }
     };
-    add_copy(db, id, EntryKind::Document, server, item.server_file(), None)
+    add_copy(
+        db,
+        id,
+        EntryKind::Document,
+        server,
+        item.server_file(),
+        None,
+    )
 }
 
 fn entry_from_row(r: &Row) -> Result<Entry, DbError> {

@@ -172,7 +172,10 @@ pub enum DbError {
         source: ::postgres::Error,
     },
     /// A column was not what the code reads from it.
-    Column { index: usize, wanted: &'static str },
+    Column {
+        index: usize,
+        wanted: &'static str,
+    },
     /// A value read back is not one the balancer writes (its description).
     Decode(String),
 }
@@ -242,8 +245,9 @@ pub trait Db: Send {
 
     /// The only row of a query that always has one.
     fn query_one(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Row, DbError> {
-        self.query_opt(sql, args)?
-            .ok_or_else(|| DbError::Decode("a query that always answers a row answered none".into()))
+        self.query_opt(sql, args)?.ok_or_else(|| {
+            DbError::Decode("a query that always answers a row answered none".into())
+        })
     }
 }
 
@@ -273,7 +277,10 @@ pub fn in_transaction<T, E: From<DbError>>(
 pub enum StateError {
     Db(DbError),
     /// Written by a newer balancer: its schema is unknown here.
-    NewerSchema { found: i64, known: i64 },
+    NewerSchema {
+        found: i64,
+        known: i64,
+    },
     /// A database of something else: it is not ours to change.
     Foreign,
     /// The writer could not commit a change (its message).
@@ -290,9 +297,9 @@ impl fmt::Display for StateError {
                 f,
                 "schema version {found} is newer than this balancer's ({known})"
             ),
-            StateError::Foreign => f.write_str(
-                "it is a database with other tables, not a balancer's state",
-            ),
+            StateError::Foreign => {
+                f.write_str("it is a database with other tables, not a balancer's state")
+            }
             StateError::Write(e) => write!(f, "cannot write: {e}"),
             StateError::WriterGone => f.write_str("the state writer has stopped"),
         }
@@ -350,7 +357,9 @@ impl Location {
     ) -> Result<Location, String> {
         if postgres::is_url(text) {
             let target = postgres::Target::parse(text)?;
-            Ok(Location::Postgres(target.with_password(password_file, env)?))
+            Ok(Location::Postgres(
+                target.with_password(password_file, env)?,
+            ))
         } else {
             if password_file.is_some() {
                 return Err(

@@ -950,7 +950,8 @@ mod tests {
     fn commits_in_batches_and_counts_what_it_drops() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("balancer.db");
-        let (tracker, messages, conn) = Tracker::open_unstarted(Location::from(&path), None, 2600).unwrap();
+        let (tracker, messages, conn) =
+            Tracker::open_unstarted(Location::from(&path), None, 2600).unwrap();
         for n in 1..=2500 {
             tracker.record_at(n, received(n, "t"));
         }

@@ -236,7 +236,12 @@ pub fn check_password(password: &str) -> Result<(), String> {
 
 /// Adds a user, or sets the password (and admin flag) of an existing one.
 /// Returns whether the user is new.
-pub fn add(at: impl Into<Location>, name: &str, password: &str, admin: bool) -> Result<bool, Error> {
+pub fn add(
+    at: impl Into<Location>,
+    name: &str,
+    password: &str,
+    admin: bool,
+) -> Result<bool, Error> {
     let at = &at.into();
     check_name(name).map_err(Error::Config)?;
     check_password(password).map_err(Error::Config)?;
@@ -321,7 +326,10 @@ pub fn list(at: impl Into<Location>) -> Result<Vec<Listed>, Error> {
             locked_until_ms: r.opt_u64(3)?,
         })
     };
-    rows.iter().map(listed).collect::<Result<_, _>>().map_err(error)
+    rows.iter()
+        .map(listed)
+        .collect::<Result<_, _>>()
+        .map_err(error)
 }
 
 #[cfg(test)]

@@ -80,7 +80,11 @@ impl Target {
 
     /// With the password of the URL, else of `file` (its first line), else
     /// of `env` (`PGPASSWORD`).
-    pub fn with_password(mut self, file: Option<&Path>, env: Option<String>) -> Result<Target, String> {
+    pub fn with_password(
+        mut self,
+        file: Option<&Path>,
+        env: Option<String>,
+    ) -> Result<Target, String> {
         if self.password.is_none() {
             self.password = match file {
                 Some(path) => Some(read_password_file(path)?),
@@ -111,10 +115,13 @@ impl Target {
 
     /// A new connection.
     pub fn connect(&self) -> Result<PgDb, DbError> {
-        let client = self.config().connect(NoTls).map_err(|source| DbError::Connect {
-            target: self.address(),
-            source,
-        })?;
+        let client = self
+            .config()
+            .connect(NoTls)
+            .map_err(|source| DbError::Connect {
+                target: self.address(),
+                source,
+            })?;
         Ok(PgDb {
             client,
             statements: HashMap::new(),
@@ -146,7 +153,13 @@ impl Target {
 /// The URL as it may be shown: without its password.
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres://{}@{}/{}", self.user, self.address(), self.dbname)
+        write!(
+            f,
+            "postgres://{}@{}/{}",
+            self.user,
+            self.address(),
+            self.dbname
+        )
     }
 }
 
@@ -191,8 +204,12 @@ fn decode(text: &str) -> Result<String, String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).ok_or("a % not followed by two hex digits")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| "a % not followed by two hex digits")?);
+            let hex = text
+                .get(i + 1..i + 3)
+                .ok_or("a % not followed by two hex digits")?;
+            out.push(
+                u8::from_str_radix(hex, 16).map_err(|_| "a % not followed by two hex digits")?,
+            );
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -297,11 +314,14 @@ fn cell(row: &postgres::Row, i: usize) -> Result<Cell, DbError> {
     let cell = if *ty == Type::INT8 {
         row.try_get::<_, Option<i64>>(i)?.map(Cell::Int)
     } else if *ty == Type::INT4 {
-        row.try_get::<_, Option<i32>>(i)?.map(|v| Cell::Int(v.into()))
+        row.try_get::<_, Option<i32>>(i)?
+            .map(|v| Cell::Int(v.into()))
     } else if *ty == Type::INT2 {
-        row.try_get::<_, Option<i16>>(i)?.map(|v| Cell::Int(v.into()))
+        row.try_get::<_, Option<i16>>(i)?
+            .map(|v| Cell::Int(v.into()))
     } else if *ty == Type::BOOL {
-        row.try_get::<_, Option<bool>>(i)?.map(|v| Cell::Int(v.into()))
+        row.try_get::<_, Option<bool>>(i)?
+            .map(|v| Cell::Int(v.into()))
     } else if <&str as postgres::types::FromSql>::accepts(ty) {
         row.try_get::<_, Option<String>>(i)?.map(Cell::Text)
     } else {
@@ -329,7 +349,12 @@ impl Db for PgDb {
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
         let rows = self.client.query(&stmt, &refs)?;
         rows.iter()
-            .map(|row| (0..row.len()).map(|i| cell(row, i)).collect::<Result<_, _>>().map(Row))
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| cell(row, i))
+                    .collect::<Result<_, _>>()
+                    .map(Row)
+            })
             .collect()
     }
 

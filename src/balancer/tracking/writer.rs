@@ -30,7 +30,11 @@ pub(super) struct Written {
 
 /// The writer thread: gathers a batch, commits it, answers flushes; ends
 /// after the last batch once the channel disconnects.
-pub(super) fn write_loop(mut conn: Box<dyn Db>, messages: &Receiver<Msg>, shared: &Shared) -> Written {
+pub(super) fn write_loop(
+    mut conn: Box<dyn Db>,
+    messages: &Receiver<Msg>,
+    shared: &Shared,
+) -> Written {
     let mut written = Written::default();
     while let Ok(first) = messages.recv() {
         let (batch, disconnected) = gather(first, messages);
@@ -236,7 +240,15 @@ fn apply(
                 "INSERT INTO transfers (number, client, title, size, state, started_ms, \"user\",
                      balancer)
                  VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7) ON CONFLICT (number) DO NOTHING",
-                sql_args![*number as i64, client, title, *size as i64, at, user, balancer],
+                sql_args![
+                    *number as i64,
+                    client,
+                    title,
+                    *size as i64,
+                    at,
+                    user,
+                    balancer
+                ],
             )?;
         }
         TrackEvent::Sent { number, server } => {
