@@ -26,9 +26,11 @@ pub mod dispatch;
 pub mod errands;
 pub mod event;
 pub mod flow;
+pub mod follow;
 pub mod handlers;
 pub mod intake;
 pub mod lane;
+pub mod lease;
 pub mod limits;
 pub mod link;
 pub mod logins;
@@ -302,7 +304,7 @@ impl Balancer {
             None => (None, None),
         };
         let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
-        let node = config.balancer_id.unwrap_or_else(ids::random_node);
+        let (node, lease) = balancer_id(&config, tracker.as_ref(), addr)?;
         log::info!(
             "balancer listening on {addr} (balancer id {node}), servers: {}",
             config
@@ -350,6 +352,11 @@ impl Balancer {
             log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
         }
         let roster = monitor::Roster::default();
+        // Read before the pool, so that no change after it is missed.
+        let seen = tracker
+            .as_ref()
+            .filter(|t| t.location().is_shared())
+            .map(follow::baseline);
         let (addrs, banned) = pool_at_start(&config, tracker.as_ref());
         let mut servers = Vec::with_capacity(addrs.len());
         for addr in addrs {
@@ -418,6 +425,20 @@ impl Balancer {
             server_timeout: config.server_timeout,
             max_frame: config.max_frame,
         };
+        if let Some(lease) = lease {
+            threads.push(lease.spawn(stop_rx.clone())?);
+        }
+        if let (Some(tracker), Some(seen)) = (&tracker, seen) {
+            let follower = follow::Follower {
+                tracker: tracker.clone(),
+                board: board.clone(),
+                links: links.clone(),
+                events: events_tx.clone(),
+                every: follow::FOLLOW_EVERY,
+                seen,
+            };
+            threads.push(follower.spawn(stop_rx.clone())?);
+        }
         let catalog = match &tracker {
             Some(tracker) => {
                 let progress = Arc::new(catalog::sync::Progress::default());
@@ -488,6 +509,25 @@ impl Balancer {
     pub fn run(self) -> Result<(), Error> {
         self.start()?.join();
         Ok(())
+    }
+}
+
+/// The id inside request numbers: `--balancer-id`; else, with a shared
+/// state, one leased from it (with the lease to keep renewing); else
+/// random.
+fn balancer_id(
+    config: &Config,
+    tracker: Option<&tracking::Tracker>,
+    addr: SocketAddr,
+) -> Result<(u16, Option<lease::Lease>), Error> {
+    match (config.balancer_id, tracker) {
+        (Some(id), _) => Ok((id, None)),
+        (None, Some(tracker)) if tracker.location().is_shared() => {
+            let holder = format!("{addr} {}", tracker.instance());
+            let lease = lease::Lease::take(tracker.location(), &holder)?;
+            Ok((lease.node(), Some(lease)))
+        }
+        (None, _) => Ok((ids::random_node(), None)),
     }
 }
 

@@ -859,7 +859,7 @@ pub fn find_files(db: &mut dyn Db, owner: Option<&str>, name: &str) -> Result<Ve
     let rows = db.query(
         &format!(
             "SELECT {ENTRY_COLUMNS} FROM entries
-             WHERE kind = 'file' AND name = ?2 AND (?1 IS NULL OR owner = ?1) ORDER BY owner"
+             WHERE kind = 'file' AND name = ?2 AND (CAST(?1 AS TEXT) IS NULL OR owner = ?1) ORDER BY owner"
         ),
         sql_args![owner, name],
     )?;
@@ -888,7 +888,7 @@ pub fn page(
         EntryKind::File => db.query(
             &format!(
                 "SELECT {ENTRY_COLUMNS} FROM entries
-                 WHERE kind = 'file' AND (?1 IS NULL OR owner = ?1) AND (name, id) > (?2, ?3)
+                 WHERE kind = 'file' AND (CAST(?1 AS TEXT) IS NULL OR owner = ?1) AND (name, id) > (?2, ?3)
                  ORDER BY name, id LIMIT ?4"
             ),
             sql_args![owner, &after.name, after.id, limit as i64],
@@ -896,7 +896,7 @@ pub fn page(
         EntryKind::Document => db.query(
             &format!(
                 "SELECT {ENTRY_COLUMNS} FROM entries
-                 WHERE kind = 'document' AND (?1 IS NULL OR owner = ?1) AND id > ?2
+                 WHERE kind = 'document' AND (CAST(?1 AS TEXT) IS NULL OR owner = ?1) AND id > ?2
                  ORDER BY id LIMIT ?3"
             ),
             sql_args![owner, after.id, limit as i64],

@@ -679,7 +679,7 @@ fn query_transfers(
     let mut sql = String::from(
         "SELECT number, client, title, size, servers, state, server, file, started_ms,
                 ended_ms, duration_ms, last_error, \"user\", balancer
-         FROM transfers WHERE started_ms >= ?1 AND (?3 IS NULL OR \"user\" = ?3)",
+         FROM transfers WHERE started_ms >= ?1 AND (CAST(?3 AS TEXT) IS NULL OR \"user\" = ?3)",
     );
     if !states.is_empty() {
         sql.push_str(&format!(" AND state IN ({state_list})"));

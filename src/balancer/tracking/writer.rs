@@ -212,7 +212,7 @@ pub(super) fn mark_interrupted(
              last_error = 'the balancer stopped before recording how this transfer ended; \
                            it may have been stored'
          WHERE state IN ('queued', 'sending', 'retried')
-             AND (balancer IS NULL OR ?2 IS NULL OR balancer = ?2)",
+             AND (balancer IS NULL OR CAST(?2 AS TEXT) IS NULL OR balancer = ?2)",
         sql_args![now_ms as i64, balancer],
     )
 }
