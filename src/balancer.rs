@@ -353,10 +353,7 @@ impl Balancer {
         }
         let roster = monitor::Roster::default();
         // Read before the pool, so that no change after it is missed.
-        let seen = tracker
-            .as_ref()
-            .filter(|t| t.location().is_shared())
-            .map(follow::baseline);
+        let seen = tracker.as_ref().and_then(follow::baseline);
         let (addrs, banned) = pool_at_start(&config, tracker.as_ref());
         let mut servers = Vec::with_capacity(addrs.len());
         for addr in addrs {
@@ -429,14 +426,7 @@ impl Balancer {
             threads.push(lease.spawn(stop_rx.clone())?);
         }
         if let (Some(tracker), Some(seen)) = (&tracker, seen) {
-            let follower = follow::Follower {
-                tracker: tracker.clone(),
-                board: board.clone(),
-                links: links.clone(),
-                events: events_tx.clone(),
-                every: follow::FOLLOW_EVERY,
-                seen,
-            };
+            let follower = follow::Follower::new(tracker, &board, &links, &events_tx, seen);
             threads.push(follower.spawn(stop_rx.clone())?);
         }
         let catalog = match &tracker {

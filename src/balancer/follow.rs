@@ -41,16 +41,20 @@ pub struct Follower {
     pub seen: Seen,
 }
 
-/// The rows of the table now, as the follower remembers them; empty when
-/// it cannot be read (every row then counts as new at the first look).
-pub fn baseline(tracker: &Tracker) -> Seen {
-    match tracker.pool_rows() {
+/// With a shared state, the rows of the table now, as the follower
+/// remembers them; empty when they cannot be read (every row then counts
+/// as new at the first look). `None` with a state of this balancer's own.
+pub fn baseline(tracker: &Tracker) -> Option<Seen> {
+    if !tracker.location().is_shared() {
+        return None;
+    }
+    Some(match tracker.pool_rows() {
         Ok(rows) => rows.into_iter().map(entry).collect(),
         Err(e) => {
             log::warn!("cannot read the shared pool: {e}");
             Seen::new()
         }
-    }
+    })
 }
 
 fn entry(row: PoolRow) -> (String, (String, u64, String)) {
@@ -58,12 +62,28 @@ fn entry(row: PoolRow) -> (String, (String, u64, String)) {
 }
 
 impl Follower {
+    pub fn new(
+        tracker: &Tracker,
+        board: &Arc<Board>,
+        links: &Arc<Links>,
+        events: &Sender<Event>,
+        seen: Seen,
+    ) -> Follower {
+        Follower {
+            tracker: tracker.clone(),
+            board: board.clone(),
+            links: links.clone(),
+            events: events.clone(),
+            every: FOLLOW_EVERY,
+            seen,
+        }
+    }
+
     /// Starts the thread; it ends when `stop` disconnects.
     pub fn spawn(mut self, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
-        crate::net::spawn_named("pool-follower".into(), Some(256 * 1024), move || loop {
-            match stop.recv_timeout(self.every) {
-                Err(RecvTimeoutError::Timeout) => self.look(),
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+        crate::net::spawn_named("pool-follower".into(), Some(256 * 1024), move || {
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(self.every) {
+                self.look();
             }
         })
     }

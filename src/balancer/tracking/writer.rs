@@ -217,6 +217,14 @@ pub(super) fn mark_interrupted(
     )
 }
 
+/// A transfer sent to server `?2`: appended to its JSON list of servers.
+const SENT_SQLITE: &str = "UPDATE transfers SET state = 'sending',
+        servers = json_insert(servers, '$[#]', ?2)
+    WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')";
+const SENT_POSTGRES: &str = "UPDATE transfers SET state = 'sending',
+        servers = (servers::jsonb || jsonb_build_array(?2::text))::text
+    WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')";
+
 /// The SQL that ends a transfer: `?3` is the time, `?1` its number.
 const DURATION: &str = "CASE WHEN ?3 > started_ms THEN ?3 - started_ms ELSE 0 END";
 
@@ -252,13 +260,7 @@ fn apply(
             )?;
         }
         TrackEvent::Sent { number, server } => {
-            let sql = db.dialect().pick(
-                "UPDATE transfers SET state = 'sending', servers = json_insert(servers, '$[#]', ?2)
-                 WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')",
-                "UPDATE transfers SET state = 'sending',
-                     servers = (servers::jsonb || jsonb_build_array(?2::text))::text
-                 WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')",
-            );
+            let sql = db.dialect().pick(SENT_SQLITE, SENT_POSTGRES);
             db.execute(sql, sql_args![*number as i64, server])?;
         }
         TrackEvent::Retried {
