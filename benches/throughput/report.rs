@@ -136,7 +136,7 @@ impl Report<'_> {
                 (_, Some(o)) => ratio(row.m.docs_per_sec, o.m.docs_per_sec),
             };
             let vs_haproxy = match row.route {
-                Route::Balancer => vs(haproxy),
+                Route::Balancer | Route::BalancerPg => vs(haproxy),
                 _ => String::new(),
             };
             let _ = writeln!(
@@ -158,6 +158,37 @@ impl Report<'_> {
                     .servers_cpu_us_per_doc
                     .map_or(String::new(), |c| format!("{c:.0}")),
                 row.m.servers_switches_per_doc,
+            );
+        }
+        self.postgres_ratios(out);
+    }
+
+    /// With `--state-postgres`: the balancer on PostgreSQL against the one
+    /// on its SQLite file, scenario by scenario.
+    fn postgres_ratios(&self, out: &mut String) {
+        let pairs: Vec<(&Row, &Row)> = self
+            .rows
+            .iter()
+            .filter(|r| r.route == Route::BalancerPg)
+            .filter_map(|pg| Some((pg, self.find(pg.clients, pg.mode, Route::Balancer)?)))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nState in PostgreSQL (`balancer-pg`, a local cluster with its default, durable \
+             settings) against the SQLite file (`balancer`), docs/s:\n"
+        );
+        for (pg, sqlite) in pairs {
+            let _ = writeln!(
+                out,
+                "- {} clients, {}: {:.0} against {:.0}, {}",
+                pg.clients,
+                mode_name(pg.mode, self.options.depth),
+                pg.m.docs_per_sec,
+                sqlite.m.docs_per_sec,
+                ratio(pg.m.docs_per_sec, sqlite.m.docs_per_sec)
             );
         }
     }

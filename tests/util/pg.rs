@@ -134,6 +134,12 @@ impl Pg {
         ])
     }
 
+    /// A new cluster with PostgreSQL's own defaults (durable commits), as
+    /// a deployment has them: for benchmarks.
+    pub fn start_with_defaults() -> Pg {
+        Pg::start_with(&[])
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
