@@ -354,20 +354,15 @@ impl Location {
         text: &str,
         password_file: Option<&Path>,
         env: Option<String>,
-    ) -> Result<Location, String> {
+    ) -> Result<Location, postgres::LocationError> {
         if postgres::is_url(text) {
             let target = postgres::Target::parse(text)?;
             Ok(Location::Postgres(
                 target.with_password(password_file, env)?,
             ))
+        } else if password_file.is_some() {
+            Err(postgres::LocationError::PasswordForFile)
         } else {
-            if password_file.is_some() {
-                return Err(
-                    "--state-password-file goes with --state postgres://...: a state file needs \
-                     no password"
-                        .into(),
-                );
-            }
             Ok(Location::File(PathBuf::from(text)))
         }
     }

@@ -45,8 +45,11 @@ pub struct Target {
 impl Target {
     /// Reads `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (user, password
     /// and name may be percent-encoded).
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let bad = |why: &str| format!("--state {}: {why}", redacted(url));
+    pub fn parse(url: &str) -> Result<Target, LocationError> {
+        let bad = |why: &str| LocationError::Url {
+            url: redacted(url),
+            why: why.to_string(),
+        };
         let rest = url
             .split_once("://")
             .map(|(_, rest)| rest)
@@ -84,7 +87,7 @@ impl Target {
         mut self,
         file: Option<&Path>,
         env: Option<String>,
-    ) -> Result<Target, String> {
+    ) -> Result<Target, LocationError> {
         if self.password.is_none() {
             self.password = match file {
                 Some(path) => Some(read_password_file(path)?),
@@ -219,14 +222,65 @@ fn decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "percent-encoding that is not UTF-8".into())
 }
 
-fn read_password_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read --state-password-file {}: {e}", path.display()))?;
+fn read_password_file(path: &Path) -> Result<String, LocationError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LocationError::PasswordFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let line = text.lines().next().unwrap_or_default().to_string();
     if line.is_empty() {
-        return Err(format!("--state-password-file {} is empty", path.display()));
+        return Err(LocationError::EmptyPasswordFile(path.to_path_buf()));
     }
     Ok(line)
+}
+
+/// Why `--state` (or its password) cannot be used; never shows a
+/// password.
+#[derive(Debug)]
+pub enum LocationError {
+    /// Not a URL the balancer reads: the URL without its password, and why.
+    Url {
+        url: String,
+        why: String,
+    },
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    EmptyPasswordFile(std::path::PathBuf),
+    /// `--state-password-file` with a state file, which has no password.
+    PasswordForFile,
+}
+
+impl fmt::Display for LocationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocationError::Url { url, why } => write!(f, "--state {url}: {why}"),
+            LocationError::PasswordFile { path, source } => {
+                write!(
+                    f,
+                    "cannot read --state-password-file {}: {source}",
+                    path.display()
+                )
+            }
+            LocationError::EmptyPasswordFile(path) => {
+                write!(f, "--state-password-file {} is empty", path.display())
+            }
+            LocationError::PasswordForFile => f.write_str(
+                "--state-password-file goes with --state postgres://...: a state file needs \
+                 no password",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LocationError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LocationError::PasswordFile { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// A connection to the shared database, with its prepared statements.
@@ -393,7 +447,7 @@ mod tests {
             "postgres://u@host:port/db",
             "postgres://u:pw@h/db?sslmode=disable",
         ] {
-            let e = Target::parse(bad).unwrap_err();
+            let e = Target::parse(bad).unwrap_err().to_string();
             assert!(!e.contains("pw@"), "{e}");
         }
     }
