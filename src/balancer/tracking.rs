@@ -362,7 +362,11 @@ impl Tracker {
     ) -> Result<(Tracker, JoinHandle<()>), Error> {
         let (tracker, messages, mut conn) =
             Self::open_unstarted(location.clone(), balancer.clone(), CHANNEL_CAPACITY)?;
-        match writer::mark_interrupted(conn.as_mut(), now_ms(), balancer.as_deref()) {
+        // A file is this balancer's alone: whatever is open in it is its
+        // own, whichever address it had. A shared database's open
+        // transfers may be another balancer's, carried on right now.
+        let own = balancer.as_deref().filter(|_| location.is_shared());
+        match writer::mark_interrupted(conn.as_mut(), now_ms(), own) {
             Ok(0) => {}
             Ok(n) => log::warn!(
                 "{n} transfers were still open when the balancer last stopped (a crash or a \
