@@ -26,10 +26,12 @@ pub mod dispatch;
 pub mod errands;
 pub mod event;
 pub mod flow;
+pub mod follow;
 pub mod handlers;
 pub mod intake;
 pub mod keys;
 pub mod lane;
+pub mod lease;
 pub mod limits;
 pub mod link;
 pub mod logins;
@@ -39,6 +41,7 @@ pub mod outcome;
 pub mod relay;
 pub mod session;
 pub mod stats;
+pub mod store;
 pub mod tracking;
 pub mod users;
 pub mod work;
@@ -52,7 +55,6 @@ use backend::BackendSettings;
 use crossbeam_channel::{Receiver, Sender};
 use dispatch::{Dispatcher, Settings};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -144,8 +146,9 @@ pub struct Config {
     pub rise: u32,
     /// Failed status probes in a row that take a server down.
     pub fall: u32,
-    /// The state file recording every transfer; `None` turns tracking off.
-    pub state: Option<PathBuf>,
+    /// The state recording every transfer (a SQLite file, or a PostgreSQL
+    /// database several balancers share); `None` turns tracking off.
+    pub state: Option<store::Location>,
     /// How file uploads reach servers: relayed, or redirected with a ticket.
     pub mode: relay::Mode,
     /// Signs redirect tickets (required in redirect mode); servers must
@@ -292,16 +295,17 @@ impl Balancer {
         let config = self.config;
         // First, so that a bad state file stops the start before any
         // thread runs.
+        let addr = self.listener.local_addr()?;
         let (tracker, tracker_thread) = match &config.state {
-            Some(path) => {
-                let (tracker, thread) = tracking::Tracker::open(path)?;
+            Some(location) => {
+                let (tracker, thread) =
+                    tracking::Tracker::open_as(location.clone(), Some(addr.to_string()))?;
                 (Some(tracker), Some(thread))
             }
             None => (None, None),
         };
-        let addr = self.listener.local_addr()?;
         let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
-        let node = config.balancer_id.unwrap_or_else(ids::random_node);
+        let (node, lease) = balancer_id(&config, tracker.as_ref(), addr)?;
         log::info!(
             "balancer listening on {addr} (balancer id {node}), servers: {}",
             config
@@ -349,6 +353,8 @@ impl Balancer {
             log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
         }
         let roster = monitor::Roster::default();
+        // Read before the pool, so that no change after it is missed.
+        let seen = tracker.as_ref().and_then(follow::baseline);
         let (addrs, banned) = pool_at_start(&config, tracker.as_ref());
         let mut servers = Vec::with_capacity(addrs.len());
         for addr in addrs {
@@ -401,7 +407,7 @@ impl Balancer {
             cluster_key: config.cluster_key.clone(),
             users: config
                 .users
-                .then(|| config.state.as_deref().map(users::Users::new))
+                .then(|| config.state.as_ref().map(users::Users::new))
                 .flatten(),
             logins: Mutex::new(logins::Schedule::new(config.logins)),
             stats: stats.clone(),
@@ -417,6 +423,13 @@ impl Balancer {
             server_timeout: config.server_timeout,
             max_frame: config.max_frame,
         };
+        if let Some(lease) = lease {
+            threads.push(lease.spawn(stop_rx.clone())?);
+        }
+        if let (Some(tracker), Some(seen)) = (&tracker, seen) {
+            let follower = follow::Follower::new(tracker, &board, &links, &events_tx, seen);
+            threads.push(follower.spawn(stop_rx.clone())?);
+        }
         let catalog = match &tracker {
             Some(tracker) => {
                 let progress = Arc::new(catalog::sync::Progress::default());
@@ -494,6 +507,25 @@ impl Balancer {
     pub fn run(self) -> Result<(), Error> {
         self.start()?.join();
         Ok(())
+    }
+}
+
+/// The id inside request numbers: `--balancer-id`; else, with a shared
+/// state, one leased from it (with the lease to keep renewing); else
+/// random.
+fn balancer_id(
+    config: &Config,
+    tracker: Option<&tracking::Tracker>,
+    addr: SocketAddr,
+) -> Result<(u16, Option<lease::Lease>), Error> {
+    match (config.balancer_id, tracker) {
+        (Some(id), _) => Ok((id, None)),
+        (None, Some(tracker)) if tracker.location().is_shared() => {
+            let holder = format!("{addr} {}", tracker.instance());
+            let lease = lease::Lease::take(tracker.location(), &holder)?;
+            Ok((lease.node(), Some(lease)))
+        }
+        (None, _) => Ok((ids::random_node(), None)),
     }
 }
 

@@ -14,11 +14,13 @@ pub enum Error {
     Storage { dir: PathBuf, source: io::Error },
     /// The log file could not be opened.
     Log { path: PathBuf, source: io::Error },
-    /// The balancer's state file (`--state`) cannot be opened or used; a
-    /// damaged or foreign file is reported, never replaced. (The store's
-    /// own error says why.)
+    /// The balancer's state (`--state`: a file, or a database) cannot be
+    /// opened or used; a damaged or foreign one is reported, never
+    /// replaced. `store` names it ("state file PATH", "state database
+    /// postgres://USER@HOST:PORT/DB", never with a password); the store's
+    /// own error says why.
     State {
-        path: PathBuf,
+        store: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A setting makes no sense.
@@ -37,9 +39,7 @@ impl fmt::Display for Error {
             Error::Log { path, source } => {
                 write!(f, "cannot open log file {}: {source}", path.display())
             }
-            Error::State { path, source } => {
-                write!(f, "cannot use state file {}: {source}", path.display())
-            }
+            Error::State { store, source } => write!(f, "cannot use {store}: {source}"),
             Error::Config(msg) => f.write_str(msg),
             Error::Io(e) => e.fmt(f),
         }

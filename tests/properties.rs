@@ -577,6 +577,7 @@ fn transfer_view() -> impl Strategy<Value = TransferView> {
                 ended_ms,
                 duration_ms,
                 error,
+                balancer: user.as_ref().map(|u| format!("{u}.balancer:60002")),
                 user,
             },
         )

@@ -30,8 +30,8 @@
 //! ```text
 //! cargo bench --bench throughput [-- --docs N --runs R --size BYTES --depth D
 //!     --idle N --kill-docs N --bulk-mib N --only table|bulk|idle|kill
-//!     --clients 1,8,64 --paths balancer,direct,haproxy --write BENCHMARKS.md
-//!     --keep --quick]
+//!     --clients 1,8,64 --paths balancer,direct,haproxy,balancer-pg
+//!     --state-postgres --write BENCHMARKS.md --keep --quick]
 //! ```
 //!
 //! `--docs` is the count of a 64-client scenario (default 19200); fewer
@@ -45,13 +45,20 @@
 //! not slow the next run down (see above). `--write` also writes the report, with the machine and
 //! versions, to a file. `--quick` is a smoke run: 640 documents, a 256 MiB
 //! file, 2000 idle connections, 3000 documents in the kill run, one run of
-//! each.
+//! each. `--state-postgres` adds the path `balancer-pg`: a second balancer
+//! in front of the same servers whose state is a PostgreSQL database
+//! (`--state postgres://...`) of a throwaway cluster started for the run
+//! (`tests/util/pg.rs`; durable settings, as a deployment has them), beside
+//! the first with its SQLite file, and the report gives the ratio of the
+//! two.
 
 mod bulk;
 #[path = "../common/mod.rs"]
 mod common;
 mod failover;
 mod idle;
+#[path = "../../tests/util/pg.rs"]
+mod pg;
 mod report;
 
 use common::clients::{self, empty_folders, json_files, one_at_a_time, pipelined, warm_up};
@@ -96,6 +103,8 @@ pub struct Options {
     /// the table also runs every path on a cluster of those (rows marked
     /// "base"), so that a change is measured against it in the same run.
     pub base_bin: Option<PathBuf>,
+    /// Also a balancer on a PostgreSQL state (path `balancer-pg`).
+    postgres: bool,
 }
 
 impl Options {
@@ -128,6 +137,7 @@ fn parse_args() -> Result<Options, String> {
         keep: false,
         balancer_args: Vec::new(),
         base_bin: None,
+        postgres: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -140,6 +150,10 @@ fn parse_args() -> Result<Options, String> {
             "--kill-docs" => &mut options.kill_docs,
             "--keep" => {
                 options.keep = true;
+                continue;
+            }
+            "--state-postgres" => {
+                options.postgres = true;
                 continue;
             }
             "--quick" => {
@@ -179,7 +193,7 @@ fn parse_args() -> Result<Options, String> {
                     .find(|n| !ROUTES.iter().any(|r| r.name() == n.as_str()))
                 {
                     return Err(format!(
-                        "--paths {value}: {bad} is not balancer, direct or haproxy"
+                        "--paths {value}: {bad} is not balancer, direct, haproxy or balancer-pg"
                     ));
                 }
                 options.paths = names;
@@ -240,9 +254,16 @@ pub enum Route {
     Balancer,
     Direct,
     HaProxy,
+    /// A balancer whose state is PostgreSQL (`--state-postgres`).
+    BalancerPg,
 }
 
-const ROUTES: [Route; 3] = [Route::Balancer, Route::Direct, Route::HaProxy];
+const ROUTES: [Route; 4] = [
+    Route::Balancer,
+    Route::Direct,
+    Route::HaProxy,
+    Route::BalancerPg,
+];
 
 impl Route {
     pub fn name(self) -> &'static str {
@@ -250,6 +271,7 @@ impl Route {
             Route::Balancer => "balancer",
             Route::Direct => "direct",
             Route::HaProxy => "haproxy",
+            Route::BalancerPg => "balancer-pg",
         }
     }
 }
@@ -260,6 +282,7 @@ struct Cluster<'a> {
     base: bool,
     balancer: &'a Child,
     haproxy: Option<&'a Child>,
+    balancer_pg: Option<&'a Child>,
     servers: Vec<SocketAddr>,
     server_pids: Vec<u32>,
     dirs: Vec<PathBuf>,
@@ -271,15 +294,19 @@ impl Cluster<'_> {
         if self.haproxy.is_some() {
             routes.push(Route::HaProxy);
         }
+        if self.balancer_pg.is_some() {
+            routes.push(Route::BalancerPg);
+        }
         routes
     }
 
     /// The address client `c` talks to, and the process whose memory the
     /// scenario records.
     fn target(&self, route: Route, c: usize) -> (SocketAddr, Option<u32>) {
-        match (route, self.haproxy) {
-            (Route::Balancer, _) => (self.balancer.addr, Some(self.balancer.pid())),
-            (Route::HaProxy, Some(h)) => (h.addr, Some(h.pid())),
+        match (route, self.haproxy, self.balancer_pg) {
+            (Route::BalancerPg, _, Some(b)) => (b.addr, Some(b.pid())),
+            (Route::Balancer, _, _) => (self.balancer.addr, Some(self.balancer.pid())),
+            (Route::HaProxy, Some(h), _) => (h.addr, Some(h.pid())),
             _ => (self.servers[c % self.servers.len()], None),
         }
     }
@@ -579,6 +606,7 @@ impl BaseCluster {
             base: true,
             balancer: &self.balancer,
             haproxy: self.haproxy.as_ref(),
+            balancer_pg: None,
             servers: self.servers.iter().map(|s| s.addr).collect(),
             server_pids: self.servers.iter().map(Child::pid).collect(),
             dirs: self.dirs.clone(),
@@ -616,6 +644,25 @@ fn main() {
                 .collect::<Vec<_>>(),
         ),
     );
+    // Declared before its balancer, so dropped after it.
+    let postgres = options.postgres.then(pg::Pg::start_with_defaults);
+    let balancer_pg = postgres.as_ref().map(|pg| {
+        let url = pg.create_db("lbft");
+        let balancer = Child::start(
+            "balancer-pg",
+            env!("CARGO_BIN_EXE_balancer"),
+            &clients::balancer_args(
+                &server_addrs,
+                &temp.path().join("lb-pg.log"),
+                &["--check-interval", "100ms", "--state", &url]
+                    .into_iter()
+                    .chain(options.balancer_args.iter().map(String::as_str))
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        warm_up(balancer.addr);
+        balancer
+    });
     let haproxy_bin = haproxy::find();
     let haproxy = haproxy_bin.as_ref().and_then(|bin| {
         haproxy::start(bin, temp.path(), &server_addrs)
@@ -633,6 +680,7 @@ fn main() {
         base: false,
         balancer: &balancer,
         haproxy: haproxy.as_ref(),
+        balancer_pg: balancer_pg.as_ref(),
         servers: server_addrs.clone(),
         server_pids: servers.iter().map(Child::pid).collect(),
         dirs: dirs.clone(),
@@ -677,6 +725,8 @@ fn main() {
     });
     drop(haproxy);
     drop(balancer);
+    drop(balancer_pg);
+    drop(postgres);
     empty_folders(&dirs);
 
     let idle = options

@@ -368,6 +368,7 @@ impl Dispatcher {
                 reply,
                 link,
             } => self.change_membership(change, id, reply, link),
+            Event::Banned(addr) => self.ban(addr),
             Event::PickServer {
                 prefer,
                 avoid,

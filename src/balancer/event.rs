@@ -129,6 +129,10 @@ pub enum Event {
         reply: Sender<Reply>,
         link: Option<NewLink>,
     },
+    /// Another balancer sharing the state drained or removed a server this
+    /// one does not have: it stays out here too (until an operator adds
+    /// it again).
+    Banned(SocketAddr),
     /// A connection needs a server for a file transfer: `prefer` when it
     /// can take work, else the policy's choice among the others not in
     /// `avoid`. The answer carries a request number for tracking.

@@ -1,157 +1,54 @@
 //! Transfer tracking: what happened to every document the balancer took,
-//! kept in a SQLite state file (`--state`) so it outlives a restart.
+//! kept in the state (`--state`: a SQLite file, or a PostgreSQL database
+//! several balancers share; see `store`) so it outlives a restart.
 //!
-//! The hot path never waits on the disk: `Tracker::record` puts an event on
-//! a bounded channel with `try_send`, and when the channel is full the event
-//! is counted as dropped instead. One writer thread owns the write
-//! connection and commits whatever has arrived (up to `MAX_BATCH` events or
-//! `BATCH_WINDOW`) in one transaction. It stops after committing the rest
-//! once every `Tracker` clone is gone (the channel disconnects).
+//! The hot path never waits on the database: `Tracker::record` puts an
+//! event on a bounded channel with `try_send`, and when the channel is full
+//! the event is counted as dropped instead. One writer thread owns the
+//! write connection and commits whatever has arrived (up to `MAX_BATCH`
+//! events or `BATCH_WINDOW`) in one transaction (`writer`). It stops after
+//! committing the rest once every `Tracker` clone is gone (the channel
+//! disconnects).
 //!
-//! Queries read through their own read-only connections (WAL lets them run
-//! beside the writer); before reading, a query asks the writer to commit
-//! what it holds, so a transfer already acknowledged to a client is seen.
+//! Queries read through their own connections (read-only ones on a file,
+//! where WAL lets them run beside the writer); before reading, a query
+//! asks the writer to commit what it holds, so a transfer already
+//! acknowledged to a client is seen.
 //!
-//! The file also keeps the set of storage servers (`servers` table), for
-//! membership changes to survive restarts, the users of `--users`
-//! (`users` table, see `users`) and the catalog of stored files and
-//! documents (see `catalog`, which owns its SQL; its changes are committed
-//! by the same writer). Schema 2 added the users and the user who sent
-//! each transfer, schema 3 the lock of a user after too many failed
-//! logins, schema 4 the catalog; a file of an older schema is brought up
-//! to date when opened.
+//! The state also keeps the set of storage servers (`servers` table), for
+//! membership changes to survive restarts and reach the other balancers,
+//! the users of `--users` (`users` table, see `users`) and the catalog of
+//! stored files and documents (see `catalog`, which owns its SQL; its
+//! changes are committed by the same writer). The tables and their
+//! versions are in `schema`.
 
 mod rows;
+pub mod schema;
+mod writer;
 
 use super::catalog::{self, Change, Entry, Figures, Removal};
+use super::store::{sql_args, Db, Location, Row};
 use crate::error::Error;
 use crate::proto::{ErrorCode, TransferView};
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
-use rusqlite::{params, Connection, OpenFlags, Row};
+use crossbeam_channel::{Sender, TrySendError};
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use super::store::StateError;
+pub use schema::SCHEMA_VERSION;
 
 /// Events waiting for the writer, at most; past this they are dropped.
 pub const CHANNEL_CAPACITY: usize = 65_536;
-/// Events committed in one transaction, at most.
-const MAX_BATCH: usize = 1000;
-/// How long the writer gathers events after the first of a batch: long
-/// enough to make transactions few under load, short enough that a crash
-/// loses little.
-const BATCH_WINDOW: Duration = Duration::from_millis(100);
-/// While gathering, the writer takes what has arrived, then sleeps this
-/// long, rather than waking for every event (thousands a second under
-/// load); a flush waits at most this long to be seen.
-const GATHER_PAUSE: Duration = Duration::from_millis(5);
-/// `PRAGMA user_version` of the schema below.
-pub const SCHEMA_VERSION: i64 = 4;
 /// Records one query returns when it asks for no limit.
 pub const DEFAULT_LIMIT: u32 = 100;
 /// Records one query returns at most, so that the reply fits in a frame.
 pub const MAX_LIMIT: u32 = crate::proto::MAX_TRANSFERS_LIMIT;
 /// How long a query or a membership change waits for the writer.
 const WRITER_WAIT: Duration = Duration::from_secs(5);
-/// How long SQLite retries when another process (a second balancer on the
-/// same file) holds the lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-const SCHEMA: &str = "
-CREATE TABLE transfers (
-    number      INTEGER PRIMARY KEY,
-    client      TEXT NOT NULL,
-    title       TEXT NOT NULL,
-    size        INTEGER NOT NULL,
-    servers     TEXT NOT NULL DEFAULT '[]',
-    state       TEXT NOT NULL,
-    server      TEXT,
-    file        TEXT,
-    started_ms  INTEGER NOT NULL,
-    ended_ms    INTEGER,
-    duration_ms INTEGER,
-    last_error  TEXT
-);
-CREATE INDEX transfers_by_start ON transfers (started_ms);
-CREATE TABLE servers (
-    address  TEXT PRIMARY KEY,
-    added_ms INTEGER NOT NULL,
-    state    TEXT NOT NULL
-);
-";
-
-/// From schema 1 to 2: who sent each transfer (`NULL` for those from
-/// before, or sent without `--users`), and the users.
-const MIGRATE_TO_2: &str = "
-ALTER TABLE transfers ADD COLUMN user TEXT;
-CREATE TABLE users (
-    name       TEXT PRIMARY KEY,
-    hash       TEXT NOT NULL,
-    admin      INTEGER NOT NULL DEFAULT 0,
-    created_ms INTEGER NOT NULL
-);
-";
-
-/// From schema 2 to 3: until when a user is locked (Unix milliseconds;
-/// `NULL` when not), after too many failed logins in a row.
-const MIGRATE_TO_3: &str = "
-ALTER TABLE users ADD COLUMN locked_until_ms INTEGER;
-";
-
-/// The upgrades, in order: `MIGRATIONS[i]` brings schema `i + 1` to `i + 2`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] =
-    [MIGRATE_TO_2, MIGRATE_TO_3, catalog::MIGRATION];
-
-/// Why the state file cannot be used.
-#[derive(Debug)]
-pub enum StateError {
-    Sqlite(rusqlite::Error),
-    /// Written by a newer balancer: its schema is unknown here.
-    NewerSchema {
-        found: i64,
-    },
-    /// A SQLite database of something else: it is not ours to change.
-    Foreign,
-    /// The writer could not commit a change (its message).
-    Write(String),
-    /// The writer thread has stopped (the balancer is shutting down).
-    WriterGone,
-}
-
-impl fmt::Display for StateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StateError::Sqlite(e) => e.fmt(f),
-            StateError::NewerSchema { found } => write!(
-                f,
-                "schema version {found} is newer than this balancer's ({SCHEMA_VERSION})"
-            ),
-            StateError::Foreign => {
-                f.write_str("it is a SQLite database with other tables, not a balancer state file")
-            }
-            StateError::Write(e) => write!(f, "cannot write: {e}"),
-            StateError::WriterGone => f.write_str("the state writer has stopped"),
-        }
-    }
-}
-
-impl std::error::Error for StateError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            StateError::Sqlite(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<rusqlite::Error> for StateError {
-    fn from(e: rusqlite::Error) -> Self {
-        StateError::Sqlite(e)
-    }
-}
 
 /// Where a transfer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +192,8 @@ pub struct TransferRecord {
     pub error: Option<String>,
     /// The user who sent it, with `--users`.
     pub user: Option<String>,
+    /// The balancer that took it (its address), when the state says.
+    pub balancer: Option<String>,
 }
 
 impl From<TransferRecord> for TransferView {
@@ -313,6 +212,7 @@ impl From<TransferRecord> for TransferView {
             duration_ms: r.duration_ms,
             error: r.error,
             user: r.user,
+            balancer: r.balancer,
         }
     }
 }
@@ -342,7 +242,8 @@ enum Msg {
     Flush(Sender<()>),
     /// A membership change, committed before the answer.
     Server {
-        change: ServerChange,
+        change: PoolChange,
+        addr: String,
         at_ms: u64,
         done: Sender<Result<(), String>>,
     },
@@ -354,34 +255,66 @@ enum Msg {
     },
 }
 
-enum ServerChange {
-    Save(String),
-    Remove(String),
-    /// It left by itself: not remembered, not kept out either.
-    Leave(String),
-}
-
-/// What happened to a server of the pool, to be remembered.
+/// What happened to a server of the pool, to be remembered (and seen by
+/// the other balancers on the same state).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolChange {
     /// It joined: a restarted balancer starts with it.
     Joined,
     /// It left by itself (`deregister`).
     Left,
-    /// An operator drained or removed it: it stays out, across restarts
-    /// too, until an operator adds it again.
+    /// An operator drained it: it stays out, across restarts too, until
+    /// an operator adds it again.
+    Drained,
+    /// An operator removed it: likewise.
+    Removed,
+    /// It left the pool while an operator keeps it out (drained or
+    /// removed already: nothing changes).
     Banned,
 }
 
-struct Shared {
-    path: PathBuf,
-    dropped: AtomicU64,
-    /// Idle read connections: taken out for a query and put back, so the
-    /// lock is never held while SQLite reads.
-    readers: Mutex<Vec<Connection>>,
+impl PoolChange {
+    /// Its `state` in the `servers` table.
+    pub fn state(self) -> &'static str {
+        match self {
+            PoolChange::Joined => "active",
+            PoolChange::Left => "left",
+            PoolChange::Drained => "drained",
+            PoolChange::Removed | PoolChange::Banned => "removed",
+        }
+    }
 }
 
-/// Records transfer events into the state file; cheap to clone. The writer
+/// A row of the `servers` table: a server's last change, who made it and
+/// when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRow {
+    pub address: String,
+    /// `active`, `left`, `drained` or `removed`.
+    pub state: String,
+    pub changed_ms: u64,
+    /// The `Tracker::instance` of the balancer that made it.
+    pub changed_by: String,
+}
+
+/// A tracker whose writer has not started: its channel's other end and
+/// the writer's connection.
+type Unstarted = (Tracker, crossbeam_channel::Receiver<Msg>, Box<dyn Db>);
+
+struct Shared {
+    location: Location,
+    dropped: AtomicU64,
+    /// Idle read connections: taken out for a query and put back, so the
+    /// lock is never held while the database reads.
+    readers: Mutex<Vec<Box<dyn Db>>>,
+    /// This balancer's address, written with each transfer it takes.
+    balancer: Option<String>,
+    /// Names this process in the `servers` table: its own changes are
+    /// told from the other balancers'.
+    instance: String,
+}
+
+/// Records transfer events into the state; cheap to clone. The writer
 /// stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct Tracker {
@@ -392,7 +325,7 @@ pub struct Tracker {
 impl fmt::Debug for Tracker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tracker")
-            .field("path", &self.shared.path)
+            .field("location", &self.shared.location)
             .field("dropped", &self.dropped())
             .finish()
     }
@@ -406,12 +339,34 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The error of the state at `location`.
+pub fn state_error(location: &Location) -> impl Fn(StateError) -> Error + '_ {
+    move |source: StateError| Error::State {
+        store: location.to_string(),
+        source: Box::new(source),
+    }
+}
+
 impl Tracker {
-    /// Opens (or creates) the state file and starts the writer thread. A
-    /// file that is not a balancer state file is an error, never replaced.
-    pub fn open(path: &Path) -> Result<(Tracker, JoinHandle<()>), Error> {
-        let (tracker, messages, conn) = Self::open_unstarted(path, CHANNEL_CAPACITY)?;
-        match mark_interrupted(&conn, now_ms()) {
+    /// Opens (or creates) the state and starts the writer thread. A file
+    /// or database that is not a balancer's state is an error, never
+    /// changed.
+    pub fn open(location: impl Into<Location>) -> Result<(Tracker, JoinHandle<()>), Error> {
+        Self::open_as(location.into(), None)
+    }
+
+    /// `open`, for the balancer at `balancer` (named with each transfer).
+    pub fn open_as(
+        location: Location,
+        balancer: Option<String>,
+    ) -> Result<(Tracker, JoinHandle<()>), Error> {
+        let (tracker, messages, mut conn) =
+            Self::open_unstarted(location.clone(), balancer.clone(), CHANNEL_CAPACITY)?;
+        // A file is this balancer's alone: whatever is open in it is its
+        // own, whichever address it had. A shared database's open
+        // transfers may be another balancer's, carried on right now.
+        let own = balancer.as_deref().filter(|_| location.is_shared());
+        match writer::mark_interrupted(conn.as_mut(), now_ms(), own) {
             Ok(0) => {}
             Ok(n) => log::warn!(
                 "{n} transfers were still open when the balancer last stopped (a crash or a \
@@ -421,35 +376,42 @@ impl Tracker {
         }
         let shared = tracker.shared.clone();
         let thread = crate::net::spawn_named("tracker".into(), None, move || {
-            write_loop(conn, &messages, &shared);
+            writer::write_loop(conn, &messages, &shared);
         })?;
-        log::info!("transfer tracking in {}", path.display());
+        log::info!("transfer tracking in {location}");
         Ok((tracker, thread))
     }
 
     /// The tracker, the writer's end of its channel and its connection,
     /// with no writer running yet.
     fn open_unstarted(
-        path: &Path,
+        location: Location,
+        balancer: Option<String>,
         capacity: usize,
-    ) -> Result<(Tracker, Receiver<Msg>, Connection), Error> {
-        let state_error = |source: StateError| Error::State {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        };
-        let conn = open_writer(path).map_err(state_error)?;
-        let reader = open_reader(path).map_err(state_error)?;
+    ) -> Result<Unstarted, Error> {
+        let error = state_error(&location);
+        let conn = location.open_writer(&schema::TABLES).map_err(&error)?;
+        let reader = location
+            .open_reader()
+            .map_err(|e| error(StateError::Db(e)))?;
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         let shared = Arc::new(Shared {
-            path: path.to_path_buf(),
+            location: location.clone(),
             dropped: AtomicU64::new(0),
             readers: Mutex::new(vec![reader]),
+            balancer,
+            instance: format!("{:016x}", rand::random::<u64>()),
         });
         Ok((Tracker { events: tx, shared }, rx, conn))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.shared.path
+    pub fn location(&self) -> &Location {
+        &self.shared.location
+    }
+
+    /// How this process signs its changes of the pool.
+    pub fn instance(&self) -> &str {
+        &self.shared.instance
     }
 
     /// Events not recorded: the channel was full, or their write failed.
@@ -470,7 +432,7 @@ impl Tracker {
                 // Warned once: the counter tells how many since.
                 if self.shared.dropped.fetch_add(1, Relaxed) == 0 {
                     log::warn!(
-                        "transfer tracking cannot keep up: events are being dropped (the state file lags)"
+                        "transfer tracking cannot keep up: events are being dropped (the state lags)"
                     );
                 }
             }
@@ -485,32 +447,27 @@ impl Tracker {
     /// before the call (unless dropped).
     pub fn query(&self, filter: &TransferFilter) -> Result<Vec<TransferRecord>, Error> {
         self.flush();
-        self.read(|conn| query_transfers(conn, filter))
+        self.read(|db| query_transfers(db, filter))
     }
 
     /// Remembers a storage server (membership). Waits for the commit.
     pub fn save_server(&self, addr: &str) -> Result<(), Error> {
-        self.change_server(ServerChange::Save(addr.to_string()))
+        self.change_server(PoolChange::Joined, addr)
     }
 
     /// Forgets a storage server; its row stays, marked `removed`.
     pub fn remove_server(&self, addr: &str) -> Result<(), Error> {
-        self.change_server(ServerChange::Remove(addr.to_string()))
+        self.change_server(PoolChange::Removed, addr)
     }
 
     /// Remembers a change of the pool, without waiting for the commit
     /// (for the dispatcher, which waits on nothing).
     pub fn note_server(&self, addr: &str, change: PoolChange) {
-        let addr = addr.to_string();
-        let change = match change {
-            PoolChange::Joined => ServerChange::Save(addr),
-            PoolChange::Left => ServerChange::Leave(addr),
-            PoolChange::Banned => ServerChange::Remove(addr),
-        };
         // Nobody waits for the answer.
         let (done, _) = crossbeam_channel::bounded(1);
         let msg = Msg::Server {
             change,
+            addr: addr.to_string(),
             at_ms: now_ms(),
             done,
         };
@@ -522,23 +479,42 @@ impl Tracker {
     /// The servers an operator drained or removed, which stay out until
     /// one adds them again.
     pub fn banned_servers(&self) -> Result<Vec<String>, Error> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT address FROM servers WHERE state = 'removed' ORDER BY address",
-            )?;
-            let rows = stmt.query_map([], |row| row.get(0))?;
-            Ok(rows.collect::<Result<Vec<String>, _>>()?)
-        })
+        self.addresses(
+            "SELECT address FROM servers WHERE state IN ('removed', 'drained') ORDER BY address",
+        )
     }
 
     /// The servers saved and not removed, oldest first.
     pub fn servers(&self) -> Result<Vec<String>, Error> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT address FROM servers WHERE state = 'active' ORDER BY added_ms, address",
+        self.addresses(
+            "SELECT address FROM servers WHERE state = 'active' ORDER BY added_ms, address",
+        )
+    }
+
+    fn addresses(&self, sql: &str) -> Result<Vec<String>, Error> {
+        self.read(|db| {
+            let rows = db.query(sql, &[])?;
+            Ok(rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Every row of the `servers` table (as committed now), to see the
+    /// changes of other balancers.
+    pub fn pool_rows(&self) -> Result<Vec<PoolRow>, Error> {
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT address, state, changed_ms, changed_by FROM servers ORDER BY address",
+                &[],
             )?;
-            let rows = stmt.query_map([], |row| row.get(0))?;
-            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            let row = |r: &Row| -> Result<PoolRow, StateError> {
+                Ok(PoolRow {
+                    address: r.text(0)?,
+                    state: r.text(1)?,
+                    changed_ms: r.u64(2)?,
+                    changed_by: r.text(3)?,
+                })
+            };
+            rows.iter().map(row).collect()
         })
     }
 
@@ -555,10 +531,7 @@ impl Tracker {
         change: Change,
         wait: Duration,
     ) -> Result<Vec<Removal>, Error> {
-        let error = |source: StateError| Error::State {
-            path: self.shared.path.clone(),
-            source: Box::new(source),
-        };
+        let error = state_error(&self.shared.location);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let msg = Msg::Catalog {
             change,
@@ -591,7 +564,7 @@ impl Tracker {
     /// The file entries called `name` (`owner`'s, or everyone's).
     pub fn catalog_files(&self, owner: Option<&str>, name: &str) -> Result<Vec<Entry>, Error> {
         self.flush();
-        self.read(|conn| Ok(catalog::find_files(conn, owner, name)?))
+        self.read(|db| Ok(catalog::find_files(db, owner, name)?))
     }
 
     /// A page of the catalog (see `catalog::page`). `fresh` first has the
@@ -607,7 +580,7 @@ impl Tracker {
         if fresh {
             self.flush();
         }
-        self.read(|conn| Ok(catalog::page(conn, owner, kind, after, limit)?))
+        self.read(|db| Ok(catalog::page(db, owner, kind, after, limit)?))
     }
 
     /// The server to resume upload `upload_id` of `owner` on, if the
@@ -617,26 +590,26 @@ impl Tracker {
         upload_id: &str,
         owner: Option<&str>,
     ) -> Result<Option<String>, Error> {
-        self.read(|conn| Ok(catalog::upload_server(conn, upload_id, owner)?))
+        self.read(|db| Ok(catalog::upload_server(db, upload_id, owner)?))
     }
 
     /// Whether `file` on `server` is a copy the catalog points at (as
     /// committed now).
     pub fn catalog_is_copy(&self, server: &str, file: &str) -> Result<bool, Error> {
-        self.read(|conn| Ok(catalog::is_copy(conn, server, file)?))
+        self.read(|db| Ok(catalog::is_copy(db, server, file)?))
     }
 
     /// Removals not carried out yet.
     pub fn catalog_removals(&self) -> Result<Vec<Removal>, Error> {
         self.flush();
-        self.read(|conn| Ok(catalog::removals(conn)?))
+        self.read(|db| Ok(catalog::removals(db)?))
     }
 
     /// What the catalog says `server` holds; `None` if it never took that
     /// server's listing in.
     pub fn catalog_figures(&self, server: &str) -> Result<Option<Figures>, Error> {
         self.flush();
-        self.read(|conn| Ok(catalog::figures(conn, server)?))
+        self.read(|db| Ok(catalog::figures(db, server)?))
     }
 
     /// Waits (boundedly) until the writer has committed what was sent
@@ -652,14 +625,12 @@ impl Tracker {
         }
     }
 
-    fn change_server(&self, change: ServerChange) -> Result<(), Error> {
-        let error = |source: StateError| Error::State {
-            path: self.shared.path.clone(),
-            source: Box::new(source),
-        };
+    fn change_server(&self, change: PoolChange, addr: &str) -> Result<(), Error> {
+        let error = state_error(&self.shared.location);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let msg = Msg::Server {
             change,
+            addr: addr.to_string(),
             at_ms: now_ms(),
             done: done_tx,
         };
@@ -673,363 +644,28 @@ impl Tracker {
         }
     }
 
-    /// Runs `f` on an idle read connection (a new one if none is idle).
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StateError>) -> Result<T, Error> {
-        let error = |source: StateError| Error::State {
-            path: self.shared.path.clone(),
-            source: Box::new(source),
-        };
+    /// Runs `f` on an idle read connection (a new one if none is idle); a
+    /// connection that broke is not kept.
+    fn read<T>(&self, f: impl FnOnce(&mut dyn Db) -> Result<T, StateError>) -> Result<T, Error> {
+        let location = &self.shared.location;
+        let error = state_error(location);
         let idle = crate::net::lock(&self.shared.readers).pop();
-        let conn = match idle {
+        let mut conn = match idle {
             Some(conn) => conn,
-            None => open_reader(&self.shared.path).map_err(error)?,
+            None => location
+                .open_reader()
+                .map_err(|e| error(StateError::Db(e)))?,
         };
-        let result = f(&conn).map_err(error);
-        crate::net::lock(&self.shared.readers).push(conn);
+        let result = f(conn.as_mut()).map_err(error);
+        if !conn.is_broken() {
+            crate::net::lock(&self.shared.readers).push(conn);
+        }
         result
     }
 }
 
-/// Opens the state file for writing, creating or upgrading its schema;
-/// also used by `balancer user ...` to manage users.
-pub(crate) fn open_writer(path: &Path) -> Result<Connection, StateError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    // The first read of the file: a file that is not SQLite fails here.
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    match version {
-        SCHEMA_VERSION => {}
-        found if found > SCHEMA_VERSION => return Err(StateError::NewerSchema { found }),
-        _ => {
-            // Looked at again inside a write transaction: another process
-            // (`balancer user ...` beside a starting balancer) may be
-            // upgrading it at the same time.
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let upgraded = upgrade(&conn, path);
-            let ended = conn.execute_batch(if upgraded.is_ok() {
-                "COMMIT"
-            } else {
-                "ROLLBACK"
-            });
-            upgraded?;
-            ended?;
-        }
-    }
-    // WAL: readers never wait for the writer. NORMAL: a commit survives a
-    // crash of the process, only a power cut can lose the last ones.
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        log::warn!(
-            "state file {}: journal mode is {mode}, not WAL; queries may wait for the writer",
-            path.display()
-        );
-    }
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
-}
-
-/// Creates the schema in an empty file, or brings an older one up to
-/// `SCHEMA_VERSION`, inside the caller's transaction.
-fn upgrade(conn: &Connection, path: &Path) -> Result<(), StateError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let tables: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
-        [],
-        |r| r.get(0),
-    )?;
-    let from = match version {
-        0 if tables > 0 => return Err(StateError::Foreign),
-        0 => {
-            conn.execute_batch(SCHEMA)?;
-            1
-        }
-        SCHEMA_VERSION => return Ok(()),
-        found if found > SCHEMA_VERSION => return Err(StateError::NewerSchema { found }),
-        found if found < 0 => return Err(StateError::Foreign),
-        found => found,
-    };
-    for migration in &MIGRATIONS[from as usize - 1..] {
-        conn.execute_batch(migration)?;
-    }
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    if version > 0 {
-        log::info!(
-            "state file {}: upgraded from schema {version} to {SCHEMA_VERSION}",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
-fn open_reader(path: &Path) -> Result<Connection, StateError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    Ok(conn)
-}
-
-/// What the writer did, for its last log line and for tests.
-#[derive(Debug, Default, PartialEq)]
-struct Written {
-    events: u64,
-    transactions: u64,
-}
-
-/// The writer thread: gathers a batch, commits it, answers flushes; ends
-/// after the last batch once the channel disconnects.
-fn write_loop(mut conn: Connection, messages: &Receiver<Msg>, shared: &Shared) -> Written {
-    let mut written = Written::default();
-    while let Ok(first) = messages.recv() {
-        let deadline = Instant::now() + BATCH_WINDOW;
-        let mut batch = vec![first];
-        let mut disconnected = false;
-        // Someone waits on a flush or a catalog change: commit now.
-        while batch.len() < MAX_BATCH
-            && !matches!(
-                batch.last(),
-                Some(Msg::Flush(_) | Msg::Catalog { done: Some(_), .. })
-            )
-        {
-            match messages.try_recv() {
-                Ok(msg) => {
-                    batch.push(msg);
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-                Err(TryRecvError::Empty) => {}
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            std::thread::sleep(GATHER_PAUSE.min(deadline - now));
-        }
-        written.events += commit(&mut conn, batch, shared);
-        written.transactions += 1;
-        if disconnected {
-            break;
-        }
-    }
-    let dropped = shared.dropped.load(Relaxed);
-    if dropped > 0 {
-        log::warn!(
-            "transfer tracking stopped: {} events recorded, {dropped} dropped (channel full or write failed)",
-            written.events
-        );
-    } else {
-        log::info!(
-            "transfer tracking stopped: {} events recorded",
-            written.events
-        );
-    }
-    written
-}
-
-/// Commits one batch in one transaction and answers whoever waits on it.
-/// Returns how many events were written.
-fn commit(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared) -> u64 {
-    let mut events = 0;
-    let mut flushed = Vec::new();
-    let mut changed = Vec::new();
-    let mut cataloged = Vec::new();
-    let result = (|| -> Result<(), rusqlite::Error> {
-        let tx = conn.transaction()?;
-        let mut new_rows = rows::NewRows::default();
-        for msg in batch {
-            match msg {
-                Msg::Event { at_ms, event } => {
-                    if let Some(event) = new_rows.absorb(at_ms, event) {
-                        apply(&tx, at_ms, &event)?;
-                    }
-                    events += 1;
-                }
-                Msg::Flush(done) => flushed.push(done),
-                Msg::Server {
-                    change,
-                    at_ms,
-                    done,
-                } => {
-                    apply_server(&tx, at_ms, &change)?;
-                    changed.push(done);
-                }
-                Msg::Catalog {
-                    change,
-                    at_ms,
-                    done,
-                } => {
-                    // A catalog change may touch a transfer received in
-                    // this batch: its row goes in first.
-                    std::mem::take(&mut new_rows).insert(&tx)?;
-                    let removals = catalog::apply(&tx, at_ms, change)?;
-                    if let Some(done) = done {
-                        cataloged.push((done, removals));
-                    }
-                }
-            }
-        }
-        new_rows.insert(&tx)?;
-        tx.commit()
-    })();
-    let outcome = match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            log::warn!(
-                "state file {}: cannot record {events} transfer events: {e}",
-                shared.path.display()
-            );
-            shared.dropped.fetch_add(events, Relaxed);
-            events = 0;
-            Err(e.to_string())
-        }
-    };
-    for done in changed {
-        let _ = done.send(outcome.clone());
-    }
-    for (done, removals) in cataloged {
-        let _ = done.send(outcome.clone().map(|()| removals));
-    }
-    for done in flushed {
-        let _ = done.send(());
-    }
-    events
-}
-
-/// Transfers a balancer left open when it stopped without finishing them:
-/// nothing will carry them on, so they end as interrupted. Events are
-/// written behind the answers, so one of them may have been stored (and
-/// even acknowledged) just before the stop: the record says so.
-fn mark_interrupted(conn: &Connection, now_ms: u64) -> rusqlite::Result<usize> {
-    conn.execute(
-        "UPDATE transfers SET state = 'interrupted', ended_ms = ?1,
-             duration_ms = max(0, ?1 - started_ms),
-             last_error = 'the balancer stopped before recording how this transfer ended; \
-                           it may have been stored'
-         WHERE state IN ('queued', 'sending', 'retried')",
-        params![now_ms as i64],
-    )
-}
-
-fn apply(tx: &rusqlite::Transaction<'_>, at_ms: u64, event: &TrackEvent) -> rusqlite::Result<()> {
-    // SQLite integers are i64; numbers are 63 bits and times fit easily.
-    let at = at_ms as i64;
-    match event {
-        TrackEvent::Received {
-            number,
-            client,
-            title,
-            size,
-            user,
-        } => {
-            tx.prepare_cached(
-                "INSERT INTO transfers (number, client, title, size, state, started_ms, user)
-                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6) ON CONFLICT (number) DO NOTHING",
-            )?
-            .execute(params![
-                *number as i64,
-                client,
-                title,
-                *size as i64,
-                at,
-                user
-            ])?;
-        }
-        TrackEvent::Sent { number, server } => {
-            tx.prepare_cached(
-                "UPDATE transfers SET state = 'sending', servers = json_insert(servers, '$[#]', ?2)
-                 WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')",
-            )?
-            .execute(params![*number as i64, server])?;
-        }
-        TrackEvent::Retried {
-            number,
-            server,
-            reason,
-        } => {
-            tx.prepare_cached(
-                "UPDATE transfers SET state = 'retried', last_error = ?2
-                 WHERE number = ?1 AND state IN ('queued', 'sending', 'retried')",
-            )?
-            .execute(params![*number as i64, format!("{server}: {reason}")])?;
-        }
-        TrackEvent::Stored {
-            number,
-            server,
-            file,
-        } => {
-            let found = tx
-                .prepare_cached(
-                    "UPDATE transfers SET state = 'stored', server = ?2, file = ?3, ended_ms = ?4,
-                         duration_ms = max(0, ?4 - started_ms)
-                     WHERE number = ?1",
-                )?
-                .execute(params![*number as i64, server, file, at])?;
-            if found > 0 {
-                catalog::document_stored(tx, *number, server, file, at_ms)?;
-            }
-        }
-        TrackEvent::Interrupted { number, reason } => {
-            tx.prepare_cached(
-                "UPDATE transfers SET state = 'interrupted', last_error = ?2, ended_ms = ?3,
-                     duration_ms = max(0, ?3 - started_ms)
-                 WHERE number = ?1 AND state <> 'stored'",
-            )?
-            .execute(params![*number as i64, reason, at])?;
-        }
-        TrackEvent::Failed {
-            number,
-            code,
-            reason,
-        } => {
-            tx.prepare_cached(
-                "UPDATE transfers SET state = ?4, last_error = ?2, ended_ms = ?3,
-                     duration_ms = max(0, ?3 - started_ms)
-                 WHERE number = ?1 AND state <> 'stored'",
-            )?
-            .execute(params![
-                *number as i64,
-                format!("{code}: {reason}"),
-                at,
-                TransferState::of_failure(*code).as_str()
-            ])?;
-        }
-    }
-    Ok(())
-}
-
-fn apply_server(
-    tx: &rusqlite::Transaction<'_>,
-    at_ms: u64,
-    change: &ServerChange,
-) -> rusqlite::Result<()> {
-    match change {
-        // A server saved again keeps the time it was first added, unless it
-        // had been removed in between.
-        ServerChange::Save(addr) => tx.execute(
-            "INSERT INTO servers (address, added_ms, state) VALUES (?1, ?2, 'active')
-             ON CONFLICT (address) DO UPDATE SET state = 'active',
-                 added_ms = CASE WHEN state <> 'active' THEN excluded.added_ms ELSE added_ms END",
-            params![addr, at_ms as i64],
-        )?,
-        ServerChange::Remove(addr) => tx.execute(
-            "INSERT INTO servers (address, added_ms, state) VALUES (?1, ?2, 'removed')
-             ON CONFLICT (address) DO UPDATE SET state = 'removed'",
-            params![addr, at_ms as i64],
-        )?,
-        ServerChange::Leave(addr) => tx.execute(
-            "UPDATE servers SET state = 'left' WHERE address = ?1",
-            params![addr],
-        )?,
-    };
-    Ok(())
-}
-
 fn query_transfers(
-    conn: &Connection,
+    db: &mut dyn Db,
     filter: &TransferFilter,
 ) -> Result<Vec<TransferRecord>, StateError> {
     let mut states: Vec<TransferState> = Vec::new();
@@ -1046,8 +682,8 @@ fn query_transfers(
         .join(", ");
     let mut sql = String::from(
         "SELECT number, client, title, size, servers, state, server, file, started_ms,
-                ended_ms, duration_ms, last_error, user
-         FROM transfers WHERE started_ms >= ?1 AND (?3 IS NULL OR user = ?3)",
+                ended_ms, duration_ms, last_error, \"user\", balancer
+         FROM transfers WHERE started_ms >= ?1 AND (CAST(?3 AS TEXT) IS NULL OR \"user\" = ?3)",
     );
     if !states.is_empty() {
         sql.push_str(&format!(" AND state IN ({state_list})"));
@@ -1055,41 +691,45 @@ fn query_transfers(
     sql.push_str(" ORDER BY started_ms DESC, number DESC LIMIT ?2");
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let since = filter.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![since, limit, filter.user], record_from_row)?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    let rows = db.query(&sql, sql_args![since, i64::from(limit), &filter.user])?;
+    rows.iter().map(record_from_row).collect()
 }
 
-fn record_from_row(row: &Row<'_>) -> rusqlite::Result<TransferRecord> {
-    let servers: String = row.get(4)?;
-    let state: String = row.get(5)?;
-    let bad = |column: usize, what: String| {
-        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, what.into())
-    };
-    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> {
-        Ok(row.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64))
-    };
+fn record_from_row(row: &Row) -> Result<TransferRecord, StateError> {
+    let servers = row.text(4)?;
+    let state = row.text(5)?;
+    let bad = |what: String| StateError::Db(super::store::DbError::Decode(what));
     Ok(TransferRecord {
-        number: row.get::<_, i64>(0)? as u64,
-        client: row.get(1)?,
-        title: row.get(2)?,
-        size: row.get::<_, i64>(3)?.max(0) as u64,
+        number: row.i64(0)? as u64,
+        client: row.text(1)?,
+        title: row.text(2)?,
+        size: row.u64(3)?,
         servers: serde_json::from_str(&servers)
-            .map_err(|e| bad(4, format!("servers {servers:?}: {e}")))?,
-        state: TransferState::parse(&state).ok_or_else(|| bad(5, format!("state {state:?}")))?,
-        server: row.get(6)?,
-        file: row.get(7)?,
-        started_ms: row.get::<_, i64>(8)?.max(0) as u64,
-        ended_ms: opt_u64(9)?,
-        duration_ms: opt_u64(10)?,
-        error: row.get(11)?,
-        user: row.get(12)?,
+            .map_err(|e| bad(format!("servers {servers:?}: {e}")))?,
+        state: TransferState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?,
+        server: row.opt_text(6)?,
+        file: row.opt_text(7)?,
+        started_ms: row.u64(8)?,
+        ended_ms: row.opt_u64(9)?,
+        duration_ms: row.opt_u64(10)?,
+        error: row.opt_text(11)?,
+        user: row.opt_text(12)?,
+        balancer: row.opt_text(13)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::schema::{MIGRATE_TO_2, SQLITE_V1 as SCHEMA};
+    use super::writer::{write_loop, Written};
     use super::*;
+    use crate::balancer::store::sqlite::open_reader;
+    use rusqlite::Connection;
+    use std::path::PathBuf;
+
+    fn open_writer(path: &std::path::Path) -> Result<Box<dyn Db>, StateError> {
+        Location::from(path).open_writer(&schema::TABLES)
+    }
 
     fn received(number: u64, title: &str) -> TrackEvent {
         TrackEvent::Received {
@@ -1228,6 +868,7 @@ mod tests {
                 duration_ms: Some(30),
                 error: Some("s0: storage: disk full".into()),
                 user: None,
+                balancer: None,
             }
         );
         assert_eq!(records[1].state, TransferState::Failed);
@@ -1313,7 +954,8 @@ mod tests {
     fn commits_in_batches_and_counts_what_it_drops() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("balancer.db");
-        let (tracker, messages, conn) = Tracker::open_unstarted(&path, 2600).unwrap();
+        let (tracker, messages, conn) =
+            Tracker::open_unstarted(Location::from(&path), None, 2600).unwrap();
         for n in 1..=2500 {
             tracker.record_at(n, received(n, "t"));
         }
@@ -1336,6 +978,7 @@ mod tests {
         );
         let all: i64 = open_reader(&path)
             .unwrap()
+            .connection()
             .query_row("SELECT count(*) FROM transfers", [], |r| r.get(0))
             .unwrap();
         assert_eq!(all, 2600);

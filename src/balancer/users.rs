@@ -11,13 +11,12 @@
 //! tens of milliseconds of CPU: it runs on the connection's thread, with
 //! no lock held.
 
-use super::tracking::{self, StateError};
+use super::store::{sql_args, Db, Location, StateError};
+use super::tracking::{self, schema, state_error};
 use crate::error::Error;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -75,29 +74,36 @@ fn locked_for(until_ms: Option<u64>, now_ms: u64) -> Option<Duration> {
         .map(|until| Duration::from_millis(until - now_ms))
 }
 
-/// Logins checked against the state file.
-#[derive(Debug)]
+/// Logins checked against the state.
 pub struct Users {
-    path: PathBuf,
+    location: Location,
     /// Idle read connections: taken out for a lookup and put back, so the
-    /// lock is never held while SQLite reads, and a login does not open
-    /// the file anew.
-    readers: Mutex<Vec<Connection>>,
+    /// lock is never held while the database reads, and a login does not
+    /// connect anew.
+    readers: Mutex<Vec<Box<dyn Db>>>,
 }
 
-fn state_error(path: &Path) -> impl Fn(StateError) -> Error + '_ {
-    move |source: StateError| Error::State {
-        path: path.to_path_buf(),
-        source: Box::new(source),
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users")
+            .field("location", &self.location)
+            .finish()
     }
 }
 
+/// A connection that writes (the schema made sure of first).
+fn writer(location: &Location) -> Result<Box<dyn Db>, Error> {
+    location
+        .open_writer(&schema::TABLES)
+        .map_err(state_error(location))
+}
+
 impl Users {
-    /// Users of the state file at `path` (opened and upgraded already by
+    /// Users of the state at `location` (opened and upgraded already by
     /// the tracker).
-    pub fn new(path: &Path) -> Users {
+    pub fn new(location: impl Into<Location>) -> Users {
         Users {
-            path: path.to_path_buf(),
+            location: location.into(),
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -105,26 +111,33 @@ impl Users {
     /// The row of user `name`, if there is one. Reads the password hash
     /// but checks nothing: see `check`.
     pub fn lookup(&self, name: &str) -> Result<Option<Account>, Error> {
+        let error = state_error(&self.location);
         let idle = crate::net::lock(&self.readers).pop();
-        let conn = match idle {
+        let mut conn = match idle {
             Some(conn) => conn,
-            None => open_reader(&self.path).map_err(state_error(&self.path))?,
+            None => self
+                .location
+                .open_reader()
+                .map_err(|e| error(StateError::Db(e)))?,
         };
         let row = conn
-            .prepare_cached("SELECT hash, admin, locked_until_ms FROM users WHERE name = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row(params![name], |r| {
+            .query_opt(
+                "SELECT hash, admin, locked_until_ms FROM users WHERE name = ?1",
+                sql_args![name],
+            )
+            .and_then(|row| {
+                row.map(|r| {
                     Ok(Account {
-                        hash: r.get(0)?,
-                        admin: r.get::<_, i64>(1)? != 0,
-                        locked_until_ms: r.get::<_, Option<i64>>(2)?.map(|ms| ms.max(0) as u64),
+                        hash: r.text(0)?,
+                        admin: r.i64(1)? != 0,
+                        locked_until_ms: r.opt_u64(2)?,
                     })
                 })
-                .optional()
+                .transpose()
             })
-            .map_err(|e| state_error(&self.path)(e.into()));
+            .map_err(|e| error(StateError::Db(e)));
         let mut readers = crate::net::lock(&self.readers);
-        if row.is_ok() && readers.len() < MAX_IDLE_READERS {
+        if row.is_ok() && !conn.is_broken() && readers.len() < MAX_IDLE_READERS {
             readers.push(conn);
         }
         row
@@ -159,23 +172,14 @@ impl Users {
     /// when there is no such user (unknown names are locked in memory
     /// only, by `logins`).
     pub fn lock(&self, name: &str, until_ms: u64) -> Result<(), Error> {
-        let conn = tracking::open_writer(&self.path).map_err(state_error(&self.path))?;
+        let mut conn = writer(&self.location)?;
         conn.execute(
             "UPDATE users SET locked_until_ms = ?2 WHERE name = ?1",
-            params![name, until_ms as i64],
+            sql_args![name, until_ms as i64],
         )
-        .map_err(|e| state_error(&self.path)(e.into()))?;
+        .map_err(|e| state_error(&self.location)(e.into()))?;
         Ok(())
     }
-}
-
-fn open_reader(path: &Path) -> Result<Connection, StateError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
 }
 
 /// A hash of nothing anyone knows, verified against for unknown users.
@@ -232,34 +236,37 @@ pub fn check_password(password: &str) -> Result<(), String> {
 
 /// Adds a user, or sets the password (and admin flag) of an existing one.
 /// Returns whether the user is new.
-pub fn add(path: &Path, name: &str, password: &str, admin: bool) -> Result<bool, Error> {
+pub fn add(
+    at: impl Into<Location>,
+    name: &str,
+    password: &str,
+    admin: bool,
+) -> Result<bool, Error> {
+    let at = &at.into();
     check_name(name).map_err(Error::Config)?;
     check_password(password).map_err(Error::Config)?;
     let hashed = hash(password).map_err(Error::Config)?;
-    let conn = tracking::open_writer(path).map_err(state_error(path))?;
-    let existed: bool = conn
-        .query_row(
-            "SELECT count(*) FROM users WHERE name = ?1",
-            params![name],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(|e| state_error(path)(e.into()))?
-        > 0;
+    let mut conn = writer(at)?;
+    let error = |e: super::store::DbError| state_error(at)(e.into());
+    let existed = conn
+        .query_opt("SELECT name FROM users WHERE name = ?1", sql_args![name])
+        .map_err(error)?
+        .is_some();
     conn.execute(
         "INSERT INTO users (name, hash, admin, created_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, admin = excluded.admin",
-        params![name, hashed, admin, tracking::now_ms() as i64],
+        sql_args![name, &hashed, admin, tracking::now_ms() as i64],
     )
-    .map_err(|e| state_error(path)(e.into()))?;
+    .map_err(error)?;
     Ok(!existed)
 }
 
 /// Removes a user; false when there was none of that name.
-pub fn remove(path: &Path, name: &str) -> Result<bool, Error> {
-    let conn = tracking::open_writer(path).map_err(state_error(path))?;
-    let n = conn
-        .execute("DELETE FROM users WHERE name = ?1", params![name])
-        .map_err(|e| state_error(path)(e.into()))?;
+pub fn remove(at: impl Into<Location>, name: &str) -> Result<bool, Error> {
+    let at = &at.into();
+    let n = writer(at)?
+        .execute("DELETE FROM users WHERE name = ?1", sql_args![name])
+        .map_err(|e| state_error(at)(e.into()))?;
     Ok(n > 0)
 }
 
@@ -275,26 +282,25 @@ pub enum Unlocked {
 
 /// Lifts the lock of user `name`. A running balancer sees it at the next
 /// login on that account, and starts its count of failures over.
-pub fn unlock(path: &Path, name: &str) -> Result<Unlocked, Error> {
-    let conn = tracking::open_writer(path).map_err(state_error(path))?;
-    let error = |e: rusqlite::Error| state_error(path)(e.into());
-    let until: Option<Option<i64>> = conn
-        .query_row(
+pub fn unlock(at: impl Into<Location>, name: &str) -> Result<Unlocked, Error> {
+    let at = &at.into();
+    let mut conn = writer(at)?;
+    let error = |e: super::store::DbError| state_error(at)(e.into());
+    let found = conn
+        .query_opt(
             "SELECT locked_until_ms FROM users WHERE name = ?1",
-            params![name],
-            |r| r.get(0),
+            sql_args![name],
         )
-        .optional()
         .map_err(error)?;
-    let Some(until) = until else {
+    let Some(row) = found else {
         return Ok(Unlocked::NoSuchUser);
     };
+    let until = row.opt_u64(0).map_err(error)?;
     conn.execute(
         "UPDATE users SET locked_until_ms = NULL WHERE name = ?1",
-        params![name],
+        sql_args![name],
     )
     .map_err(error)?;
-    let until = until.map(|ms| ms.max(0) as u64);
     Ok(if locked_for(until, tracking::now_ms()).is_some() {
         Unlocked::WasLocked
     } else {
@@ -303,22 +309,27 @@ pub fn unlock(path: &Path, name: &str) -> Result<Unlocked, Error> {
 }
 
 /// Every user, by name.
-pub fn list(path: &Path) -> Result<Vec<Listed>, Error> {
-    let conn = tracking::open_writer(path).map_err(state_error(path))?;
-    let rows = (|| -> rusqlite::Result<Vec<Listed>> {
-        let mut stmt = conn
-            .prepare("SELECT name, admin, created_ms, locked_until_ms FROM users ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Listed {
-                name: r.get(0)?,
-                admin: r.get::<_, i64>(1)? != 0,
-                created_ms: r.get::<_, i64>(2)?.max(0) as u64,
-                locked_until_ms: r.get::<_, Option<i64>>(3)?.map(|ms| ms.max(0) as u64),
-            })
-        })?;
-        rows.collect()
-    })();
-    rows.map_err(|e| state_error(path)(e.into()))
+pub fn list(at: impl Into<Location>) -> Result<Vec<Listed>, Error> {
+    let at = &at.into();
+    let error = |e: super::store::DbError| state_error(at)(e.into());
+    let rows = writer(at)?
+        .query(
+            "SELECT name, admin, created_ms, locked_until_ms FROM users ORDER BY name",
+            &[],
+        )
+        .map_err(error)?;
+    let listed = |r: &super::store::Row| {
+        Ok(Listed {
+            name: r.text(0)?,
+            admin: r.i64(1)? != 0,
+            created_ms: r.u64(2)?,
+            locked_until_ms: r.opt_u64(3)?,
+        })
+    };
+    rows.iter()
+        .map(listed)
+        .collect::<Result<_, _>>()
+        .map_err(error)
 }
 
 #[cfg(test)]
@@ -357,7 +368,7 @@ mod tests {
         assert!(!remove(&path, "alice").unwrap());
         assert_eq!(verify(&users, "alice", "other pw"), None);
         // Stored hashes are salted PHC strings, never the password.
-        let conn = Connection::open(&path).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
         let stored: String = conn
             .query_row("SELECT hash FROM users WHERE name = 'root'", [], |r| {
                 r.get(0)

@@ -1,6 +1,7 @@
 use clap::Parser;
 use lbft::auth::ClusterKey;
 use lbft::balancer::relay::Mode;
+use lbft::balancer::store::Location;
 use lbft::balancer::{Backend, BackendWire, Balancer, Config, Stopper};
 use lbft::cli::{parse_addr, parse_duration, parse_file_size, parse_size, KeyArgs, TlsArgs};
 use lbft::net::tls::ClientCerts;
@@ -142,7 +143,9 @@ struct Args {
     max_connections_per_ip: Option<usize>,
     /// This balancer's id (0-511) inside request numbers, so that several
     /// balancers in front of the same servers never give the same number.
-    /// Default: random, logged at start.
+    /// Default: with --state postgres://..., one leased from the shared
+    /// database (unique among the balancers using it); else random. Logged
+    /// at start.
     #[arg(long, value_name = "ID")]
     balancer_id: Option<u16>,
     /// Serve Prometheus metrics on this address (GET /metrics).
@@ -151,11 +154,19 @@ struct Args {
     /// Log file, appended to.
     #[arg(long, global = true, default_value = "loadbalancer.log")]
     log_file: PathBuf,
-    /// SQLite state file recording every transfer (see `client transfers`),
-    /// the servers that joined the pool and the users (--users); kept
-    /// across restarts. Default: balancer.db next to the log file.
+    /// Where the state is kept: every transfer (see `client transfers`),
+    /// the servers that joined the pool, the users (--users) and the file
+    /// catalog, across restarts. A PATH is a SQLite file of this
+    /// balancer's (default: balancer.db next to the log file);
+    /// postgres://USER@HOST[:PORT]/DB is a PostgreSQL database that several
+    /// balancers share, acting as one service. Its password comes from the
+    /// URL, --state-password-file or PGPASSWORD, and is never shown.
+    #[arg(long, global = true, value_name = "PATH|URL")]
+    state: Option<String>,
+    /// A file whose first line is the password of --state postgres://...
+    /// (when the URL has none; else PGPASSWORD is used).
     #[arg(long, global = true, value_name = "PATH")]
-    state: Option<PathBuf>,
+    state_password_file: Option<PathBuf>,
     /// Record no transfers and remember no pool (no state file).
     #[arg(long, conflicts_with = "state")]
     no_state: bool,
@@ -410,7 +421,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         policy: args.policy,
         rise: args.rise,
         fall: args.fall,
-        state: state_path(&args),
+        state: state_location(&args)?,
         mode: match args.mode {
             UploadMode::Proxy => Mode::Proxy,
             UploadMode::Redirect => Mode::Redirect,
@@ -447,21 +458,29 @@ fn run(args: Args) -> Result<(), lbft::Error> {
     Ok(())
 }
 
-fn state_path(args: &Args) -> Option<PathBuf> {
+/// `--state` read: `None` with --no-state.
+fn state_location(args: &Args) -> Result<Option<Location>, lbft::Error> {
     if args.no_state {
-        return None;
+        return Ok(None);
     }
-    Some(
-        args.state
-            .clone()
-            .unwrap_or_else(|| args.log_file.with_file_name("balancer.db")),
-    )
+    let text = match &args.state {
+        Some(text) => text.clone(),
+        None => args
+            .log_file
+            .with_file_name("balancer.db")
+            .display()
+            .to_string(),
+    };
+    let env = std::env::var("PGPASSWORD").ok();
+    let location = Location::parse(&text, args.state_password_file.as_deref(), env)
+        .map_err(|e| lbft::Error::Config(e.to_string()))?;
+    Ok(Some(location))
 }
 
 /// `balancer user add|remove|list`.
 fn manage_users(args: &Args, action: &UserAction) -> Result<(), lbft::Error> {
     use lbft::balancer::users;
-    let Some(path) = state_path(args) else {
+    let Some(path) = state_location(args)? else {
         return Err(lbft::Error::Config(
             "users live in the state file: --no-state leaves nowhere to keep them".into(),
         ));
@@ -475,33 +494,33 @@ fn manage_users(args: &Args, action: &UserAction) -> Result<(), lbft::Error> {
                 "{} {name}{} in {}",
                 if new { "added" } else { "updated" },
                 if *admin { " (admin)" } else { "" },
-                path.display()
+                path.name()
             );
         }
         UserAction::Remove { name } => {
             if users::remove(&path, name)? {
-                println!("removed {name} from {}", path.display());
+                println!("removed {name} from {}", path.name());
             } else {
                 return Err(lbft::Error::Config(format!(
                     "no user {name} in {}",
-                    path.display()
+                    path.name()
                 )));
             }
         }
         UserAction::Unlock { name } => match users::unlock(&path, name)? {
-            users::Unlocked::WasLocked => println!("unlocked {name} in {}", path.display()),
+            users::Unlocked::WasLocked => println!("unlocked {name} in {}", path.name()),
             users::Unlocked::WasNotLocked => println!("{name} was not locked"),
             users::Unlocked::NoSuchUser => {
                 return Err(lbft::Error::Config(format!(
                     "no user {name} in {}",
-                    path.display()
+                    path.name()
                 )))
             }
         },
         UserAction::List => {
             let all = users::list(&path)?;
             if all.is_empty() {
-                println!("no users in {}", path.display());
+                println!("no users in {}", path.name());
             }
             let now_ms = lbft::balancer::tracking::now_ms();
             for user in all {

@@ -1,5 +1,6 @@
-//! `client transfers`: recent transfers from the balancer's state file, as a
-//! table or (`--json`) one JSON object per line.
+//! `client transfers`: recent transfers from the balancer's state (with
+//! balancers sharing one, every balancer's, each naming the balancer that
+//! took it), as a table or (`--json`) one JSON object per line.
 //!
 //! One `transfers` request on a fresh connection. The table (`table`) is
 //! pure so that it can be tested without sockets.
@@ -81,9 +82,9 @@ pub fn human_ms(ms: u64) -> String {
 /// The transfers as a table; `now_ms` is the time their age is taken from.
 pub fn table(transfers: &[TransferView], now_ms: u64) -> String {
     let heads = [
-        "NUMBER", "STATE", "TITLE", "SERVER", "SIZE", "DURATION", "AGE",
+        "NUMBER", "STATE", "TITLE", "SERVER", "SIZE", "DURATION", "AGE", "BALANCER",
     ];
-    let right = [true, false, false, false, true, true, true];
+    let right = [true, false, false, false, true, true, true, false];
     let rows: Vec<Vec<String>> = transfers
         .iter()
         .map(|t| {
@@ -114,6 +115,7 @@ pub fn table(transfers: &[TransferView], now_ms: u64) -> String {
                 human_bytes(t.size),
                 t.duration_ms.map_or("-".to_string(), human_ms),
                 human_duration(now_ms.saturating_sub(t.started_ms) / 1000),
+                t.balancer.clone().unwrap_or_else(|| "-".to_string()),
             ]
         })
         .collect();
@@ -139,6 +141,7 @@ mod tests {
             duration_ms: server.map(|_| 250),
             error: None,
             user: None,
+            balancer: Some("127.0.0.1:60002".into()),
         }
     }
 
@@ -153,7 +156,8 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("NUMBER  STATE"), "{text}");
-        assert!(lines[1].contains("sending") && lines[1].ends_with("-  2m05s"));
+        assert!(lines[1].contains("sending") && lines[1].ends_with("-  2m05s  127.0.0.1:60002"));
+        assert!(lines[0].ends_with("AGE  BALANCER"), "{text}");
         assert!(lines[2].contains("s1 (after s0)") && lines[2].contains("250ms"));
         assert!(lines[3].contains("2.0K"), "{text}");
     }

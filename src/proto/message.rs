@@ -658,6 +658,10 @@ pub struct TransferView {
     /// The user who sent it (balancers with `--users`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The balancer that took it (its address), where balancers share
+    /// their state; absent from older balancers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<String>,
 }
 
 /// The balancer's answer to `transfers`.

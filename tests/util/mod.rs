@@ -7,6 +7,8 @@
 //! the end of each of its children's logs as it unwinds.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -126,7 +126,7 @@ impl Dispatcher {
 
     /// An address that stays out until an operator adds it again, also
     /// after a restart.
-    fn ban(&mut self, addr: std::net::SocketAddr) {
+    pub(super) fn ban(&mut self, addr: std::net::SocketAddr) {
         self.banned.insert(addr);
         self.board.set_banned(self.banned.iter().copied().collect());
     }

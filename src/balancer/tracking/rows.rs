@@ -5,7 +5,7 @@
 //! commit is the same.
 
 use super::{catalog, TrackEvent, TransferState};
-use rusqlite::{params, Transaction};
+use crate::balancer::store::{sql_args, Db, DbError};
 use std::collections::HashMap;
 
 /// A transfer received in this batch, with what happened to it since.
@@ -109,35 +109,36 @@ impl NewRows {
         None
     }
 
-    /// Inserts the rows, each as it stands at the end of the batch; a
-    /// stored document also goes into the catalog.
-    pub(super) fn insert(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO transfers (number, client, title, size, servers, state, server, file,
-                 started_ms, ended_ms, duration_ms, last_error, user)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-             ON CONFLICT (number) DO NOTHING",
-        )?;
+    /// Inserts the rows, each as it stands at the end of the batch (taken
+    /// by `balancer`); a stored document also goes into the catalog.
+    pub(super) fn insert(self, db: &mut dyn Db, balancer: Option<&str>) -> Result<(), DbError> {
         for row in self.rows {
             let servers = serde_json::to_string(&row.servers).unwrap_or_else(|_| "[]".into());
             let duration = row
                 .ended_ms
                 .map(|e| e.saturating_sub(row.started_ms) as i64);
-            stmt.execute(params![
-                row.number as i64,
-                row.client,
-                row.title,
-                row.size as i64,
-                servers,
-                row.state.as_str(),
-                row.server,
-                row.file,
-                row.started_ms as i64,
-                row.ended_ms.map(|e| e as i64),
-                duration,
-                row.last_error,
-                row.user
-            ])?;
+            db.execute(
+                "INSERT INTO transfers (number, client, title, size, servers, state, server, file,
+                     started_ms, ended_ms, duration_ms, last_error, \"user\", balancer)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (number) DO NOTHING",
+                sql_args![
+                    row.number as i64,
+                    &row.client,
+                    &row.title,
+                    row.size as i64,
+                    &servers,
+                    row.state.as_str(),
+                    &row.server,
+                    &row.file,
+                    row.started_ms as i64,
+                    row.ended_ms.map(|e| e as i64),
+                    duration,
+                    &row.last_error,
+                    &row.user,
+                    balancer
+                ],
+            )?;
             if let (TransferState::Stored, Some(server), Some(file), Some(at_ms)) =
                 (row.state, &row.server, &row.file, row.ended_ms)
             {
@@ -150,7 +151,7 @@ impl NewRows {
                     file,
                     at_ms,
                 };
-                catalog::new_document(tx, &doc)?;
+                catalog::new_document(db, &doc)?;
             }
         }
         Ok(())
