@@ -6,30 +6,12 @@ mod util;
 
 use lbft::proto::{Reply, Request};
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 use util::*;
 
 const CLIENTS: usize = 3;
 const DOCUMENTS: usize = 1000;
-
-/// Stored documents below the server folders (not `.duplicates/`), by
-/// content.
-fn stored_by_content(dirs: &[PathBuf]) -> HashMap<String, Vec<String>> {
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for dir in dirs {
-        for (name, v) in stored_files(dir) {
-            let content = v["contenuto"].as_str().unwrap_or_default().to_string();
-            out.entry(content).or_default().push(name);
-        }
-    }
-    out
-}
 
 /// A balancer in a folder of its own, in front of `servers`, proving the
 /// servers' cluster key.
@@ -56,19 +38,6 @@ fn start_balancer_in(work: &Path, name: &str, id: &str, servers: &[SocketAddr]) 
     )
 }
 
-/// Writes `count` documents of unique content for client `c`.
-fn documents(dir: &Path, c: usize, count: usize) -> Vec<String> {
-    std::fs::create_dir_all(dir).unwrap();
-    (0..count)
-        .map(|i| {
-            let path = dir.join(format!("d{i:04}.json"));
-            let doc = json!({"titolo": format!("c{c} d{i}"), "contenuto": format!("client {c} document {i} aaa")});
-            std::fs::write(&path, doc.to_string()).unwrap();
-            path.display().to_string()
-        })
-        .collect()
-}
-
 #[test]
 fn a_balancer_killed_mid_batch_loses_nothing_and_stores_nothing_twice() {
     let work = tempfile::tempdir().unwrap();
@@ -79,71 +48,12 @@ fn a_balancer_killed_mid_batch_loses_nothing_and_stores_nothing_twice() {
     let second = start_balancer_in(work.path(), "b", "2", &addrs);
     let list = format!("{},{}", first.addr, second.addr);
 
-    let (lines_tx, lines) = mpsc::channel::<(usize, String)>();
-    let mut clients = Vec::new();
-    for c in 0..CLIENTS {
-        let paths = documents(&work.path().join(format!("docs{c}")), c, DOCUMENTS);
-        let mut child = Command::new(client_bin())
-            .args(["--balancer", &list, "--window", "8", "send"])
-            .args(&paths)
-            .current_dir(work.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let tx = lines_tx.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send((c, line));
-            }
-        });
-        clients.push((child, reader));
-    }
-    drop(lines_tx);
-    // Killed once a client has a tenth of its documents answered.
-    let mut output: Vec<Vec<String>> = vec![Vec::new(); CLIENTS];
-    let mut killed = false;
-    while let Ok((c, line)) = lines.recv_timeout(Duration::from_secs(120)) {
-        if !killed && line.contains(&format!("/{DOCUMENTS} (")) {
-            first.stop(); // SIGKILL, by its pid
-            killed = true;
-        }
-        output[c].push(line);
-    }
-    assert!(killed, "no client made progress: {output:?}");
-    for (mut child, reader) in clients {
-        assert!(child.wait().unwrap().success());
-        reader.join().unwrap();
-    }
-    let went_on = output
-        .iter()
-        .filter(|o| o.iter().any(|l| l.contains("going on through")))
-        .count();
+    // Killed (SIGKILL, by its pid) once a client has a tenth answered.
+    let output =
+        batches::send_through_a_kill(work.path(), &list, CLIENTS, DOCUMENTS, || first.stop());
+    let went_on = batches::failed_over(&output);
     assert!(went_on > 0, "no client failed over: {output:?}");
-    for (c, lines) in output.iter().enumerate() {
-        let summary = lines.last().unwrap();
-        assert!(
-            summary.starts_with(&format!(
-                "{DOCUMENTS} documents: {DOCUMENTS} stored, 0 failed"
-            )),
-            "client {c}: {lines:?}"
-        );
-    }
-    let stored = stored_by_content(&dirs);
-    let mut missing = 0;
-    for c in 0..CLIENTS {
-        for i in 0..DOCUMENTS {
-            let content = format!("client {c} document {i} aaa");
-            match stored.get(&content).map(Vec::len) {
-                Some(1) => {}
-                Some(n) => panic!("{content:?} is stored {n} times: {:?}", stored[&content]),
-                None => missing += 1,
-            }
-        }
-    }
-    assert_eq!(missing, 0, "documents missing");
-    assert_eq!(stored.len(), CLIENTS * DOCUMENTS, "documents nobody sent");
+    let stored = batches::assert_each_stored_once(&dirs, CLIENTS, DOCUMENTS);
     let found = second
         .log
         .text()
@@ -151,8 +61,7 @@ fn a_balancer_killed_mid_batch_loses_nothing_and_stores_nothing_twice() {
         .count();
     eprintln!(
         "{went_on} of {CLIENTS} clients failed over; {found} documents sent again were found \
-         stored by the lookup; {} documents stored once each",
-        stored.len()
+         stored by the lookup; {stored} documents stored once each"
     );
 }
 

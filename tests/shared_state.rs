@@ -290,3 +290,79 @@ fn a_password_is_never_shown() {
     let help = Command::new(balancer_bin()).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("--state-password-file"));
 }
+
+/// Two balancers on one PostgreSQL, three servers registered with both,
+/// three clients given both: one balancer is killed (SIGKILL) in the
+/// middle of 3 × 2,000 documents. Every client finishes with none failed;
+/// every document is stored once; the survivor's history has every one of
+/// them stored, and so does the killed balancer's once it is back.
+#[test]
+fn a_balancer_killed_mid_batch_leaves_one_whole_history() {
+    const CLIENTS: usize = 3;
+    const DOCUMENTS: usize = 2000;
+    let service = Service::new(0);
+    let mut one = service.balancer(
+        "one",
+        &["--server-timeout", "3s", "--probe-timeout", "300ms"],
+    );
+    let two = service.balancer(
+        "two",
+        &["--server-timeout", "3s", "--probe-timeout", "300ms"],
+    );
+    let list = format!("{},{}", one.addr, two.addr);
+    let dirs: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| service.dir.path().join(format!("server{i}")))
+        .collect();
+    let _servers: Vec<Proc> = dirs
+        .iter()
+        .map(|d| start_server(d, &["--balancer", &list, "--heartbeat", "100ms"]))
+        .collect();
+    for b in [one.addr, two.addr] {
+        assert!(eventually(|| servers(b)
+            .iter()
+            .filter(|v| v.state == "up")
+            .count()
+            == 3));
+    }
+    let work = service.dir.path();
+    let output = batches::send_through_a_kill(work, &list, CLIENTS, DOCUMENTS, || one.stop());
+    assert!(
+        batches::failed_over(&output) > 0,
+        "nobody failed over: {output:?}"
+    );
+    batches::assert_each_stored_once(&dirs, CLIENTS, DOCUMENTS);
+
+    let titles: BTreeSet<String> = (0..CLIENTS)
+        .flat_map(|c| (0..DOCUMENTS).map(move |i| batches::title(c, i)))
+        .collect();
+    let stored_titles = |views: &[TransferView]| -> BTreeSet<String> {
+        views
+            .iter()
+            .filter(|v| v.state == "stored")
+            .map(|v| v.title.clone())
+            .collect()
+    };
+    let survivor = service.transfers(two.addr);
+    let in_history = stored_titles(&survivor);
+    let missing: Vec<&String> = titles.difference(&in_history).collect();
+    assert!(
+        missing.is_empty(),
+        "{} documents not stored in the survivor's history of {} transfers, such as {:?}",
+        missing.len(),
+        survivor.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let stored: BTreeMap<u64, String> = survivor
+        .iter()
+        .filter(|v| v.state == "stored")
+        .map(|v| (v.number, v.title.clone()))
+        .collect();
+    let one = service.balancer("one", &[]);
+    let back = service.transfers(one.addr);
+    let back_stored: BTreeMap<u64, String> = back
+        .iter()
+        .filter(|v| v.state == "stored")
+        .map(|v| (v.number, v.title.clone()))
+        .collect();
+    assert_eq!(back_stored, stored, "the restarted balancer's history");
+}

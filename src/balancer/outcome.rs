@@ -134,9 +134,7 @@ impl Outcomes {
             stored.a_count,
             job.received.elapsed().as_millis()
         );
-        // Recorded before the client hears of it, so that a query made
-        // after the acknowledgement sees it.
-        self.track(job.stored_event(&server.name, &stored.file));
+        let event = job.stored_event(&server.name, &stored.file);
         if let Work::Store(doc) = &job.work {
             server
                 .carried(Kind::Document)
@@ -159,7 +157,14 @@ impl Outcomes {
         self.stats.latency.observe(job.received.elapsed());
         stored.id = job.id;
         stored.server = server.name.clone();
-        job.deliver(Reply::Stored(stored));
+        // Recorded before the client hears of it, so that a query made
+        // after the acknowledgement sees it.
+        match (&self.tracker, event) {
+            (Some(t), Some(event)) => {
+                t.record_then(event, Box::new(move || job.deliver(Reply::Stored(stored))))
+            }
+            _ => job.deliver(Reply::Stored(stored)),
+        }
         true
     }
 

@@ -238,6 +238,13 @@ enum Msg {
         at_ms: u64,
         event: TrackEvent,
     },
+    /// An event whose client is answered (`then`) only once it is
+    /// committed: a shared history never misses an acknowledged transfer.
+    Acked {
+        at_ms: u64,
+        event: TrackEvent,
+        then: Ack,
+    },
     /// Commit everything before this, then answer.
     Flush(Sender<()>),
     /// A membership change, committed before the answer.
@@ -254,6 +261,9 @@ enum Msg {
         done: Option<Sender<Result<catalog::Outcome, String>>>,
     },
 }
+
+/// What is done once an event is committed (a client's answer).
+pub type Ack = Box<dyn FnOnce() + Send>;
 
 /// What happened to a server of the pool, to be remembered (and seen by
 /// the other balancers on the same state).
@@ -422,6 +432,34 @@ impl Tracker {
     /// Records an event that happens now. Never blocks.
     pub fn record(&self, event: TrackEvent) {
         self.record_at(now_ms(), event);
+    }
+
+    /// Records an event, then runs `then` (answering the client): with a
+    /// shared state once the event is committed, so that every balancer's
+    /// history holds every acknowledged transfer even if this one dies the
+    /// next moment; with a state file of its own at once (a batch commits
+    /// within `BATCH_WINDOW`). Never blocks; when the event cannot be
+    /// queued it is dropped, as `record` does, and `then` runs at once.
+    pub fn record_then(&self, event: TrackEvent, then: Ack) {
+        if !self.shared.location.is_shared() {
+            self.record(event);
+            then();
+            return;
+        }
+        let msg = Msg::Acked {
+            at_ms: now_ms(),
+            event,
+            then,
+        };
+        match self.events.try_send(msg) {
+            Ok(()) => {}
+            Err(e) => {
+                self.shared.dropped.fetch_add(1, Relaxed);
+                if let Msg::Acked { then, .. } = e.into_inner() {
+                    then();
+                }
+            }
+        }
     }
 
     /// Records an event with its own time (Unix milliseconds). Never blocks.

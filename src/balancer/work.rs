@@ -314,6 +314,29 @@ impl Job {
         })
     }
 
+    /// The events of a document sent again and found stored already, as
+    /// request `number` on `server` (by a balancer that may be gone): its
+    /// transfer, recorded if that balancer never did, ends stored.
+    pub fn found_events(&self, number: u64, server: &str, file: &str) -> Vec<TrackEvent> {
+        let Work::Store(doc) = &self.work else {
+            return Vec::new();
+        };
+        vec![
+            TrackEvent::Received {
+                number,
+                client: self.client.to_string(),
+                title: doc.title.clone(),
+                size: doc.content_len as u64,
+                user: self.user.as_deref().map(str::to_owned),
+            },
+            TrackEvent::Stored {
+                number,
+                server: server.to_string(),
+                file: file.to_string(),
+            },
+        ]
+    }
+
     /// The event of `server` acknowledging it as `file`.
     pub fn stored_event(&self, server: &str, file: &str) -> Option<TrackEvent> {
         Some(TrackEvent::Stored {

@@ -7,6 +7,7 @@
 //! the end of each of its children's logs as it unwinds.
 #![allow(dead_code)]
 
+pub mod batches;
 pub mod pg;
 
 use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};

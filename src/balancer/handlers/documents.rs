@@ -132,14 +132,22 @@ fn settle_resent(conn: &Conn, resent: Vec<(ClientKey, Job)>, mut send: impl FnMu
                 );
                 conn.stats.received.fetch_add(1, Relaxed);
                 conn.stats.latency.observe(job.received.elapsed());
-                job.deliver(Reply::Stored(proto::Stored {
+                let mut events = job.found_events(held.request_number, &server, &held.file);
+                let reply = Reply::Stored(proto::Stored {
                     id: job.id,
                     server,
                     request_number: held.request_number,
                     file: held.file,
                     a_count: held.a_count,
                     existing: true,
-                }));
+                });
+                match (&conn.tracker, events.pop()) {
+                    (Some(t), Some(stored)) => {
+                        events.into_iter().for_each(|e| t.record(e));
+                        t.record_then(stored, Box::new(move || job.deliver(reply)));
+                    }
+                    _ => job.deliver(reply),
+                }
             }
             Placement::Absent { silent } => {
                 job.uncertain = silent;

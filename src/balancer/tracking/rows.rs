@@ -77,8 +77,9 @@ impl NewRows {
         let row = &mut self.rows[i];
         let ended = row.state.is_ended();
         match event {
-            // Received twice: the first one stands (as `ON CONFLICT DO
-            // NOTHING` has it).
+            // Received twice: the first one stands (as the insert's `ON
+            // CONFLICT` has it, but for a stored outcome: a document sent
+            // again and found stored ends its first transfer).
             TrackEvent::Received { .. } => {}
             TrackEvent::Sent { server, .. } if !ended => {
                 row.servers.push(server);
@@ -121,7 +122,10 @@ impl NewRows {
                 "INSERT INTO transfers (number, client, title, size, servers, state, server, file,
                      started_ms, ended_ms, duration_ms, last_error, \"user\", balancer)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT (number) DO NOTHING",
+                 ON CONFLICT (number) DO UPDATE SET state = excluded.state,
+                     server = excluded.server, file = excluded.file,
+                     ended_ms = excluded.ended_ms, duration_ms = excluded.duration_ms
+                 WHERE excluded.state = 'stored' AND transfers.state <> 'stored'",
                 sql_args![
                     row.number as i64,
                     &row.client,

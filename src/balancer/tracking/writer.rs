@@ -78,7 +78,7 @@ fn gather(first: Msg, messages: &Receiver<Msg>) -> (Vec<Msg>, bool) {
     while batch.len() < MAX_BATCH
         && !matches!(
             batch.last(),
-            Some(Msg::Flush(_) | Msg::Catalog { done: Some(_), .. })
+            Some(Msg::Flush(_) | Msg::Acked { .. } | Msg::Catalog { done: Some(_), .. })
         )
     {
         match messages.try_recv() {
@@ -102,6 +102,9 @@ fn gather(first: Msg, messages: &Receiver<Msg>) -> (Vec<Msg>, bool) {
 #[derive(Default)]
 struct Waiting {
     flushed: Vec<crossbeam_channel::Sender<()>>,
+    /// Clients answered once their transfer is committed (or once the
+    /// commit failed: the document is stored all the same).
+    acks: Vec<super::Ack>,
     changed: Vec<crossbeam_channel::Sender<Result<(), String>>>,
     cataloged: Vec<(
         crossbeam_channel::Sender<Result<catalog::Outcome, String>>,
@@ -138,6 +141,9 @@ fn commit(db: &mut dyn Db, batch: Vec<Msg>, shared: &Shared) -> u64 {
     for done in waiting.flushed {
         let _ = done.send(());
     }
+    for ack in waiting.acks {
+        ack();
+    }
     events
 }
 
@@ -157,6 +163,13 @@ fn apply_batch(
                     apply(db, at_ms, &event, balancer)?;
                 }
                 *events += 1;
+            }
+            Msg::Acked { at_ms, event, then } => {
+                if let Some(event) = new_rows.absorb(at_ms, event) {
+                    apply(db, at_ms, &event, balancer)?;
+                }
+                *events += 1;
+                waiting.acks.push(then);
             }
             Msg::Flush(done) => waiting.flushed.push(done),
             Msg::Server {
