@@ -22,7 +22,7 @@
 
 pub mod sync;
 
-use crate::balancer::store::{sql_args, Db, DbError, Row};
+use crate::balancer::store::{placeholders, sql_args, statement_size, Db, DbError, Row};
 use crate::proto::{EntryKind, FileEntry};
 use std::collections::{HashMap, HashSet};
 
@@ -621,34 +621,64 @@ pub struct NewDocument<'a> {
 /// Records a stored document (the hot path: a statement for its entry and
 /// one for its copy, as a document is stored once, by number).
 pub fn new_document(db: &mut dyn Db, doc: &NewDocument<'_>) -> Result<(), DbError> {
-    let inserted = db.query_opt(
-        "INSERT INTO entries (kind, owner, name, size, number, stored_ms)
-         VALUES ('document', ?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT DO NOTHING RETURNING id",
-        sql_args![
+    new_documents(db, std::slice::from_ref(doc))
+}
+
+/// Stored documents into the catalog, many to a statement: their
+/// entries, then their copies.
+pub fn new_documents(db: &mut dyn Db, docs: &[NewDocument<'_>]) -> Result<(), DbError> {
+    let mut rest = docs;
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(statement_size(rest.len()));
+        let entries = document_entries(db, chunk)?;
+        let sql = format!(
+            "INSERT INTO copies (entry, kind, server, file) VALUES {}
+             ON CONFLICT (server, file) DO UPDATE SET entry = excluded.entry",
+            placeholders(chunk.len(), 4)
+        );
+        let mut args = Vec::with_capacity(chunk.len() * 4);
+        for (doc, entry) in chunk.iter().zip(entries) {
+            args.extend_from_slice(sql_args![entry, "document", doc.server, doc.file]);
+        }
+        db.execute(&sql, &args)?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// The entry of each document, made where there is none yet.
+fn document_entries(db: &mut dyn Db, docs: &[NewDocument<'_>]) -> Result<Vec<i64>, DbError> {
+    let sql = format!(
+        "INSERT INTO entries (kind, owner, name, size, number, stored_ms) VALUES {}
+         ON CONFLICT DO NOTHING RETURNING id, number",
+        placeholders(docs.len(), 6)
+    );
+    let mut args = Vec::with_capacity(docs.len() * 6);
+    for doc in docs {
+        args.extend_from_slice(sql_args![
+            "document",
             doc.owner,
             doc.title,
             doc.size as i64,
             doc.number as i64,
             doc.at_ms as i64
-        ],
-    )?;
-    let entry = match inserted {
-        Some(row) => row.i64(0)?,
-        None => db
-            .query_one(
-                "SELECT id FROM entries WHERE kind = 'document' AND number = ?1",
-                sql_args![doc.number as i64],
-            )?
-            .i64(0)?,
-    };
-    // A document's file name holds its number: the name is its own.
-    db.execute(
-        "INSERT INTO copies (entry, kind, server, file) VALUES (?1, 'document', ?2, ?3)
-         ON CONFLICT (server, file) DO UPDATE SET entry = excluded.entry",
-        sql_args![entry, doc.server, doc.file],
-    )?;
-    Ok(())
+        ]);
+    }
+    let mut made = HashMap::new();
+    for row in db.query(&sql, &args)? {
+        made.insert(row.i64(1)?, row.i64(0)?);
+    }
+    docs.iter()
+        .map(|doc| match made.get(&(doc.number as i64)) {
+            Some(&id) => Ok(id),
+            None => db
+                .query_one(
+                    "SELECT id FROM entries WHERE kind = 'document' AND number = ?1",
+                    sql_args![doc.number as i64],
+                )?
+                .i64(0),
+        })
+        .collect()
 }
 
 /// What `sync_server` reads of a listing entry.

@@ -251,6 +251,24 @@ pub trait Db: Send {
     }
 }
 
+/// Rows per `INSERT`: a few fixed sizes, so that each is prepared once.
+pub fn statement_size(left: usize) -> usize {
+    [64, 8, 1].into_iter().find(|&n| n <= left).unwrap_or(1)
+}
+
+/// `(?1, ?2, ...), (...)`: `rows` groups of `columns` numbered parameters.
+pub fn placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=columns)
+                .map(|c| format!("?{}", r * columns + c))
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Runs `f` in a transaction: committed when it returns `Ok`, rolled back
 /// otherwise.
 pub fn in_transaction<T, E: From<DbError>>(

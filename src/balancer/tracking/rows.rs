@@ -1,12 +1,15 @@
-//! Transfers that begin and end within one batch of the writer are written
-//! as one row: the events of a document (received, sent, stored) usually
-//! arrive within the same 100 ms, and one `INSERT` of the outcome costs a
-//! third of an `INSERT` and two `UPDATE`s. What a query sees after the
-//! commit is the same.
+//! Transfers are written as one row each, as they stand when written: the
+//! events of a document (received, sent, stored) usually arrive within a
+//! few milliseconds, and one `INSERT` of the outcome costs a third of an
+//! `INSERT` and two `UPDATE`s. A transfer not ended yet is held back (up to
+//! `HOLD_MS`, or until a query or a catalog change wants it), so that its
+//! outcome usually joins it; rows go in many to a statement. What a query
+//! sees is the same: it asks for a flush first.
 
 use super::{catalog, TrackEvent, TransferState};
-use crate::balancer::store::{sql_args, Db, DbError};
+use crate::balancer::store::{placeholders, sql_args, statement_size, Db, DbError};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// A transfer received in this batch, with what happened to it since.
 struct NewRow {
@@ -22,6 +25,8 @@ struct NewRow {
     started_ms: u64,
     ended_ms: Option<u64>,
     last_error: Option<String>,
+    /// When the writer took its first event.
+    arrived: Instant,
 }
 
 #[derive(Default)]
@@ -61,6 +66,7 @@ impl NewRows {
                     started_ms: at_ms,
                     ended_ms: None,
                     last_error: None,
+                    arrived: Instant::now(),
                 });
                 return None;
             }
@@ -110,54 +116,110 @@ impl NewRows {
         None
     }
 
-    /// Inserts the rows, each as it stands at the end of the batch (taken
-    /// by `balancer`); a stored document also goes into the catalog.
+    /// Takes out the rows to write now: those that ended, and those held
+    /// back for `HOLD_MS` already; the others stay for a later batch.
+    pub(super) fn take_ready(&mut self) -> NewRows {
+        let hold = Duration::from_millis(HOLD_MS);
+        let (ready, held): (Vec<NewRow>, Vec<NewRow>) = std::mem::take(&mut self.rows)
+            .into_iter()
+            .partition(|row| row.state.is_ended() || row.arrived.elapsed() >= hold);
+        *self = NewRows::from_rows(held);
+        NewRows::from_rows(ready)
+    }
+
+    fn from_rows(rows: Vec<NewRow>) -> NewRows {
+        let index = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.number, i))
+            .collect();
+        NewRows { rows, index }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Inserts the rows, each as it stands now (taken by `balancer`), many
+    /// to a statement; stored documents also go into the catalog.
     pub(super) fn insert(self, db: &mut dyn Db, balancer: Option<&str>) -> Result<(), DbError> {
-        for row in self.rows {
-            let servers = serde_json::to_string(&row.servers).unwrap_or_else(|_| "[]".into());
-            let duration = row
-                .ended_ms
-                .map(|e| e.saturating_sub(row.started_ms) as i64);
-            db.execute(
-                "INSERT INTO transfers (number, client, title, size, servers, state, server, file,
-                     started_ms, ended_ms, duration_ms, last_error, \"user\", balancer)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT (number) DO UPDATE SET state = excluded.state,
-                     server = excluded.server, file = excluded.file,
-                     ended_ms = excluded.ended_ms, duration_ms = excluded.duration_ms
-                 WHERE excluded.state = 'stored' AND transfers.state <> 'stored'",
-                sql_args![
-                    row.number as i64,
-                    &row.client,
-                    &row.title,
-                    row.size as i64,
-                    &servers,
-                    row.state.as_str(),
-                    &row.server,
-                    &row.file,
-                    row.started_ms as i64,
-                    row.ended_ms.map(|e| e as i64),
-                    duration,
-                    &row.last_error,
-                    &row.user,
-                    balancer
-                ],
-            )?;
-            if let (TransferState::Stored, Some(server), Some(file), Some(at_ms)) =
-                (row.state, &row.server, &row.file, row.ended_ms)
-            {
-                let doc = catalog::NewDocument {
-                    number: row.number,
-                    owner: row.user.as_deref().unwrap_or(""),
-                    title: &row.title,
-                    size: row.size,
-                    server,
-                    file,
-                    at_ms,
-                };
-                catalog::new_document(db, &doc)?;
-            }
+        let mut rest: &[NewRow] = &self.rows;
+        while !rest.is_empty() {
+            let n = statement_size(rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            insert_chunk(db, chunk, balancer)?;
+            rest = tail;
         }
-        Ok(())
+        let docs: Vec<catalog::NewDocument<'_>> = self
+            .rows
+            .iter()
+            .filter_map(NewRow::stored_document)
+            .collect();
+        catalog::new_documents(db, &docs)
+    }
+}
+
+/// How long a transfer not ended yet is held back before its row is
+/// written anyway (so that `transfers --active` shows it).
+pub(super) const HOLD_MS: u64 = 200;
+
+fn insert_chunk(db: &mut dyn Db, rows: &[NewRow], balancer: Option<&str>) -> Result<(), DbError> {
+    let sql = format!(
+        "INSERT INTO transfers (number, client, title, size, servers, state, server, file,
+             started_ms, ended_ms, duration_ms, last_error, \"user\", balancer)
+         VALUES {}
+         ON CONFLICT (number) DO UPDATE SET state = excluded.state,
+             server = excluded.server, file = excluded.file,
+             ended_ms = excluded.ended_ms, duration_ms = excluded.duration_ms
+         WHERE excluded.state = 'stored' AND transfers.state <> 'stored'",
+        placeholders(rows.len(), 14)
+    );
+    let servers: Vec<String> = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.servers).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    let mut args = Vec::with_capacity(rows.len() * 14);
+    for (row, servers) in rows.iter().zip(&servers) {
+        let duration = row
+            .ended_ms
+            .map(|e| e.saturating_sub(row.started_ms) as i64);
+        args.extend_from_slice(sql_args![
+            row.number as i64,
+            row.client.as_str(),
+            row.title.as_str(),
+            row.size as i64,
+            servers.as_str(),
+            row.state.as_str(),
+            row.server.as_deref(),
+            row.file.as_deref(),
+            row.started_ms as i64,
+            row.ended_ms.map(|e| e as i64),
+            duration,
+            row.last_error.as_deref(),
+            row.user.as_deref(),
+            balancer
+        ]);
+    }
+    db.execute(&sql, &args)?;
+    Ok(())
+}
+
+impl NewRow {
+    /// Its catalog entry, if it is a stored document.
+    fn stored_document(&self) -> Option<catalog::NewDocument<'_>> {
+        let (TransferState::Stored, Some(server), Some(file), Some(at_ms)) =
+            (self.state, &self.server, &self.file, self.ended_ms)
+        else {
+            return None;
+        };
+        Some(catalog::NewDocument {
+            number: self.number,
+            owner: self.user.as_deref().unwrap_or(""),
+            title: &self.title,
+            size: self.size,
+            server,
+            file,
+            at_ms,
+        })
     }
 }

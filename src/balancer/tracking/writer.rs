@@ -6,7 +6,7 @@
 
 use super::{catalog, rows, schema, Msg, PoolChange, Shared, TrackEvent, TransferState};
 use crate::balancer::store::{in_transaction, sql_args, Db, DbError};
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -30,14 +30,47 @@ pub(super) struct Written {
 
 /// The writer thread: gathers a batch, commits it, answers flushes; ends
 /// after the last batch once the channel disconnects.
-pub(super) fn write_loop(
+pub(super) fn write_loop(conn: Box<dyn Db>, messages: &Receiver<Msg>, shared: &Shared) -> Written {
+    // Clients are answered on a thread of their own, a batch at a time, so
+    // that the writer goes on with the next commit meanwhile.
+    if !shared.location.is_shared() {
+        // Nobody waits on a commit (`Tracker::record_then`).
+        return write_batches(conn, messages, shared, None);
+    }
+    std::thread::scope(|scope| {
+        let (acks, to_run) = crossbeam_channel::unbounded::<Vec<super::Ack>>();
+        let runner = std::thread::Builder::new()
+            .name("tracker-acks".into())
+            .spawn_scoped(scope, move || {
+                for batch in to_run {
+                    batch.into_iter().for_each(|ack| ack());
+                }
+            });
+        if let Err(e) = &runner {
+            log::warn!(
+                "cannot start the thread that answers clients ({e}): the writer answers them"
+            );
+        }
+        let acks = runner.is_ok().then_some(acks);
+        write_batches(conn, messages, shared, acks.as_ref())
+    })
+}
+
+fn write_batches(
     mut conn: Box<dyn Db>,
     messages: &Receiver<Msg>,
     shared: &Shared,
+    acks: Option<&crossbeam_channel::Sender<Vec<super::Ack>>>,
 ) -> Written {
     let mut written = Written::default();
-    while let Ok(first) = messages.recv() {
-        let (batch, disconnected) = gather(first, messages);
+    // Transfers not ended yet, held back for their outcome (`rows`).
+    let mut held = rows::NewRows::default();
+    loop {
+        let (batch, closed) = match next(messages, !held.is_empty()) {
+            Next::Message(first) => gather(first, messages),
+            Next::Idle => (Vec::new(), false),
+            Next::Closed => (Vec::new(), true),
+        };
         if conn.is_broken() {
             match shared.location.open_writer(&schema::TABLES) {
                 Ok(new) => {
@@ -47,9 +80,20 @@ pub(super) fn write_loop(
                 Err(e) => log::warn!("{}: cannot connect again: {e}", shared.location),
             }
         }
-        written.events += commit(conn.as_mut(), batch, shared);
+        let (events, answers) = commit(conn.as_mut(), batch, &mut held, closed, shared);
+        written.events += events;
         written.transactions += 1;
-        if disconnected {
+        if !answers.is_empty() {
+            match acks {
+                Some(acks) => {
+                    if let Err(e) = acks.send(answers) {
+                        e.into_inner().into_iter().for_each(|ack| ack());
+                    }
+                }
+                None => answers.into_iter().for_each(|ack| ack()),
+            }
+        }
+        if closed {
             break;
         }
     }
@@ -68,34 +112,59 @@ pub(super) fn write_loop(
     written
 }
 
+enum Next {
+    Message(Msg),
+    /// Nothing came while rows were held back: time to write them.
+    Idle,
+    Closed,
+}
+
+/// The next message; with rows held back, `rows::HOLD_MS` at most.
+fn next(messages: &Receiver<Msg>, holding: bool) -> Next {
+    if !holding {
+        return messages.recv().map_or(Next::Closed, Next::Message);
+    }
+    match messages.recv_timeout(Duration::from_millis(rows::HOLD_MS)) {
+        Ok(msg) => Next::Message(msg),
+        Err(RecvTimeoutError::Timeout) => Next::Idle,
+        Err(RecvTimeoutError::Disconnected) => Next::Closed,
+    }
+}
+
 /// A batch that starts with `first`: what arrives within the window, up
 /// to `MAX_BATCH`, ended early by someone waiting on it. Also whether the
 /// channel disconnected.
 fn gather(first: Msg, messages: &Receiver<Msg>) -> (Vec<Msg>, bool) {
     let deadline = Instant::now() + BATCH_WINDOW;
+    let mut waited_on = is_waited_on(&first);
     let mut batch = vec![first];
-    // Someone waits on a flush or a catalog change: commit now.
-    while batch.len() < MAX_BATCH
-        && !matches!(
-            batch.last(),
-            Some(Msg::Flush(_) | Msg::Acked { .. } | Msg::Catalog { done: Some(_), .. })
-        )
-    {
+    while batch.len() < MAX_BATCH {
         match messages.try_recv() {
             Ok(msg) => {
+                waited_on |= is_waited_on(&msg);
                 batch.push(msg);
                 continue;
             }
             Err(TryRecvError::Disconnected) => return (batch, true),
             Err(TryRecvError::Empty) => {}
         }
+        // Someone waits on this batch: what is there goes now.
         let now = Instant::now();
-        if now >= deadline {
+        if waited_on || now >= deadline {
             break;
         }
         std::thread::sleep(GATHER_PAUSE.min(deadline - now));
     }
     (batch, false)
+}
+
+/// Whether someone waits on the commit of `msg`: a flush, a client's
+/// answer, a catalog change.
+fn is_waited_on(msg: &Msg) -> bool {
+    matches!(
+        msg,
+        Msg::Flush(_) | Msg::Acked { .. } | Msg::Catalog { done: Some(_), .. }
+    )
 }
 
 /// Who waits on a batch's commit.
@@ -114,11 +183,26 @@ struct Waiting {
 
 /// Commits one batch in one transaction and answers whoever waits on it.
 /// Returns how many events were written.
-fn commit(db: &mut dyn Db, batch: Vec<Msg>, shared: &Shared) -> u64 {
+/// Rows held back are written once ready, or all of them when someone
+/// waits on a flush or the writer stops (`last`). Returns the clients to
+/// answer now that their transfers are committed.
+fn commit(
+    db: &mut dyn Db,
+    batch: Vec<Msg>,
+    held: &mut rows::NewRows,
+    last: bool,
+    shared: &Shared,
+) -> (u64, Vec<super::Ack>) {
     let mut events = 0;
     let mut waiting = Waiting::default();
     let result = in_transaction(db, |db| {
-        apply_batch(db, batch, shared, &mut events, &mut waiting)
+        apply_batch(db, batch, held, shared, &mut events, &mut waiting)?;
+        let ready = if last || !waiting.flushed.is_empty() {
+            std::mem::take(held)
+        } else {
+            held.take_ready()
+        };
+        ready.insert(db, shared.balancer.as_deref())
     });
     let outcome = match result {
         Ok(()) => Ok(()),
@@ -141,21 +225,18 @@ fn commit(db: &mut dyn Db, batch: Vec<Msg>, shared: &Shared) -> u64 {
     for done in waiting.flushed {
         let _ = done.send(());
     }
-    for ack in waiting.acks {
-        ack();
-    }
-    events
+    (events, waiting.acks)
 }
 
 fn apply_batch(
     db: &mut dyn Db,
     batch: Vec<Msg>,
+    new_rows: &mut rows::NewRows,
     shared: &Shared,
     events: &mut u64,
     waiting: &mut Waiting,
 ) -> Result<(), DbError> {
     let balancer = shared.balancer.as_deref();
-    let mut new_rows = rows::NewRows::default();
     for msg in batch {
         match msg {
             Msg::Event { at_ms, event } => {
@@ -188,7 +269,7 @@ fn apply_batch(
             } => {
                 // A catalog change may touch a transfer received in this
                 // batch: its row goes in first.
-                std::mem::take(&mut new_rows).insert(db, balancer)?;
+                std::mem::take(new_rows).insert(db, balancer)?;
                 let deleted = match &change {
                     catalog::Change::Delete { transfer, .. } => Some(transfer.number),
                     _ => None,
@@ -206,7 +287,7 @@ fn apply_batch(
             }
         }
     }
-    new_rows.insert(db, balancer)
+    Ok(())
 }
 
 /// Transfers a balancer left open when it stopped without finishing them:
