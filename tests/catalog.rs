@@ -13,13 +13,11 @@ use lbft::proto::{Reply, Ticket};
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread;
+use std::sync::atomic::Ordering;
+use util::relay::CountingRelay;
 use util::{client_bin, start, start_balancer, start_server, Cluster, Proc, Raw};
 
 fn text(out: &Output) -> String {
@@ -283,79 +281,6 @@ fn a_json_file_that_is_not_a_document_is_refused_unless_sent_as_a_file() {
     );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(stored(&cluster.server_dirs).len(), 3);
-}
-
-/// Forwards connections to `target`, counting the bytes clients send.
-/// When the count first passes `hold_after`, it stops reading the client
-/// (which then blocks, mid-file) and says so on `held`; it reads on (and
-/// forwards nothing more) once `release` is called.
-struct CountingRelay {
-    addr: SocketAddr,
-    from_clients: Arc<AtomicU64>,
-    held: mpsc::Receiver<()>,
-    release: Mutex<Option<mpsc::Sender<()>>>,
-}
-
-impl CountingRelay {
-    fn start(target: SocketAddr, hold_after: Option<u64>) -> CountingRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let from_clients = Arc::new(AtomicU64::new(0));
-        let (held_tx, held) = mpsc::channel();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let hold = Arc::new(Mutex::new(Some((held_tx, release_rx))));
-        let counted = from_clients.clone();
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { break };
-                let Ok(upstream) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                thread::spawn(move || {
-                    let (mut from, mut to) = (u2, c2);
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(Shutdown::Write);
-                });
-                let (counted, hold) = (counted.clone(), hold.clone());
-                thread::spawn(move || {
-                    let (mut from, mut to) = (client, upstream);
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        let total = counted.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-                        if hold_after.is_some_and(|h| total > h) {
-                            if let Some((held, release)) = hold.lock().unwrap().take() {
-                                let _ = held.send(());
-                                // The client blocks on its writes until it is
-                                // stopped; then whatever is left is read.
-                                let _ = release.recv();
-                                let _ = std::io::copy(&mut from, &mut std::io::sink());
-                                break;
-                            }
-                        }
-                    }
-                    let _ = to.shutdown(Shutdown::Both);
-                });
-            }
-        });
-        CountingRelay {
-            addr,
-            from_clients,
-            held,
-            release: Mutex::new(Some(release_tx)),
-        }
-    }
-
-    fn release(&self) {
-        self.release.lock().unwrap().take();
-    }
 }
 
 /// `client send NAME` through `relay`, in `cwd`, not waited for.

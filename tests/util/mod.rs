@@ -9,6 +9,7 @@
 
 pub mod batches;
 pub mod pg;
+pub mod relay;
 
 use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
 use serde_json::Value;
