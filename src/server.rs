@@ -24,6 +24,7 @@ pub mod files;
 mod listing;
 pub mod load;
 mod outbox;
+mod replicate;
 pub mod registrar;
 pub mod storage;
 mod transfer;
@@ -783,6 +784,8 @@ impl StoreReplies {
             file,
             a_count,
             existing,
+            copies: Vec::new(),
+            under_replicated: false,
         })
     }
 
@@ -907,6 +910,18 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             }
         }
         Request::Inventory { id } => listing::inventory(id, shared),
+        Request::Fetch {
+            id,
+            from,
+            name,
+            owner,
+            upload_id,
+        } => replicate::fetch(id, &from, &name, owner, upload_id, shared),
+        Request::Repair { id } => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "`repair` is for the balancer, not for storage servers",
+        ),
         Request::List { id, .. } | Request::Delete { id, .. } => Reply::error(
             Some(id),
             ErrorCode::Internal,

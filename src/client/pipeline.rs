@@ -551,6 +551,8 @@ mod tests {
             file: format!("{id}.json"),
             a_count: 1,
             existing: false,
+            copies: Vec::new(),
+            under_replicated: false,
         })
     }
 

@@ -285,7 +285,15 @@ pub struct FileEntry {
     /// has to wait until `server` is back.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub available: bool,
+    /// Copies the catalog knows on servers that are up (balancer only,
+    /// with `--replicas` above 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copies: u64,
+    /// Fewer copies on servers that are up than `--replicas` asks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub under_replicated: bool,
 }
+
 
 fn yes() -> bool {
     true
@@ -310,6 +318,8 @@ impl FileEntry {
             number: None,
             upload_id: None,
             available: true,
+            copies: 0,
+            under_replicated: false,
         }
     }
 

@@ -144,6 +144,25 @@ impl Writer<'_> {
         )
     }
 
+    /// Stores `bytes`, a copy of this number's document fetched from
+    /// another server and checked, as `{base}.json` (its name there, less
+    /// `.json`), and waits until it is durable (repair, see `replicate`).
+    pub fn write_copy(self, bytes: Vec<u8>, base: String) -> Result<String, StoreError> {
+        let storage = self.storage;
+        let (done, outcome) = commit::waiter();
+        let commit = Commit::new(
+            Ok(bytes),
+            base,
+            commit::Kind::Framed {
+                claim: self.claim,
+                not_after_ms: self.not_after_ms,
+            },
+            done,
+        );
+        storage.submit(vec![commit]);
+        outcome.wait()
+    }
+
     /// Stores the document and waits until it is durable: a `commit` for
     /// a caller with nothing else to do meanwhile.
     pub fn write(self, doc: &Document, a_count: u64) -> Result<String, StoreError> {

@@ -392,7 +392,13 @@ pub(super) fn send<W: Write>(
     shared: &Shared,
 ) -> Next {
     let addr = shared.addr;
-    let (mut file, meta) = match shared.files.open_file(name, owner) {
+    let found = match shared.files.open_file(name, owner) {
+        Err(e) if e.code() == ErrorCode::NotFound => {
+            super::replicate::open_document(shared, name).ok_or(e)
+        }
+        found => found,
+    };
+    let (mut file, meta) = match found {
         Ok(found) => found,
         Err(e) => {
             return match writer.message(&e.reply(id)) {

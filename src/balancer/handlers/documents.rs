@@ -139,6 +139,8 @@ fn settle_resent(conn: &Conn, resent: Vec<(ClientKey, Job)>, mut send: impl FnMu
                     file: held.file,
                     a_count: held.a_count,
                     existing: true,
+                    copies: Vec::new(),
+                    under_replicated: false,
                 }));
             }
             Placement::Absent { silent } => {
