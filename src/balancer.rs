@@ -39,6 +39,8 @@ pub mod metrics;
 pub mod monitor;
 pub mod outcome;
 pub mod relay;
+pub mod repair;
+pub mod replicas;
 pub mod session;
 pub mod stats;
 pub mod store;
@@ -170,6 +172,12 @@ pub struct Config {
     pub max_document_size: Option<usize>,
     /// Largest file an upload may announce, in bytes (`too_large` past it).
     pub max_file_size: u64,
+    /// Copies of each document and file on distinct servers (`--replicas`,
+    /// `--min-replicas`).
+    pub replicas: replicas::Replicas,
+    /// How the lost copies are made again (`--repair-after`,
+    /// `--repair-rate`).
+    pub repair: repair::RepairSettings,
 }
 
 impl Default for Config {
@@ -211,6 +219,8 @@ impl Default for Config {
             logins: logins::Settings::default(),
             max_document_size: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            replicas: replicas::Replicas::default(),
+            repair: repair::RepairSettings::default(),
         }
     }
 }
@@ -251,6 +261,14 @@ impl Balancer {
                  registrations only)"
                     .into(),
             ));
+        }
+        let replicas = config.replicas;
+        if replicas.target == 0 || replicas.min == 0 || replicas.min > replicas.target {
+            return Err(Error::Config(format!(
+                "--replicas ({}) and --min-replicas ({}) must be at least 1, and --min-replicas \
+                 at most --replicas",
+                replicas.target, replicas.min
+            )));
         }
         if config.users && config.state.is_none() {
             return Err(Error::Config(
@@ -466,6 +484,7 @@ impl Balancer {
                 frame_timeout: config.frame_timeout,
                 window: config.client_window,
                 max_document_size: config.max_document_size,
+                replicas: config.replicas,
             },
             stop: stop_rx,
             files: Arc::new(relay::FileSettings {
@@ -479,6 +498,7 @@ impl Balancer {
                 max_file_size: config.max_file_size,
                 reach,
                 catalog,
+                replicas: config.replicas.target,
             }),
             tracker,
             admission: net::Policy {

@@ -444,7 +444,20 @@ impl Dispatcher {
         let mut batches: HashMap<ServerId, (Arc<Gate>, Vec<Job>)> = HashMap::new();
         let mut taken = 0;
         while let Some(job) = self.waiting.front() {
-            let Some(gate) = self.board.take(&servers, &job.tried) else {
+            let gate = match &job.group {
+                None => self.board.take(&servers, &job.tried),
+                // A copy no server up can take (the others hold its
+                // siblings): its group goes on without it.
+                Some(group) if !self.board.any_up_besides(&servers, &group.claimed()) => {
+                    let job = self.waiting.pop_front().expect("looked at above");
+                    taken += 1;
+                    let why = "no server up besides those holding the document's other copies";
+                    job.fail(ErrorCode::TooFewServers, why.into(), &self.stats);
+                    continue;
+                }
+                Some(group) => self.board.take_for(&servers, &job.tried, group),
+            };
+            let Some(gate) = gate else {
                 break;
             };
             let mut job = self.waiting.pop_front().expect("looked at above");

@@ -12,7 +12,7 @@
 
 pub use super::backend::ServerReach;
 use super::catalog::sync;
-use super::catalog::{Change, Cursor, Entry, FileRecord, Recorded, Removal};
+use super::catalog::{Change, Copy, Cursor, Entry, FileRecord, Recorded, Removal};
 use super::client_out::ClientWriter;
 use super::context::Conn;
 pub use super::context::{FileSettings, Mode};
@@ -836,6 +836,7 @@ impl Conn {
             id,
             page: Vec::new(),
             reachable: self.reachable(),
+            replicas: self.files.replicas,
             out,
         };
         let mut first = true;
@@ -947,9 +948,12 @@ impl Conn {
             return self.get_from_any(id, name, offset, owner, out);
         };
         let rebuilding = self.catalog_rebuilding();
-        let entry = match self.one_entry(tracker, id, owner.as_deref(), name, &rebuilding) {
-            Ok(e) => e,
-            Err(reply) => return send_to(out, &reply),
+        let entry = match document_entry(tracker, name) {
+            Some(e) => e,
+            None => match self.one_entry(tracker, id, owner.as_deref(), name, &rebuilding) {
+                Ok(e) => e,
+                Err(reply) => return send_to(out, &reply),
+            },
         };
         let reachable = self.reachable();
         let mut down = Vec::new();
@@ -1316,6 +1320,8 @@ struct Listing<'a> {
     id: u64,
     page: Vec<FileEntry>,
     reachable: HashMap<String, bool>,
+    /// `--replicas`: entries with fewer live copies are flagged.
+    replicas: usize,
     out: &'a ClientWriter,
 }
 
@@ -1323,7 +1329,7 @@ impl Listing<'_> {
     /// Adds catalog entries; sends a page when it is full.
     fn take(&mut self, entries: &[Entry]) -> Next {
         for e in entries {
-            if let Some(listed) = listed(e, &self.reachable) {
+            if let Some(listed) = listed(e, &self.reachable, self.replicas) {
                 self.page.push(listed);
             }
         }
@@ -1498,15 +1504,29 @@ fn went_away(e: &FrameError) -> bool {
 /// How a listing shows `entry`: from a copy on a server that can be
 /// reached, else (unavailable) from its first copy. None for an entry with
 /// no copy.
-fn listed(entry: &Entry, reachable: &HashMap<String, bool>) -> Option<FileEntry> {
-    let up = entry
-        .copies
-        .iter()
-        .find(|c| reachable.get(&c.server).copied().unwrap_or(false));
-    match up {
-        Some(copy) => Some(entry.listed(copy, true)),
-        None => entry.copies.first().map(|c| entry.listed(c, false)),
+fn listed(entry: &Entry, reachable: &HashMap<String, bool>, replicas: usize) -> Option<FileEntry> {
+    let live = |c: &&Copy| reachable.get(&c.server).copied().unwrap_or(false);
+    let mut listed = match entry.copies.iter().find(live) {
+        Some(copy) => entry.listed(copy, true),
+        None => entry.listed(entry.copies.first()?, false),
+    };
+    // With --replicas: the copies on servers up, and whether too few.
+    if replicas > 1 {
+        let copies = entry.copies.iter().filter(live).count();
+        listed.copies = copies as u64;
+        listed.under_replicated = copies < replicas;
     }
+    Some(listed)
+}
+
+/// The document a `get` names by its file name on a server
+/// (`<request number>_<title>.json`), when the catalog has it: its copies
+/// are on every server that holds it.
+fn document_entry(tracker: &super::tracking::Tracker, name: &str) -> Option<Entry> {
+    let (number, _) = name.strip_suffix(".json")?.split_once('_')?;
+    let number: u64 = number.parse().ok()?;
+    let entry = tracker.catalog_document(number).ok()??;
+    entry.copies.iter().any(|c| c.file == name).then_some(entry)
 }
 
 /// Whose file a `get` or `delete` means: the user's own (`filter`, when

@@ -619,11 +619,19 @@ pub fn list(
 /// Where an entry is, as a table shows it: its server, and whether that
 /// is down.
 fn location(f: &FileEntry) -> String {
-    if f.available {
+    let mut at = if f.available {
         f.server.clone()
     } else {
         format!("{} (unavailable)", f.server)
+    };
+    // With --replicas: how many copies are live, and whether too few.
+    if f.copies > 0 {
+        at.push_str(&format!(" [{} live copies]", f.copies));
     }
+    if f.under_replicated {
+        at.push_str(" under-replicated");
+    }
+    at
 }
 
 fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
