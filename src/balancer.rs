@@ -463,6 +463,24 @@ impl Balancer {
             }
             None => None,
         };
+        let repair = match &tracker {
+            Some(tracker) if config.replicas.target > 1 => {
+                let (now_tx, now_rx) = crossbeam_channel::unbounded();
+                let repair = repair::Repair {
+                    replicas: config.replicas.target,
+                    settings: config.repair,
+                    stats: stats.clone(),
+                    tracker: tracker.clone(),
+                    reach: reach.clone(),
+                };
+                let stop = stop_rx.clone();
+                threads.push(net::spawn_named("repair".into(), None, move || {
+                    repair.run(now_rx, stop)
+                })?);
+                Some(now_tx)
+            }
+            _ => None,
+        };
         let keys = (config.backend_wire == BackendWire::Framed).then(|| {
             Arc::new(keys::AskServers {
                 board: board.clone(),
@@ -499,6 +517,7 @@ impl Balancer {
                 reach,
                 catalog,
                 replicas: config.replicas.target,
+                repair,
             }),
             tracker,
             admission: net::Policy {

@@ -24,8 +24,8 @@ pub mod files;
 mod listing;
 pub mod load;
 mod outbox;
-mod replicate;
 pub mod registrar;
+mod replicate;
 pub mod storage;
 mod transfer;
 

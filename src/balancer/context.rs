@@ -52,6 +52,8 @@ pub struct FileSettings {
     pub catalog: Option<Arc<super::catalog::sync::Progress>>,
     /// `--replicas`: copies each entry should have (`list` flags fewer).
     pub replicas: usize,
+    /// Starts a repair pass now (with `--replicas` above 1 and a state).
+    pub repair: Option<Sender<()>>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -75,8 +75,14 @@ pub fn handle(
             pool::membership(conn, id, &addr, pool::Kind::Drain, io)
         }
         Request::RemoveServer { id, addr } => {
-            pool::membership(conn, id, &addr, pool::Kind::Remove, io)
+            let flow = pool::membership(conn, id, &addr, pool::Kind::Remove, io);
+            // Its copies are lost: repair looks at once.
+            if let Some(now) = &conn.files.repair {
+                let _ = now.send(());
+            }
+            flow
         }
+        Request::Repair { id } => answer(pool::repair(conn, id)),
         Request::Transfers {
             id,
             active,

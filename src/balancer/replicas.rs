@@ -238,7 +238,11 @@ mod tests {
         })
     }
 
-    fn group(want: usize, target: usize, min: usize) -> (Group, crossbeam_channel::Receiver<Reply>) {
+    fn group(
+        want: usize,
+        target: usize,
+        min: usize,
+    ) -> (Group, crossbeam_channel::Receiver<Reply>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let replicas = Replicas { target, min };
         (Group::new(1, want, replicas, tx, None, Hold::default()), rx)

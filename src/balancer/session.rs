@@ -268,6 +268,7 @@ impl Session {
             Request::AddServer { id, .. }
             | Request::DrainServer { id, .. }
             | Request::RemoveServer { id, .. }
+            | Request::Repair { id }
                 if !users_on && self.gate.keyed() && !self.gate.proven() =>
             {
                 if let Some(skipped) = refusals().check(&self.peer.ip()) {
@@ -293,6 +294,7 @@ impl Session {
             | Request::AddServer { id, .. }
             | Request::DrainServer { id, .. }
             | Request::RemoveServer { id, .. }
+            | Request::Repair { id }
                 if users_on && !self.user.as_ref().is_some_and(|u| u.admin) =>
             {
                 if let Some(skipped) = refusals().check(&self.peer.ip()) {

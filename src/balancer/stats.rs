@@ -277,6 +277,26 @@ impl Histogram {
     }
 }
 
+/// Repair's figures (`--replicas`).
+#[derive(Debug, Default)]
+pub struct RepairCounters {
+    /// Entries short of copies, as the last pass found them, less those
+    /// it has copied since.
+    pub left: AtomicU64,
+    pub bytes: AtomicU64,
+    pub copies: AtomicU64,
+}
+
+impl RepairCounters {
+    pub fn view(&self) -> crate::proto::RepairView {
+        crate::proto::RepairView {
+            entries_left: self.left.load(Relaxed),
+            copies_made: self.copies.load(Relaxed),
+            bytes_copied: self.bytes.load(Relaxed),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     /// By server id; servers come and go at run time.
@@ -291,6 +311,8 @@ pub struct Stats {
     pub unknown: AtomicU64,
     /// Requests waiting for a server.
     pub queue_depth: AtomicU64,
+    /// What repair (`--replicas`) has done and has left.
+    pub repair: RepairCounters,
     /// Open connections of clients (see `OpenConnection`).
     pub connections: AtomicU64,
     /// Open connections on which servers register and send heartbeats.
@@ -411,6 +433,18 @@ impl Stats {
             "gauge",
             "Requests waiting for a server.",
             self.queue_depth.load(Relaxed),
+        );
+        text.scalar(
+            "lbft_repair_entries_left",
+            "gauge",
+            "Entries with fewer live copies than --replicas, at the last repair pass.",
+            self.repair.left.load(Relaxed),
+        );
+        text.scalar(
+            "lbft_repair_bytes_copied_total",
+            "counter",
+            "Bytes repair copied from server to server.",
+            self.repair.bytes.load(Relaxed),
         );
     }
 

@@ -206,8 +206,12 @@ enum Admin {
     Add { addr: String },
     /// No new work for the server; it leaves once its requests are done.
     Drain { addr: String },
-    /// Take the server out now; its requests in flight go to other servers.
+    /// Take the server out now; its requests in flight go to other servers
+    /// (with --replicas, repair makes its copies again elsewhere).
     Remove { addr: String },
+    /// With --replicas: make the copies lost on servers that are down or
+    /// removed again now, from the copies left (`status` shows progress).
+    Repair,
 }
 
 fn parse_limit(s: &str) -> Result<u32, String> {
@@ -403,6 +407,7 @@ impl From<Admin> for AdminCommand {
             Admin::Add { addr } => AdminCommand::Add(addr),
             Admin::Drain { addr } => AdminCommand::Drain(addr),
             Admin::Remove { addr } => AdminCommand::Remove(addr),
+            Admin::Repair => AdminCommand::Repair,
         }
     }
 }

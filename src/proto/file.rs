@@ -294,7 +294,6 @@ pub struct FileEntry {
     pub under_replicated: bool,
 }
 
-
 fn yes() -> bool {
     true
 }

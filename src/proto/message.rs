@@ -665,6 +665,18 @@ pub struct ServerView {
 pub struct ServerList {
     pub id: u64,
     pub servers: Vec<ServerView>,
+    /// With `--replicas` above 1: what repair has done and has left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairView>,
+}
+
+/// Repair's figures, in the balancer's answer to `servers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairView {
+    /// Entries with fewer live copies than `--replicas` still.
+    pub entries_left: u64,
+    pub copies_made: u64,
+    pub bytes_copied: u64,
 }
 
 /// One transfer (a document the balancer took) as its state file has it.

@@ -120,8 +120,9 @@ fn fetch_copy(
         .map_err(|e| FetchError::Source(format!("cannot connect to {addr}: {e}")))?;
     let mut conn = Connection::new(stream, shared.frame_limit());
     if let Some(key) = &shared.config.cluster_key {
-        handshake::initiate(&mut conn, key, addr, 0)
-            .map_err(|e| FetchError::Source(format!("{addr} did not prove the cluster key: {e}")))?;
+        handshake::initiate(&mut conn, key, addr, 0).map_err(|e| {
+            FetchError::Source(format!("{addr} did not prove the cluster key: {e}"))
+        })?;
     }
     let request = Request::Get {
         id: 2,
@@ -131,8 +132,18 @@ fn fetch_copy(
     };
     let header = match conn.call(&request)? {
         Reply::File(header) => header,
-        Reply::Error(e) => return Err(FetchError::Source(format!("{addr}: {}: {}", e.code, e.message))),
-        other => return Err(FetchError::Source(format!("{addr} answered {}", crate::proto::truncate(&format!("{other:?}"), 120)))),
+        Reply::Error(e) => {
+            return Err(FetchError::Source(format!(
+                "{addr}: {}: {}",
+                e.code, e.message
+            )))
+        }
+        other => {
+            return Err(FetchError::Source(format!(
+                "{addr} answered {}",
+                crate::proto::truncate(&format!("{other:?}"), 120)
+            )))
+        }
     };
     match upload_id {
         Some(upload) => fetch_file(&mut conn, &header, &upload, owner, shared),
@@ -152,7 +163,12 @@ fn receive<S: Read + io::Write>(
     while at < header.size {
         let chunk = match conn.recv::<Reply>()? {
             Reply::Chunk(chunk) if chunk.offset == at => chunk,
-            other => return Err(FetchError::Source(format!("unexpected {}", crate::proto::truncate(&format!("{other:?}"), 120)))),
+            other => {
+                return Err(FetchError::Source(format!(
+                    "unexpected {}",
+                    crate::proto::truncate(&format!("{other:?}"), 120)
+                )))
+            }
         };
         let body = conn
             .read_body(chunk.body_len)
@@ -178,7 +194,9 @@ fn fetch_document<S: Read + io::Write>(
     shared: &Shared,
 ) -> Result<(String, u64, String), FetchError> {
     let Some((number, _)) = storage::parse_name(name) else {
-        return Err(FetchError::Bad(format!("{name:?} is not a document's name")));
+        return Err(FetchError::Bad(format!(
+            "{name:?} is not a document's name"
+        )));
     };
     let mut bytes = Vec::with_capacity(header.size as usize);
     let sha256 = receive(conn, header, |_, body| {
@@ -220,7 +238,9 @@ fn fetch_file<S: Read + io::Write>(
             ErrorCode::InProgress,
         ));
     }
-    let sha256 = receive(conn, header, |at, body| receiving.write(at, body).map_err(stored))?;
+    let sha256 = receive(conn, header, |at, body| {
+        receiving.write(at, body).map_err(stored)
+    })?;
     let meta = receiving.finish(&sha256).map_err(stored)?;
     Ok((meta.name, meta.size, sha256))
 }

@@ -107,7 +107,12 @@ pub fn store(
 /// Refused at once when too few servers are up for the copies.
 fn store_copies(conn: &Conn, mut job: Job, io: &mut Io<'_>) -> Flow {
     let replicas = conn.settings.replicas;
-    let up = conn.board.servers().iter().filter(|g| g.may_accept()).count();
+    let up = conn
+        .board
+        .servers()
+        .iter()
+        .filter(|g| g.may_accept())
+        .count();
     let want = match replicas.copies_with(up) {
         Ok(want) => want,
         Err(why) => {
