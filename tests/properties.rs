@@ -137,6 +137,8 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Request::Get { .. }
         | Request::Delete { .. }
         | Request::Inventory { .. }
+        | Request::Fetch { .. }
+        | Request::Repair { .. }
         | Request::TransferEvent(_)
         | Request::Hello { .. }
         | Request::HelloProof { .. }
@@ -161,6 +163,7 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Reply::Deleted(_)
         | Reply::Inventory(_)
         | Reply::Recorded { .. }
+        | Reply::Fetched { .. }
         | Reply::Hello { .. }
         | Reply::Welcome { .. } => {}
     }
@@ -245,6 +248,21 @@ fn file_and_user_request() -> impl Strategy<Value = Request> {
                 upload_id
             }),
         any::<u64>().prop_map(|id| Request::Inventory { id }),
+        any::<u64>().prop_map(|id| Request::Repair { id }),
+        (
+            any::<u64>(),
+            text(),
+            text(),
+            proptest::option::of(text()),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, from, name, owner, upload_id)| Request::Fetch {
+                id,
+                from,
+                name,
+                owner,
+                upload_id
+            }),
         (
             any::<u64>(),
             text(),
@@ -406,6 +424,14 @@ fn file_and_user_reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         any::<u64>().prop_map(|id| Reply::Recorded { id }),
+        (any::<u64>(), text(), any::<u64>(), text()).prop_map(|(id, file, size, sha256)| {
+            Reply::Fetched {
+                id,
+                file,
+                size,
+                sha256,
+            }
+        }),
         (any::<u64>(), text(), text(), text()).prop_map(|(id, nonce, addr, proof)| {
             Reply::Hello {
                 id,
@@ -601,6 +627,8 @@ fn reply() -> impl Strategy<Value = Reply> {
                     file,
                     a_count,
                     existing,
+                    copies: Vec::new(),
+                    under_replicated: false,
                 })
             }),
         (
@@ -622,8 +650,13 @@ fn reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         status_report().prop_map(Reply::Status),
-        (any::<u64>(), proptest::collection::vec(server_view(), 0..3))
-            .prop_map(|(id, servers)| Reply::Servers(ServerList { id, servers })),
+        (any::<u64>(), proptest::collection::vec(server_view(), 0..3)).prop_map(|(id, servers)| {
+            Reply::Servers(ServerList {
+                id,
+                servers,
+                repair: None,
+            })
+        }),
         (
             any::<u64>(),
             proptest::collection::vec(transfer_view(), 0..3)

@@ -34,17 +34,15 @@ use std::time::Instant;
 /// shallow.
 const LANE_STACK: usize = 256 * 1024;
 
+/// A server's answer to a job, or how it failed on the connection and
+/// whether the request may have reached the server (`delivered`).
+pub type Answered = Result<Reply, (Failure, bool)>;
+
 /// Where a link hands back the jobs it carried.
 pub trait Finish: Send + Sync {
     /// `job` was answered (`Ok`) by server `id`, or failed on the
     /// connection: `delivered` when the request may have reached it.
-    fn finish(
-        &self,
-        id: ServerId,
-        server: &ServerStats,
-        job: Job,
-        result: Result<Reply, (Failure, bool)>,
-    );
+    fn finish(&self, id: ServerId, server: &ServerStats, job: Job, result: Answered);
 }
 
 /// What a lane knows of its server.

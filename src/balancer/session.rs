@@ -231,31 +231,29 @@ impl Session {
         if let Request::Login { id, user, password } = request {
             return Verdict::Answer(self.login(*id, user, &password.0, stop));
         }
+        match self.refusal(request) {
+            Some(reply) => Verdict::Answer(reply),
+            None => Verdict::Proceed,
+        }
+    }
+
+    /// Why this connection may not make `request` (yet), if it may not.
+    fn refusal(&self, request: &Request) -> Option<Reply> {
         let users_on = self.access.users.is_some();
+        let unproven = self.gate.keyed() && !self.gate.proven();
         match request {
-            Request::Register { id, .. } | Request::Deregister { id, .. }
-                if self.gate.keyed() && !self.gate.proven() =>
-            {
-                if let Some(skipped) = refusals().check(&self.peer.ip()) {
-                    log::warn!(
-                        "connection from {}: `{}` without the cluster handshake; refused{}",
-                        self.peer,
-                        request.kind(),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Verdict::Answer(Reply::error(
-                    Some(*id),
-                    ErrorCode::Unauthenticated,
-                    "servers must prove the cluster key (hello) before they register",
-                ))
-            }
+            Request::Register { .. } | Request::Deregister { .. } if unproven => Some(self.refuse(
+                request,
+                "without the cluster handshake; refused",
+                ErrorCode::Unauthenticated,
+                "servers must prove the cluster key (hello) before they register".into(),
+            )),
             // Registration is guarded by the cluster key, not by users;
             // a server's report on a redirected upload is signed with it.
             Request::Register { .. } | Request::Deregister { .. } | Request::TransferEvent(_) => {
-                Verdict::Proceed
+                None
             }
-            _ if users_on && self.user.is_none() => Verdict::Answer(Reply::error(
+            _ if users_on && self.user.is_none() => Some(Reply::error(
                 Some(request.id()),
                 ErrorCode::Unauthenticated,
                 format!(
@@ -265,22 +263,15 @@ impl Session {
             )),
             // Without users, changing the pool is an operator's act: it
             // needs the cluster key, as joining and leaving do.
-            Request::AddServer { id, .. }
-            | Request::DrainServer { id, .. }
-            | Request::RemoveServer { id, .. }
-            | Request::Repair { id }
-                if !users_on && self.gate.keyed() && !self.gate.proven() =>
+            Request::AddServer { .. }
+            | Request::DrainServer { .. }
+            | Request::RemoveServer { .. }
+            | Request::Repair { .. }
+                if !users_on && unproven =>
             {
-                if let Some(skipped) = refusals().check(&self.peer.ip()) {
-                    log::warn!(
-                        "connection from {}: `{}` without the cluster key; refused{}",
-                        self.peer,
-                        request.kind(),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Verdict::Answer(Reply::error(
-                    Some(*id),
+                Some(self.refuse(
+                    request,
+                    "without the cluster key; refused",
                     ErrorCode::Unauthenticated,
                     format!(
                         "`{}` changes the pool: prove the cluster key first (client \
@@ -290,47 +281,44 @@ impl Session {
                     ),
                 ))
             }
-            Request::Servers { id }
-            | Request::AddServer { id, .. }
-            | Request::DrainServer { id, .. }
-            | Request::RemoveServer { id, .. }
-            | Request::Repair { id }
+            Request::Servers { .. }
+            | Request::AddServer { .. }
+            | Request::DrainServer { .. }
+            | Request::RemoveServer { .. }
+            | Request::Repair { .. }
                 if users_on && !self.user.as_ref().is_some_and(|u| u.admin) =>
             {
-                if let Some(skipped) = refusals().check(&self.peer.ip()) {
-                    log::warn!(
-                        "connection from {}: `{}` refused to user {}: not an admin{}",
-                        self.peer,
-                        request.kind(),
-                        self.user.as_ref().map_or("?", |u| u.name.as_str()),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Verdict::Answer(Reply::error(
-                    Some(*id),
+                let name = self.user.as_ref().map_or("?", |u| u.name.as_str());
+                Some(self.refuse(
+                    request,
+                    &format!("refused to user {name}: not an admin"),
                     ErrorCode::Forbidden,
                     format!("`{}` needs an admin user", request.kind()),
                 ))
             }
-            _ => Verdict::Proceed,
+            _ => None,
         }
     }
 
-    fn login(&mut self, id: u64, name: &str, password: &str, stop: &Receiver<()>) -> Reply {
-        let Some(users) = &self.access.users else {
-            return Reply::error(
-                Some(id),
-                ErrorCode::BadRequest,
-                "logins are off (start the balancer with --users)",
-            );
-        };
-        if let Some(current) = &self.user {
-            return Reply::error(
-                Some(id),
-                ErrorCode::BadRequest,
-                format!("already logged in as {}", current.name),
+    /// A refusal, logged (once a minute per address) as `what` befell the
+    /// request.
+    fn refuse(&self, request: &Request, what: &str, code: ErrorCode, message: String) -> Reply {
+        if let Some(skipped) = refusals().check(&self.peer.ip()) {
+            log::warn!(
+                "connection from {}: `{}` {what}{}",
+                self.peer,
+                request.kind(),
+                crate::throttle::more(skipped)
             );
         }
+        Reply::error(Some(request.id()), code, message)
+    }
+
+    fn login(&mut self, id: u64, name: &str, password: &str, stop: &Receiver<()>) -> Reply {
+        let users = match self.may_log_in(id) {
+            Ok(users) => users,
+            Err(reply) => return *reply,
+        };
         let access = &self.access;
         let ip = self.peer.ip();
         let refuse = |refusal: Refusal| {
@@ -380,7 +368,32 @@ impl Session {
             return Reply::error(Some(id), ErrorCode::Unauthenticated, INVALID_LOGIN);
         };
         access.schedule().succeeded(turn, Instant::now());
-        access
+        self.logged_in(id, user)
+    }
+
+    /// The users to check a login against, unless logins are off or one
+    /// was made on this connection already.
+    fn may_log_in(&self, id: u64) -> Result<&Users, Box<Reply>> {
+        let Some(users) = &self.access.users else {
+            return Err(Box::new(Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "logins are off (start the balancer with --users)",
+            )));
+        };
+        if let Some(current) = &self.user {
+            return Err(Box::new(Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                format!("already logged in as {}", current.name),
+            )));
+        }
+        Ok(users)
+    }
+
+    /// A login that succeeded: the connection is the user's from now on.
+    fn logged_in(&mut self, id: u64, user: User) -> Reply {
+        self.access
             .stats
             .logins
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -299,43 +299,13 @@ impl FileStore {
         // From here on the id is ours; `Receiving` (or the guard on error)
         // gives it back.
         let guard = ActiveGuard { store: self, id };
-        let meta_path = self.partial.join(format!("{id}.json"));
-        let data_path = self.partial.join(id);
         let wanted = PartialMeta {
             name: name.to_string(),
             size,
             started_ms: unix_ms(SystemTime::now()),
             owner: owner.clone(),
         };
-        let existing: Option<PartialMeta> = fs::read(&meta_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let (file, offset, hasher) = match existing {
-            Some(meta) if meta.name == name && meta.size == size && meta.owner == owner => {
-                let mut file = File::options().read(true).write(true).open(&data_path)?;
-                let (held, hasher) = hash_prefix(&mut file, size)?;
-                file.set_len(held)?;
-                file.seek(SeekFrom::Start(held))?;
-                (file, held, hasher)
-            }
-            // Another user's upload says nothing of itself.
-            Some(meta) if meta.owner != owner => {
-                return Err(FileError::Invalid(format!(
-                    "upload {id} belongs to someone else"
-                )))
-            }
-            Some(meta) => {
-                return Err(FileError::Invalid(format!(
-                    "upload {id} is already used for {:?} of {} bytes",
-                    meta.name, meta.size
-                )))
-            }
-            None => {
-                write_replace(&meta_path, &serde_json::to_vec(&wanted).unwrap_or_default())?;
-                let file = File::create(&data_path)?;
-                (file, 0, Sha256::new())
-            }
-        };
+        let (file, offset, hasher) = self.open_partial(id, &wanted)?;
         std::mem::forget(guard);
         Ok(Begun::Receiving(Receiving {
             store: self,
@@ -347,6 +317,47 @@ impl FileStore {
             offset,
             hasher,
         }))
+    }
+
+    /// The partial file of upload `id`: the bytes held so far (checked to
+    /// be whole and hashed) when it was begun with the same name, size and
+    /// owner, else a new one.
+    fn open_partial(
+        &self,
+        id: &str,
+        wanted: &PartialMeta,
+    ) -> Result<(File, u64, Sha256), FileError> {
+        let meta_path = self.partial.join(format!("{id}.json"));
+        let data_path = self.partial.join(id);
+        let existing: Option<PartialMeta> = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match existing {
+            Some(meta)
+                if meta.name == wanted.name
+                    && meta.size == wanted.size
+                    && meta.owner == wanted.owner =>
+            {
+                let mut file = File::options().read(true).write(true).open(&data_path)?;
+                let (held, hasher) = hash_prefix(&mut file, wanted.size)?;
+                file.set_len(held)?;
+                file.seek(SeekFrom::Start(held))?;
+                Ok((file, held, hasher))
+            }
+            // Another user's upload says nothing of itself.
+            Some(meta) if meta.owner != wanted.owner => Err(FileError::Invalid(format!(
+                "upload {id} belongs to someone else"
+            ))),
+            Some(meta) => Err(FileError::Invalid(format!(
+                "upload {id} is already used for {:?} of {} bytes",
+                meta.name, meta.size
+            ))),
+            None => {
+                write_replace(&meta_path, &serde_json::to_vec(wanted).unwrap_or_default())?;
+                let file = File::create(&data_path)?;
+                Ok((file, 0, Sha256::new()))
+            }
+        }
     }
 
     fn completed(&self, id: &str) -> Result<Option<FileMeta>, FileError> {

@@ -456,6 +456,19 @@ impl Stage {
         let Some(e) = failed else {
             return staged;
         };
+        self.unstage(&e, staged, skipped, ended);
+        Vec::new()
+    }
+
+    /// A batch that could not be made durable: every commit in it fails
+    /// with `e`, and the temporary files written go.
+    fn unstage(
+        &self,
+        e: &io::Error,
+        staged: Vec<(Commit, String)>,
+        skipped: Vec<Commit>,
+        ended: &mut Vec<(Commit, Result<String, StoreError>)>,
+    ) {
         log::error!(
             "storage {}: cannot make a batch of {} documents durable: {e}",
             self.folder.dir.display(),
@@ -463,12 +476,11 @@ impl Stage {
         );
         for (commit, temp) in staged {
             let _ = self.dir.remove(&temp);
-            ended.push((commit, Err(copy_error(&e).into())));
+            ended.push((commit, Err(copy_error(e).into())));
         }
         for commit in skipped {
-            ended.push((commit, Err(copy_error(&e).into())));
+            ended.push((commit, Err(copy_error(e).into())));
         }
-        Vec::new()
     }
 
     /// Whether the folder at the storage's path is still the one opened:
