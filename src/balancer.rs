@@ -262,14 +262,7 @@ impl Balancer {
                     .into(),
             ));
         }
-        let replicas = config.replicas;
-        if replicas.target == 0 || replicas.min == 0 || replicas.min > replicas.target {
-            return Err(Error::Config(format!(
-                "--replicas ({}) and --min-replicas ({}) must be at least 1, and --min-replicas \
-                 at most --replicas",
-                replicas.target, replicas.min
-            )));
-        }
+        config.replicas.check().map_err(Error::Config)?;
         if config.users && config.state.is_none() {
             return Err(Error::Config(
                 "--users keeps the users in the state file: it cannot go with --no-state".into(),

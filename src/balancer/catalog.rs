@@ -480,6 +480,13 @@ fn insert_file_entry(
     .i64(0)
 }
 
+/// Whether `old` is this very copy, or another copy of the same upload
+/// (`--replicas`), which stays.
+fn same_upload(old: &Copy, rec: &FileRecord) -> bool {
+    (old.server == rec.server && old.file == rec.file)
+        || old.upload_id.as_deref() == Some(rec.upload_id.as_str())
+}
+
 fn file_stored(
     db: &mut dyn Db,
     at_ms: u64,
@@ -491,10 +498,7 @@ fn file_stored(
     let entry = match file_entry(db, owner, &rec.name)? {
         Some((id, _)) => {
             for old in copies_of(db, id)? {
-                // Another copy of the same upload (`--replicas`) stays.
-                if (old.server == rec.server && old.file == rec.file)
-                    || old.upload_id.as_deref() == Some(rec.upload_id.as_str())
-                {
+                if same_upload(&old, rec) {
                     continue;
                 }
                 // The older file's bytes go once this commits.

@@ -202,15 +202,7 @@ impl Repair {
             owner: entry.owner.clone(),
             upload_id: source.upload_id.clone(),
         };
-        let Ok(addr) = target.parse::<SocketAddr>() else {
-            return false;
-        };
-        let reply = self
-            .reach
-            .connect(addr)
-            .map_err(|e| e.to_string())
-            .and_then(|mut c| c.call(&request).map_err(|e| e.to_string()));
-        let (file, size) = match reply {
+        let (file, size) = match self.ask(target, &request) {
             Ok(Reply::Fetched { file, size, .. }) => (file, size),
             Ok(other) => {
                 log::warn!("repair: {target} did not copy {:?}: {other:?}", entry.name);
@@ -235,6 +227,15 @@ impl Repair {
         self.stats.repair.bytes.fetch_add(size, Relaxed);
         self.pace(size, stop);
         true
+    }
+
+    /// Sends `request` to server `target` and reads its answer.
+    fn ask(&self, target: &str, request: &Request) -> Result<Reply, String> {
+        let addr: SocketAddr = target
+            .parse()
+            .map_err(|_| format!("not an address: {target}"))?;
+        let mut conn = self.reach.connect(addr).map_err(|e| e.to_string())?;
+        conn.call(request).map_err(|e| e.to_string())
     }
 
     /// Waits as long as `size` bytes take at `--repair-rate` (or until

@@ -35,6 +35,19 @@ impl Default for Replicas {
 }
 
 impl Replicas {
+    /// Whether the settings make sense: both at least 1, `min` at most
+    /// `target`.
+    pub fn check(self) -> Result<(), String> {
+        if self.target == 0 || self.min == 0 || self.min > self.target {
+            return Err(format!(
+                "--replicas ({}) and --min-replicas ({}) must be at least 1, and --min-replicas \
+                 at most --replicas",
+                self.target, self.min
+            ));
+        }
+        Ok(())
+    }
+
     /// Copies to make with `up` servers able to take work: `target`, or
     /// as many as are up when that is at least `min`. Else the refusal.
     pub fn copies_with(self, up: usize) -> Result<usize, String> {

@@ -263,30 +263,21 @@ impl Session {
             )),
             // Without users, changing the pool is an operator's act: it
             // needs the cluster key, as joining and leaving do.
-            Request::AddServer { .. }
-            | Request::DrainServer { .. }
-            | Request::RemoveServer { .. }
-            | Request::Repair { .. }
-                if !users_on && unproven =>
-            {
-                Some(self.refuse(
-                    request,
-                    "without the cluster key; refused",
-                    ErrorCode::Unauthenticated,
-                    format!(
-                        "`{}` changes the pool: prove the cluster key first (client \
+            request if changes_pool(request) && !users_on && unproven => Some(self.refuse(
+                request,
+                "without the cluster key; refused",
+                ErrorCode::Unauthenticated,
+                format!(
+                    "`{}` changes the pool: prove the cluster key first (client \
                          --cluster-key-file, the balancer's key file), or log in as an \
                          admin on a balancer with --users",
-                        request.kind()
-                    ),
-                ))
-            }
-            Request::Servers { .. }
-            | Request::AddServer { .. }
-            | Request::DrainServer { .. }
-            | Request::RemoveServer { .. }
-            | Request::Repair { .. }
-                if users_on && !self.user.as_ref().is_some_and(|u| u.admin) =>
+                    request.kind()
+                ),
+            )),
+            request
+                if (changes_pool(request) || matches!(request, Request::Servers { .. }))
+                    && users_on
+                    && !self.user.as_ref().is_some_and(|u| u.admin) =>
             {
                 let name = self.user.as_ref().map_or("?", |u| u.name.as_str());
                 Some(self.refuse(
@@ -480,6 +471,17 @@ impl Session {
         };
         self.access.note_failure(name, ip, why);
     }
+}
+
+/// An operator's request on the pool (its servers, their copies).
+fn changes_pool(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::AddServer { .. }
+            | Request::DrainServer { .. }
+            | Request::RemoveServer { .. }
+            | Request::Repair { .. }
+    )
 }
 
 #[cfg(test)]
