@@ -157,31 +157,42 @@ impl Conn {
                         "original-format connection from {peer}: ignoring a request that is not a document"
                     );
                 }
-                Err(LegacyError::Timeout { mid_object: true }) => {
-                    self.stats.limits.hit(Limit::FrameTimeout, || {
-                        format!(
-                            "original-format connection from {peer}: a document not whole within --frame-timeout ({:?}); closed",
-                            settings.frame_timeout
-                        )
-                    });
-                    break;
-                }
-                Err(LegacyError::Timeout { mid_object: false }) => {
-                    log::debug!(
-                        "original-format connection from {peer}: idle for {:?}, closing",
-                        settings.legacy_idle_timeout
-                    );
-                    break;
-                }
                 Err(e) => {
-                    log::warn!("original-format connection from {peer}: {e}");
-                    if !e.is_recoverable() {
+                    if !self.legacy_read_failed(e) {
                         break;
                     }
                 }
             }
         }
         received
+    }
+
+    /// Logs (or counts) why reading an original-format client failed;
+    /// whether reading goes on.
+    fn legacy_read_failed(&self, e: LegacyError) -> bool {
+        let (peer, settings) = (self.peer, self.settings);
+        match e {
+            LegacyError::Timeout { mid_object: true } => {
+                self.stats.limits.hit(Limit::FrameTimeout, || {
+                    format!(
+                        "original-format connection from {peer}: a document not whole within --frame-timeout ({:?}); closed",
+                        settings.frame_timeout
+                    )
+                });
+                false
+            }
+            LegacyError::Timeout { mid_object: false } => {
+                log::debug!(
+                    "original-format connection from {peer}: idle for {:?}, closing",
+                    settings.legacy_idle_timeout
+                );
+                false
+            }
+            e => {
+                log::warn!("original-format connection from {peer}: {e}");
+                e.is_recoverable()
+            }
+        }
     }
 }
 

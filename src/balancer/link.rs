@@ -7,7 +7,7 @@
 //! dispatcher, and end when the last handle on them is dropped.
 
 use super::backend::{self, BackendSettings};
-use super::lane::{Finish, Lane, LaneSettings};
+use super::lane::{Answered, Finish, Lane, LaneSettings};
 use super::stats::ServerStats;
 use super::work::{now_ms, Job, Work};
 use super::{BackendWire, ServerId};
@@ -186,19 +186,7 @@ impl Links {
                     let name = format!("link{}-{i}", id.0);
                     threads.push(net::spawn_named(name, Some(WORKER_STACK), move || {
                         for job in queue {
-                            let number = job.request_number.unwrap_or_default();
-                            let result = match &job.work {
-                                Work::Store(doc) => {
-                                    backend::send_legacy(addr, &settings, number, &doc.fields)
-                                }
-                                Work::Calc(_) | Work::Forget(_) | Work::ForgetKeys(_) => {
-                                    Ok(crate::proto::Reply::error(
-                                        Some(number),
-                                        crate::proto::ErrorCode::BadRequest,
-                                        "servers of the original format only store documents",
-                                    ))
-                                }
-                            };
+                            let result = send_legacy(addr, &settings, &job);
                             finish.finish(id, &stats, job, result);
                         }
                     })?);
@@ -211,5 +199,19 @@ impl Links {
         net::join_finished(&mut all);
         all.extend(threads);
         Ok((id, stats, Link(Arc::new(inner))))
+    }
+}
+
+/// Carries out a job on a server of the original format, which only
+/// stores documents.
+fn send_legacy(addr: SocketAddr, settings: &BackendSettings, job: &Job) -> Answered {
+    let number = job.request_number.unwrap_or_default();
+    match &job.work {
+        Work::Store(doc) => backend::send_legacy(addr, settings, number, &doc.fields),
+        Work::Calc(_) | Work::Forget(_) | Work::ForgetKeys(_) => Ok(crate::proto::Reply::error(
+            Some(number),
+            crate::proto::ErrorCode::BadRequest,
+            "servers of the original format only store documents",
+        )),
     }
 }
