@@ -83,7 +83,7 @@ impl Generator {
     /// `next` with the clock (milliseconds since the epoch above) given, so
     /// that tests can stop it or turn it back.
     fn next_by(&self, mut clock: impl FnMut() -> u64) -> u64 {
-        let mut last = crate::net::lock(&self.last);
+        let mut last = crate::sync::lock(&self.last);
         loop {
             let now = clock().max(last.0);
             if now > last.0 {

@@ -33,6 +33,8 @@
 //! - `throttle`: log lines for events that come in floods.
 //! - `text`: small helpers several components need (so none imports
 //!   another).
+//! - `sync`: named threads, joining those that ended, a lock that outlives
+//!   a panicked holder.
 
 pub mod auth;
 pub mod balancer;
@@ -47,6 +49,7 @@ pub mod net;
 pub mod policy;
 pub mod proto;
 pub mod server;
+pub mod sync;
 pub mod text;
 pub mod throttle;
 

@@ -249,7 +249,7 @@ impl Server {
             stopped.clone(),
         )?;
         let dir = shared.storage.dir().to_path_buf();
-        let accept = net::spawn_named(format!("srv{port}-accept"), None, move || {
+        let accept = crate::sync::spawn_named(format!("srv{port}-accept"), None, move || {
             accept_connections(&listener, &stopped, &shared)
         });
         let accept = match accept {
@@ -297,7 +297,7 @@ impl ServerHandle {
     /// idle connections close, a request being handled still gets its
     /// reply. Returns at once; `join` waits. Idempotent.
     pub fn shutdown(&self) {
-        let stop = net::lock(&self.stop).take();
+        let stop = crate::sync::lock(&self.stop).take();
         if let Some(stop) = stop {
             log::info!("server {}: shutting down", self.addr);
             drop(stop);

@@ -86,7 +86,7 @@ impl Conn {
         self.mark
             .watch_output(move || !queued.0.is_empty() || !queued.1.is_empty());
         let mark = self.mark.clone();
-        let writer = net::spawn_named(name, Some(256 * 1024), move || {
+        let writer = crate::sync::spawn_named(name, Some(256 * 1024), move || {
             write_replies(&writer_out, peer, reply_rx, nudges, stop, mark)
         });
         let writer = match writer {
@@ -99,7 +99,7 @@ impl Conn {
         let carried = intake::read_requests(self, read_half, first_by, &reply_tx, &out);
         drop(reply_tx);
         let _ = writer.join();
-        let sent = net::lock(&out).written;
+        let sent = crate::sync::lock(&out).written;
         net::close_gracefully(&closing);
         let level = if carried.work > 0 {
             log::Level::Info
@@ -226,14 +226,14 @@ fn write_replies(
         match replies.try_recv() {
             Ok(_) if broken => {}
             Ok(reply) => {
-                if let Err(e) = net::lock(out).message(&reply) {
+                if let Err(e) = crate::sync::lock(out).message(&reply) {
                     broken = fail(e);
                 }
             }
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
                 if nudges.try_recv().is_ok() {
-                    if let Err(e) = net::lock(out).finish_unsent() {
+                    if let Err(e) = crate::sync::lock(out).finish_unsent() {
                         broken = broken || fail(e);
                     }
                 }
@@ -243,7 +243,7 @@ fn write_replies(
     if broken {
         return;
     }
-    let mut out = net::lock(out);
+    let mut out = crate::sync::lock(out);
     if let Err(e) = out.finish_unsent() {
         fail(e);
         return;

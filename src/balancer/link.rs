@@ -11,7 +11,6 @@ use super::lane::{Answered, Finish, Lane, LaneSettings};
 use super::stats::ServerStats;
 use super::work::{now_ms, Job, Work};
 use super::{BackendWire, ServerId};
-use crate::net;
 use crossbeam_channel::Sender;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
@@ -184,19 +183,23 @@ impl Links {
                     let finish = self.finish.clone();
                     let stats = stats.clone();
                     let name = format!("link{}-{i}", id.0);
-                    threads.push(net::spawn_named(name, Some(WORKER_STACK), move || {
-                        for job in queue {
-                            let result = send_legacy(addr, &settings, &job);
-                            finish.finish(id, &stats, job, result);
-                        }
-                    })?);
+                    threads.push(crate::sync::spawn_named(
+                        name,
+                        Some(WORKER_STACK),
+                        move || {
+                            for job in queue {
+                                let result = send_legacy(addr, &settings, &job);
+                                finish.finish(id, &stats, job, result);
+                            }
+                        },
+                    )?);
                 }
                 Inner::Legacy { jobs }
             }
         };
-        let mut all = net::lock(&self.threads);
+        let mut all = crate::sync::lock(&self.threads);
         // Links of servers that left end on their own.
-        net::join_finished(&mut all);
+        crate::sync::join_finished(&mut all);
         all.extend(threads);
         Ok((id, stats, Link(Arc::new(inner))))
     }

@@ -1200,7 +1200,7 @@ impl Conn {
     ) -> Next {
         let (id, peer) = (header.id, self.peer);
         let ended = |how| self.stats.transfer_ended(Kind::Download, how);
-        if net::lock(out)
+        if crate::sync::lock(out)
             .message(&Reply::File(header.clone()))
             .is_err()
         {
@@ -1214,11 +1214,11 @@ impl Conn {
                 Err(reply) => {
                     transfer.failed();
                     ended(Ended::Failed);
-                    let _ = net::lock(out).message(&*reply);
+                    let _ = crate::sync::lock(out).message(&*reply);
                     return Next::Close;
                 }
             };
-            let mut w = net::lock(out);
+            let mut w = crate::sync::lock(out);
             if w.message(&Reply::Chunk(Chunk {
                 id,
                 offset: at,
@@ -1531,7 +1531,7 @@ pub(super) fn whose(
 
 /// Writes one reply to the client; `Close` when it cannot take it.
 fn send_to(out: &ClientWriter, reply: &Reply) -> Next {
-    match net::lock(out).message(reply) {
+    match crate::sync::lock(out).message(reply) {
         Ok(()) => Next::Continue,
         Err(_) => Next::Close,
     }

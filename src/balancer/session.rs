@@ -41,7 +41,7 @@ pub struct Access {
 
 impl Access {
     fn schedule(&self) -> MutexGuard<'_, Schedule> {
-        crate::net::lock(&self.logins)
+        crate::sync::lock(&self.logins)
     }
 
     /// Counts a failed or refused login and logs it, folded with the
@@ -56,7 +56,7 @@ impl Access {
             .limits
             .counter(limit)
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let line = crate::net::lock(&self.failure_log)
+        let line = crate::sync::lock(&self.failure_log)
             .record(Failure::new(name, from, why), Instant::now());
         if let Some(line) = line {
             log::warn!("{line}");
@@ -71,13 +71,13 @@ pub fn spawn_failure_log(
     access: Arc<Access>,
     stop: Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
-    crate::net::spawn_named("login-log".into(), None, move || loop {
+    crate::sync::spawn_named("login-log".into(), None, move || loop {
         let stopping = !matches!(
             stop.recv_timeout(logins::LOG_INTERVAL),
             Err(RecvTimeoutError::Timeout)
         );
         let lines = {
-            let mut log = crate::net::lock(&access.failure_log);
+            let mut log = crate::sync::lock(&access.failure_log);
             if stopping {
                 log.drain()
             } else {

@@ -160,7 +160,7 @@ impl Watch {
         };
         let (done, stop) = crossbeam_channel::bounded::<()>(0);
         let seen = flag.clone();
-        let thread = crate::net::spawn_named("send-watch".into(), None, move || {
+        let thread = crate::sync::spawn_named("send-watch".into(), None, move || {
             crossbeam_channel::select! {
                 recv(interrupt) -> signal => if signal.is_ok() {
                     seen.store(true, Ordering::SeqCst);

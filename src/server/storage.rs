@@ -18,8 +18,8 @@ mod keys;
 pub use commit::{Commit, Deliver, Done, SyncMode};
 pub use keys::Found;
 
-use crate::net::lock;
 use crate::proto::{ClientKey, Document, KeyProbe};
+use crate::sync::lock;
 use crate::text::{count_a, rfc3339};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};

@@ -123,7 +123,7 @@ fn report(shared: &Shared, req: &UploadRequest, outcome: Outcome<'_>) -> Option<
         return None;
     }
     let name = format!("srv{}-report", addr.port());
-    match crate::net::spawn_named(name, Some(128 * 1024), send) {
+    match crate::sync::spawn_named(name, Some(128 * 1024), send) {
         Ok(handle) => Some(handle),
         Err(e) => {
             log::warn!("server {addr}: cannot report a transfer: {e}");

@@ -305,7 +305,7 @@ impl Committer {
             committed: 0,
             batches: 0,
         };
-        let thread = crate::net::spawn_named(name, None, move || stage.run(&queue))?;
+        let thread = crate::sync::spawn_named(name, None, move || stage.run(&queue))?;
         Ok(Committer {
             commits: Some(commits),
             thread: Some(thread),
@@ -616,7 +616,7 @@ pub(super) mod tests {
 
     impl FailingDisk {
         fn check(&self, what: &str) -> io::Result<()> {
-            if crate::net::lock(&self.fail).contains(&what) {
+            if crate::sync::lock(&self.fail).contains(&what) {
                 Err(io::Error::other(format!("disk gone ({what})")))
             } else {
                 Ok(())
