@@ -37,8 +37,13 @@ const PROGRESS_FROM: u64 = 4 * 1024 * 1024;
 /// Why one attempt stopped.
 enum Stop {
     /// Worth another attempt: the connection, the balancer or the server
-    /// broke. `server` is the server the bytes went to, if known.
-    Retry { server: Option<String>, why: String },
+    /// broke. `server` is the server the bytes went to, if known; `code`
+    /// the error the other side answered with, if it answered.
+    Retry {
+        server: Option<String>,
+        why: String,
+        code: Option<ErrorCode>,
+    },
     /// Another attempt would fail the same way.
     Fatal(String),
     /// Nothing answers at the address: said as every command says it when
@@ -78,6 +83,7 @@ fn retry(server: Option<&str>, why: impl ToString) -> Stop {
     Stop::Retry {
         server: server.map(str::to_owned),
         why: why.to_string(),
+        code: None,
     }
 }
 
@@ -95,7 +101,11 @@ fn refused(server: Option<&str>, code: ErrorCode, message: &str) -> Stop {
         | ErrorCode::Internal
         | ErrorCode::BadOffset
         | ErrorCode::BadTicket
-        | ErrorCode::ChecksumMismatch => retry(server, why),
+        | ErrorCode::ChecksumMismatch => Stop::Retry {
+            server: server.map(str::to_owned),
+            why,
+            code: Some(code),
+        },
         _ => Stop::Fatal(why),
     }
 }
@@ -297,7 +307,11 @@ pub fn upload_with(
                 say_stored(out, path, &stored, started.elapsed(), attempt)?;
                 return Ok(stored);
             }
-            Err(Stop::Retry { server: s, why }) => {
+            Err(Stop::Retry {
+                server: s,
+                why,
+                code,
+            }) => {
                 bar.suspend(|| {
                     let _ = writeln!(
                         out,
@@ -306,7 +320,7 @@ pub fn upload_with(
                         attempt + 1
                     );
                 });
-                request.server = next_server(request.server.take(), s, &why);
+                request.server = next_server(request.server.take(), s, code);
                 last = why;
             }
             Err(stop) => {
@@ -351,9 +365,14 @@ fn upload_request(
 }
 
 /// The server to ask for at the next attempt, after one on `tried` failed
-/// with `why`; `named` is the one the bytes went to, if known.
-fn next_server(tried: Option<String>, named: Option<String>, why: &str) -> Option<String> {
-    if why.starts_with("storage:") {
+/// (answering `code`, if it answered); `named` is the one the bytes went
+/// to, if known.
+fn next_server(
+    tried: Option<String>,
+    named: Option<String>,
+    code: Option<ErrorCode>,
+) -> Option<String> {
+    if code == Some(ErrorCode::Storage) {
         // That server cannot store it: let the balancer choose.
         None
     } else {
