@@ -32,11 +32,12 @@ use super::event::{Event, Picked};
 use super::monitor::Roster;
 use super::stats::Stats;
 use super::tracking::{TrackEvent, Tracker};
-use super::work::{now_ms, Failure, Job, Work};
+use super::work::{Failure, Job, Work};
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
 use crate::proto::{ClientKey, ErrorCode, Reply};
+use crate::text::now_ms;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -112,9 +113,15 @@ impl Leaving {
 
     /// When every held job's `not_after_ms` has passed, seen from `now`.
     fn held_until(&self, now: Instant) -> Instant {
-        let latest = self.held.iter().map(|j| j.not_after_ms).max().unwrap_or(0);
-        now + Duration::from_millis(latest.saturating_sub(now_ms()))
+        storable_until(&self.held, now)
     }
+}
+
+/// When a server can no longer store any of `jobs` (their `not_after_ms`
+/// have all passed), seen from `now`.
+fn storable_until(jobs: &[Job], now: Instant) -> Instant {
+    let latest = jobs.iter().map(|j| j.not_after_ms).max().unwrap_or(0);
+    now + Duration::from_millis(latest.saturating_sub(now_ms()))
 }
 
 pub struct Dispatcher {
@@ -679,8 +686,7 @@ impl Dispatcher {
             return;
         }
         // It could not be asked: they go once it can no longer store them.
-        let latest = answered.iter().map(|j| j.not_after_ms).max().unwrap_or(0);
-        let at = Instant::now() + Duration::from_millis(latest.saturating_sub(now_ms()));
+        let at = storable_until(&answered, Instant::now());
         let leaving = self.leaving.get_mut(&server).expect("looked up above");
         leaving.unreachable = true;
         leaving.release_at = Some(leaving.release_at.map_or(at, |r| r.max(at)));

@@ -9,8 +9,9 @@
 use super::backend::{self, BackendSettings};
 use super::lane::{Answered, Finish, Lane, LaneSettings};
 use super::stats::ServerStats;
-use super::work::{now_ms, Job, Work};
+use super::work::{Job, Work};
 use super::{BackendWire, ServerId};
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};

@@ -29,24 +29,19 @@ use crate::proto::{
     FileStored, FrameReader, ListKind, Redirect, Reply, Request, Ticket, TransferEvent,
     UploadReady, UploadRequest,
 };
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How a conversation ended for the client connection.
 pub enum Next {
     Continue,
     /// The client's stream is out of step or gone.
     Close,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A signed ticket for `upload` on `server`, valid for `ttl`.

@@ -353,7 +353,7 @@ impl Session {
         // before a restart): from now on refused at once here too.
         let stored_lock = account
             .as_ref()
-            .and_then(|a| a.locked_for(super::tracking::now_ms()));
+            .and_then(|a| a.locked_for(crate::text::now_ms()));
         if let Some(left) = stored_lock {
             let mut schedule = access.schedule();
             schedule.abandoned(turn, Instant::now());
@@ -430,7 +430,7 @@ impl Session {
         // then the count starts over. Unknown names are locked here only.
         let lifted = matches!(
             users.lookup(name),
-            Ok(Some(account)) if account.locked_for(super::tracking::now_ms()).is_none()
+            Ok(Some(account)) if account.locked_for(crate::text::now_ms()).is_none()
         );
         if !lifted {
             return Err(Refusal::Locked(left));
@@ -455,7 +455,7 @@ impl Session {
         if let Some(lock_for) = failed.locked_for {
             // Written for every name, so an unknown one costs the same
             // (the update finds no row).
-            let until_ms = super::tracking::now_ms() + lock_for.as_millis() as u64;
+            let until_ms = crate::text::now_ms() + lock_for.as_millis() as u64;
             if let Err(e) = users.lock(name, until_ms) {
                 log::error!("login: cannot keep the lock of \"{name}\" in the users table: {e}");
             }

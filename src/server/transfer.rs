@@ -11,7 +11,7 @@ use crate::proto::{
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How a conversation ended for the connection.
 pub(super) enum Next {
@@ -70,7 +70,7 @@ fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
             shared.addr
         ));
     }
-    let now = super::storage::unix_ms(SystemTime::now());
+    let now = crate::text::now_ms();
     if now > ticket.expires_ms {
         return Err(format!(
             "the ticket expired {} ms ago",
