@@ -22,7 +22,7 @@ use super::stats::{Ended, Kind, Transfer};
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{valid_upload_id, BodyError, LIST_PAGE};
+use crate::proto::file::{body_len, valid_upload_id, BodyError, LIST_PAGE};
 use crate::proto::FrameError;
 use crate::proto::{
     Chunk, Connection, Deadline, Deleted, EntryKind, ErrorCode, FileEntry, FileHeader, FileList,
@@ -1369,28 +1369,7 @@ fn read_chunk_body(
     reader.get_mut().set_deadline(Some(deadline));
     let header = reader.header();
     reader.get_mut().set_deadline(None);
-    let len = match header {
-        Ok(Some(len)) if len as u64 == expected => len,
-        Ok(Some(len)) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len as u64,
-            })
-        }
-        Ok(None) => {
-            return Err(BodyError::Frame(FrameError::Truncated {
-                expected: 4,
-                got: 0,
-            }))
-        }
-        Err(FrameError::TooLarge { len, .. }) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len,
-            })
-        }
-        Err(e) => return Err(BodyError::Frame(e)),
-    };
+    let len = body_len(header, expected)?;
     reader
         .payload_into_by(len, deadline, body, admit)
         .map_err(BodyError::Frame)

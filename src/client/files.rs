@@ -741,13 +741,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .max()
         .unwrap_or(6)
         .max(21);
-    // The owner column only when users are on (an admin's listing).
-    let owners = files.iter().any(|f| f.owner.is_some());
-    let owner = |f: Option<&FileEntry>| match (owners, f) {
-        (false, _) => String::new(),
-        (true, None) => format!("{:<12}  ", "owner"),
-        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
-    };
+    let owner = owner_column(files);
     writeln!(
         out,
         "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  sha256",
@@ -758,7 +752,6 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         "stored at"
     )?;
     for f in files {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(f.stored_ms);
         writeln!(
             out,
             "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  {}",
@@ -766,7 +759,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
             owner(Some(f)),
             human_bytes(f.size),
             location(f),
-            crate::text::rfc3339(at),
+            stored_at(f.stored_ms),
             f.sha256
         )?;
     }
@@ -779,6 +772,22 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     )
 }
 
+/// The owner column of a listing: its heading (`None`) or an entry's
+/// owner, only when users are on (an admin's listing).
+fn owner_column(entries: &[FileEntry]) -> impl Fn(Option<&FileEntry>) -> String {
+    let owners = entries.iter().any(|f| f.owner.is_some());
+    move |f| match (owners, f) {
+        (false, _) => String::new(),
+        (true, None) => format!("{:<12}  ", "owner"),
+        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
+    }
+}
+
+/// When an entry was stored, as RFC 3339.
+fn stored_at(stored_ms: u64) -> String {
+    crate::text::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(stored_ms))
+}
+
 fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     if docs.is_empty() {
         return writeln!(out, "no documents stored");
@@ -789,12 +798,7 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .max()
         .unwrap_or(5)
         .clamp(5, 40);
-    let owners = docs.iter().any(|f| f.owner.is_some());
-    let owner = |f: Option<&FileEntry>| match (owners, f) {
-        (false, _) => String::new(),
-        (true, None) => format!("{:<12}  ", "owner"),
-        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
-    };
+    let owner = owner_column(docs);
     writeln!(
         out,
         "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  file",
@@ -806,7 +810,6 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         "stored at"
     )?;
     for d in docs {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(d.stored_ms);
         writeln!(
             out,
             "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  {}",
@@ -815,7 +818,7 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
             owner(Some(d)),
             human_bytes(d.size),
             location(d),
-            crate::text::rfc3339(at),
+            stored_at(d.stored_ms),
             d.server_file()
         )?;
     }
