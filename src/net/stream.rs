@@ -72,23 +72,6 @@ impl Stream {
         self.0.tls.get().is_some_and(tls::Session::peer_certified)
     }
 
-    /// Whether the peer has closed or reset a connection kept open for
-    /// reuse, as far as can be told without waiting: it sent its end of
-    /// stream (or a reset), or plaintext bytes nobody asked for. Checked
-    /// before sending on a connection that sat idle, so that a request is
-    /// never written to a peer already gone (where it would look as if it
-    /// might have been received). Pending TLS records (a session ticket)
-    /// do not count.
-    pub fn peer_closed(&self) -> bool {
-        let socket = socket2::SockRef::from(&self.0.tcp);
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        match socket.recv_with_flags(&mut byte, libc::MSG_DONTWAIT | libc::MSG_PEEK) {
-            Ok(0) => true,
-            Ok(_) => !self.is_tls(),
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-        }
-    }
-
     /// Whether `other` is a handle on this same connection.
     pub fn same(&self, other: &Stream) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
