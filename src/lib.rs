@@ -29,7 +29,8 @@
 //! - `auth`: the cluster key that balancer and servers share (HMAC-SHA-256).
 //! - `handshake`: balancer and server proving the cluster key to each other
 //!   at the start of a connection.
-//! - `error`: errors that stop a component from starting.
+//! - `error`: errors that stop a component from starting, and the one a
+//!   server's `join` reports when some of its threads panicked.
 //! - `throttle`: log lines for events that come in floods.
 //! - `text`: small helpers several components need (so none imports
 //!   another).

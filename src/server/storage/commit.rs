@@ -237,6 +237,7 @@ fn syncfs_reports_errors() -> bool {
     // SAFETY: `uname` fills the struct it is given; an all-zero `utsname`
     // is a valid value of it.
     let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable `utsname` for the whole call.
     if unsafe { libc::uname(&mut name) } != 0 {
         return false;
     }
