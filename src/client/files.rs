@@ -307,11 +307,7 @@ pub fn upload_with(
                 say_stored(out, path, &stored, started.elapsed(), attempt)?;
                 return Ok(stored);
             }
-            Err(Stop::Retry {
-                server: s,
-                why,
-                code,
-            }) => {
+            Err(Stop::Retry { server, why, code }) => {
                 bar.suspend(|| {
                     let _ = writeln!(
                         out,
@@ -320,7 +316,7 @@ pub fn upload_with(
                         attempt + 1
                     );
                 });
-                request.server = next_server(request.server.take(), s, code);
+                request.server = next_server(request.server.take(), server, code);
                 last = why;
             }
             Err(stop) => {
