@@ -250,7 +250,7 @@ impl Server {
             stopped.clone(),
         )?;
         let dir = shared.storage.dir().to_path_buf();
-        let accept = net::spawn_named(format!("srv{port}-accept"), None, move || {
+        let accept = crate::sync::spawn_named(format!("srv{port}-accept"), None, move || {
             accept_connections(&listener, &stopped, &shared)
         });
         let accept = match accept {
@@ -298,7 +298,7 @@ impl ServerHandle {
     /// idle connections close, a request being handled still gets its
     /// reply. Returns at once; `join` waits. Idempotent.
     pub fn shutdown(&self) {
-        let stop = net::lock(&self.stop).take();
+        let stop = crate::sync::lock(&self.stop).take();
         if let Some(stop) = stop {
             log::info!("server {}: shutting down", self.addr);
             drop(stop);
@@ -947,18 +947,7 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             }
         }
         Request::Inventory { id } => listing::inventory(id, shared),
-        Request::Fetch {
-            id,
-            from,
-            name,
-            owner,
-            upload_id,
-        } => replicate::fetch(id, &from, &name, owner, upload_id, shared),
-        Request::Repair { id } => Reply::error(
-            Some(id),
-            ErrorCode::BadRequest,
-            "`repair` is for the balancer, not for storage servers",
-        ),
+        fetch @ Request::Fetch { .. } => replicate::fetch(fetch, shared),
         Request::List { id, .. } | Request::Delete { id, .. } => Reply::error(
             Some(id),
             ErrorCode::Internal,
@@ -977,7 +966,8 @@ fn handle(request: Request, shared: &Shared) -> Reply {
         | Request::Deregister { id, .. }
         | Request::AddServer { id, .. }
         | Request::DrainServer { id, .. }
-        | Request::RemoveServer { id, .. } => Reply::error(
+        | Request::RemoveServer { id, .. }
+        | Request::Repair { id } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,
             "this request is for the balancer, not for storage servers",

@@ -77,7 +77,7 @@ impl Gate {
     }
 
     pub fn set_load(&self, load: Option<Load>) {
-        *crate::net::lock(&self.load) = load;
+        *crate::sync::lock(&self.load) = load;
     }
 
     /// Takes a place on it, if one of `max` is free.
@@ -100,7 +100,7 @@ impl Gate {
         Candidate {
             eligible: self.accepting() && in_flight < max && !avoided,
             in_flight,
-            load: *crate::net::lock(&self.load),
+            load: *crate::sync::lock(&self.load),
         }
     }
 }
@@ -294,7 +294,7 @@ impl Board {
             .map(|g| Candidate {
                 eligible: usable(g),
                 in_flight: g.in_flight(),
-                load: *crate::net::lock(&g.load),
+                load: *crate::sync::lock(&g.load),
             })
             .collect();
         let i = self.policy.pick_shared(&self.cursor, &candidates)?;

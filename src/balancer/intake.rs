@@ -273,20 +273,45 @@ fn read_failed(conn: &Conn, e: FrameError, first: Option<Instant>, replies: &Sen
     }
 }
 
-/// The request types a client may send to the balancer: `status` and
-/// `forget` are for storage servers.
-const BALANCER_TYPES: &str = "store, calc, servers, transfers, register, deregister, \
-     add_server, drain_server, remove_server, upload, chunk, upload_end, list, get, hello, \
-     hello_proof, login, transfer_event";
+/// The request types only storage servers answer; the balancer takes
+/// every other type of the protocol (`Request::TYPES`).
+const SERVERS_ONLY: [&str; 4] = ["status", "forget", "lookup", "inventory"];
 
 /// The decoder's `unknown_type` message lists every request type of the
 /// protocol; a client of the balancer is told only those it accepts.
 fn balancer_types_only(message: &str) -> String {
     match message.find(" (expected one of:") {
-        Some(cut) => format!(
-            "{} (the balancer accepts: {BALANCER_TYPES})",
-            &message[..cut]
-        ),
+        Some(cut) => {
+            let accepted: Vec<&str> = <Request as proto::Message>::TYPES
+                .iter()
+                .copied()
+                .filter(|t| !SERVERS_ONLY.contains(t))
+                .collect();
+            format!(
+                "{} (the balancer accepts: {})",
+                &message[..cut],
+                accepted.join(", ")
+            )
+        }
         None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_told_the_request_types_the_balancer_takes() {
+        let types = <Request as proto::Message>::TYPES;
+        assert!(SERVERS_ONLY.iter().all(|t| types.contains(t)));
+        let told = balancer_types_only("unknown message type `x` (expected one of: store, status)");
+        let (said, accepted) = told.split_once(" (the balancer accepts: ").unwrap();
+        assert_eq!(said, "unknown message type `x`");
+        let accepted: Vec<&str> = accepted.trim_end_matches(')').split(", ").collect();
+        for kind in types {
+            let taken = !SERVERS_ONLY.contains(kind);
+            assert_eq!(accepted.contains(kind), taken, "{kind}: {told}");
+        }
     }
 }

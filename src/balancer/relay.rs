@@ -22,31 +22,26 @@ use super::stats::{Ended, Kind, Transfer};
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{valid_upload_id, BodyError, LIST_PAGE};
+use crate::proto::file::{body_len, valid_upload_id, BodyError, LIST_PAGE};
 use crate::proto::FrameError;
 use crate::proto::{
     Chunk, Connection, Deadline, Deleted, EntryKind, ErrorCode, FileEntry, FileHeader, FileList,
     FileStored, FrameReader, ListKind, Redirect, Reply, Request, Ticket, TransferEvent,
     UploadReady, UploadRequest,
 };
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How a conversation ended for the client connection.
 pub enum Next {
     Continue,
     /// The client's stream is out of step or gone.
     Close,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A signed ticket for `upload` on `server`, valid for `ttl`.
@@ -1204,7 +1199,7 @@ impl Conn {
     ) -> Next {
         let (id, peer) = (header.id, self.peer);
         let ended = |how| self.stats.transfer_ended(Kind::Download, how);
-        if net::lock(out)
+        if crate::sync::lock(out)
             .message(&Reply::File(header.clone()))
             .is_err()
         {
@@ -1218,11 +1213,11 @@ impl Conn {
                 Err(reply) => {
                     transfer.failed();
                     ended(Ended::Failed);
-                    let _ = net::lock(out).message(&*reply);
+                    let _ = crate::sync::lock(out).message(&*reply);
                     return Next::Close;
                 }
             };
-            let mut w = net::lock(out);
+            let mut w = crate::sync::lock(out);
             if w.message(&Reply::Chunk(Chunk {
                 id,
                 offset: at,
@@ -1380,28 +1375,7 @@ fn read_chunk_body(
     reader.get_mut().set_deadline(Some(deadline));
     let header = reader.header();
     reader.get_mut().set_deadline(None);
-    let len = match header {
-        Ok(Some(len)) if len as u64 == expected => len,
-        Ok(Some(len)) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len as u64,
-            })
-        }
-        Ok(None) => {
-            return Err(BodyError::Frame(FrameError::Truncated {
-                expected: 4,
-                got: 0,
-            }))
-        }
-        Err(FrameError::TooLarge { len, .. }) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len,
-            })
-        }
-        Err(e) => return Err(BodyError::Frame(e)),
-    };
+    let len = body_len(header, expected)?;
     reader
         .payload_into_by(len, deadline, body, admit)
         .map_err(BodyError::Frame)
@@ -1551,7 +1525,7 @@ pub(super) fn whose(
 
 /// Writes one reply to the client; `Close` when it cannot take it.
 fn send_to(out: &ClientWriter, reply: &Reply) -> Next {
-    match net::lock(out).message(reply) {
+    match crate::sync::lock(out).message(reply) {
         Ok(()) => Next::Continue,
         Err(_) => Next::Close,
     }

@@ -41,7 +41,7 @@ pub struct Access {
 
 impl Access {
     fn schedule(&self) -> MutexGuard<'_, Schedule> {
-        crate::net::lock(&self.logins)
+        crate::sync::lock(&self.logins)
     }
 
     /// Counts a failed or refused login and logs it, folded with the
@@ -56,7 +56,7 @@ impl Access {
             .limits
             .counter(limit)
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let line = crate::net::lock(&self.failure_log)
+        let line = crate::sync::lock(&self.failure_log)
             .record(Failure::new(name, from, why), Instant::now());
         if let Some(line) = line {
             log::warn!("{line}");
@@ -71,13 +71,13 @@ pub fn spawn_failure_log(
     access: Arc<Access>,
     stop: Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
-    crate::net::spawn_named("login-log".into(), None, move || loop {
+    crate::sync::spawn_named("login-log".into(), None, move || loop {
         let stopping = !matches!(
             stop.recv_timeout(logins::LOG_INTERVAL),
             Err(RecvTimeoutError::Timeout)
         );
         let lines = {
-            let mut log = crate::net::lock(&access.failure_log);
+            let mut log = crate::sync::lock(&access.failure_log);
             if stopping {
                 log.drain()
             } else {
@@ -346,7 +346,7 @@ impl Session {
         // before a restart): from now on refused at once here too.
         let stored_lock = account
             .as_ref()
-            .and_then(|a| a.locked_for(super::tracking::now_ms()));
+            .and_then(|a| a.locked_for(crate::text::now_ms()));
         if let Some(left) = stored_lock {
             let mut schedule = access.schedule();
             schedule.abandoned(turn, Instant::now());
@@ -423,7 +423,7 @@ impl Session {
         // then the count starts over. Unknown names are locked here only.
         let lifted = matches!(
             users.lookup(name),
-            Ok(Some(account)) if account.locked_for(super::tracking::now_ms()).is_none()
+            Ok(Some(account)) if account.locked_for(crate::text::now_ms()).is_none()
         );
         if !lifted {
             return Err(Refusal::Locked(left));
@@ -448,7 +448,7 @@ impl Session {
         if let Some(lock_for) = failed.locked_for {
             // Written for every name, so an unknown one costs the same
             // (the update finds no row).
-            let until_ms = super::tracking::now_ms() + lock_for.as_millis() as u64;
+            let until_ms = crate::text::now_ms() + lock_for.as_millis() as u64;
             if let Err(e) = users.lock(name, until_ms) {
                 log::error!("login: cannot keep the lock of \"{name}\" in the users table: {e}");
             }

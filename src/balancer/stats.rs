@@ -127,13 +127,13 @@ impl ServerStats {
     pub fn record_check(&self, took: Duration, report: Option<StatusReport>) {
         self.check_micros.store(took.as_micros() as u64, Relaxed);
         if let Some(report) = report {
-            *crate::net::lock(&self.last_status) = Some((report, Instant::now()));
+            *crate::sync::lock(&self.last_status) = Some((report, Instant::now()));
         }
     }
 
     pub fn view(&self, id: ServerId) -> ServerView {
         let check = self.check_micros.load(Relaxed);
-        let last = crate::net::lock(&self.last_status).clone();
+        let last = crate::sync::lock(&self.last_status).clone();
         ServerView {
             id: id.0,
             name: self.name.clone(),

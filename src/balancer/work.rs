@@ -10,12 +10,13 @@ use super::stats::{Kind, ServerStats, Stats};
 use super::tracking::TrackEvent;
 use super::ServerId;
 use crate::proto::{self, ErrorCode, Operation, Reply};
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// A document as the balancer keeps it: encoded once, forwarded as is.
 #[derive(Debug, Clone)]
@@ -330,11 +331,4 @@ impl Job {
             file: file.to_string(),
         })
     }
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -37,8 +37,13 @@ const PROGRESS_FROM: u64 = 4 * 1024 * 1024;
 /// Why one attempt stopped.
 enum Stop {
     /// Worth another attempt: the connection, the balancer or the server
-    /// broke. `server` is the server the bytes went to, if known.
-    Retry { server: Option<String>, why: String },
+    /// broke. `server` is the server the bytes went to, if known; `code`
+    /// the error the other side answered with, if it answered.
+    Retry {
+        server: Option<String>,
+        why: String,
+        code: Option<ErrorCode>,
+    },
     /// Another attempt would fail the same way.
     Fatal(String),
     /// Nothing answers at the address: said as every command says it when
@@ -78,6 +83,7 @@ fn retry(server: Option<&str>, why: impl ToString) -> Stop {
     Stop::Retry {
         server: server.map(str::to_owned),
         why: why.to_string(),
+        code: None,
     }
 }
 
@@ -95,7 +101,11 @@ fn refused(server: Option<&str>, code: ErrorCode, message: &str) -> Stop {
         | ErrorCode::Internal
         | ErrorCode::BadOffset
         | ErrorCode::BadTicket
-        | ErrorCode::ChecksumMismatch => retry(server, why),
+        | ErrorCode::ChecksumMismatch => Stop::Retry {
+            server: server.map(str::to_owned),
+            why,
+            code: Some(code),
+        },
         _ => Stop::Fatal(why),
     }
 }
@@ -160,7 +170,7 @@ impl Watch {
         };
         let (done, stop) = crossbeam_channel::bounded::<()>(0);
         let seen = flag.clone();
-        let thread = crate::net::spawn_named("send-watch".into(), None, move || {
+        let thread = crate::sync::spawn_named("send-watch".into(), None, move || {
             crossbeam_channel::select! {
                 recv(interrupt) -> signal => if signal.is_ok() {
                     seen.store(true, Ordering::SeqCst);
@@ -297,7 +307,7 @@ pub fn upload_with(
                 say_stored(out, path, &stored, started.elapsed(), attempt)?;
                 return Ok(stored);
             }
-            Err(Stop::Retry { server: s, why }) => {
+            Err(Stop::Retry { server, why, code }) => {
                 bar.suspend(|| {
                     let _ = writeln!(
                         out,
@@ -306,7 +316,7 @@ pub fn upload_with(
                         attempt + 1
                     );
                 });
-                request.server = next_server(request.server.take(), s, &why);
+                request.server = next_server(request.server.take(), server, code);
                 last = why;
             }
             Err(stop) => {
@@ -351,9 +361,14 @@ fn upload_request(
 }
 
 /// The server to ask for at the next attempt, after one on `tried` failed
-/// with `why`; `named` is the one the bytes went to, if known.
-fn next_server(tried: Option<String>, named: Option<String>, why: &str) -> Option<String> {
-    if why.starts_with("storage:") {
+/// (answering `code`, if it answered); `named` is the one the bytes went
+/// to, if known.
+fn next_server(
+    tried: Option<String>,
+    named: Option<String>,
+    code: Option<ErrorCode>,
+) -> Option<String> {
+    if code == Some(ErrorCode::Storage) {
         // That server cannot store it: let the balancer choose.
         None
     } else {
@@ -730,13 +745,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .max()
         .unwrap_or(6)
         .max(21);
-    // The owner column only when users are on (an admin's listing).
-    let owners = files.iter().any(|f| f.owner.is_some());
-    let owner = |f: Option<&FileEntry>| match (owners, f) {
-        (false, _) => String::new(),
-        (true, None) => format!("{:<12}  ", "owner"),
-        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
-    };
+    let owner = owner_column(files);
     writeln!(
         out,
         "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  sha256",
@@ -747,7 +756,6 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         "stored at"
     )?;
     for f in files {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(f.stored_ms);
         writeln!(
             out,
             "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  {}",
@@ -755,7 +763,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
             owner(Some(f)),
             human_bytes(f.size),
             location(f),
-            crate::text::rfc3339(at),
+            stored_at(f.stored_ms),
             f.sha256
         )?;
     }
@@ -768,6 +776,22 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     )
 }
 
+/// The owner column of a listing: its heading (`None`) or an entry's
+/// owner, only when users are on (an admin's listing).
+fn owner_column(entries: &[FileEntry]) -> impl Fn(Option<&FileEntry>) -> String {
+    let owners = entries.iter().any(|f| f.owner.is_some());
+    move |f| match (owners, f) {
+        (false, _) => String::new(),
+        (true, None) => format!("{:<12}  ", "owner"),
+        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
+    }
+}
+
+/// When an entry was stored, as RFC 3339.
+fn stored_at(stored_ms: u64) -> String {
+    crate::text::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(stored_ms))
+}
+
 fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     if docs.is_empty() {
         return writeln!(out, "no documents stored");
@@ -778,12 +802,7 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .max()
         .unwrap_or(5)
         .clamp(5, 40);
-    let owners = docs.iter().any(|f| f.owner.is_some());
-    let owner = |f: Option<&FileEntry>| match (owners, f) {
-        (false, _) => String::new(),
-        (true, None) => format!("{:<12}  ", "owner"),
-        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
-    };
+    let owner = owner_column(docs);
     writeln!(
         out,
         "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  file",
@@ -795,7 +814,6 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         "stored at"
     )?;
     for d in docs {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(d.stored_ms);
         writeln!(
             out,
             "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  {}",
@@ -804,7 +822,7 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
             owner(Some(d)),
             human_bytes(d.size),
             location(d),
-            crate::text::rfc3339(at),
+            stored_at(d.stored_ms),
             d.server_file()
         )?;
     }

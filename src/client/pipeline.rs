@@ -13,11 +13,11 @@
 //! may not have been carried out, so they are unknown.
 
 use super::{Config, Error};
-use crate::net::spawn_named;
 use crate::net::Stream;
 use crate::proto::{
     self, ErrorCode, ErrorReply, FrameError, FrameReader, FrameWriter, Reply, Request,
 };
+use crate::sync::spawn_named;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::net::Shutdown;

@@ -8,7 +8,8 @@
 //! Connections at work are never closed; with every slot taken by them,
 //! newcomers wait in the listen backlog until one closes or finishes.
 
-use super::{lock, Stream};
+use super::Stream;
+use crate::sync::lock;
 use crate::throttle::{self, Throttle};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::HashMap;

@@ -21,7 +21,7 @@
 
 pub mod certs;
 
-use super::lock;
+use crate::sync::lock;
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
@@ -682,7 +682,7 @@ mod tests {
         // One record made by the client but written a byte at a time, each
         // byte well within the idle timeout.
         let record = {
-            let session = client.0.tls.get().unwrap();
+            let session = client.tls_session().unwrap();
             let mut state = lock(&session.state);
             state.conn.writer().write_all(&[7u8; 200]).unwrap();
             take_outgoing(&mut state.conn).unwrap()

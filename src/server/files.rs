@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::storage::{safe_title, unix_ms};
+use super::storage::{link_first_free, safe_title, sync_dir};
+use crate::text::unix_ms;
 
 pub const FILES_DIR: &str = "files";
 const PARTIAL_DIR: &str = ".partial";
@@ -651,10 +652,6 @@ fn write_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Links `from` into `dir` as `name`, or `stem~N.ext` with the first free
 /// N; returns the name used.
 fn link_unique(from: &Path, dir: &Path, name: &str) -> io::Result<String> {
@@ -662,19 +659,11 @@ fn link_unique(from: &Path, dir: &Path, name: &str) -> io::Result<String> {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    for n in 0u32.. {
-        let candidate = if n == 0 {
-            name.to_string()
-        } else {
-            format!("{stem}~{n}{ext}")
-        };
-        match fs::hard_link(from, dir.join(&candidate)) {
-            Ok(()) => return Ok(candidate),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    unreachable!("u32 suffixes exhausted")
+    let candidate = |n| match n {
+        0 => name.to_string(),
+        n => format!("{stem}~{n}{ext}"),
+    };
+    link_first_free(candidate, || Ok(()), |c| fs::hard_link(from, dir.join(c)))
 }
 
 #[cfg(test)]

@@ -74,14 +74,18 @@ impl From<CallError> for FetchError {
 
 /// `fetch`: takes a copy of `name` from server `from` (a file of `owner`
 /// with `upload_id`, else a document) and answers where it is now.
-pub(super) fn fetch(
-    id: u64,
-    from: &str,
-    name: &str,
-    owner: Option<String>,
-    upload_id: Option<String>,
-    shared: &Shared,
-) -> Reply {
+pub(super) fn fetch(request: Request, shared: &Shared) -> Reply {
+    let Request::Fetch {
+        id,
+        from,
+        name,
+        owner,
+        upload_id,
+    } = request
+    else {
+        return Reply::error(Some(request.id()), ErrorCode::Internal, "not a fetch");
+    };
+    let (from, name) = (from.as_str(), name.as_str());
     let _active = shared.load.begin();
     match fetch_copy(from, name, owner, upload_id, shared) {
         Ok((file, size, sha256)) => {

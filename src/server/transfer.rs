@@ -11,7 +11,7 @@ use crate::proto::{
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How a conversation ended for the connection.
 pub(super) enum Next {
@@ -70,7 +70,7 @@ fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
             shared.addr
         ));
     }
-    let now = super::storage::unix_ms(SystemTime::now());
+    let now = crate::text::now_ms();
     if now > ticket.expires_ms {
         return Err(format!(
             "the ticket expired {} ms ago",
@@ -123,7 +123,7 @@ fn report(shared: &Shared, req: &UploadRequest, outcome: Outcome<'_>) -> Option<
         return None;
     }
     let name = format!("srv{}-report", addr.port());
-    match crate::net::spawn_named(name, Some(128 * 1024), send) {
+    match crate::sync::spawn_named(name, Some(128 * 1024), send) {
         Ok(handle) => Some(handle),
         Err(e) => {
             log::warn!("server {addr}: cannot report a transfer: {e}");

@@ -157,7 +157,7 @@ impl Dispatcher {
                 forget_keys_in_flight: false,
             },
         );
-        crate::net::lock(&self.roster).push((id, addr));
+        crate::sync::lock(&self.roster).push((id, addr));
         self.changed = true;
     }
 
@@ -233,7 +233,7 @@ impl Dispatcher {
     fn take_slot(&mut self, server: ServerId) -> Option<Slot> {
         let slot = self.slots.remove(&server)?;
         slot.gate.set_accepting(false);
-        crate::net::lock(&self.roster).retain(|(id, _)| *id != server);
+        crate::sync::lock(&self.roster).retain(|(id, _)| *id != server);
         self.stats.remove(server);
         self.changed = true;
         if !slot.forget.is_empty() {

@@ -237,6 +237,7 @@ fn syncfs_reports_errors() -> bool {
     // SAFETY: `uname` fills the struct it is given; an all-zero `utsname`
     // is a valid value of it.
     let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable `utsname` for the whole call.
     if unsafe { libc::uname(&mut name) } != 0 {
         return false;
     }
@@ -305,7 +306,7 @@ impl Committer {
             committed: 0,
             batches: 0,
         };
-        let thread = crate::net::spawn_named(name, None, move || stage.run(&queue))?;
+        let thread = crate::sync::spawn_named(name, None, move || stage.run(&queue))?;
         Ok(Committer {
             commits: Some(commits),
             thread: Some(thread),
@@ -616,7 +617,7 @@ pub(super) mod tests {
 
     impl FailingDisk {
         fn check(&self, what: &str) -> io::Result<()> {
-            if crate::net::lock(&self.fail).contains(&what) {
+            if crate::sync::lock(&self.fail).contains(&what) {
                 Err(io::Error::other(format!("disk gone ({what})")))
             } else {
                 Ok(())
