@@ -39,6 +39,8 @@ pub mod metrics;
 pub mod monitor;
 pub mod outcome;
 pub mod relay;
+pub mod repair;
+pub mod replicas;
 pub mod session;
 pub mod stats;
 pub mod store;
@@ -170,6 +172,12 @@ pub struct Config {
     pub max_document_size: Option<usize>,
     /// Largest file an upload may announce, in bytes (`too_large` past it).
     pub max_file_size: u64,
+    /// Copies of each document and file on distinct servers (`--replicas`,
+    /// `--min-replicas`).
+    pub replicas: replicas::Replicas,
+    /// How the lost copies are made again (`--repair-after`,
+    /// `--repair-rate`).
+    pub repair: repair::RepairSettings,
 }
 
 impl Default for Config {
@@ -211,6 +219,8 @@ impl Default for Config {
             logins: logins::Settings::default(),
             max_document_size: None,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            replicas: replicas::Replicas::default(),
+            repair: repair::RepairSettings::default(),
         }
     }
 }
@@ -252,6 +262,7 @@ impl Balancer {
                     .into(),
             ));
         }
+        config.replicas.check().map_err(Error::Config)?;
         if config.users && config.state.is_none() {
             return Err(Error::Config(
                 "--users keeps the users in the state file: it cannot go with --no-state".into(),
@@ -445,6 +456,24 @@ impl Balancer {
             }
             None => None,
         };
+        let repair = match &tracker {
+            Some(tracker) if config.replicas.target > 1 => {
+                let (now_tx, now_rx) = crossbeam_channel::unbounded();
+                let repair = repair::Repair {
+                    replicas: config.replicas.target,
+                    settings: config.repair,
+                    stats: stats.clone(),
+                    tracker: tracker.clone(),
+                    reach: reach.clone(),
+                };
+                let stop = stop_rx.clone();
+                threads.push(net::spawn_named("repair".into(), None, move || {
+                    repair.run(now_rx, stop)
+                })?);
+                Some(now_tx)
+            }
+            _ => None,
+        };
         let keys = (config.backend_wire == BackendWire::Framed).then(|| {
             Arc::new(keys::AskServers {
                 board: board.clone(),
@@ -466,6 +495,7 @@ impl Balancer {
                 frame_timeout: config.frame_timeout,
                 window: config.client_window,
                 max_document_size: config.max_document_size,
+                replicas: config.replicas,
             },
             stop: stop_rx,
             files: Arc::new(relay::FileSettings {
@@ -479,6 +509,8 @@ impl Balancer {
                 max_file_size: config.max_file_size,
                 reach,
                 catalog,
+                replicas: config.replicas.target,
+                repair,
             }),
             tracker,
             admission: net::Policy {

@@ -225,76 +225,86 @@ impl Gate {
 
     /// Answers a handshake message; `None` for any other request.
     pub fn handle(&mut self, request: &Request) -> Option<Answer> {
-        let refuse = |id, code, message: &str| Answer {
-            reply: Reply::error(Some(id), code, message),
-            close: true,
-        };
         match request {
-            Request::Hello { id, nonce } => {
-                let Some(key) = &self.key else {
-                    return Some(refuse(
-                        *id,
-                        ErrorCode::BadRequest,
-                        "no cluster key here (start it with --cluster-key-file)",
-                    ));
-                };
-                if !matches!(self.state, State::Start) {
-                    return Some(refuse(
-                        *id,
-                        ErrorCode::BadRequest,
-                        "hello again on the same connection",
-                    ));
-                }
-                let Some(ni) = parse_nonce(nonce) else {
-                    return Some(refuse(
-                        *id,
-                        ErrorCode::BadRequest,
-                        "nonce must be 16 to 64 random bytes in hex",
-                    ));
-                };
-                let own = nonce_bytes();
-                let addr = self.local.to_string();
-                let proof = crate::text::to_hex(&responder_proof(key, &ni, &own, &addr));
-                let reply = Reply::Hello {
-                    id: *id,
-                    nonce: crate::text::to_hex(&own),
-                    addr,
-                    proof,
-                };
-                self.state = State::Challenged { ni, nr: own };
-                Some(Answer {
-                    reply,
-                    close: false,
-                })
-            }
-            Request::HelloProof { id, proof } => {
-                let (Some(key), State::Challenged { ni, nr }) = (&self.key, &self.state) else {
-                    return Some(refuse(
-                        *id,
-                        ErrorCode::BadRequest,
-                        "hello_proof without a hello first",
-                    ));
-                };
-                if !verify_hex(key, &[INITIATOR, ni, nr], proof) {
-                    self.state = State::Start;
-                    return Some(refuse(
-                        *id,
-                        ErrorCode::Unauthenticated,
-                        "wrong proof of the cluster key",
-                    ));
-                }
-                self.state = State::Proven;
-                Some(Answer {
-                    reply: Reply::Welcome {
-                        id: *id,
-                        user: None,
-                        admin: false,
-                    },
-                    close: false,
-                })
-            }
+            Request::Hello { id, nonce } => Some(self.hello(*id, nonce)),
+            Request::HelloProof { id, proof } => Some(self.hello_proof(*id, proof)),
             _ => None,
         }
+    }
+
+    /// A peer's `hello`: answered with this side's nonce and proof.
+    fn hello(&mut self, id: u64, nonce: &str) -> Answer {
+        let Some(key) = &self.key else {
+            return refuse(
+                id,
+                ErrorCode::BadRequest,
+                "no cluster key here (start it with --cluster-key-file)",
+            );
+        };
+        if !matches!(self.state, State::Start) {
+            return refuse(
+                id,
+                ErrorCode::BadRequest,
+                "hello again on the same connection",
+            );
+        }
+        let Some(ni) = parse_nonce(nonce) else {
+            return refuse(
+                id,
+                ErrorCode::BadRequest,
+                "nonce must be 16 to 64 random bytes in hex",
+            );
+        };
+        let own = nonce_bytes();
+        let addr = self.local.to_string();
+        let proof = crate::text::to_hex(&responder_proof(key, &ni, &own, &addr));
+        let reply = Reply::Hello {
+            id,
+            nonce: crate::text::to_hex(&own),
+            addr,
+            proof,
+        };
+        self.state = State::Challenged { ni, nr: own };
+        Answer {
+            reply,
+            close: false,
+        }
+    }
+
+    /// A peer's proof of the key, after this side's `hello` answer.
+    fn hello_proof(&mut self, id: u64, proof: &str) -> Answer {
+        let (Some(key), State::Challenged { ni, nr }) = (&self.key, &self.state) else {
+            return refuse(
+                id,
+                ErrorCode::BadRequest,
+                "hello_proof without a hello first",
+            );
+        };
+        if !verify_hex(key, &[INITIATOR, ni, nr], proof) {
+            self.state = State::Start;
+            return refuse(
+                id,
+                ErrorCode::Unauthenticated,
+                "wrong proof of the cluster key",
+            );
+        }
+        self.state = State::Proven;
+        Answer {
+            reply: Reply::Welcome {
+                id,
+                user: None,
+                admin: false,
+            },
+            close: false,
+        }
+    }
+}
+
+/// A handshake refused: the connection closes after the answer.
+fn refuse(id: u64, code: ErrorCode, message: &str) -> Answer {
+    Answer {
+        reply: Reply::error(Some(id), code, message),
+        close: true,
     }
 }
 

@@ -158,32 +158,8 @@ impl Health {
             Observation::ProbeOk {
                 can_store: false, ..
             } => (State::Down, Some(STORAGE_UNAVAILABLE.to_string())),
-            Observation::ProbeOk { overloaded, .. } => {
-                self.bad = 0;
-                let answered = if *overloaded {
-                    State::Overloaded
-                } else {
-                    State::Up
-                };
-                if self.state == State::Down {
-                    self.good += 1;
-                    if self.good < self.rise {
-                        return None;
-                    }
-                }
-                (answered, None)
-            }
-            Observation::ProbeFailed(r) => {
-                self.good = 0;
-                if self.state == State::Down {
-                    return None;
-                }
-                self.bad += 1;
-                if self.bad < self.fall {
-                    return None;
-                }
-                (State::Down, Some(r.clone()))
-            }
+            Observation::ProbeOk { overloaded, .. } => (self.answered(*overloaded)?, None),
+            Observation::ProbeFailed(r) => (self.probe_failed()?, Some(r.clone())),
             Observation::LinkFailed(r) => (State::Down, Some(r.clone())),
             Observation::DiskFull(r) => (State::Down, Some(r.clone())),
             Observation::Served => {
@@ -202,6 +178,41 @@ impl Health {
                 (State::Down, Some(why))
             }
         };
+        self.go(to, reason)
+    }
+
+    /// A probe answered: the state it says, once `rise` of them in a row
+    /// bring a server back from down.
+    fn answered(&mut self, overloaded: bool) -> Option<State> {
+        self.bad = 0;
+        if self.state == State::Down {
+            self.good += 1;
+            if self.good < self.rise {
+                return None;
+            }
+        }
+        Some(if overloaded {
+            State::Overloaded
+        } else {
+            State::Up
+        })
+    }
+
+    /// A probe failed: down once `fall` of them in a row have.
+    fn probe_failed(&mut self) -> Option<State> {
+        self.good = 0;
+        if self.state == State::Down {
+            return None;
+        }
+        self.bad += 1;
+        if self.bad < self.fall {
+            return None;
+        }
+        Some(State::Down)
+    }
+
+    /// Moves to `to`; the transition when that is a change.
+    fn go(&mut self, to: State, reason: Option<String>) -> Option<Transition> {
         if to == State::Down {
             // Coming back always takes `rise` fresh good probes.
             self.good = 0;

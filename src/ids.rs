@@ -16,7 +16,7 @@
 //! and waits for the next millisecond rather than overflow the sequence.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// 2025-01-01T00:00:00Z in Unix milliseconds.
 const EPOCH_MS: u64 = 1_735_689_600_000;
@@ -83,7 +83,7 @@ impl Generator {
     /// `next` with the clock (milliseconds since the epoch above) given, so
     /// that tests can stop it or turn it back.
     fn next_by(&self, mut clock: impl FnMut() -> u64) -> u64 {
-        let mut last = crate::net::lock(&self.last);
+        let mut last = crate::sync::lock(&self.last);
         loop {
             let now = clock().max(last.0);
             if now > last.0 {
@@ -100,12 +100,9 @@ impl Generator {
     }
 }
 
+/// Milliseconds since this scheme's epoch (`EPOCH_MS`).
 fn now_ms() -> u64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
-    unix.saturating_sub(EPOCH_MS)
+    crate::text::now_ms().saturating_sub(EPOCH_MS)
 }
 
 /// A node id for a process that was given none: random, and logged by the

@@ -29,10 +29,13 @@
 //! - `auth`: the cluster key that balancer and servers share (HMAC-SHA-256).
 //! - `handshake`: balancer and server proving the cluster key to each other
 //!   at the start of a connection.
-//! - `error`: errors that stop a component from starting.
+//! - `error`: errors that stop a component from starting, and the one a
+//!   server's `join` reports when some of its threads panicked.
 //! - `throttle`: log lines for events that come in floods.
 //! - `text`: small helpers several components need (so none imports
 //!   another).
+//! - `sync`: named threads, joining those that ended, a lock that outlives
+//!   a panicked holder.
 
 pub mod auth;
 pub mod balancer;
@@ -47,6 +50,7 @@ pub mod net;
 pub mod policy;
 pub mod proto;
 pub mod server;
+pub mod sync;
 pub mod text;
 pub mod throttle;
 

@@ -58,6 +58,8 @@ mod tests {
                 file: "12_t\u{e8}st \"q\".json".into(),
                 a_count: 3,
                 existing,
+                copies: Vec::new(),
+                under_replicated: false,
             });
             let bytes = serde_json::to_vec(&reply).unwrap();
             assert!(bytes.starts_with(br#"{"type":"stored","#));

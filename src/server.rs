@@ -25,6 +25,7 @@ mod listing;
 pub mod load;
 mod outbox;
 pub mod registrar;
+mod replicate;
 pub mod storage;
 mod transfer;
 
@@ -142,6 +143,26 @@ impl Shared {
     }
 }
 
+/// The server id in request numbers: the one chosen, or a random one.
+fn node_id(chosen: Option<u16>) -> Result<u16, Error> {
+    match chosen {
+        Some(id) if id > ids::MAX_NODE => Err(Error::Config(format!(
+            "server id {id} is out of range (0..={})",
+            ids::MAX_NODE
+        ))),
+        Some(id) => Ok(id),
+        None => Ok(ids::random_node()),
+    }
+}
+
+fn chosen_or_random(chosen: Option<u16>) -> &'static str {
+    if chosen.is_none() {
+        " (random; set --server-id to choose it)"
+    } else {
+        ""
+    }
+}
+
 /// A bound server, ready to start.
 pub struct Server {
     listener: TcpListener,
@@ -151,16 +172,7 @@ pub struct Server {
 impl Server {
     /// Binds the listener and opens the storage folder.
     pub fn bind(config: Config) -> Result<Server, Error> {
-        let node = match config.server_id {
-            Some(id) if id > ids::MAX_NODE => {
-                return Err(Error::Config(format!(
-                    "server id {id} is out of range (0..={})",
-                    ids::MAX_NODE
-                )))
-            }
-            Some(id) => id,
-            None => ids::random_node(),
-        };
+        let node = node_id(config.server_id)?;
         let listener = net::listen(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
@@ -188,11 +200,7 @@ impl Server {
             "server {addr}: storing into {} ({} documents already there); server id {node}{}",
             dir.display(),
             storage.count(),
-            if config.server_id.is_none() {
-                " (random; set --server-id to choose it)"
-            } else {
-                ""
-            }
+            chosen_or_random(config.server_id)
         );
         let load = Arc::new(Load::new(Limits {
             max_active: config.max_active,
@@ -242,7 +250,7 @@ impl Server {
             stopped.clone(),
         )?;
         let dir = shared.storage.dir().to_path_buf();
-        let accept = net::spawn_named(format!("srv{port}-accept"), None, move || {
+        let accept = crate::sync::spawn_named(format!("srv{port}-accept"), None, move || {
             accept_connections(&listener, &stopped, &shared)
         });
         let accept = match accept {
@@ -290,7 +298,7 @@ impl ServerHandle {
     /// idle connections close, a request being handled still gets its
     /// reply. Returns at once; `join` waits. Idempotent.
     pub fn shutdown(&self) {
-        let stop = net::lock(&self.stop).take();
+        let stop = crate::sync::lock(&self.stop).take();
         if let Some(stop) = stop {
             log::info!("server {}: shutting down", self.addr);
             drop(stop);
@@ -427,6 +435,23 @@ fn serve_framed(
     });
 }
 
+/// What a framed connection does after a request.
+enum Then {
+    Reply(Reply),
+    /// Reads on: the request is answered elsewhere, or was a conversation.
+    Read,
+    Close,
+}
+
+impl From<transfer::Next> for Then {
+    fn from(next: transfer::Next) -> Then {
+        match next {
+            transfer::Next::Continue => Then::Read,
+            transfer::Next::Close => Then::Close,
+        }
+    }
+}
+
 /// A framed connection's thread.
 struct Framed<'s, 'a> {
     shared: &'a Shared,
@@ -449,8 +474,8 @@ impl<'s, 'a> Framed<'s, 'a> {
     /// the thread waits for more: stores go to the committer together,
     /// other replies out in one write.
     fn read_requests(&mut self, read_half: net::Stream, first_by: Instant) {
-        let (shared, peer, addr) = (self.shared, self.peer, self.shared.addr);
-        let local = read_half.tcp().local_addr().unwrap_or(addr);
+        let shared = self.shared;
+        let local = read_half.tcp().local_addr().unwrap_or(shared.addr);
         let mut gate = Gate::new(shared.config.cluster_key.as_ref(), local);
         // A listener that lets peers in without a certificate
         // (--tls-client-certs optional, for clients uploading with a ticket
@@ -463,20 +488,7 @@ impl<'s, 'a> Framed<'s, 'a> {
         let mut reader = FrameReader::new(paced, shared.frame_limit());
         let mut first = true;
         loop {
-            // The balancer's links and probes: closed to make room only
-            // after every connection that has proved nothing.
-            if gate.proven() {
-                self.mark.trust();
-            }
-            // Before a read that may wait: what was read so far goes on.
-            if !reader.frame_buffered() {
-                self.hand_over();
-            }
-            if self.outbox.is_full() {
-                self.hand_over();
-                self.outbox.wait_for_room();
-            }
-            if self.outbox.is_broken() {
+            if !self.ready_to_read(&gate, &reader) {
                 return;
             }
             let message = if first {
@@ -491,133 +503,171 @@ impl<'s, 'a> Framed<'s, 'a> {
                 self.mark.arrived();
                 self.mark.busy()
             });
-            let reply = match message {
+            let then = match message {
                 Ok(None) => return,
-                Err(proto::FrameError::Timeout { .. })
-                    if was_first && Instant::now() >= first_by =>
-                {
-                    request_too_slow(peer, shared);
-                    let late = Reply::error(
-                        None,
-                        ErrorCode::Timeout,
-                        format!(
-                            "no whole request within --frame-timeout ({:?}) of connecting",
-                            shared.config.frame_timeout
-                        ),
-                    );
-                    self.outbox.queue(&late);
-                    return;
-                }
                 Err(e) => {
-                    log::warn!("server {addr}: connection from {peer}: {e}");
-                    if let Some(r) = e.reply() {
-                        self.outbox.queue(&Reply::Error(r));
-                    }
+                    self.read_failed(e, was_first && Instant::now() >= first_by);
                     return;
                 }
                 Ok(Some(Err(bad))) => {
-                    log::warn!("server {addr}: bad request from {peer}: {bad}");
-                    Reply::Error(bad.into())
+                    log::warn!(
+                        "server {}: bad request from {}: {bad}",
+                        shared.addr,
+                        self.peer
+                    );
+                    Then::Reply(Reply::Error(bad.into()))
                 }
-                Ok(Some(Ok(request))) => match gate.handle(&request) {
-                    Some(answer) => {
-                        // The handshake is a conversation of its own:
-                        // whatever came before it is answered first.
-                        self.hand_over();
-                        self.outbox.wait_idle();
-                        if answer.close {
-                            if let Some(skipped) = refusals().check(&peer.ip()) {
-                                log::warn!(
-                                    "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
-                                    error_text(&answer.reply),
-                                    crate::throttle::more(skipped)
-                                );
-                            }
-                            self.outbox.queue(&answer.reply);
-                            return;
-                        }
-                        answer.reply
-                    }
-                    // An upload straight from a client carries a signed
-                    // ticket instead (checked by `transfer::receive`).
-                    None if (uploads_only || (gate.keyed() && !gate.proven()))
-                        && !matches!(request, Request::Upload(_)) =>
-                    {
-                        if let Some(skipped) = refusals().check(&peer.ip()) {
-                            log::warn!(
-                                "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
-                                request.kind(),
-                                crate::throttle::more(skipped)
-                            );
-                        }
-                        Reply::error(
-                            Some(request.id()),
-                            ErrorCode::Unauthenticated,
-                            "this server takes requests only after the cluster handshake \
-                             (hello, see PROTOCOL.md), or uploads with a ticket",
-                        )
-                    }
-                    None => match request {
-                        Request::Store(store) => {
-                            self.store(store);
-                            continue;
-                        }
-                        // Uploads and downloads are conversations that
-                        // write to the socket themselves, one at a time.
-                        Request::Upload(upload) => {
-                            let mut writer = self.conversation();
-                            match transfer::receive(upload, &mut reader, &mut writer, peer, shared)
-                            {
-                                transfer::Next::Continue => continue,
-                                transfer::Next::Close => return,
-                            }
-                        }
-                        Request::Get {
-                            id,
-                            name,
-                            offset,
-                            owner,
-                        } => {
-                            let owner = owner.as_deref();
-                            let mut writer = self.conversation();
-                            match transfer::send(
-                                id,
-                                &name,
-                                offset,
-                                owner,
-                                &mut writer,
-                                peer,
-                                shared,
-                            ) {
-                                transfer::Next::Continue => continue,
-                                transfer::Next::Close => return,
-                            }
-                        }
-                        // A listing may take several frames: a conversation
-                        // too, after the stores before it.
-                        Request::List { id, owner, kind } => {
-                            let owner = owner.as_deref();
-                            let mut writer = self.conversation();
-                            if let Err(e) = listing::list(id, owner, kind, &mut writer, shared) {
-                                log::warn!("server {addr}: cannot reply to {peer}: {e}");
-                                return;
-                            }
-                            continue;
-                        }
-                        Request::Delete {
-                            id,
-                            name,
-                            owner,
-                            upload_id,
-                        } => {
-                            let (owner, upload) = (owner.as_deref(), upload_id.as_deref());
-                            transfer::delete(id, &name, owner, upload, peer, shared)
-                        }
-                        request => handle(request, shared),
-                    },
-                },
+                Ok(Some(Ok(request))) => self.admit(&mut gate, uploads_only, request, &mut reader),
             };
-            self.outbox.queue(&reply);
+            match then {
+                Then::Reply(reply) => {
+                    self.outbox.queue(&reply);
+                }
+                Then::Read => {}
+                Then::Close => return,
+            }
+        }
+    }
+
+    /// Readies the connection for the next read; false when its outbox
+    /// broke.
+    fn ready_to_read(&mut self, gate: &Gate, reader: &FrameReader<net::Paced>) -> bool {
+        // The balancer's links and probes: closed to make room only after
+        // every connection that has proved nothing.
+        if gate.proven() {
+            self.mark.trust();
+        }
+        // Before a read that may wait: what was read so far goes on.
+        if !reader.frame_buffered() {
+            self.hand_over();
+        }
+        if self.outbox.is_full() {
+            self.hand_over();
+            self.outbox.wait_for_room();
+        }
+        !self.outbox.is_broken()
+    }
+
+    /// A read that ends the connection: a first request not whole in time
+    /// (`first_late`), or broken framing.
+    fn read_failed(&mut self, e: proto::FrameError, first_late: bool) {
+        let shared = self.shared;
+        if first_late && matches!(e, proto::FrameError::Timeout { .. }) {
+            request_too_slow(self.peer, shared);
+            let late = Reply::error(
+                None,
+                ErrorCode::Timeout,
+                format!(
+                    "no whole request within --frame-timeout ({:?}) of connecting",
+                    shared.config.frame_timeout
+                ),
+            );
+            self.outbox.queue(&late);
+            return;
+        }
+        log::warn!("server {}: connection from {}: {e}", shared.addr, self.peer);
+        if let Some(r) = e.reply() {
+            self.outbox.queue(&Reply::Error(r));
+        }
+    }
+
+    /// A request past the cluster handshake's gate: the handshake's own
+    /// messages, a refusal before it, or the request carried out.
+    fn admit(
+        &mut self,
+        gate: &mut Gate,
+        uploads_only: bool,
+        request: Request,
+        reader: &mut FrameReader<net::Paced>,
+    ) -> Then {
+        let (addr, peer) = (self.shared.addr, self.peer);
+        match gate.handle(&request) {
+            Some(answer) => {
+                // The handshake is a conversation of its own: whatever
+                // came before it is answered first.
+                self.hand_over();
+                self.outbox.wait_idle();
+                if !answer.close {
+                    return Then::Reply(answer.reply);
+                }
+                if let Some(skipped) = refusals().check(&peer.ip()) {
+                    log::warn!(
+                        "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
+                        error_text(&answer.reply),
+                        crate::throttle::more(skipped)
+                    );
+                }
+                self.outbox.queue(&answer.reply);
+                Then::Close
+            }
+            // An upload straight from a client carries a signed ticket
+            // instead (checked by `transfer::receive`).
+            None if (uploads_only || (gate.keyed() && !gate.proven()))
+                && !matches!(request, Request::Upload(_)) =>
+            {
+                if let Some(skipped) = refusals().check(&peer.ip()) {
+                    log::warn!(
+                        "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
+                        request.kind(),
+                        crate::throttle::more(skipped)
+                    );
+                }
+                Then::Reply(Reply::error(
+                    Some(request.id()),
+                    ErrorCode::Unauthenticated,
+                    "this server takes requests only after the cluster handshake \
+                     (hello, see PROTOCOL.md), or uploads with a ticket",
+                ))
+            }
+            None => self.carry_out(request, reader),
+        }
+    }
+
+    /// Carries out an admitted request.
+    fn carry_out(&mut self, request: Request, reader: &mut FrameReader<net::Paced>) -> Then {
+        let (shared, peer) = (self.shared, self.peer);
+        match request {
+            Request::Store(store) => {
+                self.store(store);
+                Then::Read
+            }
+            // Uploads and downloads are conversations that write to the
+            // socket themselves, one at a time.
+            Request::Upload(upload) => {
+                let mut writer = self.conversation();
+                transfer::receive(upload, reader, &mut writer, peer, shared).into()
+            }
+            Request::Get {
+                id,
+                name,
+                offset,
+                owner,
+            } => {
+                let owner = owner.as_deref();
+                let mut writer = self.conversation();
+                transfer::send(id, &name, offset, owner, &mut writer, peer, shared).into()
+            }
+            // A listing may take several frames: a conversation too, after
+            // the stores before it.
+            Request::List { id, owner, kind } => {
+                let owner = owner.as_deref();
+                let mut writer = self.conversation();
+                if let Err(e) = listing::list(id, owner, kind, &mut writer, shared) {
+                    log::warn!("server {}: cannot reply to {peer}: {e}", shared.addr);
+                    return Then::Close;
+                }
+                Then::Read
+            }
+            Request::Delete {
+                id,
+                name,
+                owner,
+                upload_id,
+            } => {
+                let (owner, upload) = (owner.as_deref(), upload_id.as_deref());
+                Then::Reply(transfer::delete(id, &name, owner, upload, peer, shared))
+            }
+            request => Then::Reply(handle(request, shared)),
         }
     }
 
@@ -783,6 +833,8 @@ impl StoreReplies {
             file,
             a_count,
             existing,
+            copies: Vec::new(),
+            under_replicated: false,
         })
     }
 
@@ -884,19 +936,7 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             "`store` is answered by the connection loop",
         ),
         Request::Status { id } => Reply::Status(status_report(id, shared)),
-        Request::Calc { id, operation } => {
-            let _active = shared.load.begin();
-            let mut rng = rand::thread_rng();
-            let (a, b) = (rng.gen_range(1..=50), rng.gen_range(1..=50));
-            Reply::Calc(proto::Computed {
-                id,
-                server: shared.addr.to_string(),
-                a,
-                b,
-                operation,
-                result: operation.apply(a, b),
-            })
-        }
+        Request::Calc { id, operation } => compute(id, operation, shared),
         Request::Forget { id, numbers, keys } => handle_forget(id, &numbers, &keys, shared),
         Request::Lookup { id, keys } => {
             let found = shared.storage.lookup(&keys);
@@ -907,6 +947,7 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             }
         }
         Request::Inventory { id } => listing::inventory(id, shared),
+        fetch @ Request::Fetch { .. } => replicate::fetch(fetch, shared),
         Request::List { id, .. } | Request::Delete { id, .. } => Reply::error(
             Some(id),
             ErrorCode::Internal,
@@ -925,7 +966,8 @@ fn handle(request: Request, shared: &Shared) -> Reply {
         | Request::Deregister { id, .. }
         | Request::AddServer { id, .. }
         | Request::DrainServer { id, .. }
-        | Request::RemoveServer { id, .. } => Reply::error(
+        | Request::RemoveServer { id, .. }
+        | Request::Repair { id } => Reply::error(
             Some(id),
             ErrorCode::BadRequest,
             "this request is for the balancer, not for storage servers",
@@ -947,6 +989,21 @@ fn handle(request: Request, shared: &Shared) -> Reply {
             "cluster handshake out of place",
         ),
     }
+}
+
+/// A computation on two random operands.
+fn compute(id: u64, operation: proto::Operation, shared: &Shared) -> Reply {
+    let _active = shared.load.begin();
+    let mut rng = rand::thread_rng();
+    let (a, b) = (rng.gen_range(1..=50), rng.gen_range(1..=50));
+    Reply::Calc(proto::Computed {
+        id,
+        server: shared.addr.to_string(),
+        a,
+        b,
+        operation,
+        result: operation.apply(a, b),
+    })
 }
 
 /// `chunk` or `upload_end` with no upload started on the connection.

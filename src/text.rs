@@ -3,6 +3,17 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Unix time now, in milliseconds.
+pub fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
 /// Counts the letters `a` and `A`.
 pub fn count_a(text: &str) -> u64 {
     text.chars().filter(|c| matches!(c, 'a' | 'A')).count() as u64

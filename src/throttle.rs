@@ -30,7 +30,7 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
     /// quiet.
     pub fn check(&self, key: &K) -> Option<u64> {
         let now = Instant::now();
-        let mut seen = crate::net::lock(&self.seen);
+        let mut seen = crate::sync::lock(&self.seen);
         if let Some((last, quiet)) = seen.get_mut(key) {
             if now.duration_since(*last) < self.interval {
                 *quiet += 1;

@@ -85,6 +85,8 @@ fn answer_stored(mut stream: &TcpStream, id: u64) {
         file: format!("{id}_sample.json"),
         a_count: 3,
         existing: false,
+        copies: Vec::new(),
+        under_replicated: false,
     });
     proto::write_frame(&mut stream, &encode(&reply)).unwrap();
 }

@@ -35,16 +35,24 @@ fn note(size: usize) {
     });
 }
 
+// SAFETY: every call goes to the system allocator unchanged, so its
+// guarantees are this allocator's; noting a size only sets thread-local
+// cells (const-initialised: no allocation, so no recursion).
 unsafe impl GlobalAlloc for Largest {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        // SAFETY: the caller keeps `alloc`'s contract, which is the system's.
         System.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`,
+        // with `layout`.
         System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
+        // SAFETY: as in `dealloc`, and the caller keeps `realloc`'s contract
+        // for `new_size`.
         System.realloc(ptr, layout, new_size)
     }
 }
@@ -137,6 +145,8 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Request::Get { .. }
         | Request::Delete { .. }
         | Request::Inventory { .. }
+        | Request::Fetch { .. }
+        | Request::Repair { .. }
         | Request::TransferEvent(_)
         | Request::Hello { .. }
         | Request::HelloProof { .. }
@@ -161,6 +171,7 @@ fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
         | Reply::Deleted(_)
         | Reply::Inventory(_)
         | Reply::Recorded { .. }
+        | Reply::Fetched { .. }
         | Reply::Hello { .. }
         | Reply::Welcome { .. } => {}
     }
@@ -245,6 +256,21 @@ fn file_and_user_request() -> impl Strategy<Value = Request> {
                 upload_id
             }),
         any::<u64>().prop_map(|id| Request::Inventory { id }),
+        any::<u64>().prop_map(|id| Request::Repair { id }),
+        (
+            any::<u64>(),
+            text(),
+            text(),
+            proptest::option::of(text()),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, from, name, owner, upload_id)| Request::Fetch {
+                id,
+                from,
+                name,
+                owner,
+                upload_id
+            }),
         (
             any::<u64>(),
             text(),
@@ -406,6 +432,14 @@ fn file_and_user_reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         any::<u64>().prop_map(|id| Reply::Recorded { id }),
+        (any::<u64>(), text(), any::<u64>(), text()).prop_map(|(id, file, size, sha256)| {
+            Reply::Fetched {
+                id,
+                file,
+                size,
+                sha256,
+            }
+        }),
         (any::<u64>(), text(), text(), text()).prop_map(|(id, nonce, addr, proof)| {
             Reply::Hello {
                 id,
@@ -601,6 +635,8 @@ fn reply() -> impl Strategy<Value = Reply> {
                     file,
                     a_count,
                     existing,
+                    copies: Vec::new(),
+                    under_replicated: false,
                 })
             }),
         (
@@ -622,8 +658,13 @@ fn reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         status_report().prop_map(Reply::Status),
-        (any::<u64>(), proptest::collection::vec(server_view(), 0..3))
-            .prop_map(|(id, servers)| Reply::Servers(ServerList { id, servers })),
+        (any::<u64>(), proptest::collection::vec(server_view(), 0..3)).prop_map(|(id, servers)| {
+            Reply::Servers(ServerList {
+                id,
+                servers,
+                repair: None,
+            })
+        }),
         (
             any::<u64>(),
             proptest::collection::vec(transfer_view(), 0..3)

@@ -15,20 +15,28 @@ struct Largest;
 static TRACKING: AtomicBool = AtomicBool::new(false);
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
+// SAFETY: every call goes to the system allocator unchanged, so its
+// guarantees are this allocator's; noting a size only touches atomics
+// (no allocation, so no recursion).
 unsafe impl GlobalAlloc for Largest {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if TRACKING.load(Ordering::Relaxed) {
             LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
         }
+        // SAFETY: the caller keeps `alloc`'s contract, which is the system's.
         System.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`,
+        // with `layout`.
         System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if TRACKING.load(Ordering::Relaxed) {
             LARGEST.fetch_max(new_size, Ordering::Relaxed);
         }
+        // SAFETY: as in `dealloc`, and the caller keeps `realloc`'s contract
+        // for `new_size`.
         System.realloc(ptr, layout, new_size)
     }
 }

@@ -136,6 +136,8 @@ pub fn send_legacy(
         file: legacy::original_file_name(number, &doc.title),
         a_count: crate::text::count_a(&doc.content),
         existing: false,
+        copies: Vec::new(),
+        under_replicated: false,
     }))
 }
 

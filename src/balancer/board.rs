@@ -12,6 +12,7 @@
 //! ends (`Gate::release`).
 
 use super::link::Link;
+use super::replicas::Group;
 use super::stats::ServerStats;
 use super::ServerId;
 use crate::policy::{Candidate, Load, PolicyKind};
@@ -58,6 +59,12 @@ impl Gate {
         self.accepting.load(Relaxed)
     }
 
+    /// Can take work, or may soon: no probe has answered yet (a copy of a
+    /// document waits for it rather than being refused at start).
+    pub fn may_accept(&self) -> bool {
+        self.accepting() || self.stats.state() == crate::health::State::Unknown
+    }
+
     /// For the dispatcher: whether new work may go to it.
     pub fn set_accepting(&self, accepting: bool) {
         self.accepting.store(accepting, Relaxed);
@@ -70,7 +77,7 @@ impl Gate {
     }
 
     pub fn set_load(&self, load: Option<Load>) {
-        *crate::net::lock(&self.load) = load;
+        *crate::sync::lock(&self.load) = load;
     }
 
     /// Takes a place on it, if one of `max` is free.
@@ -93,7 +100,7 @@ impl Gate {
         Candidate {
             eligible: self.accepting() && in_flight < max && !avoided,
             in_flight,
-            load: *crate::net::lock(&self.load),
+            load: *crate::sync::lock(&self.load),
         }
     }
 }
@@ -203,18 +210,65 @@ impl Board {
     /// A server among `servers` that can take a job now, avoiding those in
     /// `avoid` while another is up; a place is taken on it.
     pub fn take(&self, servers: &[Arc<Gate>], avoid: &[ServerId]) -> Option<Arc<Gate>> {
+        self.take_excluding(servers, avoid, &[])
+    }
+
+    /// For a copy of a document (`--replicas`): `take_now`, never on a
+    /// server another copy of it has claimed; the server is claimed.
+    pub fn take_now_for(&self, avoid: &[ServerId], group: &Group) -> Option<Arc<Gate>> {
+        if self.queued() > 0 {
+            return None;
+        }
+        self.take_for(&self.servers(), avoid, group)
+    }
+
+    /// `take` for a copy of a document: never on a server another copy of
+    /// it has claimed; the server is claimed.
+    pub fn take_for(
+        &self,
+        servers: &[Arc<Gate>],
+        avoid: &[ServerId],
+        group: &Group,
+    ) -> Option<Arc<Gate>> {
+        let gate = self.take_excluding(servers, avoid, &group.claimed())?;
+        if group.claim(gate.id) {
+            return Some(gate);
+        }
+        // Another thread placed a copy there meanwhile.
+        gate.stats.in_flight.fetch_sub(1, Relaxed);
+        None
+    }
+
+    /// Whether some server up is not in `exclude`: a copy can go there
+    /// once it has a free place.
+    pub fn any_up_besides(&self, servers: &[Arc<Gate>], exclude: &[ServerId]) -> bool {
+        servers
+            .iter()
+            .any(|g| g.may_accept() && !exclude.contains(&g.id))
+    }
+
+    /// `take`, never on a server in `exclude`.
+    fn take_excluding(
+        &self,
+        servers: &[Arc<Gate>],
+        avoid: &[ServerId],
+        exclude: &[ServerId],
+    ) -> Option<Arc<Gate>> {
         // Every server not yet tried is down or overloaded: trying one
         // again beats waiting. (One that is up but busy is worth the wait:
         // it is soon free.)
         let untried_up = servers
             .iter()
-            .any(|g| g.accepting() && !avoid.contains(&g.id));
+            .any(|g| g.accepting() && !avoid.contains(&g.id) && !exclude.contains(&g.id));
         let avoid = if untried_up { avoid } else { &[] };
         // A place may go between the look and the take: look again.
         for _ in 0..=servers.len() {
             let candidates: Vec<Candidate> = servers
                 .iter()
-                .map(|g| g.candidate(self.max_in_flight, avoid.contains(&g.id)))
+                .map(|g| {
+                    let out = avoid.contains(&g.id) || exclude.contains(&g.id);
+                    g.candidate(self.max_in_flight, out)
+                })
                 .collect();
             let i = self.policy.pick_shared(&self.cursor, &candidates)?;
             if servers[i].try_take(self.max_in_flight) {
@@ -240,7 +294,7 @@ impl Board {
             .map(|g| Candidate {
                 eligible: usable(g),
                 in_flight: g.in_flight(),
-                load: *crate::net::lock(&g.load),
+                load: *crate::sync::lock(&g.load),
             })
             .collect();
         let i = self.policy.pick_shared(&self.cursor, &candidates)?;

@@ -245,6 +245,14 @@ pub enum Change {
     Delete { entry: i64, transfer: Recorded },
     /// A removal was carried out (or found needless).
     RemovalDone(i64),
+    /// Repair made one more copy of `entry` on `server` as `file`.
+    CopyAdded {
+        entry: i64,
+        kind: EntryKind,
+        server: String,
+        file: String,
+        upload_id: Option<String>,
+    },
     /// What `server` holds of `kind`, from its own listing: the catalog's
     /// copies on it become exactly these.
     Sync {
@@ -291,6 +299,16 @@ pub fn apply(db: &mut dyn Db, at_ms: u64, change: Change) -> Result<Outcome, DbE
         Change::Delete { entry, transfer } => delete(db, at_ms, entry, &transfer),
         Change::RemovalDone(id) => {
             db.execute("DELETE FROM removals WHERE id = ?1", sql_args![id])?;
+            Ok(Vec::new())
+        }
+        Change::CopyAdded {
+            entry,
+            kind,
+            server,
+            file,
+            upload_id,
+        } => {
+            add_copy(db, entry, kind, &server, &file, upload_id.as_deref())?;
             Ok(Vec::new())
         }
         Change::Sync {
@@ -462,6 +480,13 @@ fn insert_file_entry(
     .i64(0)
 }
 
+/// Whether `old` is this very copy, or another copy of the same upload
+/// (`--replicas`), which stays.
+fn same_upload(old: &Copy, rec: &FileRecord) -> bool {
+    (old.server == rec.server && old.file == rec.file)
+        || old.upload_id.as_deref() == Some(rec.upload_id.as_str())
+}
+
 fn file_stored(
     db: &mut dyn Db,
     at_ms: u64,
@@ -473,7 +498,7 @@ fn file_stored(
     let entry = match file_entry(db, owner, &rec.name)? {
         Some((id, _)) => {
             for old in copies_of(db, id)? {
-                if old.server == rec.server && old.file == rec.file {
+                if same_upload(&old, rec) {
                     continue;
                 }
                 // The older file's bytes go once this commits.
@@ -894,6 +919,15 @@ pub fn find_files(db: &mut dyn Db, owner: Option<&str>, name: &str) -> Result<Ve
         sql_args![owner, name],
     )?;
     entries_with_copies(db, rows)
+}
+
+/// The document entry of request number `number`, with its copies.
+pub fn find_document(db: &mut dyn Db, number: u64) -> Result<Option<Entry>, DbError> {
+    let rows = db.query(
+        &format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE kind = 'document' AND number = ?1"),
+        sql_args![number as i64],
+    )?;
+    Ok(entries_with_copies(db, rows)?.pop())
 }
 
 /// Where a listing page starts: files after this name and id, documents

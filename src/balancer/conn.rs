@@ -86,7 +86,7 @@ impl Conn {
         self.mark
             .watch_output(move || !queued.0.is_empty() || !queued.1.is_empty());
         let mark = self.mark.clone();
-        let writer = net::spawn_named(name, Some(256 * 1024), move || {
+        let writer = crate::sync::spawn_named(name, Some(256 * 1024), move || {
             write_replies(&writer_out, peer, reply_rx, nudges, stop, mark)
         });
         let writer = match writer {
@@ -99,7 +99,7 @@ impl Conn {
         let carried = intake::read_requests(self, read_half, first_by, &reply_tx, &out);
         drop(reply_tx);
         let _ = writer.join();
-        let sent = net::lock(&out).written;
+        let sent = crate::sync::lock(&out).written;
         net::close_gracefully(&closing);
         let level = if carried.work > 0 {
             log::Level::Info
@@ -157,31 +157,42 @@ impl Conn {
                         "original-format connection from {peer}: ignoring a request that is not a document"
                     );
                 }
-                Err(LegacyError::Timeout { mid_object: true }) => {
-                    self.stats.limits.hit(Limit::FrameTimeout, || {
-                        format!(
-                            "original-format connection from {peer}: a document not whole within --frame-timeout ({:?}); closed",
-                            settings.frame_timeout
-                        )
-                    });
-                    break;
-                }
-                Err(LegacyError::Timeout { mid_object: false }) => {
-                    log::debug!(
-                        "original-format connection from {peer}: idle for {:?}, closing",
-                        settings.legacy_idle_timeout
-                    );
-                    break;
-                }
                 Err(e) => {
-                    log::warn!("original-format connection from {peer}: {e}");
-                    if !e.is_recoverable() {
+                    if !self.legacy_read_failed(e) {
                         break;
                     }
                 }
             }
         }
         received
+    }
+
+    /// Logs (or counts) why reading an original-format client failed;
+    /// whether reading goes on.
+    fn legacy_read_failed(&self, e: LegacyError) -> bool {
+        let (peer, settings) = (self.peer, self.settings);
+        match e {
+            LegacyError::Timeout { mid_object: true } => {
+                self.stats.limits.hit(Limit::FrameTimeout, || {
+                    format!(
+                        "original-format connection from {peer}: a document not whole within --frame-timeout ({:?}); closed",
+                        settings.frame_timeout
+                    )
+                });
+                false
+            }
+            LegacyError::Timeout { mid_object: false } => {
+                log::debug!(
+                    "original-format connection from {peer}: idle for {:?}, closing",
+                    settings.legacy_idle_timeout
+                );
+                false
+            }
+            e => {
+                log::warn!("original-format connection from {peer}: {e}");
+                e.is_recoverable()
+            }
+        }
     }
 }
 
@@ -215,14 +226,14 @@ fn write_replies(
         match replies.try_recv() {
             Ok(_) if broken => {}
             Ok(reply) => {
-                if let Err(e) = net::lock(out).message(&reply) {
+                if let Err(e) = crate::sync::lock(out).message(&reply) {
                     broken = fail(e);
                 }
             }
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
                 if nudges.try_recv().is_ok() {
-                    if let Err(e) = net::lock(out).finish_unsent() {
+                    if let Err(e) = crate::sync::lock(out).finish_unsent() {
                         broken = broken || fail(e);
                     }
                 }
@@ -232,7 +243,7 @@ fn write_replies(
     if broken {
         return;
     }
-    let mut out = net::lock(out);
+    let mut out = crate::sync::lock(out);
     if let Err(e) = out.finish_unsent() {
         fail(e);
         return;

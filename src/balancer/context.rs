@@ -50,6 +50,10 @@ pub struct FileSettings {
     /// How far the catalog's first look at the servers has got (with a
     /// state file).
     pub catalog: Option<Arc<super::catalog::sync::Progress>>,
+    /// `--replicas`: copies each entry should have (`list` flags fewer).
+    pub replicas: usize,
+    /// Starts a repair pass now (with `--replicas` above 1 and a state).
+    pub repair: Option<Sender<()>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +71,8 @@ pub struct ConnSettings {
     pub window: usize,
     /// Largest document content one request may carry, in bytes.
     pub max_document_size: Option<usize>,
+    /// Copies of each document (`--replicas`, `--min-replicas`).
+    pub replicas: super::replicas::Replicas,
 }
 
 /// What a connection thread works with.

@@ -32,11 +32,12 @@ use super::event::{Event, Picked};
 use super::monitor::Roster;
 use super::stats::Stats;
 use super::tracking::{TrackEvent, Tracker};
-use super::work::{now_ms, Failure, Job, Work};
+use super::work::{Failure, Job, Work};
 use super::ServerId;
 use crate::health::{Health, Observation, State};
 use crate::ids;
 use crate::proto::{ClientKey, ErrorCode, Reply};
+use crate::text::now_ms;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -98,6 +99,29 @@ struct Leaving {
     /// When held jobs it could not be asked about may go elsewhere: their
     /// `not_after_ms` has passed.
     release_at: Option<Instant>,
+}
+
+impl Leaving {
+    /// Numbers of held jobs not asked to be forgotten yet.
+    fn unasked(&self) -> Vec<u64> {
+        self.held
+            .iter()
+            .filter_map(|j| j.request_number)
+            .filter(|n| !self.asked.contains(n))
+            .collect()
+    }
+
+    /// When every held job's `not_after_ms` has passed, seen from `now`.
+    fn held_until(&self, now: Instant) -> Instant {
+        storable_until(&self.held, now)
+    }
+}
+
+/// When a server can no longer store any of `jobs` (their `not_after_ms`
+/// have all passed), seen from `now`.
+fn storable_until(jobs: &[Job], now: Instant) -> Instant {
+    let latest = jobs.iter().map(|j| j.not_after_ms).max().unwrap_or(0);
+    now + Duration::from_millis(latest.saturating_sub(now_ms()))
 }
 
 pub struct Dispatcher {
@@ -341,27 +365,8 @@ impl Dispatcher {
                 numbers,
                 ok,
             } => self.forgotten(server, numbers, ok),
-            Event::KeysForgotten { server, keys, ok } => {
-                if let Some(slot) = self.slots.get_mut(&server) {
-                    slot.forget_keys_in_flight = false;
-                    if ok {
-                        keys.iter().for_each(|k| {
-                            slot.forget_keys.remove(k);
-                        });
-                    }
-                }
-            }
-            Event::Probes(observations) => {
-                for (server, observation) in &observations {
-                    if let (Observation::ProbeOk { load, .. }, Some(slot)) =
-                        (observation, self.slots.get(server))
-                    {
-                        slot.gate.set_load(*load);
-                    }
-                    self.observe(*server, observation);
-                }
-                self.send_forgets();
-            }
+            Event::KeysForgotten { server, keys, ok } => self.keys_forgotten(server, &keys, ok),
+            Event::Probes(observations) => self.probed(&observations),
             Event::Membership {
                 change,
                 id,
@@ -385,6 +390,32 @@ impl Dispatcher {
                 }
             },
         }
+    }
+
+    /// A server answered a `forget` of keys: those are forgotten there.
+    fn keys_forgotten(&mut self, server: ServerId, keys: &[ClientKey], ok: bool) {
+        if let Some(slot) = self.slots.get_mut(&server) {
+            slot.forget_keys_in_flight = false;
+            if ok {
+                keys.iter().for_each(|k| {
+                    slot.forget_keys.remove(k);
+                });
+            }
+        }
+    }
+
+    /// The monitor's probes of every server: their load, then what each
+    /// says of its health.
+    fn probed(&mut self, observations: &[(ServerId, Observation)]) {
+        for (server, observation) in observations {
+            if let (Observation::ProbeOk { load, .. }, Some(slot)) =
+                (observation, self.slots.get(server))
+            {
+                slot.gate.set_load(*load);
+            }
+            self.observe(*server, observation);
+        }
+        self.send_forgets();
     }
 
     /// A job a connection thread could not send itself (it counted it on
@@ -444,7 +475,20 @@ impl Dispatcher {
         let mut batches: HashMap<ServerId, (Arc<Gate>, Vec<Job>)> = HashMap::new();
         let mut taken = 0;
         while let Some(job) = self.waiting.front() {
-            let Some(gate) = self.board.take(&servers, &job.tried) else {
+            let gate = match &job.group {
+                None => self.board.take(&servers, &job.tried),
+                // A copy no server up can take (the others hold its
+                // siblings): its group goes on without it.
+                Some(group) if !self.board.any_up_besides(&servers, &group.claimed()) => {
+                    let job = self.waiting.pop_front().expect("looked at above");
+                    taken += 1;
+                    let why = "no server up besides those holding the document's other copies";
+                    job.fail(ErrorCode::TooFewServers, why.into(), &self.stats);
+                    continue;
+                }
+                Some(group) => self.board.take_for(&servers, &job.tried, group),
+            };
+            let Some(gate) = gate else {
                 break;
             };
             let mut job = self.waiting.pop_front().expect("looked at above");
@@ -656,8 +700,7 @@ impl Dispatcher {
             return;
         }
         // It could not be asked: they go once it can no longer store them.
-        let latest = answered.iter().map(|j| j.not_after_ms).max().unwrap_or(0);
-        let at = Instant::now() + Duration::from_millis(latest.saturating_sub(now_ms()));
+        let at = storable_until(&answered, Instant::now());
         let leaving = self.leaving.get_mut(&server).expect("looked up above");
         leaving.unreachable = true;
         leaving.release_at = Some(leaving.release_at.map_or(at, |r| r.max(at)));
@@ -671,21 +714,10 @@ impl Dispatcher {
         let mut done = Vec::new();
         let mut released = Vec::new();
         for (id, leaving) in &mut self.leaving {
-            let unasked: Vec<u64> = leaving
-                .held
-                .iter()
-                .filter_map(|j| j.request_number)
-                .filter(|n| !leaving.asked.contains(n))
-                .collect();
+            let unasked = leaving.unasked();
             if leaving.unreachable {
                 // Later ones wait as long as the first did.
-                let latest = leaving
-                    .held
-                    .iter()
-                    .map(|j| j.not_after_ms)
-                    .max()
-                    .unwrap_or(0);
-                let at = now + Duration::from_millis(latest.saturating_sub(now_ms()));
+                let at = leaving.held_until(now);
                 if !unasked.is_empty() {
                     leaving.release_at = Some(leaving.release_at.map_or(at, |r| r.max(at)));
                     leaving.asked.extend(&unasked);
@@ -701,14 +733,7 @@ impl Dispatcher {
                     // No errand thread (shutting down): wait as if asked
                     // in vain.
                     leaving.unreachable = true;
-                    let latest = leaving
-                        .held
-                        .iter()
-                        .map(|j| j.not_after_ms)
-                        .max()
-                        .unwrap_or(0);
-                    leaving.release_at =
-                        Some(now + Duration::from_millis(latest.saturating_sub(now_ms())));
+                    leaving.release_at = Some(leaving.held_until(now));
                 }
             }
             if leaving.release_at.is_some_and(|at| at <= now) {

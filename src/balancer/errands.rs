@@ -5,7 +5,6 @@
 use super::backend::{self, BackendSettings};
 use super::event::Event;
 use super::ServerId;
-use crate::net;
 use crate::proto::{Connection, Reply, Request};
 use crossbeam_channel::{Receiver, Sender};
 use std::net::SocketAddr;
@@ -29,7 +28,7 @@ pub fn spawn(
     events: Sender<Event>,
     settings: BackendSettings,
 ) -> std::io::Result<JoinHandle<()>> {
-    net::spawn_named("errands".into(), None, move || {
+    crate::sync::spawn_named("errands".into(), None, move || {
         for errand in errands {
             match errand {
                 Errand::Forget {

@@ -93,7 +93,7 @@ impl Budget {
     /// An empty reservation for a request that has begun to arrive; it
     /// grows as its bytes do (`Reservation::grow`) until `complete`.
     pub fn open(self: &Arc<Self>) -> Reservation {
-        let mut used = crate::net::lock(&self.used);
+        let mut used = crate::sync::lock(&self.used);
         let number = used.next;
         used.next += 1;
         used.arriving.insert(number);
@@ -110,7 +110,7 @@ impl Budget {
     }
 
     pub fn used(&self) -> usize {
-        crate::net::lock(&self.used).bytes
+        crate::sync::lock(&self.used).bytes
     }
 
     /// Wakes the waiters, if any, once `used` is released.
@@ -128,7 +128,7 @@ impl Reservation {
     /// `Used::room` for who need not wait).
     pub fn grow(&mut self, more: usize) {
         let budget = &self.budget;
-        let mut used = crate::net::lock(&budget.used);
+        let mut used = crate::sync::lock(&budget.used);
         while !used.room(budget.max, self.bytes, more, self.arriving) {
             used.waiting += 1;
             used = budget.freed.wait(used).unwrap_or_else(|p| p.into_inner());
@@ -141,7 +141,7 @@ impl Reservation {
     /// Takes `more` bytes if that needs no wait.
     pub fn try_grow(&mut self, more: usize) -> bool {
         let budget = &self.budget;
-        let mut used = crate::net::lock(&budget.used);
+        let mut used = crate::sync::lock(&budget.used);
         if !used.room(budget.max, self.bytes, more, self.arriving) {
             return false;
         }
@@ -154,7 +154,7 @@ impl Reservation {
     /// goes first among those arriving.
     pub fn complete(&mut self) {
         if let Some(number) = self.arriving.take() {
-            let mut used = crate::net::lock(&self.budget.used);
+            let mut used = crate::sync::lock(&self.budget.used);
             used.arriving.remove(&number);
             used.arriving_bytes -= self.bytes;
             self.budget.wake(used);
@@ -164,7 +164,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut used = crate::net::lock(&self.budget.used);
+        let mut used = crate::sync::lock(&self.budget.used);
         used.bytes -= self.bytes;
         if let Some(number) = self.arriving {
             used.arriving.remove(&number);

@@ -56,6 +56,9 @@ pub fn handle(
     if !matches!(request, Request::Store(_) | Request::Calc { .. }) {
         io.outbox.flush(conn);
     }
+    if let Some((id, addr, kind)) = pool_change(&request) {
+        return membership(conn, id, addr, kind, io);
+    }
     let answer = |reply: Reply| {
         let _ = io.replies.send(reply);
         Flow::Continue
@@ -64,19 +67,7 @@ pub fn handle(
         Request::Store(store) => documents::store(conn, session, store, raw_fields, held, io),
         Request::Calc { id, operation } => documents::calc(conn, session, id, operation, held, io),
         Request::Servers { id } => answer(pool::servers(conn, id)),
-        Request::Register { id, addr } => {
-            pool::membership(conn, id, &addr, pool::Kind::Register, io)
-        }
-        Request::Deregister { id, addr } => {
-            pool::membership(conn, id, &addr, pool::Kind::Deregister, io)
-        }
-        Request::AddServer { id, addr } => pool::membership(conn, id, &addr, pool::Kind::Add, io),
-        Request::DrainServer { id, addr } => {
-            pool::membership(conn, id, &addr, pool::Kind::Drain, io)
-        }
-        Request::RemoveServer { id, addr } => {
-            pool::membership(conn, id, &addr, pool::Kind::Remove, io)
-        }
+        Request::Repair { id } => answer(pool::repair(conn, id)),
         Request::Transfers {
             id,
             active,
@@ -112,6 +103,31 @@ pub fn handle(
         // Requests for other peers, or out of their place.
         other => answer(refusal(&other)),
     }
+}
+
+/// Carries out a change to the pool; a server removed for good lost its
+/// copies, so repair (`--replicas`) looks at once.
+fn membership(conn: &Conn, id: u64, addr: &str, kind: pool::Kind, io: &mut Io<'_>) -> Flow {
+    let removed = matches!(kind, pool::Kind::Remove);
+    let flow = pool::membership(conn, id, addr, kind, io);
+    if let (true, Some(now)) = (removed, &conn.files.repair) {
+        let _ = now.send(());
+    }
+    flow
+}
+
+/// The change to the pool a request asks for (joining, leaving, an
+/// operator's add, drain or remove), with its id and address.
+fn pool_change(request: &Request) -> Option<(u64, &str, pool::Kind)> {
+    let (id, addr, kind) = match request {
+        Request::Register { id, addr } => (id, addr, pool::Kind::Register),
+        Request::Deregister { id, addr } => (id, addr, pool::Kind::Deregister),
+        Request::AddServer { id, addr } => (id, addr, pool::Kind::Add),
+        Request::DrainServer { id, addr } => (id, addr, pool::Kind::Drain),
+        Request::RemoveServer { id, addr } => (id, addr, pool::Kind::Remove),
+        _ => return None,
+    };
+    Some((*id, addr.as_str(), kind))
 }
 
 /// The answer to a request the balancer does not carry out from a client.

@@ -64,41 +64,12 @@ pub fn read_requests(
         if conn.shutting_down() {
             break;
         }
-        let request = match proto::decode::<Request>(&payload) {
-            Ok(request) => request,
-            Err(mut bad) => {
-                if bad.code == ErrorCode::UnknownType {
-                    bad.message = balancer_types_only(&bad.message);
-                }
-                log::warn!("connection from {peer}: bad request: {bad}");
-                let _ = replies.send(Reply::Error(bad.into()));
-                continue;
-            }
+        let screened = screen(conn, &mut session, payload, replies, &mut carried);
+        let (request, raw_fields) = match screened {
+            Step::Carry(request, raw_fields) => (request, raw_fields),
+            Step::Skip => continue,
+            Step::Stop => break,
         };
-        // A document goes on as the client wrote it.
-        let raw_fields = match &request {
-            Request::Store(_) => proto::raw_document_fields(&payload),
-            _ => None,
-        };
-        drop(payload);
-        carried.received += 1;
-        let verdict = session.admit(&request, &conn.stop);
-        // A server that proved the cluster key, a user who logged in:
-        // closed to make room only after everyone else idle.
-        if session.trusted() {
-            conn.mark.trust();
-        }
-        match verdict {
-            Verdict::Proceed => {}
-            Verdict::Answer(reply) => {
-                let _ = replies.send(reply);
-                continue;
-            }
-            Verdict::Close(reply) => {
-                let _ = replies.send(reply);
-                break;
-            }
-        }
         if is_work(&request) {
             carried.work += 1;
         }
@@ -117,6 +88,64 @@ pub fn read_requests(
     }
     outbox.flush(conn);
     carried
+}
+
+/// What the loop does with a request read.
+// One at a time, moved once: not worth a box per request.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    /// Carry it out (with a document's fields as the client wrote them).
+    Carry(Request, Option<Vec<u8>>),
+    /// Answered here: read the next one.
+    Skip,
+    /// Answered here, and the connection closes.
+    Stop,
+}
+
+/// Decodes a request read and asks the session about it; answers what is
+/// answered here (a bad request, the handshake, a login, a refusal).
+fn screen(
+    conn: &Conn,
+    session: &mut Session,
+    payload: Vec<u8>,
+    replies: &Sender<Reply>,
+    carried: &mut Carried,
+) -> Step {
+    let request = match proto::decode::<Request>(&payload) {
+        Ok(request) => request,
+        Err(mut bad) => {
+            if bad.code == ErrorCode::UnknownType {
+                bad.message = balancer_types_only(&bad.message);
+            }
+            log::warn!("connection from {}: bad request: {bad}", conn.peer);
+            let _ = replies.send(Reply::Error(bad.into()));
+            return Step::Skip;
+        }
+    };
+    // A document goes on as the client wrote it.
+    let raw_fields = match &request {
+        Request::Store(_) => proto::raw_document_fields(&payload),
+        _ => None,
+    };
+    drop(payload);
+    carried.received += 1;
+    let verdict = session.admit(&request, &conn.stop);
+    // A server that proved the cluster key, a user who logged in: closed
+    // to make room only after everyone else idle.
+    if session.trusted() {
+        conn.mark.trust();
+    }
+    match verdict {
+        Verdict::Proceed => Step::Carry(request, raw_fields),
+        Verdict::Answer(reply) => {
+            let _ = replies.send(reply);
+            Step::Skip
+        }
+        Verdict::Close(reply) => {
+            let _ = replies.send(reply);
+            Step::Stop
+        }
+    }
 }
 
 fn is_work(request: &Request) -> bool {
@@ -244,20 +273,45 @@ fn read_failed(conn: &Conn, e: FrameError, first: Option<Instant>, replies: &Sen
     }
 }
 
-/// The request types a client may send to the balancer: `status` and
-/// `forget` are for storage servers.
-const BALANCER_TYPES: &str = "store, calc, servers, transfers, register, deregister, \
-     add_server, drain_server, remove_server, upload, chunk, upload_end, list, get, hello, \
-     hello_proof, login, transfer_event";
+/// The request types only storage servers answer; the balancer takes
+/// every other type of the protocol (`Request::TYPES`).
+const SERVERS_ONLY: [&str; 4] = ["status", "forget", "lookup", "inventory"];
 
 /// The decoder's `unknown_type` message lists every request type of the
 /// protocol; a client of the balancer is told only those it accepts.
 fn balancer_types_only(message: &str) -> String {
     match message.find(" (expected one of:") {
-        Some(cut) => format!(
-            "{} (the balancer accepts: {BALANCER_TYPES})",
-            &message[..cut]
-        ),
+        Some(cut) => {
+            let accepted: Vec<&str> = <Request as proto::Message>::TYPES
+                .iter()
+                .copied()
+                .filter(|t| !SERVERS_ONLY.contains(t))
+                .collect();
+            format!(
+                "{} (the balancer accepts: {})",
+                &message[..cut],
+                accepted.join(", ")
+            )
+        }
         None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_told_the_request_types_the_balancer_takes() {
+        let types = <Request as proto::Message>::TYPES;
+        assert!(SERVERS_ONLY.iter().all(|t| types.contains(t)));
+        let told = balancer_types_only("unknown message type `x` (expected one of: store, status)");
+        let (said, accepted) = told.split_once(" (the balancer accepts: ").unwrap();
+        assert_eq!(said, "unknown message type `x`");
+        let accepted: Vec<&str> = accepted.trim_end_matches(')').split(", ").collect();
+        for kind in types {
+            let taken = !SERVERS_ONLY.contains(kind);
+            assert_eq!(accepted.contains(kind), taken, "{kind}: {told}");
+        }
     }
 }

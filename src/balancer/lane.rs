@@ -34,17 +34,15 @@ use std::time::Instant;
 /// shallow.
 const LANE_STACK: usize = 256 * 1024;
 
+/// A server's answer to a job, or how it failed on the connection and
+/// whether the request may have reached the server (`delivered`).
+pub type Answered = Result<Reply, (Failure, bool)>;
+
 /// Where a link hands back the jobs it carried.
 pub trait Finish: Send + Sync {
     /// `job` was answered (`Ok`) by server `id`, or failed on the
     /// connection: `delivered` when the request may have reached it.
-    fn finish(
-        &self,
-        id: ServerId,
-        server: &ServerStats,
-        job: Job,
-        result: Result<Reply, (Failure, bool)>,
-    );
+    fn finish(&self, id: ServerId, server: &ServerStats, job: Job, result: Answered);
 }
 
 /// What a lane knows of its server.
@@ -109,13 +107,13 @@ impl Lane {
         let (streams_tx, streams) = crossbeam_channel::unbounded::<net::Stream>();
         let writer = {
             let shared = shared.clone();
-            net::spawn_named(format!("{name}-w"), Some(LANE_STACK), move || {
+            crate::sync::spawn_named(format!("{name}-w"), Some(LANE_STACK), move || {
                 write_loop(&shared, &nudges, &streams_tx)
             })?
         };
         let reader = {
             let shared = shared.clone();
-            net::spawn_named(format!("{name}-r"), Some(LANE_STACK), move || {
+            crate::sync::spawn_named(format!("{name}-r"), Some(LANE_STACK), move || {
                 read_loop(&shared, &streams)
             })?
         };
@@ -154,7 +152,7 @@ impl Lane {
             let _ = crate::proto::write_frame(&mut frames, payload);
             numbers.push((job.request_number.unwrap_or_default(), frames.len()));
         }
-        let mut state = net::lock(&shared.state);
+        let mut state = crate::sync::lock(&shared.state);
         for (job, _) in batch {
             let number = job.request_number.unwrap_or_default();
             state.deadlines.push_back((deadline, number));
@@ -192,7 +190,7 @@ impl Lane {
     /// (`Failure::Cut`), and nothing is sent any more.
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Relaxed);
-        let stream = net::lock(&self.shared.state).stream.clone();
+        let stream = crate::sync::lock(&self.shared.state).stream.clone();
         match stream {
             Some(stream) => {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -204,7 +202,7 @@ impl Lane {
 
     /// Requests on this lane (sent or queued), not yet answered.
     pub fn outstanding(&self) -> usize {
-        net::lock(&self.shared.state).pending.len()
+        crate::sync::lock(&self.shared.state).pending.len()
     }
 }
 
@@ -221,7 +219,7 @@ impl Drop for Lane {
 fn write_loop(shared: &Shared, nudges: &Receiver<()>, streams: &Sender<net::Stream>) {
     while nudges.recv().is_ok() {
         loop {
-            let mut state = net::lock(&shared.state);
+            let mut state = crate::sync::lock(&shared.state);
             if state.queue.is_empty() || shared.closed.load(Ordering::Relaxed) {
                 break;
             }
@@ -237,7 +235,7 @@ fn write_loop(shared: &Shared, nudges: &Receiver<()>, streams: &Sender<net::Stre
             state.busy = true;
             drop(state);
             let wrote = (&stream).write_all(&bytes).and_then(|()| (&stream).flush());
-            net::lock(&shared.state).busy = false;
+            crate::sync::lock(&shared.state).busy = false;
             if let Err(e) = wrote {
                 // The reader sees the broken stream too; cutting it makes
                 // sure it does now.
@@ -256,7 +254,7 @@ fn connect(shared: &Shared, streams: &Sender<net::Stream>) -> bool {
     let settings = &shared.settings;
     match backend::connect_framed(settings.addr, &settings.backend) {
         Ok(stream) => {
-            net::lock(&shared.state).stream = Some(stream.clone());
+            crate::sync::lock(&shared.state).stream = Some(stream.clone());
             streams.send(stream).is_ok()
         }
         Err(failure) => {
@@ -271,7 +269,7 @@ fn connect(shared: &Shared, streams: &Sender<net::Stream>) -> bool {
 /// requests are not this failure's). A request still in the queue never
 /// reached the server.
 fn fail_all(shared: &Shared, broken: Option<&net::Stream>, failure: Failure) {
-    let mut state = net::lock(&shared.state);
+    let mut state = crate::sync::lock(&shared.state);
     if let Some(broken) = broken {
         if !state.stream.as_ref().is_some_and(|s| s.same(broken)) {
             return;
@@ -342,7 +340,7 @@ fn read_answers(shared: &Shared, stream: &net::Stream) -> Failure {
             // An error without an id: the server ends the connection.
             return Failure::Link(format!("the server ended the connection: {reply:?}"));
         };
-        let job = net::lock(&shared.state).pending.remove(&number);
+        let job = crate::sync::lock(&shared.state).pending.remove(&number);
         match job {
             Some((job, _)) => {
                 settings
@@ -359,7 +357,7 @@ fn read_answers(shared: &Shared, stream: &net::Stream) -> Failure {
 
 /// When the oldest request on the lane is due, if any.
 fn earliest_deadline(shared: &Shared) -> Option<Instant> {
-    let mut state = net::lock(&shared.state);
+    let mut state = crate::sync::lock(&shared.state);
     while let Some(&(due, number)) = state.deadlines.front() {
         if state.pending.get(&number).is_some_and(|(_, d)| *d == due) {
             return Some(due);

@@ -7,11 +7,11 @@
 //! dispatcher, and end when the last handle on them is dropped.
 
 use super::backend::{self, BackendSettings};
-use super::lane::{Finish, Lane, LaneSettings};
+use super::lane::{Answered, Finish, Lane, LaneSettings};
 use super::stats::ServerStats;
-use super::work::{now_ms, Job, Work};
+use super::work::{Job, Work};
 use super::{BackendWire, ServerId};
-use crate::net;
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
@@ -184,32 +184,38 @@ impl Links {
                     let finish = self.finish.clone();
                     let stats = stats.clone();
                     let name = format!("link{}-{i}", id.0);
-                    threads.push(net::spawn_named(name, Some(WORKER_STACK), move || {
-                        for job in queue {
-                            let number = job.request_number.unwrap_or_default();
-                            let result = match &job.work {
-                                Work::Store(doc) => {
-                                    backend::send_legacy(addr, &settings, number, &doc.fields)
-                                }
-                                Work::Calc(_) | Work::Forget(_) | Work::ForgetKeys(_) => {
-                                    Ok(crate::proto::Reply::error(
-                                        Some(number),
-                                        crate::proto::ErrorCode::BadRequest,
-                                        "servers of the original format only store documents",
-                                    ))
-                                }
-                            };
-                            finish.finish(id, &stats, job, result);
-                        }
-                    })?);
+                    threads.push(crate::sync::spawn_named(
+                        name,
+                        Some(WORKER_STACK),
+                        move || {
+                            for job in queue {
+                                let result = send_legacy(addr, &settings, &job);
+                                finish.finish(id, &stats, job, result);
+                            }
+                        },
+                    )?);
                 }
                 Inner::Legacy { jobs }
             }
         };
-        let mut all = net::lock(&self.threads);
+        let mut all = crate::sync::lock(&self.threads);
         // Links of servers that left end on their own.
-        net::join_finished(&mut all);
+        crate::sync::join_finished(&mut all);
         all.extend(threads);
         Ok((id, stats, Link(Arc::new(inner))))
+    }
+}
+
+/// Carries out a job on a server of the original format, which only
+/// stores documents.
+fn send_legacy(addr: SocketAddr, settings: &BackendSettings, job: &Job) -> Answered {
+    let number = job.request_number.unwrap_or_default();
+    match &job.work {
+        Work::Store(doc) => backend::send_legacy(addr, settings, number, &doc.fields),
+        Work::Calc(_) | Work::Forget(_) | Work::ForgetKeys(_) => Ok(crate::proto::Reply::error(
+            Some(number),
+            crate::proto::ErrorCode::BadRequest,
+            "servers of the original format only store documents",
+        )),
     }
 }

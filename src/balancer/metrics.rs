@@ -32,7 +32,7 @@ pub fn spawn(
     stats: Arc<Stats>,
     stop: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
-    net::spawn_named("metrics".into(), None, move || {
+    crate::sync::spawn_named("metrics".into(), None, move || {
         // Scrapers often come from one address: no cap of its own.
         let admission = net::Admission {
             policy: net::Policy {

@@ -8,7 +8,6 @@ use super::event::Event;
 use super::stats::Stats;
 use super::ServerId;
 use crate::health::Observation;
-use crate::net;
 use crate::proto::StatusReport;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::SocketAddr;
@@ -27,12 +26,12 @@ pub fn spawn(
     stats: Arc<Stats>,
     until: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
-    net::spawn_named("monitor".into(), None, move || {
+    crate::sync::spawn_named("monitor".into(), None, move || {
         let mut probe_id = 0u64;
         loop {
             let round_started = Instant::now();
             probe_id += 1;
-            let servers = crate::net::lock(&roster).clone();
+            let servers = crate::sync::lock(&roster).clone();
             let results = probe_all(&servers, probe_id, &settings);
             let mut observations = Vec::with_capacity(results.len());
             for ((id, _), (observation, report, took)) in servers.iter().zip(results) {

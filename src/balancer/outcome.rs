@@ -40,22 +40,7 @@ impl Finish for Outcomes {
         }
         let ended = match result {
             Ok(Reply::Stored(stored)) => self.stored(id, server, job, stored),
-            Ok(Reply::Calc(mut computed)) => {
-                log::debug!(
-                    "request {}: computed on server {}: {} {} {} = {}",
-                    job.request_number.unwrap_or_default(),
-                    server.name,
-                    computed.a,
-                    computed.operation.symbol(),
-                    computed.b,
-                    computed.result
-                );
-                computed.id = job.id;
-                computed.server = server.name.clone();
-                self.stats.latency.observe(job.received.elapsed());
-                job.deliver(Reply::Calc(computed));
-                true
-            }
+            Ok(Reply::Calc(computed)) => self.computed(server, job, computed),
             // A server that wants the handshake from a balancer without the
             // key: nothing will go there, so it counts as unreachable.
             Ok(Reply::Error(e)) if e.code == ErrorCode::Unauthenticated => {
@@ -73,22 +58,7 @@ impl Finish for Outcomes {
                 };
                 return self.retry(id, server, job, failure, true);
             }
-            Ok(Reply::Error(mut e)) => {
-                log::warn!(
-                    "request {}: refused by server {} after {} ms: {}",
-                    job.request_number.unwrap_or_default(),
-                    server.name,
-                    job.received.elapsed().as_millis(),
-                    e.message
-                );
-                let reason = format!("server {}: {}", server.name, e.message);
-                self.track(job.failed_event(e.code, &reason));
-                job.count_failed(server);
-                self.stats.failed.fetch_add(1, Relaxed);
-                e.id = Some(job.id);
-                job.deliver(Reply::Error(e));
-                false
-            }
+            Ok(Reply::Error(e)) => self.refused(server, job, e),
             Ok(other) => {
                 let failure = Failure::Link(format!("unexpected answer {other:?}"));
                 return self.retry(id, server, job, failure, true);
@@ -106,6 +76,47 @@ impl Finish for Outcomes {
 }
 
 impl Outcomes {
+    /// A computation answered: delivered to its client.
+    fn computed(
+        &self,
+        server: &ServerStats,
+        job: Job,
+        mut computed: crate::proto::Computed,
+    ) -> bool {
+        log::debug!(
+            "request {}: computed on server {}: {} {} {} = {}",
+            job.request_number.unwrap_or_default(),
+            server.name,
+            computed.a,
+            computed.operation.symbol(),
+            computed.b,
+            computed.result
+        );
+        computed.id = job.id;
+        computed.server = server.name.clone();
+        self.stats.latency.observe(job.received.elapsed());
+        job.deliver(Reply::Calc(computed));
+        true
+    }
+
+    /// A request the server refused for good: the client hears why.
+    fn refused(&self, server: &ServerStats, job: Job, mut e: crate::proto::ErrorReply) -> bool {
+        log::warn!(
+            "request {}: refused by server {} after {} ms: {}",
+            job.request_number.unwrap_or_default(),
+            server.name,
+            job.received.elapsed().as_millis(),
+            e.message
+        );
+        let reason = format!("server {}: {}", server.name, e.message);
+        self.track(job.failed_event(e.code, &reason));
+        job.count_failed(server);
+        self.stats.failed.fetch_add(1, Relaxed);
+        e.id = Some(job.id);
+        job.deliver(Reply::Error(e));
+        false
+    }
+
     fn track(&self, event: Option<super::tracking::TrackEvent>) {
         if let (Some(t), Some(event)) = (&self.tracker, event) {
             t.record(event);

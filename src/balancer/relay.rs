@@ -12,7 +12,7 @@
 
 pub use super::backend::ServerReach;
 use super::catalog::sync;
-use super::catalog::{Change, Cursor, Entry, FileRecord, Recorded, Removal};
+use super::catalog::{Change, Copy, Cursor, Entry, FileRecord, Recorded, Removal};
 use super::client_out::ClientWriter;
 use super::context::Conn;
 pub use super::context::{FileSettings, Mode};
@@ -22,31 +22,26 @@ use super::stats::{Ended, Kind, Transfer};
 use super::tracking::TrackEvent;
 use crate::auth::ClusterKey;
 use crate::net;
-use crate::proto::file::{valid_upload_id, BodyError, LIST_PAGE};
+use crate::proto::file::{body_len, valid_upload_id, BodyError, LIST_PAGE};
 use crate::proto::FrameError;
 use crate::proto::{
     Chunk, Connection, Deadline, Deleted, EntryKind, ErrorCode, FileEntry, FileHeader, FileList,
     FileStored, FrameReader, ListKind, Redirect, Reply, Request, Ticket, TransferEvent,
-    UploadRequest,
+    UploadReady, UploadRequest,
 };
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How a conversation ended for the client connection.
 pub enum Next {
     Continue,
     /// The client's stream is out of step or gone.
     Close,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A signed ticket for `upload` on `server`, valid for `ttl`.
@@ -154,90 +149,19 @@ impl Conn {
         replies: &Sender<Reply>,
         user: Option<&str>,
     ) -> Next {
-        let id = up.id;
-        let peer = self.peer;
         // Whatever the client said, the file is the logged-in user's.
         up.owner = user.map(str::to_owned);
-        if !valid_upload_id(&up.upload_id) {
-            let _ = replies.send(Reply::error(
-                Some(id),
-                ErrorCode::BadRequest,
-                "upload_id must be 8 to 64 letters, digits, '-' or '_'",
-            ));
-            return Next::Continue;
-        }
-        if up.size > self.files.max_file_size {
-            let _ = replies.send(Reply::error(
-                Some(id),
-                ErrorCode::TooLarge,
-                format!(
-                    "the file has {} bytes, more than this balancer takes (--max-file-size {})",
-                    up.size, self.files.max_file_size
-                ),
-            ));
-            return Next::Continue;
-        }
-        if let Some(refusal) = self.clobbers(&up) {
+        if let Some(refusal) = self.refuse_upload(&up) {
             let _ = replies.send(refusal);
             return Next::Continue;
         }
         // A new run of the same `send` goes back to the bytes it left.
         let resume_on = self.resume_server(&up);
-        let mut avoid = Vec::new();
-        let (server_name, number, mut server) = loop {
-            let Some(Picked { name, addr, number }) =
-                self.pick_server(resume_on.as_deref(), &avoid)
-            else {
-                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
-                let _ = replies.send(Reply::error(
-                    Some(id),
-                    ErrorCode::NoServer,
-                    format!(
-                        "no server could take a file for --queue-timeout ({:?}): all down, overloaded or draining",
-                        self.files.wait
-                    ),
-                ));
+        let (server_name, number, server) = match self.route_upload(&up, &resume_on, user) {
+            Ok(relay) => relay,
+            Err(answer) => {
+                let _ = replies.send(*answer);
                 return Next::Continue;
-            };
-            if self.files.mode == Mode::Redirect {
-                let Some(key) = &self.files.key else {
-                    let _ = replies.send(Reply::error(
-                        Some(id),
-                        ErrorCode::Internal,
-                        "redirect mode needs a cluster key",
-                    ));
-                    return Next::Continue;
-                };
-                let report_to = self.files.advertise.map(|a| a.to_string());
-                let ticket = ticket(key, &up, &name, self.files.ticket_ttl, number, report_to);
-                log::info!(
-                    "upload {} of {:?} ({} bytes) from {peer}: redirected to {name}",
-                    up.upload_id,
-                    crate::proto::truncate(&up.name, 80),
-                    up.size
-                );
-                self.note_partial(&up, &name);
-                self.track_start(number, &up, &name, user);
-                let _ = replies.send(Reply::Redirect(Redirect {
-                    id,
-                    upload_id: up.upload_id.clone(),
-                    server: name,
-                    ticket,
-                }));
-                return Next::Continue;
-            }
-            match self.connect_server(addr) {
-                Ok(c) => break (name, number, c),
-                Err(e) => {
-                    log::warn!(
-                        "upload {} from {peer}: cannot reach {name}: {e}",
-                        up.upload_id
-                    );
-                    let server = self.stats.server_named(&name);
-                    server.carried(Kind::Upload).started.fetch_add(1, Relaxed);
-                    server.carried(Kind::Upload).failures.fetch_add(1, Relaxed);
-                    avoid.push(name);
-                }
             }
         };
         let resumed_elsewhere = resume_on.as_ref().is_some_and(|s| *s != server_name);
@@ -250,103 +174,243 @@ impl Conn {
             .map(|k| ticket(k, &up, &server_name, self.files.ticket_ttl, number, None));
         // Counted on its server from here, under way until this returns.
         let transfer = self.stats.server_named(&server_name).transfer(Kind::Upload);
-        let ready = match server.call(&Request::Upload(up.clone())) {
-            Ok(Reply::UploadReady(r)) => r,
-            Ok(other) => {
-                transfer.failed();
-                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
-                let _ = replies.send(other);
-                return Next::Continue;
-            }
-            Err(e) => {
-                transfer.failed();
-                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
-                let _ = replies.send(server_failed(id, &server_name, &e.to_string()));
+        let mut server = server;
+        let ready = match self.begin_relayed(&up, &server_name, &mut server, &transfer) {
+            Ok(ready) => ready,
+            Err(answer) => {
+                let _ = replies.send(*answer);
                 return Next::Continue;
             }
         };
-        log::info!(
-            "upload {} of {:?} ({} bytes) from {peer} -> server {server_name}{}",
-            up.upload_id,
-            crate::proto::truncate(&up.name, 80),
-            up.size,
-            match (ready.offset, resumed_elsewhere) {
-                (0, true) => " (its previous server is gone: starting again)".to_string(),
-                (0, false) => String::new(),
-                (n, _) => format!(" (resuming at byte {n})"),
-            }
-        );
+        self.log_relay_start(&up, &server_name, ready.offset, resumed_elsewhere);
         self.note_partial(&up, &server_name);
         self.track_start(number, &up, &server_name, user);
         let _ = replies.send(Reply::UploadReady(ready));
         let (reply, next) = match self.relay_chunks(&up, &server_name, server, reader, &transfer) {
             Ok(reply) => (Some(reply), Next::Continue),
-            Err(stopped) => {
-                let Stopped {
-                    why,
-                    reply,
-                    client_left,
-                } = *stopped;
-                if client_left || reply.is_none() {
-                    self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
-                }
-                if client_left {
-                    log::info!(
-                        "upload {} from {peer}: the client went away ({why}); \
-                         {server_name} keeps the bytes for a resume",
-                        up.upload_id
-                    );
-                    self.track(TrackEvent::Interrupted {
-                        number,
-                        reason: format!("the client went away: {why}"),
-                    });
-                } else if reply.is_none() {
-                    log::info!("upload {} from {peer}: {why}", up.upload_id);
-                    self.track(TrackEvent::Failed {
-                        number,
-                        code: ErrorCode::ServerFailed,
-                        reason: why,
-                    });
-                }
-                (reply.filter(|_| !client_left), Next::Close)
-            }
+            Err(stopped) => (
+                self.relay_stopped(&up, &server_name, number, *stopped),
+                Next::Close,
+            ),
         };
-        let reply = match reply {
-            Some(Reply::FileStored(stored)) => {
-                log::info!(
-                    "upload {} from {peer}: stored as {} on {server_name} ({} bytes)",
-                    up.upload_id,
-                    stored.file,
-                    stored.size
-                );
-                self.stats.transfer_ended(Kind::Upload, Ended::Done);
-                Some(self.file_stored(Some(number), stored, up.owner.clone()))
-            }
-            Some(other) => {
-                // The client's own mistakes are not the server's failures.
-                if by_the_client(&other) {
-                    self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
-                } else {
-                    transfer.failed();
-                    self.stats.transfer_ended(Kind::Upload, Ended::Failed);
-                }
-                log::warn!("upload {} from {peer}: {}", up.upload_id, describe(&other));
-                let (code, reason) = error_parts(&other);
-                self.track(TrackEvent::Failed {
-                    number,
-                    code,
-                    reason,
-                });
-                Some(other)
-            }
-            None => None,
-        };
+        let reply = reply.map(|r| self.relay_answered(&up, &server_name, number, r, &transfer));
         // Counted done before the client hears of it.
         drop(transfer);
         if let Some(reply) = reply {
             let _ = replies.send(reply);
         }
         next
+    }
+
+    /// Why an upload is refused before any server is asked, if it is.
+    fn refuse_upload(&self, up: &UploadRequest) -> Option<Reply> {
+        if !valid_upload_id(&up.upload_id) {
+            return Some(Reply::error(
+                Some(up.id),
+                ErrorCode::BadRequest,
+                "upload_id must be 8 to 64 letters, digits, '-' or '_'",
+            ));
+        }
+        if up.size > self.files.max_file_size {
+            return Some(Reply::error(
+                Some(up.id),
+                ErrorCode::TooLarge,
+                format!(
+                    "the file has {} bytes, more than this balancer takes (--max-file-size {})",
+                    up.size, self.files.max_file_size
+                ),
+            ));
+        }
+        self.clobbers(up)
+    }
+
+    /// Picks the server for an upload and, in proxy mode, connects to it
+    /// (another server when one cannot be reached). `Err` is the answer
+    /// for the client instead: a redirect, or why no server takes it.
+    fn route_upload(
+        &self,
+        up: &UploadRequest,
+        resume_on: &Option<String>,
+        user: Option<&str>,
+    ) -> Result<(String, u64, Connection<net::Stream>), Box<Reply>> {
+        let mut avoid = Vec::new();
+        loop {
+            let Some(picked) = self.pick_server(resume_on.as_deref(), &avoid) else {
+                self.stats.transfer_ended(Kind::Upload, Ended::Failed);
+                return Err(Box::new(Reply::error(
+                    Some(up.id),
+                    ErrorCode::NoServer,
+                    format!(
+                        "no server could take a file for --queue-timeout ({:?}): all down, overloaded or draining",
+                        self.files.wait
+                    ),
+                )));
+            };
+            if self.files.mode == Mode::Redirect {
+                return Err(Box::new(self.redirect(up, picked, user)));
+            }
+            let Picked { name, addr, number } = picked;
+            match self.connect_server(addr) {
+                Ok(c) => return Ok((name, number, c)),
+                Err(e) => {
+                    log::warn!(
+                        "upload {} from {}: cannot reach {name}: {e}",
+                        up.upload_id,
+                        self.peer
+                    );
+                    let server = self.stats.server_named(&name);
+                    server.carried(Kind::Upload).started.fetch_add(1, Relaxed);
+                    server.carried(Kind::Upload).failures.fetch_add(1, Relaxed);
+                    avoid.push(name);
+                }
+            }
+        }
+    }
+
+    /// Sends the client to `picked` with a signed ticket (redirect mode).
+    fn redirect(&self, up: &UploadRequest, picked: Picked, user: Option<&str>) -> Reply {
+        let Picked { name, number, .. } = picked;
+        let Some(key) = &self.files.key else {
+            return Reply::error(
+                Some(up.id),
+                ErrorCode::Internal,
+                "redirect mode needs a cluster key",
+            );
+        };
+        let report_to = self.files.advertise.map(|a| a.to_string());
+        let ticket = ticket(key, up, &name, self.files.ticket_ttl, number, report_to);
+        log::info!(
+            "upload {} of {:?} ({} bytes) from {}: redirected to {name}",
+            up.upload_id,
+            crate::proto::truncate(&up.name, 80),
+            up.size,
+            self.peer
+        );
+        self.note_partial(up, &name);
+        self.track_start(number, up, &name, user);
+        Reply::Redirect(Redirect {
+            id: up.id,
+            upload_id: up.upload_id.clone(),
+            server: name,
+            ticket,
+        })
+    }
+
+    /// Asks the server to take a relayed upload. `Err` is the answer for
+    /// the client when it will not.
+    fn begin_relayed(
+        &self,
+        up: &UploadRequest,
+        server_name: &str,
+        server: &mut Connection<net::Stream>,
+        transfer: &Transfer,
+    ) -> Result<UploadReady, Box<Reply>> {
+        let refused = match server.call(&Request::Upload(up.clone())) {
+            Ok(Reply::UploadReady(r)) => return Ok(r),
+            Ok(other) => other,
+            Err(e) => server_failed(up.id, server_name, &e.to_string()),
+        };
+        transfer.failed();
+        self.stats.transfer_ended(Kind::Upload, Ended::Failed);
+        Err(Box::new(refused))
+    }
+
+    fn log_relay_start(
+        &self,
+        up: &UploadRequest,
+        server_name: &str,
+        offset: u64,
+        resumed_elsewhere: bool,
+    ) {
+        log::info!(
+            "upload {} of {:?} ({} bytes) from {} -> server {server_name}{}",
+            up.upload_id,
+            crate::proto::truncate(&up.name, 80),
+            up.size,
+            self.peer,
+            match (offset, resumed_elsewhere) {
+                (0, true) => " (its previous server is gone: starting again)".to_string(),
+                (0, false) => String::new(),
+                (n, _) => format!(" (resuming at byte {n})"),
+            }
+        );
+    }
+
+    /// A relayed upload that stopped early: counted, logged and tracked.
+    /// Returns the reply worth sending the client, if any.
+    fn relay_stopped(
+        &self,
+        up: &UploadRequest,
+        server_name: &str,
+        number: u64,
+        stopped: Stopped,
+    ) -> Option<Reply> {
+        let Stopped {
+            why,
+            reply,
+            client_left,
+        } = stopped;
+        let peer = self.peer;
+        if client_left || reply.is_none() {
+            self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
+        }
+        if client_left {
+            log::info!(
+                "upload {} from {peer}: the client went away ({why}); \
+                 {server_name} keeps the bytes for a resume",
+                up.upload_id
+            );
+            self.track(TrackEvent::Interrupted {
+                number,
+                reason: format!("the client went away: {why}"),
+            });
+        } else if reply.is_none() {
+            log::info!("upload {} from {peer}: {why}", up.upload_id);
+            self.track(TrackEvent::Failed {
+                number,
+                code: ErrorCode::ServerFailed,
+                reason: why,
+            });
+        }
+        reply.filter(|_| !client_left)
+    }
+
+    /// The server's answer to a relayed upload, counted, logged and
+    /// tracked; a stored file goes into the catalog.
+    fn relay_answered(
+        &self,
+        up: &UploadRequest,
+        server_name: &str,
+        number: u64,
+        reply: Reply,
+        transfer: &Transfer,
+    ) -> Reply {
+        let peer = self.peer;
+        if let Reply::FileStored(stored) = reply {
+            log::info!(
+                "upload {} from {peer}: stored as {} on {server_name} ({} bytes)",
+                up.upload_id,
+                stored.file,
+                stored.size
+            );
+            self.stats.transfer_ended(Kind::Upload, Ended::Done);
+            return self.file_stored(Some(number), stored, up.owner.clone());
+        }
+        // The client's own mistakes are not the server's failures.
+        if by_the_client(&reply) {
+            self.stats.transfer_ended(Kind::Upload, Ended::Abandoned);
+        } else {
+            transfer.failed();
+            self.stats.transfer_ended(Kind::Upload, Ended::Failed);
+        }
+        log::warn!("upload {} from {peer}: {}", up.upload_id, describe(&reply));
+        let (code, reason) = error_parts(&reply);
+        self.track(TrackEvent::Failed {
+            number,
+            code,
+            reason,
+        });
+        reply
     }
 
     /// A server stored a file: the catalog gives its name to it, then the
@@ -503,26 +567,20 @@ impl Conn {
         &self,
         up: &UploadRequest,
         server_name: &str,
-        mut server: Connection<net::Stream>,
+        server: Connection<net::Stream>,
         read: Result<(u64, String), Box<Stopped>>,
         written: Result<(), (u64, String)>,
         said: &crossbeam_channel::Receiver<Result<Reply, String>>,
     ) -> Result<Reply, Box<Stopped>> {
         let id = up.id;
-        // A refusal the server sent while chunks were still coming.
-        let refusal = |wait: Duration| match said.recv_timeout(wait) {
-            Ok(Ok(Reply::Error(mut e))) => {
-                e.id = Some(id);
-                Some(Reply::Error(e))
-            }
-            _ => None,
-        };
         match (read, written) {
             // The server broke or refused first: its reason goes to the
             // client.
             (_, Err((offset, e))) => {
-                let reply = refusal(Duration::from_millis(500))
-                    .unwrap_or_else(|| server_failed(id, server_name, &e));
+                let reply = match said.recv_timeout(Duration::from_millis(500)) {
+                    Ok(Ok(Reply::Error(e))) => Reply::Error(answering(id, e)),
+                    _ => server_failed(id, server_name, &e),
+                };
                 Err(stopped(
                     format!("stopped at byte {offset}: {}", error_parts(&reply).1),
                     Some(reply),
@@ -532,9 +590,8 @@ impl Conn {
             // the client went away): it comes first (the watcher hands it
             // on before it ends the reading).
             (Err(stop), Ok(())) => match said.recv_timeout(Duration::ZERO) {
-                Ok(Ok(Reply::Error(mut e))) => {
-                    e.id = Some(id);
-                    let reply = Reply::Error(e);
+                Ok(Ok(Reply::Error(e))) => {
+                    let reply = Reply::Error(answering(id, e));
                     Err(stopped(error_parts(&reply).1, Some(reply)))
                 }
                 // The server broke or closed while the client was sending
@@ -547,27 +604,36 @@ impl Conn {
                 _ => Err(stop),
             },
             (Ok((end_id, sha256)), Ok(())) => {
-                let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
-                Ok(match said.recv_timeout(self.files.server_timeout) {
-                    Ok(Ok(Reply::Error(mut e))) => {
-                        e.id = Some(end_id);
-                        Reply::Error(e)
-                    }
-                    Ok(Ok(reply)) => reply,
-                    Ok(Err(why)) => server_failed(end_id, server_name, &why),
-                    Err(_) => server_failed(
-                        end_id,
-                        server_name,
-                        &match sent {
-                            Err(e) => e.to_string(),
-                            Ok(()) => format!(
-                                "no answer to upload_end within --server-timeout ({:?})",
-                                self.files.server_timeout
-                            ),
-                        },
-                    ),
-                })
+                Ok(self.end_upload(server_name, server, end_id, sha256, said))
             }
+        }
+    }
+
+    /// Sends `upload_end` and waits for the server's answer to it.
+    fn end_upload(
+        &self,
+        server_name: &str,
+        mut server: Connection<net::Stream>,
+        end_id: u64,
+        sha256: String,
+        said: &crossbeam_channel::Receiver<Result<Reply, String>>,
+    ) -> Reply {
+        let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
+        match said.recv_timeout(self.files.server_timeout) {
+            Ok(Ok(Reply::Error(e))) => Reply::Error(answering(end_id, e)),
+            Ok(Ok(reply)) => reply,
+            Ok(Err(why)) => server_failed(end_id, server_name, &why),
+            Err(_) => server_failed(
+                end_id,
+                server_name,
+                &match sent {
+                    Err(e) => e.to_string(),
+                    Ok(()) => format!(
+                        "no answer to upload_end within --server-timeout ({:?})",
+                        self.files.server_timeout
+                    ),
+                },
+            ),
         }
     }
 
@@ -580,9 +646,7 @@ impl Conn {
         to_server: &Sender<Relayed>,
         spare: &crossbeam_channel::Receiver<Vec<u8>>,
     ) -> Result<(u64, String), Box<Stopped>> {
-        let id = up.id;
         let frame_timeout = self.settings.frame_timeout;
-        let max_body = self.settings.max_frame as u64;
         let mut at = 0;
         loop {
             let request = match reader.message_within::<Request>(frame_timeout) {
@@ -596,37 +660,7 @@ impl Conn {
             };
             match request {
                 Request::Chunk(chunk) => {
-                    if chunk.body_len > max_body {
-                        let reply = Reply::error(
-                            Some(id),
-                            ErrorCode::FrameTooLarge,
-                            format!(
-                                "chunk of {} bytes exceeds the maximum of {max_body}",
-                                chunk.body_len
-                            ),
-                        );
-                        return Err(stopped(describe(&reply), Some(reply)));
-                    }
-                    // Budget is taken as the body's bytes arrive, so a
-                    // chunk announced and never sent holds none.
-                    let mut reserved = self.budget.open();
-                    let mut body = spare.try_recv().unwrap_or_default();
-                    let deadline = Instant::now() + frame_timeout;
-                    let read = read_chunk_body(reader, chunk.body_len, deadline, &mut body, |n| {
-                        reserved.grow(n)
-                    });
-                    reserved.complete();
-                    match read {
-                        Ok(()) => {}
-                        Err(BodyError::Frame(e)) if went_away(&e) => {
-                            return Err(left(format!("in the chunk at byte {at}: {e}")))
-                        }
-                        Err(e) => {
-                            let reply =
-                                Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
-                            return Err(stopped(e.to_string(), Some(reply)));
-                        }
-                    }
+                    let (body, reserved) = self.read_chunk(up.id, &chunk, at, reader, spare)?;
                     at = chunk.offset + chunk.body_len;
                     if to_server.send((chunk, body, reserved)).is_err() {
                         // The writer stopped: the caller reports why.
@@ -638,6 +672,49 @@ impl Conn {
                     let reply = crate::proto::out_of_step(&other);
                     return Err(stopped(error_parts(&reply).1, Some(reply)));
                 }
+            }
+        }
+    }
+
+    /// Reads the body of one chunk from the client (`at` bytes have come
+    /// before it), holding budget for its bytes.
+    fn read_chunk(
+        &self,
+        id: u64,
+        chunk: &Chunk,
+        at: u64,
+        reader: &mut FrameReader<net::Paced>,
+        spare: &crossbeam_channel::Receiver<Vec<u8>>,
+    ) -> Result<(Vec<u8>, Reservation), Box<Stopped>> {
+        let max_body = self.settings.max_frame as u64;
+        if chunk.body_len > max_body {
+            let reply = Reply::error(
+                Some(id),
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "chunk of {} bytes exceeds the maximum of {max_body}",
+                    chunk.body_len
+                ),
+            );
+            return Err(stopped(describe(&reply), Some(reply)));
+        }
+        // Budget is taken as the body's bytes arrive, so a chunk announced
+        // and never sent holds none.
+        let mut reserved = self.budget.open();
+        let mut body = spare.try_recv().unwrap_or_default();
+        let deadline = Instant::now() + self.settings.frame_timeout;
+        let read = read_chunk_body(reader, chunk.body_len, deadline, &mut body, |n| {
+            reserved.grow(n)
+        });
+        reserved.complete();
+        match read {
+            Ok(()) => Ok((body, reserved)),
+            Err(BodyError::Frame(e)) if went_away(&e) => {
+                Err(left(format!("in the chunk at byte {at}: {e}")))
+            }
+            Err(e) => {
+                let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
+                Err(stopped(e.to_string(), Some(reply)))
             }
         }
     }
@@ -659,6 +736,7 @@ impl Conn {
                 "transfer_event must be signed with the cluster key",
             );
         }
+        log_reported(&event);
         let TransferEvent {
             number,
             server,
@@ -668,14 +746,6 @@ impl Conn {
             stored,
             ..
         } = event;
-        log::info!(
-            "redirected transfer {number} on {server}: {state}{}",
-            match (&file, &error) {
-                (Some(f), _) => format!(" as {f}"),
-                (None, Some(e)) => format!(": {e}"),
-                _ => String::new(),
-            }
-        );
         self.count_reported(&server, &state);
         match (state.as_str(), stored) {
             ("started", _) => self.track(TrackEvent::Sent { number, server }),
@@ -757,8 +827,13 @@ impl Conn {
         };
         let rebuilding = self.catalog_rebuilding();
         let kind = kind.unwrap_or(ListKind::All);
-        let reachable = self.reachable();
-        let mut page: Vec<FileEntry> = Vec::new();
+        let mut listing = Listing {
+            id,
+            page: Vec::new(),
+            reachable: self.reachable(),
+            replicas: self.files.replicas,
+            out,
+        };
         let mut first = true;
         for entry_kind in [EntryKind::File, EntryKind::Document] {
             if !kind.has(entry_kind) {
@@ -774,14 +849,7 @@ impl Conn {
                     first,
                 ) {
                     Ok(e) => e,
-                    Err(e) => {
-                        let reply = Reply::error(
-                            Some(id),
-                            ErrorCode::Internal,
-                            format!("cannot read the catalog: {e}"),
-                        );
-                        return send_to(out, &reply);
-                    }
+                    Err(e) => return send_to(out, &catalog_unreadable(id, e)),
                 };
                 first = false;
                 let Some(last) = entries.last() else { break };
@@ -789,37 +857,15 @@ impl Conn {
                     name: last.name.clone(),
                     id: last.id,
                 };
-                let full = entries.len() == LIST_PAGE;
-                for e in &entries {
-                    if let Some(listed) = listed(e, &reachable) {
-                        page.push(listed);
-                    }
+                if let Next::Close = listing.take(&entries) {
+                    return Next::Close;
                 }
-                if page.len() >= LIST_PAGE {
-                    let frame = FileList {
-                        id,
-                        files: std::mem::take(&mut page),
-                        unreachable: Vec::new(),
-                        rebuilding: Vec::new(),
-                        more: true,
-                    };
-                    if let Next::Close = send_to(out, &Reply::Files(frame)) {
-                        return Next::Close;
-                    }
-                }
-                if !full {
+                if entries.len() < LIST_PAGE {
                     break;
                 }
             }
         }
-        let last = FileList {
-            id,
-            files: page,
-            unreachable: Vec::new(),
-            rebuilding,
-            more: false,
-        };
-        send_to(out, &Reply::Files(last))
+        listing.finish(rebuilding)
     }
 
     /// Servers whose listing the catalog has not taken in yet; waits a
@@ -897,9 +943,12 @@ impl Conn {
             return self.get_from_any(id, name, offset, owner, out);
         };
         let rebuilding = self.catalog_rebuilding();
-        let entry = match self.one_entry(tracker, id, owner.as_deref(), name, &rebuilding) {
-            Ok(e) => e,
-            Err(reply) => return send_to(out, &reply),
+        let entry = match document_entry(tracker, name) {
+            Some(e) => e,
+            None => match self.one_entry(tracker, id, owner.as_deref(), name, &rebuilding) {
+                Ok(e) => e,
+                Err(reply) => return send_to(out, &reply),
+            },
         };
         let reachable = self.reachable();
         let mut down = Vec::new();
@@ -908,78 +957,59 @@ impl Conn {
         let mut copies = entry.copies.clone();
         copies.sort_by_key(|c| !reachable.get(&c.server).copied().unwrap_or(false));
         for copy in &copies {
-            match reachable.get(&copy.server) {
-                Some(true) => {}
-                Some(false) => {
-                    down.push(format!("{} (down)", copy.server));
-                    continue;
-                }
-                None => {
-                    down.push(format!("{} (not in the pool)", copy.server));
-                    continue;
-                }
-            }
-            let Ok(addr) = copy.server.parse::<SocketAddr>() else {
-                down.push(format!("{} (not an address)", copy.server));
-                continue;
-            };
-            let mut server = match self.connect_server(addr) {
-                Ok(c) => c,
-                Err(e) => {
-                    down.push(format!("{} (not answering: {e})", copy.server));
-                    continue;
-                }
-            };
             let request = Request::Get {
                 id,
                 name: copy.file.clone(),
                 offset,
                 owner: entry.owner.clone(),
             };
-            match server.call(&request) {
-                Ok(Reply::File(header)) => {
+            match self.ask_copy(&copy.server, &reachable, &request) {
+                Fetched::Header(header, server) => {
                     let transfer = self
                         .stats
                         .server_named(&copy.server)
                         .transfer(Kind::Download);
                     return self.relay_download(header, server, out, &transfer);
                 }
-                Ok(Reply::Error(e)) if e.code == ErrorCode::NotFound => {
-                    gone.push(copy.server.clone())
-                }
-                Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => {
+                Fetched::Gone => gone.push(copy.server.clone()),
+                Fetched::Refused(e) => {
                     return send_to(
                         out,
                         &Reply::Error(crate::proto::ErrorReply { id: Some(id), ..e }),
                     )
                 }
-                Ok(other) => down.push(format!("{} ({})", copy.server, describe(&other))),
-                Err(e) => down.push(format!("{} (failed: {e})", copy.server)),
+                Fetched::Unreachable(why) => down.push(format!("{} ({why})", copy.server)),
             }
         }
-        let shown = crate::proto::truncate(name, 200);
-        let reply = if !down.is_empty() {
-            Reply::error(
-                Some(id),
-                ErrorCode::Unavailable,
-                format!(
-                    "{shown:?} is stored on {}, which cannot be reached now; try again once it is \
-                     back",
-                    down.join(", ")
-                ),
-            )
-        } else {
-            Reply::error(
-                Some(id),
-                ErrorCode::NotFound,
-                format!(
-                    "{shown:?} was listed on {}, which no longer holds it; the catalog is brought \
-                     in step at its next look at the servers",
-                    gone.join(", ")
-                ),
-            )
+        send_to(out, &not_fetched(id, name, &down, &gone))
+    }
+
+    /// Asks `server` for a copy of a file, if it is up.
+    fn ask_copy(
+        &self,
+        server: &str,
+        reachable: &HashMap<String, bool>,
+        request: &Request,
+    ) -> Fetched {
+        match reachable.get(server) {
+            Some(true) => {}
+            Some(false) => return Fetched::Unreachable("down".into()),
+            None => return Fetched::Unreachable("not in the pool".into()),
+        }
+        let Ok(addr) = server.parse::<SocketAddr>() else {
+            return Fetched::Unreachable("not an address".into());
         };
-        send_to(out, &reply)
+        let mut connection = match self.connect_server(addr) {
+            Ok(c) => c,
+            Err(e) => return Fetched::Unreachable(format!("not answering: {e}")),
+        };
+        match connection.call(request) {
+            Ok(Reply::File(header)) => Fetched::Header(header, connection),
+            Ok(Reply::Error(e)) if e.code == ErrorCode::NotFound => Fetched::Gone,
+            Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => Fetched::Refused(e),
+            Ok(other) => Fetched::Unreachable(describe(&other)),
+            Err(e) => Fetched::Unreachable(format!("failed: {e}")),
+        }
     }
 
     /// The one file entry `name` a request means: `owner`'s, or for an
@@ -1125,6 +1155,23 @@ impl Conn {
             }
         };
         let (servers, pending) = self.remove(removals);
+        self.log_deleted(name, &entry, number, &servers, &pending);
+        Reply::Deleted(Deleted {
+            id,
+            name: entry.name,
+            servers,
+            pending,
+        })
+    }
+
+    fn log_deleted(
+        &self,
+        name: &str,
+        entry: &Entry,
+        number: u64,
+        servers: &[String],
+        pending: &[String],
+    ) {
         log::info!(
             "{:?} of {} deleted by {} (transfer {number}): removed from {}{}",
             crate::proto::truncate(name, 80),
@@ -1141,12 +1188,6 @@ impl Conn {
                 format!("; from {} once back", pending.join(", "))
             }
         );
-        Reply::Deleted(Deleted {
-            id,
-            name: entry.name,
-            servers,
-            pending,
-        })
     }
 
     fn relay_download(
@@ -1158,11 +1199,7 @@ impl Conn {
     ) -> Next {
         let (id, peer) = (header.id, self.peer);
         let ended = |how| self.stats.transfer_ended(Kind::Download, how);
-        let server_failed_it = || {
-            transfer.failed();
-            ended(Ended::Failed);
-        };
-        if net::lock(out)
+        if crate::sync::lock(out)
             .message(&Reply::File(header.clone()))
             .is_err()
         {
@@ -1171,38 +1208,16 @@ impl Conn {
         }
         let mut at = header.offset;
         while at < header.size {
-            let chunk = match server.recv::<Reply>() {
-                Ok(Reply::Chunk(c)) if c.offset == at && c.body_len <= header.size - at => c,
-                Ok(other) => {
-                    let reply = match other {
-                        Reply::Error(_) => other,
-                        _ => Reply::error(
-                            Some(id),
-                            ErrorCode::ServerFailed,
-                            format!("server {} sent an unexpected reply", header.server),
-                        ),
-                    };
-                    server_failed_it();
-                    let _ = net::lock(out).message(&reply);
-                    return Next::Close;
-                }
-                Err(e) => {
-                    server_failed_it();
-                    let reply = server_failed(id, &header.server, &e.to_string());
-                    let _ = net::lock(out).message(&reply);
+            let (chunk, body) = match receive_chunk(&mut server, &header, at) {
+                Ok(received) => received,
+                Err(reply) => {
+                    transfer.failed();
+                    ended(Ended::Failed);
+                    let _ = crate::sync::lock(out).message(&*reply);
                     return Next::Close;
                 }
             };
-            let body = match server.read_body(chunk.body_len) {
-                Ok(b) => b,
-                Err(e) => {
-                    server_failed_it();
-                    let reply = server_failed(id, &header.server, &e.to_string());
-                    let _ = net::lock(out).message(&reply);
-                    return Next::Close;
-                }
-            };
-            let mut w = net::lock(out);
+            let mut w = crate::sync::lock(out);
             if w.message(&Reply::Chunk(Chunk {
                 id,
                 offset: at,
@@ -1230,6 +1245,124 @@ impl Conn {
     }
 }
 
+/// What a server answered when asked for a copy of a file.
+enum Fetched {
+    Header(FileHeader, Connection<net::Stream>),
+    /// It no longer holds it.
+    Gone,
+    /// It refused the request itself (a bad offset).
+    Refused(crate::proto::ErrorReply),
+    /// Why it could not be asked, or failed.
+    Unreachable(String),
+}
+
+/// The answer when no copy of `name` could be had: unavailable when some
+/// holder could not be reached, else not found.
+fn not_fetched(id: u64, name: &str, down: &[String], gone: &[String]) -> Reply {
+    let shown = crate::proto::truncate(name, 200);
+    if !down.is_empty() {
+        Reply::error(
+            Some(id),
+            ErrorCode::Unavailable,
+            format!(
+                "{shown:?} is stored on {}, which cannot be reached now; try again once it is \
+                 back",
+                down.join(", ")
+            ),
+        )
+    } else {
+        Reply::error(
+            Some(id),
+            ErrorCode::NotFound,
+            format!(
+                "{shown:?} was listed on {}, which no longer holds it; the catalog is brought \
+                 in step at its next look at the servers",
+                gone.join(", ")
+            ),
+        )
+    }
+}
+
+/// The next chunk of a download and its body from the server, which must
+/// start at `at` and stay within the file. `Err` is the reply for the
+/// client when the server fails.
+fn receive_chunk(
+    server: &mut Connection<net::Stream>,
+    header: &FileHeader,
+    at: u64,
+) -> Result<(Chunk, Vec<u8>), Box<Reply>> {
+    let id = header.id;
+    let chunk = match server.recv::<Reply>() {
+        Ok(Reply::Chunk(c)) if c.offset == at && c.body_len <= header.size - at => c,
+        Ok(Reply::Error(e)) => return Err(Box::new(Reply::Error(e))),
+        Ok(_) => {
+            return Err(Box::new(Reply::error(
+                Some(id),
+                ErrorCode::ServerFailed,
+                format!("server {} sent an unexpected reply", header.server),
+            )))
+        }
+        Err(e) => return Err(Box::new(server_failed(id, &header.server, &e.to_string()))),
+    };
+    match server.read_body(chunk.body_len) {
+        Ok(body) => Ok((chunk, body)),
+        Err(e) => Err(Box::new(server_failed(id, &header.server, &e.to_string()))),
+    }
+}
+
+/// A `list` answer being sent page by page.
+struct Listing<'a> {
+    id: u64,
+    page: Vec<FileEntry>,
+    reachable: HashMap<String, bool>,
+    /// `--replicas`: entries with fewer live copies are flagged.
+    replicas: usize,
+    out: &'a ClientWriter,
+}
+
+impl Listing<'_> {
+    /// Adds catalog entries; sends a page when it is full.
+    fn take(&mut self, entries: &[Entry]) -> Next {
+        for e in entries {
+            if let Some(listed) = listed(e, &self.reachable, self.replicas) {
+                self.page.push(listed);
+            }
+        }
+        if self.page.len() < LIST_PAGE {
+            return Next::Continue;
+        }
+        let frame = FileList {
+            id: self.id,
+            files: std::mem::take(&mut self.page),
+            unreachable: Vec::new(),
+            rebuilding: Vec::new(),
+            more: true,
+        };
+        send_to(self.out, &Reply::Files(frame))
+    }
+
+    /// Sends the last page.
+    fn finish(self, rebuilding: Vec<String>) -> Next {
+        let last = FileList {
+            id: self.id,
+            files: self.page,
+            unreachable: Vec::new(),
+            rebuilding,
+            more: false,
+        };
+        send_to(self.out, &Reply::Files(last))
+    }
+}
+
+/// The answer when the catalog cannot be read.
+fn catalog_unreadable(id: u64, e: impl std::fmt::Display) -> Reply {
+    Reply::error(
+        Some(id),
+        ErrorCode::Internal,
+        format!("cannot read the catalog: {e}"),
+    )
+}
+
 /// Reads the raw frame of a chunk's body, `expected` bytes long, whole by
 /// `deadline`; `admit(n)` runs before each piece of `n` bytes is read.
 fn read_chunk_body(
@@ -1242,28 +1375,7 @@ fn read_chunk_body(
     reader.get_mut().set_deadline(Some(deadline));
     let header = reader.header();
     reader.get_mut().set_deadline(None);
-    let len = match header {
-        Ok(Some(len)) if len as u64 == expected => len,
-        Ok(Some(len)) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len as u64,
-            })
-        }
-        Ok(None) => {
-            return Err(BodyError::Frame(FrameError::Truncated {
-                expected: 4,
-                got: 0,
-            }))
-        }
-        Err(FrameError::TooLarge { len, .. }) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len,
-            })
-        }
-        Err(e) => return Err(BodyError::Frame(e)),
-    };
+    let len = body_len(header, expected)?;
     reader
         .payload_into_by(len, deadline, body, admit)
         .map_err(BodyError::Frame)
@@ -1366,15 +1478,29 @@ fn went_away(e: &FrameError) -> bool {
 /// How a listing shows `entry`: from a copy on a server that can be
 /// reached, else (unavailable) from its first copy. None for an entry with
 /// no copy.
-fn listed(entry: &Entry, reachable: &HashMap<String, bool>) -> Option<FileEntry> {
-    let up = entry
-        .copies
-        .iter()
-        .find(|c| reachable.get(&c.server).copied().unwrap_or(false));
-    match up {
-        Some(copy) => Some(entry.listed(copy, true)),
-        None => entry.copies.first().map(|c| entry.listed(c, false)),
+fn listed(entry: &Entry, reachable: &HashMap<String, bool>, replicas: usize) -> Option<FileEntry> {
+    let live = |c: &&Copy| reachable.get(&c.server).copied().unwrap_or(false);
+    let mut listed = match entry.copies.iter().find(live) {
+        Some(copy) => entry.listed(copy, true),
+        None => entry.listed(entry.copies.first()?, false),
+    };
+    // With --replicas: the copies on servers up, and whether too few.
+    if replicas > 1 {
+        let copies = entry.copies.iter().filter(live).count();
+        listed.copies = copies as u64;
+        listed.under_replicated = copies < replicas;
     }
+    Some(listed)
+}
+
+/// The document a `get` names by its file name on a server
+/// (`<request number>_<title>.json`), when the catalog has it: its copies
+/// are on every server that holds it.
+fn document_entry(tracker: &super::tracking::Tracker, name: &str) -> Option<Entry> {
+    let (number, _) = name.strip_suffix(".json")?.split_once('_')?;
+    let number: u64 = number.parse().ok()?;
+    let entry = tracker.catalog_document(number).ok()??;
+    entry.copies.iter().any(|c| c.file == name).then_some(entry)
 }
 
 /// Whose file a `get` or `delete` means: the user's own (`filter`, when
@@ -1399,7 +1525,7 @@ pub(super) fn whose(
 
 /// Writes one reply to the client; `Close` when it cannot take it.
 fn send_to(out: &ClientWriter, reply: &Reply) -> Next {
-    match net::lock(out).message(reply) {
+    match crate::sync::lock(out).message(reply) {
         Ok(()) => Next::Continue,
         Err(_) => Next::Close,
     }
@@ -1453,4 +1579,24 @@ fn reply_kind(reply: &Reply) -> String {
         .ok()
         .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// A server's error reply, given the id of the client's request.
+fn answering(id: u64, mut e: crate::proto::ErrorReply) -> crate::proto::ErrorReply {
+    e.id = Some(id);
+    e
+}
+
+fn log_reported(event: &TransferEvent) {
+    log::info!(
+        "redirected transfer {} on {}: {}{}",
+        event.number,
+        event.server,
+        event.state,
+        match (&event.file, &event.error) {
+            (Some(f), _) => format!(" as {f}"),
+            (None, Some(e)) => format!(": {e}"),
+            _ => String::new(),
+        }
+    );
 }

@@ -41,7 +41,7 @@ pub struct Access {
 
 impl Access {
     fn schedule(&self) -> MutexGuard<'_, Schedule> {
-        crate::net::lock(&self.logins)
+        crate::sync::lock(&self.logins)
     }
 
     /// Counts a failed or refused login and logs it, folded with the
@@ -56,7 +56,7 @@ impl Access {
             .limits
             .counter(limit)
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let line = crate::net::lock(&self.failure_log)
+        let line = crate::sync::lock(&self.failure_log)
             .record(Failure::new(name, from, why), Instant::now());
         if let Some(line) = line {
             log::warn!("{line}");
@@ -71,13 +71,13 @@ pub fn spawn_failure_log(
     access: Arc<Access>,
     stop: Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
-    crate::net::spawn_named("login-log".into(), None, move || loop {
+    crate::sync::spawn_named("login-log".into(), None, move || loop {
         let stopping = !matches!(
             stop.recv_timeout(logins::LOG_INTERVAL),
             Err(RecvTimeoutError::Timeout)
         );
         let lines = {
-            let mut log = crate::net::lock(&access.failure_log);
+            let mut log = crate::sync::lock(&access.failure_log);
             if stopping {
                 log.drain()
             } else {
@@ -231,31 +231,29 @@ impl Session {
         if let Request::Login { id, user, password } = request {
             return Verdict::Answer(self.login(*id, user, &password.0, stop));
         }
+        match self.refusal(request) {
+            Some(reply) => Verdict::Answer(reply),
+            None => Verdict::Proceed,
+        }
+    }
+
+    /// Why this connection may not make `request` (yet), if it may not.
+    fn refusal(&self, request: &Request) -> Option<Reply> {
         let users_on = self.access.users.is_some();
+        let unproven = self.gate.keyed() && !self.gate.proven();
         match request {
-            Request::Register { id, .. } | Request::Deregister { id, .. }
-                if self.gate.keyed() && !self.gate.proven() =>
-            {
-                if let Some(skipped) = refusals().check(&self.peer.ip()) {
-                    log::warn!(
-                        "connection from {}: `{}` without the cluster handshake; refused{}",
-                        self.peer,
-                        request.kind(),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Verdict::Answer(Reply::error(
-                    Some(*id),
-                    ErrorCode::Unauthenticated,
-                    "servers must prove the cluster key (hello) before they register",
-                ))
-            }
+            Request::Register { .. } | Request::Deregister { .. } if unproven => Some(self.refuse(
+                request,
+                "without the cluster handshake; refused",
+                ErrorCode::Unauthenticated,
+                "servers must prove the cluster key (hello) before they register".into(),
+            )),
             // Registration is guarded by the cluster key, not by users;
             // a server's report on a redirected upload is signed with it.
             Request::Register { .. } | Request::Deregister { .. } | Request::TransferEvent(_) => {
-                Verdict::Proceed
+                None
             }
-            _ if users_on && self.user.is_none() => Verdict::Answer(Reply::error(
+            _ if users_on && self.user.is_none() => Some(Reply::error(
                 Some(request.id()),
                 ErrorCode::Unauthenticated,
                 format!(
@@ -265,70 +263,53 @@ impl Session {
             )),
             // Without users, changing the pool is an operator's act: it
             // needs the cluster key, as joining and leaving do.
-            Request::AddServer { id, .. }
-            | Request::DrainServer { id, .. }
-            | Request::RemoveServer { id, .. }
-                if !users_on && self.gate.keyed() && !self.gate.proven() =>
-            {
-                if let Some(skipped) = refusals().check(&self.peer.ip()) {
-                    log::warn!(
-                        "connection from {}: `{}` without the cluster key; refused{}",
-                        self.peer,
-                        request.kind(),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Verdict::Answer(Reply::error(
-                    Some(*id),
-                    ErrorCode::Unauthenticated,
-                    format!(
-                        "`{}` changes the pool: prove the cluster key first (client \
+            request if changes_pool(request) && !users_on && unproven => Some(self.refuse(
+                request,
+                "without the cluster key; refused",
+                ErrorCode::Unauthenticated,
+                format!(
+                    "`{}` changes the pool: prove the cluster key first (client \
                          --cluster-key-file, the balancer's key file), or log in as an \
                          admin on a balancer with --users",
-                        request.kind()
-                    ),
-                ))
-            }
-            Request::Servers { id }
-            | Request::AddServer { id, .. }
-            | Request::DrainServer { id, .. }
-            | Request::RemoveServer { id, .. }
-                if users_on && !self.user.as_ref().is_some_and(|u| u.admin) =>
+                    request.kind()
+                ),
+            )),
+            request
+                if (changes_pool(request) || matches!(request, Request::Servers { .. }))
+                    && users_on
+                    && !self.user.as_ref().is_some_and(|u| u.admin) =>
             {
-                if let Some(skipped) = refusals().check(&self.peer.ip()) {
-                    log::warn!(
-                        "connection from {}: `{}` refused to user {}: not an admin{}",
-                        self.peer,
-                        request.kind(),
-                        self.user.as_ref().map_or("?", |u| u.name.as_str()),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Verdict::Answer(Reply::error(
-                    Some(*id),
+                let name = self.user.as_ref().map_or("?", |u| u.name.as_str());
+                Some(self.refuse(
+                    request,
+                    &format!("refused to user {name}: not an admin"),
                     ErrorCode::Forbidden,
                     format!("`{}` needs an admin user", request.kind()),
                 ))
             }
-            _ => Verdict::Proceed,
+            _ => None,
         }
     }
 
-    fn login(&mut self, id: u64, name: &str, password: &str, stop: &Receiver<()>) -> Reply {
-        let Some(users) = &self.access.users else {
-            return Reply::error(
-                Some(id),
-                ErrorCode::BadRequest,
-                "logins are off (start the balancer with --users)",
-            );
-        };
-        if let Some(current) = &self.user {
-            return Reply::error(
-                Some(id),
-                ErrorCode::BadRequest,
-                format!("already logged in as {}", current.name),
+    /// A refusal, logged (once a minute per address) as `what` befell the
+    /// request.
+    fn refuse(&self, request: &Request, what: &str, code: ErrorCode, message: String) -> Reply {
+        if let Some(skipped) = refusals().check(&self.peer.ip()) {
+            log::warn!(
+                "connection from {}: `{}` {what}{}",
+                self.peer,
+                request.kind(),
+                crate::throttle::more(skipped)
             );
         }
+        Reply::error(Some(request.id()), code, message)
+    }
+
+    fn login(&mut self, id: u64, name: &str, password: &str, stop: &Receiver<()>) -> Reply {
+        let users = match self.may_log_in(id) {
+            Ok(users) => users,
+            Err(reply) => return *reply,
+        };
         let access = &self.access;
         let ip = self.peer.ip();
         let refuse = |refusal: Refusal| {
@@ -365,7 +346,7 @@ impl Session {
         // before a restart): from now on refused at once here too.
         let stored_lock = account
             .as_ref()
-            .and_then(|a| a.locked_for(super::tracking::now_ms()));
+            .and_then(|a| a.locked_for(crate::text::now_ms()));
         if let Some(left) = stored_lock {
             let mut schedule = access.schedule();
             schedule.abandoned(turn, Instant::now());
@@ -378,7 +359,32 @@ impl Session {
             return Reply::error(Some(id), ErrorCode::Unauthenticated, INVALID_LOGIN);
         };
         access.schedule().succeeded(turn, Instant::now());
-        access
+        self.logged_in(id, user)
+    }
+
+    /// The users to check a login against, unless logins are off or one
+    /// was made on this connection already.
+    fn may_log_in(&self, id: u64) -> Result<&Users, Box<Reply>> {
+        let Some(users) = &self.access.users else {
+            return Err(Box::new(Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "logins are off (start the balancer with --users)",
+            )));
+        };
+        if let Some(current) = &self.user {
+            return Err(Box::new(Reply::error(
+                Some(id),
+                ErrorCode::BadRequest,
+                format!("already logged in as {}", current.name),
+            )));
+        }
+        Ok(users)
+    }
+
+    /// A login that succeeded: the connection is the user's from now on.
+    fn logged_in(&mut self, id: u64, user: User) -> Reply {
+        self.access
             .stats
             .logins
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -417,7 +423,7 @@ impl Session {
         // then the count starts over. Unknown names are locked here only.
         let lifted = matches!(
             users.lookup(name),
-            Ok(Some(account)) if account.locked_for(super::tracking::now_ms()).is_none()
+            Ok(Some(account)) if account.locked_for(crate::text::now_ms()).is_none()
         );
         if !lifted {
             return Err(Refusal::Locked(left));
@@ -442,7 +448,7 @@ impl Session {
         if let Some(lock_for) = failed.locked_for {
             // Written for every name, so an unknown one costs the same
             // (the update finds no row).
-            let until_ms = super::tracking::now_ms() + lock_for.as_millis() as u64;
+            let until_ms = crate::text::now_ms() + lock_for.as_millis() as u64;
             if let Err(e) = users.lock(name, until_ms) {
                 log::error!("login: cannot keep the lock of \"{name}\" in the users table: {e}");
             }
@@ -465,6 +471,17 @@ impl Session {
         };
         self.access.note_failure(name, ip, why);
     }
+}
+
+/// An operator's request on the pool (its servers, their copies).
+fn changes_pool(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::AddServer { .. }
+            | Request::DrainServer { .. }
+            | Request::RemoveServer { .. }
+            | Request::Repair { .. }
+    )
 }
 
 #[cfg(test)]

@@ -127,13 +127,13 @@ impl ServerStats {
     pub fn record_check(&self, took: Duration, report: Option<StatusReport>) {
         self.check_micros.store(took.as_micros() as u64, Relaxed);
         if let Some(report) = report {
-            *crate::net::lock(&self.last_status) = Some((report, Instant::now()));
+            *crate::sync::lock(&self.last_status) = Some((report, Instant::now()));
         }
     }
 
     pub fn view(&self, id: ServerId) -> ServerView {
         let check = self.check_micros.load(Relaxed);
-        let last = crate::net::lock(&self.last_status).clone();
+        let last = crate::sync::lock(&self.last_status).clone();
         ServerView {
             id: id.0,
             name: self.name.clone(),
@@ -277,6 +277,26 @@ impl Histogram {
     }
 }
 
+/// Repair's figures (`--replicas`).
+#[derive(Debug, Default)]
+pub struct RepairCounters {
+    /// Entries short of copies, as the last pass found them, less those
+    /// it has copied since.
+    pub left: AtomicU64,
+    pub bytes: AtomicU64,
+    pub copies: AtomicU64,
+}
+
+impl RepairCounters {
+    pub fn view(&self) -> crate::proto::RepairView {
+        crate::proto::RepairView {
+            entries_left: self.left.load(Relaxed),
+            copies_made: self.copies.load(Relaxed),
+            bytes_copied: self.bytes.load(Relaxed),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     /// By server id; servers come and go at run time.
@@ -291,6 +311,8 @@ pub struct Stats {
     pub unknown: AtomicU64,
     /// Requests waiting for a server.
     pub queue_depth: AtomicU64,
+    /// What repair (`--replicas`) has done and has left.
+    pub repair: RepairCounters,
     /// Open connections of clients (see `OpenConnection`).
     pub connections: AtomicU64,
     /// Open connections on which servers register and send heartbeats.
@@ -370,149 +392,65 @@ impl Stats {
 
     /// The Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
         let servers = self.all();
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let mut text = Exposition {
+            out: String::new(),
+            servers: &servers,
         };
-        let per_server = |out: &mut String,
-                          name: &str,
-                          kind: &str,
-                          help: &str,
-                          value: &dyn Fn(&ServerStats) -> String| {
-            head(out, name, kind, help);
-            for s in &servers {
-                let _ = writeln!(
-                    out,
-                    "{name}{{server=\"{}\"}} {}",
-                    escape_label(&s.name),
-                    value(s)
-                );
-            }
-        };
-        // One series per server and kind of work.
-        let per_kind = |out: &mut String,
-                        name: &str,
-                        kind: &str,
-                        help: &str,
-                        kinds: &[Kind],
-                        field: &dyn Fn(&Carried) -> &AtomicU64| {
-            head(out, name, kind, help);
-            for s in &servers {
-                for k in kinds {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{server=\"{}\",kind=\"{}\"}} {}",
-                        escape_label(&s.name),
-                        k.name(),
-                        field(s.carried(*k)).load(Relaxed)
-                    );
-                }
-            }
-        };
-        let n = |a: &AtomicU64| a.load(Relaxed).to_string();
-        per_kind(
-            &mut out,
-            "lbft_server_requests_total",
-            "counter",
-            "Work sent to the server: documents and computations forwarded (each attempt), file uploads and downloads begun.",
-            &Kind::ALL,
-            &|c| &c.started,
-        );
-        per_kind(
-            &mut out,
-            "lbft_server_bytes_total",
-            "counter",
-            "Bytes carried to or from the server: document content acknowledged, file bytes relayed.",
-            &[Kind::Document, Kind::Upload, Kind::Download],
-            &|c| &c.bytes,
-        );
-        per_kind(
-            &mut out,
-            "lbft_server_failures_total",
-            "counter",
-            "Work that failed on the server: an error answer, a broken connection, no answer in time, a transfer cut off.",
-            &Kind::ALL,
-            &|c| &c.failures,
-        );
-        per_kind(
-            &mut out,
-            "lbft_server_transfers_active",
-            "gauge",
-            "File transfers under way through the balancer with the server.",
-            &[Kind::Upload, Kind::Download],
-            &|c| &c.active,
-        );
-        per_server(
-            &mut out,
-            "lbft_server_retries_total",
-            "counter",
-            "Requests moved to another server after failing on this one.",
-            &|s| n(&s.retries),
-        );
-        per_server(
-            &mut out,
-            "lbft_server_in_flight",
-            "gauge",
-            "Documents and computations sent to the server and not yet answered.",
-            &|s| n(&s.in_flight),
-        );
-        per_server(
-            &mut out,
-            "lbft_server_up",
-            "gauge",
-            "1 when the server takes requests (up and not overloaded).",
-            &|s| u8::from(s.state() == State::Up).to_string(),
-        );
-        per_server(
-            &mut out,
-            "lbft_server_overloaded",
-            "gauge",
-            "1 when the server reports itself overloaded.",
-            &|s| u8::from(s.state() == State::Overloaded).to_string(),
-        );
-        per_server(
-            &mut out,
-            "lbft_server_check_seconds",
-            "gauge",
-            "Duration of the last status probe.",
-            &|s| format!("{}", s.check_micros.load(Relaxed) as f64 / 1e6),
-        );
-        let scalar = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
-            head(out, name, kind, help);
-            let _ = writeln!(out, "{name} {value}");
-        };
-        scalar(
-            &mut out,
+        text.render_work();
+        text.render_server_state();
+        self.render_requests(&mut text);
+        self.render_transfers(&mut text);
+        self.render_connections(&mut text);
+        self.render_logins(&mut text);
+        let mut out = text.out;
+        self.limits.render(&mut out);
+        self.render_latency(&mut out);
+        out
+    }
+
+    fn render_requests(&self, text: &mut Exposition) {
+        text.scalar(
             "lbft_requests_received_total",
             "counter",
             "Documents and computations received from clients.",
             self.received.load(Relaxed),
         );
-        scalar(
-            &mut out,
+        text.scalar(
             "lbft_requests_failed_total",
             "counter",
             "Documents and computations answered with an error after queueing (no server, failed everywhere).",
             self.failed.load(Relaxed),
         );
-        scalar(
-            &mut out,
+        text.scalar(
             "lbft_requests_unknown_total",
             "counter",
             "Documents and computations given up on while a server may have carried them out (maybe_stored).",
             self.unknown.load(Relaxed),
         );
-        scalar(
-            &mut out,
+        text.scalar(
             "lbft_queue_depth",
             "gauge",
             "Requests waiting for a server.",
             self.queue_depth.load(Relaxed),
         );
+        text.scalar(
+            "lbft_repair_entries_left",
+            "gauge",
+            "Entries with fewer live copies than --replicas, at the last repair pass.",
+            self.repair.left.load(Relaxed),
+        );
+        text.scalar(
+            "lbft_repair_bytes_copied_total",
+            "counter",
+            "Bytes repair copied from server to server.",
+            self.repair.bytes.load(Relaxed),
+        );
+    }
+
+    fn render_transfers(&self, text: &mut Exposition) {
         let name = "lbft_file_transfers_total";
-        head(
-            &mut out,
+        text.head(
             name,
             "counter",
             "File transfers through the balancer that ended: done, failed (a server failed or refused, or none could take it) or abandoned (the client left).",
@@ -520,7 +458,7 @@ impl Stats {
         for (row, kind) in [Kind::Upload, Kind::Download].iter().enumerate() {
             for (column, ended) in Ended::ALL.iter().enumerate() {
                 let _ = writeln!(
-                    out,
+                    text.out,
                     "{name}{{kind=\"{}\",result=\"{}\"}} {}",
                     kind.name(),
                     ended.name(),
@@ -528,46 +466,48 @@ impl Stats {
                 );
             }
         }
-        scalar(
-            &mut out,
+    }
+
+    fn render_connections(&self, text: &mut Exposition) {
+        text.scalar(
             "lbft_client_connections",
             "gauge",
             "Open connections of clients (not servers' registrations and heartbeats).",
             self.connections.load(Relaxed),
         );
-        scalar(
-            &mut out,
+        text.scalar(
             "lbft_registration_connections",
             "gauge",
             "Open connections on which servers register and send heartbeats.",
             self.server_connections.load(Relaxed),
         );
-        scalar(
-            &mut out,
+        text.scalar(
             "lbft_connections_accepted_total",
             "counter",
             "Connections accepted (clients and servers' registrations).",
             self.accepted.load(Relaxed),
         );
+    }
+
+    fn render_logins(&self, text: &mut Exposition) {
+        use super::limits::Limit;
         let name = "lbft_logins_total";
-        head(
-            &mut out,
+        text.head(
             name,
             "counter",
             "Logins (with --users) by result: ok, failed (wrong credentials), throttled, locked.",
         );
-        use super::limits::Limit;
         for (result, count) in [
             ("ok", self.logins.load(Relaxed)),
             ("failed", self.limits.count(Limit::LoginFailed)),
             ("throttled", self.limits.count(Limit::LoginThrottled)),
             ("locked", self.limits.count(Limit::LoginLocked)),
         ] {
-            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {count}");
+            let _ = writeln!(text.out, "{name}{{result=\"{result}\"}} {count}");
         }
+    }
 
-        self.limits.render(&mut out);
-
+    fn render_latency(&self, out: &mut String) {
         let name = "lbft_request_duration_seconds";
         let _ = writeln!(out, "# HELP {name} Time from receiving a request to its successful reply.\n# TYPE {name} histogram");
         let mut cumulative = 0;
@@ -583,7 +523,132 @@ impl Stats {
             self.latency.sum_micros.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "{name}_count {count}");
-        out
+    }
+}
+
+/// Metric families being written out, with the servers they are labelled by.
+struct Exposition<'a> {
+    out: String,
+    servers: &'a [Arc<ServerStats>],
+}
+
+impl Exposition<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn scalar(&mut self, name: &str, kind: &str, help: &str, value: u64) {
+        self.head(name, kind, help);
+        let _ = writeln!(self.out, "{name} {value}");
+    }
+
+    /// One series per server.
+    fn per_server(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: &dyn Fn(&ServerStats) -> String,
+    ) {
+        self.head(name, kind, help);
+        for s in self.servers {
+            let _ = writeln!(
+                self.out,
+                "{name}{{server=\"{}\"}} {}",
+                escape_label(&s.name),
+                value(s)
+            );
+        }
+    }
+
+    /// One series per server and kind of work.
+    fn per_kind(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        kinds: &[Kind],
+        field: &dyn Fn(&Carried) -> &AtomicU64,
+    ) {
+        self.head(name, kind, help);
+        for s in self.servers {
+            for k in kinds {
+                let _ = writeln!(
+                    self.out,
+                    "{name}{{server=\"{}\",kind=\"{}\"}} {}",
+                    escape_label(&s.name),
+                    k.name(),
+                    field(s.carried(*k)).load(Relaxed)
+                );
+            }
+        }
+    }
+
+    /// What each server carried, by kind of work.
+    fn render_work(&mut self) {
+        self.per_kind(
+            "lbft_server_requests_total",
+            "counter",
+            "Work sent to the server: documents and computations forwarded (each attempt), file uploads and downloads begun.",
+            &Kind::ALL,
+            &|c| &c.started,
+        );
+        self.per_kind(
+            "lbft_server_bytes_total",
+            "counter",
+            "Bytes carried to or from the server: document content acknowledged, file bytes relayed.",
+            &[Kind::Document, Kind::Upload, Kind::Download],
+            &|c| &c.bytes,
+        );
+        self.per_kind(
+            "lbft_server_failures_total",
+            "counter",
+            "Work that failed on the server: an error answer, a broken connection, no answer in time, a transfer cut off.",
+            &Kind::ALL,
+            &|c| &c.failures,
+        );
+        self.per_kind(
+            "lbft_server_transfers_active",
+            "gauge",
+            "File transfers under way through the balancer with the server.",
+            &[Kind::Upload, Kind::Download],
+            &|c| &c.active,
+        );
+    }
+
+    /// Each server's retries, load and health.
+    fn render_server_state(&mut self) {
+        let n = |a: &AtomicU64| a.load(Relaxed).to_string();
+        self.per_server(
+            "lbft_server_retries_total",
+            "counter",
+            "Requests moved to another server after failing on this one.",
+            &|s| n(&s.retries),
+        );
+        self.per_server(
+            "lbft_server_in_flight",
+            "gauge",
+            "Documents and computations sent to the server and not yet answered.",
+            &|s| n(&s.in_flight),
+        );
+        self.per_server(
+            "lbft_server_up",
+            "gauge",
+            "1 when the server takes requests (up and not overloaded).",
+            &|s| u8::from(s.state() == State::Up).to_string(),
+        );
+        self.per_server(
+            "lbft_server_overloaded",
+            "gauge",
+            "1 when the server reports itself overloaded.",
+            &|s| u8::from(s.state() == State::Overloaded).to_string(),
+        );
+        self.per_server(
+            "lbft_server_check_seconds",
+            "gauge",
+            "Duration of the last status probe.",
+            &|s| format!("{}", s.check_micros.load(Relaxed) as f64 / 1e6),
+        );
     }
 }
 

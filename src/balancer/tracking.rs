@@ -605,6 +605,13 @@ impl Tracker {
         self.read(|db| Ok(catalog::find_files(db, owner, name)?))
     }
 
+    /// The document entry of request number `number`, if the catalog has
+    /// it.
+    pub fn catalog_document(&self, number: u64) -> Result<Option<Entry>, Error> {
+        self.flush();
+        self.read(|db| Ok(catalog::find_document(db, number)?))
+    }
+
     /// A page of the catalog (see `catalog::page`). `fresh` first has the
     /// writer commit what it holds.
     pub fn catalog_page(

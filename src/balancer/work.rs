@@ -5,19 +5,21 @@
 
 use super::client_out::ClientWriter;
 use super::flow::Hold;
+use super::replicas::Group;
 use super::stats::{Kind, ServerStats, Stats};
 use super::tracking::TrackEvent;
 use super::ServerId;
 use crate::proto::{self, ErrorCode, Operation, Reply};
+use crate::text::now_ms;
 use crossbeam_channel::Sender;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// A document as the balancer keeps it: encoded once, forwarded as is.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StoreWork {
     /// For logs only, shortened.
     pub title: String,
@@ -162,6 +164,9 @@ pub struct Job {
     /// The client's connection, when a reply may be written to it straight
     /// away (framed clients); else the reply goes by `reply`.
     pub out: Option<ClientWriter>,
+    /// With `--replicas` above 1: the document's other copies, which
+    /// answer the client together.
+    pub group: Option<Arc<Group>>,
 }
 
 impl Job {
@@ -182,6 +187,7 @@ impl Job {
             hold,
             user: None,
             out: None,
+            group: None,
         }
     }
 
@@ -189,6 +195,9 @@ impl Job {
     /// waiting, else through its connection's writer thread. The client
     /// may have gone; its reply has nowhere to go then.
     pub fn deliver(&self, reply: Reply) {
+        if let Some(group) = &self.group {
+            return group.deliver(reply);
+        }
         if let Some(Ok(mut out)) = self.out.as_ref().map(|o| o.try_lock()) {
             if out.try_message(&reply) {
                 return;
@@ -273,7 +282,7 @@ impl Job {
         };
         let now = now_ms();
         let mut events = Vec::with_capacity(2);
-        if self.tried.is_empty() {
+        if self.tried.is_empty() && self.group.as_ref().is_none_or(|g| g.first_sent()) {
             let waited = self.received.elapsed().as_millis() as u64;
             events.push((
                 now.saturating_sub(waited),
@@ -345,11 +354,4 @@ impl Job {
             file: file.to_string(),
         })
     }
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

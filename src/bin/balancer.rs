@@ -119,6 +119,25 @@ struct Args {
     /// answered `too_large` before any byte is sent.
     #[arg(long, default_value = "1TiB", value_name = "SIZE", value_parser = parse_file_size)]
     max_file_size: u64,
+    /// Copies of each document and file, each on a different server. A
+    /// document is acknowledged once that many servers hold it durably;
+    /// with fewer servers up, new documents are refused (`too_few_servers`)
+    /// unless --min-replicas allows fewer. 1: one copy, as before.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    replicas: usize,
+    /// With fewer than --replicas servers up, store this many copies at
+    /// least (the document is acknowledged `under_replicated`, and repair
+    /// makes the rest later). Default: --replicas (refuse instead).
+    #[arg(long, value_name = "M")]
+    min_replicas: Option<usize>,
+    /// A server down this long has its copies made again on other servers
+    /// (`admin remove` and `admin repair` start a repair at once).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    repair_after: Duration,
+    /// Bytes per second a repair copies at most (e.g. 50MiB); default: no
+    /// limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_file_size)]
+    repair_rate: Option<u64>,
     /// Requests one client connection may have queued or in flight; at the
     /// limit the balancer stops reading that connection (TCP slows the
     /// client down; nothing fails).
@@ -437,6 +456,14 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         },
         max_document_size: args.max_document_size,
         max_file_size: args.max_file_size,
+        replicas: lbft::balancer::replicas::Replicas {
+            target: args.replicas,
+            min: args.min_replicas.unwrap_or(args.replicas),
+        },
+        repair: lbft::balancer::repair::RepairSettings {
+            after: args.repair_after,
+            rate: args.repair_rate,
+        },
     })?;
     let metrics = balancer.metrics_addr()?;
     let handle = balancer.start()?;

@@ -206,8 +206,12 @@ enum Admin {
     Add { addr: String },
     /// No new work for the server; it leaves once its requests are done.
     Drain { addr: String },
-    /// Take the server out now; its requests in flight go to other servers.
+    /// Take the server out now; its requests in flight go to other servers
+    /// (with --replicas, repair makes its copies again elsewhere).
     Remove { addr: String },
+    /// With --replicas: make the copies lost on servers that are down or
+    /// removed again now, from the copies left (`status` shows progress).
+    Repair,
 }
 
 fn parse_limit(s: &str) -> Result<u32, String> {
@@ -249,7 +253,7 @@ fn on_interrupt(batch: Sender<()>) -> io::Result<(Handle, JoinHandle<()>)> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let tls = TlsArgs {
         tls_cert: args.tls_cert.clone(),
         tls_key: args.tls_key.clone(),
@@ -270,6 +274,24 @@ fn main() -> ExitCode {
             None
         }
     };
+    let command = args.command.take();
+    let Some(config) = config(args, interrupt) else {
+        return ExitCode::FAILURE;
+    };
+    let mut out = io::stdout().lock();
+    let result = run(command, &config, &mut out);
+    let _ = out.flush();
+    drop(out);
+    if let Some((handle, thread)) = signals {
+        handle.close();
+        let _ = thread.join();
+    }
+    exit_code(result)
+}
+
+/// The client's settings from its arguments; `None` (said why) when the
+/// password cannot be read.
+fn config(args: Args, interrupt: crossbeam_channel::Receiver<()>) -> Option<Config> {
     let login = match args.user.clone().map(client::login::Credentials::for_user) {
         None => None,
         Some(Ok(credentials)) => Some(credentials),
@@ -278,10 +300,10 @@ fn main() -> ExitCode {
                 "client: cannot read the password ({e}); set {} or pipe it in to give it",
                 client::login::PASSWORD_VAR
             );
-            return ExitCode::FAILURE;
+            return None;
         }
     };
-    let config = Config {
+    Some(Config {
         login,
         cluster_key_file: Some(args.cluster_key_file.clone()),
         balancer: args.balancer[0],
@@ -293,31 +315,33 @@ fn main() -> ExitCode {
         terminal: io::stdout().is_terminal(),
         interrupt: Some(interrupt),
         ..Config::default()
-    };
-    let mut out = io::stdout().lock();
-    let result = match args.command {
-        None => client::interactive(&config, &mut io::stdin().lock(), &mut out),
-        Some(Command::Ftp { count }) => client::ftp(&config, count, &mut out),
+    })
+}
+
+/// Runs one command (none: the interactive prompt). True when all of it
+/// went well.
+fn run(
+    command: Option<Command>,
+    config: &Config,
+    out: &mut impl Write,
+) -> Result<bool, client::Error> {
+    // A table: one arm per command, each handing its options over.
+    match command {
+        None => client::interactive(config, &mut io::stdin().lock(), out),
+        Some(Command::Ftp { count }) => client::ftp(config, count, out),
         Some(Command::Send {
             paths,
             file,
             no_clobber,
         }) => {
             let options = client::files::SendOptions { no_clobber };
-            client::send_paths(&config, paths, file, options, &mut out)
+            client::send_paths(config, paths, file, options, out)
         }
         Some(Command::List {
             server,
             files,
             docs,
-        }) => {
-            let kind = match (files, docs) {
-                (true, _) => Some(ListKind::Files),
-                (_, true) => Some(ListKind::Documents),
-                _ => None,
-            };
-            client::files::list(&config, server, kind, &mut out)
-        }
+        }) => client::files::list(config, server, list_kind(files, docs), out),
         Some(Command::Get {
             name,
             output,
@@ -329,12 +353,10 @@ fn main() -> ExitCode {
                 server,
                 owner,
             };
-            client::files::get(&config, &name, options, &mut out).map(|_| true)
+            client::files::get(config, &name, options, out).map(|_| true)
         }
-        Some(Command::Delete { name, owner }) => {
-            client::files::delete(&config, &name, owner, &mut out)
-        }
-        Some(Command::Calc { count }) => client::calc(&config, count, &mut out),
+        Some(Command::Delete { name, owner }) => client::files::delete(config, &name, owner, out),
+        Some(Command::Calc { count }) => client::calc(config, count, out),
         Some(Command::Status {
             watch,
             interval,
@@ -347,17 +369,9 @@ fn main() -> ExitCode {
                 count,
                 history,
             };
-            client::status::run(&config, &options, &mut out)
+            client::status::run(config, &options, out)
         }
-        Some(Command::Admin { command }) => {
-            let command = match command {
-                Admin::Servers => AdminCommand::Servers,
-                Admin::Add { addr } => AdminCommand::Add(addr),
-                Admin::Drain { addr } => AdminCommand::Drain(addr),
-                Admin::Remove { addr } => AdminCommand::Remove(addr),
-            };
-            client::admin::run(&config, &command, &mut out)
-        }
+        Some(Command::Admin { command }) => client::admin::run(config, &command.into(), out),
         Some(Command::Transfers {
             active,
             failed,
@@ -372,15 +386,33 @@ fn main() -> ExitCode {
                 limit,
                 json,
             };
-            client::transfers::run(&config, &options, &mut out)
+            client::transfers::run(config, &options, out)
         }
-    };
-    let _ = out.flush();
-    drop(out);
-    if let Some((handle, thread)) = signals {
-        handle.close();
-        let _ = thread.join();
     }
+}
+
+/// What `list --files` / `--docs` asks for (neither: both).
+fn list_kind(files: bool, docs: bool) -> Option<ListKind> {
+    match (files, docs) {
+        (true, _) => Some(ListKind::Files),
+        (_, true) => Some(ListKind::Documents),
+        _ => None,
+    }
+}
+
+impl From<Admin> for AdminCommand {
+    fn from(command: Admin) -> AdminCommand {
+        match command {
+            Admin::Servers => AdminCommand::Servers,
+            Admin::Add { addr } => AdminCommand::Add(addr),
+            Admin::Drain { addr } => AdminCommand::Drain(addr),
+            Admin::Remove { addr } => AdminCommand::Remove(addr),
+            Admin::Repair => AdminCommand::Repair,
+        }
+    }
+}
+
+fn exit_code(result: Result<bool, client::Error>) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

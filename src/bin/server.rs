@@ -1,4 +1,5 @@
 use clap::Parser;
+use lbft::auth::ClusterKey;
 use lbft::cli::{parse_addr, parse_duration, parse_file_size, parse_size, KeyArgs, TlsArgs};
 use lbft::net::tls::ClientCerts;
 use lbft::server::registrar::{Registrar, RegistrarSettings};
@@ -121,34 +122,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), lbft::Error> {
-    lbft::logging::init(args.log_file.as_deref())?;
-    // Mutual TLS by default: a server's peers are cluster members.
-    let listens_tls = args.tls.tls_cert.is_some();
-    let has_ca = args.tls.tls_ca.is_some() || args.tls.tls_client_ca.is_some();
-    let default_client_certs = if listens_tls && has_ca {
-        ClientCerts::Required
-    } else {
-        ClientCerts::None
+/// Joins the pools of the balancers given, if any.
+fn register(
+    args: &Args,
+    advertise: SocketAddr,
+    key: Option<ClusterKey>,
+) -> Result<Option<Registrar>, lbft::Error> {
+    if args.balancer.is_empty() {
+        return Ok(None);
+    }
+    let settings = RegistrarSettings {
+        advertise,
+        heartbeat: args.heartbeat,
+        timeout: Duration::from_secs(2),
+        leave_timeout: Duration::from_secs(60),
+        key,
     };
-    let tls = args.tls.install(
-        default_client_certs,
-        args.allow_legacy_plaintext,
-        args.frame_timeout,
-    )?;
+    Ok(Some(Registrar::start(&args.balancer, settings)?))
+}
+
+/// The server's settings from its arguments.
+fn config(args: &Args, cluster_key: Option<ClusterKey>) -> Config {
     let defaults = Config::default();
     let listen = match (args.listen, args.port) {
         (Some(addr), _) => addr,
         (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
         (None, None) => defaults.listen,
     };
-    let cluster_key = args.key.load("this server")?;
     let max_connections = args
         .max_connections
         .unwrap_or_else(lbft::net::default_max_connections);
-    let server = Server::bind(Config {
+    Config {
         listen,
-        dir: args.dir,
+        dir: args.dir.clone(),
         clean: args.clean,
         char_delay: Duration::from_millis(args.char_delay_ms),
         sync: args.sync,
@@ -164,9 +170,28 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         server_id: args.server_id,
         partial_ttl: args.partial_ttl,
         max_file_size: args.max_file_size,
-        cluster_key: cluster_key.clone(),
+        cluster_key,
         ..defaults
-    })?;
+    }
+}
+
+fn run(args: Args) -> Result<(), lbft::Error> {
+    lbft::logging::init(args.log_file.as_deref())?;
+    // Mutual TLS by default: a server's peers are cluster members.
+    let listens_tls = args.tls.tls_cert.is_some();
+    let has_ca = args.tls.tls_ca.is_some() || args.tls.tls_client_ca.is_some();
+    let default_client_certs = if listens_tls && has_ca {
+        ClientCerts::Required
+    } else {
+        ClientCerts::None
+    };
+    let tls = args.tls.install(
+        default_client_certs,
+        args.allow_legacy_plaintext,
+        args.frame_timeout,
+    )?;
+    let cluster_key = args.key.load("this server")?;
+    let server = Server::bind(config(&args, cluster_key.clone()))?;
     // Registered before the readiness line, so that a signal sent as soon
     // as it appears stops the server cleanly instead of killing it.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
@@ -180,20 +205,7 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         .join("; ")
     );
     let handle = server.start()?;
-    let registrar = if args.balancer.is_empty() {
-        None
-    } else {
-        Some(Registrar::start(
-            &args.balancer,
-            RegistrarSettings {
-                advertise: handle.addr(),
-                heartbeat: args.heartbeat,
-                timeout: Duration::from_secs(2),
-                leave_timeout: Duration::from_secs(60),
-                key: cluster_key,
-            },
-        )?)
-    };
+    let registrar = register(&args, handle.addr(), cluster_key)?;
     println!(
         "listening on {}, storing into {}",
         handle.addr(),

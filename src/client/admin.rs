@@ -12,6 +12,7 @@ pub enum AdminCommand {
     Add(String),
     Drain(String),
     Remove(String),
+    Repair,
 }
 
 /// Carries out one admin command and prints the outcome. Returns whether
@@ -26,6 +27,7 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
         AdminCommand::Add(addr) => Request::AddServer { id: 1, addr },
         AdminCommand::Drain(addr) => Request::DrainServer { id: 1, addr },
         AdminCommand::Remove(addr) => Request::RemoveServer { id: 1, addr },
+        AdminCommand::Repair => Request::Repair { id: 1 },
     };
     let addr = config.balancer;
     let stream = super::login::open(config)?;

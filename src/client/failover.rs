@@ -116,7 +116,7 @@ impl<W: Write> Observer<InFlight> for Round<'_, '_, W> {
         // Never made: the source makes it in the next round, or says
         // this of it at the end.
         let Some(meta) = meta else {
-            crate::net::lock(&self.source).unmade.get_or_insert(fate);
+            crate::sync::lock(&self.source).unmade.get_or_insert(fate);
             return;
         };
         let again = match &fate {
@@ -125,7 +125,7 @@ impl<W: Write> Observer<InFlight> for Round<'_, '_, W> {
             _ => false,
         };
         if let (true, true, Some(doc)) = (again, self.more, &meta.doc) {
-            let mut source = crate::net::lock(&self.source);
+            let mut source = crate::sync::lock(&self.source);
             source.again.push_back((meta.index, doc.clone()));
             return;
         }
@@ -169,12 +169,12 @@ pub(super) fn send<W: Write>(
             ..config.clone()
         };
         let left = {
-            let mut source = crate::net::lock(&source);
+            let mut source = crate::sync::lock(&source);
             source.unmade = None;
             source.left()
         };
         let made = source.clone();
-        let make = move |id| crate::net::lock(&made).prepare(id);
+        let make = move |id| crate::sync::lock(&made).prepare(id);
         turns -= 1;
         let more = balancers.len() > 1 && turns > 0;
         let round = Round {
@@ -183,7 +183,7 @@ pub(super) fn send<W: Write>(
             more,
         };
         let outcome = pipeline::run_on(stream, &round_config, left, make, round)?;
-        let left = crate::net::lock(&source).left();
+        let left = crate::sync::lock(&source).left();
         if outcome.interrupted.is_some() || left == 0 || !more {
             return Ok(finish(outcome, &source, batch));
         }
@@ -226,7 +226,7 @@ fn finish<W: Write>(
     if outcome.interrupted.is_some() {
         return outcome;
     }
-    let mut source = crate::net::lock(source);
+    let mut source = crate::sync::lock(source);
     let cause = outcome.note.clone().unwrap_or_default();
     for (index, doc) in std::mem::take(&mut source.again) {
         let mut b = &mut *batch;

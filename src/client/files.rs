@@ -14,8 +14,8 @@
 use super::{Config, Error};
 use crate::proto::file::CHUNK_SIZE;
 use crate::proto::{
-    Chunk, Connection, EntryKind, ErrorCode, FileEntry, FileHeader, FileStored, ListKind, Reply,
-    Request, UploadReady, UploadRequest,
+    Chunk, Connection, EntryKind, ErrorCode, FileEntry, FileHeader, FileList, FileStored, ListKind,
+    Reply, Request, UploadReady, UploadRequest,
 };
 use crate::text::to_hex;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -37,8 +37,13 @@ const PROGRESS_FROM: u64 = 4 * 1024 * 1024;
 /// Why one attempt stopped.
 enum Stop {
     /// Worth another attempt: the connection, the balancer or the server
-    /// broke. `server` is the server the bytes went to, if known.
-    Retry { server: Option<String>, why: String },
+    /// broke. `server` is the server the bytes went to, if known; `code`
+    /// the error the other side answered with, if it answered.
+    Retry {
+        server: Option<String>,
+        why: String,
+        code: Option<ErrorCode>,
+    },
     /// Another attempt would fail the same way.
     Fatal(String),
     /// Nothing answers at the address: said as every command says it when
@@ -78,6 +83,7 @@ fn retry(server: Option<&str>, why: impl ToString) -> Stop {
     Stop::Retry {
         server: server.map(str::to_owned),
         why: why.to_string(),
+        code: None,
     }
 }
 
@@ -95,7 +101,11 @@ fn refused(server: Option<&str>, code: ErrorCode, message: &str) -> Stop {
         | ErrorCode::Internal
         | ErrorCode::BadOffset
         | ErrorCode::BadTicket
-        | ErrorCode::ChecksumMismatch => retry(server, why),
+        | ErrorCode::ChecksumMismatch => Stop::Retry {
+            server: server.map(str::to_owned),
+            why,
+            code: Some(code),
+        },
         _ => Stop::Fatal(why),
     }
 }
@@ -160,7 +170,7 @@ impl Watch {
         };
         let (done, stop) = crossbeam_channel::bounded::<()>(0);
         let seen = flag.clone();
-        let thread = crate::net::spawn_named("send-watch".into(), None, move || {
+        let thread = crate::sync::spawn_named("send-watch".into(), None, move || {
             crossbeam_channel::select! {
                 recv(interrupt) -> signal => if signal.is_ok() {
                     seen.store(true, Ordering::SeqCst);
@@ -269,47 +279,20 @@ pub fn upload_with(
     out: &mut impl Write,
 ) -> Result<FileStored, Error> {
     let fail = |why: String| Error::File(path.to_path_buf(), why);
-    let mut file = File::open(path).map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
-    let size = meta.len();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let user = config.login.as_ref().map(|c| c.user.as_str());
-    let upload_id = upload_id_for(path, &meta, user);
-    let bar = progress(config, size, "sending", &name);
+    let (mut file, mut request) = upload_request(config, path, options)?;
+    let size = request.size;
+    let bar = progress(config, size, "sending", &request.name);
     let started = Instant::now();
-    let mut server: Option<String> = None;
     let mut last = String::new();
     for attempt in 1..=MAX_ATTEMPTS {
         // Give a restarting balancer or server a moment; longer each time.
         let wait = Duration::from_millis(200 * u64::from(attempt - 1).min(10));
         if attempt > 1 && !pause(config, wait) {
             bar.abandon();
-            writeln!(
-                out,
-                "interrupted: {} was not stored; run the same command again to resume{}",
-                path.display(),
-                server
-                    .as_ref()
-                    .map(|s| format!(" from what {s} holds"))
-                    .unwrap_or_default()
-            )?;
+            say_not_stored(out, path, request.server.as_deref())?;
             return Err(Error::Interrupted);
         }
-        let request = UploadRequest {
-            id: u64::from(attempt),
-            upload_id: upload_id.clone(),
-            name: name.clone(),
-            size,
-            server: server.clone(),
-            ticket: None,
-            owner: None,
-            no_clobber: options.no_clobber,
-        };
+        request.id = u64::from(attempt);
         let attempted = match attempt_upload(config, &mut file, &request, &bar, out) {
             // No balancer at all: said at once, as every command says it.
             Err(Stop::Unreachable(addr, e)) if attempt == 1 && addr == config.balancer => {
@@ -321,48 +304,10 @@ pub fn upload_with(
         match attempted {
             Ok(stored) => {
                 bar.finish_and_clear();
-                let secs = started.elapsed().as_secs_f64().max(1e-3);
-                let on_server = if stored.file.is_empty() || stored.file == stored.name {
-                    String::new()
-                } else {
-                    format!(" (as {} there)", stored.file)
-                };
-                writeln!(
-                    out,
-                    "stored {} as {} on {}{on_server} ({}, {:.1} MB/s, sha256 {}){}",
-                    path.display(),
-                    stored.name,
-                    stored.server,
-                    human_bytes(stored.size),
-                    stored.size as f64 / secs / 1e6,
-                    stored.sha256,
-                    if attempt > 1 {
-                        format!(" after {attempt} attempts")
-                    } else {
-                        String::new()
-                    }
-                )?;
+                say_stored(out, path, &stored, started.elapsed(), attempt)?;
                 return Ok(stored);
             }
-            Err(Stop::Fatal(why)) => {
-                bar.abandon();
-                return Err(fail(why));
-            }
-            Err(Stop::Unreachable(addr, e)) => {
-                bar.abandon();
-                return Err(unreachable(config, addr, e));
-            }
-            Err(Stop::Interrupted { offset, server }) => {
-                bar.abandon();
-                writeln!(
-                    out,
-                    "interrupted: {} stopped after {offset} of {size} bytes were sent to {server}; \
-                     run the same command again to resume from what {server} holds",
-                    path.display()
-                )?;
-                return Err(Error::Interrupted);
-            }
-            Err(Stop::Retry { server: s, why }) => {
+            Err(Stop::Retry { server, why, code }) => {
                 bar.suspend(|| {
                     let _ = writeln!(
                         out,
@@ -371,13 +316,12 @@ pub fn upload_with(
                         attempt + 1
                     );
                 });
-                if why.starts_with("storage:") {
-                    // That server cannot store it: let the balancer choose.
-                    server = None;
-                } else if s.is_some() {
-                    server = s;
-                }
+                request.server = next_server(request.server.take(), server, code);
                 last = why;
+            }
+            Err(stop) => {
+                bar.abandon();
+                return Err(upload_stopped(config, path, size, stop, out));
             }
         }
     }
@@ -385,6 +329,120 @@ pub fn upload_with(
     Err(fail(format!(
         "gave up after {MAX_ATTEMPTS} attempts; last: {last}"
     )))
+}
+
+/// The file to upload, opened, and the request for it (its id set at
+/// each attempt).
+fn upload_request(
+    config: &Config,
+    path: &Path,
+    options: SendOptions,
+) -> Result<(File, UploadRequest), Error> {
+    let file = File::open(path).map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::ReadFile(path.to_path_buf(), e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let user = config.login.as_ref().map(|c| c.user.as_str());
+    let request = UploadRequest {
+        id: 0,
+        upload_id: upload_id_for(path, &meta, user),
+        name,
+        size: meta.len(),
+        server: None,
+        ticket: None,
+        owner: None,
+        no_clobber: options.no_clobber,
+    };
+    Ok((file, request))
+}
+
+/// The server to ask for at the next attempt, after one on `tried` failed
+/// (answering `code`, if it answered); `named` is the one the bytes went
+/// to, if known.
+fn next_server(
+    tried: Option<String>,
+    named: Option<String>,
+    code: Option<ErrorCode>,
+) -> Option<String> {
+    if code == Some(ErrorCode::Storage) {
+        // That server cannot store it: let the balancer choose.
+        None
+    } else {
+        named.or(tried)
+    }
+}
+
+fn say_not_stored(out: &mut impl Write, path: &Path, server: Option<&str>) -> io::Result<()> {
+    writeln!(
+        out,
+        "interrupted: {} was not stored; run the same command again to resume{}",
+        path.display(),
+        server
+            .map(|s| format!(" from what {s} holds"))
+            .unwrap_or_default()
+    )
+}
+
+/// Says where a file was stored, how fast, and after how many attempts.
+fn say_stored(
+    out: &mut impl Write,
+    path: &Path,
+    stored: &FileStored,
+    took: Duration,
+    attempt: u32,
+) -> io::Result<()> {
+    let secs = took.as_secs_f64().max(1e-3);
+    let on_server = if stored.file.is_empty() || stored.file == stored.name {
+        String::new()
+    } else {
+        format!(" (as {} there)", stored.file)
+    };
+    writeln!(
+        out,
+        "stored {} as {} on {}{on_server} ({}, {:.1} MB/s, sha256 {}){}",
+        path.display(),
+        stored.name,
+        stored.server,
+        human_bytes(stored.size),
+        stored.size as f64 / secs / 1e6,
+        stored.sha256,
+        if attempt > 1 {
+            format!(" after {attempt} attempts")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// The error an upload ends with when an attempt stops it; an
+/// interruption is said to the user first.
+fn upload_stopped(
+    config: &Config,
+    path: &Path,
+    size: u64,
+    stop: Stop,
+    out: &mut impl Write,
+) -> Error {
+    match stop {
+        Stop::Unreachable(addr, e) => unreachable(config, addr, e),
+        Stop::Interrupted { offset, server } => {
+            let said = writeln!(
+                out,
+                "interrupted: {} stopped after {offset} of {size} bytes were sent to {server}; \
+                 run the same command again to resume from what {server} holds",
+                path.display()
+            );
+            match said {
+                Ok(()) => Error::Interrupted,
+                Err(e) => e.into(),
+            }
+        }
+        Stop::Fatal(why) | Stop::Retry { why, .. } => Error::File(path.to_path_buf(), why),
+    }
 }
 
 /// Answer to `upload`, following a redirect to the server it names.
@@ -436,15 +494,7 @@ fn attempt_upload(
             ready.offset
         )));
     }
-    let note = match (&request.server, ready.offset) {
-        (Some(before), 0) if *before != server => {
-            Some(format!("{before} is gone: starting again on {server}"))
-        }
-        (_, 0) => None,
-        (_, n) if n == size => None,
-        (_, n) => Some(format!("resuming at byte {n} of {size} on {server}")),
-    };
-    if let Some(note) = note {
+    if let Some(note) = resume_note(request, &server, ready.offset) {
         bar.suspend(|| {
             let _ = writeln!(out, "{note}");
         });
@@ -480,17 +530,39 @@ fn attempt_upload(
         bar.set_position(offset);
     }
     let sha256 = to_hex(&hasher.finalize());
-    let end = Request::UploadEnd {
+    match conn.call(&Request::UploadEnd {
         id: request.id,
         sha256,
-    };
-    match conn.call(&end) {
-        Ok(Reply::FileStored(stored)) => Ok(stored),
-        Ok(Reply::Error(e)) => Err(refused(Some(&server), e.code, &e.message)),
-        Ok(other) => Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
+    }) {
         Err(_) if watch.interrupted() => Err(Stop::Interrupted { offset, server }),
+        answer => upload_ended(answer, &server),
+    }
+}
+
+/// What the user is told when an upload starts again or resumes.
+fn resume_note(request: &UploadRequest, server: &str, offset: u64) -> Option<String> {
+    let size = request.size;
+    match (&request.server, offset) {
+        (Some(before), 0) if *before != server => {
+            Some(format!("{before} is gone: starting again on {server}"))
+        }
+        (_, 0) => None,
+        (_, n) if n == size => None,
+        (_, n) => Some(format!("resuming at byte {n} of {size} on {server}")),
+    }
+}
+
+/// The server's answer to `upload_end`.
+fn upload_ended(
+    answer: Result<Reply, crate::proto::CallError>,
+    server: &str,
+) -> Result<FileStored, Stop> {
+    match answer {
+        Ok(Reply::FileStored(stored)) => Ok(stored),
+        Ok(Reply::Error(e)) => Err(refused(Some(server), e.code, &e.message)),
+        Ok(other) => Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
         Err(e) => Err(retry(
-            Some(&server),
+            Some(server),
             format!("no answer after the last byte: {e}"),
         )),
     }
@@ -534,35 +606,9 @@ pub fn list(
         }
         Err(Stop::Interrupted { .. }) => return Err(Error::Interrupted),
     };
-    let request = Request::List {
-        id: 1,
-        owner: None,
-        kind,
-    };
-    let failed = |why: String| Error::Io(io::Error::other(why));
-    conn.send(&request)
-        .map_err(|e| failed(format!("{addr} did not answer: {e}")))?;
-    let mut files = Vec::new();
-    let mut unreachable = Vec::new();
-    let mut rebuilding = Vec::new();
-    loop {
-        match conn.recv::<Reply>() {
-            Ok(Reply::Files(page)) => {
-                files.extend(page.files);
-                unreachable.extend(page.unreachable);
-                rebuilding.extend(page.rebuilding);
-                if !page.more {
-                    break;
-                }
-            }
-            Ok(Reply::Error(e)) => {
-                return Err(failed(format!("{addr} refused: {}: {}", e.code, e.message)))
-            }
-            Ok(other) => return Err(failed(format!("unexpected answer {other:?}"))),
-            Err(e) => return Err(failed(format!("{addr} did not answer: {e}"))),
-        }
-    }
-    let (mut documents, files): (Vec<FileEntry>, Vec<FileEntry>) = files
+    let listed = fetch_listing(&mut conn, addr, kind)?;
+    let (mut documents, files): (Vec<FileEntry>, Vec<FileEntry>) = listed
+        .files
         .into_iter()
         .partition(|f| f.kind == EntryKind::Document);
     // Request numbers are in the order documents were received.
@@ -581,49 +627,107 @@ pub fn list(
         }
         write_documents(&documents, out)?;
     }
-    let unavailable: Vec<&FileEntry> = files
-        .iter()
-        .chain(&documents)
-        .filter(|f| !f.available)
-        .collect();
-    if !unavailable.is_empty() {
-        let mut servers: Vec<&str> = unavailable.iter().map(|f| f.server.as_str()).collect();
-        servers.sort_unstable();
-        servers.dedup();
-        writeln!(
-            out,
-            "{} unavailable: held only by {}, which cannot be reached now; `get` works again \
-             once {} back",
-            super::report::counted(unavailable.len() as u64, "entry"),
-            servers.join(", "),
-            if servers.len() == 1 {
-                "it is"
-            } else {
-                "they are"
-            }
-        )?;
-    }
-    if !rebuilding.is_empty() {
+    write_unavailable(&files, &documents, out)?;
+    if !listed.rebuilding.is_empty() {
         writeln!(
             out,
             "the balancer is still taking in the listing of {}: entries may be missing",
-            rebuilding.join(", ")
+            listed.rebuilding.join(", ")
         )?;
     }
-    for problem in &unreachable {
+    for problem in &listed.unreachable {
         writeln!(out, "not listed: {problem}")?;
     }
-    Ok(unreachable.is_empty())
+    Ok(listed.unreachable.is_empty())
+}
+
+/// Asks `addr` for a listing and gathers its pages into one.
+fn fetch_listing(
+    conn: &mut Connection<crate::net::Stream>,
+    addr: SocketAddr,
+    kind: Option<ListKind>,
+) -> Result<FileList, Error> {
+    let request = Request::List {
+        id: 1,
+        owner: None,
+        kind,
+    };
+    let failed = |why: String| Error::Io(io::Error::other(why));
+    conn.send(&request)
+        .map_err(|e| failed(format!("{addr} did not answer: {e}")))?;
+    let mut all = FileList {
+        id: 1,
+        files: Vec::new(),
+        unreachable: Vec::new(),
+        rebuilding: Vec::new(),
+        more: false,
+    };
+    loop {
+        match conn.recv::<Reply>() {
+            Ok(Reply::Files(page)) => {
+                all.files.extend(page.files);
+                all.unreachable.extend(page.unreachable);
+                all.rebuilding.extend(page.rebuilding);
+                if !page.more {
+                    return Ok(all);
+                }
+            }
+            Ok(Reply::Error(e)) => {
+                return Err(failed(format!("{addr} refused: {}: {}", e.code, e.message)))
+            }
+            Ok(other) => return Err(failed(format!("unexpected answer {other:?}"))),
+            Err(e) => return Err(failed(format!("{addr} did not answer: {e}"))),
+        }
+    }
+}
+
+/// Says which entries are held only by servers that cannot be reached.
+fn write_unavailable(
+    files: &[FileEntry],
+    documents: &[FileEntry],
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let unavailable: Vec<&FileEntry> = files
+        .iter()
+        .chain(documents)
+        .filter(|f| !f.available)
+        .collect();
+    if unavailable.is_empty() {
+        return Ok(());
+    }
+    let mut servers: Vec<&str> = unavailable.iter().map(|f| f.server.as_str()).collect();
+    servers.sort_unstable();
+    servers.dedup();
+    writeln!(
+        out,
+        "{} unavailable: held only by {}, which cannot be reached now; `get` works again \
+         once {} back",
+        super::report::counted(unavailable.len() as u64, "entry"),
+        servers.join(", "),
+        if servers.len() == 1 {
+            "it is"
+        } else {
+            "they are"
+        }
+    )
 }
 
 /// Where an entry is, as a table shows it: its server, and whether that
 /// is down.
 fn location(f: &FileEntry) -> String {
-    if f.available {
+    let mut at = if f.available {
         f.server.clone()
     } else {
         format!("{} (unavailable)", f.server)
+    };
+    // With --replicas: how many copies are live, and whether too few.
+    if f.copies > 0 {
+        at.push_str(&format!(" [{} live copies]", f.copies));
     }
+    if f.under_replicated {
+        at.push_str(" under-replicated");
+    }
+    at
 }
 
 fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
@@ -641,13 +745,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .max()
         .unwrap_or(6)
         .max(21);
-    // The owner column only when users are on (an admin's listing).
-    let owners = files.iter().any(|f| f.owner.is_some());
-    let owner = |f: Option<&FileEntry>| match (owners, f) {
-        (false, _) => String::new(),
-        (true, None) => format!("{:<12}  ", "owner"),
-        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
-    };
+    let owner = owner_column(files);
     writeln!(
         out,
         "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  sha256",
@@ -658,7 +756,6 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         "stored at"
     )?;
     for f in files {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(f.stored_ms);
         writeln!(
             out,
             "{:<width$}  {}{:>10}  {:<where_width$}  {:<24}  {}",
@@ -666,7 +763,7 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
             owner(Some(f)),
             human_bytes(f.size),
             location(f),
-            crate::text::rfc3339(at),
+            stored_at(f.stored_ms),
             f.sha256
         )?;
     }
@@ -679,6 +776,22 @@ fn write_listing(files: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     )
 }
 
+/// The owner column of a listing: its heading (`None`) or an entry's
+/// owner, only when users are on (an admin's listing).
+fn owner_column(entries: &[FileEntry]) -> impl Fn(Option<&FileEntry>) -> String {
+    let owners = entries.iter().any(|f| f.owner.is_some());
+    move |f| match (owners, f) {
+        (false, _) => String::new(),
+        (true, None) => format!("{:<12}  ", "owner"),
+        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
+    }
+}
+
+/// When an entry was stored, as RFC 3339.
+fn stored_at(stored_ms: u64) -> String {
+    crate::text::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(stored_ms))
+}
+
 fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
     if docs.is_empty() {
         return writeln!(out, "no documents stored");
@@ -689,12 +802,7 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         .max()
         .unwrap_or(5)
         .clamp(5, 40);
-    let owners = docs.iter().any(|f| f.owner.is_some());
-    let owner = |f: Option<&FileEntry>| match (owners, f) {
-        (false, _) => String::new(),
-        (true, None) => format!("{:<12}  ", "owner"),
-        (true, Some(f)) => format!("{:<12}  ", f.owner.as_deref().unwrap_or("-")),
-    };
+    let owner = owner_column(docs);
     writeln!(
         out,
         "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  file",
@@ -706,7 +814,6 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
         "stored at"
     )?;
     for d in docs {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(d.stored_ms);
         writeln!(
             out,
             "{:<20}  {:<width$}  {}{:>10}  {:<21}  {:<24}  {}",
@@ -715,7 +822,7 @@ fn write_documents(docs: &[FileEntry], out: &mut impl Write) -> io::Result<()> {
             owner(Some(d)),
             human_bytes(d.size),
             location(d),
-            crate::text::rfc3339(at),
+            stored_at(d.stored_ms),
             d.server_file()
         )?;
     }
@@ -749,18 +856,7 @@ pub fn get(
     options: GetOptions,
     out: &mut impl Write,
 ) -> Result<FileHeader, Error> {
-    let output = options.output.clone().unwrap_or_else(|| {
-        // Only the last component of the name: never outside this folder.
-        PathBuf::from(
-            Path::new(name)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "download".into()),
-        )
-    });
-    let mut part = output.clone().into_os_string();
-    part.push(".part");
-    let part = PathBuf::from(part);
+    let (output, part) = output_paths(name, &options);
     let addr = options.server.unwrap_or(config.balancer);
     let fail = |why: String| Error::File(PathBuf::from(name), why);
     let started = Instant::now();
@@ -786,16 +882,7 @@ pub fn get(
         match attempted {
             Ok(header) => {
                 std::fs::rename(&part, &output).map_err(|e| Error::ReadFile(output.clone(), e))?;
-                let secs = started.elapsed().as_secs_f64().max(1e-3);
-                writeln!(
-                    out,
-                    "got {} from {} into {} ({}, {:.1} MB/s, sha256 verified)",
-                    header.name,
-                    header.server,
-                    output.display(),
-                    human_bytes(header.size),
-                    (header.size - header.offset) as f64 / secs / 1e6
-                )?;
+                say_got(out, &header, &output, started.elapsed())?;
                 return Ok(header);
             }
             Err(Stop::Fatal(why)) => return Err(fail(why)),
@@ -825,6 +912,118 @@ struct Fetch<'a> {
     attempt: u32,
 }
 
+fn say_got(
+    out: &mut impl Write,
+    header: &FileHeader,
+    output: &Path,
+    took: Duration,
+) -> io::Result<()> {
+    let secs = took.as_secs_f64().max(1e-3);
+    writeln!(
+        out,
+        "got {} from {} into {} ({}, {:.1} MB/s, sha256 verified)",
+        header.name,
+        header.server,
+        output.display(),
+        human_bytes(header.size),
+        (header.size - header.offset) as f64 / secs / 1e6
+    )
+}
+
+/// The bytes an earlier attempt left in the partial file (none when there
+/// is none).
+fn held_bytes(part: &Path) -> io::Result<u64> {
+    match std::fs::metadata(part) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a download goes, and the partial file it is written into
+/// first.
+fn output_paths(name: &str, options: &GetOptions) -> (PathBuf, PathBuf) {
+    let output = options.output.clone().unwrap_or_else(|| {
+        // Only the last component of the name: never outside this folder.
+        PathBuf::from(
+            Path::new(name)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "download".into()),
+        )
+    });
+    let mut part = output.clone().into_os_string();
+    part.push(".part");
+    (output, PathBuf::from(part))
+}
+
+/// Sends `get`; the file's header when it comes.
+fn ask_for_file(
+    conn: &mut Connection<crate::net::Stream>,
+    request: &Request,
+    fetch: &Fetch<'_>,
+) -> Result<FileHeader, Stop> {
+    match conn.call(request) {
+        Ok(Reply::File(h)) => Ok(h),
+        Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => {
+            // What is on disk is not a prefix of this file: start over.
+            let _ = std::fs::remove_file(fetch.part);
+            Err(retry(None, format!("{}: starting over", e.message)))
+        }
+        Ok(Reply::Error(e)) => Err(refused(None, e.code, &e.message)),
+        Ok(other) => Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(retry(None, format!("{} did not answer: {e}", fetch.addr))),
+    }
+}
+
+/// The next chunk's header of a download, which must start at `at`.
+fn next_chunk(
+    conn: &mut Connection<crate::net::Stream>,
+    header: &FileHeader,
+    at: u64,
+) -> Result<Chunk, Stop> {
+    match conn.recv::<Reply>() {
+        Ok(Reply::Chunk(c)) if c.offset == at && c.body_len <= header.size - at => Ok(c),
+        Ok(Reply::Error(e)) => Err(refused(Some(&header.server), e.code, &e.message)),
+        Ok(other) => Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(retry(
+            Some(&header.server),
+            format!("download broke at byte {at}: {e}"),
+        )),
+    }
+}
+
+/// Writes a download's chunks from byte `held` into `file`, hashing
+/// them. `Err` holds why it stopped: the other side (`Ok`) or the local
+/// file (`Err`).
+fn receive_body(
+    conn: &mut Connection<crate::net::Stream>,
+    header: &FileHeader,
+    file: &mut File,
+    hasher: &mut Sha256,
+    bar: &ProgressBar,
+    held: u64,
+) -> Result<(), Result<Stop, io::Error>> {
+    let mut at = held;
+    while at < header.size {
+        let chunk = next_chunk(conn, header, at).map_err(|stop| {
+            bar.abandon();
+            Ok(stop)
+        })?;
+        let body = conn.read_body(chunk.body_len).map_err(|e| {
+            Ok(retry(
+                Some(&header.server),
+                format!("download broke at byte {at}: {e}"),
+            ))
+        })?;
+        file.write_all(&body).map_err(Err)?;
+        hasher.update(&body);
+        at += chunk.body_len;
+        bar.set_position(at);
+    }
+    Ok(())
+}
+
 fn attempt_get(
     config: &Config,
     fetch: &Fetch<'_>,
@@ -840,11 +1039,7 @@ fn attempt_get(
     let local = |e: io::Error| Stop::Fatal(format!("cannot write {}: {e}", part.display()));
     // What an earlier attempt left; nothing is created until the file is
     // found.
-    let held = match std::fs::metadata(part) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(local(e)),
-    };
+    let held = held_bytes(part).map_err(local)?;
     let mut conn = connect(addr, config)?;
     let request = Request::Get {
         id: u64::from(attempt),
@@ -852,17 +1047,7 @@ fn attempt_get(
         offset: held,
         owner: fetch.owner.map(str::to_owned),
     };
-    let header = match conn.call(&request) {
-        Ok(Reply::File(h)) => h,
-        Ok(Reply::Error(e)) if e.code == ErrorCode::BadOffset => {
-            // What is on disk is not a prefix of this file: start over.
-            let _ = std::fs::remove_file(part);
-            return Err(retry(None, format!("{}: starting over", e.message)));
-        }
-        Ok(Reply::Error(e)) => return Err(refused(None, e.code, &e.message)),
-        Ok(other) => return Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
-        Err(e) => return Err(retry(None, format!("{addr} did not answer: {e}"))),
-    };
+    let header = ask_for_file(&mut conn, &request, fetch)?;
     let mut file = File::options()
         .create(true)
         .truncate(false)
@@ -880,37 +1065,8 @@ fn attempt_get(
     let mut hasher = hash_prefix(&mut file, held).map_err(local)?;
     let bar = progress(config, header.size, "getting", name);
     bar.set_position(held);
-    let mut at = held;
-    while at < header.size {
-        let chunk = match conn.recv::<Reply>() {
-            Ok(Reply::Chunk(c)) if c.offset == at && c.body_len <= header.size - at => c,
-            Ok(Reply::Error(e)) => {
-                bar.abandon();
-                return Err(refused(Some(&header.server), e.code, &e.message));
-            }
-            Ok(other) => {
-                bar.abandon();
-                return Err(Stop::Fatal(format!("unexpected answer {other:?}")));
-            }
-            Err(e) => {
-                bar.abandon();
-                return Err(retry(
-                    Some(&header.server),
-                    format!("download broke at byte {at}: {e}"),
-                ));
-            }
-        };
-        let body = conn.read_body(chunk.body_len).map_err(|e| {
-            retry(
-                Some(&header.server),
-                format!("download broke at byte {at}: {e}"),
-            )
-        })?;
-        file.write_all(&body).map_err(local)?;
-        hasher.update(&body);
-        at += chunk.body_len;
-        bar.set_position(at);
-    }
+    receive_body(&mut conn, &header, &mut file, &mut hasher, &bar, held)
+        .map_err(|stop| stop.unwrap_or_else(&local))?;
     bar.finish_and_clear();
     file.sync_all().map_err(local)?;
     let got = to_hex(&hasher.finalize());

@@ -13,11 +13,11 @@
 //! may not have been carried out, so they are unknown.
 
 use super::{Config, Error};
-use crate::net::spawn_named;
 use crate::net::Stream;
 use crate::proto::{
     self, ErrorCode, ErrorReply, FrameError, FrameReader, FrameWriter, Reply, Request,
 };
+use crate::sync::spawn_named;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::net::Shutdown;
@@ -219,15 +219,39 @@ pub fn run_on<M: Send + 'static>(
             return Err(e.into());
         }
     };
+    let mut books = Books::new(count);
+    let interrupt = config.interrupt.as_ref();
+    let interrupted = follow(&mut books, &events, &exit, interrupt, &mut observer);
+    // Why it stopped is settled now: what phase 2 sees follows from our
+    // own shutdown.
+    let cause = books.cause();
+    // Phase 2: stop both threads, and keep receiving until both are done so
+    // that neither ever blocks on a full channel while being joined.
+    let _ = stream.shutdown(Shutdown::Both);
+    drop(exit);
+    books.wind_down(&events, &mut observer);
+    drop(events);
+    for (thread, name) in [(writer, "writer"), (reader, "reader")] {
+        if thread.join().is_err() {
+            log::error!("the client's {name} thread panicked");
+        }
+    }
+    Ok(books.outcome(interrupted, &cause, &mut observer))
+}
 
+/// Phase 1 of a run: takes events until every id is reported, the
+/// connection has ended or the user interrupts (then true).
+fn follow<M>(
+    books: &mut Books<M>,
+    events: &Receiver<Event<M>>,
+    exit: &WindowExit,
+    interrupt: Option<&Receiver<()>>,
+    observer: &mut impl Observer<M>,
+) -> bool {
     let never = crossbeam_channel::never();
-    let mut interrupt = config.interrupt.as_ref().unwrap_or(&never);
-    let mut interrupted = false;
+    let mut interrupt = interrupt.unwrap_or(&never);
     // Quiet is told once per stretch without answers.
     let mut quiet_told = false;
-    let mut books = Books::new(count);
-    // Phase 1: until every id is reported, the connection has ended or the
-    // user interrupts.
     while !books.settled() {
         crossbeam_channel::select! {
             recv(events) -> event => {
@@ -235,13 +259,10 @@ pub fn run_on<M: Send + 'static>(
                 if matches!(event, Event::Reply(_)) {
                     quiet_told = false;
                 }
-                books.apply(event, &exit, &mut observer);
+                books.apply(event, Some(exit), observer);
             }
             recv(interrupt) -> signal => match signal {
-                Ok(()) => {
-                    interrupted = true;
-                    break;
-                }
+                Ok(()) => return true,
                 // Nobody can interrupt any more.
                 Err(_) => interrupt = &never,
             },
@@ -253,38 +274,7 @@ pub fn run_on<M: Send + 'static>(
             }
         }
     }
-    // Why it stopped is settled now: what phase 2 sees follows from our
-    // own shutdown.
-    let cause = books.cause();
-    // Phase 2: stop both threads, and keep receiving until both are done so
-    // that neither ever blocks on a full channel while being joined.
-    let _ = stream.shutdown(Shutdown::Both);
-    drop(exit);
-    while !(books.writer_done.is_some() && books.end.is_some()) {
-        let Ok(event) = events.recv() else { break };
-        books.apply_late(event, &mut observer);
-    }
-    drop(events);
-    if writer.join().is_err() {
-        log::error!("the client's writer thread panicked");
-    }
-    if reader.join().is_err() {
-        log::error!("the client's reader thread panicked");
-    }
-    if interrupted {
-        let in_flight = books.outstanding.len() as u64;
-        return Ok(Outcome {
-            note: None,
-            interrupted: Some(Interrupted {
-                in_flight,
-                never_sent: count - books.reported - in_flight,
-            }),
-        });
-    }
-    Ok(Outcome {
-        note: books.finish(&cause, &mut observer),
-        interrupted: None,
-    })
+    false
 }
 
 /// The bookkeeper's state: what is outstanding and how far things got.
@@ -319,7 +309,17 @@ impl<M> Books<M> {
             || (self.writer_done.is_some() && self.outstanding.is_empty())
     }
 
-    fn apply(&mut self, event: Event<M>, exit: &WindowExit, observer: &mut impl Observer<M>) {
+    /// Takes in one event. `exit` is the window while the connection is
+    /// up. After it was shut (`None`), requests the writer announced join
+    /// the outstanding ones (no answer can come for them now), and a reply
+    /// answers nothing outstanding: the reader's end comes after every
+    /// reply it read.
+    fn apply(
+        &mut self,
+        event: Event<M>,
+        exit: Option<&WindowExit>,
+        observer: &mut impl Observer<M>,
+    ) {
         match event {
             Event::Sending(id, meta) => {
                 self.made = id;
@@ -327,53 +327,69 @@ impl<M> Books<M> {
             }
             Event::NotMade(id, meta, why) => {
                 self.made = id;
-                exit.leave();
+                if let Some(exit) = exit {
+                    exit.leave();
+                }
                 self.reported += 1;
                 observer.report(id, Some(meta), Fate::NotSent(why));
             }
             Event::WriterDone(why) => self.writer_done = Some(why),
             Event::Reply(reply) => {
-                let answer = match reply {
-                    Reply::Error(e) => Err(e),
-                    other => Ok(other),
-                };
-                let id = match &answer {
-                    Ok(reply) => reply.id(),
-                    Err(e) => e.id,
-                };
-                let Some((id, meta)) = id.and_then(|id| self.outstanding.remove_entry(&id)) else {
-                    log::debug!("ignoring a reply to no outstanding request: {answer:?}");
-                    return;
-                };
-                exit.leave();
-                self.reported += 1;
-                observer.report(id, Some(meta), Fate::Answered(answer));
+                if let Some(exit) = exit {
+                    self.answered(reply, exit, observer);
+                }
             }
-            Event::End(end) => self.end = Some(end),
-        }
-    }
-
-    /// Events after the connection was shut: requests the writer announced
-    /// join the outstanding ones (no answer can come for them now), and
-    /// the window is gone. A reply here answers nothing outstanding: the
-    /// reader's end comes after every reply it read.
-    fn apply_late(&mut self, event: Event<M>, observer: &mut impl Observer<M>) {
-        match event {
-            Event::Sending(id, meta) => {
-                self.made = id;
-                self.outstanding.insert(id, meta);
-            }
-            Event::NotMade(id, meta, why) => {
-                self.made = id;
-                self.reported += 1;
-                observer.report(id, Some(meta), Fate::NotSent(why));
-            }
-            Event::WriterDone(why) => self.writer_done = Some(why),
-            Event::Reply(_) => {}
             // A reader woken by our own shutdown: the first reason stands.
             Event::End(end) => {
                 self.end.get_or_insert(end);
             }
+        }
+    }
+
+    /// A reply: its request is reported, and leaves the window.
+    fn answered(&mut self, reply: Reply, exit: &WindowExit, observer: &mut impl Observer<M>) {
+        let answer = match reply {
+            Reply::Error(e) => Err(e),
+            other => Ok(other),
+        };
+        let id = match &answer {
+            Ok(reply) => reply.id(),
+            Err(e) => e.id,
+        };
+        let Some((id, meta)) = id.and_then(|id| self.outstanding.remove_entry(&id)) else {
+            log::debug!("ignoring a reply to no outstanding request: {answer:?}");
+            return;
+        };
+        exit.leave();
+        self.reported += 1;
+        observer.report(id, Some(meta), Fate::Answered(answer));
+    }
+
+    /// Takes the events left once the connection is shut, until both
+    /// threads are done.
+    fn wind_down(&mut self, events: &Receiver<Event<M>>, observer: &mut impl Observer<M>) {
+        while !(self.writer_done.is_some() && self.end.is_some()) {
+            let Ok(event) = events.recv() else { break };
+            self.apply(event, None, observer);
+        }
+    }
+
+    /// The outcome of a run once both threads are done: what was left when
+    /// the user interrupted it, or else what `finish` reports.
+    fn outcome(self, interrupted: bool, cause: &str, observer: &mut impl Observer<M>) -> Outcome {
+        if !interrupted {
+            return Outcome {
+                note: self.finish(cause, observer),
+                interrupted: None,
+            };
+        }
+        let in_flight = self.outstanding.len() as u64;
+        Outcome {
+            note: None,
+            interrupted: Some(Interrupted {
+                in_flight,
+                never_sent: self.count - self.reported - in_flight,
+            }),
         }
     }
 
@@ -551,6 +567,8 @@ mod tests {
             file: format!("{id}.json"),
             a_count: 1,
             existing: false,
+            copies: Vec::new(),
+            under_replicated: false,
         })
     }
 

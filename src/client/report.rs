@@ -261,6 +261,8 @@ mod tests {
             file: format!("{n}_x.json"),
             a_count: 2,
             existing: false,
+            copies: Vec::new(),
+            under_replicated: false,
         })))
     }
 

@@ -54,10 +54,18 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
     loop {
         taken += 1;
         let time = rfc3339(SystemTime::now());
-        match fetch(config, taken) {
-            Ok(views) => {
+        match fetch_list(config, taken) {
+            Ok(list) => {
+                let views = list.servers;
                 writeln!(out, "{}", header(&time, &config.balancer.to_string()))?;
                 write!(out, "{}", table(&views))?;
+                if let Some(r) = list.repair {
+                    writeln!(
+                        out,
+                        "repair: {} entries short of copies, {} copies made ({} bytes)",
+                        r.entries_left, r.copies_made, r.bytes_copied
+                    )?;
+                }
                 if let Some(history) = &mut history {
                     history.append(&time, &config.balancer.to_string(), &views)?;
                 }
@@ -89,8 +97,13 @@ pub fn run(config: &Config, options: &StatusOptions, out: &mut impl Write) -> Re
 /// Asks the balancer for its list of servers on a fresh connection (a fresh
 /// one each time, so a watch survives a balancer restart).
 pub(crate) fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> {
+    fetch_list(config, id).map(|list| list.servers)
+}
+
+/// `fetch`, with the rest of the balancer's answer (repair's figures).
+fn fetch_list(config: &Config, id: u64) -> Result<crate::proto::ServerList, Error> {
     match super::ask(config, &Request::Servers { id })? {
-        Reply::Servers(list) => Ok(list.servers),
+        Reply::Servers(list) => Ok(list),
         other => Err(Error::Io(io::Error::other(format!(
             "the balancer at {} answered `servers` with {other:?}",
             config.balancer

@@ -9,7 +9,7 @@ use super::status::{human_bytes, human_duration};
 use super::{Config, Error};
 use crate::proto::{self, Reply, Request, TransferView};
 use std::io::{self, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Default)]
 pub struct TransfersOptions {
@@ -31,7 +31,7 @@ pub fn run(
     options: &TransfersOptions,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
-    let now = unix_ms(SystemTime::now());
+    let now = crate::text::now_ms();
     let request = Request::Transfers {
         id: 1,
         active: options.active,
@@ -64,10 +64,6 @@ fn fetch(config: &Config, request: &Request) -> Result<Vec<TransferView>, Error>
             config.balancer
         )))),
     }
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// Milliseconds as `850ms`, `4.2s` or, from a minute on, `2m03s`.

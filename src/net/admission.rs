@@ -8,7 +8,8 @@
 //! Connections at work are never closed; with every slot taken by them,
 //! newcomers wait in the listen backlog until one closes or finishes.
 
-use super::{lock, Stream};
+use super::Stream;
+use crate::sync::lock;
 use crate::throttle::{self, Throttle};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::HashMap;
@@ -216,6 +217,31 @@ struct Entry {
 }
 
 impl Open {
+    /// Marks connection `victim` closing; its stream, to shut, when it is
+    /// still open.
+    fn close(&mut self, victim: &Candidate) -> Option<Stream> {
+        let entry = self.entries.get_mut(&victim.id)?;
+        entry.closing = true;
+        let stream = entry.stream.clone();
+        self.closing += 1;
+        forget_ip(&mut self.per_ip, victim.peer.ip());
+        Some(stream)
+    }
+
+    /// Counts connection `id` in.
+    fn insert(&mut self, id: u64, stream: &Stream, peer: SocketAddr, mark: &Mark) {
+        self.entries.insert(
+            id,
+            Entry {
+                stream: stream.clone(),
+                peer,
+                mark: mark.clone(),
+                closing: false,
+            },
+        );
+        *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
+    }
+
     fn admitted(&self) -> usize {
         self.entries.len() - self.closing
     }
@@ -350,31 +376,11 @@ impl Registry {
             });
             let evicted = match decision {
                 Decision::Admit => None,
-                Decision::Evict { victim, cap } => {
-                    // Picked from the entries under this same lock.
-                    let entry = open.entries.get_mut(&victim.id);
-                    let stream = entry.map(|entry| {
-                        entry.closing = true;
-                        entry.stream.clone()
-                    });
-                    stream.map(|stream| {
-                        open.closing += 1;
-                        forget_ip(&mut open.per_ip, victim.peer.ip());
-                        (victim, cap, stream)
-                    })
-                }
+                // Picked from the entries under this same lock.
+                Decision::Evict { victim, cap } => open.close(&victim).map(|s| (victim, cap, s)),
                 Decision::Refuse => {
                     drop(open);
-                    count(counters.refused);
-                    if let Some(skipped) = self.logged.check(&"refuse") {
-                        log::warn!(
-                            "{same_ip} connections open from {ip} ({} {}), all at work: \
-                             refused a new one from {peer}{}",
-                            self.names.per_ip,
-                            self.policy.max_per_ip,
-                            throttle::more(skipped)
-                        );
-                    }
+                    self.refuse(counters, same_ip, peer);
                     return None;
                 }
                 Decision::Wait => {
@@ -386,16 +392,7 @@ impl Registry {
                 }
             };
             let mark = Mark::new(self.clock, self.waker.clone());
-            open.entries.insert(
-                id,
-                Entry {
-                    stream: stream.clone(),
-                    peer,
-                    mark: mark.clone(),
-                    closing: false,
-                },
-            );
-            *open.per_ip.entry(ip).or_insert(0) += 1;
+            open.insert(id, stream, peer, &mark);
             let admitted = open.admitted();
             drop(open);
             if let Some((victim, cap, stream)) = evicted {
@@ -405,6 +402,21 @@ impl Registry {
                 self.log_eviction(&victim, cap, peer, admitted, same_ip);
             }
             return Some(mark);
+        }
+    }
+
+    /// Counts and logs (now and then) a newcomer refused.
+    fn refuse(&self, counters: &Counters, same_ip: usize, peer: SocketAddr) {
+        count(counters.refused);
+        if let Some(skipped) = self.logged.check(&"refuse") {
+            log::warn!(
+                "{same_ip} connections open from {} ({} {}), all at work: \
+                 refused a new one from {peer}{}",
+                peer.ip(),
+                self.names.per_ip,
+                self.policy.max_per_ip,
+                throttle::more(skipped)
+            );
         }
     }
 

@@ -21,7 +21,7 @@
 
 pub mod certs;
 
-use super::lock;
+use crate::sync::lock;
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
@@ -118,6 +118,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Checks that nothing asks for what only TLS does, when no TLS file is
+/// given.
+fn plaintext(
+    files: &TlsFiles<'_>,
+    client_certs: ClientCerts,
+    allow_legacy_plaintext: bool,
+) -> Result<(), String> {
+    if allow_legacy_plaintext {
+        return Err("--allow-legacy-plaintext only makes sense with --tls-cert".into());
+    }
+    if files.client_ca.is_some() || client_certs != ClientCerts::None {
+        return Err("client certificates are asked for by a TLS listener: \
+                    --tls-client-ca and --tls-client-certs need --tls-cert and --tls-key"
+            .into());
+    }
+    Ok(())
+}
+
 impl Tls {
     /// Reads the PEM files. A certificate with its key makes listeners
     /// serve TLS, asking peers for certificates as `client_certs` says
@@ -143,15 +161,7 @@ impl Tls {
             None => None,
         };
         if identity.is_none() && roots.is_none() {
-            if allow_legacy_plaintext {
-                return Err("--allow-legacy-plaintext only makes sense with --tls-cert".into());
-            }
-            if files.client_ca.is_some() || client_certs != ClientCerts::None {
-                return Err("client certificates are asked for by a TLS listener: \
-                            --tls-client-ca and --tls-client-certs need --tls-cert and --tls-key"
-                    .into());
-            }
-            return Ok(None);
+            return plaintext(&files, client_certs, allow_legacy_plaintext).map(|()| None);
         }
         let client_roots = match (client_certs, files.client_ca) {
             (ClientCerts::None, _) => None,
@@ -346,6 +356,59 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}{hint}"))
 }
 
+/// Drives a handshake to its end, each socket read and write bounded by
+/// what is left of `timeout`.
+fn drive_handshake(
+    conn: &mut rustls::Connection,
+    tcp: &TcpStream,
+    timeout: Duration,
+) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let late = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the TLS handshake did not finish within {timeout:?}"),
+        )
+    };
+    let left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(late())
+        } else {
+            Ok(left)
+        }
+    };
+    let timed_out = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => late(),
+        _ => e,
+    };
+    loop {
+        if conn.wants_write() {
+            tcp.set_write_timeout(Some(left()?))?;
+            let out = take_outgoing(conn)?;
+            (&*tcp).write_all(&out).map_err(timed_out)?;
+        }
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        tcp.set_read_timeout(Some(left()?))?;
+        let n = conn.read_tls(&mut &*tcp).map_err(timed_out)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection during the TLS handshake",
+            ));
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (an alert), as far as it listens.
+            if let Ok(out) = take_outgoing(conn) {
+                let _ = (&*tcp).write_all(&out);
+            }
+            return Err(tls_error(e));
+        }
+    }
+}
+
 /// Takes every TLS byte waiting to be sent.
 fn take_outgoing(conn: &mut rustls::Connection) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -387,53 +450,8 @@ impl Session {
         tcp: &TcpStream,
         timeout: Duration,
     ) -> io::Result<Session> {
-        let deadline = Instant::now() + timeout;
         let saved = (tcp.read_timeout()?, tcp.write_timeout()?);
-        let left = || {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the TLS handshake did not finish within {timeout:?}"),
-                ))
-            } else {
-                Ok(left)
-            }
-        };
-        let timed_out = |e: io::Error| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the TLS handshake did not finish within {timeout:?}"),
-            ),
-            _ => e,
-        };
-        let result = (|| {
-            loop {
-                if conn.wants_write() {
-                    tcp.set_write_timeout(Some(left()?))?;
-                    let out = take_outgoing(&mut conn)?;
-                    (&*tcp).write_all(&out).map_err(timed_out)?;
-                }
-                if !conn.is_handshaking() {
-                    return Ok(());
-                }
-                tcp.set_read_timeout(Some(left()?))?;
-                let n = conn.read_tls(&mut &*tcp).map_err(timed_out)?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection during the TLS handshake",
-                    ));
-                }
-                if let Err(e) = conn.process_new_packets() {
-                    // Tell the peer why (an alert), as far as it listens.
-                    if let Ok(out) = take_outgoing(&mut conn) {
-                        let _ = (&*tcp).write_all(&out);
-                    }
-                    return Err(tls_error(e));
-                }
-            }
-        })();
+        let result = drive_handshake(&mut conn, tcp, timeout);
         tcp.set_read_timeout(saved.0)?;
         tcp.set_write_timeout(saved.1)?;
         result?;
@@ -664,7 +682,7 @@ mod tests {
         // One record made by the client but written a byte at a time, each
         // byte well within the idle timeout.
         let record = {
-            let session = client.0.tls.get().unwrap();
+            let session = client.tls_session().unwrap();
             let mut state = lock(&session.state);
             state.conn.writer().write_all(&[7u8; 200]).unwrap();
             take_outgoing(&mut state.conn).unwrap()

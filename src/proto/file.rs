@@ -285,6 +285,13 @@ pub struct FileEntry {
     /// has to wait until `server` is back.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub available: bool,
+    /// Copies the catalog knows on servers that are up (balancer only,
+    /// with `--replicas` above 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copies: u64,
+    /// Fewer copies on servers that are up than `--replicas` asks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub under_replicated: bool,
 }
 
 fn yes() -> bool {
@@ -310,6 +317,8 @@ impl FileEntry {
             number: None,
             upload_id: None,
             available: true,
+            copies: 0,
+            under_replicated: false,
         }
     }
 
@@ -439,32 +448,36 @@ pub fn read_body_into<R: Read>(
     buf: &mut Vec<u8>,
 ) -> Result<(), BodyError> {
     let max = usize::try_from(expected).unwrap_or(usize::MAX);
-    let len = match read_header(r, max) {
-        Ok(Some(len)) => len,
-        Ok(None) => {
-            return Err(BodyError::Frame(FrameError::Truncated {
-                expected: 4,
-                got: 0,
-            }))
-        }
-        Err(FrameError::TooLarge { len, .. }) => {
-            return Err(BodyError::Length {
-                declared: expected,
-                got: len,
-            })
-        }
-        Err(e) => return Err(BodyError::Frame(e)),
-    };
-    if len as u64 != expected {
-        return Err(BodyError::Length {
-            declared: expected,
-            got: len as u64,
-        });
-    }
+    let len = body_len(read_header(r, max), expected)?;
     buf.clear();
     // Room for a whole chunk at once; a larger body grows as it arrives.
     buf.reserve(len.min(CHUNK_SIZE));
     read_payload_into(r, len, buf).map_err(BodyError::Frame)
+}
+
+/// The length of a body frame from its header, which must say `expected`
+/// bytes: a header that says more (or is too large to read) or less is a
+/// length mismatch, a missing one a truncated frame.
+pub fn body_len(
+    header: Result<Option<usize>, FrameError>,
+    expected: u64,
+) -> Result<usize, BodyError> {
+    match header {
+        Ok(Some(len)) if len as u64 == expected => Ok(len),
+        Ok(Some(len)) => Err(BodyError::Length {
+            declared: expected,
+            got: len as u64,
+        }),
+        Ok(None) => Err(BodyError::Frame(FrameError::Truncated {
+            expected: 4,
+            got: 0,
+        })),
+        Err(FrameError::TooLarge { len, .. }) => Err(BodyError::Length {
+            declared: expected,
+            got: len,
+        }),
+        Err(e) => Err(BodyError::Frame(e)),
+    }
 }
 
 /// Writes a body frame.

@@ -316,6 +316,23 @@ pub enum Request {
     },
     /// What a server holds, in short (servers only; see `InventoryReport`).
     Inventory { id: u64 },
+    /// Balancer -> server: fetch a copy of `name` (a document or a file of
+    /// `owner`) from server `from`, check its SHA-256 and put it in place
+    /// under the same name. Answered `fetched` (repair, see `--replicas`).
+    Fetch {
+        id: u64,
+        from: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        /// A file's upload id (it keeps it on the new server); none for a
+        /// document.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload_id: Option<String>,
+    },
+    /// Client (admin) -> balancer: start repairing entries with fewer live
+    /// copies than `--replicas` now. Answered `membership` with a message.
+    Repair { id: u64 },
     /// A server reports a redirected upload's progress to the balancer.
     TransferEvent(TransferEvent),
     /// First message of a cluster handshake (balancer -> server, server ->
@@ -369,6 +386,8 @@ impl Request {
             Request::Get { .. } => "get",
             Request::Delete { .. } => "delete",
             Request::Inventory { .. } => "inventory",
+            Request::Fetch { .. } => "fetch",
+            Request::Repair { .. } => "repair",
             Request::TransferEvent(_) => "transfer_event",
             Request::Hello { .. } => "hello",
             Request::HelloProof { .. } => "hello_proof",
@@ -398,6 +417,8 @@ impl Request {
             | Request::Get { id, .. }
             | Request::Delete { id, .. }
             | Request::Inventory { id }
+            | Request::Fetch { id, .. }
+            | Request::Repair { id }
             | Request::Hello { id, .. }
             | Request::HelloProof { id, .. }
             | Request::Login { id, .. } => *id,
@@ -449,6 +470,21 @@ pub struct Stored {
     /// again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub existing: bool,
+    /// With `--replicas` above 1: every copy acknowledged (server and
+    /// file), the first being `server` and `file`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<CopyPlace>,
+    /// Fewer copies than `--replicas` were made (`--min-replicas` allowed
+    /// it); repair makes the rest once servers are back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub under_replicated: bool,
+}
+
+/// Where one copy of a document or file is: a server and its name there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyPlace {
+    pub server: String,
+    pub file: String,
 }
 
 /// A server's view of itself: load, resources, storage.
@@ -629,6 +665,18 @@ pub struct ServerView {
 pub struct ServerList {
     pub id: u64,
     pub servers: Vec<ServerView>,
+    /// With `--replicas` above 1: what repair has done and has left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairView>,
+}
+
+/// Repair's figures, in the balancer's answer to `servers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairView {
+    /// Entries with fewer live copies than `--replicas` still.
+    pub entries_left: u64,
+    pub copies_made: u64,
+    pub bytes_copied: u64,
 }
 
 /// One transfer (a document the balancer took) as its state file has it.
@@ -724,6 +772,9 @@ pub enum ErrorCode {
     Exists,
     /// Every server holding the file is down: the message names them.
     Unavailable,
+    /// Fewer servers are up than `--replicas` asks copies of a document
+    /// (and than `--min-replicas` allows): nothing was stored.
+    TooFewServers,
 }
 
 impl ErrorCode {
@@ -797,6 +848,13 @@ pub enum Reply {
     Deleted(Deleted),
     /// Answer to `inventory`.
     Inventory(InventoryReport),
+    /// Answer to `fetch`: the copy is in place, its bytes checked.
+    Fetched {
+        id: u64,
+        file: String,
+        size: u64,
+        sha256: String,
+    },
     /// A `transfer_event` was recorded.
     Recorded {
         id: u64,
@@ -843,6 +901,7 @@ impl Reply {
             Reply::Deleted(r) => Some(r.id),
             Reply::Inventory(r) => Some(r.id),
             Reply::Recorded { id } => Some(*id),
+            Reply::Fetched { id, .. } => Some(*id),
         }
     }
 

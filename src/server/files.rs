@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::storage::{safe_title, unix_ms};
+use super::storage::{link_first_free, safe_title, sync_dir};
+use crate::text::unix_ms;
 
 pub const FILES_DIR: &str = "files";
 const PARTIAL_DIR: &str = ".partial";
@@ -299,43 +300,13 @@ impl FileStore {
         // From here on the id is ours; `Receiving` (or the guard on error)
         // gives it back.
         let guard = ActiveGuard { store: self, id };
-        let meta_path = self.partial.join(format!("{id}.json"));
-        let data_path = self.partial.join(id);
         let wanted = PartialMeta {
             name: name.to_string(),
             size,
             started_ms: unix_ms(SystemTime::now()),
             owner: owner.clone(),
         };
-        let existing: Option<PartialMeta> = fs::read(&meta_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let (file, offset, hasher) = match existing {
-            Some(meta) if meta.name == name && meta.size == size && meta.owner == owner => {
-                let mut file = File::options().read(true).write(true).open(&data_path)?;
-                let (held, hasher) = hash_prefix(&mut file, size)?;
-                file.set_len(held)?;
-                file.seek(SeekFrom::Start(held))?;
-                (file, held, hasher)
-            }
-            // Another user's upload says nothing of itself.
-            Some(meta) if meta.owner != owner => {
-                return Err(FileError::Invalid(format!(
-                    "upload {id} belongs to someone else"
-                )))
-            }
-            Some(meta) => {
-                return Err(FileError::Invalid(format!(
-                    "upload {id} is already used for {:?} of {} bytes",
-                    meta.name, meta.size
-                )))
-            }
-            None => {
-                write_replace(&meta_path, &serde_json::to_vec(&wanted).unwrap_or_default())?;
-                let file = File::create(&data_path)?;
-                (file, 0, Sha256::new())
-            }
-        };
+        let (file, offset, hasher) = self.open_partial(id, &wanted)?;
         std::mem::forget(guard);
         Ok(Begun::Receiving(Receiving {
             store: self,
@@ -347,6 +318,47 @@ impl FileStore {
             offset,
             hasher,
         }))
+    }
+
+    /// The partial file of upload `id`: the bytes held so far (checked to
+    /// be whole and hashed) when it was begun with the same name, size and
+    /// owner, else a new one.
+    fn open_partial(
+        &self,
+        id: &str,
+        wanted: &PartialMeta,
+    ) -> Result<(File, u64, Sha256), FileError> {
+        let meta_path = self.partial.join(format!("{id}.json"));
+        let data_path = self.partial.join(id);
+        let existing: Option<PartialMeta> = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match existing {
+            Some(meta)
+                if meta.name == wanted.name
+                    && meta.size == wanted.size
+                    && meta.owner == wanted.owner =>
+            {
+                let mut file = File::options().read(true).write(true).open(&data_path)?;
+                let (held, hasher) = hash_prefix(&mut file, wanted.size)?;
+                file.set_len(held)?;
+                file.seek(SeekFrom::Start(held))?;
+                Ok((file, held, hasher))
+            }
+            // Another user's upload says nothing of itself.
+            Some(meta) if meta.owner != wanted.owner => Err(FileError::Invalid(format!(
+                "upload {id} belongs to someone else"
+            ))),
+            Some(meta) => Err(FileError::Invalid(format!(
+                "upload {id} is already used for {:?} of {} bytes",
+                meta.name, meta.size
+            ))),
+            None => {
+                write_replace(&meta_path, &serde_json::to_vec(wanted).unwrap_or_default())?;
+                let file = File::create(&data_path)?;
+                Ok((file, 0, Sha256::new()))
+            }
+        }
     }
 
     fn completed(&self, id: &str) -> Result<Option<FileMeta>, FileError> {
@@ -640,10 +652,6 @@ fn write_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Links `from` into `dir` as `name`, or `stem~N.ext` with the first free
 /// N; returns the name used.
 fn link_unique(from: &Path, dir: &Path, name: &str) -> io::Result<String> {
@@ -651,19 +659,11 @@ fn link_unique(from: &Path, dir: &Path, name: &str) -> io::Result<String> {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    for n in 0u32.. {
-        let candidate = if n == 0 {
-            name.to_string()
-        } else {
-            format!("{stem}~{n}{ext}")
-        };
-        match fs::hard_link(from, dir.join(&candidate)) {
-            Ok(()) => return Ok(candidate),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    unreachable!("u32 suffixes exhausted")
+    let candidate = |n| match n {
+        0 => name.to_string(),
+        n => format!("{stem}~{n}{ext}"),
+    };
+    link_first_free(candidate, || Ok(()), |c| fs::hard_link(from, dir.join(c)))
 }
 
 #[cfg(test)]

@@ -7,12 +7,13 @@
 //! but the last with `more`, so a folder of a million documents never
 //! needs a frame (or a buffer) of its size.
 
-use super::storage::{is_document_name, parse_name, unix_ms};
+use super::storage::{is_document_name, parse_name};
 use super::Shared;
 use crate::proto::file::LIST_PAGE;
 use crate::proto::{
     EntryKind, ErrorCode, FileEntry, FileList, FrameWriter, InventoryReport, ListKind, Reply,
 };
+use crate::text::unix_ms;
 use serde::Deserialize;
 use std::io::{self, Write};
 use std::path::Path;

@@ -3,7 +3,6 @@
 //! and network, and checks that the storage folder can still be written;
 //! request counters are plain atomics.
 
-use crate::net;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -76,7 +75,7 @@ impl Load {
     /// A write in `folder` found its disk full: the server reports that it
     /// cannot store, from now on, until the disk has room again.
     pub fn note_disk_full(&self, folder: &Path) {
-        let mut sample = crate::net::lock(&self.sample);
+        let mut sample = crate::sync::lock(&self.sample);
         let free = folder_space(folder).map_or(sample.disk_free_bytes, |(_, free)| free);
         sample.storage_writable = false;
         drop(sample);
@@ -102,11 +101,11 @@ impl Load {
     }
 
     pub fn sample(&self) -> Sample {
-        *crate::net::lock(&self.sample)
+        *crate::sync::lock(&self.sample)
     }
 
     fn store(&self, sample: Sample) {
-        *crate::net::lock(&self.sample) = sample;
+        *crate::sync::lock(&self.sample) = sample;
     }
 
     /// Marks one request as in progress until the guard drops.
@@ -162,7 +161,7 @@ pub fn spawn_sampler(
     // shows the zeros of "not sampled yet".
     let mut sampler = Sampler::new(&storage);
     load.store(sampler.sample(&load));
-    net::spawn_named(name, None, move || loop {
+    crate::sync::spawn_named(name, None, move || loop {
         match stop.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => load.store(sampler.sample(&load)),
             _ => return,

@@ -13,8 +13,9 @@
 //! `MAX_STORE_BYTES`, and `MAX_QUEUED_BYTES` of replies the peer has not
 //! taken yet) and can wait until every one is answered.
 
-use crate::net::{self, lock};
+use crate::net;
 use crate::proto::{self, FrameWriter, Reply};
+use crate::sync::lock;
 use crossbeam_channel::Sender;
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -183,13 +184,14 @@ impl Outbox {
     fn start_writer(self: &Arc<Self>) {
         let (nudge, nudges) = crossbeam_channel::unbounded::<()>();
         let outbox = self.clone();
-        let started = net::spawn_named(self.writer_name.clone(), Some(128 * 1024), move || {
-            while nudges.recv().is_ok() {
+        let started =
+            crate::sync::spawn_named(self.writer_name.clone(), Some(128 * 1024), move || {
+                while nudges.recv().is_ok() {
+                    outbox.write_queued();
+                }
+                // The connection has ended: what is left.
                 outbox.write_queued();
-            }
-            // The connection has ended: what is left.
-            outbox.write_queued();
-        });
+            });
         let mut state = self.state();
         match started {
             Ok(thread) => {

@@ -18,8 +18,9 @@ mod keys;
 pub use commit::{Commit, Deliver, Done, SyncMode};
 pub use keys::Found;
 
-use crate::net::lock;
 use crate::proto::{ClientKey, Document, KeyProbe};
+use crate::sync::lock;
+use crate::text::unix_ms;
 use crate::text::{count_a, rfc3339};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -29,7 +30,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Longest title part of a stored file name, in characters.
 pub const MAX_TITLE_CHARS: usize = 80;
@@ -142,6 +143,25 @@ impl Writer<'_> {
             },
             done,
         )
+    }
+
+    /// Stores `bytes`, a copy of this number's document fetched from
+    /// another server and checked, as `{base}.json` (its name there, less
+    /// `.json`), and waits until it is durable (repair, see `replicate`).
+    pub fn write_copy(self, bytes: Vec<u8>, base: String) -> Result<String, StoreError> {
+        let storage = self.storage;
+        let (done, outcome) = commit::waiter();
+        let commit = Commit::new(
+            Ok(bytes),
+            base,
+            commit::Kind::Framed {
+                claim: self.claim,
+                not_after_ms: self.not_after_ms,
+            },
+            done,
+        );
+        storage.submit(vec![commit]);
+        outcome.wait()
     }
 
     /// Stores the document and waits until it is durable: a `commit` for
@@ -656,29 +676,41 @@ fn keyed_base_name(number: u64, title: &str, key: Option<ClientKey>) -> String {
     }
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// Makes a folder's entries durable.
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 /// Links a file into place as `{base}.json`, or `{base}~N.json` with the
-/// first free N, and returns the name: `link(name)` makes the hard link,
-/// which fails if the name exists (unlike a rename), so two documents can
-/// never overwrite each other. `before_link` runs right before each attempt
-/// and may refuse.
+/// first free N, and returns the name (see `link_first_free`): two
+/// documents can never overwrite each other. `before_link` runs right
+/// before each attempt and may refuse.
 fn link_unique(
     base: &str,
     before_link: &dyn Fn() -> Result<(), StoreError>,
     link: &dyn Fn(&str) -> io::Result<()>,
 ) -> Result<String, StoreError> {
+    let name = |n| match n {
+        0 => format!("{base}.json"),
+        n => format!("{base}~{n}.json"),
+    };
+    link_first_free(name, before_link, link)
+}
+
+/// Links under the first free name of `name(0)`, `name(1)`, ... and
+/// returns it: `link(name)` makes a hard link, which fails if the name
+/// exists (unlike a rename). `before` runs right before each attempt and
+/// may refuse.
+pub(super) fn link_first_free<E: From<io::Error>>(
+    name: impl Fn(u32) -> String,
+    before: impl Fn() -> Result<(), E>,
+    link: impl Fn(&str) -> io::Result<()>,
+) -> Result<String, E> {
     for n in 0u32.. {
-        let name = if n == 0 {
-            format!("{base}.json")
-        } else {
-            format!("{base}~{n}.json")
-        };
-        before_link()?;
-        match link(&name) {
-            Ok(()) => return Ok(name),
+        let candidate = name(n);
+        before()?;
+        match link(&candidate) {
+            Ok(()) => return Ok(candidate),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e.into()),
         }
@@ -712,12 +744,6 @@ fn copy_error(e: &io::Error) -> io::Error {
 /// Whether an error says the file system has no room left.
 pub fn is_disk_full(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A stored document's file name: visible (no leading dot) `.json`.

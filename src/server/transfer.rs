@@ -10,7 +10,8 @@ use crate::proto::{
 };
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// How a conversation ended for the connection.
 pub(super) enum Next {
@@ -18,6 +19,16 @@ pub(super) enum Next {
     Continue,
     /// The stream is out of step or gone: close it.
     Close,
+}
+
+impl Next {
+    /// Goes on only when both go on.
+    fn and(self, then: Next) -> Next {
+        match (self, then) {
+            (Next::Continue, Next::Continue) => Next::Continue,
+            _ => Next::Close,
+        }
+    }
 }
 
 impl FileError {
@@ -59,7 +70,7 @@ fn check_ticket(req: &UploadRequest, shared: &Shared) -> Result<(), String> {
             shared.addr
         ));
     }
-    let now = super::storage::unix_ms(SystemTime::now());
+    let now = crate::text::now_ms();
     if now > ticket.expires_ms {
         return Err(format!(
             "the ticket expired {} ms ago",
@@ -85,37 +96,14 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// (redirect mode). A stored file is reported before the client gets its
 /// answer (at most `REPORT_TIMEOUT`), so that the balancer's catalog
 /// points at it by then; the rest on a thread of its own, so the client
-/// never waits for them.
-fn report(shared: &Shared, req: &UploadRequest, outcome: Outcome<'_>) {
+/// never waits for them: its handle is returned, for the connection to
+/// join once the client has its answer.
+fn report(shared: &Shared, req: &UploadRequest, outcome: Outcome<'_>) -> Option<JoinHandle<()>> {
     let (Some(key), Some(ticket)) = (&shared.config.cluster_key, &req.ticket) else {
-        return;
+        return None;
     };
-    let Some(balancer) = ticket.report_to.as_deref().and_then(|a| a.parse().ok()) else {
-        return;
-    };
-    let (state, file, error, stored) = match outcome {
-        Outcome::Started => ("started", None, None, None),
-        Outcome::Stored(meta) => (
-            "stored",
-            Some(meta.name.clone()),
-            None,
-            Some(StoredFile {
-                name: meta.sent_as().to_string(),
-                owner: meta.owner.clone(),
-                size: meta.size,
-                sha256: meta.sha256.clone(),
-                upload_id: meta.upload_id.clone(),
-                stored_ms: meta.stored_ms,
-            }),
-        ),
-        Outcome::Interrupted => (
-            "interrupted",
-            None,
-            Some("the client went away; the bytes so far are kept for a resume".to_string()),
-            None,
-        ),
-        Outcome::Failed(why) => ("failed", None, Some(why), None),
-    };
+    let balancer: SocketAddr = ticket.report_to.as_deref().and_then(|a| a.parse().ok())?;
+    let (state, file, error, stored) = outcome.parts();
     let wait = stored.is_some();
     let event = TransferEvent {
         id: 1,
@@ -129,31 +117,74 @@ fn report(shared: &Shared, req: &UploadRequest, outcome: Outcome<'_>) {
     }
     .signed(key);
     let addr = shared.addr;
-    let send = move || {
-        let answer = crate::net::connect(&balancer, REPORT_TIMEOUT, REPORT_TIMEOUT)
-            .map_err(|e| e.to_string())
-            .and_then(|stream| {
-                Connection::new(stream, 64 * 1024)
-                    .call(&Request::TransferEvent(event))
-                    .map_err(|e| e.to_string())
-            });
-        match answer {
-            Ok(Reply::Recorded { .. }) => {}
-            Ok(other) => log::warn!(
-                "server {addr}: balancer {balancer} refused a transfer report: {other:?}"
-            ),
-            Err(e) => {
-                log::warn!("server {addr}: cannot report a transfer to balancer {balancer}: {e}")
-            }
-        }
-    };
+    let send = move || send_report(addr, balancer, event);
     if wait {
         send();
-        return;
+        return None;
     }
     let name = format!("srv{}-report", addr.port());
-    if let Err(e) = crate::net::spawn_named(name, Some(128 * 1024), send) {
-        log::warn!("server {addr}: cannot report a transfer: {e}");
+    match crate::sync::spawn_named(name, Some(128 * 1024), send) {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            log::warn!("server {addr}: cannot report a transfer: {e}");
+            None
+        }
+    }
+}
+
+impl Outcome<'_> {
+    /// The state, file, error and stored file of its `transfer_event`.
+    fn parts(
+        self,
+    ) -> (
+        &'static str,
+        Option<String>,
+        Option<String>,
+        Option<StoredFile>,
+    ) {
+        match self {
+            Outcome::Started => ("started", None, None, None),
+            Outcome::Stored(meta) => (
+                "stored",
+                Some(meta.name.clone()),
+                None,
+                Some(StoredFile {
+                    name: meta.sent_as().to_string(),
+                    owner: meta.owner.clone(),
+                    size: meta.size,
+                    sha256: meta.sha256.clone(),
+                    upload_id: meta.upload_id.clone(),
+                    stored_ms: meta.stored_ms,
+                }),
+            ),
+            Outcome::Interrupted => (
+                "interrupted",
+                None,
+                Some("the client went away; the bytes so far are kept for a resume".to_string()),
+                None,
+            ),
+            Outcome::Failed(why) => ("failed", None, Some(why), None),
+        }
+    }
+}
+
+/// Sends one signed report to the balancer; a failure is only logged.
+fn send_report(addr: SocketAddr, balancer: SocketAddr, event: TransferEvent) {
+    let answer = crate::net::connect(&balancer, REPORT_TIMEOUT, REPORT_TIMEOUT)
+        .map_err(|e| e.to_string())
+        .and_then(|stream| {
+            Connection::new(stream, 64 * 1024)
+                .call(&Request::TransferEvent(event))
+                .map_err(|e| e.to_string())
+        });
+    match answer {
+        Ok(Reply::Recorded { .. }) => {}
+        Ok(other) => {
+            log::warn!("server {addr}: balancer {balancer} refused a transfer report: {other:?}")
+        }
+        Err(e) => {
+            log::warn!("server {addr}: cannot report a transfer to balancer {balancer}: {e}")
+        }
     }
 }
 
@@ -183,16 +214,88 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
 ) -> Next {
     let id = req.id;
     let addr = shared.addr;
-    let send = |writer: &mut FrameWriter<W>, reply: &Reply| match writer.message(reply) {
+    if let Some(refusal) = refuse(&req, peer, shared) {
+        return answer(writer, &refusal, addr, peer);
+    }
+    let _active = shared.load.begin();
+    // A ticket says whose the file is; else the (authenticated) balancer.
+    let owner = req.ticket.as_ref().map_or(&req.owner, |t| &t.owner).clone();
+    let upload = match shared
+        .files
+        .begin(&req.upload_id, &req.name, req.size, owner)
+    {
+        Ok(Begun::Receiving(r)) => r,
+        Ok(Begun::Complete(meta)) => return end_again(&req, meta, reader, writer, peer, shared),
+        Err(e) => {
+            log::warn!("server {addr}: upload from {peer}: {e}");
+            return answer(writer, &e.reply(id), addr, peer);
+        }
+    };
+    if upload.offset() > 0 {
+        log_resume(&req, upload.offset(), peer, addr);
+    }
+    let ready = ready(&req, upload.offset(), shared);
+    if let Next::Close = answer(writer, &ready, addr, peer) {
+        return Next::Close;
+    }
+    let started = report(shared, &req, Outcome::Started);
+    // The upload is given back (ended) before the reply goes out, so a
+    // client that resumes at once finds it free.
+    let (next, reply, meta) = take_chunks(upload, id, reader, peer, shared);
+    let ended = report(shared, &req, ended(&reply, &meta));
+    let next = match reply {
+        Some(reply) => {
+            if let Reply::Error(e) = &reply {
+                log::warn!(
+                    "server {addr}: upload {} from {peer}: {}",
+                    req.upload_id,
+                    e.message
+                );
+            }
+            answer(writer, &reply, addr, peer).and(next)
+        }
+        None => next,
+    };
+    // The client has its answer: the reports' threads are waited for.
+    for report in [started, ended].into_iter().flatten() {
+        if report.join().is_err() {
+            log::error!("server {addr}: a transfer report's thread panicked");
+        }
+    }
+    next
+}
+
+fn log_resume(req: &UploadRequest, offset: u64, peer: SocketAddr, addr: SocketAddr) {
+    log::info!(
+        "server {addr}: resuming upload {} of {:?} from {peer} at byte {offset} of {}",
+        req.upload_id,
+        crate::proto::truncate(&req.name, 80),
+        req.size
+    );
+}
+
+/// Writes a reply of an upload conversation; a connection that cannot
+/// take it closes.
+fn answer<W: Write>(
+    writer: &mut FrameWriter<W>,
+    reply: &Reply,
+    addr: SocketAddr,
+    peer: SocketAddr,
+) -> Next {
+    match writer.message(reply) {
         Ok(()) => Next::Continue,
         Err(e) => {
             log::warn!("server {addr}: cannot reply to {peer}: {e}");
             Next::Close
         }
-    };
-    if let Err(why) = check_ticket(&req, shared) {
-        log::warn!("server {addr}: upload refused from {peer}: {why}");
-        return send(writer, &Reply::error(Some(id), ErrorCode::BadTicket, why));
+    }
+}
+
+/// Why an upload is refused before anything is written, if it is.
+fn refuse(req: &UploadRequest, peer: SocketAddr, shared: &Shared) -> Option<Reply> {
+    if let Err(why) = check_ticket(req, shared) {
+        log::warn!("server {}: upload refused from {peer}: {why}", shared.addr);
+        return Some(Reply::error(Some(req.id), ErrorCode::BadTicket, why));
     }
     let max = shared.config.max_file_size;
     if req.size > max {
@@ -200,87 +303,49 @@ pub(super) fn receive<R: Read + Deadline, W: Write>(
             "the file has {} bytes, more than this server takes (--max-file-size {max})",
             req.size
         );
-        return send(writer, &Reply::error(Some(id), ErrorCode::TooLarge, why));
+        return Some(Reply::error(Some(req.id), ErrorCode::TooLarge, why));
     }
-    let _active = shared.load.begin();
-    // A ticket says whose the file is; else the (authenticated) balancer.
-    let owner = match &req.ticket {
-        Some(t) => t.owner.clone(),
-        None => req.owner.clone(),
-    };
-    let upload = match shared
-        .files
-        .begin(&req.upload_id, &req.name, req.size, owner)
-    {
-        Ok(Begun::Receiving(r)) => r,
-        Ok(Begun::Complete(meta)) => {
-            // Only the answer was lost: the client ends it again.
-            let ready = Reply::UploadReady(UploadReady {
-                id,
-                upload_id: req.upload_id.clone(),
-                server: addr.to_string(),
-                offset: meta.size,
-            });
-            if let Next::Close = send(writer, &ready) {
-                return Next::Close;
-            }
-            return match reader.message_within::<Request>(shared.config.frame_timeout) {
-                Ok(Some(Ok(Request::UploadEnd { id, .. }))) => {
-                    send(writer, &stored(id, meta, true, shared))
-                }
-                _ => Next::Close,
-            };
-        }
-        Err(e) => {
-            log::warn!("server {addr}: upload from {peer}: {e}");
-            return send(writer, &e.reply(id));
-        }
-    };
-    if upload.offset() > 0 {
-        log::info!(
-            "server {addr}: resuming upload {} of {:?} from {peer} at byte {} of {}",
-            req.upload_id,
-            crate::proto::truncate(&req.name, 80),
-            upload.offset(),
-            req.size
-        );
-    }
-    let ready = Reply::UploadReady(UploadReady {
-        id,
+    None
+}
+
+fn ready(req: &UploadRequest, offset: u64, shared: &Shared) -> Reply {
+    Reply::UploadReady(UploadReady {
+        id: req.id,
         upload_id: req.upload_id.clone(),
-        server: addr.to_string(),
-        offset: upload.offset(),
-    });
-    if let Next::Close = send(writer, &ready) {
+        server: shared.addr.to_string(),
+        offset,
+    })
+}
+
+/// An upload already complete: only the answer was lost, and the client
+/// ends it again.
+fn end_again<R: Read + Deadline, W: Write>(
+    req: &UploadRequest,
+    meta: FileMeta,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Next {
+    let addr = shared.addr;
+    if let Next::Close = answer(writer, &ready(req, meta.size, shared), addr, peer) {
         return Next::Close;
     }
-    let upload_id = req.upload_id.clone();
-    report(shared, &req, Outcome::Started);
-    // The upload is given back (ended) before the reply goes out, so a
-    // client that resumes at once finds it free.
-    let (next, reply, meta) = take_chunks(upload, id, reader, peer, shared);
-    match (&reply, &meta) {
-        (_, Some(meta)) => report(shared, &req, Outcome::Stored(meta)),
-        (Some(Reply::Error(e)), _) if client_left(e.code) => {
-            report(shared, &req, Outcome::Interrupted)
+    match reader.message_within::<Request>(shared.config.frame_timeout) {
+        Ok(Some(Ok(Request::UploadEnd { id, .. }))) => {
+            answer(writer, &stored(id, meta, true, shared), addr, peer)
         }
-        (Some(Reply::Error(e)), _) => report(shared, &req, Outcome::Failed(e.message.clone())),
-        _ => report(shared, &req, Outcome::Interrupted),
+        _ => Next::Close,
     }
-    match reply {
-        Some(reply) => {
-            if let Reply::Error(e) = &reply {
-                log::warn!(
-                    "server {addr}: upload {upload_id} from {peer}: {}",
-                    e.message
-                );
-            }
-            match (send(writer, &reply), next) {
-                (Next::Continue, Next::Continue) => Next::Continue,
-                _ => Next::Close,
-            }
-        }
-        None => next,
+}
+
+/// How an upload ended, for its report, from its reply and stored file.
+fn ended<'a>(reply: &Option<Reply>, meta: &'a Option<FileMeta>) -> Outcome<'a> {
+    match (reply, meta) {
+        (_, Some(meta)) => Outcome::Stored(meta),
+        (Some(Reply::Error(e)), _) if client_left(e.code) => Outcome::Interrupted,
+        (Some(Reply::Error(e)), _) => Outcome::Failed(e.message.clone()),
+        _ => Outcome::Interrupted,
     }
 }
 
@@ -303,7 +368,6 @@ fn take_chunks<R: Read + Deadline>(
     let addr = shared.addr;
     let started = Instant::now();
     let from = upload.offset();
-    let max_body = shared.frame_limit() as u64;
     loop {
         let request = match reader.message_within::<Request>(shared.config.frame_timeout) {
             Ok(Some(Ok(r))) => r,
@@ -319,36 +383,9 @@ fn take_chunks<R: Read + Deadline>(
             Ok(Some(Err(bad))) => return (Next::Close, Some(Reply::Error(bad.into())), None),
         };
         match request {
-            Request::Chunk(Chunk {
-                offset, body_len, ..
-            }) => {
-                if body_len > max_body {
-                    let reply = Reply::error(
-                        Some(id),
-                        ErrorCode::FrameTooLarge,
-                        format!("chunk of {body_len} bytes exceeds the maximum of {max_body}"),
-                    );
-                    return (Next::Close, Some(reply), None);
-                }
-                let deadline = Instant::now() + shared.config.frame_timeout;
-                reader.get_mut().set_deadline(Some(deadline));
-                let body = read_body(reader, body_len);
-                reader.get_mut().set_deadline(None);
-                let body = match body {
-                    Ok(b) => b,
-                    Err(e @ BodyError::Length { .. }) => {
-                        let reply = Reply::error(Some(id), ErrorCode::SizeMismatch, e.to_string());
-                        return (Next::Close, Some(reply), None);
-                    }
-                    Err(BodyError::Frame(e)) => {
-                        return (Next::Close, e.reply().map(Reply::Error), None)
-                    }
-                };
-                if let Err(e) = upload.write(offset, &body) {
-                    if e.code() == ErrorCode::DiskFull {
-                        shared.load.note_disk_full(shared.storage.dir());
-                    }
-                    return (Next::Close, Some(e.reply(id)), None);
+            Request::Chunk(chunk) => {
+                if let Err(reply) = take_chunk(&mut upload, id, &chunk, reader, shared) {
+                    return (Next::Close, reply.map(|r| *r), None);
                 }
             }
             Request::UploadEnd { id: end_id, sha256 } => {
@@ -365,12 +402,7 @@ fn take_chunks<R: Read + Deadline>(
                         let reply = stored(end_id, meta.clone(), false, shared);
                         (Next::Continue, Some(reply), Some(meta))
                     }
-                    Err(e) => {
-                        if e.code() == ErrorCode::DiskFull {
-                            shared.load.note_disk_full(shared.storage.dir());
-                        }
-                        (Next::Continue, Some(e.reply(end_id)), None)
-                    }
+                    Err(e) => (Next::Continue, Some(file_failed(e, end_id, shared)), None),
                 };
             }
             other => {
@@ -379,6 +411,52 @@ fn take_chunks<R: Read + Deadline>(
             }
         }
     }
+}
+
+/// Reads one chunk's body and writes it into the upload. `Err` holds the
+/// reply, if any, when the upload cannot go on.
+fn take_chunk<R: Read + Deadline>(
+    upload: &mut Receiving<'_>,
+    id: u64,
+    chunk: &Chunk,
+    reader: &mut FrameReader<R>,
+    shared: &Shared,
+) -> Result<(), Option<Box<Reply>>> {
+    let max_body = shared.frame_limit() as u64;
+    let body_len = chunk.body_len;
+    if body_len > max_body {
+        return Err(Some(Box::new(Reply::error(
+            Some(id),
+            ErrorCode::FrameTooLarge,
+            format!("chunk of {body_len} bytes exceeds the maximum of {max_body}"),
+        ))));
+    }
+    let deadline = Instant::now() + shared.config.frame_timeout;
+    reader.get_mut().set_deadline(Some(deadline));
+    let body = read_body(reader, body_len);
+    reader.get_mut().set_deadline(None);
+    let body = match body {
+        Ok(b) => b,
+        Err(e @ BodyError::Length { .. }) => {
+            return Err(Some(Box::new(Reply::error(
+                Some(id),
+                ErrorCode::SizeMismatch,
+                e.to_string(),
+            ))))
+        }
+        Err(BodyError::Frame(e)) => return Err(e.reply().map(|r| Box::new(Reply::Error(r)))),
+    };
+    upload
+        .write(chunk.offset, &body)
+        .map_err(|e| Some(Box::new(file_failed(e, id, shared))))
+}
+
+/// The reply to a file error; a full disk is noted in the server's load.
+fn file_failed(e: FileError, id: u64, shared: &Shared) -> Reply {
+    if e.code() == ErrorCode::DiskFull {
+        shared.load.note_disk_full(shared.storage.dir());
+    }
+    e.reply(id)
 }
 
 /// Sends a stored file from `offset`: a `file` header, then chunks.
@@ -392,7 +470,13 @@ pub(super) fn send<W: Write>(
     shared: &Shared,
 ) -> Next {
     let addr = shared.addr;
-    let (mut file, meta) = match shared.files.open_file(name, owner) {
+    let found = match shared.files.open_file(name, owner) {
+        Err(e) if e.code() == ErrorCode::NotFound => {
+            super::replicate::open_document(shared, name).ok_or(e)
+        }
+        found => found,
+    };
+    let (mut file, meta) = match found {
         Ok(found) => found,
         Err(e) => {
             return match writer.message(&e.reply(id)) {
@@ -420,24 +504,7 @@ pub(super) fn send<W: Write>(
         server: addr.to_string(),
         offset,
     });
-    let result = (|| -> io::Result<()> {
-        writer.message(&header)?;
-        file.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut at = offset;
-        while at < meta.size {
-            let want = ((meta.size - at) as usize).min(CHUNK_SIZE);
-            file.read_exact(&mut buf[..want])?;
-            writer.message(&Reply::Chunk(Chunk {
-                id,
-                offset: at,
-                body_len: want as u64,
-            }))?;
-            writer.body(&buf[..want])?;
-            at += want as u64;
-        }
-        Ok(())
-    })();
+    let result = write_file(writer, id, &mut file, offset, meta.size, &header);
     match result {
         Ok(()) => Next::Continue,
         Err(e) => {
@@ -445,6 +512,33 @@ pub(super) fn send<W: Write>(
             Next::Close
         }
     }
+}
+
+/// Writes `header`, then the file from `offset` to `size` in chunks.
+fn write_file<W: Write>(
+    writer: &mut FrameWriter<W>,
+    id: u64,
+    file: &mut (impl Read + Seek),
+    offset: u64,
+    size: u64,
+    header: &Reply,
+) -> io::Result<()> {
+    writer.message(header)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut at = offset;
+    while at < size {
+        let want = ((size - at) as usize).min(CHUNK_SIZE);
+        file.read_exact(&mut buf[..want])?;
+        writer.message(&Reply::Chunk(Chunk {
+            id,
+            offset: at,
+            body_len: want as u64,
+        }))?;
+        writer.body(&buf[..want])?;
+        at += want as u64;
+    }
+    Ok(())
 }
 
 /// `delete`: a complete file (by its name in the folder, or the name it

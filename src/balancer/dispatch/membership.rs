@@ -33,21 +33,14 @@ impl Dispatcher {
         link: Option<NewLink>,
     ) {
         let answer = |result: Result<String, String>| {
-            let reply_msg = match result {
-                Ok(message) => Reply::Membership { id, message },
-                Err(message) => Reply::error(Some(id), ErrorCode::BadRequest, message),
-            };
-            let _ = reply.send(reply_msg);
+            let _ = reply.send(membership_reply(id, result));
         };
         if self.drain_deadline.is_some() {
             return answer(Err("the balancer is shutting down".into()));
         }
-        let addr = change.addr();
-        let member = self
-            .slots
-            .iter()
-            .find(|(_, s)| s.gate.addr == addr)
-            .map(|(id, _)| *id);
+        let member = self.member(change.addr());
+        // A table: one arm per change, by whether the address is a member
+        // (and, to join, whether its link started).
         match (change, member, link) {
             (Change::Add(addr), Some(_), _) => {
                 answer(Err(format!("{addr} is already in the pool")));
@@ -58,25 +51,7 @@ impl Dispatcher {
                 )));
             }
             (Change::Add(addr) | Change::Register(addr), None, Some(new)) => {
-                if matches!(change, Change::Add(_)) {
-                    self.banned.remove(&addr);
-                    self.board.set_banned(self.banned.iter().copied().collect());
-                }
-                let why = match change {
-                    Change::Add(_) => "added by an operator",
-                    _ => "registered",
-                };
-                log::info!(
-                    "server {addr} joined the pool ({why}) as server id {}",
-                    new.id.0
-                );
-                self.add_slot(new);
-                if let Some(tracker) = &self.tracker {
-                    tracker.note_server(
-                        &addr.to_string(),
-                        crate::balancer::tracking::PoolChange::Joined,
-                    );
-                }
+                self.join(matches!(change, Change::Add(_)), addr, new);
                 answer(Ok(format!(
                     "{addr} joined the pool; it takes work once a status check answers"
                 )));
@@ -93,13 +68,10 @@ impl Dispatcher {
                     format!("{addr} is in the pool")
                 }));
             }
-            (Change::Drain(addr) | Change::Remove(addr) | Change::Deregister(addr), None, _) => {
-                if matches!(change, Change::Deregister(_)) {
-                    // Leaving anyway: nothing to wait for.
-                    answer(Ok(format!("{addr} is not in the pool")));
-                } else {
-                    answer(Err(format!("{addr} is not in the pool")));
-                }
+            // Leaving anyway: nothing to wait for.
+            (Change::Deregister(addr), None, _) => answer(Ok(format!("{addr} is not in the pool"))),
+            (Change::Drain(addr) | Change::Remove(addr), None, _) => {
+                answer(Err(format!("{addr} is not in the pool")))
             }
             (Change::Drain(addr), Some(server), _) => {
                 self.ban(addr);
@@ -121,6 +93,39 @@ impl Dispatcher {
                     "{addr} removed: its {in_flight} requests in flight go to other servers once it has forgotten them"
                 )));
             }
+        }
+    }
+
+    /// The member at `addr`, if one is.
+    fn member(&self, addr: std::net::SocketAddr) -> Option<ServerId> {
+        self.slots
+            .iter()
+            .find(|(_, s)| s.gate.addr == addr)
+            .map(|(id, _)| *id)
+    }
+
+    /// A server joins the pool: `added` by an operator (which lifts a
+    /// ban), or registered by itself.
+    fn join(&mut self, added: bool, addr: std::net::SocketAddr, new: NewLink) {
+        if added {
+            self.banned.remove(&addr);
+            self.board.set_banned(self.banned.iter().copied().collect());
+        }
+        let why = if added {
+            "added by an operator"
+        } else {
+            "registered"
+        };
+        log::info!(
+            "server {addr} joined the pool ({why}) as server id {}",
+            new.id.0
+        );
+        self.add_slot(new);
+        if let Some(tracker) = &self.tracker {
+            tracker.note_server(
+                &addr.to_string(),
+                crate::balancer::tracking::PoolChange::Joined,
+            );
         }
     }
 
@@ -152,7 +157,7 @@ impl Dispatcher {
                 forget_keys_in_flight: false,
             },
         );
-        crate::net::lock(&self.roster).push((id, addr));
+        crate::sync::lock(&self.roster).push((id, addr));
         self.changed = true;
     }
 
@@ -228,7 +233,7 @@ impl Dispatcher {
     fn take_slot(&mut self, server: ServerId) -> Option<Slot> {
         let slot = self.slots.remove(&server)?;
         slot.gate.set_accepting(false);
-        crate::net::lock(&self.roster).retain(|(id, _)| *id != server);
+        crate::sync::lock(&self.roster).retain(|(id, _)| *id != server);
         self.stats.remove(server);
         self.changed = true;
         if !slot.forget.is_empty() {
@@ -248,5 +253,13 @@ impl Dispatcher {
         }
         self.update_outage();
         Some(slot)
+    }
+}
+
+/// The answer to a change of membership.
+fn membership_reply(id: u64, result: Result<String, String>) -> Reply {
+    match result {
+        Ok(message) => Reply::Membership { id, message },
+        Err(message) => Reply::error(Some(id), ErrorCode::BadRequest, message),
     }
 }

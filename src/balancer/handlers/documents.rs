@@ -11,6 +11,7 @@ use crate::balancer::event::Event;
 use crate::balancer::flow::Hold;
 use crate::balancer::keys::Placement;
 use crate::balancer::limits::Limit;
+use crate::balancer::replicas::Group;
 use crate::balancer::session::Session;
 use crate::balancer::work::{Job, Work};
 use crate::proto::{self, ClientKey, ErrorCode, KeyProbe, Operation, Reply, StoreRequest};
@@ -93,8 +94,65 @@ pub fn store(
             io.outbox.resent.push((key, job));
             Flow::Continue
         }
+        None if conn.settings.replicas.target > 1 => {
+            let job = new_job(conn, session, store.id, work, held, io);
+            store_copies(conn, job, io)
+        }
         None => submit(conn, session, store.id, work, held, io),
     }
+}
+
+/// A document with `--replicas` above 1: one job per copy, sharing a
+/// group that answers the client once they are stored (see `replicas`).
+/// Refused at once when too few servers are up for the copies.
+fn store_copies(conn: &Conn, mut job: Job, io: &mut Io<'_>) -> Flow {
+    let replicas = conn.settings.replicas;
+    let up = conn
+        .board
+        .servers()
+        .iter()
+        .filter(|g| g.may_accept())
+        .count();
+    let want = match replicas.copies_with(up) {
+        Ok(want) => want,
+        Err(why) => {
+            conn.stats.received.fetch_add(1, Relaxed);
+            job.fail(ErrorCode::TooFewServers, why, &conn.stats);
+            return Flow::Continue;
+        }
+    };
+    let number = *job
+        .request_number
+        .get_or_insert_with(|| conn.numbers.next());
+    let hold = std::mem::take(&mut job.hold);
+    let group = Arc::new(Group::new(
+        job.id,
+        want,
+        replicas,
+        job.reply.clone(),
+        job.out.take(),
+        hold,
+    ));
+    let Work::Store(doc) = &job.work else {
+        unreachable!("store_copies takes documents");
+    };
+    let mut copies = Vec::with_capacity(want);
+    for _ in 1..want {
+        let work = Work::Store(doc.clone());
+        let mut copy = Job::new(job.id, work, job.client, job.reply.clone(), Hold::default());
+        copy.request_number = Some(number);
+        copy.user = job.user.clone();
+        copy.group = Some(group.clone());
+        copies.push(copy);
+    }
+    job.group = Some(group);
+    conn.stats.received.fetch_add(1, Relaxed);
+    for copy in std::iter::once(job).chain(copies) {
+        if let Flow::Close = place(conn, copy, |gate, job| io.outbox.push(gate, job)) {
+            return Flow::Close;
+        }
+    }
+    Flow::Continue
 }
 
 /// Documents sent again: their keys are looked up on the servers; one
@@ -140,6 +198,8 @@ fn settle_resent(conn: &Conn, resent: Vec<(ClientKey, Job)>, mut send: impl FnMu
                     file: held.file,
                     a_count: held.a_count,
                     existing: true,
+                    copies: Vec::new(),
+                    under_replicated: false,
                 });
                 match (&conn.tracker, events.pop()) {
                     (Some(t), Some(stored)) => {
@@ -209,9 +269,18 @@ pub fn legacy_document(conn: &Conn, id: u64, doc: &proto::Document, hold: Hold) 
 
 /// Gives the job to `send` with a server that can take it now, or to the
 /// dispatcher's queue. `Close` when the balancer is shutting down.
-fn dispatch(conn: &Conn, mut job: Job, send: impl FnOnce(Arc<Gate>, Job)) -> Flow {
+fn dispatch(conn: &Conn, job: Job, send: impl FnOnce(Arc<Gate>, Job)) -> Flow {
     conn.stats.received.fetch_add(1, Relaxed);
-    if let Some(gate) = conn.board.take_now(&job.tried) {
+    place(conn, job, send)
+}
+
+/// `dispatch`, for a job already counted (a copy of a document).
+fn place(conn: &Conn, mut job: Job, send: impl FnOnce(Arc<Gate>, Job)) -> Flow {
+    let gate = match &job.group {
+        None => conn.board.take_now(&job.tried),
+        Some(group) => conn.board.take_now_for(&job.tried, group),
+    };
+    if let Some(gate) = gate {
         for (at, event) in job.bind(gate.id, gate.name(), &conn.numbers) {
             if let Some(t) = &conn.tracker {
                 t.record_at(at, event);

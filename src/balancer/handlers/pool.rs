@@ -23,7 +23,30 @@ pub fn servers(conn: &Conn, id: u64) -> Reply {
     Reply::Servers(ServerList {
         id,
         servers: conn.stats.views(),
+        repair: conn.files.repair.as_ref().map(|_| conn.stats.repair.view()),
     })
+}
+
+/// `repair`: a pass of repair now, copies on servers down at all counted
+/// lost.
+pub fn repair(conn: &Conn, id: u64) -> Reply {
+    match &conn.files.repair {
+        Some(now) if now.send(()).is_ok() => Reply::Membership {
+            id,
+            message: format!(
+                "repair started: {} entries were short of copies at the last pass",
+                conn.stats
+                    .repair
+                    .left
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            ),
+        },
+        _ => Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            "no repair here: it needs --replicas above 1 and a state file",
+        ),
+    }
 }
 
 pub fn membership(conn: &Conn, id: u64, addr: &str, kind: Kind, io: &mut Io<'_>) -> Flow {

@@ -28,8 +28,30 @@ pub struct Written {
 pub fn generate(dir: &Path, servers: u16, hosts: &[String]) -> Result<Written, String> {
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut written = Written::default();
-    let failed = |what: &str, e: rcgen::Error| format!("cannot make {what}: {e}");
+    let issuer = make_ca(dir, &mut written)?;
+    let mut names: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
+    for host in hosts {
+        if !names.contains(host) {
+            names.push(host.clone());
+        }
+    }
+    let mut leaves = vec![("balancer".to_string(), "lbft balancer")];
+    for i in 1..=servers {
+        leaves.push((format!("server{i}"), "lbft server"));
+    }
+    leaves.push(("client".to_string(), "lbft client"));
+    for (file, common_name) in leaves {
+        make_leaf(dir, &file, common_name, &names, &issuer, &mut written)?;
+    }
+    Ok(written)
+}
 
+fn failed(what: &str, e: rcgen::Error) -> String {
+    format!("cannot make {what}: {e}")
+}
+
+/// Makes the CA and writes its certificate and key.
+fn make_ca(dir: &Path, written: &mut Written) -> Result<Issuer<'static, KeyPair>, String> {
     let ca_key = KeyPair::generate().map_err(|e| failed("the CA key", e))?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())
         .map_err(|e| failed("the CA certificate", e))?;
@@ -48,61 +70,46 @@ pub fn generate(dir: &Path, servers: u16, hosts: &[String]) -> Result<Written, S
     let ca_cert = ca_params
         .self_signed(&ca_key)
         .map_err(|e| failed("the CA certificate", e))?;
-    write_file(dir, "ca.pem", &ca_cert.pem(), false, &mut written)?;
+    write_file(dir, "ca.pem", &ca_cert.pem(), false, written)?;
+    write_file(dir, "ca-key.pem", &ca_key.serialize_pem(), true, written)?;
+    Ok(Issuer::new(ca_params, ca_key))
+}
+
+/// Makes one party's certificate, signed by the CA, valid for `names`,
+/// and writes it with its key as `file.pem` and `file-key.pem`.
+fn make_leaf(
+    dir: &Path,
+    file: &str,
+    common_name: &str,
+    names: &[String],
+    issuer: &Issuer<'static, KeyPair>,
+    written: &mut Written,
+) -> Result<(), String> {
+    let mut params =
+        CertificateParams::new(names.to_vec()).map_err(|e| failed(&format!("{file}.pem"), e))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{common_name} {file}"));
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Every party both accepts and opens connections (servers register
+    // with balancers, balancers connect to servers).
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate().map_err(|e| failed(&format!("{file}-key.pem"), e))?;
+    let cert = params
+        .signed_by(&key, issuer)
+        .map_err(|e| failed(&format!("{file}.pem"), e))?;
+    write_file(dir, &format!("{file}.pem"), &cert.pem(), false, written)?;
     write_file(
         dir,
-        "ca-key.pem",
-        &ca_key.serialize_pem(),
+        &format!("{file}-key.pem"),
+        &key.serialize_pem(),
         true,
-        &mut written,
-    )?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let mut names: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
-    for host in hosts {
-        if !names.contains(host) {
-            names.push(host.clone());
-        }
-    }
-    let mut leaves = vec![("balancer".to_string(), "lbft balancer")];
-    for i in 1..=servers {
-        leaves.push((format!("server{i}"), "lbft server"));
-    }
-    leaves.push(("client".to_string(), "lbft client"));
-    for (file, common_name) in leaves {
-        let mut params =
-            CertificateParams::new(names.clone()).map_err(|e| failed(&format!("{file}.pem"), e))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{common_name} {file}"));
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // Every party both accepts and opens connections (servers register
-        // with balancers, balancers connect to servers).
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().map_err(|e| failed(&format!("{file}-key.pem"), e))?;
-        let cert = params
-            .signed_by(&key, &issuer)
-            .map_err(|e| failed(&format!("{file}.pem"), e))?;
-        write_file(
-            dir,
-            &format!("{file}.pem"),
-            &cert.pem(),
-            false,
-            &mut written,
-        )?;
-        write_file(
-            dir,
-            &format!("{file}-key.pem"),
-            &key.serialize_pem(),
-            true,
-            &mut written,
-        )?;
-    }
-    Ok(written)
+        written,
+    )
 }
 
 /// Writes a file anew; a private one is created with mode 0600, so the key

@@ -237,6 +237,7 @@ fn syncfs_reports_errors() -> bool {
     // SAFETY: `uname` fills the struct it is given; an all-zero `utsname`
     // is a valid value of it.
     let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable `utsname` for the whole call.
     if unsafe { libc::uname(&mut name) } != 0 {
         return false;
     }
@@ -305,7 +306,7 @@ impl Committer {
             committed: 0,
             batches: 0,
         };
-        let thread = crate::net::spawn_named(name, None, move || stage.run(&queue))?;
+        let thread = crate::sync::spawn_named(name, None, move || stage.run(&queue))?;
         Ok(Committer {
             commits: Some(commits),
             thread: Some(thread),
@@ -456,6 +457,19 @@ impl Stage {
         let Some(e) = failed else {
             return staged;
         };
+        self.unstage(&e, staged, skipped, ended);
+        Vec::new()
+    }
+
+    /// A batch that could not be made durable: every commit in it fails
+    /// with `e`, and the temporary files written go.
+    fn unstage(
+        &self,
+        e: &io::Error,
+        staged: Vec<(Commit, String)>,
+        skipped: Vec<Commit>,
+        ended: &mut Vec<(Commit, Result<String, StoreError>)>,
+    ) {
         log::error!(
             "storage {}: cannot make a batch of {} documents durable: {e}",
             self.folder.dir.display(),
@@ -463,12 +477,11 @@ impl Stage {
         );
         for (commit, temp) in staged {
             let _ = self.dir.remove(&temp);
-            ended.push((commit, Err(copy_error(&e).into())));
+            ended.push((commit, Err(copy_error(e).into())));
         }
         for commit in skipped {
-            ended.push((commit, Err(copy_error(&e).into())));
+            ended.push((commit, Err(copy_error(e).into())));
         }
-        Vec::new()
     }
 
     /// Whether the folder at the storage's path is still the one opened:
@@ -604,7 +617,7 @@ pub(super) mod tests {
 
     impl FailingDisk {
         fn check(&self, what: &str) -> io::Result<()> {
-            if crate::net::lock(&self.fail).contains(&what) {
+            if crate::sync::lock(&self.fail).contains(&what) {
                 Err(io::Error::other(format!("disk gone ({what})")))
             } else {
                 Ok(())
