@@ -50,7 +50,9 @@
 //! (`--state postgres://...`) of a throwaway cluster started for the run
 //! (`tests/util/pg.rs`; durable settings, as a deployment has them), beside
 //! the first with its SQLite file, and the report gives the ratio of the
-//! two.
+//! two. `--replicas-path` adds the path `balancer-r2`: a balancer with
+//! `--replicas 2` in front of the same servers (each document acknowledged
+//! once two of them hold it).
 
 mod bulk;
 #[path = "../common/mod.rs"]
@@ -105,6 +107,8 @@ pub struct Options {
     pub base_bin: Option<PathBuf>,
     /// Also a balancer on a PostgreSQL state (path `balancer-pg`).
     postgres: bool,
+    /// Also a balancer with `--replicas 2` (path `balancer-r2`).
+    replicas: bool,
 }
 
 impl Options {
@@ -138,6 +142,7 @@ fn parse_args() -> Result<Options, String> {
         balancer_args: Vec::new(),
         base_bin: None,
         postgres: false,
+        replicas: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -154,6 +159,10 @@ fn parse_args() -> Result<Options, String> {
             }
             "--state-postgres" => {
                 options.postgres = true;
+                continue;
+            }
+            "--replicas-path" => {
+                options.replicas = true;
                 continue;
             }
             "--quick" => {
@@ -193,7 +202,7 @@ fn parse_args() -> Result<Options, String> {
                     .find(|n| !ROUTES.iter().any(|r| r.name() == n.as_str()))
                 {
                     return Err(format!(
-                        "--paths {value}: {bad} is not balancer, direct, haproxy or balancer-pg"
+                        "--paths {value}: {bad} is not balancer, direct, haproxy, balancer-pg or balancer-r2"
                     ));
                 }
                 options.paths = names;
@@ -256,13 +265,17 @@ pub enum Route {
     HaProxy,
     /// A balancer whose state is PostgreSQL (`--state-postgres`).
     BalancerPg,
+    /// A balancer that stores each document on two servers
+    /// (`--replicas-path`).
+    BalancerR2,
 }
 
-const ROUTES: [Route; 4] = [
+const ROUTES: [Route; 5] = [
     Route::Balancer,
     Route::Direct,
     Route::HaProxy,
     Route::BalancerPg,
+    Route::BalancerR2,
 ];
 
 impl Route {
@@ -272,6 +285,15 @@ impl Route {
             Route::Direct => "direct",
             Route::HaProxy => "haproxy",
             Route::BalancerPg => "balancer-pg",
+            Route::BalancerR2 => "balancer-r2",
+        }
+    }
+
+    /// Files a document becomes on the servers.
+    pub fn copies(self) -> usize {
+        match self {
+            Route::BalancerR2 => 2,
+            _ => 1,
         }
     }
 }
@@ -283,6 +305,7 @@ struct Cluster<'a> {
     balancer: &'a Child,
     haproxy: Option<&'a Child>,
     balancer_pg: Option<&'a Child>,
+    balancer_r2: Option<&'a Child>,
     servers: Vec<SocketAddr>,
     server_pids: Vec<u32>,
     dirs: Vec<PathBuf>,
@@ -297,12 +320,18 @@ impl Cluster<'_> {
         if self.balancer_pg.is_some() {
             routes.push(Route::BalancerPg);
         }
+        if self.balancer_r2.is_some() {
+            routes.push(Route::BalancerR2);
+        }
         routes
     }
 
     /// The address client `c` talks to, and the process whose memory the
     /// scenario records.
     fn target(&self, route: Route, c: usize) -> (SocketAddr, Option<u32>) {
+        if let (Route::BalancerR2, Some(b)) = (route, self.balancer_r2) {
+            return (b.addr, Some(b.pid()));
+        }
         match (route, self.haproxy, self.balancer_pg) {
             (Route::BalancerPg, _, Some(b)) => (b.addr, Some(b.pid())),
             (Route::Balancer, _, _) => (self.balancer.addr, Some(self.balancer.pid())),
@@ -443,7 +472,8 @@ fn run_once(
     );
     let files: usize = cluster.dirs.iter().map(|d| json_files(d).len()).sum();
     assert_eq!(
-        files, docs,
+        files,
+        docs * route.copies(),
         "{tag}: {docs} documents stored but {files} files in the server folders"
     );
     latencies.sort();
@@ -607,6 +637,7 @@ impl BaseCluster {
             balancer: &self.balancer,
             haproxy: self.haproxy.as_ref(),
             balancer_pg: None,
+            balancer_r2: None,
             servers: self.servers.iter().map(|s| s.addr).collect(),
             server_pids: self.servers.iter().map(Child::pid).collect(),
             dirs: self.dirs.clone(),
@@ -663,6 +694,22 @@ fn main() {
         warm_up(balancer.addr);
         balancer
     });
+    let balancer_r2 = options.replicas.then(|| {
+        let balancer = Child::start(
+            "balancer-r2",
+            env!("CARGO_BIN_EXE_balancer"),
+            &clients::balancer_args(
+                &server_addrs,
+                &temp.path().join("lb-r2.log"),
+                &["--check-interval", "100ms", "--replicas", "2"]
+                    .into_iter()
+                    .chain(options.balancer_args.iter().map(String::as_str))
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        warm_up(balancer.addr);
+        balancer
+    });
     let haproxy_bin = haproxy::find();
     let haproxy = haproxy_bin.as_ref().and_then(|bin| {
         haproxy::start(bin, temp.path(), &server_addrs)
@@ -681,6 +728,7 @@ fn main() {
         balancer: &balancer,
         haproxy: haproxy.as_ref(),
         balancer_pg: balancer_pg.as_ref(),
+        balancer_r2: balancer_r2.as_ref(),
         servers: server_addrs.clone(),
         server_pids: servers.iter().map(Child::pid).collect(),
         dirs: dirs.clone(),
@@ -726,6 +774,7 @@ fn main() {
     drop(haproxy);
     drop(balancer);
     drop(balancer_pg);
+    drop(balancer_r2);
     drop(postgres);
     empty_folders(&dirs);
 

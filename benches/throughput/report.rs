@@ -156,7 +156,7 @@ impl Report<'_> {
             (_, Some(o)) => ratio(row.m.docs_per_sec, o.m.docs_per_sec),
         };
         let vs_haproxy = match row.route {
-            Route::Balancer | Route::BalancerPg => vs(haproxy),
+            Route::Balancer | Route::BalancerPg | Route::BalancerR2 => vs(haproxy),
             _ => String::new(),
         };
         let num =
