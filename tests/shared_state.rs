@@ -366,3 +366,74 @@ fn a_balancer_killed_mid_batch_leaves_one_whole_history() {
         .collect();
     assert_eq!(back_stored, stored, "the restarted balancer's history");
 }
+
+/// An upload through a balancer that dies mid-file goes on through the
+/// next one given, from what the server holds: the shared catalog knows
+/// the partial.
+#[test]
+fn an_upload_resumes_through_the_next_balancer() {
+    const MIB: u64 = 1024 * 1024;
+    let size = 40 * MIB + 4321;
+    let service = Service::new(0);
+    let mut one = service.balancer("one", &[]);
+    let two = service.balancer("two", &[]);
+    let list = format!("{},{}", one.addr, two.addr);
+    let dirs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| service.dir.path().join(format!("server{i}")))
+        .collect();
+    let _servers: Vec<Proc> = dirs
+        .iter()
+        .map(|d| start_server(d, &["--balancer", &list, "--heartbeat", "100ms"]))
+        .collect();
+    for b in [one.addr, two.addr] {
+        assert!(eventually(|| servers(b)
+            .iter()
+            .filter(|v| v.state == "up")
+            .count()
+            == 2));
+    }
+    let work = service.dir.path();
+    let mut bytes = vec![0u8; size as usize];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    std::fs::write(work.join("big.bin"), &bytes).unwrap();
+
+    // Through a relay in front of the first balancer, held once 12 MiB
+    // went through; the balancer is killed while the client waits.
+    let relay = util::relay::CountingRelay::start(one.addr, Some(12 * MIB));
+    let client = Command::new(client_bin())
+        .args(["--balancer", &format!("{},{}", relay.addr, two.addr)])
+        .args(["send", "big.bin"])
+        .current_dir(work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    relay.held.recv().unwrap();
+    one.stop();
+    relay.release();
+    let out = client.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("going on through"), "{said}");
+    let from: u64 = said
+        .split("resuming at byte ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resume byte in: {said}"));
+    assert!(from >= 8 * MIB, "resumed from {from}: {said}");
+    let stored: Vec<std::path::PathBuf> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d.join("files")).ok())
+        .flat_map(|entries| entries.map(|e| e.unwrap().path()))
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(
+        std::fs::read(&stored[0]).unwrap() == bytes,
+        "the bytes differ"
+    );
+}

@@ -253,7 +253,10 @@ pub trait Db: Send {
 
 /// Rows per `INSERT`: a few fixed sizes, so that each is prepared once.
 pub fn statement_size(left: usize) -> usize {
-    [128, 64, 32, 16, 8, 4, 2, 1].into_iter().find(|&n| n <= left).unwrap_or(1)
+    [128, 64, 32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|&n| n <= left)
+        .unwrap_or(1)
 }
 
 /// `(?1, ?2, ...), (...)`: `rows` groups of `columns` numbered parameters.

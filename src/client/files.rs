@@ -284,6 +284,7 @@ pub fn upload_with(
     let bar = progress(config, size, "sending", &request.name);
     let started = Instant::now();
     let mut last = String::new();
+    let mut through = Turns::new(config);
     for attempt in 1..=MAX_ATTEMPTS {
         // Give a restarting balancer or server a moment; longer each time.
         let wait = Duration::from_millis(200 * u64::from(attempt - 1).min(10));
@@ -293,9 +294,12 @@ pub fn upload_with(
             return Err(Error::Interrupted);
         }
         request.id = u64::from(attempt);
+        let config = &through.config;
         let attempted = match attempt_upload(config, &mut file, &request, &bar, out) {
             // No balancer at all: said at once, as every command says it.
-            Err(Stop::Unreachable(addr, e)) if attempt == 1 && addr == config.balancer => {
+            Err(Stop::Unreachable(addr, e))
+                if attempt == 1 && addr == config.balancer && !through.several() =>
+            {
                 bar.abandon();
                 return Err(Error::Connect(addr, e));
             }
@@ -309,12 +313,18 @@ pub fn upload_with(
             }
             Err(Stop::Retry { server, why, code }) => {
                 bar.suspend(|| {
-                    let _ = writeln!(
-                        out,
-                        "{}: {why}; trying again ({} of {MAX_ATTEMPTS})",
-                        path.display(),
-                        attempt + 1
-                    );
+                    let again = if attempt < MAX_ATTEMPTS {
+                        format!("; trying again ({} of {MAX_ATTEMPTS})", attempt + 1)
+                    } else {
+                        String::new()
+                    };
+                    let _ = writeln!(out, "{}: {why}{again}", path.display());
+                    // Nothing answered: the balancer may be gone.
+                    if code.is_none() && attempt < MAX_ATTEMPTS {
+                        if let Some(said) = through.next(&why) {
+                            let _ = writeln!(out, "{said}");
+                        }
+                    }
                 });
                 request.server = next_server(request.server.take(), server, code);
                 last = why;
@@ -329,6 +339,43 @@ pub fn upload_with(
     Err(fail(format!(
         "gave up after {MAX_ATTEMPTS} attempts; last: {last}"
     )))
+}
+
+/// The balancers an upload goes through (`--balancer A,B`): the first, and
+/// the next one each time the one in use stops answering.
+struct Turns {
+    balancers: Vec<SocketAddr>,
+    at: usize,
+    /// The command's settings, with the balancer in use.
+    config: Config,
+}
+
+impl Turns {
+    fn new(config: &Config) -> Turns {
+        Turns {
+            balancers: config.all_balancers(),
+            at: 0,
+            config: config.clone(),
+        }
+    }
+
+    fn several(&self) -> bool {
+        self.balancers.len() > 1
+    }
+
+    /// Goes on with the next balancer, if there is another; what to say.
+    fn next(&mut self, why: &str) -> Option<String> {
+        if !self.several() {
+            return None;
+        }
+        let failed = self.balancers[self.at];
+        self.at = (self.at + 1) % self.balancers.len();
+        self.config.balancer = self.balancers[self.at];
+        Some(format!(
+            "balancer {failed} failed ({why}); going on through {}",
+            self.config.balancer
+        ))
+    }
 }
 
 /// The file to upload, opened, and the request for it (its id set at

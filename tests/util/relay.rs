@@ -79,4 +79,3 @@ impl CountingRelay {
         self.release.lock().unwrap().take();
     }
 }
-
