@@ -42,6 +42,7 @@ pub mod relay;
 pub mod repair;
 pub mod replicas;
 pub mod session;
+mod start;
 pub mod stats;
 pub mod store;
 pub mod tracking;
@@ -54,7 +55,7 @@ use crate::net;
 use crate::policy::PolicyKind;
 use crate::proto;
 use backend::BackendSettings;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use dispatch::{Dispatcher, Settings};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
@@ -303,235 +304,7 @@ impl Balancer {
     /// Starts every thread: accept loop, dispatcher, links, monitor and
     /// metrics. Returns at once; the handle stops and joins them.
     pub fn start(self) -> Result<Handle, Error> {
-        let config = self.config;
-        // First, so that a bad state file stops the start before any
-        // thread runs.
-        let addr = self.listener.local_addr()?;
-        let (tracker, tracker_thread) = match &config.state {
-            Some(location) => {
-                let (tracker, thread) =
-                    tracking::Tracker::open_as(location.clone(), Some(addr.to_string()))?;
-                (Some(tracker), Some(thread))
-            }
-            None => (None, None),
-        };
-        let metrics_addr = self.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
-        let (node, lease) = balancer_id(&config, tracker.as_ref(), addr)?;
-        log::info!(
-            "balancer listening on {addr} (balancer id {node}), servers: {}",
-            config
-                .servers
-                .iter()
-                .map(|b| b.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        // Servers get their counters as they join the dispatcher's pool.
-        let stats = Arc::new(stats::Stats::default());
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-        let mut threads = Vec::new();
-        if let Some(listener) = self.metrics {
-            log::info!(
-                "metrics served on http://{}/metrics",
-                listener.local_addr()?
-            );
-            threads.push(metrics::spawn(listener, stats.clone(), stop_rx.clone())?);
-        }
-        let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let board = Arc::new(board::Board::new(config.policy, config.max_in_flight));
-        let backend_settings = BackendSettings {
-            connect_timeout: config.probe_timeout,
-            io_timeout: config.server_timeout,
-            probe_timeout: config.probe_timeout,
-            max_frame: config.max_frame,
-            wire: config.backend_wire,
-            key: config.cluster_key.clone(),
-        };
-        let link_threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let outcomes = Arc::new(outcome::Outcomes {
-            board: board.clone(),
-            events: events_tx.clone(),
-            stats: stats.clone(),
-            tracker: tracker.clone(),
-        });
-        let links = Arc::new(link::Links::new(
-            backend_settings.clone(),
-            config.server_connections,
-            outcomes,
-            link_threads.clone(),
-        ));
-        if config.servers.is_empty() {
-            log::warn!("no servers yet: waiting for servers to register (server --balancer) or `client admin add`");
-        }
-        let roster = monitor::Roster::default();
-        // Read before the pool, so that no change after it is missed.
-        let seen = tracker.as_ref().and_then(follow::baseline);
-        let (addrs, banned) = pool_at_start(&config, tracker.as_ref());
-        let mut servers = Vec::with_capacity(addrs.len());
-        for addr in addrs {
-            let (id, stats, link) = links.start(addr)?;
-            servers.push(event::NewLink { id, stats, link });
-        }
-        let numbers = Arc::new(ids::Generator::new(ids::Source::Balancer, node));
-        let (errands_tx, errands_rx) = crossbeam_channel::unbounded();
-        threads.push(errands::spawn(
-            errands_rx,
-            events_tx.clone(),
-            backend_settings.clone(),
-        )?);
-        let dispatcher = Dispatcher::new(
-            servers,
-            board.clone(),
-            roster.clone(),
-            numbers.clone(),
-            Settings {
-                max_attempts: config.max_attempts,
-                queue_timeout: config.queue_timeout,
-                drain_timeout: config.drain_timeout,
-                forget: config.backend_wire == BackendWire::Framed,
-                rise: config.rise,
-                fall: config.fall,
-            },
-            stats.clone(),
-            tracker.clone(),
-            errands_tx,
-        )
-        .with_banned(banned);
-        // The monitor runs as long as the dispatcher: it needs health news
-        // while draining, and stops when this sender drops with it.
-        let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
-        let dispatcher_stop = stop_rx.clone();
-        threads.push(net::spawn_named("dispatcher".into(), None, move || {
-            let _alive = alive_tx;
-            dispatcher.run(events_rx, dispatcher_stop)
-        })?);
-        threads.push(monitor::spawn(
-            roster,
-            events_tx.clone(),
-            config.check_interval,
-            backend_settings,
-            stats.clone(),
-            alive_rx,
-        )?);
-
-        let access = Arc::new(session::Access {
-            cluster_key: config.cluster_key.clone(),
-            users: config
-                .users
-                .then(|| config.state.as_ref().map(users::Users::new))
-                .flatten(),
-            logins: Mutex::new(logins::Schedule::new(config.logins)),
-            stats: stats.clone(),
-            ..session::Access::default()
-        });
-        if access.users.is_some() {
-            threads.push(session::spawn_failure_log(access.clone(), stop_rx.clone())?);
-        }
-        let advertise = self.listener.local_addr().ok();
-        let reach = relay::ServerReach {
-            key: config.cluster_key.clone(),
-            connect_timeout: config.probe_timeout,
-            server_timeout: config.server_timeout,
-            max_frame: config.max_frame,
-        };
-        if let Some(lease) = lease {
-            threads.push(lease.spawn(stop_rx.clone())?);
-        }
-        if let (Some(tracker), Some(seen)) = (&tracker, seen) {
-            let follower = follow::Follower::new(tracker, &board, &links, &events_tx, seen);
-            threads.push(follower.spawn(stop_rx.clone())?);
-        }
-        let catalog = match &tracker {
-            Some(tracker) => {
-                let progress = Arc::new(catalog::sync::Progress::default());
-                let syncer = catalog::sync::Syncer {
-                    tracker: tracker.clone(),
-                    stats: stats.clone(),
-                    reach: reach.clone(),
-                    progress: progress.clone(),
-                    every: catalog::sync::LOOK_EVERY,
-                };
-                threads.push(syncer.spawn(stop_rx.clone())?);
-                Some(progress)
-            }
-            None => None,
-        };
-        let repair = match &tracker {
-            Some(tracker) if config.replicas.target > 1 => {
-                let (now_tx, now_rx) = crossbeam_channel::unbounded();
-                let repair = repair::Repair {
-                    replicas: config.replicas.target,
-                    settings: config.repair,
-                    stats: stats.clone(),
-                    tracker: tracker.clone(),
-                    reach: reach.clone(),
-                };
-                let stop = stop_rx.clone();
-                threads.push(net::spawn_named("repair".into(), None, move || {
-                    repair.run(now_rx, stop)
-                })?);
-                Some(now_tx)
-            }
-            _ => None,
-        };
-        let keys = (config.backend_wire == BackendWire::Framed).then(|| {
-            Arc::new(keys::AskServers {
-                board: board.clone(),
-                reach: reach.clone(),
-            }) as Arc<dyn keys::KeyLookup>
-        });
-        let accept = Acceptor {
-            listener: self.listener,
-            board,
-            links,
-            numbers,
-            events: events_tx,
-            stats: stats.clone(),
-            budget: flow::Budget::new(config.max_queued_bytes),
-            settings: context::ConnSettings {
-                idle_timeout: config.client_timeout,
-                legacy_idle_timeout: config.legacy_client_timeout,
-                max_frame: config.max_frame,
-                frame_timeout: config.frame_timeout,
-                window: config.client_window,
-                max_document_size: config.max_document_size,
-                replicas: config.replicas,
-            },
-            stop: stop_rx,
-            files: Arc::new(relay::FileSettings {
-                mode: config.mode,
-                key: config.cluster_key.clone(),
-                ticket_ttl: config.ticket_ttl,
-                connect_timeout: config.probe_timeout,
-                server_timeout: config.server_timeout,
-                wait: config.queue_timeout,
-                advertise,
-                max_file_size: config.max_file_size,
-                reach,
-                catalog,
-                replicas: config.replicas.target,
-                repair,
-            }),
-            tracker,
-            admission: net::Policy {
-                max_connections: config.max_connections,
-                max_per_ip: config.max_connections_per_ip,
-            },
-            access: access.clone(),
-            keys,
-        };
-        threads.insert(
-            0,
-            net::spawn_named("accept".into(), None, move || accept.run())?,
-        );
-        // Last: it ends once every other thread has dropped its tracker.
-        threads.extend(tracker_thread);
-        Ok(Handle {
-            addr,
-            stopper: Stopper::new(addr, metrics_addr, stop_tx),
-            threads,
-            link_threads,
-        })
+        start::start(self.listener, self.metrics, self.config)
     }
 
     /// Starts and waits until shut down by a `Stopper` from another thread
@@ -540,84 +313,6 @@ impl Balancer {
         self.start()?.join();
         Ok(())
     }
-}
-
-/// The id inside request numbers: `--balancer-id`; else, with a shared
-/// state, one leased from it (with the lease to keep renewing); else
-/// random.
-fn balancer_id(
-    config: &Config,
-    tracker: Option<&tracking::Tracker>,
-    addr: SocketAddr,
-) -> Result<(u16, Option<lease::Lease>), Error> {
-    match (config.balancer_id, tracker) {
-        (Some(id), _) => Ok((id, None)),
-        (None, Some(tracker)) if tracker.location().is_shared() => {
-            let holder = format!("{addr} {}", tracker.instance());
-            let lease = lease::Lease::take(tracker.location(), &holder)?;
-            Ok((lease.node(), Some(lease)))
-        }
-        (None, _) => Ok((ids::random_node(), None)),
-    }
-}
-
-/// The servers to start with: those configured, and those the state file
-/// remembers from the last run (servers that joined since, and not left);
-/// and those that stay out, configured or not, because an operator drained
-/// or removed them (until one adds them again). The configured ones are
-/// remembered from now on too, unless they are this process's own
-/// (`remember_servers`).
-fn pool_at_start(
-    config: &Config,
-    tracker: Option<&tracking::Tracker>,
-) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
-    let configured: Vec<SocketAddr> = config.servers.iter().map(|b| b.addr).collect();
-    let Some(tracker) = tracker else {
-        return (configured, Vec::new());
-    };
-    let read = |what: &str, list: Result<Vec<String>, Error>| -> Vec<SocketAddr> {
-        let list = list.unwrap_or_else(|e| {
-            log::warn!("cannot read the {what} servers in the state file: {e}");
-            Vec::new()
-        });
-        list.iter()
-            .filter_map(|text| match net::resolve(text) {
-                Ok(addr) => Some(addr),
-                Err(e) => {
-                    log::warn!("state file: skipping server {text}: {e}");
-                    None
-                }
-            })
-            .collect()
-    };
-    let banned = read("drained or removed", tracker.banned_servers());
-    let saved = read("remembered", tracker.servers());
-    let mut addrs = Vec::new();
-    for addr in &configured {
-        if banned.contains(addr) {
-            log::warn!(
-                "server {addr} stays out of the pool: an operator drained or removed it \
-                 (`client admin add {addr}` brings it back)"
-            );
-        } else if !addrs.contains(addr) {
-            addrs.push(*addr);
-        }
-    }
-    let mut remembered = 0;
-    for addr in saved {
-        if !addrs.contains(&addr) && !banned.contains(&addr) {
-            addrs.push(addr);
-            remembered += 1;
-        }
-    }
-    if remembered > 0 {
-        log::info!("{remembered} servers remembered from the last run");
-    }
-    let configured = configured.iter().filter(|_| config.remember_servers);
-    for addr in configured.filter(|a| !banned.contains(a)) {
-        tracker.note_server(&addr.to_string(), tracking::PoolChange::Joined);
-    }
-    (addrs, banned)
 }
 
 /// Tells a running balancer to shut down; cheap to clone, for signal
@@ -641,7 +336,7 @@ impl Stopper {
     /// Stops accepting, finishes what was received (up to
     /// `--drain-timeout`) and lets every thread end. Idempotent.
     pub fn shutdown(&self) {
-        let sender = net::lock(&self.stop).take();
+        let sender = crate::sync::lock(&self.stop).take();
         if sender.is_some() {
             log::info!("balancer on {}: shutting down", self.addr);
             drop(sender);
@@ -685,86 +380,9 @@ impl Handle {
         };
         self.threads.into_iter().for_each(join);
         // The dispatcher was among those: no link starts any more.
-        std::mem::take(&mut *net::lock(&self.link_threads))
+        std::mem::take(&mut *crate::sync::lock(&self.link_threads))
             .into_iter()
             .for_each(join);
         log::info!("balancer on {} stopped", self.addr);
-    }
-}
-
-/// The accept loop and the client connections it started.
-struct Acceptor {
-    listener: TcpListener,
-    board: Arc<board::Board>,
-    links: Arc<link::Links>,
-    numbers: Arc<ids::Generator>,
-    events: Sender<event::Event>,
-    stats: Arc<stats::Stats>,
-    budget: Arc<flow::Budget>,
-    settings: context::ConnSettings,
-    stop: Receiver<()>,
-    tracker: Option<tracking::Tracker>,
-    files: Arc<relay::FileSettings>,
-    admission: net::Policy,
-    access: Arc<session::Access>,
-    keys: Option<Arc<dyn keys::KeyLookup>>,
-}
-
-impl Acceptor {
-    fn run(self) {
-        let Acceptor {
-            listener,
-            board,
-            links,
-            numbers,
-            events,
-            stats,
-            budget,
-            settings,
-            stop,
-            tracker,
-            files,
-            admission,
-            access,
-            keys,
-        } = self;
-        let conn_stop = stop.clone();
-        let counted = stats.clone();
-        let hits = &counted.limits;
-        let admission = net::Admission {
-            policy: admission,
-            names: net::CapNames::OPTIONS,
-            counters: net::Counters {
-                waited: Some(hits.counter(limits::Limit::MaxConnections)),
-                evicted: Some(hits.counter(limits::Limit::ConnectionsEvicted)),
-                refused: Some(hits.counter(limits::Limit::MaxConnectionsPerIp)),
-            },
-        };
-        net::serve_connections(
-            &listener,
-            &stop,
-            admission,
-            |seq| format!("conn{seq}"),
-            move |stream, peer, mark| {
-                let conn = context::Conn {
-                    peer,
-                    keys: keys.clone(),
-                    board: board.clone(),
-                    links: links.clone(),
-                    numbers: numbers.clone(),
-                    events: events.clone(),
-                    settings,
-                    stats: stats.clone(),
-                    budget: budget.clone(),
-                    stop: conn_stop.clone(),
-                    tracker: tracker.clone(),
-                    files: files.clone(),
-                    access: access.clone(),
-                    mark,
-                    open: stats::OpenConnection::new(&stats),
-                };
-                conn.serve(stream);
-            },
-        );
     }
 }

@@ -1,5 +1,9 @@
-//! Errors that stop a component from starting. Errors on a single request
-//! never stop anything: they become error replies (see `proto::ErrorCode`).
+//! Errors of a component as a whole: those that stop it from starting,
+//! what a server's `join` reports when its threads panicked, and the
+//! balancer's state store failing (at start, or later when a query or a
+//! pool change cannot be read or written: reported, never fatal). Errors on
+//! a single request never stop anything: they become error replies (see
+//! `proto::ErrorCode`).
 
 use std::fmt;
 use std::io;

@@ -23,4 +23,3 @@ pub use stream::{close_gracefully, Paced, Stream};
 
 // For the modules another change is rewriting; the rest import these from
 // `crate::sync`.
-pub use crate::sync::{join_finished, lock, spawn_named};

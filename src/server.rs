@@ -929,6 +929,7 @@ fn serve_legacy(
 }
 
 fn handle(request: Request, shared: &Shared) -> Reply {
+    // A table: one arm per request, each handing it to its handler.
     match request {
         Request::Store(store) => Reply::error(
             Some(store.id),

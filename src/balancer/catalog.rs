@@ -517,28 +517,7 @@ fn file_stored(
         &rec.file,
         Some(&rec.upload_id),
     )?;
-    // The bytes of this upload left on other servers (it moved on when one
-    // went down) are nobody's now.
-    let strays = db.query(
-        "DELETE FROM partials WHERE upload_id = ?1 RETURNING server",
-        sql_args![&rec.upload_id],
-    )?;
-    for server in strays
-        .iter()
-        .map(|r| r.text(0))
-        .collect::<Result<Vec<_>, _>>()?
-    {
-        if server != rec.server {
-            removals.push(add_removal(
-                db,
-                at_ms,
-                &server,
-                None,
-                Some(&rec.upload_id),
-                owner,
-            )?);
-        }
-    }
+    removals.extend(strays_of(db, at_ms, rec, owner)?);
     if let Some(number) = number {
         db.execute(
             "UPDATE transfers SET state = 'stored', server = ?2, file = ?3, ended_ms = ?4,
@@ -546,6 +525,32 @@ fn file_stored(
              WHERE number = ?1",
             sql_args![number as i64, &rec.server, &rec.file, at_ms as i64],
         )?;
+    }
+    Ok(removals)
+}
+
+/// The bytes of an upload left on other servers than the one that took
+/// it whole (it moved on when one went down): nobody's now, to remove.
+fn strays_of(
+    db: &mut dyn Db,
+    at_ms: u64,
+    rec: &FileRecord,
+    owner: &str,
+) -> Result<Vec<Removal>, DbError> {
+    let strays = db.query(
+        "DELETE FROM partials WHERE upload_id = ?1 RETURNING server",
+        sql_args![&rec.upload_id],
+    )?;
+    let mut removals = Vec::new();
+    for server in strays
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<Vec<_>, _>>()?
+    {
+        if server != rec.server {
+            let upload = Some(rec.upload_id.as_str());
+            removals.push(add_removal(db, at_ms, &server, None, upload, owner)?);
+        }
     }
     Ok(removals)
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(400);
 
 /// The last change seen of each server: its state, when, by whom.
-type Seen = HashMap<String, (String, u64, String)>;
+pub type Seen = HashMap<String, (String, u64, String)>;
 
 /// What the follower needs to apply a change as a request would.
 pub struct Follower {
@@ -81,7 +81,7 @@ impl Follower {
 
     /// Starts the thread; it ends when `stop` disconnects.
     pub fn spawn(mut self, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
-        crate::net::spawn_named("pool-follower".into(), Some(256 * 1024), move || {
+        crate::sync::spawn_named("pool-follower".into(), Some(256 * 1024), move || {
             while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(self.every) {
                 self.look();
             }

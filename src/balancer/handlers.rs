@@ -63,6 +63,7 @@ pub fn handle(
         let _ = io.replies.send(reply);
         Flow::Continue
     };
+    // A table: one arm per request, each handing it to its handler.
     match request {
         Request::Store(store) => documents::store(conn, session, store, raw_fields, held, io),
         Request::Calc { id, operation } => documents::calc(conn, session, id, operation, held, io),

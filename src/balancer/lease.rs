@@ -64,7 +64,7 @@ impl Lease {
 
     /// Renews the lease until `stop` disconnects, then gives it back.
     pub fn spawn(mut self, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
-        crate::net::spawn_named("node-lease".into(), Some(256 * 1024), move || {
+        crate::sync::spawn_named("node-lease".into(), Some(256 * 1024), move || {
             while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(RENEW_EVERY) {
                 self.renew();
             }

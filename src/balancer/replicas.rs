@@ -129,12 +129,12 @@ impl Group {
 
     /// Servers a copy may not go to.
     pub fn claimed(&self) -> Vec<ServerId> {
-        crate::net::lock(&self.state).claimed.clone()
+        crate::sync::lock(&self.state).claimed.clone()
     }
 
     /// Claims `server` for a copy; false when another copy has it.
     pub fn claim(&self, server: ServerId) -> bool {
-        let mut state = crate::net::lock(&self.state);
+        let mut state = crate::sync::lock(&self.state);
         if state.claimed.contains(&server) {
             return false;
         }
@@ -150,7 +150,7 @@ impl Group {
     /// One copy's answer (`stored`, or the error it ended with). The
     /// client hears once every copy is stored, or none is pending.
     pub fn deliver(&self, reply: Reply) {
-        let mut state = crate::net::lock(&self.state);
+        let mut state = crate::sync::lock(&self.state);
         if state.answered {
             return;
         }

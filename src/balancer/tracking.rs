@@ -36,7 +36,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub use super::store::StateError;
 pub use schema::SCHEMA_VERSION;
@@ -341,13 +341,7 @@ impl fmt::Debug for Tracker {
     }
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
+use crate::text::now_ms;
 
 /// The error of the state at `location`.
 pub fn state_error(location: &Location) -> impl Fn(StateError) -> Error + '_ {
@@ -385,7 +379,7 @@ impl Tracker {
             Err(e) => log::error!("cannot mark the transfers left open as interrupted: {e}"),
         }
         let shared = tracker.shared.clone();
-        let thread = crate::net::spawn_named("tracker".into(), None, move || {
+        let thread = crate::sync::spawn_named("tracker".into(), None, move || {
             writer::write_loop(conn, &messages, &shared);
         })?;
         log::info!("transfer tracking in {location}");
@@ -694,7 +688,7 @@ impl Tracker {
     fn read<T>(&self, f: impl FnOnce(&mut dyn Db) -> Result<T, StateError>) -> Result<T, Error> {
         let location = &self.shared.location;
         let error = state_error(location);
-        let idle = crate::net::lock(&self.shared.readers).pop();
+        let idle = crate::sync::lock(&self.shared.readers).pop();
         let mut conn = match idle {
             Some(conn) => conn,
             None => location
@@ -703,7 +697,7 @@ impl Tracker {
         };
         let result = f(conn.as_mut()).map_err(error);
         if !conn.is_broken() {
-            crate::net::lock(&self.shared.readers).push(conn);
+            crate::sync::lock(&self.shared.readers).push(conn);
         }
         result
     }

@@ -12,7 +12,7 @@
 //! no lock held.
 
 use super::store::{sql_args, Db, Location, StateError};
-use super::tracking::{self, schema, state_error};
+use super::tracking::{schema, state_error};
 use crate::error::Error;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -112,7 +112,7 @@ impl Users {
     /// but checks nothing: see `check`.
     pub fn lookup(&self, name: &str) -> Result<Option<Account>, Error> {
         let error = state_error(&self.location);
-        let idle = crate::net::lock(&self.readers).pop();
+        let idle = crate::sync::lock(&self.readers).pop();
         let mut conn = match idle {
             Some(conn) => conn,
             None => self
@@ -136,7 +136,7 @@ impl Users {
                 .transpose()
             })
             .map_err(|e| error(StateError::Db(e)));
-        let mut readers = crate::net::lock(&self.readers);
+        let mut readers = crate::sync::lock(&self.readers);
         if row.is_ok() && !conn.is_broken() && readers.len() < MAX_IDLE_READERS {
             readers.push(conn);
         }
@@ -255,7 +255,7 @@ pub fn add(
     conn.execute(
         "INSERT INTO users (name, hash, admin, created_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, admin = excluded.admin",
-        sql_args![name, &hashed, admin, tracking::now_ms() as i64],
+        sql_args![name, &hashed, admin, crate::text::now_ms() as i64],
     )
     .map_err(error)?;
     Ok(!existed)
@@ -301,7 +301,7 @@ pub fn unlock(at: impl Into<Location>, name: &str) -> Result<Unlocked, Error> {
         sql_args![name],
     )
     .map_err(error)?;
-    Ok(if locked_for(until, tracking::now_ms()).is_some() {
+    Ok(if locked_for(until, crate::text::now_ms()).is_some() {
         Unlocked::WasLocked
     } else {
         Unlocked::WasNotLocked
@@ -401,7 +401,7 @@ mod tests {
         let path = dir.path().join("balancer.db");
         add(&path, "alice", "s3cret pw", false).unwrap();
         let users = Users::new(&path);
-        let now = tracking::now_ms();
+        let now = crate::text::now_ms();
         users.lock("alice", now + 60_000).unwrap();
         // Unknown names are not written anywhere.
         users.lock("nobody", now + 60_000).unwrap();

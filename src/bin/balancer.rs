@@ -335,6 +335,55 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), lbft::Error> {
     lbft::logging::init(Some(&args.log_file))?;
+    let tls = install_tls(&args)?;
+    let cluster_key = cluster_key(&args)?;
+    if args.allow_unauthenticated_legacy && matches!(args.backend_wire, Wire::Legacy) {
+        log::warn!(
+            "--allow-unauthenticated-legacy: the original-format servers cannot prove the \
+             cluster key; anyone at their addresses gets documents"
+        );
+    }
+    log::info!(
+        "security: {}; {}; {}",
+        lbft::net::tls::Tls::describe(tls.as_ref()),
+        args.key.describe(&cluster_key),
+        if args.users {
+            "users must log in (--users)"
+        } else {
+            "no logins (anyone who reaches the listener may send; admin requests need the cluster key)"
+        }
+    );
+    // The local servers run for as long as their handles live.
+    let (servers, local_servers) = match args.local_servers {
+        Some(n) => start_local_servers(&args, n, &cluster_key)?,
+        None => (
+            args.servers.iter().copied().map(Backend::new).collect(),
+            Vec::new(),
+        ),
+    };
+    let balancer = Balancer::bind(config(&args, servers, cluster_key)?)?;
+    let metrics = balancer.metrics_addr()?;
+    let handle = balancer.start()?;
+    let (signals, signal_thread) = on_signal(handle.stopper())?;
+    if let Some(addr) = metrics {
+        println!("metrics listening on {addr}");
+    }
+    println!("listening on {}", handle.addr());
+    handle.join();
+    // Local servers stop after the balancer has drained into them.
+    for server in &local_servers {
+        server.shutdown();
+    }
+    for server in local_servers {
+        server.join()?;
+    }
+    signals.close();
+    let _ = signal_thread.join();
+    Ok(())
+}
+
+/// TLS as the flags ask, checked against the other flags.
+fn install_tls(args: &Args) -> Result<Option<lbft::net::tls::Tls>, lbft::Error> {
     // Clients check the balancer and log in; asking them for certificates
     // is a choice of its own (--tls-client-certs required).
     let tls = args.tls.install(
@@ -365,51 +414,41 @@ fn run(args: Args) -> Result<(), lbft::Error> {
              give it --tls-ca to check them (and the servers --tls-cert/--tls-key)"
         );
     }
-    let cluster_key = match (
-        args.key.load("this balancer")?,
-        args.mode,
-        args.local_servers,
-    ) {
-        (Some(key), _, _) => Some(key),
-        // In-process servers share a key that needs no file.
-        (None, UploadMode::Redirect, Some(_)) => Some(ClusterKey::generate()),
-        (None, UploadMode::Redirect, None) => {
-            return Err(lbft::Error::Config(
-                "--mode redirect signs upload tickets with the cluster key: it cannot go \
+    Ok(tls)
+}
+
+/// The cluster key: from its file; generated for in-process servers in
+/// redirect mode; none with --no-cluster-key (not in redirect mode).
+fn cluster_key(args: &Args) -> Result<Option<ClusterKey>, lbft::Error> {
+    Ok(
+        match (
+            args.key.load("this balancer")?,
+            args.mode,
+            args.local_servers,
+        ) {
+            (Some(key), _, _) => Some(key),
+            // In-process servers share a key that needs no file.
+            (None, UploadMode::Redirect, Some(_)) => Some(ClusterKey::generate()),
+            (None, UploadMode::Redirect, None) => {
+                return Err(lbft::Error::Config(
+                    "--mode redirect signs upload tickets with the cluster key: it cannot go \
                  with --no-cluster-key"
-                    .into(),
-            ))
-        }
-        (None, UploadMode::Proxy, _) => None,
-    };
-    if args.allow_unauthenticated_legacy && matches!(args.backend_wire, Wire::Legacy) {
-        log::warn!(
-            "--allow-unauthenticated-legacy: the original-format servers cannot prove the \
-             cluster key; anyone at their addresses gets documents"
-        );
-    }
-    log::info!(
-        "security: {}; {}; {}",
-        lbft::net::tls::Tls::describe(tls.as_ref()),
-        args.key.describe(&cluster_key),
-        if args.users {
-            "users must log in (--users)"
-        } else {
-            "no logins (anyone who reaches the listener may send; admin requests need the cluster key)"
-        }
-    );
-    // The local servers run for as long as their handles live.
-    let (servers, local_servers) = match args.local_servers {
-        Some(n) => start_local_servers(&args, n, &cluster_key)?,
-        None => (
-            args.servers.iter().copied().map(Backend::new).collect(),
-            Vec::new(),
-        ),
-    };
-    let max_connections = args
-        .max_connections
-        .unwrap_or_else(lbft::net::default_max_connections);
-    let balancer = Balancer::bind(Config {
+                        .into(),
+                ))
+            }
+            (None, UploadMode::Proxy, _) => None,
+        },
+    )
+}
+
+/// The balancer's settings from the flags.
+fn config(
+    args: &Args,
+    servers: Vec<Backend>,
+    cluster_key: Option<ClusterKey>,
+) -> Result<Config, lbft::Error> {
+    let (max_connections, max_connections_per_ip) = connection_caps(args);
+    Ok(Config {
         listen: args.listen,
         servers,
         remember_servers: args.local_servers.is_none(),
@@ -432,15 +471,13 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         client_window: args.client_window,
         drain_timeout: args.drain_timeout,
         max_connections,
-        max_connections_per_ip: args
-            .max_connections_per_ip
-            .unwrap_or_else(|| lbft::net::default_max_per_ip(max_connections)),
+        max_connections_per_ip,
         balancer_id: args.balancer_id,
         metrics: args.metrics,
         policy: args.policy,
         rise: args.rise,
         fall: args.fall,
-        state: state_location(&args)?,
+        state: state_location(args)?,
         mode: match args.mode {
             UploadMode::Proxy => Mode::Proxy,
             UploadMode::Redirect => Mode::Redirect,
@@ -456,32 +493,55 @@ fn run(args: Args) -> Result<(), lbft::Error> {
         },
         max_document_size: args.max_document_size,
         max_file_size: args.max_file_size,
-        replicas: lbft::balancer::replicas::Replicas {
-            target: args.replicas,
-            min: args.min_replicas.unwrap_or(args.replicas),
-        },
+        replicas: replicas(args),
         repair: lbft::balancer::repair::RepairSettings {
             after: args.repair_after,
             rate: args.repair_rate,
         },
-    })?;
-    let metrics = balancer.metrics_addr()?;
-    let handle = balancer.start()?;
-    let (signals, signal_thread) = on_signal(handle.stopper())?;
-    if let Some(addr) = metrics {
-        println!("metrics listening on {addr}");
+    })
+}
+
+/// `--max-connections` and `--max-connections-per-ip`, or their defaults.
+fn connection_caps(args: &Args) -> (usize, usize) {
+    let max = args
+        .max_connections
+        .unwrap_or_else(lbft::net::default_max_connections);
+    let per_ip = args
+        .max_connections_per_ip
+        .unwrap_or_else(|| lbft::net::default_max_per_ip(max));
+    (max, per_ip)
+}
+
+/// `--replicas` and `--min-replicas` (by default as many).
+fn replicas(args: &Args) -> lbft::balancer::replicas::Replicas {
+    lbft::balancer::replicas::Replicas {
+        target: args.replicas,
+        min: args.min_replicas.unwrap_or(args.replicas),
     }
-    println!("listening on {}", handle.addr());
-    handle.join();
-    // Local servers stop after the balancer has drained into them.
-    for server in &local_servers {
-        server.shutdown();
+}
+
+/// `balancer user list`: each user, whether an admin, whether locked.
+fn print_users(path: &Location) -> Result<(), lbft::Error> {
+    let all = lbft::balancer::users::list(path)?;
+    if all.is_empty() {
+        println!("no users in {}", path.name());
     }
-    for server in local_servers {
-        server.join()?;
+    let now_ms = lbft::text::now_ms();
+    for user in all {
+        let locked = user.locked_for(now_ms).map(|left| {
+            format!(
+                "  (locked for {} more min: balancer user unlock {})",
+                left.as_secs().div_ceil(60),
+                user.name
+            )
+        });
+        println!(
+            "{}{}{}",
+            user.name,
+            if user.admin { "  (admin)" } else { "" },
+            locked.unwrap_or_default()
+        );
     }
-    signals.close();
-    let _ = signal_thread.join();
     Ok(())
 }
 
@@ -544,28 +604,7 @@ fn manage_users(args: &Args, action: &UserAction) -> Result<(), lbft::Error> {
                 )))
             }
         },
-        UserAction::List => {
-            let all = users::list(&path)?;
-            if all.is_empty() {
-                println!("no users in {}", path.name());
-            }
-            let now_ms = lbft::balancer::tracking::now_ms();
-            for user in all {
-                let locked = user.locked_for(now_ms).map(|left| {
-                    format!(
-                        "  (locked for {} more min: balancer user unlock {})",
-                        left.as_secs().div_ceil(60),
-                        user.name
-                    )
-                });
-                println!(
-                    "{}{}{}",
-                    user.name,
-                    if user.admin { "  (admin)" } else { "" },
-                    locked.unwrap_or_default()
-                );
-            }
-        }
+        UserAction::List => print_users(&path)?,
     }
     Ok(())
 }

@@ -312,20 +312,7 @@ pub fn upload_with(
                 return Ok(stored);
             }
             Err(Stop::Retry { server, why, code }) => {
-                bar.suspend(|| {
-                    let again = if attempt < MAX_ATTEMPTS {
-                        format!("; trying again ({} of {MAX_ATTEMPTS})", attempt + 1)
-                    } else {
-                        String::new()
-                    };
-                    let _ = writeln!(out, "{}: {why}{again}", path.display());
-                    // Nothing answered: the balancer may be gone.
-                    if code.is_none() && attempt < MAX_ATTEMPTS {
-                        if let Some(said) = through.next(&why) {
-                            let _ = writeln!(out, "{said}");
-                        }
-                    }
-                });
+                bar.suspend(|| say_retry(out, path, &why, attempt, code, &mut through));
                 request.server = next_server(request.server.take(), server, code);
                 last = why;
             }
@@ -339,6 +326,29 @@ pub fn upload_with(
     Err(fail(format!(
         "gave up after {MAX_ATTEMPTS} attempts; last: {last}"
     )))
+}
+
+/// Says why an attempt failed and whether another follows; when nothing
+/// answered (no `code`), the next balancer is tried, if there is one.
+fn say_retry(
+    out: &mut impl Write,
+    path: &Path,
+    why: &str,
+    attempt: u32,
+    code: Option<ErrorCode>,
+    through: &mut Turns,
+) {
+    let again = if attempt < MAX_ATTEMPTS {
+        format!("; trying again ({} of {MAX_ATTEMPTS})", attempt + 1)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(out, "{}: {why}{again}", path.display());
+    if code.is_none() && attempt < MAX_ATTEMPTS {
+        if let Some(said) = through.next(why) {
+            let _ = writeln!(out, "{said}");
+        }
+    }
 }
 
 /// The balancers an upload goes through (`--balancer A,B`): the first, and

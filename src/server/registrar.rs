@@ -41,7 +41,7 @@ impl Registrar {
         for (i, balancer) in balancers.iter().copied().enumerate() {
             let told = told.clone();
             let settings = settings.clone();
-            threads.push(net::spawn_named(
+            threads.push(crate::sync::spawn_named(
                 format!("registrar{i}"),
                 Some(256 * 1024),
                 move || member_of(balancer, settings, told),

@@ -57,13 +57,17 @@ struct ProgressState {
 impl Progress {
     /// Servers whose listing is being taken in now.
     pub fn rebuilding(&self) -> Vec<String> {
-        net::lock(&self.state).rebuilding.iter().cloned().collect()
+        crate::sync::lock(&self.state)
+            .rebuilding
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Waits until the first look at the servers is over, at most `limit`.
     pub fn wait_first_look(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        let mut state = net::lock(&self.state);
+        let mut state = crate::sync::lock(&self.state);
         while !state.first_look_done {
             let now = Instant::now();
             if now >= deadline {
@@ -78,7 +82,7 @@ impl Progress {
     }
 
     fn set(&self, change: impl FnOnce(&mut ProgressState)) {
-        change(&mut net::lock(&self.state));
+        change(&mut crate::sync::lock(&self.state));
         self.changed.notify_all();
     }
 }
@@ -238,7 +242,7 @@ struct Memory {
 impl Syncer {
     /// Starts the thread; it stops when `stop` disconnects.
     pub fn spawn(self, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
-        net::spawn_named("catalog".into(), None, move || {
+        crate::sync::spawn_named("catalog".into(), None, move || {
             let mut memory = Memory::default();
             self.look(&mut memory, true);
             self.progress.set(|s| s.first_look_done = true);
@@ -306,37 +310,7 @@ impl Syncer {
                 );
                 vec![EntryKind::File, EntryKind::Document]
             }
-            Some(f) => {
-                let mut parts = Vec::new();
-                let settled = last.as_ref() == Some(&seen);
-                let settled_at = memory.settled_at.get(server);
-                let files_differ = (f.files, format!("{:016x}", f.files_digest)) != seen.files;
-                if files_differ && settled && settled_at.is_none_or(|s| s.files != seen.files) {
-                    parts.push(EntryKind::File);
-                }
-                if f.documents != seen.documents
-                    && settled
-                    && settled_at.is_none_or(|s| s.documents != seen.documents)
-                {
-                    parts.push(EntryKind::Document);
-                }
-                if !parts.is_empty() {
-                    log::info!(
-                        "catalog: behind on {server} (it holds {} files and {} documents, the \
-                         catalog says {} and {}): taking in its listing of {}",
-                        inventory.files,
-                        inventory.documents,
-                        f.files,
-                        f.documents,
-                        parts
-                            .iter()
-                            .map(|k| format!("{}s", k.as_str()))
-                            .collect::<Vec<_>>()
-                            .join(" and ")
-                    );
-                }
-                parts
-            }
+            Some(f) => behind(server, &f, &inventory, &seen, last.as_ref(), memory),
         };
         if parts.is_empty() {
             return Ok(());
@@ -387,4 +361,46 @@ impl Syncer {
         }
         Ok(())
     }
+}
+
+/// What of `server`'s listings the catalog is behind on: a part whose
+/// figures differ from the catalog's, the same two looks in a row (not
+/// moving any more), and not already taken in at these figures.
+fn behind(
+    server: &str,
+    f: &super::Figures,
+    inventory: &crate::proto::InventoryReport,
+    seen: &Seen,
+    last: Option<&Seen>,
+    memory: &Memory,
+) -> Vec<EntryKind> {
+    let mut parts = Vec::new();
+    let settled = last == Some(seen);
+    let settled_at = memory.settled_at.get(server);
+    let files_differ = (f.files, format!("{:016x}", f.files_digest)) != seen.files;
+    if files_differ && settled && settled_at.is_none_or(|s| s.files != seen.files) {
+        parts.push(EntryKind::File);
+    }
+    if f.documents != seen.documents
+        && settled
+        && settled_at.is_none_or(|s| s.documents != seen.documents)
+    {
+        parts.push(EntryKind::Document);
+    }
+    if !parts.is_empty() {
+        log::info!(
+            "catalog: behind on {server} (it holds {} files and {} documents, the \
+             catalog says {} and {}): taking in its listing of {}",
+            inventory.files,
+            inventory.documents,
+            f.files,
+            f.documents,
+            parts
+                .iter()
+                .map(|k| format!("{}s", k.as_str()))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    }
+    parts
 }

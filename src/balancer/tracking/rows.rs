@@ -27,6 +27,8 @@ struct NewRow {
     last_error: Option<String>,
     /// When the writer took its first event.
     arrived: Instant,
+    /// Every copy stored (several with `--replicas`): server, file.
+    copies: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -42,32 +44,8 @@ impl NewRows {
     pub(super) fn absorb(&mut self, at_ms: u64, event: TrackEvent) -> Option<TrackEvent> {
         let number = match &event {
             TrackEvent::Received { number, .. } if !self.index.contains_key(number) => {
-                let TrackEvent::Received {
-                    number,
-                    client,
-                    title,
-                    size,
-                    user,
-                } = event
-                else {
-                    unreachable!("matched above")
-                };
-                self.index.insert(number, self.rows.len());
-                self.rows.push(NewRow {
-                    number,
-                    client,
-                    title,
-                    size,
-                    user,
-                    servers: Vec::new(),
-                    state: TransferState::Queued,
-                    server: None,
-                    file: None,
-                    started_ms: at_ms,
-                    ended_ms: None,
-                    last_error: None,
-                    arrived: Instant::now(),
-                });
+                self.index.insert(*number, self.rows.len());
+                self.rows.push(NewRow::received(at_ms, event));
                 return None;
             }
             TrackEvent::Received { number, .. }
@@ -80,39 +58,7 @@ impl NewRows {
         let Some(&i) = self.index.get(&number) else {
             return Some(event);
         };
-        let row = &mut self.rows[i];
-        let ended = row.state.is_ended();
-        match event {
-            // Received twice: the first one stands (as the insert's `ON
-            // CONFLICT` has it, but for a stored outcome: a document sent
-            // again and found stored ends its first transfer).
-            TrackEvent::Received { .. } => {}
-            TrackEvent::Sent { server, .. } if !ended => {
-                row.servers.push(server);
-                row.state = TransferState::Sending;
-            }
-            TrackEvent::Retried { server, reason, .. } if !ended => {
-                row.state = TransferState::Retried;
-                row.last_error = Some(format!("{server}: {reason}"));
-            }
-            TrackEvent::Stored { server, file, .. } => {
-                row.state = TransferState::Stored;
-                row.server = Some(server);
-                row.file = Some(file);
-                row.ended_ms = Some(at_ms);
-            }
-            TrackEvent::Failed { code, reason, .. } if row.state != TransferState::Stored => {
-                row.state = TransferState::of_failure(code);
-                row.last_error = Some(format!("{code}: {reason}"));
-                row.ended_ms = Some(at_ms);
-            }
-            TrackEvent::Interrupted { reason, .. } if row.state != TransferState::Stored => {
-                row.state = TransferState::Interrupted;
-                row.last_error = Some(reason);
-                row.ended_ms = Some(at_ms);
-            }
-            _ => {}
-        }
+        self.rows[i].follow(at_ms, event);
         None
     }
 
@@ -153,7 +99,7 @@ impl NewRows {
         let docs: Vec<catalog::NewDocument<'_>> = self
             .rows
             .iter()
-            .filter_map(NewRow::stored_document)
+            .flat_map(NewRow::stored_documents)
             .collect();
         catalog::new_documents(db, &docs)
     }
@@ -205,21 +151,90 @@ fn insert_chunk(db: &mut dyn Db, rows: &[NewRow], balancer: Option<&str>) -> Res
 }
 
 impl NewRow {
-    /// Its catalog entry, if it is a stored document.
-    fn stored_document(&self) -> Option<catalog::NewDocument<'_>> {
-        let (TransferState::Stored, Some(server), Some(file), Some(at_ms)) =
-            (self.state, &self.server, &self.file, self.ended_ms)
+    /// The row a `Received` event starts.
+    fn received(at_ms: u64, event: TrackEvent) -> NewRow {
+        let TrackEvent::Received {
+            number,
+            client,
+            title,
+            size,
+            user,
+        } = event
         else {
-            return None;
+            unreachable!("only a received event starts a row")
         };
-        Some(catalog::NewDocument {
-            number: self.number,
-            owner: self.user.as_deref().unwrap_or(""),
-            title: &self.title,
-            size: self.size,
-            server,
-            file,
-            at_ms,
-        })
+        NewRow {
+            number,
+            client,
+            title,
+            size,
+            user,
+            servers: Vec::new(),
+            state: TransferState::Queued,
+            server: None,
+            file: None,
+            started_ms: at_ms,
+            ended_ms: None,
+            last_error: None,
+            arrived: Instant::now(),
+            copies: Vec::new(),
+        }
+    }
+
+    /// What a later event of its transfer changes.
+    fn follow(&mut self, at_ms: u64, event: TrackEvent) {
+        let ended = self.state.is_ended();
+        // A table: one arm per kind of event.
+        match event {
+            // Received twice: the first one stands (as the insert's `ON
+            // CONFLICT` has it, but for a stored outcome: a document sent
+            // again and found stored ends its first transfer).
+            TrackEvent::Received { .. } => {}
+            TrackEvent::Sent { server, .. } if !ended => {
+                self.servers.push(server);
+                self.state = TransferState::Sending;
+            }
+            TrackEvent::Retried { server, reason, .. } if !ended => {
+                self.state = TransferState::Retried;
+                self.last_error = Some(format!("{server}: {reason}"));
+            }
+            TrackEvent::Stored { server, file, .. } => {
+                self.state = TransferState::Stored;
+                self.copies.push((server.clone(), file.clone()));
+                self.server = Some(server);
+                self.file = Some(file);
+                self.ended_ms = Some(at_ms);
+            }
+            TrackEvent::Failed { code, reason, .. } if self.state != TransferState::Stored => {
+                self.state = TransferState::of_failure(code);
+                self.last_error = Some(format!("{code}: {reason}"));
+                self.ended_ms = Some(at_ms);
+            }
+            TrackEvent::Interrupted { reason, .. } if self.state != TransferState::Stored => {
+                self.state = TransferState::Interrupted;
+                self.last_error = Some(reason);
+                self.ended_ms = Some(at_ms);
+            }
+            _ => {}
+        }
+    }
+
+    /// Its catalog entry's copies, if it is a stored document.
+    fn stored_documents(&self) -> Vec<catalog::NewDocument<'_>> {
+        let (TransferState::Stored, Some(at_ms)) = (self.state, self.ended_ms) else {
+            return Vec::new();
+        };
+        self.copies
+            .iter()
+            .map(|(server, file)| catalog::NewDocument {
+                number: self.number,
+                owner: self.user.as_deref().unwrap_or(""),
+                title: &self.title,
+                size: self.size,
+                server,
+                file,
+                at_ms,
+            })
+            .collect()
     }
 }

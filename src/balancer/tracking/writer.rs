@@ -270,17 +270,7 @@ fn apply_batch(
                 // A catalog change may touch a transfer received in this
                 // batch: its row goes in first.
                 std::mem::take(new_rows).insert(db, balancer)?;
-                let deleted = match &change {
-                    catalog::Change::Delete { transfer, .. } => Some(transfer.number),
-                    _ => None,
-                };
-                let removals = catalog::apply(db, at_ms, change)?;
-                if let (Some(number), Some(balancer)) = (deleted, balancer) {
-                    db.execute(
-                        "UPDATE transfers SET balancer = ?2 WHERE number = ?1 AND balancer IS NULL",
-                        sql_args![number as i64, balancer],
-                    )?;
-                }
+                let removals = apply_catalog(db, at_ms, change, balancer)?;
                 if let Some(done) = done {
                     waiting.cataloged.push((done, removals));
                 }
@@ -288,6 +278,28 @@ fn apply_batch(
         }
     }
     Ok(())
+}
+
+/// A change of the catalog; a deleted file's transfer names the balancer
+/// that took the deletion, if none took it before.
+fn apply_catalog(
+    db: &mut dyn Db,
+    at_ms: u64,
+    change: catalog::Change,
+    balancer: Option<&str>,
+) -> Result<catalog::Outcome, DbError> {
+    let deleted = match &change {
+        catalog::Change::Delete { transfer, .. } => Some(transfer.number),
+        _ => None,
+    };
+    let removals = catalog::apply(db, at_ms, change)?;
+    if let (Some(number), Some(balancer)) = (deleted, balancer) {
+        db.execute(
+            "UPDATE transfers SET balancer = ?2 WHERE number = ?1 AND balancer IS NULL",
+            sql_args![number as i64, balancer],
+        )?;
+    }
+    Ok(removals)
 }
 
 /// Transfers a balancer left open when it stopped without finishing them:
@@ -330,6 +342,7 @@ fn apply(
 ) -> Result<(), DbError> {
     // Integers are i64 in both stores; numbers are 63 bits and times fit.
     let at = at_ms as i64;
+    // A table: one statement per kind of event.
     match event {
         TrackEvent::Received {
             number,
