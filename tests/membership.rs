@@ -57,7 +57,10 @@ fn a_server_added_mid_batch_takes_work() {
     let cluster = Cluster::start(1, &["--char-delay-ms", "1"], &[]);
     let extra_dir = cluster.dir.path().join("extra");
     let extra = start_server(&extra_dir, &[]);
-    let seen = batch_with(cluster.balancer.addr, contents("add", 600), 50, || {
+    // Enough documents that the batch is still going when the server is
+    // added, however long starting `client admin add` takes on a busy
+    // machine.
+    let seen = batch_with(cluster.balancer.addr, contents("add", 1500), 50, || {
         let out = admin(
             &cluster,
             cluster.balancer.addr,
@@ -74,7 +77,7 @@ fn a_server_added_mid_batch_takes_work() {
         assert!(String::from_utf8_lossy(&again.stdout).contains("already in the pool"));
     });
     assert!(seen.errors.is_empty(), "{:?}", seen.errors);
-    assert_eq!(seen.stored.len(), 600);
+    assert_eq!(seen.stored.len(), 1500);
     let on_extra = seen
         .stored
         .values()
