@@ -38,7 +38,7 @@ struct Args {
     char_delay_ms: u64,
     /// How documents stored together are made durable before their names
     /// appear: `syncfs`, one sync of the folder's whole file system per
-    /// batch (a batch of one: its own fdatasync), or `fdatasync`, one per
+    /// batch (under 8 documents: one fdatasync each), or `fdatasync`, one per
     /// document, the batch written out together first. Choose fdatasync
     /// when other programs keep the same file system busy with writes:
     /// syncfs writes out their data too, and waits for it.

@@ -30,8 +30,8 @@ use std::thread::JoinHandle;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SyncMode {
     /// One `syncfs` of the folder's file system for the whole batch (a
-    /// batch of one document: its own `fdatasync`, which costs no more and
-    /// flushes nobody else's data). Much cheaper per document once several
+    /// batch under `SYNCFS_FROM` documents: one `fdatasync` each, which
+    /// costs no more and flushes nobody else's data). Much cheaper per document once several
     /// commit together, but it also writes out whatever other programs
     /// have left unwritten on the same file system, and waits for it.
     #[default]
@@ -221,6 +221,9 @@ fn check(result: libc::c_int) -> io::Result<()> {
 
 /// Files a batch synced one by one keeps open at once: its files are
 /// synced in groups of this many.
+/// The smallest batch made durable by one `syncfs` (`--sync syncfs`).
+const SYNCFS_FROM: usize = 8;
+
 const OPEN_AT_ONCE: usize = 64;
 
 /// Starts writing a file's bytes out without waiting (`sync_file_range`);
@@ -409,7 +412,10 @@ impl Stage {
         ended: &mut Vec<(Commit, Result<String, StoreError>)>,
     ) -> Vec<(Commit, String)> {
         let together = batch.len() > 1;
-        let by_file = self.sync == SyncMode::Fdatasync || !together;
+        // A few files are cheaper synced one by one than by a sync of the
+        // whole file system, which also writes out every other writer's
+        // data (the other servers on the same disk among them).
+        let by_file = self.sync == SyncMode::Fdatasync || batch.len() < SYNCFS_FROM;
         let mut staged = Vec::with_capacity(batch.len());
         // By file: the files written and not synced yet, kept open.
         let mut unsynced = Vec::new();
