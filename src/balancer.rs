@@ -46,6 +46,7 @@ mod start;
 pub mod stats;
 pub mod store;
 pub mod tracking;
+mod upload_copies;
 pub mod users;
 pub mod work;
 

@@ -272,6 +272,60 @@ fn a_200_mib_upload_survives_a_cut_connection_and_a_killed_server() {
     assert_eq!(sha256_file(&files[0]), sha256_file(&data));
 }
 
+/// With `--replicas 2`, a server killed while it receives a 200 MiB file:
+/// the upload goes on elsewhere and ends with two checked copies, on two
+/// servers that were not killed.
+#[test]
+fn a_200_mib_upload_with_two_replicas_survives_a_killed_server() {
+    const MIB: u64 = 1024 * 1024;
+    let size = 200 * MIB + 777;
+    let kill_at = 60 * MIB;
+    let mut cluster = Cluster::start(3, &[], &["--server-timeout", "5s", "--replicas", "2"]);
+    let work = cluster.dir.path().to_path_buf();
+    let data = work.join("big.bin");
+    random_file(&data, size, 25);
+    let mut child = Command::new(client_bin())
+        .args([
+            "--balancer",
+            &cluster.balancer.addr.to_string(),
+            "send",
+            "big.bin",
+        ])
+        .current_dir(&work)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let killed = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never got to {kill_at} bytes"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("client ended before the kill: {status}");
+        }
+        match partial_bytes(&cluster.server_dirs) {
+            Some((i, held)) if held >= kill_at => {
+                cluster.servers[i].stop();
+                break i;
+            }
+            _ => thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let files = stored(&cluster.server_dirs);
+    assert_eq!(files.len(), 2, "two copies: {files:?}");
+    let want = sha256_file(&data);
+    for file in &files {
+        assert!(!file.starts_with(&cluster.server_dirs[killed]), "{file:?}");
+        assert_eq!(sha256_file(file), want, "{file:?}");
+    }
+    assert_ne!(files[0].parent(), files[1].parent(), "one copy per server");
+}
+
 fn upload_json(id: u64, upload_id: &str, name: &str, size: u64) -> serde_json::Value {
     json!({"type": "upload", "id": id, "upload_id": upload_id, "name": name, "size": size})
 }

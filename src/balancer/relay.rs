@@ -66,7 +66,7 @@ fn ticket(
 impl Conn {
     /// Asks the dispatcher for a server for a file, `prefer`red when it can
     /// take work, avoiding those in `avoid`.
-    fn pick_server(&self, prefer: Option<&str>, avoid: &[String]) -> Option<Picked> {
+    pub(super) fn pick_server(&self, prefer: Option<&str>, avoid: &[String]) -> Option<Picked> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let event = Event::PickServer {
             prefer: prefer.map(str::to_owned),
@@ -79,7 +79,10 @@ impl Conn {
 
     /// A connection of its own to a server, which proves the cluster key
     /// first when there is one (see `handshake`).
-    fn connect_server(&self, addr: SocketAddr) -> std::io::Result<Connection<net::Stream>> {
+    pub(super) fn connect_server(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<Connection<net::Stream>> {
         self.files.reach.connect(addr)
     }
 
@@ -421,6 +424,7 @@ impl Conn {
         let Some(tracker) = &self.tracker else {
             return Reply::FileStored(stored);
         };
+        let copy_owner = owner.clone();
         let record = FileRecord {
             owner,
             name: stored.name.clone(),
@@ -444,6 +448,9 @@ impl Conn {
         match tracker.catalog_change(Change::FileStored { number, record }) {
             Ok(removals) => {
                 self.remove(removals);
+                if self.files.replicas > 1 {
+                    self.copy_upload(&stored, copy_owner.as_deref());
+                }
             }
             // The bytes are stored; the catalog takes them in at its next
             // look at that server.
