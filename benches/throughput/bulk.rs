@@ -71,6 +71,8 @@ fn empty_files(dirs: &[PathBuf]) {
 pub struct Targets<'a> {
     pub balancer: &'a Child,
     pub haproxy: Option<&'a Child>,
+    /// A balancer with `--replicas 2` (`--replicas-path`).
+    pub balancer_r2: Option<&'a Child>,
     pub servers: &'a [Child],
     pub dirs: &'a [PathBuf],
 }
@@ -82,6 +84,9 @@ pub fn measure(temp: &Path, targets: &Targets, options: &Options) -> Bulk {
     let mut routes = vec![Route::Balancer, Route::Direct];
     if targets.haproxy.is_some() {
         routes.push(Route::HaProxy);
+    }
+    if targets.balancer_r2.is_some() {
+        routes.push(Route::BalancerR2);
     }
     // The first upload after the table runs far slower whatever its path
     // (the balancer's first run, 252 MiB/s, against 466-629 for its
@@ -102,6 +107,10 @@ pub fn measure(temp: &Path, targets: &Targets, options: &Options) -> Bulk {
             empty_files(targets.dirs);
             let (addr, proxy): (SocketAddr, Option<u32>) = match (route, targets.haproxy) {
                 (Route::Balancer, _) => (targets.balancer.addr, Some(targets.balancer.pid())),
+                (Route::BalancerR2, _) => {
+                    let b = targets.balancer_r2.expect("a route only when started");
+                    (b.addr, Some(b.pid()))
+                }
                 (Route::HaProxy, Some(h)) => (h.addr, Some(h.pid())),
                 _ => (targets.servers[run % targets.servers.len()].addr, None),
             };
@@ -132,7 +141,12 @@ pub fn measure(temp: &Path, targets: &Targets, options: &Options) -> Bulk {
                 .filter_map(|d| std::fs::metadata(d.join("files").join(&stored.file)).ok())
                 .map(|m| m.len())
                 .sum();
-            assert_eq!(on_disk, bytes, "bulk {}: bytes on disk", route.name());
+            assert_eq!(
+                on_disk,
+                bytes * route.copies() as u64,
+                "bulk {}: bytes on disk",
+                route.name()
+            );
             let rate = bytes as f64 / (1 << 20) as f64 / secs;
             println!(
                 "  bulk {} MiB {} r{run}: {rate:.0} MiB/s, peak RSS {} server {server_mib:.1} MiB",

@@ -766,6 +766,7 @@ fn main() {
         let targets = bulk::Targets {
             balancer: &balancer,
             haproxy: haproxy.as_ref(),
+            balancer_r2: balancer_r2.as_ref(),
             servers: &servers,
             dirs: &dirs,
         };

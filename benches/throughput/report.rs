@@ -206,7 +206,7 @@ impl Report<'_> {
                 }
                 _ => String::new(),
             };
-            let vs_haproxy = if row.route == Route::Balancer {
+            let vs_haproxy = if matches!(row.route, Route::Balancer | Route::BalancerR2) {
                 vs(haproxy)
             } else {
                 String::new()
