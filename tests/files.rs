@@ -239,23 +239,9 @@ fn a_200_mib_upload_survives_a_cut_connection_and_a_killed_server() {
 
     // Kill -9 the server receiving the file once it holds `kill_at` bytes
     // (after the cut: the upload resumed on it first).
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let killed = loop {
-        assert!(
-            Instant::now() < deadline,
-            "the upload never got to {kill_at} bytes"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("client ended before the kill: {status}");
-        }
-        match partial_bytes(&cluster.server_dirs) {
-            Some((i, held)) if held >= kill_at && relay.cut.load(Ordering::SeqCst) => {
-                cluster.servers[i].stop();
-                break i;
-            }
-            _ => thread::sleep(Duration::from_millis(5)),
-        }
-    };
+    let killed = kill_receiver(&mut cluster, &mut child, kill_at, || {
+        relay.cut.load(Ordering::SeqCst)
+    });
     let out = child.wait_with_output().unwrap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -296,23 +282,7 @@ fn a_200_mib_upload_with_two_replicas_survives_a_killed_server() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let killed = loop {
-        assert!(
-            Instant::now() < deadline,
-            "the upload never got to {kill_at} bytes"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("client ended before the kill: {status}");
-        }
-        match partial_bytes(&cluster.server_dirs) {
-            Some((i, held)) if held >= kill_at => {
-                cluster.servers[i].stop();
-                break i;
-            }
-            _ => thread::sleep(Duration::from_millis(5)),
-        }
-    };
+    let killed = kill_receiver(&mut cluster, &mut child, kill_at, || true);
     let out = child.wait_with_output().unwrap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -324,6 +294,33 @@ fn a_200_mib_upload_with_two_replicas_survives_a_killed_server() {
         assert_eq!(sha256_file(file), want, "{file:?}");
     }
     assert_ne!(files[0].parent(), files[1].parent(), "one copy per server");
+}
+
+/// Kills (SIGKILL) the server receiving the client's file once it holds
+/// `at` bytes and `also` holds; which server it was.
+fn kill_receiver(
+    cluster: &mut Cluster,
+    child: &mut std::process::Child,
+    at: u64,
+    also: impl Fn() -> bool,
+) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never got to {at} bytes"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("client ended before the kill: {status}");
+        }
+        match partial_bytes(&cluster.server_dirs) {
+            Some((i, held)) if held >= at && also() => {
+                cluster.servers[i].stop();
+                return i;
+            }
+            _ => thread::sleep(Duration::from_millis(5)),
+        }
+    }
 }
 
 fn upload_json(id: u64, upload_id: &str, name: &str, size: u64) -> serde_json::Value {

@@ -65,6 +65,32 @@ impl Service {
         start_balancer(self.dir.path(), &addrs, &args)
     }
 
+    /// `count` servers started with `--balancer` naming every one of
+    /// `balancers`, once each balancer has them all up; their folders.
+    fn servers_joining(
+        &self,
+        count: usize,
+        balancers: &[SocketAddr],
+    ) -> (Vec<Proc>, Vec<std::path::PathBuf>) {
+        let list: Vec<String> = balancers.iter().map(|b| b.to_string()).collect();
+        let list = list.join(",");
+        let dirs: Vec<std::path::PathBuf> = (0..count)
+            .map(|i| self.dir.path().join(format!("server{i}")))
+            .collect();
+        let procs = dirs
+            .iter()
+            .map(|d| start_server(d, &["--balancer", &list, "--heartbeat", "100ms"]))
+            .collect();
+        for &b in balancers {
+            assert!(eventually(|| servers(b)
+                .iter()
+                .filter(|v| v.state == "up")
+                .count()
+                == count));
+        }
+        (procs, dirs)
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -310,20 +336,7 @@ fn a_balancer_killed_mid_batch_leaves_one_whole_history() {
         &["--server-timeout", "3s", "--probe-timeout", "300ms"],
     );
     let list = format!("{},{}", one.addr, two.addr);
-    let dirs: Vec<std::path::PathBuf> = (0..3)
-        .map(|i| service.dir.path().join(format!("server{i}")))
-        .collect();
-    let _servers: Vec<Proc> = dirs
-        .iter()
-        .map(|d| start_server(d, &["--balancer", &list, "--heartbeat", "100ms"]))
-        .collect();
-    for b in [one.addr, two.addr] {
-        assert!(eventually(|| servers(b)
-            .iter()
-            .filter(|v| v.state == "up")
-            .count()
-            == 3));
-    }
+    let (_servers, dirs) = service.servers_joining(3, &[one.addr, two.addr]);
     let work = service.dir.path();
     let output = batches::send_through_a_kill(work, &list, CLIENTS, DOCUMENTS, || one.stop());
     assert!(
@@ -377,21 +390,7 @@ fn an_upload_resumes_through_the_next_balancer() {
     let service = Service::new(0);
     let mut one = service.balancer("one", &[]);
     let two = service.balancer("two", &[]);
-    let list = format!("{},{}", one.addr, two.addr);
-    let dirs: Vec<std::path::PathBuf> = (0..2)
-        .map(|i| service.dir.path().join(format!("server{i}")))
-        .collect();
-    let _servers: Vec<Proc> = dirs
-        .iter()
-        .map(|d| start_server(d, &["--balancer", &list, "--heartbeat", "100ms"]))
-        .collect();
-    for b in [one.addr, two.addr] {
-        assert!(eventually(|| servers(b)
-            .iter()
-            .filter(|v| v.state == "up")
-            .count()
-            == 2));
-    }
+    let (_servers, dirs) = service.servers_joining(2, &[one.addr, two.addr]);
     let work = service.dir.path();
     let mut bytes = vec![0u8; size as usize];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);

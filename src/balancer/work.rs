@@ -284,16 +284,7 @@ impl Job {
         let mut events = Vec::with_capacity(2);
         if self.tried.is_empty() && self.group.as_ref().is_none_or(|g| g.first_sent()) {
             let waited = self.received.elapsed().as_millis() as u64;
-            events.push((
-                now.saturating_sub(waited),
-                TrackEvent::Received {
-                    number,
-                    client: self.client.to_string(),
-                    title: doc.title.clone(),
-                    size: doc.content_len as u64,
-                    user: self.user.as_deref().map(str::to_owned),
-                },
-            ));
+            events.push((now.saturating_sub(waited), self.received_event(number, doc)));
         }
         events.push((
             now,
@@ -323,6 +314,17 @@ impl Job {
         })
     }
 
+    /// The event of receiving document `doc` as request `number`.
+    fn received_event(&self, number: u64, doc: &StoreWork) -> TrackEvent {
+        TrackEvent::Received {
+            number,
+            client: self.client.to_string(),
+            title: doc.title.clone(),
+            size: doc.content_len as u64,
+            user: self.user.as_deref().map(str::to_owned),
+        }
+    }
+
     /// The events of a document sent again and found stored already, as
     /// request `number` on `server` (by a balancer that may be gone): its
     /// transfer, recorded if that balancer never did, ends stored.
@@ -331,13 +333,7 @@ impl Job {
             return Vec::new();
         };
         vec![
-            TrackEvent::Received {
-                number,
-                client: self.client.to_string(),
-                title: doc.title.clone(),
-                size: doc.content_len as u64,
-                user: self.user.as_deref().map(str::to_owned),
-            },
+            self.received_event(number, doc),
             TrackEvent::Stored {
                 number,
                 server: server.to_string(),
