@@ -34,14 +34,7 @@ fn client(balancer: SocketAddr, cwd: &Path, args: &[&str]) -> Output {
 
 /// Complete files stored under `dirs` (their `files/` folders).
 fn stored(dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for d in dirs {
-        if let Ok(entries) = std::fs::read_dir(d.join("files")) {
-            out.extend(entries.map(|e| e.unwrap().path()));
-        }
-    }
-    out.sort();
-    out
+    util::uploads::stored_files_in(dirs)
 }
 
 fn random_file(path: &Path, size: usize, seed: u64) {
@@ -338,12 +331,7 @@ fn an_interrupted_send_resumes_from_what_the_server_holds_when_run_again() {
         .unwrap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    let from: u64 = said
-        .split("resuming at byte ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no resume byte in: {said}"));
+    let from = util::uploads::resumed_from(&said);
     // Whole chunks of what went through before (the one cut short is not
     // kept): at least 11 MiB of the first run's 12.
     assert!(from >= 11 * MIB, "resumed from {from}: {said}");

@@ -68,14 +68,7 @@ fn text(out: &Output) -> String {
 
 /// Complete files stored under `dirs` (their `files/` folders).
 fn stored(dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for d in dirs {
-        if let Ok(entries) = std::fs::read_dir(d.join("files")) {
-            out.extend(entries.map(|e| e.unwrap().path()));
-        }
-    }
-    out.sort();
-    out
+    util::uploads::stored_files_in(dirs)
 }
 
 #[test]

@@ -418,18 +418,9 @@ fn an_upload_resumes_through_the_next_balancer() {
     );
     assert!(out.status.success(), "{said}");
     assert!(said.contains("going on through"), "{said}");
-    let from: u64 = said
-        .split("resuming at byte ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no resume byte in: {said}"));
+    let from = util::uploads::resumed_from(&said);
     assert!(from >= 8 * MIB, "resumed from {from}: {said}");
-    let stored: Vec<std::path::PathBuf> = dirs
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d.join("files")).ok())
-        .flat_map(|entries| entries.map(|e| e.unwrap().path()))
-        .collect();
+    let stored = util::uploads::stored_files_in(&dirs);
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert!(
         std::fs::read(&stored[0]).unwrap() == bytes,

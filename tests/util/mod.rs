@@ -10,6 +10,7 @@
 pub mod batches;
 pub mod pg;
 pub mod relay;
+pub mod uploads;
 
 use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
 use serde_json::Value;
