@@ -173,20 +173,7 @@ mod tests {
 
     #[test]
     fn prompt_handles_unknown_commands_and_eof() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("a.json"),
-            r#"{"titolo":"t","contenuto":"c"}"#,
-        )
-        .unwrap();
-        let config = Config {
-            documents: dir.path().to_path_buf(),
-            ..Config::default()
-        };
-        let mut out = Vec::new();
-        let input = b"HeLp\nfoo\nftp\nzero\n0\n\nftp 0\n";
-        let ok = interactive(&config, &mut &input[..], &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let (ok, text) = run_prompt(b"HeLp\nfoo\nftp\nzero\n0\n\nftp 0\n");
         assert!(ok);
         assert!(text.contains("documents available in "), "{text}");
         assert!(text.contains("a.json"));
@@ -200,6 +187,12 @@ mod tests {
 
     /// What the prompt printed for `input`, with a documents folder.
     fn prompt_output(input: &[u8]) -> String {
+        run_prompt(input).1
+    }
+
+    /// Runs the prompt on `input` with a documents folder of one
+    /// document: whether all went well, and what it printed.
+    fn run_prompt(input: &[u8]) -> (bool, String) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("a.json"),
@@ -211,8 +204,8 @@ mod tests {
             ..Config::default()
         };
         let mut out = Vec::new();
-        interactive(&config, &mut &input[..], &mut out).unwrap();
-        String::from_utf8(out).unwrap()
+        let ok = interactive(&config, &mut &input[..], &mut out).unwrap();
+        (ok, String::from_utf8(out).unwrap())
     }
 
     #[test]
