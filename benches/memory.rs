@@ -10,7 +10,7 @@
 //!
 //! Every scenario gets a fresh balancer, so peaks do not carry over.
 
-use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
+use lbft::proto::{self, ClientRequest, FrameReader, Reply, StoreRequest};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -96,7 +96,7 @@ fn balancer(work: &std::path::Path, servers: &[SocketAddr]) -> Proc {
 }
 
 fn store_frame(id: u64, size: usize) -> Vec<u8> {
-    proto::encode(&Request::Store(StoreRequest {
+    proto::encode(&ClientRequest::Store(StoreRequest {
         id,
         doc: proto::Document {
             title: format!("doc {id}"),

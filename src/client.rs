@@ -27,7 +27,7 @@ pub use interactive::interactive;
 pub use pipeline::{Answer, Fate, DEFAULT_WINDOW};
 
 use crate::net;
-use crate::proto::{self, Document, Operation, Request};
+use crate::proto::{self, ClientRequest, Document, Operation};
 use crossbeam_channel::Receiver;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -179,7 +179,7 @@ impl From<io::Error> for Error {
 /// Sends one request to the balancer on a fresh connection (so a command
 /// that repeats it survives a balancer restart) and returns its answer;
 /// an error reply, or no answer, is an error naming the request.
-pub fn ask(config: &Config, request: &Request) -> Result<proto::Reply, Error> {
+pub fn ask(config: &Config, request: &ClientRequest) -> Result<proto::Reply, Error> {
     let addr = config.balancer;
     let stream = login::open(config)?;
     let mut conn = proto::Connection::new(stream, proto::DEFAULT_MAX_FRAME);
@@ -261,7 +261,7 @@ fn connect_first(config: &Config) -> Result<(usize, net::Stream), Error> {
 }
 
 /// Why a request is not sent: larger than the balancer's frame limit.
-fn too_large(request: &Request, max_frame: usize) -> Option<String> {
+fn too_large(request: &ClientRequest, max_frame: usize) -> Option<String> {
     let size = proto::encoded_len(request);
     (size > max_frame).then(|| {
         format!(
@@ -397,7 +397,7 @@ pub fn calc(config: &Config, n: u64, out: &mut impl Write) -> Result<bool, Error
     let mut rng = StdRng::from_entropy();
     let make = move |id| {
         let operation = Operation::ALL[rng.gen_range(0..Operation::ALL.len())];
-        Ok((Request::Calc { id, operation }, ()))
+        Ok((ClientRequest::Calc { id, operation }, ()))
     };
     let mut batch = Batch::new(config, n, out);
     let outcome = pipeline::run_on(stream, config, n, make, &mut batch)?;

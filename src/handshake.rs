@@ -23,7 +23,7 @@
 //! take over a TCP connection in the middle, only TLS helps.
 
 use crate::auth::ClusterKey;
-use crate::proto::{CallError, Connection, ErrorCode, Reply, Request};
+use crate::proto::{CallError, Connection, ErrorCode, Handshake, Reply};
 use rand::RngCore;
 use std::fmt;
 use std::io::{Read, Write};
@@ -138,7 +138,7 @@ pub fn initiate<S: Read + Write>(
     first_id: u64,
 ) -> Result<(), HandshakeError> {
     let ni = nonce_bytes();
-    let reply = conn.call(&Request::Hello {
+    let reply = conn.call(&Handshake::Hello {
         id: first_id,
         nonce: crate::text::to_hex(&ni),
     })?;
@@ -165,7 +165,7 @@ pub fn initiate<S: Read + Write>(
         });
     }
     let proof = crate::text::to_hex(&initiator_proof(key, &ni, &nr));
-    match conn.call(&Request::HelloProof {
+    match conn.call(&Handshake::HelloProof {
         id: first_id + 1,
         proof,
     })? {
@@ -223,12 +223,11 @@ impl Gate {
         matches!(self.state, State::Proven)
     }
 
-    /// Answers a handshake message; `None` for any other request.
-    pub fn handle(&mut self, request: &Request) -> Option<Answer> {
-        match request {
-            Request::Hello { id, nonce } => Some(self.hello(*id, nonce)),
-            Request::HelloProof { id, proof } => Some(self.hello_proof(*id, proof)),
-            _ => None,
+    /// Answers a handshake message.
+    pub fn handle(&mut self, message: &Handshake) -> Answer {
+        match message {
+            Handshake::Hello { id, nonce } => self.hello(*id, nonce),
+            Handshake::HelloProof { id, proof } => self.hello_proof(*id, proof),
         }
     }
 
@@ -324,12 +323,10 @@ mod tests {
 
     /// Plays the initiator by hand against a gate.
     fn hello(gate: &mut Gate, ni: &[u8]) -> (Vec<u8>, String, String) {
-        let answer = gate
-            .handle(&Request::Hello {
-                id: 1,
-                nonce: crate::text::to_hex(ni),
-            })
-            .unwrap();
+        let answer = gate.handle(&Handshake::Hello {
+            id: 1,
+            nonce: crate::text::to_hex(ni),
+        });
         assert!(!answer.close);
         let Reply::Hello {
             nonce, addr, proof, ..
@@ -354,7 +351,7 @@ mod tests {
         ));
         assert!(!gate.proven());
         let proof = crate::text::to_hex(&initiator_proof(&key, &ni, &nr));
-        let answer = gate.handle(&Request::HelloProof { id: 2, proof }).unwrap();
+        let answer = gate.handle(&Handshake::HelloProof { id: 2, proof });
         assert!(matches!(answer.reply, Reply::Welcome { id: 2, .. }));
         assert!(gate.proven());
     }
@@ -368,7 +365,7 @@ mod tests {
         let (nr, _, _) = hello(&mut gate, &ni);
         let other = ClusterKey::generate();
         let proof = crate::text::to_hex(&initiator_proof(&other, &ni, &nr));
-        let answer = gate.handle(&Request::HelloProof { id: 2, proof }).unwrap();
+        let answer = gate.handle(&Handshake::HelloProof { id: 2, proof });
         assert!(answer.close && !gate.proven());
 
         // A proof recorded on one connection, replayed on the next: the
@@ -378,53 +375,42 @@ mod tests {
         let recorded = crate::text::to_hex(&initiator_proof(&key, &ni, &nr1));
         let mut second = Gate::new(Some(&key), addr(5001));
         hello(&mut second, &ni);
-        let answer = second
-            .handle(&Request::HelloProof {
-                id: 2,
-                proof: recorded,
-            })
-            .unwrap();
+        let answer = second.handle(&Handshake::HelloProof {
+            id: 2,
+            proof: recorded,
+        });
         assert!(answer.close && !second.proven());
 
         // The responder's own proof sent back as the initiator's.
         let mut gate = Gate::new(Some(&key), addr(5001));
         let (_, _, responder) = hello(&mut gate, &ni);
-        let answer = gate
-            .handle(&Request::HelloProof {
-                id: 2,
-                proof: responder,
-            })
-            .unwrap();
+        let answer = gate.handle(&Handshake::HelloProof {
+            id: 2,
+            proof: responder,
+        });
         assert!(answer.close && !gate.proven());
     }
 
     #[test]
     fn a_gate_without_a_key_or_out_of_order_messages_refuse() {
         let mut gate = Gate::new(None, addr(5001));
-        let answer = gate
-            .handle(&Request::Hello {
-                id: 1,
-                nonce: nonce(),
-            })
-            .unwrap();
+        let answer = gate.handle(&Handshake::Hello {
+            id: 1,
+            nonce: nonce(),
+        });
         assert!(answer.close);
         let key = ClusterKey::generate();
         let mut gate = Gate::new(Some(&key), addr(5001));
-        let answer = gate
-            .handle(&Request::HelloProof {
-                id: 1,
-                proof: "00".into(),
-            })
-            .unwrap();
+        let answer = gate.handle(&Handshake::HelloProof {
+            id: 1,
+            proof: "00".into(),
+        });
         assert!(answer.close);
-        let answer = gate
-            .handle(&Request::Hello {
-                id: 1,
-                nonce: "abcd".into(),
-            })
-            .unwrap();
+        let answer = gate.handle(&Handshake::Hello {
+            id: 1,
+            nonce: "abcd".into(),
+        });
         assert!(answer.close, "a short nonce is refused");
-        assert!(gate.handle(&Request::Servers { id: 3 }).is_none());
     }
 
     #[test]
@@ -439,8 +425,8 @@ mod tests {
             let mut conn = Connection::new(stream, 1 << 16);
             let mut gate = Gate::new(Some(&responder_key), local);
             for _ in 0..2 {
-                let request: Request = conn.recv().unwrap();
-                let answer = gate.handle(&request).unwrap();
+                let request: Handshake = conn.recv().unwrap();
+                let answer = gate.handle(&request);
                 conn.send(&answer.reply).unwrap();
             }
             gate.proven()
@@ -458,8 +444,8 @@ mod tests {
             let (stream, _) = listener.accept().unwrap();
             let mut conn = Connection::new(stream, 1 << 16);
             let mut gate = Gate::new(Some(&responder_key), addr(1));
-            let request: Request = conn.recv().unwrap();
-            conn.send(&gate.handle(&request).unwrap().reply).unwrap();
+            let request: Handshake = conn.recv().unwrap();
+            conn.send(&gate.handle(&request).reply).unwrap();
         });
         let stream = std::net::TcpStream::connect(at).unwrap();
         let mut conn = Connection::new(stream, 1 << 16);

@@ -11,7 +11,7 @@
 //! Every request carries an `id` chosen by the sender; the reply to it echoes
 //! the same `id`, so one connection can carry many requests in flight.
 //! Submodules: `frame` (bytes to frames), `message` (JSON to typed
-//! requests and replies), `codec` (frames that carry messages), `file` (chunked uploads and downloads),
+//! replies), `request` (the requests, one family per kind of peer), `codec` (frames that carry messages), `file` (chunked uploads and downloads),
 //! `connection` (a request/response stream) and `legacy` (the original system's unframed format).
 //!
 //! Italian field names (`titolo`, `contenuto`, `numero_richiesta`) exist only
@@ -22,8 +22,10 @@ mod connection;
 pub mod file;
 mod frame;
 mod key;
+mod kinds;
 pub mod legacy;
 mod message;
+mod request;
 
 pub use connection::{CallError, Connection};
 pub use file::{
@@ -33,6 +35,7 @@ pub use file::{
 pub use frame::*;
 pub use key::{BadKey, ClientKey, HeldKey, KeyProbe};
 pub use message::*;
+pub use request::*;
 
 /// The most transfers one `transfers` request is answered with, whatever
 /// its `limit` (PROTOCOL.md).
@@ -187,7 +190,7 @@ mod tests {
 
     #[test]
     fn store_request_wire_shape() {
-        let req = Request::Store(StoreRequest {
+        let req = StorageRequest::Store(StoreRequest {
             id: 7,
             doc: Document {
                 title: "Città".into(),
@@ -203,7 +206,7 @@ mod tests {
             json,
             serde_json::json!({"type": "store", "id": 7, "titolo": "Città", "contenuto": "àa"})
         );
-        assert_eq!(decode::<Request>(&encode(&req)).unwrap(), req);
+        assert_eq!(decode::<StorageRequest>(&encode(&req)).unwrap(), req);
     }
 
     #[test]
@@ -214,10 +217,10 @@ mod tests {
         };
         let fields = encode_document_fields(&doc);
         let bytes = encode_forward(9, 42, Some(1_700), &fields);
-        let req = decode::<Request>(&bytes).unwrap();
+        let req = decode::<StorageRequest>(&bytes).unwrap();
         assert_eq!(
             req,
-            Request::Store(StoreRequest {
+            StorageRequest::Store(StoreRequest {
                 id: 9,
                 doc: doc.clone(),
                 request_number: Some(42),
@@ -227,7 +230,7 @@ mod tests {
             })
         );
         let bytes = encode_forward(1, 2, None, &fields);
-        let Request::Store(s) = decode::<Request>(&bytes).unwrap() else {
+        let StorageRequest::Store(s) = decode::<StorageRequest>(&bytes).unwrap() else {
             panic!()
         };
         assert_eq!((s.doc, s.not_after_ms), (doc, None));
@@ -239,13 +242,15 @@ mod tests {
             r#"{"type":"store","id":1,"titolo":"Città \"x\"","contenuto":"a\nb\u00e0\\"}"#,
             r#"{ "contenuto" : "c" , "id" : 2, "titolo" : "" , "type" : "store" }"#,
         ] {
-            let Request::Store(store) = decode::<Request>(payload.as_bytes()).unwrap() else {
+            let StorageRequest::Store(store) =
+                decode::<StorageRequest>(payload.as_bytes()).unwrap()
+            else {
                 panic!("a store request")
             };
             let raw = raw_document_fields(payload.as_bytes()).unwrap();
             assert_eq!(decode_document_fields(&raw).unwrap(), store.doc);
             let forward = encode_forward(3, 4, None, &raw);
-            let Request::Store(again) = decode::<Request>(&forward).unwrap() else {
+            let StorageRequest::Store(again) = decode::<StorageRequest>(&forward).unwrap() else {
                 panic!("a store request")
             };
             assert_eq!(again.doc, store.doc);
@@ -256,32 +261,34 @@ mod tests {
 
     #[test]
     fn decode_errors_are_classified() {
-        let e = decode::<Request>(b"\xff\xfe").unwrap_err();
+        let e = decode::<StorageRequest>(b"\xff\xfe").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidUtf8);
-        let e = decode::<Request>(b"{not json").unwrap_err();
+        let e = decode::<StorageRequest>(b"{not json").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidJson);
-        let e = decode::<Request>(b"[1,2]").unwrap_err();
+        let e = decode::<StorageRequest>(b"[1,2]").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidJson);
-        let e = decode::<Request>(br#"{"type":"rename","id":3}"#).unwrap_err();
+        let e = decode::<StorageRequest>(br#"{"type":"rename","id":3}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::UnknownType, Some(3)));
-        let e = decode::<Request>(br#"{"type":"store","id":4,"titolo":"x"}"#).unwrap_err();
+        let e = decode::<StorageRequest>(br#"{"type":"store","id":4,"titolo":"x"}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(4)));
         assert!(e.message.contains("contenuto"), "{}", e.message);
-        let e = decode::<Request>(br#"{"id":5}"#).unwrap_err();
+        let e = decode::<StorageRequest>(br#"{"id":5}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(5)));
     }
 
     #[test]
     fn calc_wire_shape() {
-        let req = decode::<Request>(br#"{"type":"calc","id":2,"operazione":"divisione"}"#).unwrap();
+        let req = decode::<StorageRequest>(br#"{"type":"calc","id":2,"operazione":"divisione"}"#)
+            .unwrap();
         assert_eq!(
             req,
-            Request::Calc {
+            StorageRequest::Calc {
                 id: 2,
                 operation: Operation::Divisione
             }
         );
-        let e = decode::<Request>(br#"{"type":"calc","id":3,"operazione":"potenza"}"#).unwrap_err();
+        let e = decode::<StorageRequest>(br#"{"type":"calc","id":3,"operazione":"potenza"}"#)
+            .unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(3)));
         assert!(
             e.message.contains("potenza") && e.message.contains("somma"),

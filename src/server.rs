@@ -35,7 +35,9 @@ use crate::handshake::Gate;
 use crate::ids::{self, Generator, Source};
 use crate::net::{self, Wire};
 use crate::proto::legacy::{LegacyError, LegacyReader, LegacyRequest};
-use crate::proto::{self, Document, ErrorCode, FrameReader, FrameWriter, Reply, Request};
+use crate::proto::{
+    self, Document, ErrorCode, FrameReader, FrameWriter, Reply, StorageRequest, ToServer,
+};
 use crossbeam_channel::{Receiver, Sender};
 use files::FileStore;
 use load::{Limits, Load};
@@ -492,9 +494,9 @@ impl<'s, 'a> Framed<'s, 'a> {
                 return;
             }
             let message = if first {
-                reader.message_by::<Request>(first_by)
+                reader.message_by::<ToServer>(first_by)
             } else {
-                reader.message_within::<Request>(shared.config.frame_timeout)
+                reader.message_within::<ToServer>(shared.config.frame_timeout)
             };
             let was_first = std::mem::take(&mut first);
             // A whole request in: at work until it is answered (a transfer,
@@ -577,67 +579,74 @@ impl<'s, 'a> Framed<'s, 'a> {
         &mut self,
         gate: &mut Gate,
         uploads_only: bool,
-        request: Request,
+        request: ToServer,
         reader: &mut FrameReader<net::Paced>,
     ) -> Then {
         let (addr, peer) = (self.shared.addr, self.peer);
-        match gate.handle(&request) {
-            Some(answer) => {
-                // The handshake is a conversation of its own: whatever
-                // came before it is answered first.
-                self.hand_over();
-                self.outbox.wait_idle();
-                if !answer.close {
-                    return Then::Reply(answer.reply);
-                }
-                if let Some(skipped) = refusals().check(&peer.ip()) {
-                    log::warn!(
-                        "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
-                        error_text(&answer.reply),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                self.outbox.queue(&answer.reply);
-                Then::Close
+        let request = match request {
+            ToServer::Handshake(message) => return self.handshake(gate, &message),
+            ToServer::Storage(request) => request,
+        };
+        // An upload straight from a client carries a signed ticket instead
+        // (checked by `transfer::receive`).
+        let upload = matches!(request, StorageRequest::Upload(_));
+        if (uploads_only || (gate.keyed() && !gate.proven())) && !upload {
+            if let Some(skipped) = refusals().check(&peer.ip()) {
+                log::warn!(
+                    "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
+                    request.kind(),
+                    crate::throttle::more(skipped)
+                );
             }
-            // An upload straight from a client carries a signed ticket
-            // instead (checked by `transfer::receive`).
-            None if (uploads_only || (gate.keyed() && !gate.proven()))
-                && !matches!(request, Request::Upload(_)) =>
-            {
-                if let Some(skipped) = refusals().check(&peer.ip()) {
-                    log::warn!(
-                        "server {addr}: `{}` from {peer} before the cluster handshake; refused{}",
-                        request.kind(),
-                        crate::throttle::more(skipped)
-                    );
-                }
-                Then::Reply(Reply::error(
-                    Some(request.id()),
-                    ErrorCode::Unauthenticated,
-                    "this server takes requests only after the cluster handshake \
-                     (hello, see PROTOCOL.md), or uploads with a ticket",
-                ))
-            }
-            None => self.carry_out(request, reader),
+            return Then::Reply(Reply::error(
+                Some(request.id()),
+                ErrorCode::Unauthenticated,
+                "this server takes requests only after the cluster handshake \
+                 (hello, see PROTOCOL.md), or uploads with a ticket",
+            ));
         }
+        self.carry_out(request, reader)
+    }
+
+    /// A handshake message: answered, or the connection closed when the
+    /// peer failed it.
+    fn handshake(&mut self, gate: &mut Gate, message: &proto::Handshake) -> Then {
+        let (addr, peer) = (self.shared.addr, self.peer);
+        let answer = gate.handle(message);
+        // The handshake is a conversation of its own: whatever came before
+        // it is answered first.
+        self.hand_over();
+        self.outbox.wait_idle();
+        if !answer.close {
+            return Then::Reply(answer.reply);
+        }
+        if let Some(skipped) = refusals().check(&peer.ip()) {
+            log::warn!(
+                "server {addr}: connection from {peer} failed the cluster handshake: {}{}",
+                error_text(&answer.reply),
+                crate::throttle::more(skipped)
+            );
+        }
+        self.outbox.queue(&answer.reply);
+        Then::Close
     }
 
     /// Carries out an admitted request.
-    fn carry_out(&mut self, request: Request, reader: &mut FrameReader<net::Paced>) -> Then {
+    fn carry_out(&mut self, request: StorageRequest, reader: &mut FrameReader<net::Paced>) -> Then {
         let (shared, peer) = (self.shared, self.peer);
+        // A table: one arm per request, each handing it to its handler.
         match request {
-            Request::Store(store) => {
+            StorageRequest::Store(store) => {
                 self.store(store);
                 Then::Read
             }
             // Uploads and downloads are conversations that write to the
             // socket themselves, one at a time.
-            Request::Upload(upload) => {
+            StorageRequest::Upload(upload) => {
                 let mut writer = self.conversation();
                 transfer::receive(upload, reader, &mut writer, peer, shared).into()
             }
-            Request::Get {
+            StorageRequest::Get {
                 id,
                 name,
                 offset,
@@ -649,7 +658,7 @@ impl<'s, 'a> Framed<'s, 'a> {
             }
             // A listing may take several frames: a conversation too, after
             // the stores before it.
-            Request::List { id, owner, kind } => {
+            StorageRequest::List { id, owner, kind } => {
                 let owner = owner.as_deref();
                 let mut writer = self.conversation();
                 if let Err(e) = listing::list(id, owner, kind, &mut writer, shared) {
@@ -658,7 +667,7 @@ impl<'s, 'a> Framed<'s, 'a> {
                 }
                 Then::Read
             }
-            Request::Delete {
+            StorageRequest::Delete {
                 id,
                 name,
                 owner,
@@ -667,7 +676,29 @@ impl<'s, 'a> Framed<'s, 'a> {
                 let (owner, upload) = (owner.as_deref(), upload_id.as_deref());
                 Then::Reply(transfer::delete(id, &name, owner, upload, peer, shared))
             }
-            request => Then::Reply(handle(request, shared)),
+            StorageRequest::Status { id } => Then::Reply(Reply::Status(status_report(id, shared))),
+            StorageRequest::Calc { id, operation } => Then::Reply(compute(id, operation, shared)),
+            StorageRequest::Forget { id, numbers, keys } => {
+                Then::Reply(handle_forget(id, &numbers, &keys, shared))
+            }
+            StorageRequest::Lookup { id, keys } => {
+                let found = shared.storage.lookup(&keys);
+                Then::Reply(Reply::Keys {
+                    id,
+                    held: found.held,
+                    busy: found.busy,
+                })
+            }
+            StorageRequest::Inventory { id } => Then::Reply(listing::inventory(id, shared)),
+            StorageRequest::Fetch {
+                id,
+                from,
+                name,
+                owner,
+                upload_id,
+            } => Then::Reply(replicate::fetch(id, &from, &name, owner, upload_id, shared)),
+            StorageRequest::Chunk(chunk) => Then::Reply(out_of_upload(chunk.id)),
+            StorageRequest::UploadEnd { id, .. } => Then::Reply(out_of_upload(id)),
         }
     }
 
@@ -928,70 +959,6 @@ fn serve_legacy(
     }
 }
 
-fn handle(request: Request, shared: &Shared) -> Reply {
-    // A table: one arm per request, each handing it to its handler.
-    match request {
-        Request::Store(store) => Reply::error(
-            Some(store.id),
-            ErrorCode::Internal,
-            "`store` is answered by the connection loop",
-        ),
-        Request::Status { id } => Reply::Status(status_report(id, shared)),
-        Request::Calc { id, operation } => compute(id, operation, shared),
-        Request::Forget { id, numbers, keys } => handle_forget(id, &numbers, &keys, shared),
-        Request::Lookup { id, keys } => {
-            let found = shared.storage.lookup(&keys);
-            Reply::Keys {
-                id,
-                held: found.held,
-                busy: found.busy,
-            }
-        }
-        Request::Inventory { id } => listing::inventory(id, shared),
-        fetch @ Request::Fetch { .. } => replicate::fetch(fetch, shared),
-        Request::List { id, .. } | Request::Delete { id, .. } => Reply::error(
-            Some(id),
-            ErrorCode::Internal,
-            "`list` and `delete` are answered by the connection loop",
-        ),
-        Request::Upload(r) => out_of_upload(r.id),
-        Request::Chunk(c) => out_of_upload(c.id),
-        Request::UploadEnd { id, .. } => out_of_upload(id),
-        Request::Get { id, .. } => Reply::error(
-            Some(id),
-            ErrorCode::Internal,
-            "`get` is answered by the connection loop",
-        ),
-        Request::Servers { id }
-        | Request::Register { id, .. }
-        | Request::Deregister { id, .. }
-        | Request::AddServer { id, .. }
-        | Request::DrainServer { id, .. }
-        | Request::RemoveServer { id, .. }
-        | Request::Repair { id } => Reply::error(
-            Some(id),
-            ErrorCode::BadRequest,
-            "this request is for the balancer, not for storage servers",
-        ),
-        Request::TransferEvent(e) => Reply::error(
-            Some(e.id),
-            ErrorCode::BadRequest,
-            "`transfer_event` is for the balancer, not for storage servers",
-        ),
-        Request::Transfers { id, .. } | Request::Login { id, .. } => Reply::error(
-            Some(id),
-            ErrorCode::BadRequest,
-            "this request is answered by the balancer, not by storage servers",
-        ),
-        // Answered by the connection's gate before they get here.
-        Request::Hello { id, .. } | Request::HelloProof { id, .. } => Reply::error(
-            Some(id),
-            ErrorCode::BadRequest,
-            "cluster handshake out of place",
-        ),
-    }
-}
-
 /// A computation on two random operands.
 fn compute(id: u64, operation: proto::Operation, shared: &Shared) -> Reply {
     let _active = shared.load.begin();
@@ -1136,8 +1103,8 @@ mod tests {
         Connection::new(stream, proto::DEFAULT_MAX_FRAME)
     }
 
-    fn store(id: u64, number: Option<u64>, content: &str) -> Request {
-        Request::Store(StoreRequest {
+    fn store(id: u64, number: Option<u64>, content: &str) -> StorageRequest {
+        StorageRequest::Store(StoreRequest {
             id,
             doc: Document {
                 title: "t".into(),
@@ -1153,7 +1120,7 @@ mod tests {
     /// A status round trip: the server has accepted the connection and its
     /// thread is running.
     fn status(conn: &mut Connection<net::Stream>) -> proto::StatusReport {
-        match conn.call(&Request::Status { id: 1 }).unwrap() {
+        match conn.call(&StorageRequest::Status { id: 1 }).unwrap() {
             Reply::Status(s) => s,
             other => panic!("{other:?}"),
         }
@@ -1264,7 +1231,7 @@ mod tests {
         assert_eq!((again.file, again.a_count), (first.file, 2));
 
         let mut late = store(3, Some(10), "a");
-        if let Request::Store(s) = &mut late {
+        if let StorageRequest::Store(s) = &mut late {
             s.not_after_ms = Some(1);
         }
         let Reply::Error(e) = conn.call(&late).unwrap() else {
@@ -1273,7 +1240,7 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Expired);
 
         let reply = conn
-            .call(&Request::Forget {
+            .call(&StorageRequest::Forget {
                 id: 4,
                 numbers: vec![9, 10],
                 keys: vec![],

@@ -6,7 +6,7 @@
 mod util;
 
 use lbft::client::DEFAULT_WINDOW;
-use lbft::proto::{self, encode, ErrorCode, Reply, Request, Stored};
+use lbft::proto::{self, encode, ClientRequest, ErrorCode, Reply, Stored};
 use std::io::ErrorKind;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -59,8 +59,8 @@ fn read_id(stream: &TcpStream) -> u64 {
     let payload = proto::read_frame(&mut &*stream, proto::DEFAULT_MAX_FRAME)
         .unwrap_or_else(|e| panic!("reading a request: {e}"))
         .expect("the client closed before sending every request");
-    match proto::decode::<Request>(&payload) {
-        Ok(Request::Store(s)) => s.id,
+    match proto::decode::<ClientRequest>(&payload) {
+        Ok(ClientRequest::Store(s)) => s.id,
         other => panic!("expected a store request, got {other:?}"),
     }
 }
@@ -290,7 +290,7 @@ fn send_reports_an_unreadable_file_and_sends_the_rest() {
     let (addr, fake) = fake_balancer(|stream| {
         let mut answered = 0;
         while let Ok(Some(payload)) = proto::read_frame(&mut &stream, proto::DEFAULT_MAX_FRAME) {
-            let Ok(Request::Store(s)) = proto::decode::<Request>(&payload) else {
+            let Ok(ClientRequest::Store(s)) = proto::decode::<ClientRequest>(&payload) else {
                 panic!("expected a store request")
             };
             answer_stored(&stream, s.id);

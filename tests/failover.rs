@@ -4,7 +4,7 @@
 
 mod util;
 
-use lbft::proto::{Reply, Request};
+use lbft::proto::{Reply, StorageRequest};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -143,7 +143,7 @@ fn a_server_stores_a_key_once_and_knows_it_after_a_restart() {
     // Forgotten by key: moved aside, and never stored again, even after
     // another restart.
     raw.send_json(
-        &serde_json::to_value(Request::Forget {
+        &serde_json::to_value(StorageRequest::Forget {
             id: 7,
             numbers: vec![],
             keys: vec![key.parse().unwrap()],

@@ -4,10 +4,11 @@
 // without panicking and without allocating more than the cap.
 
 use lbft::proto::{
-    decode, encode, read_frame, write_frame, Chunk, ClientKey, Computed, Deleted, Document,
-    EntryKind, ErrorCode, ErrorReply, FileEntry, FileHeader, FileList, FileStored, FrameError,
-    FrameReader, HeldKey, InventoryReport, KeyProbe, ListKind, Operation, Password, Redirect,
-    Reply, Request, ServerList, ServerView, StatusReport, StoreRequest, Stored, StoredFile, Ticket,
+    decode, encode, read_frame, write_frame, Chunk, ClientKey, ClientRequest, Computed, Deleted,
+    Document, EntryKind, ErrorCode, ErrorReply, FileEntry, FileHeader, FileList, FileStored,
+    FrameError, FrameReader, Handshake, HeldKey, InventoryReport, KeyProbe, ListKind, Login,
+    Message, Operation, Password, PoolRequest, Redirect, Reply, ServerList, ServerView,
+    StatusReport, StorageRequest, StoreRequest, Stored, StoredFile, Ticket, ToBalancer, ToServer,
     TransferEvent, TransferList, TransferView, UploadReady, UploadRequest,
 };
 use proptest::prelude::*;
@@ -122,35 +123,54 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 }
 
 /// Fails to compile when a request or reply type is added without a
-/// strategy below (add it to `request()` or `reply()`, then here).
+/// strategy below (add it to its family's strategy or `reply()`, then
+/// here).
 #[allow(dead_code)]
-fn every_variant_has_a_strategy(request: &Request, reply: &Reply) {
-    match request {
-        Request::Store(_)
-        | Request::Calc { .. }
-        | Request::Status { .. }
-        | Request::Servers { .. }
-        | Request::Forget { .. }
-        | Request::Lookup { .. }
-        | Request::Register { .. }
-        | Request::Deregister { .. }
-        | Request::AddServer { .. }
-        | Request::DrainServer { .. }
-        | Request::RemoveServer { .. }
-        | Request::Transfers { .. }
-        | Request::Upload(_)
-        | Request::Chunk(_)
-        | Request::UploadEnd { .. }
-        | Request::List { .. }
-        | Request::Get { .. }
-        | Request::Delete { .. }
-        | Request::Inventory { .. }
-        | Request::Fetch { .. }
-        | Request::Repair { .. }
-        | Request::TransferEvent(_)
-        | Request::Hello { .. }
-        | Request::HelloProof { .. }
-        | Request::Login { .. } => {}
+fn every_variant_has_a_strategy(
+    client: &ClientRequest,
+    pool: &PoolRequest,
+    storage: &StorageRequest,
+    handshake: &Handshake,
+    reply: &Reply,
+) {
+    match client {
+        ClientRequest::Store(_)
+        | ClientRequest::Calc { .. }
+        | ClientRequest::Servers { .. }
+        | ClientRequest::Transfers { .. }
+        | ClientRequest::AddServer { .. }
+        | ClientRequest::DrainServer { .. }
+        | ClientRequest::RemoveServer { .. }
+        | ClientRequest::Repair { .. }
+        | ClientRequest::Upload(_)
+        | ClientRequest::Chunk(_)
+        | ClientRequest::UploadEnd { .. }
+        | ClientRequest::List { .. }
+        | ClientRequest::Get { .. }
+        | ClientRequest::Delete { .. } => {}
+    }
+    match pool {
+        PoolRequest::Register { .. }
+        | PoolRequest::Deregister { .. }
+        | PoolRequest::TransferEvent(_) => {}
+    }
+    match storage {
+        StorageRequest::Store(_)
+        | StorageRequest::Calc { .. }
+        | StorageRequest::Status { .. }
+        | StorageRequest::Forget { .. }
+        | StorageRequest::Lookup { .. }
+        | StorageRequest::Inventory { .. }
+        | StorageRequest::Fetch { .. }
+        | StorageRequest::Upload(_)
+        | StorageRequest::Chunk(_)
+        | StorageRequest::UploadEnd { .. }
+        | StorageRequest::List { .. }
+        | StorageRequest::Get { .. }
+        | StorageRequest::Delete { .. } => {}
+    }
+    match handshake {
+        Handshake::Hello { .. } | Handshake::HelloProof { .. } => {}
     }
     match reply {
         Reply::Stored(_)
@@ -206,83 +226,109 @@ fn chunk() -> impl Strategy<Value = Chunk> {
     })
 }
 
-/// Requests added with files and users.
-fn file_and_user_request() -> impl Strategy<Value = Request> {
+fn store_request() -> impl Strategy<Value = StoreRequest> {
+    (
+        any::<u64>(),
+        document(),
+        any::<Option<u64>>(),
+        any::<Option<u64>>(),
+    )
+        .prop_map(|(id, doc, request_number, not_after_ms)| StoreRequest {
+            id,
+            doc,
+            request_number,
+            not_after_ms,
+            key: None,
+            resent: false,
+        })
+}
+
+fn upload_request() -> impl Strategy<Value = UploadRequest> {
+    (
+        (any::<u64>(), text(), text(), any::<u64>()),
+        (
+            proptest::option::of(text()),
+            proptest::option::of(ticket()),
+            proptest::option::of(text()),
+        ),
+    )
+        .prop_map(
+            |((id, upload_id, name, size), (server, ticket, owner))| UploadRequest {
+                id,
+                upload_id,
+                name,
+                size,
+                server,
+                ticket,
+                no_clobber: size % 2 == 0,
+                owner,
+            },
+        )
+}
+
+fn list_kind() -> impl Strategy<Value = Option<ListKind>> {
+    proptest::sample::select(vec![
+        None,
+        Some(ListKind::Files),
+        Some(ListKind::Documents),
+        Some(ListKind::All),
+    ])
+}
+
+/// What a client asks the balancer.
+fn client_request() -> impl Strategy<Value = ClientRequest> {
+    let addr = || (any::<u64>(), text());
     prop_oneof![
+        store_request().prop_map(ClientRequest::Store),
+        (any::<u64>(), operation())
+            .prop_map(|(id, operation)| ClientRequest::Calc { id, operation }),
+        any::<u64>().prop_map(|id| ClientRequest::Servers { id }),
         (
-            (any::<u64>(), text(), text(), any::<u64>()),
-            (
-                proptest::option::of(text()),
-                proptest::option::of(ticket()),
-                proptest::option::of(text())
-            )
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<Option<u64>>(),
+            any::<Option<u32>>()
         )
-            .prop_map(|((id, upload_id, name, size), (server, ticket, owner))| {
-                Request::Upload(UploadRequest {
+            .prop_map(
+                |(id, active, failed, since_ms, limit)| ClientRequest::Transfers {
                     id,
-                    upload_id,
-                    name,
-                    size,
-                    server,
-                    ticket,
-                    no_clobber: size % 2 == 0,
-                    owner,
-                })
-            }),
-        chunk().prop_map(Request::Chunk),
-        (any::<u64>(), text()).prop_map(|(id, sha256)| Request::UploadEnd { id, sha256 }),
-        (any::<u64>(), proptest::option::of(text()), 0..4u8).prop_map(|(id, owner, kind)| {
-            Request::List {
-                id,
-                owner,
-                kind: [
-                    None,
-                    Some(ListKind::Files),
-                    Some(ListKind::Documents),
-                    Some(ListKind::All),
-                ][kind as usize],
-            }
-        }),
-        (
-            any::<u64>(),
-            text(),
-            proptest::option::of(text()),
-            proptest::option::of(text())
-        )
-            .prop_map(|(id, name, owner, upload_id)| Request::Delete {
-                id,
-                name,
-                owner,
-                upload_id
-            }),
-        any::<u64>().prop_map(|id| Request::Inventory { id }),
-        any::<u64>().prop_map(|id| Request::Repair { id }),
-        (
-            any::<u64>(),
-            text(),
-            text(),
-            proptest::option::of(text()),
-            proptest::option::of(text())
-        )
-            .prop_map(|(id, from, name, owner, upload_id)| Request::Fetch {
-                id,
-                from,
-                name,
-                owner,
-                upload_id
-            }),
+                    active,
+                    failed,
+                    since_ms,
+                    limit,
+                }
+            ),
+        addr().prop_map(|(id, addr)| ClientRequest::AddServer { id, addr }),
+        addr().prop_map(|(id, addr)| ClientRequest::DrainServer { id, addr }),
+        addr().prop_map(|(id, addr)| ClientRequest::RemoveServer { id, addr }),
+        any::<u64>().prop_map(|id| ClientRequest::Repair { id }),
+        upload_request().prop_map(ClientRequest::Upload),
+        chunk().prop_map(ClientRequest::Chunk),
+        (any::<u64>(), text()).prop_map(|(id, sha256)| ClientRequest::UploadEnd { id, sha256 }),
+        (any::<u64>(), list_kind()).prop_map(|(id, kind)| ClientRequest::List { id, kind }),
         (
             any::<u64>(),
             text(),
             any::<u64>(),
             proptest::option::of(text())
         )
-            .prop_map(|(id, name, offset, owner)| Request::Get {
+            .prop_map(|(id, name, offset, owner)| ClientRequest::Get {
                 id,
                 name,
                 offset,
                 owner
             }),
+        (any::<u64>(), text(), proptest::option::of(text()))
+            .prop_map(|(id, name, owner)| ClientRequest::Delete { id, name, owner }),
+    ]
+}
+
+/// What a storage server tells the balancer.
+fn pool_request() -> impl Strategy<Value = PoolRequest> {
+    prop_oneof![
+        (any::<u64>(), text()).prop_map(|(id, addr)| PoolRequest::Register { id, addr }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| PoolRequest::Deregister { id, addr }),
         (
             (any::<u64>(), any::<u64>(), text(), text()),
             (
@@ -292,7 +338,7 @@ fn file_and_user_request() -> impl Strategy<Value = Request> {
             )
         )
             .prop_map(|((id, number, server, state), (file, error, mac))| {
-                Request::TransferEvent(TransferEvent {
+                PoolRequest::TransferEvent(Box::new(TransferEvent {
                     id,
                     number,
                     server,
@@ -308,15 +354,117 @@ fn file_and_user_request() -> impl Strategy<Value = Request> {
                     file,
                     error,
                     mac,
-                })
+                }))
             }),
-        (any::<u64>(), text()).prop_map(|(id, nonce)| Request::Hello { id, nonce }),
-        (any::<u64>(), text()).prop_map(|(id, proof)| Request::HelloProof { id, proof }),
-        (any::<u64>(), text(), text()).prop_map(|(id, user, password)| Request::Login {
-            id,
-            user,
-            password: Password(password),
+    ]
+}
+
+/// What a storage server is asked.
+fn storage_request() -> impl Strategy<Value = StorageRequest> {
+    prop_oneof![
+        store_request().prop_map(StorageRequest::Store),
+        (any::<u64>(), operation())
+            .prop_map(|(id, operation)| StorageRequest::Calc { id, operation }),
+        any::<u64>().prop_map(|id| StorageRequest::Status { id }),
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<u64>(), 0..8),
+            proptest::collection::vec(any::<u128>(), 0..4)
+        )
+            .prop_map(|(id, numbers, keys)| StorageRequest::Forget {
+                id,
+                numbers,
+                keys: keys.into_iter().map(ClientKey).collect()
+            }),
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u128>(), any::<u64>()), 0..4)
+        )
+            .prop_map(|(id, keys)| StorageRequest::Lookup {
+                id,
+                keys: keys
+                    .into_iter()
+                    .map(|(key, request_number)| KeyProbe {
+                        key: ClientKey(key),
+                        request_number
+                    })
+                    .collect()
+            }),
+        any::<u64>().prop_map(|id| StorageRequest::Inventory { id }),
+        (
+            any::<u64>(),
+            text(),
+            text(),
+            proptest::option::of(text()),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, from, name, owner, upload_id)| StorageRequest::Fetch {
+                id,
+                from,
+                name,
+                owner,
+                upload_id
+            }),
+        upload_request().prop_map(StorageRequest::Upload),
+        chunk().prop_map(StorageRequest::Chunk),
+        (any::<u64>(), text()).prop_map(|(id, sha256)| StorageRequest::UploadEnd { id, sha256 }),
+        (any::<u64>(), proptest::option::of(text()), list_kind())
+            .prop_map(|(id, owner, kind)| StorageRequest::List { id, owner, kind }),
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, name, offset, owner)| StorageRequest::Get {
+                id,
+                name,
+                offset,
+                owner
+            }),
+        (
+            any::<u64>(),
+            text(),
+            proptest::option::of(text()),
+            proptest::option::of(text())
+        )
+            .prop_map(|(id, name, owner, upload_id)| StorageRequest::Delete {
+                id,
+                name,
+                owner,
+                upload_id
+            }),
+    ]
+}
+
+fn handshake() -> impl Strategy<Value = Handshake> {
+    prop_oneof![
+        (any::<u64>(), text()).prop_map(|(id, nonce)| Handshake::Hello { id, nonce }),
+        (any::<u64>(), text()).prop_map(|(id, proof)| Handshake::HelloProof { id, proof }),
+    ]
+}
+
+/// Whatever a balancer's listener reads.
+fn to_balancer() -> impl Strategy<Value = ToBalancer> {
+    prop_oneof![
+        client_request().prop_map(ToBalancer::Client),
+        pool_request().prop_map(ToBalancer::Pool),
+        handshake().prop_map(ToBalancer::Handshake),
+        (any::<u64>(), text(), text()).prop_map(|(id, user, password)| {
+            ToBalancer::Login(Login {
+                id,
+                user,
+                password: Password(password),
+            })
         }),
+    ]
+}
+
+/// Whatever a storage server's listener reads.
+fn to_server() -> impl Strategy<Value = ToServer> {
+    prop_oneof![
+        storage_request().prop_map(ToServer::Storage),
+        handshake().prop_map(ToServer::Handshake),
     ]
 }
 
@@ -450,74 +598,6 @@ fn file_and_user_reply() -> impl Strategy<Value = Reply> {
         }),
         (any::<u64>(), proptest::option::of(text()), any::<bool>())
             .prop_map(|(id, user, admin)| Reply::Welcome { id, user, admin }),
-    ]
-}
-
-fn request() -> impl Strategy<Value = Request> {
-    prop_oneof![
-        (
-            any::<u64>(),
-            document(),
-            any::<Option<u64>>(),
-            any::<Option<u64>>()
-        )
-            .prop_map(|(id, doc, request_number, not_after_ms)| {
-                Request::Store(StoreRequest {
-                    id,
-                    doc,
-                    request_number,
-                    not_after_ms,
-                    key: None,
-                    resent: false,
-                })
-            }),
-        (any::<u64>(), operation()).prop_map(|(id, operation)| Request::Calc { id, operation }),
-        any::<u64>().prop_map(|id| Request::Status { id }),
-        any::<u64>().prop_map(|id| Request::Servers { id }),
-        (
-            any::<u64>(),
-            proptest::collection::vec(any::<u64>(), 0..8),
-            proptest::collection::vec(any::<u128>(), 0..4)
-        )
-            .prop_map(|(id, numbers, keys)| Request::Forget {
-                id,
-                numbers,
-                keys: keys.into_iter().map(ClientKey).collect()
-            }),
-        (
-            any::<u64>(),
-            proptest::collection::vec((any::<u128>(), any::<u64>()), 0..4)
-        )
-            .prop_map(|(id, keys)| Request::Lookup {
-                id,
-                keys: keys
-                    .into_iter()
-                    .map(|(key, request_number)| KeyProbe {
-                        key: ClientKey(key),
-                        request_number
-                    })
-                    .collect()
-            }),
-        (any::<u64>(), text()).prop_map(|(id, addr)| Request::Register { id, addr }),
-        (any::<u64>(), text()).prop_map(|(id, addr)| Request::Deregister { id, addr }),
-        (any::<u64>(), text()).prop_map(|(id, addr)| Request::AddServer { id, addr }),
-        (any::<u64>(), text()).prop_map(|(id, addr)| Request::DrainServer { id, addr }),
-        (any::<u64>(), text()).prop_map(|(id, addr)| Request::RemoveServer { id, addr }),
-        (
-            any::<u64>(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<Option<u64>>(),
-            any::<Option<u32>>()
-        )
-            .prop_map(|(id, active, failed, since_ms, limit)| Request::Transfers {
-                id,
-                active,
-                failed,
-                since_ms,
-                limit,
-            }),
-        file_and_user_request(),
     ]
 }
 
@@ -718,19 +798,33 @@ const READ_BUFFER: usize = 8 * 1024;
 
 // ---------------------------------------------------------------- properties
 
+/// Messages written as frames one after another are read back, each
+/// unchanged, by the listener of their family.
+fn round_trip<T>(messages: &[T]) -> Result<(), TestCaseError>
+where
+    T: Message + serde::Serialize + PartialEq + std::fmt::Debug,
+{
+    let mut wire = Vec::new();
+    for m in messages {
+        write_frame(&mut wire, &encode(m)).unwrap();
+    }
+    let mut reader = &wire[..];
+    for m in messages {
+        let payload = read_frame(&mut reader, wire.len()).unwrap().unwrap();
+        prop_assert_eq!(&decode::<T>(&payload).unwrap(), m);
+    }
+    prop_assert!(read_frame(&mut reader, wire.len()).unwrap().is_none());
+    Ok(())
+}
+
 proptest! {
     #[test]
-    fn any_request_survives_a_frame_round_trip(requests in proptest::collection::vec(request(), 1..4)) {
-        let mut wire = Vec::new();
-        for r in &requests {
-            write_frame(&mut wire, &encode(r)).unwrap();
-        }
-        let mut reader = &wire[..];
-        for r in &requests {
-            let payload = read_frame(&mut reader, wire.len()).unwrap().unwrap();
-            prop_assert_eq!(&decode::<Request>(&payload).unwrap(), r);
-        }
-        prop_assert!(read_frame(&mut reader, wire.len()).unwrap().is_none());
+    fn any_request_survives_a_frame_round_trip(
+        to_balancer in proptest::collection::vec(to_balancer(), 1..4),
+        to_server in proptest::collection::vec(to_server(), 1..4),
+    ) {
+        round_trip(&to_balancer)?;
+        round_trip(&to_server)?;
     }
 
     #[test]
@@ -786,8 +880,9 @@ proptest! {
 
     #[test]
     fn any_payload_decodes_or_fails_with_a_code(payload in proptest::collection::vec(any::<u8>(), 0..64)) {
-        // Either family: a value or a typed error, never a panic.
-        let _ = decode::<Request>(&payload);
+        // Any listener or replies: a value or a typed error, never a panic.
+        let _ = decode::<ToBalancer>(&payload);
+        let _ = decode::<ToServer>(&payload);
         let _ = decode::<Reply>(&payload);
     }
 }

@@ -4,7 +4,7 @@
 
 mod util;
 
-use lbft::proto::{self, ErrorCode, FrameReader, Reply, Request, StoreRequest, TransferView};
+use lbft::proto::{self, ClientRequest, ErrorCode, FrameReader, Reply, StoreRequest, TransferView};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -25,7 +25,7 @@ fn send_batch(
     let mut write_half = stream.try_clone().unwrap();
     let writer = thread::spawn(move || {
         for id in 1..=count {
-            let request = Request::Store(StoreRequest {
+            let request = ClientRequest::Store(StoreRequest {
                 id,
                 doc: proto::Document {
                     title: format!("doc {id}"),

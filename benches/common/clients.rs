@@ -3,7 +3,7 @@
 //! Each returns the latency of every document.
 
 use lbft::client::{self, Fate};
-use lbft::proto::{self, Connection, Document, Reply, Request, StoreRequest};
+use lbft::proto::{self, ClientRequest, Connection, Document, Reply, StoreRequest};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,8 +26,8 @@ pub fn a_count(text: &str) -> u64 {
     text.chars().filter(|c| matches!(c, 'a' | 'A')).count() as u64
 }
 
-pub fn store_request(id: u64, title: String, content: &str) -> Request {
-    Request::Store(StoreRequest {
+pub fn store_request(id: u64, title: String, content: &str) -> ClientRequest {
+    ClientRequest::Store(StoreRequest {
         id,
         doc: Document {
             title,

@@ -16,7 +16,7 @@ use crate::common::median;
 use crate::common::process::Child;
 use crate::Options;
 use lbft::client::{self as lbft_client, Fate};
-use lbft::proto::{self, Connection, Reply, Request, Stored};
+use lbft::proto::{self, ClientRequest, Connection, Reply, Stored};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -263,7 +263,7 @@ fn poll_victim(addr: SocketAddr, victim: &str, stop: mpsc::Receiver<()>) -> Vec<
         .expect("cannot connect to the balancer to poll it");
     let mut connection = Connection::new(stream, proto::DEFAULT_MAX_FRAME);
     for id in 1.. {
-        match connection.call(&Request::Servers { id }) {
+        match connection.call(&ClientRequest::Servers { id }) {
             Ok(Reply::Servers(list)) => {
                 if let Some(v) = list.servers.iter().find(|v| v.name == victim) {
                     samples.push(Sample {

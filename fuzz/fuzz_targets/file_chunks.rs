@@ -8,7 +8,7 @@
 
 use lbft::auth::ClusterKey;
 use lbft::proto::file::{read_body_into, valid_upload_id};
-use lbft::proto::{decode, decode_document_fields, raw_document_fields, FrameReader, Request};
+use lbft::proto::{decode, decode_document_fields, raw_document_fields, FrameReader, StorageRequest};
 use libfuzzer_sys::fuzz_target;
 
 const CAP: usize = 4096;
@@ -18,10 +18,10 @@ fuzz_target!(|data: &[u8]| {
     let mut reader = FrameReader::new(data, CAP);
     let mut body = Vec::new();
     loop {
-        match reader.message::<Request>() {
+        match reader.message::<StorageRequest>() {
             Ok(None) | Err(_) => break,
             Ok(Some(Err(_))) => continue,
-            Ok(Some(Ok(Request::Chunk(chunk)))) => {
+            Ok(Some(Ok(StorageRequest::Chunk(chunk)))) => {
                 if chunk.body_len > CAP as u64 {
                     break;
                 }
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
                     Err(_) => break,
                 }
             }
-            Ok(Some(Ok(Request::Upload(upload)))) => {
+            Ok(Some(Ok(StorageRequest::Upload(upload)))) => {
                 let _ = valid_upload_id(&upload.upload_id);
                 if let Some(ticket) = &upload.ticket {
                     let _ = ticket.is_signed(&key, &upload.upload_id, upload.size);
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Some(Ok(_))) => {}
         }
     }
-    if let Ok(Request::Store(store)) = decode::<Request>(data) {
+    if let Ok(StorageRequest::Store(store)) = decode::<StorageRequest>(data) {
         if let Some(fields) = raw_document_fields(data) {
             assert_eq!(decode_document_fields(&fields).ok(), Some(store.doc));
         }

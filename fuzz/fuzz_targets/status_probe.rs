@@ -5,7 +5,7 @@
 
 use lbft::health::{Health, Observation};
 use lbft::policy::{resource_score, Candidate, Load, Policy, Resources};
-use lbft::proto::{Connection, Reply, Request};
+use lbft::proto::{Connection, Reply, StorageRequest};
 use libfuzzer_sys::fuzz_target;
 use std::io::{self, Read, Write};
 
@@ -38,7 +38,7 @@ fuzz_target!(|answer: &[u8]| {
         written: Vec::new(),
     };
     let mut conn = Connection::new(server, 64 * 1024);
-    let observation = match conn.call(&Request::Status { id: 1 }) {
+    let observation = match conn.call(&StorageRequest::Status { id: 1 }) {
         Ok(Reply::Status(report)) => {
             let fraction = |part: u64, whole: u64| {
                 if whole == 0 {

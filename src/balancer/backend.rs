@@ -12,7 +12,7 @@ use crate::handshake::{self, HandshakeError};
 use crate::health::Observation;
 use crate::net;
 use crate::policy::Load;
-use crate::proto::{self, legacy, Connection, Reply, Request, StatusReport};
+use crate::proto::{self, legacy, Connection, Reply, StatusReport, StorageRequest};
 use crate::throttle::{self, Throttle};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -158,7 +158,7 @@ fn unproven(addr: &SocketAddr, e: &HandshakeError) -> String {
 }
 
 fn probe_framed(mut conn: Connection<net::Stream>, id: u64) -> (Observation, Option<StatusReport>) {
-    match conn.call(&Request::Status { id }) {
+    match conn.call(&StorageRequest::Status { id }) {
         Ok(Reply::Status(report)) => (
             Observation::ProbeOk {
                 overloaded: report.overloaded,

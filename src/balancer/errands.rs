@@ -5,7 +5,7 @@
 use super::backend::{self, BackendSettings};
 use super::event::Event;
 use super::ServerId;
-use crate::proto::{Connection, Reply, Request};
+use crate::proto::{Connection, Reply, StorageRequest};
 use crossbeam_channel::{Receiver, Sender};
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -71,7 +71,7 @@ pub fn spawn(
 fn forget(addr: SocketAddr, settings: &BackendSettings, numbers: &[u64]) -> Result<u64, String> {
     let stream = backend::connect_framed(addr, settings)?;
     let mut conn = Connection::new(stream, settings.max_frame);
-    let request = Request::Forget {
+    let request = StorageRequest::Forget {
         id: 2,
         numbers: numbers.to_vec(),
         keys: Vec::new(),

@@ -14,9 +14,9 @@ use super::client_out::ClientWriter;
 use super::context::Conn;
 use super::flow::{Permit, Reservation};
 use super::relay::whose;
-use super::session::Session;
+use super::session::{Admitted, Session};
 use crate::net;
-use crate::proto::{ErrorCode, FrameReader, Reply, Request};
+use crate::proto::{ClientRequest, ErrorCode, FrameReader, PoolRequest, Reply};
 use crossbeam_channel::Sender;
 
 /// What a request arrived with: its place in the connection's window and
@@ -46,30 +46,55 @@ pub use super::relay::Next as Flow;
 pub fn handle(
     conn: &Conn,
     session: &Session,
-    request: Request,
+    request: Admitted,
     raw_fields: Option<Vec<u8>>,
     held: Held,
     io: &mut Io<'_>,
 ) -> Flow {
     // Documents and computations go to servers, the rest is answered
     // here: documents picked so far leave first.
-    if !matches!(request, Request::Store(_) | Request::Calc { .. }) {
+    let document = matches!(
+        request,
+        Admitted::Client(ClientRequest::Store(_) | ClientRequest::Calc { .. })
+    );
+    if !document {
         io.outbox.flush(conn);
     }
-    if let Some((id, addr, kind)) = pool_change(&request) {
-        return membership(conn, id, addr, kind, io);
+    match request {
+        Admitted::Client(request) => client(conn, session, request, raw_fields, held, io),
+        Admitted::Pool(request) => from_server(conn, request, io),
     }
+}
+
+/// A client's request.
+fn client(
+    conn: &Conn,
+    session: &Session,
+    request: ClientRequest,
+    raw_fields: Option<Vec<u8>>,
+    held: Held,
+    io: &mut Io<'_>,
+) -> Flow {
     let answer = |reply: Reply| {
         let _ = io.replies.send(reply);
         Flow::Continue
     };
     // A table: one arm per request, each handing it to its handler.
     match request {
-        Request::Store(store) => documents::store(conn, session, store, raw_fields, held, io),
-        Request::Calc { id, operation } => documents::calc(conn, session, id, operation, held, io),
-        Request::Servers { id } => answer(pool::servers(conn, id)),
-        Request::Repair { id } => answer(pool::repair(conn, id)),
-        Request::Transfers {
+        ClientRequest::Store(store) => documents::store(conn, session, store, raw_fields, held, io),
+        ClientRequest::Calc { id, operation } => {
+            documents::calc(conn, session, id, operation, held, io)
+        }
+        ClientRequest::Servers { id } => answer(pool::servers(conn, id)),
+        ClientRequest::Repair { id } => answer(pool::repair(conn, id)),
+        ClientRequest::AddServer { id, addr } => membership(conn, id, &addr, pool::Kind::Add, io),
+        ClientRequest::DrainServer { id, addr } => {
+            membership(conn, id, &addr, pool::Kind::Drain, io)
+        }
+        ClientRequest::RemoveServer { id, addr } => {
+            membership(conn, id, &addr, pool::Kind::Remove, io)
+        }
+        ClientRequest::Transfers {
             id,
             active,
             failed,
@@ -78,13 +103,15 @@ pub fn handle(
         } => answer(queries::transfers(
             conn, session, id, active, failed, since_ms, limit,
         )),
-        Request::Upload(upload) => conn.upload(
+        ClientRequest::Upload(upload) => conn.upload(
             upload,
             io.reader,
             io.replies,
             session.user_name().as_deref(),
         ),
-        Request::Get {
+        ClientRequest::Chunk(chunk) => answer(no_upload(chunk.id)),
+        ClientRequest::UploadEnd { id, .. } => answer(no_upload(id)),
+        ClientRequest::Get {
             id,
             name,
             offset,
@@ -93,16 +120,28 @@ pub fn handle(
             Ok(owner) => conn.get(id, &name, offset, owner, io.out),
             Err(refusal) => answer(*refusal),
         },
-        Request::List { id, kind, .. } => conn.list(id, session.owner_filter(), kind, io.out),
-        Request::Delete {
-            id, name, owner, ..
-        } => answer(match whose(id, session.owner_filter(), owner) {
-            Ok(owner) => conn.delete(id, &name, owner, session.user_name().as_deref()),
-            Err(refusal) => *refusal,
-        }),
-        Request::TransferEvent(event) => answer(conn.transfer_event(event)),
-        // Requests for other peers, or out of their place.
-        other => answer(refusal(&other)),
+        ClientRequest::List { id, kind } => conn.list(id, session.owner_filter(), kind, io.out),
+        ClientRequest::Delete { id, name, owner } => {
+            answer(match whose(id, session.owner_filter(), owner) {
+                Ok(owner) => conn.delete(id, &name, owner, session.user_name().as_deref()),
+                Err(refusal) => *refusal,
+            })
+        }
+    }
+}
+
+/// A server's request about its place in the pool, or its report on a
+/// redirected upload.
+fn from_server(conn: &Conn, request: PoolRequest, io: &mut Io<'_>) -> Flow {
+    match request {
+        PoolRequest::Register { id, addr } => membership(conn, id, &addr, pool::Kind::Register, io),
+        PoolRequest::Deregister { id, addr } => {
+            membership(conn, id, &addr, pool::Kind::Deregister, io)
+        }
+        PoolRequest::TransferEvent(event) => {
+            let _ = io.replies.send(conn.transfer_event(*event));
+            Flow::Continue
+        }
     }
 }
 
@@ -117,35 +156,11 @@ fn membership(conn: &Conn, id: u64, addr: &str, kind: pool::Kind, io: &mut Io<'_
     flow
 }
 
-/// The change to the pool a request asks for (joining, leaving, an
-/// operator's add, drain or remove), with its id and address.
-fn pool_change(request: &Request) -> Option<(u64, &str, pool::Kind)> {
-    let (id, addr, kind) = match request {
-        Request::Register { id, addr } => (id, addr, pool::Kind::Register),
-        Request::Deregister { id, addr } => (id, addr, pool::Kind::Deregister),
-        Request::AddServer { id, addr } => (id, addr, pool::Kind::Add),
-        Request::DrainServer { id, addr } => (id, addr, pool::Kind::Drain),
-        Request::RemoveServer { id, addr } => (id, addr, pool::Kind::Remove),
-        _ => return None,
-    };
-    Some((*id, addr.as_str(), kind))
-}
-
-/// The answer to a request the balancer does not carry out from a client.
-fn refusal(request: &Request) -> Reply {
-    let message = match request {
-        Request::Forget { .. } | Request::Lookup { .. } => {
-            "`forget` and `lookup` are sent by the balancer to storage servers, not to the balancer"
-        }
-        Request::Status { .. } => {
-            "`status` is answered by storage servers; ask the balancer for `servers`"
-        }
-        Request::Chunk(_) | Request::UploadEnd { .. } => {
-            "no upload in progress on this connection (send `upload` first)"
-        }
-        Request::Inventory { .. } => "`inventory` is answered by storage servers",
-        // Answered by the session before they get here.
-        _ => "handshake or login out of place",
-    };
-    Reply::error(Some(request.id()), ErrorCode::BadRequest, message)
+/// The answer to a chunk or its end with no upload going on.
+fn no_upload(id: u64) -> Reply {
+    Reply::error(
+        Some(id),
+        ErrorCode::BadRequest,
+        "no upload in progress on this connection (send `upload` first)",
+    )
 }

@@ -14,9 +14,11 @@ use super::context::Conn;
 use super::flow::{Reservation, Window};
 use super::handlers::{self, Flow, Held, Io, Outbox};
 use super::limits::Limit;
-use super::session::{Session, Verdict};
+use super::session::{Admitted, Session, Verdict};
 use crate::net;
-use crate::proto::{self, Deadline, ErrorCode, FrameError, FrameReader, Reply, Request};
+use crate::proto::{
+    self, ClientRequest, Deadline, ErrorCode, FrameError, FrameReader, Reply, ToBalancer,
+};
 use crossbeam_channel::Sender;
 use std::time::Instant;
 
@@ -95,7 +97,7 @@ pub fn read_requests(
 #[allow(clippy::large_enum_variant)]
 enum Step {
     /// Carry it out (with a document's fields as the client wrote them).
-    Carry(Request, Option<Vec<u8>>),
+    Carry(Admitted, Option<Vec<u8>>),
     /// Answered here: read the next one.
     Skip,
     /// Answered here, and the connection closes.
@@ -111,12 +113,9 @@ fn screen(
     replies: &Sender<Reply>,
     carried: &mut Carried,
 ) -> Step {
-    let request = match proto::decode::<Request>(&payload) {
+    let request = match proto::decode::<ToBalancer>(&payload) {
         Ok(request) => request,
-        Err(mut bad) => {
-            if bad.code == ErrorCode::UnknownType {
-                bad.message = balancer_types_only(&bad.message);
-            }
+        Err(bad) => {
             log::warn!("connection from {}: bad request: {bad}", conn.peer);
             let _ = replies.send(Reply::Error(bad.into()));
             return Step::Skip;
@@ -124,19 +123,19 @@ fn screen(
     };
     // A document goes on as the client wrote it.
     let raw_fields = match &request {
-        Request::Store(_) => proto::raw_document_fields(&payload),
+        ToBalancer::Client(ClientRequest::Store(_)) => proto::raw_document_fields(&payload),
         _ => None,
     };
     drop(payload);
     carried.received += 1;
-    let verdict = session.admit(&request, &conn.stop);
+    let verdict = session.admit(request, &conn.stop);
     // A server that proved the cluster key, a user who logged in: closed
     // to make room only after everyone else idle.
     if session.trusted() {
         conn.mark.trust();
     }
     match verdict {
-        Verdict::Proceed => Step::Carry(request, raw_fields),
+        Verdict::Proceed(request) => Step::Carry(request, raw_fields),
         Verdict::Answer(reply) => {
             let _ = replies.send(reply);
             Step::Skip
@@ -148,10 +147,16 @@ fn screen(
     }
 }
 
-fn is_work(request: &Request) -> bool {
+fn is_work(request: &Admitted) -> bool {
+    let Admitted::Client(request) = request else {
+        return false;
+    };
     matches!(
         request,
-        Request::Store(_) | Request::Calc { .. } | Request::Upload(_) | Request::Get { .. }
+        ClientRequest::Store(_)
+            | ClientRequest::Calc { .. }
+            | ClientRequest::Upload(_)
+            | ClientRequest::Get { .. }
     )
 }
 
@@ -269,49 +274,6 @@ fn read_failed(conn: &Conn, e: FrameError, first: Option<Instant>, replies: &Sen
             if let Some(r) = e.reply() {
                 let _ = replies.send(Reply::Error(r));
             }
-        }
-    }
-}
-
-/// The request types only storage servers answer; the balancer takes
-/// every other type of the protocol (`Request::TYPES`).
-const SERVERS_ONLY: [&str; 4] = ["status", "forget", "lookup", "inventory"];
-
-/// The decoder's `unknown_type` message lists every request type of the
-/// protocol; a client of the balancer is told only those it accepts.
-fn balancer_types_only(message: &str) -> String {
-    match message.find(" (expected one of:") {
-        Some(cut) => {
-            let accepted: Vec<&str> = <Request as proto::Message>::TYPES
-                .iter()
-                .copied()
-                .filter(|t| !SERVERS_ONLY.contains(t))
-                .collect();
-            format!(
-                "{} (the balancer accepts: {})",
-                &message[..cut],
-                accepted.join(", ")
-            )
-        }
-        None => message.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_client_is_told_the_request_types_the_balancer_takes() {
-        let types = <Request as proto::Message>::TYPES;
-        assert!(SERVERS_ONLY.iter().all(|t| types.contains(t)));
-        let told = balancer_types_only("unknown message type `x` (expected one of: store, status)");
-        let (said, accepted) = told.split_once(" (the balancer accepts: ").unwrap();
-        assert_eq!(said, "unknown message type `x`");
-        let accepted: Vec<&str> = accepted.trim_end_matches(')').split(", ").collect();
-        for kind in types {
-            let taken = !SERVERS_ONLY.contains(kind);
-            assert_eq!(accepted.contains(kind), taken, "{kind}: {told}");
         }
     }
 }

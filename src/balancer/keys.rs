@@ -19,7 +19,7 @@
 use super::backend::ServerReach;
 use super::board::Board;
 use super::ServerId;
-use crate::proto::{HeldKey, KeyProbe, Reply, Request};
+use crate::proto::{HeldKey, KeyProbe, Reply, StorageRequest};
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
@@ -75,7 +75,7 @@ type Answer = Result<(Vec<HeldKey>, Vec<crate::proto::ClientKey>), LookupError>;
 impl AskServers {
     fn ask(&self, addr: std::net::SocketAddr, probes: &[KeyProbe]) -> Answer {
         let mut conn = self.reach.connect(addr).map_err(LookupError::Io)?;
-        let request = Request::Lookup {
+        let request = StorageRequest::Lookup {
             id: 2,
             keys: probes.to_vec(),
         };

@@ -25,9 +25,9 @@ use crate::net;
 use crate::proto::file::{body_len, valid_upload_id, BodyError, LIST_PAGE};
 use crate::proto::FrameError;
 use crate::proto::{
-    Chunk, Connection, Deadline, Deleted, EntryKind, ErrorCode, FileEntry, FileHeader, FileList,
-    FileStored, FrameReader, ListKind, Redirect, Reply, Request, Ticket, TransferEvent,
-    UploadReady, UploadRequest,
+    Chunk, ClientRequest, Connection, Deadline, Deleted, EntryKind, ErrorCode, FileEntry,
+    FileHeader, FileList, FileStored, FrameReader, ListKind, Redirect, Reply, StorageRequest,
+    Ticket, TransferEvent, UploadReady, UploadRequest,
 };
 use crate::text::now_ms;
 use crossbeam_channel::Sender;
@@ -308,7 +308,7 @@ impl Conn {
         server: &mut Connection<net::Stream>,
         transfer: &Transfer,
     ) -> Result<UploadReady, Box<Reply>> {
-        let refused = match server.call(&Request::Upload(up.clone())) {
+        let refused = match server.call(&StorageRequest::Upload(up.clone())) {
             Ok(Reply::UploadReady(r)) => return Ok(r),
             Ok(other) => other,
             Err(e) => server_failed(up.id, server_name, &e.to_string()),
@@ -625,7 +625,7 @@ impl Conn {
         sha256: String,
         said: &crossbeam_channel::Receiver<Result<Reply, String>>,
     ) -> Reply {
-        let sent = server.send(&Request::UploadEnd { id: end_id, sha256 });
+        let sent = server.send(&StorageRequest::UploadEnd { id: end_id, sha256 });
         match said.recv_timeout(self.files.server_timeout) {
             Ok(Ok(Reply::Error(e))) => Reply::Error(answering(end_id, e)),
             Ok(Ok(reply)) => reply,
@@ -656,7 +656,7 @@ impl Conn {
         let frame_timeout = self.settings.frame_timeout;
         let mut at = 0;
         loop {
-            let request = match reader.message_within::<Request>(frame_timeout) {
+            let request = match reader.message_within::<ClientRequest>(frame_timeout) {
                 Ok(Some(Ok(r))) => r,
                 Ok(None) => return Err(left(format!("the connection closed after byte {at}"))),
                 Err(e) if went_away(&e) => return Err(left(format!("after byte {at}: {e}"))),
@@ -666,7 +666,7 @@ impl Conn {
                 }
             };
             match request {
-                Request::Chunk(chunk) => {
+                ClientRequest::Chunk(chunk) => {
                     let (body, reserved) = self.read_chunk(up.id, &chunk, at, reader, spare)?;
                     at = chunk.offset + chunk.body_len;
                     if to_server.send((chunk, body, reserved)).is_err() {
@@ -674,9 +674,9 @@ impl Conn {
                         return Err(stopped("the server connection broke", None));
                     }
                 }
-                Request::UploadEnd { id: end_id, sha256 } => return Ok((end_id, sha256)),
+                ClientRequest::UploadEnd { id: end_id, sha256 } => return Ok((end_id, sha256)),
                 other => {
-                    let reply = crate::proto::out_of_step(&other);
+                    let reply = crate::proto::out_of_step(other.id(), other.kind());
                     return Err(stopped(error_parts(&reply).1, Some(reply)));
                 }
             }
@@ -964,7 +964,7 @@ impl Conn {
         let mut copies = entry.copies.clone();
         copies.sort_by_key(|c| !reachable.get(&c.server).copied().unwrap_or(false));
         for copy in &copies {
-            let request = Request::Get {
+            let request = StorageRequest::Get {
                 id,
                 name: copy.file.clone(),
                 offset,
@@ -996,7 +996,7 @@ impl Conn {
         &self,
         server: &str,
         reachable: &HashMap<String, bool>,
-        request: &Request,
+        request: &StorageRequest,
     ) -> Fetched {
         match reachable.get(server) {
             Some(true) => {}
@@ -1089,7 +1089,7 @@ impl Conn {
                     continue;
                 }
             };
-            let request = Request::Get {
+            let request = StorageRequest::Get {
                 id,
                 name: name.to_string(),
                 offset,
@@ -1406,7 +1406,7 @@ fn write_chunks(
     for (chunk, body, reserved) in chunks {
         let offset = chunk.offset;
         let sent = server
-            .send(&Request::Chunk(chunk))
+            .send(&StorageRequest::Chunk(chunk))
             .and_then(|()| server.send_payload(&body));
         drop(reserved);
         if let Err(e) = sent {

@@ -16,7 +16,7 @@ use super::backend::ServerReach;
 use super::catalog::{Change, Cursor, Entry};
 use super::stats::Stats;
 use super::tracking::Tracker;
-use crate::proto::{EntryKind, Reply, Request};
+use crate::proto::{EntryKind, Reply, StorageRequest};
 use crossbeam_channel::{select, Receiver};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -195,7 +195,7 @@ impl Repair {
             return false;
         }
         let target = targets[entry.id.unsigned_abs() as usize % targets.len()];
-        let request = Request::Fetch {
+        let request = StorageRequest::Fetch {
             id: 1,
             from: source.server.clone(),
             name: source.file.clone(),
@@ -230,7 +230,7 @@ impl Repair {
     }
 
     /// Sends `request` to server `target` and reads its answer.
-    fn ask(&self, target: &str, request: &Request) -> Result<Reply, String> {
+    fn ask(&self, target: &str, request: &StorageRequest) -> Result<Reply, String> {
         let addr: SocketAddr = target
             .parse()
             .map_err(|_| format!("not an address: {target}"))?;

@@ -12,7 +12,7 @@ use super::logins::{self, Admission, Failure, FailureLog, Schedule, Turn, Why};
 use super::users::{User, Users};
 use crate::auth::ClusterKey;
 use crate::handshake::Gate;
-use crate::proto::{ErrorCode, Reply, Request};
+use crate::proto::{ClientRequest, ErrorCode, PoolRequest, Reply, ToBalancer};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -150,11 +150,35 @@ fn refusals() -> &'static crate::throttle::Throttle<IpAddr> {
 /// What to do with one request.
 pub enum Verdict {
     /// Carry it out.
-    Proceed,
+    Proceed(Admitted),
     /// Answer this instead, and go on reading.
     Answer(Reply),
     /// Answer this, then close the connection.
     Close(Reply),
+}
+
+/// A request past the session: a client's, or a server's about its place
+/// in the pool (the handshake and logins stop at the session).
+#[derive(Debug)]
+pub enum Admitted {
+    Client(ClientRequest),
+    Pool(PoolRequest),
+}
+
+impl Admitted {
+    pub fn id(&self) -> u64 {
+        match self {
+            Admitted::Client(r) => r.id(),
+            Admitted::Pool(r) => r.id(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Admitted::Client(r) => r.kind(),
+            Admitted::Pool(r) => r.kind(),
+        }
+    }
 }
 
 /// One connection's standing.
@@ -214,86 +238,105 @@ impl Session {
     /// connection may not make (yet). A login waits for its turn on its
     /// account and address (see `logins`) on this connection's thread
     /// only; `stop` cuts the wait short when the balancer shuts down.
-    pub fn admit(&mut self, request: &Request, stop: &Receiver<()>) -> Verdict {
-        if let Some(answer) = self.gate.handle(request) {
-            if answer.close {
-                log::warn!(
-                    "connection from {}: failed the cluster handshake; closing",
-                    self.peer
-                );
-                return Verdict::Close(answer.reply);
+    pub fn admit(&mut self, request: ToBalancer, stop: &Receiver<()>) -> Verdict {
+        let admitted = match request {
+            ToBalancer::Handshake(message) => {
+                let answer = self.gate.handle(&message);
+                if answer.close {
+                    log::warn!(
+                        "connection from {}: failed the cluster handshake; closing",
+                        self.peer
+                    );
+                    return Verdict::Close(answer.reply);
+                }
+                if self.gate.proven() {
+                    log::debug!("connection from {}: proved the cluster key", self.peer);
+                }
+                return Verdict::Answer(answer.reply);
             }
-            if self.gate.proven() {
-                log::debug!("connection from {}: proved the cluster key", self.peer);
+            ToBalancer::Login(login) => {
+                return Verdict::Answer(self.login(login.id, &login.user, &login.password.0, stop))
             }
-            return Verdict::Answer(answer.reply);
-        }
-        if let Request::Login { id, user, password } = request {
-            return Verdict::Answer(self.login(*id, user, &password.0, stop));
-        }
-        match self.refusal(request) {
+            ToBalancer::Pool(request) => Admitted::Pool(request),
+            ToBalancer::Client(request) => Admitted::Client(request),
+        };
+        match self.refusal(&admitted) {
             Some(reply) => Verdict::Answer(reply),
-            None => Verdict::Proceed,
+            None => Verdict::Proceed(admitted),
         }
     }
 
     /// Why this connection may not make `request` (yet), if it may not.
-    fn refusal(&self, request: &Request) -> Option<Reply> {
-        let users_on = self.access.users.is_some();
+    fn refusal(&self, request: &Admitted) -> Option<Reply> {
         let unproven = self.gate.keyed() && !self.gate.proven();
         match request {
-            Request::Register { .. } | Request::Deregister { .. } if unproven => Some(self.refuse(
-                request,
-                "without the cluster handshake; refused",
-                ErrorCode::Unauthenticated,
-                "servers must prove the cluster key (hello) before they register".into(),
-            )),
+            Admitted::Pool(PoolRequest::Register { .. } | PoolRequest::Deregister { .. })
+                if unproven =>
+            {
+                Some(self.refuse(
+                    request,
+                    "without the cluster handshake; refused",
+                    ErrorCode::Unauthenticated,
+                    "servers must prove the cluster key (hello) before they register".into(),
+                ))
+            }
             // Registration is guarded by the cluster key, not by users;
             // a server's report on a redirected upload is signed with it.
-            Request::Register { .. } | Request::Deregister { .. } | Request::TransferEvent(_) => {
-                None
-            }
-            _ if users_on && self.user.is_none() => Some(Reply::error(
+            Admitted::Pool(_) => None,
+            Admitted::Client(client) => self.client_refusal(request, client, unproven),
+        }
+    }
+
+    /// Why this connection may not make a client's request (yet).
+    fn client_refusal(
+        &self,
+        request: &Admitted,
+        client: &ClientRequest,
+        unproven: bool,
+    ) -> Option<Reply> {
+        let users_on = self.access.users.is_some();
+        let admin = self.user.as_ref().is_some_and(|u| u.admin);
+        if users_on && self.user.is_none() {
+            return Some(Reply::error(
                 Some(request.id()),
                 ErrorCode::Unauthenticated,
                 format!(
                     "`{}` needs a login first: send `login` (client --user NAME)",
                     request.kind()
                 ),
-            )),
+            ));
+        }
+        if changes_pool(client) && !users_on && unproven {
             // Without users, changing the pool is an operator's act: it
             // needs the cluster key, as joining and leaving do.
-            request if changes_pool(request) && !users_on && unproven => Some(self.refuse(
+            return Some(self.refuse(
                 request,
                 "without the cluster key; refused",
                 ErrorCode::Unauthenticated,
                 format!(
                     "`{}` changes the pool: prove the cluster key first (client \
-                         --cluster-key-file, the balancer's key file), or log in as an \
-                         admin on a balancer with --users",
+                     --cluster-key-file, the balancer's key file), or log in as an \
+                     admin on a balancer with --users",
                     request.kind()
                 ),
-            )),
-            request
-                if (changes_pool(request) || matches!(request, Request::Servers { .. }))
-                    && users_on
-                    && !self.user.as_ref().is_some_and(|u| u.admin) =>
-            {
-                let name = self.user.as_ref().map_or("?", |u| u.name.as_str());
-                Some(self.refuse(
-                    request,
-                    &format!("refused to user {name}: not an admin"),
-                    ErrorCode::Forbidden,
-                    format!("`{}` needs an admin user", request.kind()),
-                ))
-            }
-            _ => None,
+            ));
         }
+        let for_admins = changes_pool(client) || matches!(client, ClientRequest::Servers { .. });
+        if for_admins && users_on && !admin {
+            let name = self.user.as_ref().map_or("?", |u| u.name.as_str());
+            return Some(self.refuse(
+                request,
+                &format!("refused to user {name}: not an admin"),
+                ErrorCode::Forbidden,
+                format!("`{}` needs an admin user", request.kind()),
+            ));
+        }
+        None
     }
 
     /// A refusal, logged (once a minute per address) as `what` befell the
     /// request.
-    fn refuse(&self, request: &Request, what: &str, code: ErrorCode, message: String) -> Reply {
+    fn refuse(&self, request: &Admitted, what: &str, code: ErrorCode, message: String) -> Reply {
         if let Some(skipped) = refusals().check(&self.peer.ip()) {
             log::warn!(
                 "connection from {}: `{}` {what}{}",
@@ -474,13 +517,13 @@ impl Session {
 }
 
 /// An operator's request on the pool (its servers, their copies).
-fn changes_pool(request: &Request) -> bool {
+fn changes_pool(request: &ClientRequest) -> bool {
     matches!(
         request,
-        Request::AddServer { .. }
-            | Request::DrainServer { .. }
-            | Request::RemoveServer { .. }
-            | Request::Repair { .. }
+        ClientRequest::AddServer { .. }
+            | ClientRequest::DrainServer { .. }
+            | ClientRequest::RemoveServer { .. }
+            | ClientRequest::Repair { .. }
     )
 }
 

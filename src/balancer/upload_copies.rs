@@ -7,7 +7,7 @@
 
 use super::catalog::{Change, Entry};
 use super::context::Conn;
-use crate::proto::{EntryKind, FileStored, Reply, Request};
+use crate::proto::{EntryKind, FileStored, Reply, StorageRequest};
 
 /// Attempts at finding and filling servers for the copies, at most.
 const ATTEMPTS_PER_COPY: usize = 2;
@@ -67,7 +67,7 @@ impl Conn {
         target: &str,
         addr: std::net::SocketAddr,
     ) -> bool {
-        let request = Request::Fetch {
+        let request = StorageRequest::Fetch {
             id: 1,
             from: stored.server.clone(),
             name: if stored.file.is_empty() {

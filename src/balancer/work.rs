@@ -38,7 +38,7 @@ pub struct StoreWork {
 pub enum Work {
     Store(StoreWork),
     Calc(Operation),
-    /// Request numbers the server should drop: stored elsewhere.
+    /// StorageRequest numbers the server should drop: stored elsewhere.
     Forget(Vec<u64>),
     /// Client keys the server should drop: stored elsewhere.
     ForgetKeys(Vec<proto::ClientKey>),
@@ -91,16 +91,16 @@ impl Work {
                 doc.key,
                 &doc.fields,
             ),
-            Work::Calc(operation) => proto::encode(&proto::Request::Calc {
+            Work::Calc(operation) => proto::encode(&proto::StorageRequest::Calc {
                 id: number,
                 operation: *operation,
             }),
-            Work::Forget(numbers) => proto::encode(&proto::Request::Forget {
+            Work::Forget(numbers) => proto::encode(&proto::StorageRequest::Forget {
                 id: number,
                 numbers: numbers.clone(),
                 keys: Vec::new(),
             }),
-            Work::ForgetKeys(keys) => proto::encode(&proto::Request::Forget {
+            Work::ForgetKeys(keys) => proto::encode(&proto::StorageRequest::Forget {
                 id: number,
                 numbers: Vec::new(),
                 keys: keys.clone(),

@@ -2,7 +2,7 @@
 //! of servers (list, add, drain, remove).
 
 use super::{Config, Error};
-use crate::proto::{self, Reply, Request, ServerView};
+use crate::proto::{self, ClientRequest, Reply, ServerView};
 use std::io::{self, Write};
 
 /// What an operator asks.
@@ -24,10 +24,10 @@ pub fn run(config: &Config, command: &AdminCommand, out: &mut impl Write) -> Res
             write!(out, "{}", table(&views))?;
             return Ok(true);
         }
-        AdminCommand::Add(addr) => Request::AddServer { id: 1, addr },
-        AdminCommand::Drain(addr) => Request::DrainServer { id: 1, addr },
-        AdminCommand::Remove(addr) => Request::RemoveServer { id: 1, addr },
-        AdminCommand::Repair => Request::Repair { id: 1 },
+        AdminCommand::Add(addr) => ClientRequest::AddServer { id: 1, addr },
+        AdminCommand::Drain(addr) => ClientRequest::DrainServer { id: 1, addr },
+        AdminCommand::Remove(addr) => ClientRequest::RemoveServer { id: 1, addr },
+        AdminCommand::Repair => ClientRequest::Repair { id: 1 },
     };
     let addr = config.balancer;
     let stream = super::login::open(config)?;

@@ -16,7 +16,7 @@
 
 use super::pipeline::{self, Fate, Observer, Outcome, Prepared};
 use super::{Batch, Config, Error};
-use crate::proto::{ClientKey, Document, ErrorCode, Request, StoreRequest};
+use crate::proto::{ClientKey, ClientRequest, Document, ErrorCode, StoreRequest};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -79,7 +79,7 @@ impl Source {
             }
         };
         let title = doc.title.clone();
-        let request = Request::Store(StoreRequest {
+        let request = ClientRequest::Store(StoreRequest {
             id,
             doc: if self.keyed { doc.clone() } else { doc },
             request_number: None,
@@ -87,7 +87,7 @@ impl Source {
             key: self.keyed.then(|| ClientKey::new(self.run, index)),
             resent,
         });
-        let Request::Store(store) = &request else {
+        let ClientRequest::Store(store) = &request else {
             unreachable!()
         };
         let kept = self.keyed.then(|| store.doc.clone());

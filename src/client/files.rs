@@ -14,8 +14,8 @@
 use super::{Config, Error};
 use crate::proto::file::CHUNK_SIZE;
 use crate::proto::{
-    Chunk, Connection, EntryKind, ErrorCode, FileEntry, FileHeader, FileList, FileStored, ListKind,
-    Reply, Request, UploadReady, UploadRequest,
+    Chunk, ClientRequest, Connection, EntryKind, ErrorCode, FileEntry, FileHeader, FileList,
+    FileStored, ListKind, Reply, StorageRequest, UploadReady, UploadRequest,
 };
 use crate::text::to_hex;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -510,7 +510,7 @@ fn ready(
     let mut conn = connect(config.balancer, config)?;
     let hint = request.server.as_deref();
     let reply = conn
-        .call(&Request::Upload(request.clone()))
+        .call(&ClientRequest::Upload(request.clone()))
         .map_err(|e| retry(hint, format!("the balancer did not answer: {e}")))?;
     match reply {
         Reply::UploadReady(r) => Ok((conn, r)),
@@ -523,7 +523,7 @@ fn ready(
             let mut request = request.clone();
             request.server = None;
             request.ticket = Some(r.ticket);
-            match direct.call(&Request::Upload(request)) {
+            match direct.call(&StorageRequest::Upload(request)) {
                 Ok(Reply::UploadReady(r)) => Ok((direct, r)),
                 Ok(Reply::Error(e)) => Err(refused(Some(&r.server), e.code, &e.message)),
                 Ok(other) => Err(Stop::Fatal(format!("unexpected answer {other:?}"))),
@@ -535,6 +535,9 @@ fn ready(
     }
 }
 
+/// One attempt at an upload: `upload` (followed to a server if
+/// redirected), the chunks, then `upload_end`. The chunks are the same
+/// bytes whichever end took the upload, balancer or server.
 fn attempt_upload(
     config: &Config,
     file: &mut File,
@@ -574,7 +577,7 @@ fn attempt_upload(
             body_len: want as u64,
         };
         let sent = conn
-            .send(&Request::Chunk(chunk))
+            .send(&ClientRequest::Chunk(chunk))
             .and_then(|()| conn.send_payload(&buf[..want]));
         if let Err(e) = sent {
             if watch.interrupted() {
@@ -587,7 +590,7 @@ fn attempt_upload(
         bar.set_position(offset);
     }
     let sha256 = to_hex(&hasher.finalize());
-    match conn.call(&Request::UploadEnd {
+    match conn.call(&ClientRequest::UploadEnd {
         id: request.id,
         sha256,
     }) {
@@ -668,7 +671,7 @@ pub fn list(
         .files
         .into_iter()
         .partition(|f| f.kind == EntryKind::Document);
-    // Request numbers are in the order documents were received.
+    // ClientRequest numbers are in the order documents were received.
     documents.sort_by_key(|d| d.number);
     let wants = kind.unwrap_or(if server.is_some() {
         ListKind::Files
@@ -704,11 +707,8 @@ fn fetch_listing(
     addr: SocketAddr,
     kind: Option<ListKind>,
 ) -> Result<FileList, Error> {
-    let request = Request::List {
-        id: 1,
-        owner: None,
-        kind,
-    };
+    // A server reads the same request (its own files only).
+    let request = ClientRequest::List { id: 1, kind };
     let failed = |why: String| Error::Io(io::Error::other(why));
     conn.send(&request)
         .map_err(|e| failed(format!("{addr} did not answer: {e}")))?;
@@ -1017,7 +1017,7 @@ fn output_paths(name: &str, options: &GetOptions) -> (PathBuf, PathBuf) {
 /// Sends `get`; the file's header when it comes.
 fn ask_for_file(
     conn: &mut Connection<crate::net::Stream>,
-    request: &Request,
+    request: &ClientRequest,
     fetch: &Fetch<'_>,
 ) -> Result<FileHeader, Stop> {
     match conn.call(request) {
@@ -1098,7 +1098,7 @@ fn attempt_get(
     // found.
     let held = held_bytes(part).map_err(local)?;
     let mut conn = connect(addr, config)?;
-    let request = Request::Get {
+    let request = ClientRequest::Get {
         id: u64::from(attempt),
         name: name.to_string(),
         offset: held,
@@ -1148,11 +1148,10 @@ pub fn delete(
     owner: Option<String>,
     out: &mut impl Write,
 ) -> Result<bool, Error> {
-    let request = Request::Delete {
+    let request = ClientRequest::Delete {
         id: 1,
         name: name.to_string(),
         owner,
-        upload_id: None,
     };
     let reply = super::ask(config, &request)?;
     let Reply::Deleted(deleted) = reply else {

@@ -3,7 +3,7 @@
 
 use super::{Config, Error};
 use crate::net::Stream;
-use crate::proto::{self, Password, Reply, Request};
+use crate::proto::{self, Login, Password, Reply};
 use std::fmt;
 use std::io::{self, BufRead, IsTerminal};
 
@@ -73,7 +73,7 @@ pub fn open(config: &Config) -> Result<Stream, Error> {
 /// the reader reads no further than the one reply.
 pub(crate) fn login(stream: &Stream, credentials: &Credentials) -> Result<(), String> {
     let mut conn = proto::Connection::new(stream.clone(), proto::DEFAULT_MAX_FRAME);
-    let request = Request::Login {
+    let request = Login {
         id: 0,
         user: credentials.user.clone(),
         password: Password(credentials.password.clone()),

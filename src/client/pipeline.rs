@@ -15,7 +15,7 @@
 use super::{Config, Error};
 use crate::net::Stream;
 use crate::proto::{
-    self, ErrorCode, ErrorReply, FrameError, FrameReader, FrameWriter, Reply, Request,
+    self, ClientRequest, ErrorCode, ErrorReply, FrameError, FrameReader, FrameWriter, Reply,
 };
 use crate::sync::spawn_named;
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -49,7 +49,7 @@ pub enum Fate {
 
 /// A request ready to go with what the caller wants back along with its
 /// fate, or the same with the reason the request could not be made.
-pub type Prepared<M> = Result<(Request, M), (M, String)>;
+pub type Prepared<M> = Result<(ClientRequest, M), (M, String)>;
 
 /// The writer's half of the window: a counting semaphore made of a bounded
 /// channel. A token goes in before each request and blocks while the window
@@ -90,9 +90,9 @@ impl WindowExit {
 /// that their order is kept: the writer announces a request before its bytes
 /// go out, so the announcement always comes before the answer.
 enum Event<M> {
-    /// Request `id` is about to be written.
+    /// ClientRequest `id` is about to be written.
     Sending(u64, M),
-    /// Request `id` could not be made.
+    /// ClientRequest `id` could not be made.
     NotMade(u64, M, String),
     /// The writer has made every request, or stopped early for the reason
     /// given.
@@ -507,7 +507,7 @@ fn read_replies<M>(stream: Stream, events: Sender<Event<M>>) {
             Ok(None) => break End::Closed("the balancer closed the connection".into()),
             // A TLS alert before any answer: the session was refused in
             // its handshake, before the balancer read a request.
-            Err(FrameError::Io(e)) if tls && !answered && e.to_string().starts_with("TLS") => {
+            Err(FrameError::Io(e)) if tls && !answered && crate::net::tls::is_tls_failure(&e) => {
                 break End::Refused(format!("the balancer refused the TLS session: {e}"))
             }
             Err(e) => break End::Closed(format!("connection to the balancer failed: {e}")),
@@ -545,8 +545,8 @@ mod tests {
         assert!(!entry.try_enter());
     }
 
-    fn store(id: u64) -> Request {
-        Request::Store(StoreRequest {
+    fn store(id: u64) -> ClientRequest {
+        ClientRequest::Store(StoreRequest {
             id,
             doc: Document {
                 title: format!("doc {id}"),
@@ -609,7 +609,7 @@ mod tests {
             let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
             let mut read = |n: usize| -> Vec<u64> {
                 (0..n)
-                    .map(|_| match reader.message::<Request>() {
+                    .map(|_| match reader.message::<ClientRequest>() {
                         Ok(Some(Ok(r))) => r.id(),
                         other => panic!("expected a request, got {other:?}"),
                     })
@@ -672,7 +672,7 @@ mod tests {
             let stream = accept(&listener);
             let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
             let ids: Vec<u64> = (0..read)
-                .map(|_| match reader.message::<Request>() {
+                .map(|_| match reader.message::<ClientRequest>() {
                     Ok(Some(Ok(r))) => r.id(),
                     other => panic!("expected a request, got {other:?}"),
                 })
@@ -759,7 +759,7 @@ mod tests {
             let stream = accept(&listener);
             let mut reader = FrameReader::new(&stream, proto::DEFAULT_MAX_FRAME);
             let mut write = &stream;
-            while let Ok(Some(Ok(request))) = reader.message::<Request>() {
+            while let Ok(Some(Ok(request))) = reader.message::<ClientRequest>() {
                 write_frame(&mut write, &encode(&stored(request.id()))).unwrap();
             }
         });

@@ -7,7 +7,7 @@
 //! it can be tested without sockets; `run` only fetches, prints and appends.
 
 use super::{Config, Error};
-use crate::proto::{self, Reply, Request, ServerView};
+use crate::proto::{self, ClientRequest, Reply, ServerView};
 use crate::text::rfc3339;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
@@ -102,7 +102,7 @@ pub(crate) fn fetch(config: &Config, id: u64) -> Result<Vec<ServerView>, Error> 
 
 /// `fetch`, with the rest of the balancer's answer (repair's figures).
 fn fetch_list(config: &Config, id: u64) -> Result<crate::proto::ServerList, Error> {
-    match super::ask(config, &Request::Servers { id })? {
+    match super::ask(config, &ClientRequest::Servers { id })? {
         Reply::Servers(list) => Ok(list),
         other => Err(Error::Io(io::Error::other(format!(
             "the balancer at {} answered `servers` with {other:?}",

@@ -7,7 +7,7 @@
 
 use super::status::{human_bytes, human_duration};
 use super::{Config, Error};
-use crate::proto::{self, Reply, Request, TransferView};
+use crate::proto::{self, ClientRequest, Reply, TransferView};
 use std::io::{self, Write};
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<bool, Error> {
     let now = crate::text::now_ms();
-    let request = Request::Transfers {
+    let request = ClientRequest::Transfers {
         id: 1,
         active: options.active,
         failed: options.failed,
@@ -56,7 +56,7 @@ pub fn run(
     Ok(true)
 }
 
-fn fetch(config: &Config, request: &Request) -> Result<Vec<TransferView>, Error> {
+fn fetch(config: &Config, request: &ClientRequest) -> Result<Vec<TransferView>, Error> {
     match super::ask(config, request)? {
         Reply::Transfers(list) => Ok(list.transfers),
         other => Err(Error::Io(io::Error::other(format!(

@@ -341,8 +341,33 @@ struct State {
     eof: bool,
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    let hint = match &e {
+/// A TLS session failed (a bad certificate, an alert from the peer...),
+/// with a hint at the usual cause; carried inside an `io::Error`.
+#[derive(Debug)]
+pub struct TlsError {
+    error: rustls::Error,
+    hint: &'static str,
+}
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TLS: {}{}", self.error, self.hint)
+    }
+}
+
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// Whether an I/O error is a failed TLS session (not a broken socket).
+pub fn is_tls_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<TlsError>())
+}
+
+fn tls_error(error: rustls::Error) -> io::Error {
+    let hint = match &error {
         rustls::Error::InvalidCertificate(_) => {
             " (is --tls-ca the CA that signed the peer's certificate, and does the \
              certificate name this address?)"
@@ -353,7 +378,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
         rustls::Error::AlertReceived(_) => " (the peer refused the TLS session)",
         _ => "",
     };
-    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}{hint}"))
+    io::Error::new(io::ErrorKind::InvalidData, TlsError { error, hint })
 }
 
 /// Drives a handshake to its end, each socket read and write bounded by

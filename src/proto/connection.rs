@@ -1,7 +1,7 @@
 //! A request/response connection: frames and messages over one stream.
 
 use super::frame::{FrameError, FrameReader};
-use super::message::{encode, DecodeError, Message, Reply, Request};
+use super::message::{encode, DecodeError, Message, Reply};
 use super::write_frame;
 use serde::Serialize;
 use std::fmt;
@@ -76,8 +76,8 @@ impl<S: Read + Write> Connection<S> {
         }
     }
 
-    /// Sends a request and waits for its reply.
-    pub fn call(&mut self, request: &Request) -> Result<Reply, CallError> {
+    /// Sends a request (of any family) and waits for its reply.
+    pub fn call<T: Serialize>(&mut self, request: &T) -> Result<Reply, CallError> {
         self.send(request)?;
         self.recv()
     }

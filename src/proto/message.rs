@@ -2,14 +2,13 @@
 //! payload is decoded into one with a precise error.
 
 use super::file::{
-    Chunk, Deleted, FileHeader, FileList, FileStored, InventoryReport, ListKind, Redirect,
-    TransferEvent, UploadReady, UploadRequest,
+    Chunk, Deleted, FileHeader, FileList, FileStored, InventoryReport, Redirect, UploadReady,
 };
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use super::key::{ClientKey, HeldKey, KeyProbe};
+use super::key::{ClientKey, HeldKey};
+use super::kinds::kinds;
 
 /// Serialises a message to its frame payload.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -36,16 +35,23 @@ pub fn encoded_len<T: Serialize>(msg: &T) -> usize {
     count.0
 }
 
-/// A message family that can be decoded from a frame: requests or replies.
-pub trait Message: DeserializeOwned + Serialize {
-    /// The `"type"` values of this family, to tell an unknown type apart from
-    /// a malformed known one.
-    const TYPES: &'static [&'static str];
+/// A message family that can be decoded from a frame: the requests one
+/// kind of listener reads, or replies.
+pub trait Message: Sized {
+    /// The `"type"` values of this family, to tell an unknown type apart
+    /// from a malformed known one.
+    fn types() -> Vec<&'static str>;
 
-    /// The family's most frequent message, decoded without the detour that
-    /// serde takes for a `type`-tagged enum (every field buffered, then
-    /// decoded again); `None` sends the payload the general way.
-    fn decode_frequent(_payload: &[u8]) -> Option<Self> {
+    /// Decodes a payload the quickest way the family knows; an error sends
+    /// it to `explain`, for a precise one.
+    fn parse(payload: &[u8]) -> serde_json::Result<Self>;
+
+    /// Decodes a JSON object whose `type` is `kind`, one of `types()`.
+    fn parse_value(kind: &str, value: serde_json::Value) -> serde_json::Result<Self>;
+
+    /// For a `type` this family does not take but another listener does:
+    /// where it belongs.
+    fn misdirected(_kind: &str) -> Option<String> {
         None
     }
 }
@@ -82,13 +88,7 @@ impl From<DecodeError> for ErrorReply {
 /// is parsed once, straight into `T`; only an invalid one goes through a
 /// JSON value, to say precisely what is wrong with it.
 pub fn decode<T: Message>(payload: &[u8]) -> Result<T, DecodeError> {
-    if let Some(message) = T::decode_frequent(payload) {
-        return Ok(message);
-    }
-    if let Ok(message) = serde_json::from_slice::<T>(payload) {
-        return Ok(message);
-    }
-    explain(payload)
+    T::parse(payload).or_else(|_| explain(payload))
 }
 
 /// Decodes an invalid payload step by step: UTF-8, JSON, an object, its
@@ -134,24 +134,35 @@ fn explain<T: Message>(payload: &[u8]) -> Result<T, DecodeError> {
             ))
         }
     };
-    if !T::TYPES.contains(&kind.as_str()) {
-        return Err(err(
-            id,
-            ErrorCode::UnknownType,
-            format!(
-                "unknown message type `{}` (expected one of: {})",
-                truncate(&kind, 64),
-                T::TYPES.join(", ")
-            ),
-        ));
+    if let Some(refused) = not_taken::<T>(id, &kind) {
+        return Err(refused);
     }
-    serde_json::from_value(value).map_err(|e| {
+    T::parse_value(&kind, value).map_err(|e| {
         err(
             id,
             ErrorCode::BadRequest,
             format!("malformed `{kind}` message: {e}"),
         )
     })
+}
+
+/// The error for a `type` family `T` does not take: `bad_request` saying
+/// where it belongs when another listener takes it, else `unknown_type`;
+/// either lists the types `T` takes. `None` when `T` takes it.
+fn not_taken<T: Message>(id: Option<u64>, kind: &str) -> Option<DecodeError> {
+    let types = T::types();
+    if types.contains(&kind) {
+        return None;
+    }
+    let (code, said) = match T::misdirected(kind) {
+        Some(elsewhere) => (ErrorCode::BadRequest, elsewhere),
+        None => (
+            ErrorCode::UnknownType,
+            format!("unknown message type `{}`", truncate(kind, 64)),
+        ),
+    };
+    let message = format!("{said} (expected one of: {})", types.join(", "));
+    Some(DecodeError { id, code, message })
 }
 
 /// Shortens untrusted text for error messages and logs.
@@ -178,280 +189,6 @@ pub struct Document {
     pub title: String,
     #[serde(rename = "contenuto")]
     pub content: String,
-}
-
-/// Store a document. The balancer fills `request_number` before forwarding;
-/// a client leaves it out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoreRequest {
-    pub id: u64,
-    #[serde(flatten)]
-    pub doc: Document,
-    #[serde(
-        rename = "numero_richiesta",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub request_number: Option<u64>,
-    /// Unix time in milliseconds after which a server must not store this
-    /// document any more: the balancer has given up on it by then and may
-    /// have stored it elsewhere. Set by the balancer only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_after_ms: Option<u64>,
-    /// The client's key of this document (see `ClientKey`): a server
-    /// stores a key once, whatever request number it comes with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<ClientKey>,
-    /// Set by a client sending a keyed document again through another
-    /// balancer: that balancer asks the servers for the key first.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub resent: bool,
-}
-
-/// Requests: client -> balancer, and balancer -> server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Request {
-    /// Store a document (balanced over the servers).
-    Store(StoreRequest),
-    /// Compute an operation on two random numbers (balanced like `store`).
-    Calc {
-        id: u64,
-        #[serde(rename = "operazione")]
-        operation: Operation,
-    },
-    /// A server's status (servers only).
-    Status { id: u64 },
-    /// Every server with its health and last status (balancer only).
-    Servers { id: u64 },
-    /// Tells a server that these request numbers are stored on another
-    /// server (the balancer retried them after losing track of this one).
-    /// The server moves its copies aside and never stores them again.
-    /// `keys` are client keys to forget likewise.
-    Forget {
-        id: u64,
-        numbers: Vec<u64>,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        keys: Vec<ClientKey>,
-    },
-    /// Which of these client keys does a server hold (balancer -> server)?
-    /// A key it neither holds nor is writing is from then on stored there
-    /// only under the request number given with it. Answered by `keys`.
-    Lookup { id: u64, keys: Vec<KeyProbe> },
-    /// A server joins the balancer's pool (or says it is still there: it
-    /// repeats this as its heartbeat). `addr` is where it takes requests.
-    Register { id: u64, addr: String },
-    /// A server leaves: the balancer sends it no new work and answers once
-    /// the server's requests in flight are done.
-    Deregister { id: u64, addr: String },
-    /// An operator adds a server to the pool.
-    AddServer { id: u64, addr: String },
-    /// An operator drains a server: no new work; it leaves once its
-    /// requests in flight are done.
-    DrainServer { id: u64, addr: String },
-    /// An operator removes a server now; its requests in flight go to
-    /// other servers.
-    RemoveServer { id: u64, addr: String },
-    /// Recent transfers from the balancer's state file (balancer only),
-    /// newest first.
-    Transfers {
-        id: u64,
-        /// Only those not finished yet.
-        #[serde(default)]
-        active: bool,
-        /// Only failed ones (with `active`: either).
-        #[serde(default)]
-        failed: bool,
-        /// Only those received at or after this Unix time in milliseconds.
-        #[serde(default)]
-        since_ms: Option<u64>,
-        /// At most this many (100 when absent).
-        #[serde(default)]
-        limit: Option<u32>,
-    },
-    /// Start or resume uploading a file (see `proto::file`).
-    Upload(UploadRequest),
-    /// A chunk of the file being uploaded; its bytes follow as a raw frame.
-    Chunk(Chunk),
-    /// Every byte has been sent: check the checksum and put the file in
-    /// place.
-    UploadEnd { id: u64, sha256: String },
-    /// Stored files and documents (of this server, or the balancer's
-    /// catalog of every server).
-    List {
-        id: u64,
-        /// Only files of this user (set by the balancer when users are
-        /// on; a client's value is replaced).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        owner: Option<String>,
-        /// Files, documents or both; absent: both from the balancer,
-        /// files from a server.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        kind: Option<ListKind>,
-    },
-    /// Download a stored file from `offset` on.
-    Get {
-        id: u64,
-        name: String,
-        #[serde(default)]
-        offset: u64,
-        /// Only a file of this user (as for `list`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        owner: Option<String>,
-    },
-    /// Remove a stored file (its bytes and, at the balancer, its catalog
-    /// entry); to a server with only `upload_id`, a partial upload.
-    Delete {
-        id: u64,
-        #[serde(default)]
-        name: String,
-        /// At the balancer: whose file, for an admin (others delete only
-        /// their own). At a server: only a file of this user.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        owner: Option<String>,
-        /// At a server: only if the file was written by this upload (the
-        /// balancer never removes a newer copy that took the name).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        upload_id: Option<String>,
-    },
-    /// What a server holds, in short (servers only; see `InventoryReport`).
-    Inventory { id: u64 },
-    /// Balancer -> server: fetch a copy of `name` (a document or a file of
-    /// `owner`) from server `from`, check its SHA-256 and put it in place
-    /// under the same name. Answered `fetched` (repair, see `--replicas`).
-    Fetch {
-        id: u64,
-        from: String,
-        name: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        owner: Option<String>,
-        /// A file's upload id (it keeps it on the new server); none for a
-        /// document.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        upload_id: Option<String>,
-    },
-    /// Client (admin) -> balancer: start repairing entries with fewer live
-    /// copies than `--replicas` now. Answered `membership` with a message.
-    Repair { id: u64 },
-    /// A server reports a redirected upload's progress to the balancer.
-    TransferEvent(TransferEvent),
-    /// First message of a cluster handshake (balancer -> server, server ->
-    /// balancer when registering): a fresh random nonce, hex. Answered by a
-    /// `hello` reply proving the cluster key over it.
-    Hello { id: u64, nonce: String },
-    /// Last message of a cluster handshake: the initiator's proof of the
-    /// cluster key over both nonces. Answered by `welcome`.
-    HelloProof { id: u64, proof: String },
-    /// A user logs in to the balancer (first message of a connection when
-    /// the balancer runs with `--users`). Answered by `welcome`.
-    Login {
-        id: u64,
-        user: String,
-        password: Password,
-    },
-}
-
-/// A password on the wire; `Debug` never prints it, so a logged request
-/// cannot leak one.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Password(pub String);
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(..)")
-    }
-}
-
-impl Request {
-    /// The `type` on the wire.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Request::Store(_) => "store",
-            Request::Calc { .. } => "calc",
-            Request::Status { .. } => "status",
-            Request::Servers { .. } => "servers",
-            Request::Forget { .. } => "forget",
-            Request::Lookup { .. } => "lookup",
-            Request::Transfers { .. } => "transfers",
-            Request::Register { .. } => "register",
-            Request::Deregister { .. } => "deregister",
-            Request::AddServer { .. } => "add_server",
-            Request::DrainServer { .. } => "drain_server",
-            Request::RemoveServer { .. } => "remove_server",
-            Request::Upload(_) => "upload",
-            Request::Chunk(_) => "chunk",
-            Request::UploadEnd { .. } => "upload_end",
-            Request::List { .. } => "list",
-            Request::Get { .. } => "get",
-            Request::Delete { .. } => "delete",
-            Request::Inventory { .. } => "inventory",
-            Request::Fetch { .. } => "fetch",
-            Request::Repair { .. } => "repair",
-            Request::TransferEvent(_) => "transfer_event",
-            Request::Hello { .. } => "hello",
-            Request::HelloProof { .. } => "hello_proof",
-            Request::Login { .. } => "login",
-        }
-    }
-
-    pub fn id(&self) -> u64 {
-        match self {
-            Request::Store(r) => r.id,
-            Request::Upload(r) => r.id,
-            Request::Chunk(c) => c.id,
-            Request::TransferEvent(e) => e.id,
-            Request::Calc { id, .. }
-            | Request::Status { id }
-            | Request::Servers { id }
-            | Request::Forget { id, .. }
-            | Request::Lookup { id, .. }
-            | Request::Register { id, .. }
-            | Request::Deregister { id, .. }
-            | Request::AddServer { id, .. }
-            | Request::DrainServer { id, .. }
-            | Request::RemoveServer { id, .. }
-            | Request::Transfers { id, .. }
-            | Request::UploadEnd { id, .. }
-            | Request::List { id, .. }
-            | Request::Get { id, .. }
-            | Request::Delete { id, .. }
-            | Request::Inventory { id }
-            | Request::Fetch { id, .. }
-            | Request::Repair { id }
-            | Request::Hello { id, .. }
-            | Request::HelloProof { id, .. }
-            | Request::Login { id, .. } => *id,
-        }
-    }
-}
-
-impl Message for Request {
-    const TYPES: &'static [&'static str] = &[
-        "store",
-        "calc",
-        "status",
-        "servers",
-        "forget",
-        "lookup",
-        "transfers",
-        "register",
-        "deregister",
-        "add_server",
-        "drain_server",
-        "remove_server",
-        "upload",
-        "chunk",
-        "upload_end",
-        "list",
-        "get",
-        "delete",
-        "inventory",
-        "transfer_event",
-        "hello",
-        "hello_proof",
-        "login",
-    ];
 }
 
 /// A document has been written to disk on a server.
@@ -914,37 +651,58 @@ impl Reply {
     }
 }
 
-impl Message for Reply {
-    const TYPES: &'static [&'static str] = &[
-        "stored",
-        "calc",
-        "status",
-        "servers",
-        "transfers",
-        "forgotten",
-        "keys",
-        "membership",
-        "error",
-        "upload_ready",
-        "redirect",
-        "chunk",
-        "file_stored",
-        "files",
-        "file",
-        "deleted",
-        "inventory",
-        "recorded",
-        "hello",
-        "welcome",
-    ];
-
-    /// `stored`, one per document, as servers write it: `type` first.
-    fn decode_frequent(payload: &[u8]) -> Option<Self> {
+impl Reply {
+    /// `stored` as servers write it (`type` first), decoded straight into
+    /// its fields; `None` for anything else.
+    pub(super) fn decode_frequent(payload: &[u8]) -> Option<Reply> {
         if !payload.starts_with(br#"{"type":"stored","#) {
             return None;
         }
         // The tag is an unknown field to `Stored`, which skips it.
         serde_json::from_slice(payload).ok().map(Reply::Stored)
+    }
+}
+
+kinds!(Reply {
+    Stored => "stored",
+    Calc => "calc",
+    Status => "status",
+    Servers => "servers",
+    Transfers => "transfers",
+    Forgotten => "forgotten",
+    Keys => "keys",
+    Membership => "membership",
+    Error => "error",
+    UploadReady => "upload_ready",
+    Redirect => "redirect",
+    Chunk => "chunk",
+    FileStored => "file_stored",
+    Files => "files",
+    File => "file",
+    Deleted => "deleted",
+    Inventory => "inventory",
+    Fetched => "fetched",
+    Recorded => "recorded",
+    Hello => "hello",
+    Welcome => "welcome",
+});
+
+impl Message for Reply {
+    fn types() -> Vec<&'static str> {
+        Reply::TYPES.to_vec()
+    }
+
+    /// `stored`, one per document, the short way; anything else the
+    /// general way.
+    fn parse(payload: &[u8]) -> serde_json::Result<Self> {
+        match Reply::decode_frequent(payload) {
+            Some(reply) => Ok(reply),
+            None => serde_json::from_slice(payload),
+        }
+    }
+
+    fn parse_value(_kind: &str, value: serde_json::Value) -> serde_json::Result<Self> {
+        serde_json::from_value(value)
     }
 }
 
@@ -1028,13 +786,10 @@ pub fn decode_document_fields(fields: &[u8]) -> Result<Document, serde_json::Err
 
 /// The answer to a request other than `chunk` or `upload_end` in the
 /// middle of an upload (the connection then closes).
-pub fn out_of_step(request: &Request) -> Reply {
+pub fn out_of_step(id: u64, kind: &str) -> Reply {
     Reply::error(
-        Some(request.id()),
+        Some(id),
         ErrorCode::BadRequest,
-        format!(
-            "`{}` in the middle of an upload (expected `chunk` or `upload_end`)",
-            request.kind()
-        ),
+        format!("`{kind}` in the middle of an upload (expected `chunk` or `upload_end`)"),
     )
 }

@@ -8,7 +8,7 @@
 use crate::auth::ClusterKey;
 use crate::handshake;
 use crate::net;
-use crate::proto::{CallError, Connection, Reply, Request};
+use crate::proto::{CallError, Connection, PoolRequest, Reply};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -102,7 +102,7 @@ fn member_of(balancer: SocketAddr, settings: RegistrarSettings, told: Receiver<(
             .map_err(|e| e.to_string())?;
         call(
             conn,
-            Request::Deregister {
+            PoolRequest::Deregister {
                 id: id + 1,
                 addr: addr.to_string(),
             },
@@ -145,10 +145,10 @@ fn heartbeat(
 ) -> Result<String, String> {
     let (conn, addr) = connect(link, balancer, settings)?;
     let addr = addr.to_string();
-    call(conn, Request::Register { id, addr })
+    call(conn, PoolRequest::Register { id, addr })
 }
 
-fn call(conn: &mut Connection<net::Stream>, request: Request) -> Result<String, String> {
+fn call(conn: &mut Connection<net::Stream>, request: PoolRequest) -> Result<String, String> {
     match conn.call(&request) {
         Ok(Reply::Membership { message, .. }) => Ok(message),
         Ok(Reply::Error(e)) => Err(format!("{}: {}", e.code, e.message)),

@@ -15,7 +15,7 @@ use super::storage::{self, Claim, StoreError};
 use super::Shared;
 use crate::handshake;
 use crate::net;
-use crate::proto::{CallError, Connection, ErrorCode, FileHeader, Reply, Request};
+use crate::proto::{CallError, Connection, ErrorCode, FileHeader, Reply, StorageRequest};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::fs::File;
@@ -74,18 +74,14 @@ impl From<CallError> for FetchError {
 
 /// `fetch`: takes a copy of `name` from server `from` (a file of `owner`
 /// with `upload_id`, else a document) and answers where it is now.
-pub(super) fn fetch(request: Request, shared: &Shared) -> Reply {
-    let Request::Fetch {
-        id,
-        from,
-        name,
-        owner,
-        upload_id,
-    } = request
-    else {
-        return Reply::error(Some(request.id()), ErrorCode::Internal, "not a fetch");
-    };
-    let (from, name) = (from.as_str(), name.as_str());
+pub(super) fn fetch(
+    id: u64,
+    from: &str,
+    name: &str,
+    owner: Option<String>,
+    upload_id: Option<String>,
+    shared: &Shared,
+) -> Reply {
     let _active = shared.load.begin();
     match fetch_copy(from, name, owner, upload_id, shared) {
         Ok((file, size, sha256)) => {
@@ -128,7 +124,7 @@ fn fetch_copy(
             FetchError::Source(format!("{addr} did not prove the cluster key: {e}"))
         })?;
     }
-    let request = Request::Get {
+    let request = StorageRequest::Get {
         id: 2,
         name: name.to_string(),
         offset: 0,

@@ -6,7 +6,8 @@ use super::Shared;
 use crate::proto::file::{read_body, BodyError, CHUNK_SIZE};
 use crate::proto::{
     Chunk, Connection, Deadline, Deleted, ErrorCode, FileHeader, FileStored, FrameReader,
-    FrameWriter, Reply, Request, StoredFile, TransferEvent, UploadReady, UploadRequest,
+    FrameWriter, PoolRequest, Reply, StorageRequest, StoredFile, TransferEvent, UploadReady,
+    UploadRequest,
 };
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
@@ -174,7 +175,7 @@ fn send_report(addr: SocketAddr, balancer: SocketAddr, event: TransferEvent) {
         .map_err(|e| e.to_string())
         .and_then(|stream| {
             Connection::new(stream, 64 * 1024)
-                .call(&Request::TransferEvent(event))
+                .call(&PoolRequest::TransferEvent(Box::new(event)))
                 .map_err(|e| e.to_string())
         });
     match answer {
@@ -331,8 +332,8 @@ fn end_again<R: Read + Deadline, W: Write>(
     if let Next::Close = answer(writer, &ready(req, meta.size, shared), addr, peer) {
         return Next::Close;
     }
-    match reader.message_within::<Request>(shared.config.frame_timeout) {
-        Ok(Some(Ok(Request::UploadEnd { id, .. }))) => {
+    match reader.message_within::<StorageRequest>(shared.config.frame_timeout) {
+        Ok(Some(Ok(StorageRequest::UploadEnd { id, .. }))) => {
             answer(writer, &stored(id, meta, true, shared), addr, peer)
         }
         _ => Next::Close,
@@ -369,7 +370,7 @@ fn take_chunks<R: Read + Deadline>(
     let started = Instant::now();
     let from = upload.offset();
     loop {
-        let request = match reader.message_within::<Request>(shared.config.frame_timeout) {
+        let request = match reader.message_within::<StorageRequest>(shared.config.frame_timeout) {
             Ok(Some(Ok(r))) => r,
             Ok(None) => {
                 log::info!(
@@ -383,12 +384,12 @@ fn take_chunks<R: Read + Deadline>(
             Ok(Some(Err(bad))) => return (Next::Close, Some(Reply::Error(bad.into())), None),
         };
         match request {
-            Request::Chunk(chunk) => {
+            StorageRequest::Chunk(chunk) => {
                 if let Err(reply) = take_chunk(&mut upload, id, &chunk, reader, shared) {
                     return (Next::Close, reply.map(|r| *r), None);
                 }
             }
-            Request::UploadEnd { id: end_id, sha256 } => {
+            StorageRequest::UploadEnd { id: end_id, sha256 } => {
                 let size = upload.offset();
                 return match upload.finish(&sha256) {
                     Ok(meta) => {
@@ -406,7 +407,7 @@ fn take_chunks<R: Read + Deadline>(
                 };
             }
             other => {
-                let reply = crate::proto::out_of_step(&other);
+                let reply = crate::proto::out_of_step(other.id(), other.kind());
                 return (Next::Close, Some(reply), None);
             }
         }

@@ -12,7 +12,7 @@ pub mod pg;
 pub mod relay;
 pub mod uploads;
 
-use lbft::proto::{self, FrameReader, Reply, Request, StoreRequest};
+use lbft::proto::{self, ClientRequest, FrameReader, Reply, StoreRequest};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -470,7 +470,7 @@ pub fn send_batch(addr: SocketAddr, contents: Vec<String>, mut on_ack: impl FnMu
     let total = contents.len();
     let writer = thread::spawn(move || {
         for (i, content) in contents.into_iter().enumerate() {
-            let request = Request::Store(StoreRequest {
+            let request = ClientRequest::Store(StoreRequest {
                 id: i as u64 + 1,
                 doc: proto::Document {
                     title: format!("doc {}", i + 1),

@@ -25,7 +25,7 @@ use crate::balancer::backend::ServerReach;
 use crate::balancer::stats::Stats;
 use crate::balancer::tracking::Tracker;
 use crate::net;
-use crate::proto::{Connection, EntryKind, ErrorCode, FileEntry, ListKind, Reply, Request};
+use crate::proto::{Connection, EntryKind, ErrorCode, FileEntry, ListKind, Reply, StorageRequest};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -95,7 +95,7 @@ pub fn fetch_listing(
     owner: Option<String>,
     kind: ListKind,
 ) -> Result<Vec<FileEntry>, String> {
-    let request = Request::List {
+    let request = StorageRequest::List {
         id,
         owner,
         kind: Some(kind),
@@ -193,7 +193,7 @@ fn remove_one(
             connections.entry(removal.server.clone()).or_insert(c)
         }
     };
-    let request = Request::Delete {
+    let request = StorageRequest::Delete {
         id: removal.id.max(0) as u64,
         name: removal.file.clone().unwrap_or_default(),
         owner: removal.owner.clone(),
@@ -286,7 +286,7 @@ impl Syncer {
             .parse()
             .map_err(|_| format!("{server:?} is not an address"))?;
         let mut conn = self.reach.connect(addr).map_err(|e| e.to_string())?;
-        let inventory = match conn.call(&Request::Inventory { id: 1 }) {
+        let inventory = match conn.call(&StorageRequest::Inventory { id: 1 }) {
             Ok(Reply::Inventory(i)) => i,
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(e.to_string()),
