@@ -1,8 +1,7 @@
 //! A request/response connection: frames and messages over one stream.
 
-use super::frame::{FrameError, FrameReader};
-use super::message::{encode, DecodeError, Message, Reply};
-use super::write_frame;
+use super::frame::{write_frame, FrameError, FrameReader};
+use super::message::{encode, DecodeError, ErrorReply, Message, Reply};
 use serde::Serialize;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -85,7 +84,7 @@ impl<S: Read + Write> Connection<S> {
     /// After a write failed: the error the peer sent before it closed, if
     /// that is what comes next (disk full, bad offset...). Set a short read
     /// timeout first: the peer may have sent nothing.
-    pub fn parting_error(&mut self) -> Option<super::ErrorReply> {
+    pub fn parting_error(&mut self) -> Option<ErrorReply> {
         match self.recv::<Reply>() {
             Ok(Reply::Error(e)) => Some(e),
             _ => None,

@@ -1,5 +1,6 @@
-//! Messages: the JSON requests and replies carried in frames, and how a
-//! payload is decoded into one with a precise error.
+//! Messages: the JSON replies carried in frames, the document and the
+//! other parts requests and replies share, and how a payload is decoded
+//! into a message of a family (`Message`) with a precise error.
 
 use super::file::{
     Chunk, Deleted, FileHeader, FileList, FileStored, InventoryReport, Redirect, UploadReady,
