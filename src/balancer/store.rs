@@ -17,8 +17,10 @@
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Which SQL a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,16 +262,29 @@ pub fn statement_size(left: usize) -> usize {
 }
 
 /// `(?1, ?2, ...), (...)`: `rows` groups of `columns` numbered parameters.
-pub fn placeholders(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|r| {
-            let cells: Vec<String> = (1..=columns)
-                .map(|c| format!("?{}", r * columns + c))
-                .collect();
-            format!("({})", cells.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Made once per shape: the writer asks for the same few with every batch.
+pub fn placeholders(rows: usize, columns: usize) -> Arc<str> {
+    type Made = HashMap<(usize, usize), Arc<str>>;
+    static MADE: OnceLock<Mutex<Made>> = OnceLock::new();
+    let made = MADE.get_or_init(Default::default);
+    let mut made = crate::sync::lock(made);
+    made.entry((rows, columns))
+        .or_insert_with(|| make_placeholders(rows, columns).into())
+        .clone()
+}
+
+fn make_placeholders(rows: usize, columns: usize) -> String {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(rows * columns * 7);
+    for r in 0..rows {
+        text.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 1..=columns {
+            let sep = if c == 1 { "" } else { ", " };
+            let _ = write!(text, "{sep}?{}", r * columns + c);
+        }
+        text.push(')');
+    }
+    text
 }
 
 /// Runs `f` in a transaction: committed when it returns `Ok`, rolled back
@@ -455,5 +470,28 @@ impl From<&Location> for Location {
 impl From<PathBuf> for Location {
     fn from(path: PathBuf) -> Self {
         Location::File(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_every_cell_row_by_row() {
+        assert_eq!(&*placeholders(1, 1), "(?1)");
+        assert_eq!(&*placeholders(2, 3), "(?1, ?2, ?3), (?4, ?5, ?6)");
+        let many = placeholders(128, 14);
+        assert_eq!(many.matches('(').count(), 128);
+        assert!(many.ends_with("?1791, ?1792)"), "{many}");
+        assert!(Arc::ptr_eq(&many, &placeholders(128, 14)), "made once");
+    }
+
+    #[test]
+    fn statement_sizes_are_few_and_fill_the_rest() {
+        assert_eq!(statement_size(1000), 128);
+        assert_eq!(statement_size(100), 64);
+        assert_eq!(statement_size(3), 2);
+        assert_eq!(statement_size(0), 1);
     }
 }

@@ -21,6 +21,9 @@ pub struct SqliteDb {
 
 impl SqliteDb {
     pub fn new(conn: Connection) -> SqliteDb {
+        // Every statement the writer runs stays prepared: each of the
+        // multi-row inserts comes in several sizes (`statement_size`).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         SqliteDb { conn }
     }
 
@@ -82,6 +85,10 @@ impl Db for SqliteDb {
         false
     }
 }
+
+/// Prepared statements a connection keeps: the writer's inserts, each in
+/// every size of `statement_size`, and the queries, with room to spare.
+const STATEMENT_CACHE: usize = 128;
 
 /// Opens the file for writing, creating or upgrading its schema (in a
 /// write transaction: another process may be upgrading it at the same
