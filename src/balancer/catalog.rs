@@ -1027,14 +1027,19 @@ pub struct Figures {
     pub documents: u64,
 }
 
-/// The catalog's figures for `server`, and whether it ever took that
-/// server's listing in (`None`: never).
-pub fn figures(db: &mut dyn Db, server: &str) -> Result<Option<Figures>, DbError> {
-    let synced = db.query_opt(
+/// Whether the catalog ever took `server`'s listings in (one row to read).
+pub fn synced(db: &mut dyn Db, server: &str) -> Result<bool, DbError> {
+    let row = db.query_opt(
         "SELECT synced_ms FROM catalog_servers WHERE server = ?1",
         sql_args![server],
     )?;
-    if synced.is_none() {
+    Ok(row.is_some())
+}
+
+/// The catalog's figures for `server`, and whether it ever took that
+/// server's listing in (`None`: never).
+pub fn figures(db: &mut dyn Db, server: &str) -> Result<Option<Figures>, DbError> {
+    if !synced(db, server)? {
         return Ok(None);
     }
     let mut figures = Figures::default();

@@ -644,6 +644,12 @@ impl Tracker {
         self.read(|db| Ok(catalog::removals(db)?))
     }
 
+    /// Whether the catalog ever took `server`'s listing in. Read without
+    /// waiting for the writer: that row is committed before a take-in ends.
+    pub fn catalog_synced(&self, server: &str) -> Result<bool, Error> {
+        self.read(|db| Ok(catalog::synced(db, server)?))
+    }
+
     /// What the catalog says `server` holds; `None` if it never took that
     /// server's listing in.
     pub fn catalog_figures(&self, server: &str) -> Result<Option<Figures>, Error> {

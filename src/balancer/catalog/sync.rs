@@ -237,6 +237,9 @@ struct Memory {
     /// Figures right before the listing last taken in: a difference that
     /// a listing did not settle is not taken in again until they change.
     settled_at: HashMap<String, Seen>,
+    /// Figures the catalog was last compared at: comparing again at the
+    /// same ones would find the same.
+    compared: HashMap<String, Seen>,
 }
 
 impl Syncer {
@@ -295,11 +298,26 @@ impl Syncer {
             files: (inventory.files, inventory.files_digest.clone()),
             documents: inventory.documents,
         };
+        let last = memory.last.insert(server.to_string(), seen.clone());
+        // Comparing costs a pass over the server's part of the catalog (and
+        // the writer's pending rows): worth it only once the server's
+        // figures stand still (a moving server is never taken in) and have
+        // moved since the last comparison.
+        let settled = last.as_ref() == Some(&seen);
+        let compared = memory.compared.get(server) == Some(&seen);
+        let synced = || {
+            self.tracker
+                .catalog_synced(server)
+                .map_err(|e| e.to_string())
+        };
+        if (!settled || compared) && synced()? {
+            return Ok(());
+        }
+        memory.compared.insert(server.to_string(), seen.clone());
         let figures = self
             .tracker
             .catalog_figures(server)
             .map_err(|e| e.to_string())?;
-        let last = memory.last.insert(server.to_string(), seen.clone());
         let parts: Vec<EntryKind> = match figures {
             None => {
                 log::info!(
