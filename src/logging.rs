@@ -3,38 +3,48 @@
 //! the level `RUST_LOG` asks for (default `info`).
 
 use log::{LevelFilter, Log, Metadata, Record};
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
+/// The log file, opened to append. No lock: each line (or each held set
+/// of lines, `hold`) is one `write` on a file opened with `O_APPEND`,
+/// which the kernel keeps whole against other writers (a lock here was
+/// contended by every connection thread, one line per document).
+static FILE: OnceLock<File> = OnceLock::new();
+
 struct Tee {
-    /// The file's filter (always `info`) and the file, opened to append.
-    /// No lock: each line is one `write` on a file opened with `O_APPEND`,
-    /// which the kernel keeps whole against other writers (a lock here was
-    /// contended by every connection thread, one line per document).
-    file: Option<(env_logger::Logger, File)>,
+    /// The file's filter (always `info`), when there is a file (`FILE`).
+    file: Option<env_logger::Logger>,
     /// `RUST_LOG`'s filter for stderr.
     stderr: env_logger::Logger,
 }
 
 impl Log for Tee {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        self.stderr.enabled(metadata)
-            || self.file.as_ref().is_some_and(|(f, _)| f.enabled(metadata))
+        self.stderr.enabled(metadata) || self.file.as_ref().is_some_and(|f| f.enabled(metadata))
     }
 
     /// Formats the line once and writes it whole to each place that wants
     /// it (one write each, so lines of different threads never mix).
     fn log(&self, record: &Record<'_>) {
-        let to_file = self.file.as_ref().filter(|(f, _)| f.matches(record));
+        let to_file = self
+            .file
+            .as_ref()
+            .filter(|f| f.matches(record))
+            .and(FILE.get());
         let to_stderr = self.stderr.matches(record);
         if to_file.is_none() && !to_stderr {
             return;
         }
         let line = format(record);
-        if let Some((_, file)) = to_file {
-            let _ = (&*file).write_all(line.as_bytes());
+        if let Some(file) = to_file {
+            if !held(&line) {
+                let _ = (&*file).write_all(line.as_bytes());
+            }
         }
         if to_stderr {
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -42,11 +52,59 @@ impl Log for Tee {
     }
 
     fn flush(&self) {
-        if let Some((_, file)) = &self.file {
+        if let Some(file) = FILE.get() {
             let _ = (&*file).flush();
         }
         let _ = std::io::stderr().flush();
     }
+}
+
+thread_local! {
+    /// Lines for the file this thread holds back (`hold`), if it does.
+    static HELD: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Keeps `line` for the end of this thread's `hold`; false when the
+/// thread holds nothing back.
+fn held(line: &str) -> bool {
+    HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(lines) => {
+            lines.push_str(line);
+            true
+        }
+        None => false,
+    })
+}
+
+/// Runs `f` with the lines this thread logs to the file held back, then
+/// writes them in one `write` (whole lines, in order; other threads' lines
+/// may come before or after them, never inside). For a thread that logs
+/// several lines per wake-up (a link reading many answers): one write
+/// instead of one per line. Whatever `f` sends after logging must wait for
+/// the end of the hold, or it may be seen before its line.
+pub fn hold<T>(f: impl FnOnce() -> T) -> T {
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let lines = HELD.with(|held| held.borrow_mut().take());
+            if let (Some(lines), Some(file)) = (lines, FILE.get()) {
+                if !lines.is_empty() {
+                    let _ = (&*file).write_all(lines.as_bytes());
+                }
+            }
+        }
+    }
+    let nested = HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        let nested = held.is_some();
+        held.get_or_insert_with(String::new);
+        nested
+    });
+    if nested {
+        return f();
+    }
+    let _release = Release;
+    f()
 }
 
 /// One line per record, `[time LEVEL target] message`, with the control
@@ -97,10 +155,9 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
                     path: path.to_path_buf(),
                     source,
                 })?;
-            Some((
-                env_logger::Builder::new().parse_filters("info").build(),
-                handle,
-            ))
+            FILE.set(handle)
+                .map_err(|_| crate::Error::Config("logger already installed".into()))?;
+            Some(env_logger::Builder::new().parse_filters("info").build())
         }
         None => None,
     };
@@ -108,7 +165,7 @@ pub fn init(log_file: Option<&Path>) -> Result<(), crate::Error> {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
     let max = file
         .as_ref()
-        .map_or(LevelFilter::Off, |(f, _)| f.filter())
+        .map_or(LevelFilter::Off, |f| f.filter())
         .max(stderr.filter());
     log::set_boxed_logger(Box::new(Tee { file, stderr }))
         .map_err(|e| crate::Error::Config(format!("logger already installed: {e}")))?;

@@ -16,6 +16,7 @@
 //! never did.
 
 use super::backend::{self, BackendSettings};
+use super::client_out;
 use super::stats::ServerStats;
 use super::work::{Failure, Job};
 use super::ServerId;
@@ -305,10 +306,11 @@ fn read_loop(shared: &Shared, streams: &Receiver<net::Stream>) {
 }
 
 /// Reads answers on one connection until it breaks or an answer is late;
-/// says why it stopped.
+/// says why it stopped. The answers read together (whole frames already
+/// in the buffer) are handed on in one batch: their replies to clients
+/// and their log lines go out together (`client_out::batch`).
 fn read_answers(shared: &Shared, stream: &net::Stream) -> Failure {
     let settings = &shared.settings;
-    let addr = settings.addr;
     // With nothing outstanding the reader still wakes every
     // --server-timeout, so that a request sent while it waited is timed
     // from then on.
@@ -319,40 +321,75 @@ fn read_answers(shared: &Shared, stream: &net::Stream) -> Failure {
             let due = earliest_deadline(shared);
             reader.get_mut().set_deadline(due);
         }
-        let reply = match reader.message::<Reply>() {
-            Ok(Some(Ok(reply))) => reply,
-            Ok(Some(Err(bad))) => {
-                return Failure::Link(format!("unreadable answer from {addr}: {bad}"));
-            }
-            Ok(None) => return Failure::Link("the server closed the connection".into()),
-            Err(FrameError::Timeout { mid_frame: false }) => {
-                if earliest_deadline(shared).is_some_and(|d| d <= Instant::now()) {
-                    return Failure::Link(format!(
-                        "no answer within --server-timeout ({:?})",
-                        settings.backend.io_timeout
-                    ));
+        let first = match next_answer(shared, &mut reader) {
+            Ok(Some(reply)) => reply,
+            Ok(None) => continue,
+            Err(failure) => return failure,
+        };
+        let read = client_out::batch(|| {
+            hand_on(shared, first)?;
+            while reader.frame_buffered() {
+                if let Some(reply) = next_answer(shared, &mut reader)? {
+                    hand_on(shared, reply)?;
                 }
-                continue;
             }
-            Err(e) => return Failure::Link(format!("no answer: {e}")),
-        };
-        let Some(number) = reply.id() else {
-            // An error without an id: the server ends the connection.
-            return Failure::Link(format!("the server ended the connection: {reply:?}"));
-        };
-        let job = crate::sync::lock(&shared.state).pending.remove(&number);
-        match job {
-            Some((job, _)) => {
-                settings
-                    .finish
-                    .finish(settings.server, &settings.stats, job, Ok(reply))
-            }
-            // A late answer for a request taken back already: it was
-            // retried elsewhere as "may be stored here", and is told to
-            // forget it once stored there.
-            None => log::debug!("server {addr}: answer for request {number}, no longer waited for"),
+            Ok(())
+        });
+        if let Err(failure) = read {
+            return failure;
         }
     }
+}
+
+/// The next answer; `None` when the wait timed out with nothing overdue.
+fn next_answer(
+    shared: &Shared,
+    reader: &mut FrameReader<net::Paced>,
+) -> Result<Option<Reply>, Failure> {
+    let settings = &shared.settings;
+    let addr = settings.addr;
+    match reader.message::<Reply>() {
+        Ok(Some(Ok(reply))) => Ok(Some(reply)),
+        Ok(Some(Err(bad))) => Err(Failure::Link(format!(
+            "unreadable answer from {addr}: {bad}"
+        ))),
+        Ok(None) => Err(Failure::Link("the server closed the connection".into())),
+        Err(FrameError::Timeout { mid_frame: false }) => {
+            if earliest_deadline(shared).is_some_and(|d| d <= Instant::now()) {
+                return Err(Failure::Link(format!(
+                    "no answer within --server-timeout ({:?})",
+                    settings.backend.io_timeout
+                )));
+            }
+            Ok(None)
+        }
+        Err(e) => Err(Failure::Link(format!("no answer: {e}"))),
+    }
+}
+
+/// Hands an answer to `Finish` with the job it answers.
+fn hand_on(shared: &Shared, reply: Reply) -> Result<(), Failure> {
+    let settings = &shared.settings;
+    let Some(number) = reply.id() else {
+        // An error without an id: the server ends the connection.
+        return Err(Failure::Link(format!(
+            "the server ended the connection: {reply:?}"
+        )));
+    };
+    let job = crate::sync::lock(&shared.state).pending.remove(&number);
+    match job {
+        Some((job, _)) => settings
+            .finish
+            .finish(settings.server, &settings.stats, job, Ok(reply)),
+        // A late answer for a request taken back already: it was retried
+        // elsewhere as "may be stored here", and is told to forget it once
+        // stored there.
+        None => log::debug!(
+            "server {}: answer for request {number}, no longer waited for",
+            settings.addr
+        ),
+    }
+    Ok(())
 }
 
 /// When the oldest request on the lane is due, if any.

@@ -198,6 +198,13 @@ impl Job {
         if let Some(group) = &self.group {
             return group.deliver(reply);
         }
+        let reply = match &self.out {
+            Some(out) => match super::client_out::hold(out, reply, &self.reply) {
+                Some(reply) => reply,
+                None => return,
+            },
+            None => reply,
+        };
         if let Some(Ok(mut out)) = self.out.as_ref().map(|o| o.try_lock()) {
             if out.try_message(&reply) {
                 return;
