@@ -12,7 +12,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,46 +143,27 @@ struct CutRelay {
 
 impl CutRelay {
     fn start(target: SocketAddr, cut_after: u64) -> CutRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let done = cut.clone();
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { break };
-                let Ok(upstream) = TcpStream::connect(target) else {
-                    continue;
+        let addr = util::relay::forward(target, move |mut from, mut to| {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
                 };
-                let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                // Server to client: plain copy.
-                thread::spawn(move || {
-                    let (mut from, mut to) = (u2, c2);
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(Shutdown::Write);
-                });
-                let done = done.clone();
-                thread::spawn(move || {
-                    let (mut from, mut to) = (client, upstream);
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let mut total = 0u64;
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        total += n as u64;
-                        if total > cut_after && !done.swap(true, Ordering::SeqCst) {
-                            let _ = from.shutdown(Shutdown::Both);
-                            let _ = to.shutdown(Shutdown::Both);
-                            return;
-                        }
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to.shutdown(Shutdown::Write);
-                });
+                total += n as u64;
+                if total > cut_after && !done.swap(true, Ordering::SeqCst) {
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                    return;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
             }
+            let _ = to.shutdown(Shutdown::Write);
         });
         CutRelay { addr, cut }
     }
