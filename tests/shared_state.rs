@@ -418,8 +418,11 @@ fn an_upload_resumes_through_the_next_balancer() {
     );
     assert!(out.status.success(), "{said}");
     assert!(said.contains("going on through"), "{said}");
+    // Resumed, not started over: how much of the 12 MiB that passed the
+    // relay had reached the server when the balancer died depends on the
+    // sockets' buffers and the machine's load (7 MiB seen on a busy one).
     let from = util::uploads::resumed_from(&said);
-    assert!(from >= 8 * MIB, "resumed from {from}: {said}");
+    assert!(from >= MIB, "resumed from {from}: {said}");
     let stored = util::uploads::stored_files_in(&dirs);
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert!(
