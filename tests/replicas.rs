@@ -111,18 +111,6 @@ fn counts(dirs: &[PathBuf]) -> (BTreeMap<u64, usize>, BTreeMap<String, usize>) {
     (docs, files)
 }
 
-/// Polls `condition` until it holds or `within` passes.
-fn wait_for(within: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while std::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    condition()
-}
-
 fn client_ok(cluster: &Cluster, args: &[&str]) -> String {
     let out = run_client(cluster.balancer.addr, args, cluster.dir.path());
     assert!(
@@ -159,7 +147,7 @@ fn a_lost_server_loses_nothing_and_repair_makes_two_copies_again() {
     client_ok(&cluster, &["admin", "repair"]);
     let dirs = cluster.server_dirs.clone();
     assert!(
-        wait_for(std::time::Duration::from_secs(60), || {
+        util::poll_until(std::time::Duration::from_secs(60), || {
             let (docs, f) = counts(&dirs);
             docs.len() == 1000
                 && docs.values().all(|&n| n == 2)
@@ -199,7 +187,7 @@ fn a_lost_server_loses_nothing_and_repair_makes_two_copies_again() {
     client_ok(&cluster, &["admin", "remove", &gone]);
     let left: Vec<PathBuf> = dirs.iter().skip(1).cloned().collect();
     assert!(
-        wait_for(std::time::Duration::from_secs(90), || {
+        util::poll_until(std::time::Duration::from_secs(90), || {
             let (docs, f) = counts(&left);
             docs.len() == 1000
                 && docs.values().all(|&n| n == 2)

@@ -127,18 +127,6 @@ fn user_cmd_at(url: &str, args: &[&str], cwd: &Path) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Polls `condition` until it holds or `within` passes; whether it held.
-fn within(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
-}
-
 fn contents(tag: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{tag} {i} banana")).collect()
 }
@@ -185,7 +173,7 @@ fn a_server_drained_on_one_balancer_gets_no_work_from_any() {
     let told = Instant::now();
     let gone = |b| servers(b).iter().all(|v| v.name != drained);
     assert!(
-        within(PROPAGATION, || gone(two.addr)),
+        util::poll_until(PROPAGATION, || gone(two.addr)),
         "{drained} still in the second balancer's pool {:?} after the drain",
         told.elapsed()
     );
@@ -203,7 +191,7 @@ fn a_server_drained_on_one_balancer_gets_no_work_from_any() {
 
     // Added back on the second, it takes work on the first again.
     service.client(two.addr, &["admin", "add", &drained]);
-    assert!(within(PROPAGATION, || servers(one.addr)
+    assert!(util::poll_until(PROPAGATION, || servers(one.addr)
         .iter()
         .any(|v| v.name == drained)));
 }
@@ -243,7 +231,7 @@ fn transfers_of_every_balancer_show_on_each_with_unique_numbers() {
         // Each balancer's writer commits its own within a moment: another
         // balancer sees them once it has.
         let mut views = Vec::new();
-        let all = within(PROPAGATION, || {
+        let all = util::poll_until(PROPAGATION, || {
             views = service.transfers(b);
             views.len() == 2 * per && views.iter().all(|v| v.state == "stored")
         });

@@ -272,8 +272,15 @@ pub fn stored_files(dir: &Path) -> Vec<(String, Value)> {
 /// Bounded poll, for the original wire format only: it has no
 /// acknowledgement to wait on, so the disk is checked until `condition`
 /// holds or the deadline passes.
-pub fn eventually(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+pub fn eventually(condition: impl FnMut() -> bool) -> bool {
+    poll_until(REPLY_TIMEOUT, condition)
+}
+
+/// Polls `condition` until it holds or `within` passes; whether it held.
+/// For what gives no signal to wait on (files on disk, another process's
+/// view).
+pub fn poll_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
     while std::time::Instant::now() < deadline {
         if condition() {
             return true;
