@@ -147,13 +147,9 @@ fn a_lost_server_loses_nothing_and_repair_makes_two_copies_again() {
     client_ok(&cluster, &["admin", "repair"]);
     let dirs = cluster.server_dirs.clone();
     assert!(
-        util::poll_until(std::time::Duration::from_secs(60), || {
-            let (docs, f) = counts(&dirs);
-            docs.len() == 1000
-                && docs.values().all(|&n| n == 2)
-                && f.len() == 20
-                && f.values().all(|&n| n == 2)
-        }),
+        util::poll_until(std::time::Duration::from_secs(60), || two_copies_of_each(
+            &dirs, 1000, 20
+        )),
         "not two copies of everything: {:?}",
         counts(&dirs).1
     );
@@ -187,17 +183,23 @@ fn a_lost_server_loses_nothing_and_repair_makes_two_copies_again() {
     client_ok(&cluster, &["admin", "remove", &gone]);
     let left: Vec<PathBuf> = dirs.iter().skip(1).cloned().collect();
     assert!(
-        util::poll_until(std::time::Duration::from_secs(90), || {
-            let (docs, f) = counts(&left);
-            docs.len() == 1000
-                && docs.values().all(|&n| n == 2)
-                && f.len() == 20
-                && f.values().all(|&n| n == 2)
-        }),
+        util::poll_until(std::time::Duration::from_secs(90), || two_copies_of_each(
+            &left, 1000, 20
+        )),
         "repair did not make two copies of everything: {} documents, {:?}",
         counts(&left).0.len(),
         counts(&left).0.values().filter(|&&n| n != 2).count()
     );
     let status = client_ok(&cluster, &["status"]);
     assert!(status.contains("repair: 0 entries short"), "{status}");
+}
+
+/// Whether `dirs` hold exactly two copies of each of `documents` documents
+/// and `files` files.
+fn two_copies_of_each(dirs: &[PathBuf], documents: usize, files: usize) -> bool {
+    let (docs, f) = counts(dirs);
+    docs.len() == documents
+        && docs.values().all(|&n| n == 2)
+        && f.len() == files
+        && f.values().all(|&n| n == 2)
 }
